@@ -1,0 +1,3 @@
+"""Asagiri: federated learning for medical imaging."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,86 @@
+"""``asagiri-client --site 2 [--config sites/site-2.yaml] [--set key=value ...]``"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from pathlib import Path
+
+import anyio
+
+from ..config import load_site
+from .common import EXIT_CONFIG, EXIT_INTERRUPTED, run_main, setup_logging
+
+log = logging.getLogger("asagiri.client")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="asagiri-client", description="Run one Asagiri site.")
+    p.add_argument("--site", type=int, required=True, help="this site's id (as enrolled in the roster)")
+    p.add_argument("--config", default=None,
+                   help="site config (default: $ASAGIRI_SITE_CONFIG, else ./site-<id>.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--log-level", default="info")
+    p.add_argument("--kill-at-fit", type=int, default=None, help=argparse.SUPPRESS)  # fault injection (tests)
+    return p
+
+
+def default_config_path(site: int) -> Path:
+    import os
+
+    env = os.environ.get("ASAGIRI_SITE_CONFIG")
+    return Path(env) if env else Path(f"site-{site}.yaml")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_level, f"site-{args.site}")
+    return run_main(lambda: _run(args))
+
+
+def _run(args: argparse.Namespace) -> int:
+    from ..client.runtime import FaultPlan, run_client
+
+    path = Path(args.config) if args.config else default_config_path(args.site)
+    cfg = load_site(path, args.overrides)
+    if cfg.site_id != args.site:
+        print(f"error: {path.name}: site_id={cfg.site_id} but --site {args.site}", file=sys.stderr)
+        return EXIT_CONFIG
+    if not cfg.identity_key.exists():
+        print(f"error: {path.name}: identity_key: {cfg.identity_key} does not exist (run `asagiri keygen`)",
+              file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        from ..wire.crypto import Identity
+
+        Identity.load(cfg.identity_key)
+    except (PermissionError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    result = {"code": EXIT_INTERRUPTED}
+
+    async def main_task() -> None:
+        async with anyio.create_task_group() as tg:
+
+            async def watch_signals() -> None:
+                with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                    async for _ in signals:
+                        log.warning("stopping")
+                        tg.cancel_scope.cancel()
+                        return
+
+            async def run() -> None:
+                result["code"] = await run_client(cfg, faults=FaultPlan(kill_at_fit=args.kill_at_fit))
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(watch_signals)
+            tg.start_soon(run)
+
+    anyio.run(main_task)
+    return result["code"]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,36 @@
+"""What every entry point shares: logging set-up and mapping typed errors to exit codes, in one place."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+
+from ..config import ConfigError
+
+__all__ = ["EXIT_CONFIG", "EXIT_FAILED", "EXIT_OK", "EXIT_RUNTIME", "run_main", "setup_logging"]
+
+EXIT_OK = 0
+EXIT_RUNTIME = 1
+EXIT_CONFIG = 2
+EXIT_FAILED = 3
+EXIT_INTERRUPTED = 130
+
+
+def setup_logging(level: str, name: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format=f"%(asctime)s {name} %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def run_main(fn: Callable[[], int]) -> int:
+    """Run ``fn``; a user-facing error is one line on stderr and an exit code, never a traceback."""
+    try:
+        return fn()
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED

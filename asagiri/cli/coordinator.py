@@ -1,0 +1,99 @@
+"""``asagiri-coordinator --config fed.yaml [--resume] [--set key=value ...]``"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+
+import anyio
+import anyio.abc
+
+from ..config import ConfigError, load_federation
+from .common import EXIT_CONFIG, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, run_main, setup_logging
+
+log = logging.getLogger("asagiri.coordinator")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="asagiri-coordinator", description="Run an Asagiri federation's coordinator.")
+    p.add_argument("--config", default="fed.yaml", help="federation config (default: ./fed.yaml)")
+    p.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value by its dotted path (repeatable)")
+    p.add_argument("--log-level", default="info")
+    p.add_argument("--crash-after-round", type=int, default=None, help=argparse.SUPPRESS)  # fault injection (tests)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_level, "coordinator")
+    return run_main(lambda: _run(args))
+
+
+def _run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ..coordinator.server import Coordinator, FederationFailed, ResumeError
+
+    cfg = load_federation(Path(args.config), args.overrides)
+    if not cfg.sites:
+        raise ConfigError(f"{Path(args.config).name}: sites: no site is enrolled")
+    try:
+        coordinator = Coordinator(cfg, resume=args.resume, crash_after_round=args.crash_after_round)
+    except ResumeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except (FileNotFoundError, PermissionError, ValueError) as exc:
+        print(f"error: identity key: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+
+    outcome = {"code": EXIT_OK}
+
+    async def main_task() -> None:
+        async with anyio.create_task_group() as tg:
+
+            async def watch_signals() -> None:
+                with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                    async for signum in signals:
+                        log.warning("%s: stopping; the last completed round is checkpointed",
+                                    signal.Signals(signum).name)
+                        outcome["code"] = EXIT_INTERRUPTED
+                        tg.cancel_scope.cancel()
+                        return
+
+            async def run_then_stop(*, task_status: anyio.abc.TaskStatus[int]) -> None:
+                try:
+                    await coordinator.run(task_status=task_status)
+                finally:
+                    tg.cancel_scope.cancel()
+
+            tg.start_soon(watch_signals)
+            try:
+                port = await tg.start(run_then_stop)
+            except OSError as exc:
+                print(f"error: cannot listen on {cfg.listen.host}:{cfg.listen.port}: {exc.strerror}", file=sys.stderr)
+                outcome["code"] = EXIT_CONFIG
+                tg.cancel_scope.cancel()
+                return
+            print(f"listening on {cfg.listen.host}:{port}", flush=True)
+
+    try:
+        anyio.run(main_task)
+    except BaseExceptionGroup as group:
+        failed, rest = group.split(FederationFailed)
+        if rest is not None:
+            raise
+        assert failed is not None
+        return EXIT_FAILED
+    except FederationFailed:
+        return EXIT_FAILED
+    if outcome["code"] == EXIT_OK:
+        print(f"summary: {(cfg.run_dir / 'summary.json').resolve()}", flush=True)
+    return outcome["code"]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""``asagiri``: sub-commands ``keygen`` and ``demo``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .common import EXIT_CONFIG, EXIT_OK, run_main, setup_logging
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="asagiri", description="Asagiri federated learning for medical imaging.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    k = sub.add_parser("keygen", help="create an Ed25519 identity key pair")
+    who = k.add_mutually_exclusive_group(required=True)
+    who.add_argument("--site", type=int, help="site id the key is for")
+    who.add_argument("--coordinator", action="store_true", help="make the coordinator's key")
+    k.add_argument("--out", type=Path, required=True, help="folder for <name>.key (mode 0600) and <name>.pub")
+    k.add_argument("--force", action="store_true", help="overwrite an existing key")
+
+    d = sub.add_parser("demo", help="run a local federation: coordinator and sites as separate processes")
+    d.add_argument("--sites", type=int, default=4)
+    d.add_argument("--rounds", type=int, default=3)
+    d.add_argument("--out", type=Path, default=Path("runs/demo"), help="run directory")
+    d.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a fed.yaml value by its dotted path (repeatable)")
+    d.add_argument("--timeout", type=float, default=3600, help="give up after this many seconds")
+    d.add_argument("--log-level", default="warning", help="log level of the processes the demo starts")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging("warning", "asagiri")
+    if args.command == "keygen":
+        return run_main(lambda: _keygen(args))
+    if args.command == "demo":
+        from .demo import run_demo
+
+        return run_main(lambda: run_demo(args))
+    return EXIT_CONFIG
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    from ..wire.crypto import Identity
+
+    name = "coordinator" if args.coordinator else f"site-{args.site}"
+    key_path = args.out / f"{name}.key"
+    if key_path.exists() and not args.force:
+        print(f"error: {key_path} exists (use --force to replace it)", file=sys.stderr)
+        return EXIT_CONFIG
+    identity = Identity.generate()
+    identity.save(key_path)
+    pub = identity.public.hex()
+    (args.out / f"{name}.pub").write_text(pub + "\n")
+    print(pub)
+    print(f"wrote {key_path} (private, mode 0600) and {args.out / (name + '.pub')}", file=sys.stderr)
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The site runtime: connect, train, report."""

@@ -1,0 +1,253 @@
+"""A site: connect (with backoff), authenticate, then train and evaluate on request.
+
+One task group per session: ``_reader`` owns the connection's receive side (heartbeats and the
+idle timeout), ``_heartbeat`` keeps the coordinator informed while we train, and ``_worker``
+handles requests one at a time.  Training and evaluation leave the event loop through
+``anyio.to_thread.run_sync``, the only thread.  The model, the site's data and its local
+(FedBN) layers live in :class:`SiteWorker`, which survives reconnects.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import anyio.abc
+import numpy as np
+import torch
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from ..config import DataConfig, ModelConfig, SiteConfig, StrategyConfig, TrainConfig
+from ..data.loaders import SiteData, load_site_data
+from ..models import build, shared_keys
+from ..train import evaluate, train_local
+from ..wire.channel import SiteRefused
+from ..wire.connection import Connection, connect_handshake
+from ..wire.crypto import AuthenticationFailed, Identity, PublicIdentity
+from ..wire.errors import ConnectionLost, RemoteProtocolError
+from ..wire.messages import (
+    EvaluateIns,
+    EvaluateRes,
+    FitIns,
+    FitRes,
+    Heartbeat,
+    Message,
+    RoundAborted,
+    Shutdown,
+    Welcome,
+)
+
+__all__ = ["FaultPlan", "SiteWorker", "run_client"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FaultPlan:
+    """Test-only fault injection: SIGKILL this process on receiving FitIns for ``kill_at_fit``."""
+
+    kill_at_fit: int | None = None
+
+
+class SiteWorker:
+    """Everything a site keeps across rounds and reconnects: spec, data, model, local layers."""
+
+    def __init__(self, cfg: SiteConfig, welcome: Welcome) -> None:
+        spec = welcome.spec
+        self.run_id = welcome.run_id
+        self.model_cfg = ModelConfig.model_validate(spec["model"])
+        self.train_cfg = TrainConfig.model_validate(spec["train"])
+        self.strategy_cfg = StrategyConfig.model_validate(spec["strategy"])
+        self.data_cfg = DataConfig.model_validate(spec["data"])
+        self.spec = spec
+        self.device = _pick_device(cfg.device)
+        part = self.data_cfg.partition
+        self.data: SiteData = load_site_data(
+            dataset=self.data_cfg.dataset, path=cfg.data_path, site_index=welcome.site_index,
+            num_sites=welcome.num_sites, scheme=part.scheme, alpha=part.alpha, seed=part.seed,
+            synthetic_samples=self.data_cfg.synthetic_samples,
+        )
+        torch.manual_seed(part.seed)
+        self.model = build(
+            self.model_cfg.name, in_channels=self.data.channels, num_classes=self.data.num_classes,
+            width=self.model_cfg.width, norm=self.model_cfg.norm, groups=self.model_cfg.groups,
+        ).to(self.device)
+        self.shared = shared_keys(self.model, fedbn=self.strategy_cfg.fedbn)
+        log.info(
+            "site data: %d train / %d val / %s test images, device %s",
+            len(self.data.train), len(self.data.val), len(self.data.test) if self.data.test else 0, self.device,
+        )
+
+    def matches(self, welcome: Welcome) -> bool:
+        return welcome.run_id == self.run_id and welcome.spec == self.spec
+
+    def _load_global(self, params: dict[str, np.ndarray]) -> None:
+        if set(params) != set(self.shared):
+            raise RemoteProtocolError("coordinator sent parameters that are not this model's shared set")
+        state = self.model.state_dict()
+        for k in self.shared:
+            if tuple(params[k].shape) != tuple(state[k].shape):
+                raise RemoteProtocolError(f"coordinator sent {k} with shape {params[k].shape}")
+        # Only shared tensors are replaced; FedBN's local normalisation layers stay as they are.
+        self.model.load_state_dict({k: torch.from_numpy(params[k]) for k in self.shared}, strict=False)
+
+    def fit(self, ins: FitIns) -> FitRes:
+        self._load_global(ins.params)
+        t = self.train_cfg
+        mu = float(ins.config.get("mu", 0.0))
+        seed = int(ins.config.get("seed", 0))
+        result = train_local(
+            self.model, self.data.train, epochs=t.local_epochs, batch_size=t.batch_size, lr=t.lr,
+            optimizer=t.optimizer, momentum=t.momentum, weight_decay=t.weight_decay, mu=mu,
+            augment=t.augment, seed=seed, device=self.device,
+        )
+        state = self.model.state_dict()
+        n = result.num_samples
+        update = {
+            k: (n * (state[k].detach().cpu().numpy().astype(np.float32) - ins.params[k])).astype(np.float32)
+            for k in self.shared
+        }
+        return FitRes(ins.round, ins.attempt, update, n, {"train_loss": result.loss, "steps": result.steps})
+
+    def evaluate(self, ins: EvaluateIns) -> EvaluateRes:
+        self._load_global(ins.params)
+        split = self.data.val if ins.split == "val" or self.data.test is None else self.data.test
+        res = evaluate(self.model, split, device=self.device)
+        return EvaluateRes(ins.round, ins.split, res.num_examples, res.metrics())
+
+
+def _pick_device(choice: str) -> torch.device:
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("device: cuda was requested but CUDA is not available")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+class _Session:
+    def __init__(self, cfg: SiteConfig, conn: Connection, worker_box: dict[str, SiteWorker], faults: FaultPlan):
+        self.cfg = cfg
+        self.conn = conn
+        self.box = worker_box
+        self.faults = faults
+        self.final = False
+
+    async def run(self) -> None:
+        first = await self.conn.receive()
+        if not isinstance(first, Welcome):
+            raise RemoteProtocolError(f"expected Welcome, got {type(first).__name__}")
+        worker = self.box.get("worker")
+        if worker is None or not worker.matches(first):
+            worker = await anyio.to_thread.run_sync(SiteWorker, self.cfg, first)
+            self.box["worker"] = worker
+        log.info("joined run %s as site index %d of %d", first.run_id, first.site_index, first.num_sites)
+        interval = float(first.spec.get("heartbeat_interval", 5.0))
+        idle = float(first.spec.get("heartbeat_timeout", 30.0))
+        send, recv = anyio.create_memory_object_stream[Message](16)
+        self.error: BaseException | None = None
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._guard, tg, self._reader, send, idle)
+            tg.start_soon(self._guard, tg, self._heartbeat, interval)
+            tg.start_soon(self._guard, tg, self._worker, recv, worker)
+        if self.error is not None:
+            raise self.error
+
+    async def _guard(self, tg: anyio.abc.TaskGroup, fn: Any, *args: Any) -> None:
+        """Whichever task ends first ends the session; the first error is what the session reports."""
+        try:
+            await fn(*args)
+        except (ConnectionLost, RemoteProtocolError, TimeoutError) as exc:
+            if self.error is None:
+                self.error = exc
+        tg.cancel_scope.cancel()
+
+    async def _reader(self, send: MemoryObjectSendStream[Message], idle: float) -> None:
+        async with send:
+            while True:
+                with anyio.fail_after(idle):
+                    msg = await self.conn.receive()
+                if not isinstance(msg, Heartbeat):
+                    await send.send(msg)
+
+    async def _heartbeat(self, interval: float) -> None:
+        seq = 0
+        while True:
+            await anyio.sleep(interval)
+            seq += 1
+            await self.conn.send(Heartbeat(seq))
+
+    async def _worker(self, recv: MemoryObjectReceiveStream[Message], worker: SiteWorker) -> None:
+        async for msg in recv:
+            if isinstance(msg, FitIns):
+                if self.faults.kill_at_fit == msg.round:
+                    log.error("fault injection: killing this site in round %d", msg.round)
+                    os.kill(os.getpid(), signal.SIGKILL)
+                t0 = time.monotonic()
+                res = await anyio.to_thread.run_sync(worker.fit, msg)
+                log.info("round %d: trained on %d samples in %.1fs", msg.round, res.num_samples, time.monotonic() - t0)
+                await self.conn.send(res)
+            elif isinstance(msg, EvaluateIns):
+                await self.conn.send(await anyio.to_thread.run_sync(worker.evaluate, msg))
+            elif isinstance(msg, RoundAborted):
+                log.warning("round %d attempt %d aborted: %s", msg.round, msg.attempt, msg.reason)
+            elif isinstance(msg, Shutdown):
+                log.info("coordinator says: %s", msg.reason)
+                self.final = msg.final
+                return
+            else:
+                raise RemoteProtocolError(f"unexpected {type(msg).__name__} from the coordinator")
+
+
+async def run_client(cfg: SiteConfig, *, faults: FaultPlan = FaultPlan()) -> int:
+    """Run until the coordinator ends the federation (0), or refuses us / stays away too long (1)."""
+    identity = Identity.load(cfg.identity_key)
+    coordinator = PublicIdentity.from_hex(cfg.coordinator.public_key)
+    torch.set_num_threads(cfg.threads)
+    box: dict[str, SiteWorker] = {}
+    delay = cfg.reconnect.initial_s
+    last_ok = time.monotonic()
+    while True:
+        try:
+            with anyio.fail_after(30):
+                stream = await anyio.connect_tcp(cfg.coordinator.host, cfg.coordinator.port)
+        except (OSError, TimeoutError) as exc:
+            log.info("coordinator %s:%d not reachable (%s)", cfg.coordinator.host, cfg.coordinator.port, exc)
+        else:
+            async with stream:
+                try:
+                    with anyio.fail_after(30):
+                        conn = await connect_handshake(
+                            stream, identity, cfg.site_id, coordinator, max_frame_size=cfg.max_frame_bytes,
+                            max_payload_bytes=cfg.max_message_bytes, chunk_bytes=cfg.chunk_bytes,
+                        )
+                    log.info("connected to coordinator %s (key %s)", conn.peer, coordinator.fingerprint())
+                    session = _Session(cfg, conn, box, faults)
+                    await session.run()
+                    if session.final:
+                        return 0
+                except SiteRefused as exc:
+                    log.error("the coordinator refused this site: %s", exc)
+                    return 1
+                except AuthenticationFailed:
+                    log.error("the coordinator failed to prove its identity key; not connecting")
+                    return 1
+                except (ConnectionLost, RemoteProtocolError, TimeoutError) as exc:
+                    log.warning("connection to the coordinator ended: %s", exc or type(exc).__name__)
+                last_ok = time.monotonic()
+                delay = cfg.reconnect.initial_s
+        if time.monotonic() - last_ok > cfg.reconnect.give_up_s:
+            log.error("no coordinator for %.0fs; giving up", cfg.reconnect.give_up_s)
+            return 1
+        # Backoff with jitter, so sites that lost the coordinator together don't return together.
+        await anyio.sleep(delay * (0.5 + random.random()))
+        delay = min(cfg.reconnect.max_s, delay * 2)
+
+
+def spec_summary(spec: dict[str, Any]) -> str:
+    return f"{spec['model']['name']} on {spec['data']['dataset']}"

@@ -1,0 +1,324 @@
+"""One pydantic model tree for ``fed.yaml`` (the federation) and ``site.yaml`` (one site).
+
+This is the only place defaults live.  Loading never raises a traceback at a user: every problem
+becomes one :class:`ConfigError` naming the file, the key and the reason, which the CLI turns
+into exit code 2.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+__all__ = [
+    "ConfigError",
+    "CoordinatorAddress",
+    "DataConfig",
+    "DPConfig",
+    "FederationConfig",
+    "ModelConfig",
+    "SecAggConfig",
+    "SelectionConfig",
+    "SiteConfig",
+    "SiteEntry",
+    "StrategyConfig",
+    "TimeoutsConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "load_federation",
+    "load_site",
+]
+
+
+class ConfigError(Exception):
+    """A configuration problem, phrased for a person: ``file: key: reason``."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ListenConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(7740, ge=0, le=65535)
+
+
+class TimeoutsConfig(_Strict):
+    """Seconds. A stage that overruns drops the sites that did not answer."""
+
+    handshake: float = Field(10.0, gt=0)
+    fit: float = Field(600.0, gt=0)
+    evaluate: float = Field(300.0, gt=0)
+    secagg_stage: float = Field(60.0, gt=0)
+    wait_for_sites: float = Field(300.0, gt=0)
+    heartbeat_interval: float = Field(5.0, gt=0)
+    heartbeat_timeout: float = Field(30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _heartbeat(self) -> TimeoutsConfig:
+        if self.heartbeat_timeout <= self.heartbeat_interval:
+            raise ValueError(
+                f"heartbeat_timeout={self.heartbeat_timeout} must exceed heartbeat_interval={self.heartbeat_interval}"
+            )
+        return self
+
+
+class SelectionConfig(_Strict):
+    """Which connected, eligible sites take part in a round.
+
+    ``all``: every available site; ``fraction``: a seeded random ``fraction`` of them;
+    ``range``: a seeded random choice of between ``min_clients`` and ``max_per_round`` sites.
+    The count is never below ``min_clients`` (the threshold k).
+    """
+
+    policy: Literal["all", "fraction", "range"] = "all"
+    fraction: float = Field(1.0, gt=0, le=1)
+    max_per_round: int | None = Field(None, ge=1)
+    seed: int = 0
+
+
+class ModelConfig(_Strict):
+    name: Literal["small_cnn", "resnet18"] = "small_cnn"
+    norm: Literal["batch", "group"] = "batch"
+    width: int = Field(32, ge=4, le=512)
+    groups: int = Field(8, ge=1)
+
+
+class StrategyConfig(_Strict):
+    name: Literal["fedavg", "fedprox", "fedavgm"] = "fedavg"
+    mu: float = Field(0.0, ge=0)
+    fedbn: bool = False
+    server_lr: float = Field(1.0, gt=0)
+    server_momentum: float = Field(0.0, ge=0, lt=1)
+
+
+class TrainConfig(_Strict):
+    local_epochs: int = Field(1, ge=1, le=1000)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    optimizer: Literal["adam", "sgd"] = "adam"
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    augment: bool = True
+
+
+class PartitionConfig(_Strict):
+    scheme: Literal["iid", "dirichlet", "quantity"] = "dirichlet"
+    alpha: float = Field(0.3, gt=0)
+    seed: int = 0
+
+
+class DataConfig(_Strict):
+    """What the federation trains on.  ``path`` None means the data bundled with Asagiri."""
+
+    dataset: Literal["pneumoniamnist", "synthetic"] = "pneumoniamnist"
+    path: Path | None = None
+    image_size: int = Field(28, ge=8, le=512)
+    partition: PartitionConfig = PartitionConfig()
+    val_fraction: float = Field(0.15, gt=0, lt=1)
+    synthetic_samples: int = Field(512, ge=16)
+
+
+class SecAggConfig(_Strict):
+    enabled: bool = False
+
+
+class DPConfig(_Strict):
+    enabled: bool = False
+
+
+class SiteEntry(_Strict):
+    id: int = Field(ge=0, lt=1 << 31)
+    public_key: str
+
+    @field_validator("public_key")
+    @classmethod
+    def _hex_key(cls, v: str) -> str:
+        v = v.strip()
+        try:
+            raw = bytes.fromhex(v)
+        except ValueError:
+            raise ValueError("must be the 64 hex characters printed by `asagiri keygen`") from None
+        if len(raw) != 32:
+            raise ValueError("must be the 64 hex characters printed by `asagiri keygen`")
+        return v.lower()
+
+
+class FederationConfig(_Strict):
+    run_id: str = "asagiri"
+    listen: ListenConfig = ListenConfig()
+    identity_key: Path = Path("keys/coordinator.key")
+    rounds: int = Field(3, ge=1)
+    min_clients: int = Field(2, ge=1)
+    max_round_attempts: int = Field(3, ge=1)
+    selection: SelectionConfig = SelectionConfig()
+    timeouts: TimeoutsConfig = TimeoutsConfig()
+    model: ModelConfig = ModelConfig()
+    strategy: StrategyConfig = StrategyConfig()
+    train: TrainConfig = TrainConfig()
+    data: DataConfig = DataConfig()
+    secagg: SecAggConfig = SecAggConfig()
+    dp: DPConfig = DPConfig()
+    metrics_port: int | None = Field(None, ge=0, le=65535)
+    run_dir: Path = Path("runs/asagiri")
+    max_frame_bytes: int = Field(4 << 20, ge=64 << 10, le=1 << 30)
+    max_message_bytes: int = Field(1 << 30, ge=1 << 10)
+    chunk_bytes: int = Field(1 << 20, ge=1 << 10)
+    sites: list[SiteEntry] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> FederationConfig:
+        ids = [s.id for s in self.sites]
+        if len(set(ids)) != len(ids):
+            dup = sorted({i for i in ids if ids.count(i) > 1})
+            raise ValueError(f"sites: site ids must be unique, repeated: {dup}")
+        if self.sites and self.min_clients > len(self.sites):
+            raise ValueError(f"min_clients={self.min_clients} but only {len(self.sites)} sites are enrolled")
+        m = self.selection.max_per_round
+        if m is not None and m < self.min_clients:
+            raise ValueError(f"selection.max_per_round={m} is below min_clients={self.min_clients}")
+        if self.chunk_bytes + 64 > self.max_frame_bytes:
+            raise ValueError(f"chunk_bytes={self.chunk_bytes} does not fit in max_frame_bytes={self.max_frame_bytes}")
+        return self
+
+    def site_index(self, site_id: int) -> int:
+        return [s.id for s in self.sites].index(site_id)
+
+
+class CoordinatorAddress(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(7740, ge=1, le=65535)
+    public_key: str
+
+    @field_validator("public_key")
+    @classmethod
+    def _hex_key(cls, v: str) -> str:
+        return SiteEntry._hex_key(v)
+
+
+class ReconnectConfig(_Strict):
+    initial_s: float = Field(0.2, gt=0)
+    max_s: float = Field(5.0, gt=0)
+    give_up_s: float = Field(600.0, gt=0)
+
+
+class SiteConfig(_Strict):
+    site_id: int = Field(ge=0, lt=1 << 31)
+    identity_key: Path
+    coordinator: CoordinatorAddress
+    data_path: Path | None = None
+    state_dir: Path = Path("state")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int = Field(1, ge=1, le=256)
+    reconnect: ReconnectConfig = ReconnectConfig()
+    max_frame_bytes: int = Field(4 << 20, ge=64 << 10, le=1 << 30)
+    max_message_bytes: int = Field(1 << 30, ge=1 << 10)
+    chunk_bytes: int = Field(1 << 20, ge=1 << 10)
+
+
+# ---- loading --------------------------------------------------------------------------------------
+
+
+def _parse_scalar(text: str) -> Any:
+    """``--set`` values are YAML scalars: ``3``, ``0.5``, ``true``, ``fedprox``, ``null``."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str], *, source: str) -> dict[str, Any]:
+    """Apply ``key.path=value`` overrides to raw config data, before validation."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item}: expected key.path=value")
+        key, value = item.split("=", 1)
+        parts = [p for p in key.strip().split(".") if p]
+        if not parts:
+            raise ConfigError(f"--set {item}: empty key")
+        node = data
+        for p in parts[:-1]:
+            child = node.get(p)
+            if child is None:
+                child = node[p] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"{source}: --set {key}: {p} is not a section")
+            node = child
+        node[parts[-1]] = _parse_scalar(value)
+    return data
+
+
+def _format_error(source: str, exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"]
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, ") :]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        value = err.get("input")
+        shown = f" (got {value!r})" if loc and not isinstance(value, dict | list) and value is not None else ""
+        lines.append(f"{source}: {loc + ': ' if loc else ''}{msg}{shown}")
+    return "\n".join(lines)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    return data
+
+
+def _resolve(base: Path, p: Path | None) -> Path | None:
+    if p is None or p.is_absolute():
+        return p
+    return base / p
+
+
+def load_federation(path: Path, overrides: list[str] | None = None) -> FederationConfig:
+    """Load and validate ``fed.yaml``; relative paths are taken from the file's folder."""
+    data = apply_overrides(_read_yaml(path), overrides or [], source=path.name)
+    try:
+        cfg = FederationConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(path.name, exc)) from None
+    base = path.parent
+    updates: dict[str, Any] = {
+        "identity_key": _resolve(base, cfg.identity_key),
+        "run_dir": _resolve(base, cfg.run_dir),
+    }
+    cfg = cfg.model_copy(update=updates)
+    if cfg.data.path is not None:
+        cfg.data.path = _resolve(base, cfg.data.path)
+    return cfg
+
+
+def load_site(path: Path, overrides: list[str] | None = None) -> SiteConfig:
+    data = apply_overrides(_read_yaml(path), overrides or [], source=path.name)
+    try:
+        cfg = SiteConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(path.name, exc)) from None
+    base = path.parent
+    return cfg.model_copy(
+        update={
+            "identity_key": _resolve(base, cfg.identity_key),
+            "state_dir": _resolve(base, cfg.state_dir),
+            "data_path": _resolve(base, cfg.data_path),
+        }
+    )

@@ -1,0 +1,1 @@
+"""The coordinator: sessions, rounds, timeouts, checkpoints."""

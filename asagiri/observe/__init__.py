@@ -1,0 +1,1 @@
+"""Observability: hash-chained audit log, metrics log, Prometheus metrics."""

@@ -1,0 +1,50 @@
+"""Pure aggregation arithmetic, O(d) memory however many sites report."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..wire.messages import Params
+
+__all__ = ["RunningSum", "apply_weighted_delta"]
+
+
+class RunningSum:
+    """Accumulates sum(n_k * delta_k) and sum(n_k) as updates arrive (float64 accumulators)."""
+
+    def __init__(self, template: Params) -> None:
+        self._sum = {k: np.zeros(v.shape, dtype=np.float64) for k, v in template.items()}
+        self.total_samples = 0
+        self.count = 0
+
+    def add(self, update: Params, num_samples: int) -> None:
+        for k, acc in self._sum.items():
+            acc += update[k]
+        self.total_samples += num_samples
+        self.count += 1
+
+    def mean_delta(self) -> Params:
+        if self.total_samples <= 0:
+            raise ValueError("no samples aggregated")
+        return {k: (v / self.total_samples).astype(np.float32) for k, v in self._sum.items()}
+
+
+def apply_weighted_delta(
+    global_params: Params,
+    mean_delta: Params,
+    *,
+    server_lr: float = 1.0,
+    momentum: float = 0.0,
+    velocity: Params | None = None,
+) -> tuple[Params, Params | None]:
+    """FedAvg (server_lr 1, no momentum) or FedAvgM (Hsu et al. 2019): w += lr * v, v = m v + delta."""
+    new_velocity: Params | None = None
+    step = mean_delta
+    if momentum > 0:
+        new_velocity = {
+            k: (momentum * velocity[k] + d if velocity is not None else d).astype(np.float32)
+            for k, d in mean_delta.items()
+        }
+        step = new_velocity
+    out = {k: (v + server_lr * step[k]).astype(np.float32) if k in step else v for k, v in global_params.items()}
+    return out, new_velocity

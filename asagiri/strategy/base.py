@@ -1,0 +1,82 @@
+"""Strategy hooks in the shape Flower users know, adapted to secure aggregation.
+
+Under secure aggregation the coordinator only ever sees sum(n_k * delta_k) and sum(n_k), so
+``aggregate_fit`` receives that sum, not a list of per-site results.  FedProx is FedAvg on the
+server: its proximal term lives in the client's loss (``train/loop.py``), passed as ``mu`` in the
+fit config (Li et al. 2020).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from ..config import FederationConfig
+from ..wire.messages import Params
+from .aggregate import RunningSum, apply_weighted_delta
+from .selection import select_clients
+
+__all__ = ["FedAvg", "FitPlan", "Strategy", "build_strategy"]
+
+
+@dataclass(frozen=True)
+class FitPlan:
+    sites: list[int]
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+class Strategy(Protocol):
+    def configure_fit(self, rnd: int, attempt: int, available: list[int]) -> FitPlan: ...
+
+    def aggregate_fit(self, rnd: int, summed: RunningSum, survivors: list[int], dropped: list[int]) -> Params | None: ...
+
+    def configure_evaluate(self, rnd: int, available: list[int]) -> list[int]: ...
+
+    def aggregate_evaluate(self, rnd: int, results: dict[int, tuple[int, dict[str, float]]]) -> dict[str, Any]: ...
+
+
+class FedAvg:
+    """FedAvg (McMahan et al. 2017); with ``server_momentum`` it is FedAvgM, with ``mu`` FedProx."""
+
+    def __init__(self, cfg: FederationConfig, global_params: Params) -> None:
+        self.cfg = cfg
+        self.params = global_params
+        self.velocity: Params | None = None
+
+    def configure_fit(self, rnd: int, attempt: int, available: list[int]) -> FitPlan:
+        sel = self.cfg.selection
+        sites = select_clients(
+            available, rnd=rnd, attempt=attempt, policy=sel.policy, min_clients=self.cfg.min_clients,
+            fraction=sel.fraction, max_per_round=sel.max_per_round, seed=sel.seed,
+        )
+        mu = self.cfg.strategy.mu if self.cfg.strategy.name == "fedprox" else 0.0
+        return FitPlan(sites=sites, config={"mu": mu, "seed": sel.seed * 1_000_003 + rnd * 101 + attempt})
+
+    def aggregate_fit(self, rnd: int, summed: RunningSum, survivors: list[int], dropped: list[int]) -> Params | None:
+        if summed.total_samples <= 0:
+            return None
+        s = self.cfg.strategy
+        momentum = s.server_momentum if s.name == "fedavgm" else 0.0
+        lr = s.server_lr if s.name == "fedavgm" else 1.0
+        self.params, self.velocity = apply_weighted_delta(
+            self.params, summed.mean_delta(), server_lr=lr, momentum=momentum, velocity=self.velocity
+        )
+        return self.params
+
+    def configure_evaluate(self, rnd: int, available: list[int]) -> list[int]:
+        return sorted(available)
+
+    def aggregate_evaluate(self, rnd: int, results: dict[int, tuple[int, dict[str, float]]]) -> dict[str, Any]:
+        """Sample-weighted means over sites, plus each site's own values."""
+        out: dict[str, Any] = {}
+        for key in ("auc", "accuracy", "loss"):
+            have = {s: (n, m[key]) for s, (n, m) in results.items() if key in m and n > 0}
+            if have:
+                total = sum(n for n, _ in have.values())
+                out[key] = sum(n * v for n, v in have.values()) / total
+                out[f"site_{key}"] = {str(s): v for s, (_, v) in sorted(have.items())}
+        return out
+
+
+def build_strategy(cfg: FederationConfig, global_params: Params) -> FedAvg:
+    return FedAvg(cfg, global_params)

@@ -1,0 +1,1 @@
+"""Asagiri wire protocol: messages, codec, framing, authenticated channel (see protocol/SPEC.md)."""

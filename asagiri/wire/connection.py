@@ -1,0 +1,158 @@
+"""The thin anyio layer over the sans-IO handshake and channel: bytes to and from a socket.
+
+Every error that the peer can cause surfaces as ``RemoteProtocolError`` (it broke the protocol)
+or ``ConnectionLost`` (it went away); callers close the connection on either.
+"""
+
+from __future__ import annotations
+
+import anyio
+import anyio.abc
+
+from .channel import ClientHandshake, SecureChannel, ServerHandshake, SiteRefused, _decode_plain
+from .codec import encode
+from .crypto import AuthenticationFailed, Identity, PublicIdentity
+from .errors import ConnectionLost, RemoteProtocolError
+from .framing import FrameDecoder, encode_frame
+from .messages import Message, Reject
+
+__all__ = ["Connection", "connect_handshake", "accept_handshake"]
+
+_RECV_BYTES = 1 << 20
+_HANDSHAKE_FRAME_MAX = 1024
+_PEER_GONE = (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError)
+
+
+class Connection:
+    """An authenticated, encrypted message stream. ``send`` is safe to call from several tasks."""
+
+    def __init__(
+        self, stream: anyio.abc.ByteStream, channel: SecureChannel, decoder: FrameDecoder, peer: str
+    ) -> None:
+        self._stream = stream
+        self._channel = channel
+        self._decoder = decoder
+        self._send_lock = anyio.Lock()
+        self._ready: list[Message] = []
+        self.peer = peer
+        self.bytes_sent = 0
+        self.bytes_received = 0
+
+    async def send(self, msg: Message) -> None:
+        async with self._send_lock:
+            try:
+                for frame in self._channel.frames(msg):
+                    await self._stream.send(frame)
+                    self.bytes_sent += len(frame)
+            except _PEER_GONE as exc:
+                raise ConnectionLost(f"{self.peer}: {exc!r}") from None
+
+    async def receive(self) -> Message:
+        while not self._ready:
+            try:
+                data = await self._stream.receive(_RECV_BYTES)
+            except _PEER_GONE as exc:
+                raise ConnectionLost(f"{self.peer}: {type(exc).__name__}") from None
+            self.bytes_received += len(data)
+            for payload in self._decoder.feed(data):
+                self._absorb(payload)
+        return self._ready.pop(0)
+
+    def _absorb(self, payload: bytes) -> None:
+        msg = self._channel.receive_frame(payload)
+        if msg is not None:
+            self._ready.append(msg)
+
+    async def aclose(self) -> None:
+        with anyio.CancelScope(shield=True):
+            try:
+                await self._stream.aclose()
+            except _PEER_GONE:
+                pass
+
+
+async def _send_plain(stream: anyio.abc.ByteStream, payload: bytes) -> None:
+    await stream.send(encode_frame(payload, max_frame_size=_HANDSHAKE_FRAME_MAX))
+
+
+async def _receive_plain(stream: anyio.abc.ByteStream, decoder: FrameDecoder) -> bytes:
+    while True:
+        try:
+            data = await stream.receive(_HANDSHAKE_FRAME_MAX)
+        except _PEER_GONE as exc:
+            raise ConnectionLost(f"handshake: {type(exc).__name__}") from None
+        frames = decoder.feed(data)
+        if len(frames) > 1 or (frames and decoder.buffered):
+            raise RemoteProtocolError("peer sent data before the handshake finished")
+        if frames:
+            return frames[0]
+
+
+async def connect_handshake(
+    stream: anyio.abc.ByteStream,
+    identity: Identity,
+    site_id: int,
+    coordinator: PublicIdentity,
+    *,
+    max_frame_size: int,
+    max_payload_bytes: int,
+    chunk_bytes: int,
+) -> Connection:
+    """Run the site's side of the handshake. Raises ``SiteRefused`` or ``AuthenticationFailed``."""
+    hs = ClientHandshake(identity, site_id, coordinator)
+    decoder = FrameDecoder(max_frame_size=_HANDSHAKE_FRAME_MAX)
+    try:
+        await _send_plain(stream, hs.hello())
+        reply = await _receive_plain(stream, decoder)
+        await _send_plain(stream, hs.receive(reply))
+        # The coordinator answers ClientAuth with an encrypted Welcome, or a plaintext Reject
+        # (a plaintext message starts with its 4-byte header length, so its first byte is 0).
+        decoder.max_frame_size = max_frame_size
+        first: list[bytes] = []
+        while not first:
+            first = decoder.feed(await stream.receive(_RECV_BYTES))
+    except _PEER_GONE as exc:
+        raise ConnectionLost(f"handshake: {type(exc).__name__}") from None
+    if first[0][:1] == b"\0":
+        _decode_plain(first[0], Reject)
+    assert hs.keys is not None
+    channel = SecureChannel(
+        hs.keys, max_frame_size=max_frame_size, max_payload_bytes=max_payload_bytes, chunk_bytes=chunk_bytes
+    )
+    conn = Connection(stream, channel, decoder, peer="coordinator")
+    for payload in first:
+        conn._absorb(payload)
+    return conn
+
+
+async def accept_handshake(
+    stream: anyio.abc.ByteStream,
+    identity: Identity,
+    roster: dict[int, PublicIdentity],
+    *,
+    max_frame_size: int,
+    max_payload_bytes: int,
+    chunk_bytes: int,
+) -> tuple[int, Connection]:
+    """Run the coordinator's side. On refusal, tells the peer why (in the clear) and re-raises."""
+    hs = ServerHandshake(identity, roster)
+    decoder = FrameDecoder(max_frame_size=_HANDSHAKE_FRAME_MAX)
+    try:
+        hello = await _receive_plain(stream, decoder)
+        await _send_plain(stream, hs.receive_hello(hello))
+        site_id = hs.receive_auth(await _receive_plain(stream, decoder))
+    except (SiteRefused, AuthenticationFailed) as exc:
+        reason = str(exc) or "authentication failed"
+        try:
+            await _send_plain(stream, encode(Reject(reason[:4000])))
+        except _PEER_GONE:
+            pass
+        raise SiteRefused(reason) from None
+    except _PEER_GONE as exc:
+        raise ConnectionLost(f"handshake: {type(exc).__name__}") from None
+    assert hs.keys is not None
+    decoder.max_frame_size = max_frame_size
+    channel = SecureChannel(
+        hs.keys, max_frame_size=max_frame_size, max_payload_bytes=max_payload_bytes, chunk_bytes=chunk_bytes
+    )
+    return site_id, Connection(stream, channel, decoder, peer=f"site {site_id}")

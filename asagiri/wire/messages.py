@@ -1,0 +1,341 @@
+"""Every message of the Asagiri wire protocol: one frozen, slotted dataclass each.
+
+Messages are validated when built, so a decoded message that exists is well-formed; the codec
+turns a validation failure on received data into ``RemoteProtocolError``.  Tensors travel as
+``Params`` (an ordered ``dict[str, numpy.ndarray]``), never pickled.  Don't subclass these.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+
+__all__ = [
+    "ALLOWED_DTYPES",
+    "ClientAuth",
+    "ClientHello",
+    "Decline",
+    "EvaluateIns",
+    "EvaluateRes",
+    "FitIns",
+    "FitRes",
+    "Heartbeat",
+    "Message",
+    "Params",
+    "Reject",
+    "RoundAborted",
+    "ServerHello",
+    "Shutdown",
+    "Welcome",
+    "MESSAGE_TYPES",
+]
+
+PROTOCOL_VERSION = 1
+
+Params = dict[str, np.ndarray]
+
+# Little-endian only; the wire names are numpy's ``dtype.str``.
+ALLOWED_DTYPES = frozenset({"<f2", "<f4", "<f8", "|i1", "|u1", "<i4", "<u4", "<i8", "<u8", "|b1"})
+
+_MAX_NAME = 256
+_MAX_TEXT = 4096
+_MAX_RANK = 8
+
+
+class MessageError(ValueError):
+    """A message failed validation (raised at construction)."""
+
+
+def _require(cond: bool, what: str) -> None:
+    if not cond:
+        raise MessageError(what)
+
+
+def _int(value: Any, name: str, *, lo: int = 0, hi: int = (1 << 63) - 1) -> None:
+    _require(type(value) is int and lo <= value <= hi, f"{name} must be an integer in [{lo}, {hi}]")
+
+
+def _bytes(value: Any, name: str, *, size: int | None = None, max_size: int = 1 << 16) -> None:
+    _require(isinstance(value, bytes), f"{name} must be bytes")
+    if size is not None:
+        _require(len(value) == size, f"{name} must be exactly {size} bytes")
+    _require(len(value) <= max_size, f"{name} is longer than {max_size} bytes")
+
+
+def _text(value: Any, name: str, *, max_len: int = _MAX_TEXT) -> None:
+    _require(isinstance(value, str) and len(value) <= max_len, f"{name} must be a string of <= {max_len}")
+
+
+def _scalar_map(value: Any, name: str, *, depth: int = 0) -> None:
+    """JSON-like maps of scalars (and nested maps/lists), bounded in size and depth."""
+    _require(isinstance(value, dict) and len(value) <= 256 and depth <= 4, f"{name} must be a small map")
+    for k, v in value.items():
+        _require(isinstance(k, str) and len(k) <= _MAX_NAME, f"{name} keys must be short strings")
+        _scalar(v, f"{name}.{k}", depth=depth + 1)
+
+
+def _scalar(v: Any, name: str, *, depth: int) -> None:
+    if isinstance(v, dict):
+        _scalar_map(v, name, depth=depth)
+    elif isinstance(v, list):
+        _require(len(v) <= 4096 and depth <= 4, f"{name} list is too long")
+        for item in v:
+            _scalar(item, name, depth=depth + 1)
+    elif isinstance(v, float):
+        _require(math.isfinite(v), f"{name} must be finite")
+    else:
+        _require(v is None or isinstance(v, bool | int | str), f"{name} has an unsupported type")
+
+
+def _params(value: Any, name: str) -> None:
+    _require(isinstance(value, dict) and len(value) <= 4096, f"{name} must be a map of tensors")
+    for key, arr in value.items():
+        _require(isinstance(key, str) and 0 < len(key) <= _MAX_NAME, f"{name} tensor names must be short strings")
+        _require(isinstance(arr, np.ndarray), f"{name}[{key}] must be a numpy array")
+        _require(arr.dtype.str in ALLOWED_DTYPES, f"{name}[{key}] has unsupported dtype {arr.dtype.str}")
+        _require(arr.ndim <= _MAX_RANK, f"{name}[{key}] has rank above {_MAX_RANK}")
+
+
+def _metrics(value: Any, name: str) -> None:
+    _require(isinstance(value, dict) and len(value) <= 64, f"{name} must be a small map")
+    for k, v in value.items():
+        _require(isinstance(k, str) and len(k) <= _MAX_NAME, f"{name} keys must be short strings")
+        _require(isinstance(v, float | int) and not isinstance(v, bool), f"{name}.{k} must be a number")
+        _require(math.isfinite(v), f"{name}.{k} must be finite")
+
+
+class Message:
+    """Base of all messages. ``TAG`` is the wire type; ``TENSOR_FIELDS`` carry ``Params``."""
+
+    __slots__ = ()
+    TAG: ClassVar[int]
+    TENSOR_FIELDS: ClassVar[tuple[str, ...]] = ()
+
+    def validate(self) -> None:  # pragma: no cover - every subclass overrides
+        raise NotImplementedError
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+
+# ---- handshake (plaintext frames) -------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ClientHello(Message):
+    TAG: ClassVar[int] = 1
+    version: int
+    site_id: int
+    ephemeral_key: bytes
+    nonce: bytes
+
+    def validate(self) -> None:
+        _int(self.version, "version", hi=65535)
+        _int(self.site_id, "site_id", hi=1 << 31)
+        _bytes(self.ephemeral_key, "ephemeral_key", size=32)
+        _bytes(self.nonce, "nonce", size=16)
+
+
+@dataclass(frozen=True, slots=True)
+class ServerHello(Message):
+    TAG: ClassVar[int] = 2
+    version: int
+    ephemeral_key: bytes
+    signature: bytes
+
+    def validate(self) -> None:
+        _int(self.version, "version", hi=65535)
+        _bytes(self.ephemeral_key, "ephemeral_key", size=32)
+        _bytes(self.signature, "signature", size=64)
+
+
+@dataclass(frozen=True, slots=True)
+class ClientAuth(Message):
+    TAG: ClassVar[int] = 3
+    signature: bytes
+
+    def validate(self) -> None:
+        _bytes(self.signature, "signature", size=64)
+
+
+@dataclass(frozen=True, slots=True)
+class Reject(Message):
+    """Sent in the clear when the coordinator refuses a site; the connection closes after it."""
+
+    TAG: ClassVar[int] = 4
+    reason: str
+
+    def validate(self) -> None:
+        _text(self.reason, "reason")
+
+
+# ---- session (encrypted frames) ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Welcome(Message):
+    """First encrypted message: the run this site joined and the training spec it must follow."""
+
+    TAG: ClassVar[int] = 10
+    run_id: str
+    site_index: int
+    num_sites: int
+    spec: dict[str, Any]
+
+    def validate(self) -> None:
+        _text(self.run_id, "run_id", max_len=128)
+        _int(self.num_sites, "num_sites", lo=1, hi=1 << 20)
+        _int(self.site_index, "site_index", hi=self.num_sites - 1)
+        _scalar_map(self.spec, "spec")
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat(Message):
+    TAG: ClassVar[int] = 11
+    seq: int
+
+    def validate(self) -> None:
+        _int(self.seq, "seq")
+
+
+@dataclass(frozen=True, slots=True)
+class FitIns(Message):
+    """Train on the global ``params`` (the shared parameters only) for round ``round``."""
+
+    TAG: ClassVar[int] = 20
+    TENSOR_FIELDS: ClassVar[tuple[str, ...]] = ("params",)
+    round: int
+    attempt: int
+    params: Params = field(repr=False)
+    config: dict[str, Any]
+
+    def validate(self) -> None:
+        _int(self.round, "round", lo=1)
+        _int(self.attempt, "attempt", lo=1, hi=1 << 16)
+        _params(self.params, "params")
+        _scalar_map(self.config, "config")
+
+
+@dataclass(frozen=True, slots=True)
+class FitRes(Message):
+    """A site's sum-ready update: ``num_samples * (local - global)`` for each shared tensor."""
+
+    TAG: ClassVar[int] = 21
+    TENSOR_FIELDS: ClassVar[tuple[str, ...]] = ("update",)
+    round: int
+    attempt: int
+    update: Params = field(repr=False)
+    num_samples: int
+    metrics: dict[str, float]
+
+    def validate(self) -> None:
+        _int(self.round, "round", lo=1)
+        _int(self.attempt, "attempt", lo=1, hi=1 << 16)
+        _params(self.update, "update")
+        _int(self.num_samples, "num_samples", lo=1, hi=1 << 40)
+        _metrics(self.metrics, "metrics")
+
+
+@dataclass(frozen=True, slots=True)
+class Decline(Message):
+    """A site will not train this round (for example its privacy budget would be exceeded)."""
+
+    TAG: ClassVar[int] = 22
+    round: int
+    attempt: int
+    reason: str
+    permanent: bool
+
+    def validate(self) -> None:
+        _int(self.round, "round", lo=1)
+        _int(self.attempt, "attempt", lo=1, hi=1 << 16)
+        _text(self.reason, "reason")
+        _require(isinstance(self.permanent, bool), "permanent must be a bool")
+
+
+@dataclass(frozen=True, slots=True)
+class EvaluateIns(Message):
+    TAG: ClassVar[int] = 30
+    TENSOR_FIELDS: ClassVar[tuple[str, ...]] = ("params",)
+    round: int
+    params: Params = field(repr=False)
+    split: str
+
+    def validate(self) -> None:
+        _int(self.round, "round")
+        _params(self.params, "params")
+        _require(self.split in ("val", "test"), "split must be 'val' or 'test'")
+
+
+@dataclass(frozen=True, slots=True)
+class EvaluateRes(Message):
+    """Metrics of the global model on a site's split; ``scores``/``labels`` only for pooled test."""
+
+    TAG: ClassVar[int] = 31
+    round: int
+    split: str
+    num_examples: int
+    metrics: dict[str, float]
+
+    def validate(self) -> None:
+        _int(self.round, "round")
+        _require(self.split in ("val", "test"), "split must be 'val' or 'test'")
+        _int(self.num_examples, "num_examples", hi=1 << 40)
+        _metrics(self.metrics, "metrics")
+
+
+@dataclass(frozen=True, slots=True)
+class RoundAborted(Message):
+    TAG: ClassVar[int] = 40
+    round: int
+    attempt: int
+    reason: str
+
+    def validate(self) -> None:
+        _int(self.round, "round", lo=1)
+        _int(self.attempt, "attempt", lo=1, hi=1 << 16)
+        _text(self.reason, "reason")
+
+
+@dataclass(frozen=True, slots=True)
+class Shutdown(Message):
+    """The federation is over (or the coordinator is stopping); the site may exit."""
+
+    TAG: ClassVar[int] = 41
+    reason: str
+    final: bool
+
+    def validate(self) -> None:
+        _text(self.reason, "reason")
+        _require(isinstance(self.final, bool), "final must be a bool")
+
+
+MESSAGE_TYPES: dict[int, type[Message]] = {}
+
+
+def register(cls: type[Message]) -> type[Message]:
+    if cls.TAG in MESSAGE_TYPES:
+        raise RuntimeError(f"duplicate message tag {cls.TAG}")
+    MESSAGE_TYPES[cls.TAG] = cls
+    return cls
+
+
+for _cls in (
+    ClientHello,
+    ServerHello,
+    ClientAuth,
+    Reject,
+    Welcome,
+    Heartbeat,
+    FitIns,
+    FitRes,
+    Decline,
+    EvaluateIns,
+    EvaluateRes,
+    RoundAborted,
+    Shutdown,
+):
+    register(_cls)
