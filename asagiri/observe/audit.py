@@ -29,7 +29,7 @@ def params_digest(params: dict[str, np.ndarray]) -> str:
     """SHA-256 over names, dtypes, shapes and bytes of the tensors, in name order."""
     h = hashlib.sha256()
     for name in sorted(params):
-        arr = np.ascontiguousarray(params[name])
+        arr = np.require(params[name], requirements="C")
         h.update(f"{name}|{arr.dtype.str}|{arr.shape}|".encode())
         h.update(memoryview(arr.reshape(-1).view(np.uint8)))
     return h.hexdigest()

@@ -50,7 +50,7 @@ def encode_header(msg: Message) -> tuple[bytes, list[np.ndarray]]:
         if f.name in msg.TENSOR_FIELDS:
             specs = []
             for name, arr in value.items():
-                arr = np.ascontiguousarray(arr)
+                arr = np.require(arr, requirements="C")  # keeps 0-d arrays 0-d
                 if arr.dtype.str not in ALLOWED_DTYPES:
                     raise LocalProtocolError(f"dtype {arr.dtype.str} cannot go on the wire")
                 specs.append([name, arr.dtype.str, list(arr.shape)])

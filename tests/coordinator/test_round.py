@@ -1,0 +1,114 @@
+"""The round state machine, driven in-process: no sockets, no clocks."""
+
+import numpy as np
+import pytest
+
+from asagiri.config import FederationConfig
+from asagiri.coordinator.round import Phase, ProtocolViolation, RoundMachine
+from asagiri.strategy.base import FedAvg
+from asagiri.wire.messages import Decline, EvaluateIns, EvaluateRes, FitIns, FitRes, Heartbeat, RoundAborted
+
+PARAMS = {"w": np.zeros(3, np.float32), "b": np.zeros(1, np.float32)}
+
+
+def machine(selected=(1, 2, 3), k=2, evaluators=None):
+    cfg = FederationConfig(min_clients=k)
+    return RoundMachine(
+        rnd=1, attempt=1, selected=list(selected), evaluators=list(evaluators or selected), min_clients=k,
+        global_params=dict(PARAMS), fit_config={}, strategy=FedAvg(cfg, dict(PARAMS)),
+    )
+
+
+def res(n, value, site_round=1):
+    return FitRes(site_round, 1, {"w": np.full(3, n * value, np.float32), "b": np.zeros(1, np.float32)}, n, {})
+
+
+def finish_eval(m, sites):
+    for s in sites:
+        m.receive(s, EvaluateRes(1, "val", 10, {"auc": 0.5 + s / 10}))
+
+
+def test_full_round_weighted_average():
+    m = machine()
+    out = m.start()
+    assert [o.site for o in out] == [1, 2, 3] and all(isinstance(o.msg, FitIns) for o in out)
+    m.receive(1, res(10, 1.0))
+    m.receive(2, res(30, 2.0))
+    out = m.receive(3, res(60, 0.0))
+    assert m.phase is Phase.EVALUATE and all(isinstance(o.msg, EvaluateIns) for o in out)
+    np.testing.assert_allclose(m.outcome.params["w"], (10 * 1 + 30 * 2) / 100)
+    finish_eval(m, [1, 2, 3])
+    assert m.phase is Phase.DONE
+    assert m.outcome.participants == [1, 2, 3] and m.outcome.dropped == []
+    assert m.outcome.evaluation["auc"] == pytest.approx((0.6 + 0.7 + 0.8) / 3)
+
+
+def test_site_lost_mid_round_completes_with_k_survivors():
+    m = machine()
+    m.start()
+    m.receive(1, res(10, 1.0))
+    m.site_lost(3)
+    m.receive(2, res(10, 3.0))
+    assert m.phase is Phase.EVALUATE
+    assert m.outcome.dropped == [3]
+    np.testing.assert_allclose(m.outcome.params["w"], 2.0)
+    finish_eval(m, [1, 2])
+    assert m.phase is Phase.DONE
+
+
+def test_fewer_than_k_aborts_and_aggregates_nothing():
+    m = machine(k=3)
+    m.start()
+    m.receive(1, res(10, 1.0))
+    m.receive(2, res(10, 1.0))
+    out = m.site_lost(3)
+    assert m.phase is Phase.ABORTED
+    assert m.outcome.params is None
+    assert {o.site for o in out} == {1, 2} and all(isinstance(o.msg, RoundAborted) for o in out)
+
+
+def test_timeout_drops_the_silent():
+    m = machine()
+    m.start()
+    m.receive(1, res(10, 1.0))
+    m.receive(2, res(10, 1.0))
+    m.timed_out()
+    assert m.outcome.dropped == [3] and m.phase is Phase.EVALUATE
+    # its late answer is ignored, not a violation
+    assert m.receive(3, res(10, 1.0)) == []
+
+
+def test_decline_counts_as_absent():
+    m = machine(k=2)
+    m.start()
+    m.receive(1, Decline(1, 1, "privacy budget", True))
+    m.receive(2, res(10, 1.0))
+    m.receive(3, res(10, 1.0))
+    assert m.phase is Phase.EVALUATE and m.outcome.exhausted == [1]
+
+
+@pytest.mark.parametrize(
+    "site, msg, match",
+    [
+        (4, None, "not selected"),
+        (1, Heartbeat(1), "not allowed"),
+        (1, FitRes(2, 1, dict(PARAMS), 1, {}), "never asked"),
+        (1, FitRes(1, 1, {"w": np.zeros(3, np.float32)}, 1, {}), "exactly the shared"),
+        (1, FitRes(1, 1, {"w": np.zeros(4, np.float32), "b": np.zeros(1, np.float32)}, 1, {}), "shape"),
+        (1, FitRes(1, 1, {"w": np.full(3, np.nan, np.float32), "b": np.zeros(1, np.float32)}, 1, {}), "finite"),
+        (1, EvaluateRes(1, "val", 1, {}), "out of stage"),
+    ],
+)
+def test_violations(site, msg, match):
+    m = machine()
+    m.start()
+    with pytest.raises(ProtocolViolation, match=match):
+        m.receive(site, msg if msg is not None else res(1, 1.0))
+
+
+def test_second_answer_is_a_violation():
+    m = machine()
+    m.start()
+    m.receive(1, res(10, 1.0))
+    with pytest.raises(ProtocolViolation, match="second answer"):
+        m.receive(1, res(10, 1.0))

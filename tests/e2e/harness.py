@@ -1,0 +1,97 @@
+"""Start a real federation (separate OS processes on loopback) for end-to-end tests."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from asagiri.cli.demo import write_federation, write_site_config
+
+FAST = [
+    "data.dataset=synthetic",
+    "data.synthetic_samples=256",
+    "data.partition.scheme=iid",
+    "model.width=8",
+    "timeouts.heartbeat_interval=1",
+    "timeouts.heartbeat_timeout=10",
+    "timeouts.fit=60",
+    "timeouts.evaluate=60",
+    "timeouts.wait_for_sites=60",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Federation:
+    def __init__(self, root: Path, *, sites: int, rounds: int, overrides: list[str] = ()):
+        self.root = root
+        self.port = free_port()
+        self.fed_path, self.cfg = write_federation(
+            root, sites=sites, rounds=rounds, overrides=[*FAST, f"listen.port={self.port}", *overrides]
+        )
+        self.pub = (root / "keys" / "coordinator.pub").read_text().strip()
+        self.coordinator: subprocess.Popen | None = None
+        self.sites: dict[int, subprocess.Popen] = {}
+        (root / "logs").mkdir(exist_ok=True)
+
+    def start_coordinator(self, *extra: str) -> subprocess.Popen:
+        log = open(self.root / "logs" / "coordinator.log", "ab")
+        self.coordinator = subprocess.Popen(
+            [sys.executable, "-m", "asagiri.cli.coordinator", "--config", str(self.fed_path), *extra],
+            stdout=subprocess.PIPE, stderr=log, text=True,
+        )
+        line = self.coordinator.stdout.readline()
+        assert line.startswith("listening on"), line
+        return self.coordinator
+
+    def start_site(self, site: int, *extra: str) -> subprocess.Popen:
+        cfg = write_site_config(self.root, site, self.port, self.pub, {"reconnect": {"give_up_s": 60, "max_s": 1}})
+        log = open(self.root / "logs" / f"site-{site}.log", "ab")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "asagiri.cli.client", "--site", str(site), "--config", str(cfg), *extra],
+            stdout=log, stderr=log,
+        )
+        self.sites[site] = proc
+        return proc
+
+    def coordinator_lines(self, until: str | None = None) -> list[str]:
+        lines = []
+        for line in self.coordinator.stdout:
+            lines.append(line.rstrip("\n"))
+            if until and until in line:
+                break
+        return lines
+
+    def wait_all(self, timeout: float = 180) -> dict[str, int]:
+        deadline = time.monotonic() + timeout
+        codes = {"coordinator": self.coordinator.wait(timeout=timeout)}
+        for site, p in self.sites.items():
+            codes[f"site-{site}"] = p.wait(timeout=max(1, deadline - time.monotonic()))
+        return codes
+
+    def metrics(self) -> list[dict]:
+        path = self.root / "metrics.jsonl"
+        return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+
+    def audit(self) -> list[dict]:
+        return [json.loads(x) for x in (self.root / "audit.jsonl").read_text().splitlines() if x.strip()]
+
+    def summary(self) -> dict:
+        return json.loads((self.root / "summary.json").read_text())
+
+    def kill_all(self) -> None:
+        for p in [self.coordinator, *self.sites.values()]:
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait()
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted((self.root / "logs").glob("*.log")))

@@ -1,0 +1,112 @@
+"""End-to-end: coordinator and sites as separate processes over TCP on loopback."""
+
+import signal
+
+import pytest
+
+from asagiri.observe.audit import verify_chain
+
+from .harness import Federation
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def fed_factory(tmp_path):
+    feds = []
+
+    def make(**kw):
+        fed = Federation(tmp_path / f"run{len(feds)}", **kw)
+        feds.append(fed)
+        return fed
+
+    yield make
+    for fed in feds:
+        fed.kill_all()
+
+
+def test_three_sites_two_rounds(fed_factory):
+    fed = fed_factory(sites=3, rounds=2)
+    fed.start_coordinator()
+    for s in (1, 2, 3):
+        fed.start_site(s)
+    lines = fed.coordinator_lines()
+    codes = fed.wait_all()
+    assert codes == {"coordinator": 0, "site-1": 0, "site-2": 0, "site-3": 0}, fed.logs()
+    rounds = fed.metrics()
+    assert [r["round"] for r in rounds] == [1, 2]
+    for r in rounds:
+        assert r["participants"] == [1, 2, 3] and r["dropped"] == []
+        assert set(r["site_auc"]) == {"1", "2", "3"} and 0.0 <= r["auc"] <= 1.0
+        assert r["duration_s"] > 0
+    assert sum(line.startswith("round ") for line in lines) == 2
+    assert verify_chain(fed.root / "audit.jsonl") == []
+    summary = fed.summary()
+    assert summary["status"] == "completed" and summary["rounds_completed"] == 2
+    assert (fed.root / "checkpoint.npz").exists()
+
+
+def test_site_killed_mid_round_round_completes_with_k_survivors(fed_factory):
+    fed = fed_factory(sites=3, rounds=2, overrides=["min_clients=2"])
+    fed.start_coordinator()
+    fed.start_site(1)
+    fed.start_site(2)
+    victim = fed.start_site(3, "--kill-at-fit", "2")
+    fed.coordinator_lines()
+    assert fed.coordinator.wait(timeout=120) == 0, fed.logs()
+    assert victim.wait(timeout=10) == -signal.SIGKILL
+    r1, r2 = fed.metrics()
+    assert r1["participants"] == [1, 2, 3]
+    assert r2["participants"] == [1, 2] and r2["dropped"] == [3]
+    assert fed.summary()["rounds_completed"] == 2
+
+
+def test_fewer_than_k_aborts_then_retries_when_the_site_returns(fed_factory):
+    fed = fed_factory(sites=3, rounds=1, overrides=["min_clients=3", "max_round_attempts=2"])
+    fed.start_coordinator()
+    fed.start_site(1)
+    fed.start_site(2)
+    fed.start_site(3, "--kill-at-fit", "1")
+    lines = fed.coordinator_lines(until="aborted")
+    assert "round 1 attempt 1 aborted" in lines[-1], fed.logs()
+    assert fed.metrics() == []  # nothing was aggregated below k
+    fed.start_site(3)  # the site comes back; the round is retried with all three
+    fed.coordinator_lines()
+    assert fed.coordinator.wait(timeout=120) == 0, fed.logs()
+    [r1] = fed.metrics()
+    assert r1["attempt"] == 2 and r1["participants"] == [1, 2, 3]
+    statuses = [(a["round"], a["attempt"], a["status"]) for a in fed.audit()]
+    assert statuses == [(1, 1, "aborted"), (1, 2, "completed")]
+    assert verify_chain(fed.root / "audit.jsonl") == []
+
+
+def test_coordinator_killed_then_resumed_finishes_remaining_rounds(fed_factory):
+    fed = fed_factory(sites=2, rounds=3)
+    fed.start_coordinator("--crash-after-round", "1")
+    fed.start_site(1)
+    fed.start_site(2)
+    assert fed.coordinator.wait(timeout=120) == -signal.SIGKILL, fed.logs()
+    assert [r["round"] for r in fed.metrics()] == [1]
+    fed.start_coordinator("--resume")  # same port; the sites reconnect with backoff
+    fed.coordinator_lines()
+    codes = fed.wait_all()
+    assert codes == {"coordinator": 0, "site-1": 0, "site-2": 0}, fed.logs()
+    assert [r["round"] for r in fed.metrics()] == [1, 2, 3]
+    assert [a["round"] for a in fed.audit()] == [1, 2, 3]
+    assert verify_chain(fed.root / "audit.jsonl") == []
+    assert fed.summary()["rounds_completed"] == 3
+
+
+def test_fresh_start_over_an_existing_run_is_refused(fed_factory):
+    fed = fed_factory(sites=2, rounds=1)
+    fed.start_coordinator()
+    fed.start_site(1)
+    fed.start_site(2)
+    fed.coordinator_lines()
+    assert fed.wait_all()["coordinator"] == 0
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "asagiri.cli.coordinator", "--config", str(fed.fed_path)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "--resume" in proc.stderr

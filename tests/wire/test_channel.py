@@ -1,0 +1,144 @@
+"""The sans-IO handshake and channel: authentication, and every tampering the spec promises to catch."""
+
+import numpy as np
+import pytest
+
+from asagiri.wire.channel import ClientHandshake, SecureChannel, ServerHandshake, SiteRefused
+from asagiri.wire.crypto import AuthenticationFailed, Identity
+from asagiri.wire.errors import RemoteProtocolError
+from asagiri.wire.framing import FrameDecoder
+from asagiri.wire.messages import FitRes, Heartbeat
+
+SITE, COORD, OTHER = Identity.generate(), Identity.generate(), Identity.generate()
+
+
+def handshake(site=SITE, site_id=1, roster=None, pinned=None):
+    roster = roster if roster is not None else {1: SITE.public}
+    client = ClientHandshake(site, site_id, pinned or COORD.public)
+    server = ServerHandshake(COORD, roster)
+    auth = client.receive(server.receive_hello(client.hello()))
+    assert server.receive_auth(auth) == site_id
+    return client.keys, server.keys
+
+
+def pair(chunk=64):
+    ck, sk = handshake()
+    mk = lambda k: SecureChannel(k, max_frame_size=4096, chunk_bytes=chunk)  # noqa: E731
+    return mk(ck), mk(sk)
+
+
+def deliver(sender_frames, receiver):
+    dec = FrameDecoder(max_frame_size=4096)
+    out = []
+    for frame in sender_frames:
+        for payload in dec.feed(bytes(frame)):
+            msg = receiver.receive_frame(payload)
+            if msg is not None:
+                out.append(msg)
+    return out
+
+
+def payloads(frames):
+    return [bytes(f)[4:] for f in frames]
+
+
+def test_keys_match_and_differ_per_direction():
+    ck, sk = handshake()
+    assert ck.tx == sk.rx and ck.rx == sk.tx and ck.tx != ck.rx
+
+
+def test_tensor_message_crosses_in_chunks():
+    a, b = pair(chunk=64)
+    update = {"w": np.random.default_rng(0).normal(size=(50, 7)).astype(np.float32), "empty": np.zeros(0, np.float32)}
+    frames = list(a.frames(FitRes(1, 1, update, 5, {"loss": 0.5})))
+    assert len(frames) == 1 + (50 * 7 * 4 + 63) // 64
+    [got] = deliver(frames, b)
+    np.testing.assert_array_equal(got.update["w"], update["w"])
+    assert got.update["empty"].shape == (0,)
+
+
+def test_unknown_site_refused_before_any_key_exchange():
+    client = ClientHandshake(OTHER, 9, COORD.public)
+    server = ServerHandshake(COORD, {1: SITE.public})
+    with pytest.raises(SiteRefused, match="not enrolled"):
+        server.receive_hello(client.hello())
+
+
+def test_site_that_cannot_prove_its_key_is_refused():
+    # Claims to be site 1 but holds another key.
+    client = ClientHandshake(OTHER, 1, COORD.public)
+    server = ServerHandshake(COORD, {1: SITE.public})
+    auth = client.receive(server.receive_hello(client.hello()))
+    with pytest.raises(SiteRefused, match="could not prove"):
+        server.receive_auth(auth)
+
+
+def test_site_refuses_an_impostor_coordinator():
+    client = ClientHandshake(SITE, 1, COORD.public)
+    impostor = ServerHandshake(OTHER, {1: SITE.public})
+    with pytest.raises(AuthenticationFailed):
+        client.receive(impostor.receive_hello(client.hello()))
+
+
+def test_tampered_frame_rejected():
+    a, b = pair()
+    [p] = payloads(a.frames(Heartbeat(1)))
+    bad = bytearray(p)
+    bad[-1] ^= 1
+    with pytest.raises(RemoteProtocolError, match="authentication"):
+        b.receive_frame(bytes(bad))
+    # and the channel stays failed
+    with pytest.raises(RemoteProtocolError):
+        b.receive_frame(p)
+
+
+def test_tampered_frame_kind_rejected():
+    a, b = pair()
+    [p] = payloads(a.frames(Heartbeat(1)))
+    with pytest.raises(RemoteProtocolError):
+        b.receive_frame(b"\x02" + p[1:])
+
+
+def test_replayed_frame_rejected():
+    a, b = pair()
+    [p] = payloads(a.frames(Heartbeat(1)))
+    assert b.receive_frame(p) == Heartbeat(1)
+    with pytest.raises(RemoteProtocolError, match="authentication"):
+        b.receive_frame(p)
+
+
+def test_reordered_frames_rejected():
+    a, b = pair()
+    p1, p2 = payloads(a.frames(Heartbeat(1))) + payloads(a.frames(Heartbeat(2)))
+    with pytest.raises(RemoteProtocolError):
+        b.receive_frame(p2)
+
+
+def test_dropped_chunk_detected():
+    a, b = pair(chunk=16)
+    frames = payloads(a.frames(FitRes(1, 1, {"w": np.ones(20, np.float32)}, 1, {})))
+    b.receive_frame(frames[0])
+    with pytest.raises(RemoteProtocolError):
+        b.receive_frame(frames[2])
+
+
+def test_reflected_frame_rejected():
+    a, _ = pair()
+    [p] = payloads(a.frames(Heartbeat(1)))
+    with pytest.raises(RemoteProtocolError):
+        a.receive_frame(p)  # our own frame sent back to us
+
+
+def test_frame_from_another_session_rejected():
+    a, _ = pair()
+    _, b2 = pair()
+    [p] = payloads(a.frames(Heartbeat(1)))
+    with pytest.raises(RemoteProtocolError):
+        b2.receive_frame(p)
+
+
+def test_chunk_without_header_rejected():
+    a, b = pair(chunk=16)
+    frames = payloads(a.frames(FitRes(1, 1, {"w": np.ones(20, np.float32)}, 1, {})))
+    with pytest.raises(RemoteProtocolError):
+        b.receive_frame(frames[1])
