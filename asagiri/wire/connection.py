@@ -85,7 +85,7 @@ async def _receive_plain(stream: anyio.abc.ByteStream, decoder: FrameDecoder) ->
         if len(frames) > 1 or (frames and decoder.buffered):
             raise RemoteProtocolError("peer sent data before the handshake finished")
         if frames:
-            return frames[0]
+            return bytes(frames[0])
 
 
 async def connect_handshake(
@@ -114,7 +114,7 @@ async def connect_handshake(
     except _PEER_GONE as exc:
         raise ConnectionLost(f"handshake: {type(exc).__name__}") from None
     if first[0][:1] == b"\0":
-        _decode_plain(first[0], Reject)
+        _decode_plain(bytes(first[0]), Reject)
     assert hs.keys is not None
     channel = SecureChannel(
         hs.keys, max_frame_size=max_frame_size, max_payload_bytes=max_payload_bytes, chunk_bytes=chunk_bytes

@@ -23,34 +23,54 @@ def encode_frame(payload: bytes | bytearray | memoryview, *, max_frame_size: int
 
 
 class FrameDecoder:
-    """Split a byte stream into frames. Feed it any slicing of the stream, one byte at a time included."""
+    """Split a byte stream into frames. Feed it any slicing of the stream, one byte at a time included.
 
-    __slots__ = ("_buf", "max_frame_size")
+    Each payload is copied exactly once, from the received chunk into a buffer of the announced
+    size (allocated only after the size passed the ``max_frame_size`` check); frames are returned
+    as ``bytearray`` objects the caller owns.
+    """
+
+    __slots__ = ("_prefix", "_frame", "_filled", "max_frame_size")
 
     def __init__(self, *, max_frame_size: int) -> None:
         if not 0 < max_frame_size <= MAX_LENGTH:
             raise ValueError("max_frame_size must be between 1 and 2**32-1")
         self.max_frame_size = max_frame_size
-        self._buf = bytearray()
+        self._prefix = bytearray()
+        self._frame: bytearray | None = None
+        self._filled = 0
 
     @property
     def buffered(self) -> int:
-        return len(self._buf)
+        return len(self._prefix) + self._filled
 
-    def feed(self, data: bytes | bytearray | memoryview) -> list[bytes]:
-        buf = self._buf
-        buf += data
-        frames: list[bytes] = []
-        while len(buf) >= LENGTH_BYTES:
-            n = int.from_bytes(buf[:LENGTH_BYTES], "big")
-            if n > self.max_frame_size:
-                raise RemoteProtocolError(
-                    f"peer announced a frame of {n} bytes; the maximum is {self.max_frame_size}"
-                )
-            end = LENGTH_BYTES + n
-            if len(buf) < end:
-                break
-            with memoryview(buf) as view:
-                frames.append(bytes(view[LENGTH_BYTES:end]))
-            del buf[:end]
+    def feed(self, data: bytes | bytearray | memoryview) -> list[bytearray]:
+        frames: list[bytearray] = []
+        view = memoryview(data).cast("B")
+        pos, end = 0, len(view)
+        while pos < end:
+            if self._frame is None:
+                need = LENGTH_BYTES - len(self._prefix)
+                take = min(need, end - pos)
+                self._prefix += view[pos : pos + take]
+                pos += take
+                if len(self._prefix) < LENGTH_BYTES:
+                    break
+                n = int.from_bytes(self._prefix, "big")
+                self._prefix.clear()
+                if n > self.max_frame_size:
+                    raise RemoteProtocolError(
+                        f"peer announced a frame of {n} bytes; the maximum is {self.max_frame_size}"
+                    )
+                self._frame = bytearray(n)
+                self._filled = 0
+            frame = self._frame
+            take = min(len(frame) - self._filled, end - pos)
+            frame[self._filled : self._filled + take] = view[pos : pos + take]
+            self._filled += take
+            pos += take
+            if self._filled == len(frame):
+                frames.append(frame)
+                self._frame = None
+                self._filled = 0
         return frames

@@ -1,0 +1,116 @@
+"""A live coordinator (in-process, real TCP on loopback) facing hostile or broken peers.
+
+Nothing a peer sends may crash it: each case ends with an honest site still able to join.
+"""
+
+import anyio
+import numpy as np
+import pytest
+
+from asagiri.config import FederationConfig, SiteEntry
+from asagiri.coordinator.server import Coordinator
+from asagiri.wire.channel import SiteRefused
+from asagiri.wire.connection import connect_handshake
+from asagiri.wire.crypto import Identity
+from asagiri.wire.messages import FitRes, Welcome
+
+pytestmark = pytest.mark.anyio
+
+SITE, STRANGER, COORD = Identity.generate(), Identity.generate(), Identity.generate()
+LIMITS = dict(max_frame_size=1 << 20, max_payload_bytes=1 << 24, chunk_bytes=1 << 16)
+
+
+@pytest.fixture
+def cfg(tmp_path):
+    COORD.save(tmp_path / "coord.key")
+    return FederationConfig(
+        identity_key=tmp_path / "coord.key", run_dir=tmp_path / "run", min_clients=1, rounds=1,
+        listen={"host": "127.0.0.1", "port": 0}, data={"dataset": "synthetic"}, model={"width": 4},
+        max_frame_bytes=1 << 20, chunk_bytes=1 << 16,
+        timeouts={"wait_for_sites": 30, "handshake": 2, "heartbeat_interval": 1, "heartbeat_timeout": 5},
+        sites=[SiteEntry(id=1, public_key=SITE.public.hex()), SiteEntry(id=2, public_key=STRANGER.public.hex()[::-1])],
+    )
+
+
+async def honest_join(port):
+    stream = await anyio.connect_tcp("127.0.0.1", port)
+    conn = await connect_handshake(stream, SITE, 1, COORD.public, **LIMITS)
+    assert isinstance(await conn.receive(), Welcome)
+    return conn
+
+
+async def with_coordinator(cfg, body):
+    coord = Coordinator(cfg)
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            port = await tg.start(coord.run)
+            await body(port, coord)
+            tg.cancel_scope.cancel()
+
+
+async def test_unknown_site_refused_over_tcp(cfg):
+    async def body(port, coord):
+        stream = await anyio.connect_tcp("127.0.0.1", port)
+        with pytest.raises(SiteRefused, match="not enrolled"):
+            await connect_handshake(stream, STRANGER, 99, COORD.public, **LIMITS)
+        # claims an enrolled id without its key
+        stream = await anyio.connect_tcp("127.0.0.1", port)
+        with pytest.raises(SiteRefused, match="could not prove"):
+            await connect_handshake(stream, STRANGER, 1, COORD.public, **LIMITS)
+        conn = await honest_join(port)
+        await conn.aclose()
+
+    await with_coordinator(cfg, body)
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [b"\xff\xff\xff\xff", b"\x00\x00\x00\x05hello", b"GET / HTTP/1.1\r\n\r\n", bytes(range(256)) * 4],
+    ids=["oversized-prefix", "not-msgpack", "http", "noise"],
+)
+async def test_garbage_before_handshake_does_not_hurt(cfg, garbage):
+    async def body(port, coord):
+        stream = await anyio.connect_tcp("127.0.0.1", port)
+        await stream.send(garbage)
+        with anyio.fail_after(10):
+            try:
+                while await stream.receive():
+                    pass
+            except (anyio.EndOfStream, anyio.BrokenResourceError, ConnectionError):
+                pass  # the coordinator hung up on us
+        conn = await honest_join(port)
+        await conn.aclose()
+
+    await with_coordinator(cfg, body)
+
+
+async def test_oversized_frame_after_handshake_closes_only_that_channel(cfg):
+    async def body(port, coord):
+        stream = await anyio.connect_tcp("127.0.0.1", port)
+        conn = await connect_handshake(stream, SITE, 1, COORD.public, **LIMITS)
+        await conn.receive()
+        await stream.send((1 << 31).to_bytes(4, "big"))
+        with anyio.fail_after(10):
+            with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError, ConnectionError)):
+                while True:
+                    await stream.receive()
+        assert coord.metrics.protocol_violations._value.get() == 1
+        conn = await honest_join(port)
+        await conn.aclose()
+
+    await with_coordinator(cfg, body)
+
+
+async def test_out_of_stage_message_closes_channel_and_coordinator_survives(cfg):
+    async def body(port, coord):
+        conn = await honest_join(port)
+        # The round may already have asked us for an update; send one for a round never asked.
+        await conn.send(FitRes(7, 1, {"w": np.zeros(1, np.float32)}, 1, {}))
+        with anyio.fail_after(10):
+            with pytest.raises(Exception):  # noqa: B017 - closed channel, whichever way it surfaces
+                while True:
+                    await conn.receive()
+        conn = await honest_join(port)
+        await conn.aclose()
+
+    await with_coordinator(cfg, body)
