@@ -30,6 +30,7 @@ class Connection:
         self, stream: anyio.abc.ByteStream, channel: SecureChannel, decoder: FrameDecoder, peer: str
     ) -> None:
         self._stream = stream
+        _widen_socket_buffers(stream, 4 * channel.chunk_bytes)
         self._channel = channel
         self._decoder = decoder
         self._send_lock = anyio.Lock()
@@ -69,6 +70,21 @@ class Connection:
                 await self._stream.aclose()
             except _PEER_GONE:
                 pass
+
+
+def _widen_socket_buffers(stream: anyio.abc.ByteStream, size: int) -> None:
+    """Room for a few chunks in the kernel, so encrypting the next chunk overlaps sending this one."""
+    import socket
+
+    sock = stream.extra(anyio.abc.SocketAttribute.raw_socket, None)
+    if sock is None:
+        return
+    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        try:
+            if sock.getsockopt(socket.SOL_SOCKET, opt) < size:
+                sock.setsockopt(socket.SOL_SOCKET, opt, size)
+        except OSError:
+            pass
 
 
 async def _send_plain(stream: anyio.abc.ByteStream, payload: bytes) -> None:
