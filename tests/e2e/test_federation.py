@@ -110,3 +110,21 @@ def test_fresh_start_over_an_existing_run_is_refused(fed_factory):
     proc = subprocess.run([sys.executable, "-m", "asagiri.cli.coordinator", "--config", str(fed.fed_path)],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "--resume" in proc.stderr
+
+
+def test_sigterm_stops_the_coordinator_cleanly_and_resume_continues(fed_factory):
+    fed = fed_factory(sites=2, rounds=4)
+    fed.start_coordinator()
+    fed.start_site(1)
+    fed.start_site(2)
+    fed.coordinator_lines(until="round 1/4")
+    fed.coordinator.send_signal(signal.SIGTERM)
+    assert fed.coordinator.wait(timeout=30) == 130, fed.logs()
+    done = [r["round"] for r in fed.metrics()]
+    assert done and done == list(range(1, len(done) + 1)) and len(done) < 4
+    # The sites were told the stop is not final: they keep waiting to reconnect.
+    assert all(p.poll() is None for p in fed.sites.values())
+    fed.start_coordinator("--resume")
+    fed.coordinator_lines()
+    assert fed.wait_all() == {"coordinator": 0, "site-1": 0, "site-2": 0}, fed.logs()
+    assert [r["round"] for r in fed.metrics()] == [1, 2, 3, 4]
