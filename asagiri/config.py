@@ -8,7 +8,7 @@ into exit code 2.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -31,6 +31,9 @@ __all__ = [
     "load_federation",
     "load_site",
 ]
+
+
+_M = TypeVar("_M", bound=BaseModel)
 
 
 class ConfigError(Exception):
@@ -290,30 +293,29 @@ def _resolve(base: Path, p: Path | None) -> Path | None:
     return base / p
 
 
-def load_federation(path: Path, overrides: list[str] | None = None) -> FederationConfig:
-    """Load and validate ``fed.yaml``; relative paths are taken from the file's folder."""
+def _load(model: type[_M], path: Path, overrides: list[str] | None) -> _M:
     data = apply_overrides(_read_yaml(path), overrides or [], source=path.name)
     try:
-        cfg = FederationConfig.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_format_error(path.name, exc)) from None
+
+
+def load_federation(path: Path, overrides: list[str] | None = None) -> FederationConfig:
+    """Load and validate ``fed.yaml``; relative paths are taken from the file's folder."""
+    cfg = _load(FederationConfig, path, overrides)
     base = path.parent
-    updates: dict[str, Any] = {
-        "identity_key": _resolve(base, cfg.identity_key),
-        "run_dir": _resolve(base, cfg.run_dir),
-    }
-    cfg = cfg.model_copy(update=updates)
+    cfg = cfg.model_copy(
+        update={"identity_key": _resolve(base, cfg.identity_key), "run_dir": _resolve(base, cfg.run_dir)}
+    )
     if cfg.data.path is not None:
         cfg.data.path = _resolve(base, cfg.data.path)
     return cfg
 
 
 def load_site(path: Path, overrides: list[str] | None = None) -> SiteConfig:
-    data = apply_overrides(_read_yaml(path), overrides or [], source=path.name)
-    try:
-        cfg = SiteConfig.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(_format_error(path.name, exc)) from None
+    """Load and validate a site's file; relative paths are taken from the file's folder."""
+    cfg = _load(SiteConfig, path, overrides)
     base = path.parent
     return cfg.model_copy(
         update={

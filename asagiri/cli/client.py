@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
 from pathlib import Path
 
 import anyio
 
 from ..config import load_site
-from .common import EXIT_CONFIG, EXIT_INTERRUPTED, run_main, setup_logging
+from .common import EXIT_CONFIG, EXIT_INTERRUPTED, cancel_on_signal, run_main, setup_logging
 
 log = logging.getLogger("asagiri.client")
 
@@ -64,18 +63,11 @@ def _run(args: argparse.Namespace) -> int:
     async def main_task() -> None:
         async with anyio.create_task_group() as tg:
 
-            async def watch_signals() -> None:
-                with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                    async for _ in signals:
-                        log.warning("stopping")
-                        tg.cancel_scope.cancel()
-                        return
-
             async def run() -> None:
                 result["code"] = await run_client(cfg, faults=FaultPlan(kill_at_fit=args.kill_at_fit))
                 tg.cancel_scope.cancel()
 
-            tg.start_soon(watch_signals)
+            tg.start_soon(cancel_on_signal, tg.cancel_scope, lambda name: log.warning("%s: stopping", name))
             tg.start_soon(run)
 
     anyio.run(main_task)

@@ -3,18 +3,30 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from collections.abc import Callable
 
+import anyio
+
 from ..config import ConfigError
 
-__all__ = ["EXIT_CONFIG", "EXIT_FAILED", "EXIT_OK", "EXIT_RUNTIME", "run_main", "setup_logging"]
+__all__ = ["cancel_on_signal", "EXIT_CONFIG", "EXIT_FAILED", "EXIT_OK", "EXIT_RUNTIME", "run_main", "setup_logging"]
 
 EXIT_OK = 0
 EXIT_RUNTIME = 1
 EXIT_CONFIG = 2
 EXIT_FAILED = 3
 EXIT_INTERRUPTED = 130
+
+
+async def cancel_on_signal(scope: anyio.CancelScope, on_signal: Callable[[str], None]) -> None:
+    """Cancel ``scope`` at the first SIGINT or SIGTERM, after telling ``on_signal`` which it was."""
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            on_signal(signal.Signals(signum).name)
+            scope.cancel()
+            return
 
 
 def setup_logging(level: str, name: str) -> None:

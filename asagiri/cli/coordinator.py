@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
 
 import anyio
 import anyio.abc
 
 from ..config import ConfigError, load_federation
-from .common import EXIT_CONFIG, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, run_main, setup_logging
+from .common import (
+    EXIT_CONFIG,
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    cancel_on_signal,
+    run_main,
+    setup_logging,
+)
 
 log = logging.getLogger("asagiri.coordinator")
 
@@ -55,14 +62,9 @@ def _run(args: argparse.Namespace) -> int:
     async def main_task() -> None:
         async with anyio.create_task_group() as tg:
 
-            async def watch_signals() -> None:
-                with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                    async for signum in signals:
-                        log.warning("%s: stopping; the last completed round is checkpointed",
-                                    signal.Signals(signum).name)
-                        outcome["code"] = EXIT_INTERRUPTED
-                        tg.cancel_scope.cancel()
-                        return
+            def stopping(name: str) -> None:
+                log.warning("%s: stopping; the last completed round is checkpointed", name)
+                outcome["code"] = EXIT_INTERRUPTED
 
             async def run_then_stop(*, task_status: anyio.abc.TaskStatus[int]) -> None:
                 try:
@@ -70,7 +72,7 @@ def _run(args: argparse.Namespace) -> int:
                 finally:
                     tg.cancel_scope.cancel()
 
-            tg.start_soon(watch_signals)
+            tg.start_soon(cancel_on_signal, tg.cancel_scope, stopping)
             try:
                 port = await tg.start(run_then_stop)
             except OSError as exc:
