@@ -248,6 +248,3 @@ async def run_client(cfg: SiteConfig, *, faults: FaultPlan = FaultPlan()) -> int
         await anyio.sleep(delay * (0.5 + random.random()))
         delay = min(cfg.reconnect.max_s, delay * 2)
 
-
-def spec_summary(spec: dict[str, Any]) -> str:
-    return f"{spec['model']['name']} on {spec['data']['dataset']}"

@@ -16,7 +16,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +63,6 @@ class _Session:
     site_id: int
     conn: Connection
     scope: anyio.CancelScope
-    connected_at: float = field(default_factory=time.monotonic)
 
 
 @dataclass(frozen=True)

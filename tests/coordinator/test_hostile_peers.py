@@ -94,7 +94,7 @@ async def test_oversized_frame_after_handshake_closes_only_that_channel(cfg):
             with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError, ConnectionError)):
                 while True:
                     await stream.receive()
-        assert coord.metrics.protocol_violations._value.get() == 1
+        assert coord.registry.get_sample_value("asagiri_protocol_violations_total") == 1
         conn = await honest_join(port)
         await conn.aclose()
 
