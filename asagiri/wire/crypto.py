@@ -255,7 +255,7 @@ def chacha20_keystream_into(key: bytes, out: memoryview, *, nonce: bytes = SODIU
 
     With the default nonce the bytes equal libsodium's ``randombytes_buf_deterministic``
     (ChaCha20-IETF with the fixed nonce "LibsodiumDRG"), at several times its speed because the
-    output lands in the caller's buffer; ``protocol/vectors/prg.json`` pins both.
+    output lands in the caller's buffer; ``protocol/vectors/keystream.json`` pins both.
     """
     if len(key) != KEY_BYTES:
         raise ValueError("a ChaCha20 key is exactly 32 bytes")
@@ -263,16 +263,14 @@ def chacha20_keystream_into(key: bytes, out: memoryview, *, nonce: bytes = SODIU
         raise ValueError("an IETF ChaCha20 nonce is exactly 12 bytes")
     # cryptography's ChaCha20 takes a 16-byte nonce: 4-byte little-endian block counter + 12 bytes.
     enc = Cipher(algorithms.ChaCha20(key, b"\0\0\0\0" + nonce), mode=None).encryptor()
-    zeros_len = len(out)
-    view = out.cast("B") if out.format != "B" else out
-    # Encrypting zeros yields the keystream; update_into needs a source the size of the output.
+    view = memoryview(out).cast("B")  # lengths below are bytes, whatever the caller's item type
+    total = len(view)
+    # Encrypting zeros yields the keystream; update_into needs a source the size of each piece.
     step = 1 << 20
-    zeros = bytes(min(step, zeros_len))
-    pos = 0
-    while pos < zeros_len:
-        n = min(step, zeros_len - pos)
-        enc.update_into(zeros[:n] if n != len(zeros) else zeros, view[pos : pos + n])
-        pos += n
+    zeros = memoryview(bytes(min(step, total)))
+    for pos in range(0, total, step):
+        n = min(step, total - pos)
+        enc.update_into(zeros[:n], view[pos : pos + n])
 
 
 def sodium_keystream(key: bytes, length: int) -> bytes:

@@ -77,3 +77,10 @@ def test_keystream_fast_path_matches_libsodium_across_chunk_boundaries():
     buf = np.empty(n, dtype=np.uint8)
     chacha20_keystream_into(key, memoryview(buf))
     assert buf.tobytes() == sodium_keystream(key, n)
+
+
+def test_keystream_fills_typed_views_by_bytes_not_elements():
+    key = bytes(range(32))
+    words = np.empty(1000, dtype=np.uint32)
+    chacha20_keystream_into(key, memoryview(words))
+    assert words.tobytes() == sodium_keystream(key, 4000)
