@@ -107,10 +107,12 @@ async def _orchestrate(out: Path, fed_path: Path, cfg: FederationConfig, args: a
     logs.mkdir(exist_ok=True)
     py = sys.executable
     procs: list[anyio.abc.Process] = []
+    log_files = []
     code = EXIT_RUNTIME
     try:
         with anyio.fail_after(args.timeout):
             coord_log = open(logs / "coordinator.log", "ab")  # noqa: SIM115 - closed in finally
+            log_files.append(coord_log)
             coordinator = await anyio.open_process(
                 [py, "-m", "asagiri.cli.coordinator", "--config", str(fed_path), "--log-level", args.log_level],
                 stdout=-1, stderr=coord_log,
@@ -131,7 +133,8 @@ async def _orchestrate(out: Path, fed_path: Path, cfg: FederationConfig, args: a
             pub = (out / "keys" / "coordinator.pub").read_text().strip()
             for site in range(1, args.sites + 1):
                 site_cfg = write_site_config(out, site, port, pub, {})
-                site_log = open(logs / f"site-{site}.log", "ab")  # noqa: SIM115
+                site_log = open(logs / f"site-{site}.log", "ab")  # noqa: SIM115 - closed in finally
+                log_files.append(site_log)
                 procs.append(await anyio.open_process(
                     [py, "-m", "asagiri.cli.client", "--site", str(site), "--config", str(site_cfg),
                      "--log-level", args.log_level],
@@ -158,6 +161,8 @@ async def _orchestrate(out: Path, fed_path: Path, cfg: FederationConfig, args: a
                 if p.returncode is None:
                     p.kill()
                     await p.wait()
+        for fh in log_files:
+            fh.close()
     return code
 
 

@@ -18,7 +18,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import anyio
 import anyio.abc
@@ -29,7 +29,7 @@ from prometheus_client import CollectorRegistry
 
 from ..config import FederationConfig
 from ..data.loaders import dataset_info
-from ..models import build
+from ..models import build, shared_keys
 from ..observe.audit import AuditLog, params_digest
 from ..observe.metrics import CoordinatorMetrics, serve_metrics
 from ..observe.runlog import append_jsonl, trim_jsonl
@@ -39,7 +39,7 @@ from ..wire.channel import SiteRefused
 from ..wire.connection import Connection, accept_handshake
 from ..wire.crypto import Identity, PublicIdentity
 from ..wire.errors import ConnectionLost, RemoteProtocolError
-from ..wire.messages import Heartbeat, Message, Params, Shutdown, Welcome
+from ..wire.messages import Decline, EvaluateRes, FitRes, Heartbeat, Message, Params, Shutdown, Welcome
 from .checkpoint import load_checkpoint, save_checkpoint
 from .round import Outbound, Phase, ProtocolViolation, RoundMachine, RoundOutcome
 
@@ -77,8 +77,6 @@ class _Joined:
 
 def initial_params(cfg: FederationConfig) -> Params:
     """The round-0 global model: built from config with a fixed seed, shared tensors only."""
-    from ..models import shared_keys
-
     channels, classes = dataset_info(cfg.data.dataset, cfg.data.path)
     torch.manual_seed(cfg.selection.seed)
     model = build(
@@ -308,15 +306,13 @@ class Coordinator:
 
     def _handle_idle(self, site_id: int, event: Message | _Lost | _Joined) -> None:
         """Between rounds only late answers are acceptable; anything else is a violation."""
-        from ..wire.messages import Decline, EvaluateRes, FitRes
-
         if isinstance(event, _Lost | _Joined | FitRes | EvaluateRes | Decline):
             return
         self.metrics.protocol_violations.inc()
         log.warning("site %d: %s outside a round, closing its channel", site_id, type(event).__name__)
         self._drop(site_id)
 
-    async def _drain_idle_events(self) -> None:
+    def _drain_idle_events(self) -> None:
         while True:
             try:
                 site_id, event = self._events.receive_nowait()
@@ -369,16 +365,16 @@ class Coordinator:
         while rnd <= cfg.rounds:
             for attempt in range(1, cfg.max_round_attempts + 1):
                 if not await self._wait_for_sites(cfg.min_clients, cfg.timeouts.wait_for_sites):
-                    return self._finish_failed(
+                    self._finish_failed(
                         rnd, f"only {len(self._eligible())} eligible sites connected, min_clients={cfg.min_clients}",
                         t_start,
                     )
-                await self._drain_idle_events()
+                self._drain_idle_events()
                 t0 = time.monotonic()
                 try:
                     outcome = await self._run_round(rnd, attempt)
                 except NotEnoughSites as exc:
-                    return self._finish_failed(rnd, str(exc), t_start)
+                    self._finish_failed(rnd, str(exc), t_start)
                 self._exhausted.update(outcome.exhausted)
                 duration = time.monotonic() - t0
                 if outcome.abort_reason is None:
@@ -393,7 +389,7 @@ class Coordinator:
                     "reason": outcome.abort_reason, "time": time.time(),
                 })
             else:
-                return self._finish_failed(rnd, f"aborted {cfg.max_round_attempts} times", t_start)
+                self._finish_failed(rnd, f"aborted {cfg.max_round_attempts} times", t_start)
             if self._crash_after_round == rnd:
                 import os
                 import signal
@@ -451,7 +447,7 @@ class Coordinator:
             flush=True,
         )
 
-    def _finish_failed(self, rnd: int, reason: str, t_start: float) -> dict[str, Any]:
+    def _finish_failed(self, rnd: int, reason: str, t_start: float) -> NoReturn:
         print(f"federation failed at round {rnd}: {reason}", flush=True)
         log.error("federation stopped at round %d: %s", rnd, reason)
         self._write_summary("failed", time.monotonic() - t_start, reason=reason)
