@@ -5,8 +5,8 @@
 A receiver process (the "coordinator") and this process (the "site") run on separate cores. Per
 repeat the site sends the update and the receiver acknowledges with one byte once the whole
 message sits in memory: through the authenticated channel (handshake done beforehand, a
-``FitRes`` decoded into arrays allocated from its header), and as raw bytes over a plain anyio
-TCP stream copied into a preallocated buffer.  Prints medians (after one warm-up transfer) and their ratio as JSON.
+``FitRes`` decrypted into arrays from the connection's pool, released after each message as the
+coordinator does), and as raw bytes over a plain anyio TCP stream copied into a preallocated buffer.  Prints medians (after one warm-up transfer) and their ratio as JSON.
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ async def receiver(repeat: int, nbytes: int) -> None:
         msg = await conn.receive()
         assert isinstance(msg, FitRes)
         await stream.send(b"k")
+        conn.pool.release(msg.update.values())  # as the coordinator does once the update is summed
 
 
 async def sender(repeat: int, nbytes: int, ports: list[int]) -> dict:

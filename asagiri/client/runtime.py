@@ -191,9 +191,12 @@ class _Session:
                 t0 = time.monotonic()
                 res = await anyio.to_thread.run_sync(worker.fit, msg)
                 log.info("round %d: trained on %d samples in %.1fs", msg.round, res.num_samples, time.monotonic() - t0)
+                self.conn.pool.release(msg.params.values())  # copied into the model; reuse for the next round
                 await self.conn.send(res)
             elif isinstance(msg, EvaluateIns):
-                await self.conn.send(await anyio.to_thread.run_sync(worker.evaluate, msg))
+                res_eval = await anyio.to_thread.run_sync(worker.evaluate, msg)
+                self.conn.pool.release(msg.params.values())
+                await self.conn.send(res_eval)
             elif isinstance(msg, RoundAborted):
                 log.warning("round %d attempt %d aborted: %s", msg.round, msg.attempt, msg.reason)
             elif isinstance(msg, Shutdown):

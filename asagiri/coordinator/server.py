@@ -299,6 +299,12 @@ class Coordinator:
             log.warning("site %d: send timed out, dropping it", session.site_id)
         session.scope.cancel()
 
+    def _recycle(self, site_id: int, event: Message) -> None:
+        """The machine copied the update into its running sum: its buffers can take the next one."""
+        session = self._sessions.get(site_id)
+        if session is not None and isinstance(event, FitRes):
+            session.conn.pool.release(event.update.values())
+
     def _drop(self, site_id: int) -> None:
         session = self._sessions.get(site_id)
         if session is not None:
@@ -348,6 +354,7 @@ class Coordinator:
                             log.warning("%s; closing its channel", exc)
                             self._drop(site_id)
                             out = machine.site_lost(site_id)
+                        self._recycle(site_id, event)
                     await self._dispatch(out)
             if scope.cancelled_caught and machine.phase is phase:
                 log.warning("round %d: %s stage timed out", rnd, phase.value)

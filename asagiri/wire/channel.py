@@ -40,6 +40,7 @@ from .crypto import (
 from .errors import LocalProtocolError, RemoteProtocolError
 from .framing import LENGTH_BYTES
 from .messages import PROTOCOL_VERSION, ClientAuth, ClientHello, Message, Reject, ServerHello
+from .pool import ArrayPool
 
 __all__ = [
     "ClientHandshake",
@@ -183,7 +184,8 @@ class SecureChannel:
     ``frames(msg)`` yields ready-to-send wire frames (length prefix included); tensors are cut into
     ``chunk_bytes`` pieces encrypted straight from the array's memory.  ``receive_frame(payload)``
     takes one frame payload and returns a :class:`Message` once a whole message has arrived;
-    tensor chunks are decrypted directly into arrays allocated when the header arrives.
+    tensor chunks are decrypted directly into arrays taken from ``pool`` when the header arrives.
+    Hand a consumed message's arrays back with ``pool.release`` to make the next one allocation-free.
     """
 
     def __init__(
@@ -193,6 +195,7 @@ class SecureChannel:
         max_frame_size: int,
         max_payload_bytes: int = 1 << 31,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        pool: ArrayPool | None = None,
     ) -> None:
         if chunk_bytes + 1 + AEAD_TAG_BYTES > max_frame_size:
             raise ValueError("chunk_bytes must leave room for the frame kind and the tag")
@@ -204,6 +207,7 @@ class SecureChannel:
         self.max_payload_bytes = max_payload_bytes
         self.chunk_bytes = chunk_bytes
         self._inbound: _Inbound | None = None
+        self.pool = pool if pool is not None else ArrayPool()
         self.broken = False
 
     # -- sending ---------------------------------------------------------------------------------
@@ -254,7 +258,7 @@ class SecureChannel:
             header = self._rx.open(counter, bytes(body), bytes([kind]))
             self._rx_counter += 1
             pending = codec.decode_header(header, max_payload_bytes=self.max_payload_bytes)
-            arrays = pending.allocate()
+            arrays = pending.allocate(self.pool)
             if pending.payload_bytes == 0:
                 return pending.finish(arrays)
             views = [memoryview(a.reshape(-1).view(np.uint8)) for a in arrays]

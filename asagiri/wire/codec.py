@@ -17,6 +17,7 @@ import numpy as np
 
 from .errors import LocalProtocolError, RemoteProtocolError
 from .messages import ALLOWED_DTYPES, MESSAGE_TYPES, PROTOCOL_VERSION, Message, MessageError
+from .pool import ArrayPool
 
 __all__ = ["PendingMessage", "TensorSpec", "decode", "decode_header", "encode", "encode_header"]
 
@@ -74,8 +75,10 @@ class PendingMessage:
     def payload_bytes(self) -> int:
         return sum(s.nbytes for s in self.specs)
 
-    def allocate(self) -> list[np.ndarray]:
-        return [np.empty(s.shape, dtype=np.dtype(s.dtype)) for s in self.specs]
+    def allocate(self, pool: ArrayPool | None = None) -> list[np.ndarray]:
+        if pool is None:
+            return [np.empty(s.shape, dtype=np.dtype(s.dtype)) for s in self.specs]
+        return [pool.acquire(s.dtype, s.shape) for s in self.specs]
 
     def finish(self, arrays: list[np.ndarray]) -> Message:
         body = dict(self.body)

@@ -15,6 +15,7 @@ from .crypto import AuthenticationFailed, Identity, PublicIdentity
 from .errors import ConnectionLost, RemoteProtocolError
 from .framing import FrameDecoder, encode_frame
 from .messages import Message, Reject
+from .pool import ArrayPool
 
 __all__ = ["Connection", "connect_handshake", "accept_handshake"]
 
@@ -39,6 +40,11 @@ class Connection:
         self.bytes_sent = 0
         self.bytes_received = 0
 
+    @property
+    def pool(self) -> ArrayPool:
+        """Where received tensors come from; release consumed messages' arrays here."""
+        return self._channel.pool
+
     async def send(self, msg: Message) -> None:
         async with self._send_lock:
             try:
@@ -59,8 +65,10 @@ class Connection:
                 self._absorb(payload)
         return self._ready.pop(0)
 
-    def _absorb(self, payload: bytes) -> None:
+    def _absorb(self, payload: bytearray) -> None:
         msg = self._channel.receive_frame(payload)
+        # receive_frame has decrypted the payload into its destination and kept no reference.
+        self._decoder.recycle(payload)
         if msg is not None:
             self._ready.append(msg)
 

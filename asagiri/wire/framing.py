@@ -30,7 +30,7 @@ class FrameDecoder:
     as ``bytearray`` objects the caller owns.
     """
 
-    __slots__ = ("_prefix", "_frame", "_filled", "max_frame_size")
+    __slots__ = ("_prefix", "_frame", "_filled", "_spare", "max_frame_size")
 
     def __init__(self, *, max_frame_size: int) -> None:
         if not 0 < max_frame_size <= MAX_LENGTH:
@@ -39,6 +39,15 @@ class FrameDecoder:
         self._prefix = bytearray()
         self._frame: bytearray | None = None
         self._filled = 0
+        self._spare: bytearray | None = None
+
+    def recycle(self, frame: bytearray) -> None:
+        """Hand back a frame the caller no longer reads; a next frame of the same size reuses it.
+
+        Tensor chunks all have the same size, so a stream of them stops allocating (and
+        zero-filling) a fresh buffer per frame.
+        """
+        self._spare = frame
 
     @property
     def buffered(self) -> int:
@@ -62,7 +71,8 @@ class FrameDecoder:
                     raise RemoteProtocolError(
                         f"peer announced a frame of {n} bytes; the maximum is {self.max_frame_size}"
                     )
-                self._frame = bytearray(n)
+                spare, self._spare = self._spare, None
+                self._frame = spare if spare is not None and len(spare) == n else bytearray(n)
                 self._filled = 0
             frame = self._frame
             take = min(len(frame) - self._filled, end - pos)

@@ -34,3 +34,14 @@ def test_oversized_frame_rejected_from_the_prefix_alone():
 def test_refuses_to_send_oversized():
     with pytest.raises(LocalProtocolError):
         encode_frame(b"x" * 11, max_frame_size=10)
+
+
+def test_recycled_frame_buffer_is_reused_for_a_same_size_frame():
+    dec = FrameDecoder(max_frame_size=64)
+    [first] = dec.feed(encode_frame(b"a" * 10, max_frame_size=64))
+    dec.recycle(first)
+    [second] = dec.feed(encode_frame(b"b" * 10, max_frame_size=64))
+    assert second is first and second == b"b" * 10
+    dec.recycle(second)
+    [third] = dec.feed(encode_frame(b"c" * 3, max_frame_size=64))  # other size: a new buffer
+    assert third is not second and third == b"ccc"
