@@ -31,6 +31,16 @@ __all__ = [
     "Shutdown",
     "Welcome",
     "MESSAGE_TYPES",
+    "AdvertiseKeys",
+    "ConsistencyCheck",
+    "ConsistencySig",
+    "KeyRoster",
+    "MaskedInput",
+    "SecAggStart",
+    "ShareDelivery",
+    "ShareKeys",
+    "UnmaskRequest",
+    "UnmaskResponse",
 ]
 
 PROTOCOL_VERSION = 1
@@ -105,6 +115,25 @@ def _metrics(value: Any, name: str) -> None:
         _require(isinstance(k, str) and len(k) <= _MAX_NAME, f"{name} keys must be short strings")
         _require(isinstance(v, float | int) and not isinstance(v, bool), f"{name}.{k} must be a number")
         _require(math.isfinite(v), f"{name}.{k} must be finite")
+
+
+def _ids(value: Any, name: str) -> None:
+    _require(isinstance(value, list) and len(value) <= 1 << 16, f"{name} must be a list of site ids")
+    for v in value:
+        _int(v, f"{name}[]", hi=1 << 31)
+    _require(len(set(value)) == len(value), f"{name} has duplicates")
+
+
+def _id_bytes(value: Any, name: str, *, size: int | None = None, max_size: int = 1 << 12) -> None:
+    """A list of ``[site_id, bytes]`` pairs with distinct ids."""
+    _require(isinstance(value, list) and len(value) <= 1 << 16, f"{name} must be a list of [id, bytes]")
+    seen = set()
+    for item in value:
+        _require(isinstance(item, list | tuple) and len(item) == 2, f"{name} items are [id, bytes]")
+        _int(item[0], f"{name}[].id", hi=1 << 31)
+        _bytes(item[1], f"{name}[].bytes", size=size, max_size=max_size)
+        _require(item[0] not in seen, f"{name} repeats id {item[0]}")
+        seen.add(item[0])
 
 
 class Message:
@@ -313,6 +342,183 @@ class Shutdown(Message):
         _require(isinstance(self.final, bool), "final must be a bool")
 
 
+# ---- secure aggregation (encrypted frames; see asagiri/secagg) ---------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SecAggStart(Message):
+    """Begin key set-up for this round; runs while the sites train."""
+
+    TAG: ClassVar[int] = 50
+    round: int
+    attempt: int
+    participants: list[int]
+    vector_len: int
+    quant: dict[str, Any]
+
+    def validate(self) -> None:
+        _int(self.round, "round", lo=1)
+        _int(self.attempt, "attempt", lo=1, hi=1 << 16)
+        _ids(self.participants, "participants")
+        _int(self.vector_len, "vector_len", lo=1, hi=1 << 34)
+        _scalar_map(self.quant, "quant")
+
+
+@dataclass(frozen=True, slots=True)
+class AdvertiseKeys(Message):
+    """Two fresh X25519 public keys (share encryption, masking), signed with the identity key."""
+
+    TAG: ClassVar[int] = 51
+    round: int
+    attempt: int
+    c_pk: bytes
+    s_pk: bytes
+    signature: bytes
+
+    def validate(self) -> None:
+        _int(self.round, "round", lo=1)
+        _int(self.attempt, "attempt", lo=1, hi=1 << 16)
+        _bytes(self.c_pk, "c_pk", size=32)
+        _bytes(self.s_pk, "s_pk", size=32)
+        _bytes(self.signature, "signature", size=64)
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRoster(Message):
+    """Who advertised (U1), the share threshold, and the signed keys of this site's neighbours."""
+
+    TAG: ClassVar[int] = 52
+    round: int
+    attempt: int
+    advertised: list[int]
+    threshold: int
+    degree: int  # 0: complete graph
+    entries: list[list[Any]]  # [site_id, c_pk, s_pk, signature]
+
+    def validate(self) -> None:
+        _int(self.round, "round", lo=1)
+        _int(self.attempt, "attempt", lo=1, hi=1 << 16)
+        _ids(self.advertised, "advertised")
+        _int(self.threshold, "threshold", lo=1, hi=1 << 16)
+        _int(self.degree, "degree", hi=1 << 16)
+        _require(isinstance(self.entries, list) and len(self.entries) <= 1 << 16, "entries must be a list")
+        for e in self.entries:
+            _require(isinstance(e, list | tuple) and len(e) == 4, "entries are [id, c_pk, s_pk, signature]")
+            _int(e[0], "entries[].id", hi=1 << 31)
+            _bytes(e[1], "entries[].c_pk", size=32)
+            _bytes(e[2], "entries[].s_pk", size=32)
+            _bytes(e[3], "entries[].signature", size=64)
+
+
+@dataclass(frozen=True, slots=True)
+class ShareKeys(Message):
+    """Encrypted Shamir shares of b_u and s_sk_u, one ciphertext per neighbour (coordinator routes)."""
+
+    TAG: ClassVar[int] = 53
+    round: int
+    attempt: int
+    shares: list[list[Any]]  # [recipient_id, ciphertext]
+
+    def validate(self) -> None:
+        _int(self.round, "round", lo=1)
+        _int(self.attempt, "attempt", lo=1, hi=1 << 16)
+        _id_bytes(self.shares, "shares")
+
+
+@dataclass(frozen=True, slots=True)
+class ShareDelivery(Message):
+    TAG: ClassVar[int] = 54
+    round: int
+    attempt: int
+    shares: list[list[Any]]  # [sender_id, ciphertext]
+
+    def validate(self) -> None:
+        _int(self.round, "round", lo=1)
+        _int(self.attempt, "attempt", lo=1, hi=1 << 16)
+        _id_bytes(self.shares, "shares")
+
+
+@dataclass(frozen=True, slots=True)
+class MaskedInput(Message):
+    """The quantised, weighted update plus sample count, masked: uniform-looking ring elements."""
+
+    TAG: ClassVar[int] = 55
+    TENSOR_FIELDS: ClassVar[tuple[str, ...]] = ("vector",)
+    round: int
+    attempt: int
+    vector: Params = field(repr=False)
+
+    def validate(self) -> None:
+        _int(self.round, "round", lo=1)
+        _int(self.attempt, "attempt", lo=1, hi=1 << 16)
+        _params(self.vector, "vector")
+        _require(set(self.vector) == {"y"}, "vector holds exactly one tensor, 'y'")
+        y = self.vector["y"]
+        _require(y.ndim == 1 and y.dtype.str in ("<u4", "<u8"), "vector y is a 1-d uint32 or uint64 array")
+
+
+@dataclass(frozen=True, slots=True)
+class ConsistencyCheck(Message):
+    TAG: ClassVar[int] = 56
+    round: int
+    attempt: int
+    survivors: list[int]
+
+    def validate(self) -> None:
+        _int(self.round, "round", lo=1)
+        _int(self.attempt, "attempt", lo=1, hi=1 << 16)
+        _ids(self.survivors, "survivors")
+
+
+@dataclass(frozen=True, slots=True)
+class ConsistencySig(Message):
+    TAG: ClassVar[int] = 57
+    round: int
+    attempt: int
+    signature: bytes
+
+    def validate(self) -> None:
+        _int(self.round, "round", lo=1)
+        _int(self.attempt, "attempt", lo=1, hi=1 << 16)
+        _bytes(self.signature, "signature", size=64)
+
+
+@dataclass(frozen=True, slots=True)
+class UnmaskRequest(Message):
+    TAG: ClassVar[int] = 58
+    round: int
+    attempt: int
+    survivors: list[int]
+    dropped: list[int]
+    signatures: list[list[Any]]  # [site_id, signature over the survivor list]
+
+    def validate(self) -> None:
+        _int(self.round, "round", lo=1)
+        _int(self.attempt, "attempt", lo=1, hi=1 << 16)
+        _ids(self.survivors, "survivors")
+        _ids(self.dropped, "dropped")
+        _id_bytes(self.signatures, "signatures", size=64)
+
+
+@dataclass(frozen=True, slots=True)
+class UnmaskResponse(Message):
+    """For each neighbour: its b share if it survived, its masking-key share if it dropped. Never both."""
+
+    TAG: ClassVar[int] = 59
+    round: int
+    attempt: int
+    b_shares: list[list[Any]]  # [owner_id, share]
+    s_shares: list[list[Any]]
+
+    def validate(self) -> None:
+        _int(self.round, "round", lo=1)
+        _int(self.attempt, "attempt", lo=1, hi=1 << 16)
+        _id_bytes(self.b_shares, "b_shares", size=68)
+        _id_bytes(self.s_shares, "s_shares", size=68)
+        owners_b = {o for o, _ in self.b_shares}
+        _require(not owners_b & {o for o, _ in self.s_shares}, "a peer appears in both share lists")
+
+
 MESSAGE_TYPES: dict[int, type[Message]] = {}
 
 
@@ -337,5 +543,15 @@ for _cls in (
     EvaluateRes,
     RoundAborted,
     Shutdown,
+    SecAggStart,
+    AdvertiseKeys,
+    KeyRoster,
+    ShareKeys,
+    ShareDelivery,
+    MaskedInput,
+    ConsistencyCheck,
+    ConsistencySig,
+    UnmaskRequest,
+    UnmaskResponse,
 ):
     register(_cls)

@@ -1,0 +1,51 @@
+"""Who shares with whom: the complete graph (Bonawitz et al. 2017) or a sparse SecAgg+ graph.
+
+SecAgg+ (Bell et al. 2020) replaces the complete graph by a random regular graph chosen from a
+public seed, so each site does O(log n) key agreements, shares and masks instead of O(n).  We use
+the Harary-style construction of that paper: sites ordered by ``BLAKE2b(seed || id)`` on a ring,
+each joined to the ``k/2`` nearest on either side (for odd ``k`` with an even count, also to the
+diametrically opposite site).  The seed is derived, never chosen: ``BLAKE2b(run_id, round,
+attempt, sorted participants)``, so both sides compute the same graph.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from ..wire.crypto import blake2b
+
+__all__ = ["graph_seed", "neighbours"]
+
+
+def graph_seed(run_id: str, rnd: int, attempt: int, participants: list[int]) -> bytes:
+    body = run_id.encode() + struct.pack(">III", rnd, attempt, len(participants))
+    body += b"".join(struct.pack(">I", p) for p in sorted(participants))
+    return blake2b(body, person=b"asagiri-graph")
+
+
+def neighbours(participants: list[int], degree: int | None, seed: bytes) -> dict[int, list[int]]:
+    """Each participant's neighbours (never itself). ``degree`` None means the complete graph."""
+    ids = sorted(set(participants))
+    n = len(ids)
+    if degree is None or degree >= n - 1:
+        return {u: [v for v in ids if v != u] for u in ids}
+    if degree < 1:
+        raise ValueError("degree must be at least 1")
+    ring = sorted(ids, key=lambda u: blake2b(seed + struct.pack(">I", u), person=b"asagiri-ring"))
+    pos = {u: i for i, u in enumerate(ring)}
+    half = degree // 2
+    out: dict[int, set[int]] = {u: set() for u in ids}
+    for u in ids:
+        i = pos[u]
+        for off in range(1, half + 1):
+            for j in (i + off, i - off):
+                v = ring[j % n]
+                if v != u:
+                    out[u].add(v)
+                    out[v].add(u)
+        if degree % 2 == 1:
+            v = ring[(i + n // 2) % n]
+            if v != u:
+                out[u].add(v)
+                out[v].add(u)
+    return {u: sorted(vs) for u, vs in out.items()}

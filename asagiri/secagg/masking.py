@@ -1,0 +1,52 @@
+"""Adding and removing masks: pure functions over ring arrays, with pinned seeds for vectors.
+
+A site ``u`` sends ``y_u = x_u + PRG(b_u) + sum_{v in N(u)} sign(u, v) * PRG(s_uv)`` (mod 2**bits),
+with ``sign(u, v) = +1`` if ``u < v`` else ``-1``, so each pairwise mask cancels between two
+survivors.  ``s_uv`` is a KDF of the X25519 agreement between the two sites' masking keys and the
+round context; ``b_u`` is a fresh random seed.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+
+from ..wire.crypto import EphemeralKey, blake2b
+from .prg import expand_into
+
+__all__ = ["add_masks", "pair_seed", "round_context", "sign"]
+
+
+def round_context(run_id: str, rnd: int, attempt: int) -> bytes:
+    return run_id.encode() + b"\0" + struct.pack(">II", rnd, attempt)
+
+
+def sign(u: int, v: int) -> int:
+    return 1 if u < v else -1
+
+
+def pair_seed(my_key: EphemeralKey, peer_public: bytes, u: int, v: int, ctx: bytes) -> bytes:
+    """s_uv: identical for (u, v) and (v, u); bound to the round so a replay cannot reuse it."""
+    lo, hi = min(u, v), max(u, v)
+    return blake2b(my_key.agree(peer_public) + ctx + struct.pack(">II", lo, hi), person=b"asagiri-pair")
+
+
+def add_masks(
+    vector: np.ndarray, self_seed: bytes | None, pair_seeds: list[tuple[int, bytes]], *, scratch: np.ndarray | None = None
+) -> np.ndarray:
+    """In place: ``vector += PRG(self_seed) + sum(sign * PRG(seed))``; ``sign`` is +1 or -1.
+
+    The unmasking side calls it with negated signs (and ``self_seed`` turned into a pair entry with
+    sign -1) to remove masks.  One scratch buffer serves every expansion.
+    """
+    buf = scratch if scratch is not None else np.empty_like(vector)
+    if self_seed is not None:
+        vector += expand_into(self_seed, buf)
+    for s, seed in pair_seeds:
+        expand_into(seed, buf)
+        if s > 0:
+            vector += buf
+        else:
+            vector -= buf
+    return vector

@@ -1,0 +1,98 @@
+"""Fixed-point quantisation into the ring Z_(2**bits), sized so that the sum can never wrap.
+
+Each site clips its update ``delta`` to ``[-clip, clip]`` per coordinate, multiplies by its sample
+count ``n`` and by ``scale``, rounds stochastically (unbiased) and appends ``n`` itself.  With at
+most ``max_sites`` sites of at most ``max_samples`` samples each, every coordinate of the true sum
+satisfies ``|sum| <= max_sites * (max_samples * clip * scale + 1) < 2**(bits-1)``, and so does the
+count; :meth:`QuantPlan.plan` picks the largest power-of-two ``scale`` for which that holds, and
+refuses a configuration where none does.  The sum is then exact in two's complement, and the
+dequantised weighted sum differs from the float sum by less than ``sites / scale`` per coordinate
+(each site's rounding error is below ``1 / scale``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from .prg import expand_into
+
+__all__ = ["QuantPlan", "QuantisationError", "dequantize", "quantize"]
+
+
+class QuantisationError(ValueError):
+    """The configuration could overflow the ring, or an input is out of its declared range."""
+
+
+@dataclass(frozen=True)
+class QuantPlan:
+    bits: int
+    clip: float
+    scale: float
+    max_samples: int
+    max_sites: int
+
+    @classmethod
+    def plan(cls, *, bits: int, clip: float, max_samples: int, max_sites: int) -> QuantPlan:
+        if bits not in (32, 64):
+            raise QuantisationError(f"secagg.bits={bits}: must be 32 or 64")
+        if clip <= 0 or max_samples < 1 or max_sites < 1:
+            raise QuantisationError("secagg: clip, max_samples_per_site and the site count must be positive")
+        budget = 2 ** (bits - 1) - 1
+        if max_sites * max_samples > budget:
+            raise QuantisationError(
+                f"secagg: {max_sites} sites x {max_samples} samples cannot be counted in {bits} bits"
+            )
+        raw = (budget / max_sites - 1) / (max_samples * clip)
+        if raw < 1:
+            raise QuantisationError(
+                f"secagg: {max_sites} sites x {max_samples} samples x clip {clip} overflow {bits}-bit "
+                f"masks (scale would be {raw:.3g} < 1); use bits: 64, a smaller clip or max_samples_per_site"
+            )
+        scale = float(2 ** math.floor(math.log2(raw)))
+        return cls(bits=bits, clip=clip, scale=scale, max_samples=max_samples, max_sites=max_sites)
+
+    @property
+    def dtype(self) -> type:
+        return np.uint32 if self.bits == 32 else np.uint64
+
+    @property
+    def signed(self) -> type:
+        return np.int32 if self.bits == 32 else np.int64
+
+    def error_bound(self, sites: int) -> float:
+        """Largest possible |dequantised - float| per coordinate of the weighted sum (pre-clipping)."""
+        return sites / self.scale
+
+    def to_dict(self) -> dict[str, float | int]:
+        return asdict(self)
+
+
+def quantize(delta: np.ndarray, num_samples: int, plan: QuantPlan, *, noise_seed: bytes) -> tuple[np.ndarray, int]:
+    """``round(n * clip(delta) * scale)`` with unbiased stochastic rounding, then ``n``; and the clipped count.
+
+    The rounding noise comes from the PRG under ``noise_seed`` (a fresh CSPRNG seed per round).
+    """
+    if not 1 <= num_samples <= plan.max_samples:
+        raise QuantisationError(f"num_samples={num_samples} outside 1..{plan.max_samples}")
+    d = delta.size
+    x = np.asarray(delta, dtype=np.float64).reshape(-1)
+    clipped = int(np.count_nonzero(np.abs(x) > plan.clip))
+    np.clip(x, -plan.clip, plan.clip, out=x)
+    x *= num_samples * plan.scale
+    noise = expand_into(noise_seed, np.empty(d, dtype=np.uint32))
+    x += noise * (1.0 / 2**32)  # uniform in [0, 1): floor(x + u) is unbiased
+    np.floor(x, out=x)
+    out = np.empty(d + 1, dtype=plan.dtype)
+    out[:d] = x.astype(plan.signed).view(plan.dtype) if plan.bits == 64 else x.astype(np.int64).astype(plan.dtype)
+    out[d] = num_samples
+    return out, clipped
+
+
+def dequantize(total: np.ndarray, plan: QuantPlan) -> tuple[np.ndarray, int]:
+    """The float weighted sum and the total sample count from an unmasked ring sum."""
+    signed = total.view(plan.signed)
+    count = int(signed[-1])
+    return signed[:-1].astype(np.float64) / plan.scale, count

@@ -1,0 +1,341 @@
+"""The coordinator's side of secure aggregation: a sans-IO state machine.
+
+Stages, each closed when every expected site answered, was lost, or the stage timed out::
+
+    ADVERTISE --U1--> SHARE --U2--> MASKED_INPUT --U3--> CONSISTENCY --U4--> UNMASK --> DONE
+                                         any U_i below min_clients --> ABORTED (nothing unmasked)
+
+Masked inputs are added into one running ring sum as they arrive (memory O(d), not O(n d)).
+Unmasking removes each survivor's self mask (b_u rebuilt from t shares) and, for each site that
+shared keys but sent no input, the pairwise masks it left behind in its surviving neighbours'
+inputs (its masking key rebuilt from t shares and checked against its advertised public key).
+The machine sees only the sum; it never asks a site for two kinds of share of one peer, and the
+sites enforce that anyway (``client.py``).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..wire.crypto import AuthenticationFailed, EphemeralKey, PublicIdentity
+from ..wire.messages import (
+    AdvertiseKeys,
+    ConsistencyCheck,
+    ConsistencySig,
+    KeyRoster,
+    MaskedInput,
+    Message,
+    SecAggStart,
+    ShareDelivery,
+    ShareKeys,
+    UnmaskRequest,
+    UnmaskResponse,
+)
+from . import shamir
+from .client import keys_message, survivors_message
+from .graph import graph_seed, neighbours
+from .masking import add_masks, pair_seed, round_context, sign
+from .quantize import QuantPlan
+
+__all__ = ["SecAggViolation", "ServerStage", "ServerStateMachine"]
+
+
+class SecAggViolation(Exception):
+    def __init__(self, site: int, reason: str) -> None:
+        super().__init__(f"site {site}: {reason}")
+        self.site = site
+        self.reason = reason
+
+
+class ServerStage(enum.Enum):
+    ADVERTISE = "advertise"
+    SHARE = "share"
+    MASKED_INPUT = "masked_input"
+    CONSISTENCY = "consistency"
+    UNMASK = "unmask"
+    DONE = "done"
+    ABORTED = "aborted"
+
+
+_EXPECTED = {
+    ServerStage.ADVERTISE: AdvertiseKeys,
+    ServerStage.SHARE: ShareKeys,
+    ServerStage.MASKED_INPUT: MaskedInput,
+    ServerStage.CONSISTENCY: ConsistencySig,
+    ServerStage.UNMASK: UnmaskResponse,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Out:
+    site: int
+    msg: Message
+
+
+@dataclass
+class _Keys:
+    c_pk: bytes
+    s_pk: bytes
+    signature: bytes
+
+
+@dataclass
+class SecAggResult:
+    total: np.ndarray
+    survivors: list[int]
+    dropped: list[int]
+    stage_sites: dict[str, list[int]] = field(default_factory=dict)
+
+
+class ServerStateMachine:
+    def __init__(
+        self,
+        *,
+        run_id: str,
+        rnd: int,
+        attempt: int,
+        participants: list[int],
+        min_clients: int,
+        plan: QuantPlan,
+        vector_len: int,
+        identities: dict[int, PublicIdentity],
+        degree: int | None = None,
+        threshold: int | None = None,
+    ) -> None:
+        self.run_id, self.round, self.attempt = run_id, rnd, attempt
+        self.participants = sorted(participants)
+        self.min_clients = min_clients
+        self.plan = plan
+        self.vector_len = vector_len
+        self.identities = identities
+        self.degree = degree
+        self.threshold_cfg = threshold
+        self.stage = ServerStage.ADVERTISE
+        self.ctx = round_context(run_id, rnd, attempt)
+        self._waiting: set[int] = set(self.participants)
+        self._answered: set[int] = set()  # who answered in the current stage
+        self._lost: set[int] = set()
+        self.keys: dict[int, _Keys] = {}
+        self.nbrs: dict[int, list[int]] = {}
+        self.threshold = 0
+        self._outbox: dict[int, list[list]] = {}
+        self.delivered_from: dict[int, list[int]] = {}
+        self.sum = np.zeros(vector_len, dtype=plan.dtype)
+        self.u2: list[int] = []
+        self.u3: list[int] = []
+        self.u4: list[int] = []
+        self._sigs: dict[int, bytes] = {}
+        self._b_shares: dict[int, dict[int, tuple[int, int]]] = {}
+        self._s_shares: dict[int, dict[int, tuple[int, int]]] = {}
+        self.result: SecAggResult | None = None
+        self.abort_reason: str | None = None
+        self.stage_sites: dict[str, list[int]] = {}
+
+    @property
+    def finished(self) -> bool:
+        return self.stage in (ServerStage.DONE, ServerStage.ABORTED)
+
+    def start(self) -> list[Out]:
+        msg = SecAggStart(self.round, self.attempt, self.participants, self.vector_len, self.plan.to_dict())
+        return [Out(s, msg) for s in self.participants]
+
+    # -- events ----------------------------------------------------------------------------------
+
+    def receive(self, site: int, msg: Message) -> list[Out]:
+        if (msg.round, msg.attempt) != (self.round, self.attempt):  # type: ignore[attr-defined]
+            if (msg.round, msg.attempt) < (self.round, self.attempt):  # type: ignore[attr-defined]
+                return []
+            raise SecAggViolation(site, "secure-aggregation message for a round never started")
+        if site in self._lost:
+            return []  # dropped earlier (timeout or disconnect): its late words change nothing
+        expected = _EXPECTED.get(self.stage)
+        if expected is None or not isinstance(msg, expected):
+            raise SecAggViolation(site, f"{type(msg).__name__} out of stage ({self.stage.value})")
+        if site not in self._waiting:
+            raise SecAggViolation(site, f"second or unasked-for {type(msg).__name__}")
+        handler = {
+            ServerStage.ADVERTISE: self._on_keys,
+            ServerStage.SHARE: self._on_shares,
+            ServerStage.MASKED_INPUT: self._on_masked,
+            ServerStage.CONSISTENCY: self._on_sig,
+            ServerStage.UNMASK: self._on_unmask,
+        }[self.stage]
+        handler(site, msg)
+        self._waiting.discard(site)
+        self._answered.add(site)
+        return self._maybe_advance()
+
+    def site_lost(self, site: int) -> list[Out]:
+        self._lost.add(site)
+        if site in self._waiting:
+            self._waiting.discard(site)
+            return self._maybe_advance()
+        return []
+
+    def stage_timed_out(self) -> list[Out]:
+        """Whoever has not answered in this stage is treated as dropped from here on."""
+        if self.finished:
+            return []
+        self._lost |= self._waiting
+        self._waiting.clear()
+        return self._maybe_advance()
+
+    # -- handlers (validate, then record) ---------------------------------------------------------
+
+    def _on_keys(self, site: int, msg: AdvertiseKeys) -> None:
+        ident = self.identities.get(site)
+        if ident is None:
+            raise SecAggViolation(site, "no identity key on record")
+        try:
+            ident.verify(keys_message(self.run_id, self.round, self.attempt, site, msg.c_pk, msg.s_pk), msg.signature)
+        except AuthenticationFailed:
+            raise SecAggViolation(site, "key advertisement signature does not verify") from None
+        self.keys[site] = _Keys(msg.c_pk, msg.s_pk, msg.signature)
+
+    def _on_shares(self, site: int, msg: ShareKeys) -> None:
+        recipients = {r for r, _ in msg.shares}
+        if recipients != set(self.nbrs[site]):
+            raise SecAggViolation(site, "shares are not addressed to exactly its neighbours")
+        for recipient, ct in msg.shares:
+            self._outbox.setdefault(recipient, []).append([site, ct])
+
+    def _on_masked(self, site: int, msg: MaskedInput) -> None:
+        y = msg.vector["y"]
+        if y.shape != (self.vector_len,) or y.dtype != self.plan.dtype:
+            raise SecAggViolation(site, f"masked input of shape {y.shape} {y.dtype}")
+        self.sum += y  # wraps mod 2**bits, as the protocol needs
+
+    def _on_sig(self, site: int, msg: ConsistencySig) -> None:
+        try:
+            self.identities[site].verify(
+                survivors_message(self.run_id, self.round, self.attempt, self.u3), msg.signature
+            )
+        except AuthenticationFailed:
+            raise SecAggViolation(site, "survivor-list signature does not verify") from None
+        self._sigs[site] = msg.signature
+
+    def _on_unmask(self, site: int, msg: UnmaskResponse) -> None:
+        dropped = set(self.u2) - set(self.u3)
+        for owner, raw in msg.b_shares:
+            if owner not in self.u3 or site not in self._group(owner):
+                raise SecAggViolation(site, f"b share of site {owner} it should not hold or reveal")
+            self._b_shares.setdefault(owner, {})[site] = _decode(site, raw)
+        for owner, raw in msg.s_shares:
+            if owner not in dropped or site not in self._group(owner):
+                raise SecAggViolation(site, f"key share of site {owner} it should not hold or reveal")
+            self._s_shares.setdefault(owner, {})[site] = _decode(site, raw)
+
+    def _group(self, owner: int) -> list[int]:
+        return [owner, *self.nbrs.get(owner, [])]
+
+    # -- stage transitions -----------------------------------------------------------------------
+
+    def _abort(self, reason: str) -> list[Out]:
+        self.stage = ServerStage.ABORTED
+        self.abort_reason = reason
+        self.sum = np.zeros(0, dtype=self.plan.dtype)  # nothing of the masked sum outlives an abort
+        return []
+
+    def _alive(self, sites: list[int] | set[int]) -> list[int]:
+        return sorted(s for s in sites if s not in self._lost)
+
+    def _maybe_advance(self) -> list[Out]:
+        if self._waiting or self.finished:
+            return []
+        answered, self._answered = sorted(self._answered), set()
+        if self.stage is ServerStage.ADVERTISE:
+            u1 = answered
+            self.stage_sites["advertised"] = u1
+            if len(u1) < self.min_clients:
+                return self._abort(f"{len(u1)} sites advertised keys, fewer than min_clients={self.min_clients}")
+            self.nbrs = neighbours(u1, self.degree, graph_seed(self.run_id, self.round, self.attempt, u1))
+            group = 1 + (len(u1) - 1 if self.degree is None else min(self.degree, len(u1) - 1))
+            default_t = group // 2 + 1
+            self.threshold = min(group, max(default_t, self.threshold_cfg or default_t))
+            out = []
+            for u in u1:
+                entries = [[v, self.keys[v].c_pk, self.keys[v].s_pk, self.keys[v].signature] for v in self.nbrs[u]]
+                out.append(Out(u, KeyRoster(self.round, self.attempt, u1, self.threshold, self.degree or 0, entries)))
+            self.stage = ServerStage.SHARE
+            self._waiting = set(self._alive(u1))
+            return out
+        if self.stage is ServerStage.SHARE:
+            self.u2 = self._alive(answered)
+            self.stage_sites["shared"] = self.u2
+            if len(self.u2) < self.min_clients:
+                return self._abort(f"{len(self.u2)} sites shared keys, fewer than min_clients={self.min_clients}")
+            out = []
+            u2 = set(self.u2)
+            for u in self.u2:
+                items = [it for it in self._outbox.get(u, []) if it[0] in u2]
+                self.delivered_from[u] = sorted(it[0] for it in items)
+                out.append(Out(u, ShareDelivery(self.round, self.attempt, items)))
+            self._outbox = {}
+            self.stage = ServerStage.MASKED_INPUT
+            self._waiting = set(self.u2)
+            return out
+        if self.stage is ServerStage.MASKED_INPUT:
+            self.u3 = answered
+            self.stage_sites["masked"] = self.u3
+            if len(self.u3) < self.min_clients:
+                return self._abort(
+                    f"{len(self.u3)} masked inputs, fewer than min_clients={self.min_clients}; nothing unmasked"
+                )
+            self.stage = ServerStage.CONSISTENCY
+            self._waiting = set(self.u3)
+            return [Out(u, ConsistencyCheck(self.round, self.attempt, self.u3)) for u in self.u3]
+        if self.stage is ServerStage.CONSISTENCY:
+            self.u4 = answered
+            self.stage_sites["signed"] = self.u4
+            if len(self.u4) < self.min_clients:
+                return self._abort(f"{len(self.u4)} survivor signatures, fewer than min_clients={self.min_clients}")
+            dropped = sorted(set(self.u2) - set(self.u3))
+            sigs = [[s, self._sigs[s]] for s in self.u4]
+            self.stage = ServerStage.UNMASK
+            self._waiting = set(self.u4)
+            return [Out(u, UnmaskRequest(self.round, self.attempt, self.u3, dropped, sigs)) for u in self.u4]
+        if self.stage is ServerStage.UNMASK:
+            return self._finish()
+        return []
+
+    def _finish(self) -> list[Out]:
+        t = self.threshold
+        total = self.sum
+        scratch = np.empty_like(total)
+        removals: list[tuple[int, bytes]] = []
+        for u in self.u3:
+            shares = list(self._b_shares.get(u, {}).values())
+            if len(shares) < t:
+                return self._abort(f"only {len(shares)} shares of site {u}'s mask seed, {t} needed")
+            removals.append((-1, shamir.reconstruct(shares, t)))
+        survivors = set(self.u3)
+        for v in sorted(set(self.u2) - survivors):
+            shares = list(self._s_shares.get(v, {}).values())
+            if len(shares) < t:
+                return self._abort(f"only {len(shares)} shares of dropped site {v}'s key, {t} needed")
+            try:
+                secret = shamir.reconstruct(shares, t)
+            except ValueError:
+                return self._abort(f"inconsistent key shares for dropped site {v}")
+            key = EphemeralKey.from_secret(secret)
+            if key.public != self.keys[v].s_pk:
+                return self._abort(f"reconstructed key of dropped site {v} does not match its advertisement")
+            for u in self.nbrs[v]:
+                # u masked with v iff v's shares were delivered to u (v in U2 ∩ N(u)).
+                if u in survivors and v in self.delivered_from.get(u, []):
+                    removals.append((-sign(u, v), pair_seed(key, self.keys[u].s_pk, u, v, self.ctx)))
+        # Self masks are removed like pair masks with sign -1 (PRG(b_u) was added).
+        add_masks(total, None, removals, scratch=scratch)
+        self.stage = ServerStage.DONE
+        self.result = SecAggResult(total, list(self.u3), sorted(set(self.participants) - survivors), self.stage_sites)
+        return []
+
+
+def _decode(site: int, raw: bytes) -> tuple[int, int]:
+    try:
+        return shamir.decode_share(raw)
+    except ValueError:
+        raise SecAggViolation(site, "malformed share") from None

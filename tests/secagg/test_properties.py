@@ -1,0 +1,93 @@
+"""Hypothesis properties of the whole protocol, run in-process through the harness."""
+
+import numpy as np
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from scipy.stats import chisquare
+
+from asagiri.secagg.quantize import dequantize
+from asagiri.secagg.server import ServerStage
+
+from .harness import STAGES, Federation, masked_vectors
+
+SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@st.composite
+def scenarios(draw):
+    n = draw(st.integers(2, 30))
+    sparse = n >= 5 and draw(st.booleans())
+    degree = draw(st.integers(2, min(8, n - 2))) if sparse else None
+    group = 1 + (n - 1 if degree is None else min(degree, n - 1))
+    threshold = draw(st.integers(group // 2 + 1, group))
+    k = draw(st.integers(2, max(2, n // 2)))
+    # Dropouts the protocol must tolerate: every group keeps >= threshold members alive at
+    # unmasking, and >= k survive to masked input. Draw a set, then check tolerance.
+    dropped = draw(st.sets(st.sampled_from(range(1, n + 1)), max_size=max(0, min(n - k, group - threshold))))
+    at = {s: draw(st.sampled_from(STAGES)) for s in dropped}
+    dim = draw(st.integers(1, 40))
+    return n, degree, threshold, k, at, dim
+
+
+def drops_by_stage(at):
+    out: dict[str, set[int]] = {}
+    for site, stage in at.items():
+        out.setdefault(stage, set()).add(site)
+    return out
+
+
+@SETTINGS
+@given(scenarios(), st.integers(0, 2**32 - 1))
+def test_masks_cancel_exactly(scenario, seed):
+    n, degree, threshold, k, at, dim = scenario
+    fed = Federation(n, dim=dim, degree=degree, threshold=threshold, min_clients=k)
+    rng = np.random.default_rng(seed)
+    ring = {i: rng.integers(0, 2**32, size=dim + 1, dtype=np.uint64).astype(np.uint32) for i in fed.ids}
+    server = fed.run(ring, drops_by_stage(at))
+    assert fed.refusals == {}
+    # The drawn dropouts are within tolerance, so the round must complete.
+    assert server.stage is ServerStage.DONE, server.abort_reason
+    survivors = server.result.survivors
+    expected = np.zeros(dim + 1, dtype=np.uint32)
+    for s in survivors:
+        expected += ring[s]
+    assert np.array_equal(server.result.total, expected)
+    assert set(survivors) >= set(fed.ids) - set(at)
+
+
+@SETTINGS
+@given(scenarios(), st.integers(0, 2**32 - 1), st.sampled_from([32, 64]))
+def test_dequantised_sum_within_documented_error(scenario, seed, bits):
+    n, degree, threshold, k, at, dim = scenario
+    fed = Federation(n, dim=dim, degree=degree, threshold=threshold, min_clients=k, bits=bits, clip=1.0)
+    rng = np.random.default_rng(seed)
+    inputs = {i: (rng.uniform(-1.5, 1.5, dim).astype(np.float32), int(rng.integers(1, 1001))) for i in fed.ids}
+    server = fed.run(inputs, drops_by_stage(at))
+    assert server.stage is ServerStage.DONE, server.abort_reason
+    survivors = server.result.survivors
+    weighted, count = dequantize(server.result.total, fed.plan)
+    assert count == sum(inputs[s][1] for s in survivors)
+    exact = sum(np.clip(inputs[s][0].astype(np.float64), -1, 1) * inputs[s][1] for s in survivors)
+    assert np.max(np.abs(weighted - exact)) <= fed.plan.error_bound(len(survivors))
+
+
+def test_below_k_at_masked_input_aborts_and_unmasks_nothing():
+    fed = Federation(5, dim=10, min_clients=4)
+    ring = {i: np.full(11, i, dtype=np.uint32) for i in fed.ids}
+    server = fed.run(ring, {"masked_input": {1, 2}})
+    assert server.stage is ServerStage.ABORTED and server.result is None
+    assert "fewer than min_clients=4" in server.abort_reason
+    # no site was ever asked to reveal a share
+    assert not any(type(m).__name__ == "UnmaskResponse" for _, m in fed.sent)
+
+
+def test_single_masked_vector_looks_uniform():
+    """Chi-square on the top 4 bits of a masked all-zero input: a sanity check, not a proof."""
+    dim = 200_000
+    fed = Federation(3, dim=dim)
+    fed.run({i: np.zeros(dim + 1, dtype=np.uint32) for i in fed.ids})
+    y = masked_vectors(fed)[1]
+    counts = np.bincount(y >> 28, minlength=16)
+    assert chisquare(counts).pvalue > 1e-4
+    low = np.bincount(y & 0xF, minlength=16)
+    assert chisquare(low).pvalue > 1e-4
