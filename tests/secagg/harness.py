@@ -39,6 +39,22 @@ class Federation:
     def stage(self) -> ServerStage:
         return self.server.stage
 
+    def advance(self, inputs, until: ServerStage) -> list:
+        """Deliver honestly until the server enters ``until``; returns its undelivered messages."""
+        queue = list(self.server.start())
+        pending = dict(inputs)
+        while queue and self.server.stage is not until:
+            out = queue.pop(0)
+            client = self.clients[out.site]
+            replies = client.receive(out.msg)
+            if out.site in pending and client.stage.value == "ready":
+                replies += client.set_quantized(pending.pop(out.site))
+            for reply in replies:
+                self.sent.append((out.site, reply))
+                queue += self.server.receive(out.site, reply)
+        assert self.server.stage is until, self.server.stage
+        return queue
+
     def run(self, inputs: dict[int, np.ndarray | tuple[np.ndarray, int]], drops: dict[str, set[int]] | None = None):
         """Run the protocol to the end. ``inputs``: a ring vector, or (float update, sample count).
 
