@@ -276,13 +276,14 @@ class ClientStateMachine:
         if self.stage is not ClientStage.READY or r.input is None:
             return []
         delta, n = r.input
+        masks = [(1, r.b_seed)] + [
+            (sign(self.site_id, v), pair_seed(r.s, r.peer_keys[v][1], self.site_id, v, r.ctx)) for v in r.shared_with
+        ]
         if n == -1:  # set_quantized: already a ring vector
-            q = delta
+            q = add_masks(delta, None, masks)
         else:
-            q, self.clipped = quantize(delta, min(n, r.plan.max_samples), r.plan, noise_seed=self._random(32))
-        pairs = [(sign(self.site_id, v), pair_seed(r.s, r.peer_keys[v][1], self.site_id, v, r.ctx))
-                 for v in r.shared_with]
-        add_masks(q, r.b_seed, pairs)
+            n = min(n, r.plan.max_samples)
+            q, self.clipped = quantize(delta, n, r.plan, noise_seed=self._random(32), masks=masks)
         r.input = None
         self.stage = ClientStage.MASKED
         return [MaskedInput(r.rnd, r.attempt, {"y": q})]

@@ -13,7 +13,7 @@ import struct
 import numpy as np
 
 from ..wire.crypto import EphemeralKey, blake2b
-from .prg import expand_into
+from .prg import BLOCK, stream
 
 __all__ = ["add_masks", "pair_seed", "round_context", "sign"]
 
@@ -37,16 +37,24 @@ def add_masks(
 ) -> np.ndarray:
     """In place: ``vector += PRG(self_seed) + sum(sign * PRG(seed))``; ``sign`` is +1 or -1.
 
-    The unmasking side calls it with negated signs (and ``self_seed`` turned into a pair entry with
-    sign -1) to remove masks.  One scratch buffer serves every expansion.
+    The unmasking side passes negated signs (a self mask being removed is an entry with sign -1).
+    Every stream is consumed block by block into one small buffer, so masking a vector of any
+    size allocates nothing large and stays in cache.
     """
-    buf = scratch if scratch is not None else np.empty_like(vector)
-    if self_seed is not None:
-        vector += expand_into(self_seed, buf)
-    for s, seed in pair_seeds:
-        expand_into(seed, buf)
-        if s > 0:
-            vector += buf
-        else:
-            vector -= buf
+    entries = ([(1, self_seed)] if self_seed is not None else []) + list(pair_seeds)
+    streams = [(s, stream(seed)) for s, seed in entries]
+    if not streams:
+        return vector
+    flat = vector.reshape(-1)
+    b = min(BLOCK, flat.size)
+    buf = scratch[:b] if scratch is not None and scratch.size >= b else np.empty(b, dtype=flat.dtype)
+    for start in range(0, flat.size, b):
+        block = flat[start : start + b]
+        k = buf[: block.size]
+        for s, ks in streams:
+            ks.fill(memoryview(k))
+            if s > 0:
+                block += k
+            else:
+                block -= k
     return vector

@@ -11,19 +11,28 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..wire.crypto import blake2b, chacha20_keystream_into
+from ..wire.crypto import Keystream, blake2b
 
-__all__ = ["expand", "expand_into", "prg_key"]
+__all__ = ["BLOCK", "expand", "expand_into", "prg_key", "stream"]
+
+# Elements processed per step by the block-wise quantiser and masker: small enough to stay in
+# cache, large enough that per-call overhead is noise.
+BLOCK = 1 << 17
 
 
 def prg_key(seed: bytes) -> bytes:
     return blake2b(seed, person=b"asagiri-prg")
 
 
+def stream(seed: bytes) -> Keystream:
+    """The PRG of ``seed`` as a resumable stream (element i is bytes [w*i, w*(i+1)) little-endian)."""
+    return Keystream(prg_key(seed))
+
+
 def expand_into(seed: bytes, out: np.ndarray) -> np.ndarray:
     if out.dtype not in (np.uint32, np.uint64) or not out.flags.c_contiguous:
         raise ValueError("masks are C-contiguous uint32 or uint64 arrays")
-    chacha20_keystream_into(prg_key(seed), memoryview(out.reshape(-1).view(np.uint8)))
+    stream(seed).fill(memoryview(out.reshape(-1).view(np.uint8)))
     return out
 
 

@@ -33,6 +33,7 @@ __all__ = [
     "Identity",
     "PublicIdentity",
     "SessionKeys",
+    "Keystream",
     "StreamCipher",
     "blake2b",
     "chacha20_keystream_into",
@@ -250,27 +251,42 @@ def sodium_chacha20poly1305_seal(key: bytes, counter: int, plaintext: bytes, aad
 SODIUM_DRG_NONCE = b"LibsodiumDRG"
 
 
-def chacha20_keystream_into(key: bytes, out: memoryview, *, nonce: bytes = SODIUM_DRG_NONCE) -> None:
-    """Fill ``out`` with the ChaCha20 keystream for ``key`` (IETF, block counter from 0).
+class Keystream:
+    """A resumable ChaCha20-IETF keystream: successive ``fill`` calls continue where the last ended.
 
-    With the default nonce the bytes equal libsodium's ``randombytes_buf_deterministic``
-    (ChaCha20-IETF with the fixed nonce "LibsodiumDRG"), at several times its speed because the
-    output lands in the caller's buffer; ``protocol/vectors/keystream.json`` pins both.
+    With the default nonce the bytes equal libsodium's ``randombytes_buf_deterministic`` for the
+    same key (ChaCha20-IETF with the fixed nonce "LibsodiumDRG"), produced several times faster
+    because they land in the caller's buffer; ``protocol/vectors/keystream.json`` pins both.
+    Filling block by block lets mask code stay in cache instead of allocating whole-vector buffers.
     """
-    if len(key) != KEY_BYTES:
-        raise ValueError("a ChaCha20 key is exactly 32 bytes")
-    if len(nonce) != 12:
-        raise ValueError("an IETF ChaCha20 nonce is exactly 12 bytes")
-    # cryptography's ChaCha20 takes a 16-byte nonce: 4-byte little-endian block counter + 12 bytes.
-    enc = Cipher(algorithms.ChaCha20(key, b"\0\0\0\0" + nonce), mode=None).encryptor()
-    view = memoryview(out).cast("B")  # lengths below are bytes, whatever the caller's item type
-    total = len(view)
-    # Encrypting zeros yields the keystream; update_into needs a source the size of each piece.
-    step = 1 << 20
-    zeros = memoryview(bytes(min(step, total)))
-    for pos in range(0, total, step):
-        n = min(step, total - pos)
-        enc.update_into(zeros[:n], view[pos : pos + n])
+
+    __slots__ = ("_enc", "_zeros")
+
+    def __init__(self, key: bytes, *, nonce: bytes = SODIUM_DRG_NONCE) -> None:
+        if len(key) != KEY_BYTES:
+            raise ValueError("a ChaCha20 key is exactly 32 bytes")
+        if len(nonce) != 12:
+            raise ValueError("an IETF ChaCha20 nonce is exactly 12 bytes")
+        # cryptography's ChaCha20 takes a 16-byte nonce: 4-byte little-endian block counter + 12 bytes.
+        self._enc = Cipher(algorithms.ChaCha20(key, b"\0\0\0\0" + nonce), mode=None).encryptor()
+        self._zeros = memoryview(b"")
+
+    def fill(self, out: memoryview) -> None:
+        """Write the next ``len(out)`` bytes of keystream into ``out`` (any item type, counted in bytes)."""
+        view = memoryview(out).cast("B")
+        total = len(view)
+        step = 1 << 20
+        if len(self._zeros) < min(step, total):
+            self._zeros = memoryview(bytes(min(step, total)))
+        for pos in range(0, total, step):
+            n = min(step, total - pos)
+            # Encrypting zeros yields the keystream.
+            self._enc.update_into(self._zeros[:n], view[pos : pos + n])
+
+
+def chacha20_keystream_into(key: bytes, out: memoryview, *, nonce: bytes = SODIUM_DRG_NONCE) -> None:
+    """Fill ``out`` with the keystream for ``key`` from its start (see :class:`Keystream`)."""
+    Keystream(key, nonce=nonce).fill(out)
 
 
 def sodium_keystream(key: bytes, length: int) -> bytes:

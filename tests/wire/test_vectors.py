@@ -84,3 +84,15 @@ def test_keystream_fills_typed_views_by_bytes_not_elements():
     words = np.empty(1000, dtype=np.uint32)
     chacha20_keystream_into(key, memoryview(words))
     assert words.tobytes() == sodium_keystream(key, 4000)
+
+
+def test_keystream_resumes_exactly_across_uneven_fills():
+    from asagiri.wire.crypto import Keystream
+
+    key = bytes(range(32))
+    ks = Keystream(key)
+    out = bytearray(5000)
+    view = memoryview(out)
+    for start, stop in [(0, 3), (3, 64), (64, 1000), (1000, 1001), (1001, 5000)]:
+        ks.fill(view[start:stop])
+    assert bytes(out) == sodium_keystream(key, 5000)

@@ -1,0 +1,208 @@
+"""Secure aggregation overhead per round, in-process (all sites and the coordinator in one process,
+one after another, no network), against plain aggregation done the same way.
+
+    python benchmarks/secagg_overhead.py --clients 10 --dim 1000000 --graph sparse --json
+    python benchmarks/secagg_overhead.py --table            # the grid recorded in docs/benchmarks.md
+
+Plain: each site scales its float32 update by its sample count (the sum-ready form the runtime
+sends) and the coordinator adds it into a float64 running sum.  Secure: the full protocol of
+``asagiri.secagg`` (key advertisement, Shamir shares, quantisation, masking, consistency check,
+unmasking), with ``--dropout`` of the sites vanishing after sharing keys, which is the most
+expensive case for the coordinator (their pairwise masks must be rebuilt).
+
+Reported (medians over ``--repeat``):
+- ``plain_s`` and ``secagg_s``, the whole round;
+- ``stages``: seconds per stage, split into ``client_*`` (summed over sites) and ``server_*``;
+- ``prg_floor_s``: the mask bytes the round generated divided by the keystream throughput
+  measured in the same run;
+- ``upload_bytes_per_client`` / ``plain_upload_bytes_per_client``: encoded message bytes a
+  site sends (all its secure-aggregation messages, against one ``FitRes``);
+- ``server_peak_bytes``: peak memory allocated inside the coordinator's machine (tracemalloc);
+- ``peak_rss_bytes``: the process's peak resident set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import time
+import tracemalloc
+from collections import defaultdict
+
+import numpy as np
+
+from asagiri.secagg.client import ClientStateMachine
+from asagiri.secagg.prg import expand_into
+from asagiri.secagg.quantize import QuantPlan
+from asagiri.secagg.server import ServerStage, ServerStateMachine
+from asagiri.wire import codec
+from asagiri.wire.crypto import Identity
+from asagiri.wire.messages import FitRes, MaskedInput
+
+RUN = "bench"
+CLIENT_STAGE = {
+    "SecAggStart": "client_advertise",
+    "KeyRoster": "client_share",
+    "ShareDelivery": "client_mask",
+    "ConsistencyCheck": "client_consistency",
+    "UnmaskRequest": "client_unmask",
+}
+
+
+def message_bytes(msg) -> int:
+    header, arrays = codec.encode_header(msg)
+    return len(header) + sum(a.nbytes for a in arrays)
+
+
+def plain_round(updates: list[tuple[np.ndarray, int]]) -> tuple[float, int]:
+    t = time.perf_counter()
+    acc = np.zeros(updates[0][0].size, dtype=np.float64)
+    total = 0
+    for delta, n in updates:
+        sent = delta * np.float32(n)  # site side: the sum-ready update
+        acc += sent  # coordinator side
+        total += n
+    elapsed = time.perf_counter() - t
+    up = message_bytes(FitRes(1, 1, {"u": updates[0][0]}, 1, {}))
+    return elapsed, up
+
+
+def secure_round(updates, identities, *, degree, threshold, dropout, plan, repeat_index):
+    n = len(updates)
+    ids = list(range(1, n + 1))
+    pubs = {i: identities[i].public for i in ids}
+    clients = {i: ClientStateMachine(site_id=i, identity=identities[i], run_id=RUN, peers=pubs) for i in ids}
+    d = updates[0][0].size
+    server = ServerStateMachine(
+        run_id=RUN, rnd=1 + repeat_index, attempt=1, participants=ids, min_clients=2, plan=plan,
+        vector_len=d + 1, identities=pubs, degree=degree, threshold=threshold,
+    )
+    n_drop = int(round(dropout * n))
+    rng = np.random.default_rng(repeat_index)
+    drop = set(rng.choice(ids, size=n_drop, replace=False).tolist()) if n_drop else set()
+    stages: dict[str, float] = defaultdict(float)
+    upload: dict[int, int] = defaultdict(int)
+    server_peak = 0
+    t_round = time.perf_counter()
+    queue = list(server.start())
+    dead: set[int] = set()
+
+    def server_call(fn, *args):
+        nonlocal server_peak
+        tracemalloc.reset_peak()
+        base = tracemalloc.get_traced_memory()[0]
+        t = time.perf_counter()
+        out = fn(*args)
+        stages[f"server_{server.stage.value if not server.finished else 'unmask'}"] += time.perf_counter() - t
+        server_peak = max(server_peak, tracemalloc.get_traced_memory()[1] - base)
+        return out
+
+    while not server.finished:
+        if not queue:
+            queue = server_call(server.stage_timed_out)
+            continue
+        out = queue.pop(0)
+        if server.stage is ServerStage.MASKED_INPUT and drop - dead:
+            for s in sorted(drop - dead):  # vanish after sharing keys, before sending input
+                dead.add(s)
+                queue += server_call(server.site_lost, s)
+        if out.site in dead:
+            continue
+        client = clients[out.site]
+        name = CLIENT_STAGE[type(out.msg).__name__]
+        t = time.perf_counter()
+        replies = client.receive(out.msg)
+        if client.stage.value == "ready":
+            replies += client.set_input(*updates[out.site - 1])
+        stages[name] += time.perf_counter() - t
+        for reply in replies:
+            upload[out.site] += message_bytes(reply)
+            queue += server_call(server.receive, out.site, reply)
+    elapsed = time.perf_counter() - t_round
+    assert server.stage is ServerStage.DONE, server.abort_reason
+    # Mask bytes generated: each surviving site's self mask + its pairwise masks; the server's
+    # self-mask removals and rebuilt pairwise masks of the dropped.
+    graph = server.nbrs
+    pairs = sum(len(server.delivered_from[u]) for u in server.u2 if u not in drop)
+    server_pairs = sum(1 for v in drop for u in graph[v] if u not in drop)
+    noise = len(server.u3)  # stochastic-rounding noise, 4 bytes per value
+    ring_bytes = plan.bits // 8
+    mask_bytes = (d + 1) * ring_bytes * (len(server.u3) + pairs + len(server.u3) + server_pairs) + noise * d * 4
+    full_upload = [upload[i] for i in ids if i not in drop]
+    return elapsed, dict(stages), mask_bytes, statistics.median(full_upload), server_peak
+
+
+def keystream_throughput(nbytes: int = 64 << 20) -> float:
+    buf = np.empty(nbytes // 4, dtype=np.uint32)
+    expand_into(b"warm", buf)
+    t = time.perf_counter()
+    expand_into(b"measure", buf)
+    return nbytes / (time.perf_counter() - t)
+
+
+def run(clients: int, dim: int, dropout: float, graph: str, repeat: int, shares: int, threshold: int) -> dict:
+    rng = np.random.default_rng(0)
+    updates = [(rng.normal(0, 0.01, dim).astype(np.float32), int(rng.integers(100, 1000))) for _ in range(clients)]
+    identities = {i: Identity.generate() for i in range(1, clients + 1)}
+    plan = QuantPlan.plan(bits=32, clip=2.0, max_samples=20_000, max_sites=clients)
+    degree = None if graph == "complete" else max(1, min(shares - 1, clients - 1))
+    thr = None if graph == "complete" else threshold
+    tracemalloc.start()
+    plain, secure, stage_runs, floors, uploads, peaks = [], [], [], [], [], []
+    plain_up = 0
+    throughput = keystream_throughput()
+    for r in range(repeat):
+        p, plain_up = plain_round(updates)
+        plain.append(p)
+        s, stages, mask_bytes, up, peak = secure_round(
+            updates, identities, degree=degree, threshold=thr, dropout=dropout, plan=plan, repeat_index=r
+        )
+        secure.append(s)
+        stage_runs.append(stages)
+        floors.append(mask_bytes / throughput)
+        uploads.append(up)
+        peaks.append(peak)
+    tracemalloc.stop()
+    keys = sorted({k for st in stage_runs for k in st})
+    result = {
+        "clients": clients,
+        "dim": dim,
+        "dropout": dropout,
+        "graph": graph,
+        "shares": None if graph == "complete" else shares,
+        "threshold": None if graph == "complete" else threshold,
+        "repeat": repeat,
+        "plain_s": round(statistics.median(plain), 5),
+        "secagg_s": round(statistics.median(secure), 5),
+        "ratio_to_plain": round(statistics.median(secure) / statistics.median(plain), 2),
+        "prg_floor_s": round(statistics.median(floors), 5),
+        "keystream_GBps": round(throughput / 1e9, 2),
+        "stages": {k: round(statistics.median(st.get(k, 0.0) for st in stage_runs), 5) for k in keys},
+        "upload_bytes_per_client": int(statistics.median(uploads)),
+        "plain_upload_bytes_per_client": plain_up,
+        "upload_ratio": round(statistics.median(uploads) / plain_up, 4),
+        "server_peak_bytes": int(max(peaks)),
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--clients", type=int, default=10)
+    p.add_argument("--dim", type=float, default=1e6)
+    p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--graph", choices=["complete", "sparse"], default="sparse")
+    p.add_argument("--shares", type=int, default=3, help="sparse: size of each sharing group, the site included")
+    p.add_argument("--threshold", type=int, default=2, help="sparse: shares needed to reconstruct")
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args()
+    result = run(args.clients, int(args.dim), args.dropout, args.graph, args.repeat, args.shares, args.threshold)
+    print(json.dumps(result, indent=None if args.json else 2))
+
+
+if __name__ == "__main__":
+    main()
