@@ -7,6 +7,7 @@ into exit code 2.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -126,7 +127,41 @@ class DataConfig(_Strict):
 
 
 class SecAggConfig(_Strict):
-    enabled: bool = False
+    """Secure aggregation (docs/secagg.md). On by default: the coordinator learns only the sum.
+
+    ``mode``: ``complete`` (every pair of sites) or ``sparse`` (SecAgg+: each site shares with a
+    group of ``shares`` sites, itself included, drawn from a public seed; ``None`` picks about
+    ``2 log2 n``).  ``threshold``: shares needed to rebuild a secret (default: a majority of the
+    group).  ``clip``, ``max_samples_per_site`` and ``bits`` size the fixed-point ring so the sum
+    can never wrap; a configuration that could is refused.
+    """
+
+    enabled: bool = True
+    mode: Literal["complete", "sparse"] = "sparse"
+    shares: int | None = Field(None, ge=2)
+    threshold: int | None = Field(None, ge=1)
+    bits: Literal[32, 64] = 32
+    clip: float = Field(4.0, gt=0)
+    max_samples_per_site: int = Field(100_000, ge=1)
+
+    @model_validator(mode="after")
+    def _threshold(self) -> SecAggConfig:
+        if self.shares is not None and self.threshold is not None:
+            if not self.shares // 2 + 1 <= self.threshold <= self.shares:
+                raise ValueError(
+                    f"threshold={self.threshold} must be a majority of shares={self.shares} "
+                    f"(between {self.shares // 2 + 1} and {self.shares})"
+                )
+        return self
+
+    def group(self, n: int) -> tuple[int | None, int | None]:
+        """(degree or None for the complete graph, threshold or None for the default) for n sites."""
+        if self.mode == "complete":
+            return None, self.threshold
+        shares = self.shares or max(3, 2 * math.ceil(math.log2(max(n, 2))) + 1)
+        if shares >= n:
+            return None, self.threshold
+        return shares - 1, self.threshold
 
 
 class DPConfig(_Strict):
@@ -183,6 +218,14 @@ class FederationConfig(_Strict):
         m = self.selection.max_per_round
         if m is not None and m < self.min_clients:
             raise ValueError(f"selection.max_per_round={m} is below min_clients={self.min_clients}")
+        if self.secagg.enabled and self.sites:
+            from .secagg.quantize import QuantisationError, QuantPlan
+
+            try:
+                QuantPlan.plan(bits=self.secagg.bits, clip=self.secagg.clip,
+                               max_samples=self.secagg.max_samples_per_site, max_sites=len(self.sites))
+            except QuantisationError as exc:
+                raise ValueError(str(exc)) from None
         if self.chunk_bytes + 64 > self.max_frame_bytes:
             raise ValueError(f"chunk_bytes={self.chunk_bytes} does not fit in max_frame_bytes={self.max_frame_bytes}")
         return self
@@ -213,6 +256,9 @@ class SiteConfig(_Strict):
     identity_key: Path
     coordinator: CoordinatorAddress
     data_path: Path | None = None
+    # Pinned identity keys of the other sites (id -> hex), checked on their secure-aggregation
+    # keys. Without them a site trusts the roster the coordinator sends (see docs/secagg.md).
+    peers: dict[int, str] | None = None
     state_dir: Path = Path("state")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = Field(1, ge=1, le=256)

@@ -39,7 +39,7 @@ from asagiri.secagg.quantize import QuantPlan
 from asagiri.secagg.server import ServerStage, ServerStateMachine
 from asagiri.wire import codec
 from asagiri.wire.crypto import Identity
-from asagiri.wire.messages import FitRes, MaskedInput
+from asagiri.wire.messages import FitRes
 
 RUN = "bench"
 CLIENT_STAGE = {

@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--log-level", default="info")
     p.add_argument("--kill-at-fit", type=int, default=None, help=argparse.SUPPRESS)  # fault injection (tests)
+    p.add_argument("--kill-after-share", type=int, default=None, help=argparse.SUPPRESS)
     return p
 
 
@@ -64,7 +65,7 @@ def _run(args: argparse.Namespace) -> int:
         async with anyio.create_task_group() as tg:
 
             async def run() -> None:
-                result["code"] = await run_client(cfg, faults=FaultPlan(kill_at_fit=args.kill_at_fit))
+                result["code"] = await run_client(cfg, faults=FaultPlan(kill_at_fit=args.kill_at_fit, kill_after_share=args.kill_after_share))
                 tg.cancel_scope.cancel()
 
             tg.start_soon(cancel_on_signal, tg.cancel_scope, lambda name: log.warning("%s: stopping", name))

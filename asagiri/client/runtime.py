@@ -26,22 +26,31 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from ..config import DataConfig, ModelConfig, SiteConfig, StrategyConfig, TrainConfig
 from ..data.loaders import SiteData, load_site_data
 from ..models import build, shared_keys
-from ..train import evaluate, train_local
+from ..secagg.client import ClientStateMachine, SecAggRefused
+from ..strategy.aggregate import flatten
+from ..train import TrainResult, evaluate, train_local
 from ..wire.channel import SiteRefused
 from ..wire.connection import Connection, connect_handshake
 from ..wire.crypto import AuthenticationFailed, Identity, PublicIdentity
 from ..wire.errors import ConnectionLost, RemoteProtocolError
 from ..wire.messages import (
+    ConsistencyCheck,
     EvaluateIns,
     EvaluateRes,
     FitIns,
     FitRes,
     Heartbeat,
+    KeyRoster,
     Message,
     RoundAborted,
+    SecAggStart,
+    ShareDelivery,
     Shutdown,
+    UnmaskRequest,
     Welcome,
 )
+
+SECAGG_TO_SITE = (SecAggStart, KeyRoster, ShareDelivery, ConsistencyCheck, UnmaskRequest)
 
 __all__ = ["FaultPlan", "SiteWorker", "run_client"]
 
@@ -50,9 +59,11 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class FaultPlan:
-    """Test-only fault injection: SIGKILL this process on receiving FitIns for ``kill_at_fit``."""
+    """Test-only fault injection: SIGKILL this process on receiving FitIns for round ``kill_at_fit``,
+    or, under secure aggregation, once it has shared its keys in round ``kill_after_share``."""
 
     kill_at_fit: int | None = None
+    kill_after_share: int | None = None
 
 
 class SiteWorker:
@@ -97,22 +108,25 @@ class SiteWorker:
         # Only shared tensors are replaced; FedBN's local normalisation layers stay as they are.
         self.model.load_state_dict({k: torch.from_numpy(params[k]) for k in self.shared}, strict=False)
 
-    def fit(self, ins: FitIns) -> FitRes:
+    def train(self, ins: FitIns) -> tuple[dict[str, np.ndarray], TrainResult]:
+        """Train from the global parameters; returns ``local - global`` per shared tensor, in ``ins.params`` order."""
         self._load_global(ins.params)
         t = self.train_cfg
-        mu = float(ins.config.get("mu", 0.0))
-        seed = int(ins.config.get("seed", 0))
         result = train_local(
             self.model, self.data.train, epochs=t.local_epochs, batch_size=t.batch_size, lr=t.lr,
-            optimizer=t.optimizer, momentum=t.momentum, weight_decay=t.weight_decay, mu=mu,
-            augment=t.augment, seed=seed, device=self.device,
+            optimizer=t.optimizer, momentum=t.momentum, weight_decay=t.weight_decay,
+            mu=float(ins.config.get("mu", 0.0)), augment=t.augment, seed=int(ins.config.get("seed", 0)),
+            device=self.device,
         )
         state = self.model.state_dict()
+        delta = {k: state[k].detach().cpu().numpy().astype(np.float32) - ins.params[k] for k in ins.params}
+        return delta, result
+
+    def fit(self, ins: FitIns) -> FitRes:
+        """The plaintext update (secure aggregation off): ``n * delta`` and ``n``."""
+        delta, result = self.train(ins)
         n = result.num_samples
-        update = {
-            k: (n * (state[k].detach().cpu().numpy().astype(np.float32) - ins.params[k])).astype(np.float32)
-            for k in self.shared
-        }
+        update = {k: (n * v).astype(np.float32) for k, v in delta.items()}
         return FitRes(ins.round, ins.attempt, update, n, {"train_loss": result.loss, "steps": result.steps})
 
     def evaluate(self, ins: EvaluateIns) -> EvaluateRes:
@@ -131,12 +145,19 @@ def _pick_device(choice: str) -> torch.device:
 
 
 class _Session:
-    def __init__(self, cfg: SiteConfig, conn: Connection, worker_box: dict[str, SiteWorker], faults: FaultPlan):
+    def __init__(
+        self, cfg: SiteConfig, conn: Connection, worker_box: dict[str, Any], faults: FaultPlan, identity: Identity
+    ):
         self.cfg = cfg
+        self.identity = identity
         self.conn = conn
         self.box = worker_box
         self.faults = faults
         self.final = False
+        self._ended = False
+        self.error: BaseException | None = None
+        self._round_started: dict[tuple[int, int], anyio.Event] = {}
+        self._stage_timeout = 60.0
 
     async def run(self) -> None:
         first = await self.conn.receive()
@@ -147,15 +168,18 @@ class _Session:
             worker = await anyio.to_thread.run_sync(SiteWorker, self.cfg, first)
             self.box["worker"] = worker
         log.info("joined run %s as site index %d of %d", first.run_id, first.site_index, first.num_sites)
+        self._setup_secagg(first)
+        self._stage_timeout = float(first.spec.get("secagg_stage_timeout", 60.0))
         interval = float(first.spec.get("heartbeat_interval", 5.0))
         idle = float(first.spec.get("heartbeat_timeout", 30.0))
         send, recv = anyio.create_memory_object_stream[Message](16)
-        self.error: BaseException | None = None
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._guard, tg, self._reader, send, idle)
             tg.start_soon(self._guard, tg, self._heartbeat, interval)
             tg.start_soon(self._guard, tg, self._worker, recv, worker)
-        if self.error is not None:
+        # A final Shutdown is the answer, even when the coordinator's hang-up right after it
+        # reached the reader first.
+        if self.error is not None and not self.final:
             raise self.error
 
     async def _guard(self, tg: anyio.abc.TaskGroup, fn: Any, *args: Any) -> None:
@@ -166,6 +190,28 @@ class _Session:
             if self.error is None:
                 self.error = exc
         tg.cancel_scope.cancel()
+
+    def _setup_secagg(self, welcome: Welcome) -> None:
+        """One secure-aggregation machine per run, kept across reconnects (it remembers past rounds)."""
+        sa = welcome.spec.get("secagg", {})
+        if not sa.get("enabled"):
+            self.box.pop("secagg", None)
+            return
+        existing = self.box.get("secagg")
+        if isinstance(existing, ClientStateMachine) and existing.run_id == welcome.run_id:
+            return
+        if self.cfg.peers is not None:
+            peers = {int(k): PublicIdentity.from_hex(v) for k, v in self.cfg.peers.items()}
+        else:
+            log.warning(
+                "secure aggregation: other sites' identity keys come from the coordinator's roster; pin them "
+                "with `peers` in the site config to be safe against a coordinator that substitutes keys"
+            )
+            peers = {int(i): PublicIdentity.from_hex(k) for i, k in welcome.spec.get("roster", [])}
+        self.box["secagg"] = ClientStateMachine(
+            site_id=self.cfg.site_id, identity=self.identity, run_id=welcome.run_id, peers=peers,
+            min_survivors=int(welcome.spec.get("min_clients", 2)),
+        )
 
     async def _reader(self, send: MemoryObjectSendStream[Message], idle: float) -> None:
         async with send:
@@ -183,28 +229,83 @@ class _Session:
             await self.conn.send(Heartbeat(seq))
 
     async def _worker(self, recv: MemoryObjectReceiveStream[Message], worker: SiteWorker) -> None:
-        async for msg in recv:
-            if isinstance(msg, FitIns):
-                if self.faults.kill_at_fit == msg.round:
-                    log.error("fault injection: killing this site in round %d", msg.round)
-                    os.kill(os.getpid(), signal.SIGKILL)
-                t0 = time.monotonic()
-                res = await anyio.to_thread.run_sync(worker.fit, msg)
-                log.info("round %d: trained on %d samples in %.1fs", msg.round, res.num_samples, time.monotonic() - t0)
-                self.conn.pool.release(msg.params.values())  # copied into the model; reuse for the next round
-                await self.conn.send(res)
-            elif isinstance(msg, EvaluateIns):
-                res_eval = await anyio.to_thread.run_sync(worker.evaluate, msg)
-                self.conn.pool.release(msg.params.values())
-                await self.conn.send(res_eval)
-            elif isinstance(msg, RoundAborted):
-                log.warning("round %d attempt %d aborted: %s", msg.round, msg.attempt, msg.reason)
-            elif isinstance(msg, Shutdown):
-                log.info("coordinator says: %s", msg.reason)
-                self.final = msg.final
+        secure = self.box.get("secagg")
+        async with anyio.create_task_group() as tg:
+            async for msg in recv:
+                await self._handle(msg, worker, secure, tg)
+                if self.final or self._ended:
+                    tg.cancel_scope.cancel()
+                    return
+
+    async def _handle(self, msg: Message, worker: SiteWorker, secure: Any, tg: anyio.abc.TaskGroup) -> None:
+        if isinstance(msg, FitIns):
+            if self.faults.kill_at_fit == msg.round:
+                log.error("fault injection: killing this site in round %d", msg.round)
+                os.kill(os.getpid(), signal.SIGKILL)
+            if secure is not None:
+                # Key set-up messages keep flowing while we train; the update is masked when ready.
+                tg.start_soon(self._train_secure, msg, worker, secure, tg)
                 return
-            else:
-                raise RemoteProtocolError(f"unexpected {type(msg).__name__} from the coordinator")
+            t0 = time.monotonic()
+            res = await anyio.to_thread.run_sync(worker.fit, msg)
+            log.info("round %d: trained on %d samples in %.1fs", msg.round, res.num_samples, time.monotonic() - t0)
+            self.conn.pool.release(msg.params.values())  # copied into the model; reuse for the next round
+            await self.conn.send(res)
+        elif isinstance(msg, SECAGG_TO_SITE):
+            if secure is None:
+                raise RemoteProtocolError("secure-aggregation message, but this run has it off")
+            if isinstance(msg, ShareDelivery) and self.faults.kill_after_share == msg.round:
+                log.error("fault injection: killing this site after it shared keys in round %d", msg.round)
+                os.kill(os.getpid(), signal.SIGKILL)
+            await self._secure_step(secure, lambda: secure.receive(msg))
+            if isinstance(msg, SecAggStart):
+                self._started_event(msg.round, msg.attempt).set()
+        elif isinstance(msg, EvaluateIns):
+            res_eval = await anyio.to_thread.run_sync(worker.evaluate, msg)
+            self.conn.pool.release(msg.params.values())
+            await self.conn.send(res_eval)
+        elif isinstance(msg, RoundAborted):
+            log.warning("round %d attempt %d aborted: %s", msg.round, msg.attempt, msg.reason)
+        elif isinstance(msg, Shutdown):
+            log.info("coordinator says: %s", msg.reason)
+            self.final = msg.final
+            self._ended = True
+        else:
+            raise RemoteProtocolError(f"unexpected {type(msg).__name__} from the coordinator")
+
+    def _started_event(self, rnd: int, attempt: int) -> anyio.Event:
+        return self._round_started.setdefault((rnd, attempt), anyio.Event())
+
+    async def _secure_step(self, secure: ClientStateMachine, step: Any) -> None:
+        try:
+            replies = step()
+        except SecAggRefused as exc:
+            log.warning("secure aggregation: leaving this round: %s", exc)
+            return
+        for reply in replies:
+            await self.conn.send(reply)
+
+    async def _train_secure(
+        self, ins: FitIns, worker: SiteWorker, secure: ClientStateMachine, tg: anyio.abc.TaskGroup
+    ) -> None:
+        try:
+            t0 = time.monotonic()
+            delta, result = await anyio.to_thread.run_sync(worker.train, ins)
+            self.conn.pool.release(ins.params.values())
+            log.info("round %d: trained on %d samples in %.1fs", ins.round, result.num_samples, time.monotonic() - t0)
+            # The round's SecAggStart follows FitIns; wait for it rather than race it.
+            with anyio.move_on_after(self._stage_timeout):
+                await self._started_event(ins.round, ins.attempt).wait()
+            if secure.round_key != (ins.round, ins.attempt):
+                log.warning("round %d.%d moved on while training; update discarded", ins.round, ins.attempt)
+                return
+            await self._secure_step(secure, lambda: secure.set_input(flatten(delta), result.num_samples))
+            if secure.clipped:
+                log.info("secure aggregation: %d update values were clipped", secure.clipped)
+        except (ConnectionLost, RemoteProtocolError) as exc:
+            if self.error is None:
+                self.error = exc
+            tg.cancel_scope.cancel()
 
 
 async def run_client(cfg: SiteConfig, *, faults: FaultPlan = FaultPlan()) -> int:
@@ -212,7 +313,7 @@ async def run_client(cfg: SiteConfig, *, faults: FaultPlan = FaultPlan()) -> int
     identity = Identity.load(cfg.identity_key)
     coordinator = PublicIdentity.from_hex(cfg.coordinator.public_key)
     torch.set_num_threads(cfg.threads)
-    box: dict[str, SiteWorker] = {}
+    box: dict[str, Any] = {}  # the SiteWorker and the secure-aggregation machine, kept across reconnects
     delay = cfg.reconnect.initial_s
     last_ok = time.monotonic()
     while True:
@@ -230,7 +331,7 @@ async def run_client(cfg: SiteConfig, *, faults: FaultPlan = FaultPlan()) -> int
                             max_payload_bytes=cfg.max_message_bytes, chunk_bytes=cfg.chunk_bytes,
                         )
                     log.info("connected to coordinator %s (key %s)", conn.peer, coordinator.fingerprint())
-                    session = _Session(cfg, conn, box, faults)
+                    session = _Session(cfg, conn, box, faults, identity)
                     await session.run()
                     if session.final:
                         return 0

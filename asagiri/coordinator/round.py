@@ -10,6 +10,11 @@ Transitions::
     FIT --all selected answered or lost / fit timeout--> EVALUATE  (if >= k updates)
     FIT --... with < k updates-------------------------> ABORTED
     EVALUATE --all evaluators answered or lost / timeout--> DONE
+
+With secure aggregation (``secagg`` given), FIT runs the coordinator's secure-aggregation
+machine instead of collecting plaintext updates: its key set-up starts together with ``FitIns``,
+so it runs while the sites train, and FIT ends when that machine is DONE (the unmasked sum is
+aggregated) or ABORTED.  A plaintext ``FitRes`` is then a protocol violation.
 """
 
 from __future__ import annotations
@@ -20,9 +25,27 @@ from typing import Any
 
 import numpy as np
 
-from ..strategy.aggregate import RunningSum
+from ..secagg.quantize import dequantize
+from ..secagg.server import SecAggViolation, ServerStage, ServerStateMachine
+from ..strategy.aggregate import RunningSum, unflatten
 from ..strategy.base import Strategy
-from ..wire.messages import Decline, EvaluateIns, EvaluateRes, FitIns, FitRes, Message, Params, RoundAborted
+from ..wire.messages import (
+    AdvertiseKeys,
+    ConsistencySig,
+    Decline,
+    EvaluateIns,
+    EvaluateRes,
+    FitIns,
+    FitRes,
+    MaskedInput,
+    Message,
+    Params,
+    RoundAborted,
+    ShareKeys,
+    UnmaskResponse,
+)
+
+_SECAGG_MESSAGES = (AdvertiseKeys, ShareKeys, MaskedInput, ConsistencySig, UnmaskResponse)
 
 __all__ = ["Outbound", "Phase", "ProtocolViolation", "RoundMachine", "RoundOutcome"]
 
@@ -44,6 +67,11 @@ class ProtocolViolation(Exception):
 
 
 @dataclass(frozen=True, slots=True)
+class _Lost:
+    """A site vanished (disconnect, timeout, decline), as an event for the secure-aggregation machine."""
+
+
+@dataclass(frozen=True, slots=True)
 class Outbound:
     site: int
     msg: Message
@@ -62,6 +90,7 @@ class RoundOutcome:
     evaluation: dict[str, Any] = field(default_factory=dict)
     site_metrics: dict[int, dict[str, float]] = field(default_factory=dict)
     abort_reason: str | None = None
+    secagg_stages: dict[str, list[int]] | None = None  # who completed each secure-aggregation stage
 
 
 class RoundMachine:
@@ -76,6 +105,7 @@ class RoundMachine:
         global_params: Params,
         fit_config: dict[str, Any],
         strategy: Strategy,
+        secagg: ServerStateMachine | None = None,
     ) -> None:
         if len(selected) < min_clients:
             raise ValueError(f"selected {len(selected)} sites, fewer than min_clients={min_clients}")
@@ -92,20 +122,88 @@ class RoundMachine:
         self._sum = RunningSum(global_params)
         self._eval_results: dict[int, tuple[int, dict[str, float]]] = {}
         self.outcome = RoundOutcome(round=rnd, attempt=attempt, selected=sorted(selected))
+        self.secagg = secagg
+
+    @property
+    def deadline_kind(self) -> str:
+        """Which timeout governs now: ``fit`` (training), ``secagg`` (a key/unmask stage), ``evaluate``."""
+        if self.phase is Phase.EVALUATE:
+            return "evaluate"
+        if self.secagg is not None and self.secagg.stage is not ServerStage.MASKED_INPUT:
+            return "secagg"
+        return "fit"
+
+    @property
+    def stage_key(self) -> tuple[str, str]:
+        """Changes whenever a new deadline should start."""
+        sub = self.secagg.stage.value if self.secagg is not None and self.phase is Phase.FIT else ""
+        return self.phase.value, sub
 
     @property
     def finished(self) -> bool:
         return self.phase in (Phase.DONE, Phase.ABORTED)
 
     def start(self) -> list[Outbound]:
-        return [
+        out = [
             Outbound(s, FitIns(self.round, self.attempt, self._params, dict(self._fit_config)))
             for s in sorted(self._waiting)
         ]
+        if self.secagg is not None:
+            out += [Outbound(o.site, o.msg) for o in self.secagg.start()]
+        return out
+
+    def _secagg_step(self, site: int, event: Message | _Lost | None) -> list[Outbound]:
+        """Feed the secure-aggregation machine (a message, a loss, or a timeout); finish FIT when it does."""
+        sa = self.secagg
+        assert sa is not None
+        try:
+            if event is None:
+                outs = sa.stage_timed_out()
+            elif isinstance(event, _Lost):
+                outs = sa.site_lost(site)
+            else:
+                outs = sa.receive(site, event)
+        except SecAggViolation as exc:
+            raise ProtocolViolation(exc.site, exc.reason) from None
+        out = [Outbound(o.site, o.msg) for o in outs]
+        if sa.stage is ServerStage.DONE:
+            return out + self._finish_secure_fit()
+        if sa.stage is ServerStage.ABORTED:
+            return out + self._abort(sa.abort_reason or "secure aggregation aborted")
+        return out
+
+    def _finish_secure_fit(self) -> list[Outbound]:
+        sa = self.secagg
+        assert sa is not None and sa.result is not None
+        weighted, total = dequantize(sa.result.total, sa.plan)
+        survivors = sa.result.survivors
+        self.outcome.secagg_stages = dict(sa.stage_sites)
+        self._sum = RunningSum.from_totals(unflatten(weighted, self._params), total, len(survivors))
+        self.outcome.participants = list(survivors)
+        self.outcome.dropped = sorted(set(self.outcome.selected) - set(survivors) - set(self.outcome.declined))
+        self._waiting.clear()
+        return self._maybe_finish_fit()
 
     # -- events ----------------------------------------------------------------------------------
 
     def receive(self, site: int, msg: Message) -> list[Outbound]:
+        if self.secagg is not None and self.phase is Phase.FIT:
+            if isinstance(msg, _SECAGG_MESSAGES):
+                return self._secagg_step(site, msg)
+            if isinstance(msg, FitRes):
+                raise ProtocolViolation(site, "plaintext update while secure aggregation is on")
+            if isinstance(msg, Decline) and (msg.round, msg.attempt) == (self.round, self.attempt):
+                if site not in self._waiting:
+                    raise ProtocolViolation(site, "second answer in the same round")
+                self.outcome.declined[site] = msg.reason
+                if msg.permanent:
+                    self.outcome.exhausted.append(site)
+                self._waiting.discard(site)
+                return self._secagg_step(site, _Lost())
+        if self.secagg is not None and isinstance(msg, _SECAGG_MESSAGES):
+            if (msg.round, msg.attempt) <= (self.round, self.attempt):  # type: ignore[attr-defined]
+                return []  # a straggler's late secure-aggregation message
+            raise ProtocolViolation(site, f"{type(msg).__name__} out of stage")
         if isinstance(msg, FitRes | Decline):
             if (msg.round, msg.attempt) != (self.round, self.attempt):
                 if (msg.round, msg.attempt) < (self.round, self.attempt):
@@ -139,6 +237,10 @@ class RoundMachine:
 
     def site_lost(self, site: int) -> list[Outbound]:
         self._lost.add(site)
+        if self.secagg is not None and self.phase is Phase.FIT:
+            self._waiting.discard(site)
+            self._evaluators.discard(site)
+            return self._secagg_step(site, _Lost())
         if self.phase is Phase.FIT and site in self._waiting:
             self._waiting.discard(site)
             self.outcome.dropped.append(site)
@@ -152,6 +254,8 @@ class RoundMachine:
 
     def timed_out(self) -> list[Outbound]:
         """The current phase's deadline passed: whoever has not answered is dropped from it."""
+        if self.secagg is not None and self.phase is Phase.FIT:
+            return self._secagg_step(-1, None)
         if self.phase is Phase.FIT:
             self.outcome.dropped.extend(sorted(self._waiting))
             self._evaluators -= self._waiting
@@ -178,18 +282,21 @@ class RoundMachine:
         self.outcome.participants.append(site)
         self.outcome.site_metrics[site] = dict(msg.metrics)
 
+    def _abort(self, reason: str) -> list[Outbound]:
+        self.phase = Phase.ABORTED
+        self.outcome.abort_reason = reason
+        survivors = sorted(set(self.outcome.selected) - self._lost)
+        return [Outbound(s, RoundAborted(self.round, self.attempt, reason)) for s in survivors]
+
     def _maybe_finish_fit(self) -> list[Outbound]:
         if self._waiting:
             return []
         self.outcome.participants.sort()
         self.outcome.dropped.sort()
         if self._sum.count < self.min_clients:
-            self.phase = Phase.ABORTED
-            self.outcome.abort_reason = (
+            return self._abort(
                 f"{self._sum.count} updates arrived, fewer than min_clients={self.min_clients}; nothing aggregated"
             )
-            survivors = sorted(set(self.outcome.selected) - self._lost)
-            return [Outbound(s, RoundAborted(self.round, self.attempt, self.outcome.abort_reason)) for s in survivors]
         new_params = self._strategy.aggregate_fit(
             self.round, self._sum, self.outcome.participants, self.outcome.dropped
         )

@@ -33,15 +33,27 @@ from ..models import build, shared_keys
 from ..observe.audit import AuditLog, params_digest
 from ..observe.metrics import CoordinatorMetrics, serve_metrics
 from ..observe.runlog import append_jsonl, trim_jsonl
+from ..secagg.quantize import QuantPlan
+from ..secagg.server import ServerStateMachine
 from ..strategy.base import build_strategy
 from ..strategy.selection import NotEnoughSites
 from ..wire.channel import SiteRefused
 from ..wire.connection import Connection, accept_handshake
 from ..wire.crypto import Identity, PublicIdentity
 from ..wire.errors import ConnectionLost, RemoteProtocolError
-from ..wire.messages import Decline, EvaluateRes, FitRes, Heartbeat, Message, Params, Shutdown, Welcome
+from ..wire.messages import (
+    Decline,
+    EvaluateRes,
+    FitRes,
+    Heartbeat,
+    MaskedInput,
+    Message,
+    Params,
+    Shutdown,
+    Welcome,
+)
 from .checkpoint import load_checkpoint, save_checkpoint
-from .round import Outbound, Phase, ProtocolViolation, RoundMachine, RoundOutcome
+from .round import Outbound, ProtocolViolation, RoundMachine, RoundOutcome
 
 __all__ = ["Coordinator", "FederationFailed", "ResumeError", "initial_params"]
 
@@ -264,6 +276,11 @@ class Coordinator:
             "rounds": cfg.rounds,
             "heartbeat_interval": cfg.timeouts.heartbeat_interval,
             "heartbeat_timeout": cfg.timeouts.heartbeat_timeout,
+            "min_clients": cfg.min_clients,
+            "secagg_stage_timeout": cfg.timeouts.secagg_stage,
+            "secagg": cfg.secagg.model_dump(),
+            # Sites check each other's secure-aggregation keys against these unless they pin their own.
+            "roster": [[entry.id, entry.public_key] for entry in cfg.sites],
         }
         return Welcome(cfg.run_id, cfg.site_index(site_id), len(cfg.sites), spec)
 
@@ -304,6 +321,8 @@ class Coordinator:
         session = self._sessions.get(site_id)
         if session is not None and isinstance(event, FitRes):
             session.conn.pool.release(event.update.values())
+        elif session is not None and isinstance(event, MaskedInput):
+            session.conn.pool.release(event.vector.values())
 
     def _drop(self, site_id: int) -> None:
         session = self._sessions.get(site_id)
@@ -332,15 +351,16 @@ class Coordinator:
         machine = RoundMachine(
             rnd=rnd, attempt=attempt, selected=plan.sites, evaluators=evaluators,
             min_clients=self.cfg.min_clients, global_params=self.strategy.params,
-            fit_config=plan.config, strategy=self.strategy,
+            fit_config=plan.config, strategy=self.strategy, secagg=self._secagg_machine(rnd, attempt, plan.sites),
         )
         log.info("round %d (attempt %d): selected %s", rnd, attempt, plan.sites)
         await self._dispatch(machine.start())
-        timeouts = {Phase.FIT: self.cfg.timeouts.fit, Phase.EVALUATE: self.cfg.timeouts.evaluate}
+        t = self.cfg.timeouts
+        timeouts = {"fit": t.fit, "secagg": t.secagg_stage, "evaluate": t.evaluate}
         while not machine.finished:
-            phase = machine.phase
-            with anyio.move_on_after(timeouts[phase]) as scope:
-                while machine.phase is phase:
+            stage = machine.stage_key
+            with anyio.move_on_after(timeouts[machine.deadline_kind]) as scope:
+                while machine.stage_key == stage and not machine.finished:
                     site_id, event = await self._events.receive()
                     if isinstance(event, _Joined):
                         continue
@@ -356,10 +376,22 @@ class Coordinator:
                             out = machine.site_lost(site_id)
                         self._recycle(site_id, event)
                     await self._dispatch(out)
-            if scope.cancelled_caught and machine.phase is phase:
-                log.warning("round %d: %s stage timed out", rnd, phase.value)
+            if scope.cancelled_caught and machine.stage_key == stage:
+                log.warning("round %d: stage %s timed out", rnd, "/".join(x for x in stage if x))
                 await self._dispatch(machine.timed_out())
         return machine.outcome
+
+    def _secagg_machine(self, rnd: int, attempt: int, sites: list[int]) -> ServerStateMachine | None:
+        sa = self.cfg.secagg
+        if not sa.enabled:
+            return None
+        plan = QuantPlan.plan(bits=sa.bits, clip=sa.clip, max_samples=sa.max_samples_per_site, max_sites=len(sites))
+        degree, threshold = sa.group(len(sites))
+        return ServerStateMachine(
+            run_id=self.cfg.run_id, rnd=rnd, attempt=attempt, participants=sites, min_clients=self.cfg.min_clients,
+            plan=plan, vector_len=sum(v.size for v in self.strategy.params.values()) + 1,
+            identities=self.roster, degree=degree, threshold=threshold,
+        )
 
     async def _federate(self) -> dict[str, Any]:
         cfg = self.cfg
@@ -422,6 +454,9 @@ class Coordinator:
             if key in ev:
                 record[key] = ev[key]
                 record[f"site_{key}"] = ev[f"site_{key}"]
+        record["secure_aggregation"] = outcome.secagg_stages is not None
+        if outcome.secagg_stages is not None:
+            record["secagg_stages"] = outcome.secagg_stages
         train_loss = {str(s): m["train_loss"] for s, m in outcome.site_metrics.items() if "train_loss" in m}
         if train_loss:
             record["site_train_loss"] = train_loss

@@ -124,6 +124,11 @@ class ClientStateMachine:
         self._revealed: dict[int, str] = {}
         self.clipped = 0
 
+    @property
+    def round_key(self) -> tuple[int, int] | None:
+        """(round, attempt) of the round in progress, if any."""
+        return None if self._round is None else (self._round.rnd, self._round.attempt)
+
     # -- entry points ----------------------------------------------------------------------------
 
     def receive(self, msg: Message) -> list[Message]:

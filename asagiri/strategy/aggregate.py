@@ -6,7 +6,24 @@ import numpy as np
 
 from ..wire.messages import Params
 
-__all__ = ["RunningSum", "apply_weighted_delta"]
+__all__ = ["RunningSum", "apply_weighted_delta", "flatten", "unflatten"]
+
+
+def flatten(params: Params) -> np.ndarray:
+    """All tensors, in the dict's order, as one float32 vector (the secure-aggregation layout)."""
+    if not params:
+        return np.zeros(0, dtype=np.float32)
+    return np.concatenate([np.asarray(v, dtype=np.float32).reshape(-1) for v in params.values()])
+
+
+def unflatten(vector: np.ndarray, template: Params) -> Params:
+    out, pos = {}, 0
+    for k, ref in template.items():
+        out[k] = vector[pos : pos + ref.size].reshape(ref.shape)
+        pos += ref.size
+    if pos != vector.size:
+        raise ValueError(f"vector of {vector.size} values for {pos} parameters")
+    return out
 
 
 class RunningSum:
@@ -16,6 +33,14 @@ class RunningSum:
         self._sum = {k: np.zeros(v.shape, dtype=np.float64) for k, v in template.items()}
         self.total_samples = 0
         self.count = 0
+
+    @classmethod
+    def from_totals(cls, weighted_sum: Params, total_samples: int, count: int) -> RunningSum:
+        """What secure aggregation yields: only the sum and the total count, never the parts."""
+        out = cls({})
+        out._sum = {k: np.asarray(v, dtype=np.float64) for k, v in weighted_sum.items()}
+        out.total_samples, out.count = total_samples, count
+        return out
 
     def add(self, update: Params, num_samples: int) -> None:
         for k, acc in self._sum.items():
