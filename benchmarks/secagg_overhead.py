@@ -3,6 +3,7 @@ one after another, no network), against plain aggregation done the same way.
 
     python benchmarks/secagg_overhead.py --clients 10 --dim 1000000 --graph sparse --json
     python benchmarks/secagg_overhead.py --table            # the grid recorded in docs/benchmarks.md
+    python benchmarks/secagg_overhead.py --tcp --clients 5  # real processes over loopback TCP
 
 Plain: each site scales its float32 update by its sample count (the sum-ready form the runtime
 sends) and the coordinator adds it into a float64 running sum.  Secure: the full protocol of
@@ -142,6 +143,79 @@ def keystream_throughput(nbytes: int = 64 << 20) -> float:
     return nbytes / (time.perf_counter() - t)
 
 
+def tcp_round_times(clients: int, width: int, rounds: int, secure: bool, root) -> dict:
+    """Median round time of a real federation (separate processes, loopback TCP), from metrics.jsonl."""
+    import socket
+    import subprocess
+    import sys
+
+    from asagiri.cli.demo import write_federation, write_site_config
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    overrides = [
+        f"listen.port={port}", "data.dataset=synthetic", "data.synthetic_samples=64", "data.partition.scheme=iid",
+        f"model.width={width}", "train.augment=false", f"secagg.enabled={str(secure).lower()}",
+        f"min_clients={min(clients, 3)}",
+    ]
+    fed_path, cfg = write_federation(root, sites=clients, rounds=rounds, overrides=overrides)
+    pub = (root / "keys" / "coordinator.pub").read_text().strip()
+    coord = subprocess.Popen([sys.executable, "-m", "asagiri.cli.coordinator", "--config", str(fed_path),
+                              "--log-level", "warning"], stdout=subprocess.PIPE, text=True)
+    assert coord.stdout is not None and coord.stdout.readline().startswith("listening")
+    sites = [
+        subprocess.Popen([sys.executable, "-m", "asagiri.cli.client", "--site", str(i), "--config",
+                          str(write_site_config(root, i, port, pub, {})), "--log-level", "warning"])
+        for i in range(1, clients + 1)
+    ]
+    coord.stdout.read()
+    coord.wait(timeout=600)
+    for site in sites:
+        site.wait(timeout=60)
+    recs = [json.loads(line) for line in (root / "metrics.jsonl").read_text().splitlines()]
+    params = sum(v.size for v in _initial(cfg).values())
+    return {"round_s": statistics.median(r["duration_s"] for r in recs[1:] or recs), "params": params}
+
+
+def _initial(cfg):  # type: ignore[no-untyped-def]
+    from asagiri.coordinator.server import initial_params
+
+    return initial_params(cfg)
+
+
+def tcp_mode(clients: int, width: int, rounds: int) -> dict:
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        plain = tcp_round_times(clients, width, rounds, False, Path(tmp) / "plain")
+        secure = tcp_round_times(clients, width, rounds, True, Path(tmp) / "secure")
+    return {
+        "mode": "tcp", "clients": clients, "params": plain["params"], "rounds": rounds,
+        "plain_round_s": round(plain["round_s"], 3), "secagg_round_s": round(secure["round_s"], 3),
+        "ratio": round(secure["round_s"] / plain["round_s"], 2),
+    }
+
+
+def mask_generation_ratio(dim: int, streams: int = 3) -> float:
+    """Masking throughput (keystream + ring adds, block-wise) over raw keystream throughput, same bytes."""
+    from asagiri.secagg.masking import add_masks
+
+    vec = np.zeros(dim + 1, dtype=np.uint32)
+    seeds = [(1 if i % 2 else -1, bytes([i]) * 32) for i in range(streams)]
+    add_masks(vec, None, seeds)
+    t = time.perf_counter()
+    add_masks(vec, None, seeds)
+    masked = time.perf_counter() - t
+    buf = np.empty(dim + 1, dtype=np.uint32)
+    t = time.perf_counter()
+    for _, seed in seeds:
+        expand_into(seed, buf)
+    raw = time.perf_counter() - t
+    return raw / masked
+
+
 def run(clients: int, dim: int, dropout: float, graph: str, repeat: int, shares: int, threshold: int) -> dict:
     rng = np.random.default_rng(0)
     updates = [(rng.normal(0, 0.01, dim).astype(np.float32), int(rng.integers(100, 1000))) for _ in range(clients)]
@@ -180,6 +254,7 @@ def run(clients: int, dim: int, dropout: float, graph: str, repeat: int, shares:
         "prg_floor_s": round(statistics.median(floors), 5),
         "keystream_GBps": round(throughput / 1e9, 2),
         "stages": {k: round(statistics.median(st.get(k, 0.0) for st in stage_runs), 5) for k in keys},
+        "mask_vs_keystream": round(mask_generation_ratio(dim), 3),
         "upload_bytes_per_client": int(statistics.median(uploads)),
         "plain_upload_bytes_per_client": plain_up,
         "upload_ratio": round(statistics.median(uploads) / plain_up, 4),
@@ -199,7 +274,27 @@ def main() -> None:
     p.add_argument("--threshold", type=int, default=2, help="sparse: shares needed to reconstruct")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--table", action="store_true",
+                   help="run the grid of docs/benchmarks.md (n x d x dropout, sparse 2-of-3; complete for small n), "
+                        "printing one JSON line per setting")
+    p.add_argument("--tcp", action="store_true",
+                   help="instead: a real federation over loopback TCP (separate processes), secure vs plain")
+    p.add_argument("--width", type=int, default=32, help="--tcp: SmallCNN width (32: 93k parameters)")
+    p.add_argument("--rounds", type=int, default=4, help="--tcp: rounds per run (the first is not counted)")
     args = p.parse_args()
+    if args.tcp:
+        print(json.dumps(tcp_mode(args.clients, args.width, args.rounds), indent=None if args.json else 2))
+        return
+    if args.table:
+        for dim in (100_000, 1_000_000, 11_000_000):
+            for clients in (4, 10, 25, 100):
+                for dropout in (0.0, 0.1, 0.3):
+                    repeat = 3 if dim * clients <= 25_000_000 else 1
+                    graphs = ["sparse"] + (["complete"] if clients <= 25 and dim <= 1_000_000 else [])
+                    for graph in graphs:
+                        res = run(clients, dim, dropout, graph, repeat, args.shares, args.threshold)
+                        print(json.dumps(res), flush=True)
+        return
     result = run(args.clients, int(args.dim), args.dropout, args.graph, args.repeat, args.shares, args.threshold)
     print(json.dumps(result, indent=None if args.json else 2))
 

@@ -131,8 +131,10 @@ async def _orchestrate(out: Path, fed_path: Path, cfg: FederationConfig, args: a
                 print(f"error: the coordinator did not start (see {logs / 'coordinator.log'})", file=sys.stderr)
                 return EXIT_CONFIG if coordinator.returncode == EXIT_CONFIG else EXIT_RUNTIME
             pub = (out / "keys" / "coordinator.pub").read_text().strip()
+            # Each site pins the others' identity keys (out of band, as a real deployment would).
+            peers = {"peers": {entry.id: entry.public_key for entry in cfg.sites}}
             for site in range(1, args.sites + 1):
-                site_cfg = write_site_config(out, site, port, pub, {})
+                site_cfg = write_site_config(out, site, port, pub, peers)
                 site_log = open(logs / f"site-{site}.log", "ab")  # noqa: SIM115 - closed in finally
                 log_files.append(site_log)
                 procs.append(await anyio.open_process(

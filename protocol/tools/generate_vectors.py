@@ -15,11 +15,16 @@ from pathlib import Path
 
 import numpy as np
 
+from asagiri.secagg import shamir
+from asagiri.secagg.masking import add_masks
+from asagiri.secagg.prg import expand
+from asagiri.secagg.quantize import QuantPlan, quantize
 from asagiri.wire import codec
 from asagiri.wire.channel import ClientHandshake, SecureChannel, ServerHandshake
 from asagiri.wire.crypto import (
     EphemeralKey,
     Identity,
+    Keystream,
     StreamCipher,
     chacha20_keystream_into,
     sodium_chacha20poly1305_seal,
@@ -104,6 +109,49 @@ def keystream_vectors() -> list[dict]:
     return out
 
 
+def deterministic_rng(key: bytes):  # type: ignore[no-untyped-def]
+    """Randomness for vectors only: a ChaCha20 keystream under a fixed key."""
+    ks = Keystream(key)
+
+    def rng(n: int) -> bytes:
+        buf = bytearray(n)
+        ks.fill(memoryview(buf))
+        return bytes(buf)
+
+    return rng
+
+
+def shamir_vectors() -> list[dict]:
+    out = []
+    for secret, n, t in [(bytes(range(32)), 3, 2), (b"\xff" * 32, 5, 3), (bytes(32), 1, 1)]:
+        shares = shamir.split(secret, n, t, rng=deterministic_rng(seed(6)))
+        out.append({"secret_hex": secret.hex(), "n": n, "t": t, "rng_key_hex": seed(6).hex(),
+                    "shares_hex": [shamir.encode_share(sh).hex() for sh in shares]})
+    return out
+
+
+def secagg_vectors() -> dict:
+    plan = QuantPlan.plan(bits=32, clip=1.0, max_samples=1000, max_sites=4)
+    delta = np.array([0.5, -0.25, 1.5, -3.0, 1e-4, 0.0], dtype=np.float32)
+    noise_seed, b_seed, pair = seed(7), seed(8), seed(9)
+    ring, clipped = quantize(delta, 10, plan, noise_seed=noise_seed)
+    masked = add_masks(ring.copy(), b_seed, [(1, pair), (-1, seed(10))])
+    fused, _ = quantize(delta, 10, plan, noise_seed=noise_seed, masks=[(1, b_seed), (1, pair), (-1, seed(10))])
+    assert np.array_equal(masked, fused)
+    return {
+        "plan": plan.to_dict(),
+        "delta": delta.tolist(),
+        "num_samples": 10,
+        "noise_seed_hex": noise_seed.hex(),
+        "quantized_hex": ring.tobytes().hex(),
+        "clipped": clipped,
+        "self_seed_hex": b_seed.hex(),
+        "pair_masks": [[1, pair.hex()], [-1, seed(10).hex()]],
+        "masked_hex": masked.tobytes().hex(),
+        "prg_first_words": [int(w) for w in expand(b_seed, 4)],
+    }
+
+
 def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     sets = {
@@ -111,6 +159,8 @@ def main() -> None:
         "handshake.json": handshake_vector(),
         "aead.json": aead_vectors(),
         "keystream.json": keystream_vectors(),
+        "shamir.json": shamir_vectors(),
+        "secagg.json": secagg_vectors(),
     }
     for name, data in sets.items():
         (OUT / name).write_text(json.dumps(data, indent=2) + "\n")

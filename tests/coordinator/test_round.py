@@ -112,3 +112,51 @@ def test_second_answer_is_a_violation():
     m.receive(1, res(10, 1.0))
     with pytest.raises(ProtocolViolation, match="second answer"):
         m.receive(1, res(10, 1.0))
+
+
+# ---- with secure aggregation ---------------------------------------------------------------------
+
+def secure_machine(n=3, k=2):
+    from asagiri.secagg.quantize import QuantPlan
+    from asagiri.secagg.server import ServerStateMachine
+    from asagiri.wire.crypto import Identity
+
+    ids = {i: Identity.generate() for i in range(1, n + 1)}
+    cfg = FederationConfig(min_clients=k)
+    sa = ServerStateMachine(
+        run_id="r", rnd=1, attempt=1, participants=list(ids), min_clients=k,
+        plan=QuantPlan.plan(bits=32, clip=1.0, max_samples=100, max_sites=n), vector_len=5,
+        identities={i: key.public for i, key in ids.items()},
+    )
+    m = RoundMachine(rnd=1, attempt=1, selected=list(ids), evaluators=list(ids), min_clients=k,
+                     global_params=dict(PARAMS), fit_config={}, strategy=FedAvg(cfg, dict(PARAMS)), secagg=sa)
+    return m, ids
+
+
+def test_secure_round_refuses_plaintext_updates():
+    m, _ = secure_machine()
+    out = m.start()
+    assert {type(o.msg).__name__ for o in out} == {"FitIns", "SecAggStart"}
+    with pytest.raises(ProtocolViolation, match="plaintext update"):
+        m.receive(1, res(10, 1.0))
+
+
+def test_secure_round_turns_bad_secagg_messages_into_violations():
+    from asagiri.wire.messages import AdvertiseKeys, MaskedInput
+
+    m, ids = secure_machine()
+    m.start()
+    with pytest.raises(ProtocolViolation, match="does not verify"):
+        m.receive(1, AdvertiseKeys(1, 1, b"\1" * 32, b"\2" * 32, b"\3" * 64))
+    with pytest.raises(ProtocolViolation, match="out of stage"):
+        m.receive(2, MaskedInput(1, 1, {"y": np.zeros(5, np.uint32)}))
+
+
+def test_secure_round_aborts_below_k_when_sites_vanish_during_key_setup():
+    m, _ = secure_machine(n=3, k=3)
+    m.start()
+    m.site_lost(1)
+    out = m.timed_out()  # the others never advertised either
+    assert m.phase is Phase.ABORTED and "fewer than min_clients=3" in m.outcome.abort_reason
+    assert m.outcome.params is None
+    assert all(isinstance(o.msg, RoundAborted) for o in out)

@@ -53,7 +53,10 @@ class Federation:
         return self.coordinator
 
     def start_site(self, site: int, *extra: str) -> subprocess.Popen:
-        cfg = write_site_config(self.root, site, self.port, self.pub, {"reconnect": {"give_up_s": 60, "max_s": 1}})
+        peers = {entry.id: entry.public_key for entry in self.cfg.sites}
+        cfg = write_site_config(
+            self.root, site, self.port, self.pub, {"reconnect": {"give_up_s": 60, "max_s": 1}, "peers": peers}
+        )
         log = open(self.root / "logs" / f"site-{site}.log", "ab")
         proc = subprocess.Popen(
             [sys.executable, "-m", "asagiri.cli.client", "--site", str(site), "--config", str(cfg), *extra],

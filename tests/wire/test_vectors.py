@@ -96,3 +96,36 @@ def test_keystream_resumes_exactly_across_uneven_fills():
     for start, stop in [(0, 3), (3, 64), (64, 1000), (1000, 1001), (1001, 5000)]:
         ks.fill(view[start:stop])
     assert bytes(out) == sodium_keystream(key, 5000)
+
+
+@pytest.mark.parametrize("vec", load_vectors("shamir.json"), ids=lambda v: f"{v['t']}-of-{v['n']}")
+def test_shamir_vectors(vec):
+    from asagiri.secagg import shamir
+    from protocol.tools.generate_vectors import deterministic_rng
+
+    secret = bytes.fromhex(vec["secret_hex"])
+    shares = shamir.split(secret, vec["n"], vec["t"], rng=deterministic_rng(bytes.fromhex(vec["rng_key_hex"])))
+    assert [shamir.encode_share(s).hex() for s in shares] == vec["shares_hex"]
+    decoded = [shamir.decode_share(bytes.fromhex(h)) for h in vec["shares_hex"]]
+    assert shamir.reconstruct(decoded[-vec["t"] :], vec["t"]) == secret
+
+
+def test_quantize_and_mask_vector():
+    from asagiri.secagg.masking import add_masks
+    from asagiri.secagg.prg import expand
+    from asagiri.secagg.quantize import QuantPlan, dequantize, quantize
+
+    v = load_vectors("secagg.json")
+    plan = QuantPlan(**v["plan"])
+    delta = np.array(v["delta"], dtype=np.float32)
+    ring, clipped = quantize(delta, v["num_samples"], plan, noise_seed=bytes.fromhex(v["noise_seed_hex"]))
+    assert ring.tobytes().hex() == v["quantized_hex"] and clipped == v["clipped"]
+    pairs = [(s, bytes.fromhex(h)) for s, h in v["pair_masks"]]
+    masked = add_masks(ring.copy(), bytes.fromhex(v["self_seed_hex"]), pairs)
+    assert masked.tobytes().hex() == v["masked_hex"]
+    assert expand(bytes.fromhex(v["self_seed_hex"]), 4).tolist() == v["prg_first_words"]
+    # removing the masks again gives the quantised vector back; dequantising it, the clipped update
+    add_masks(masked, None, [(-1, bytes.fromhex(v["self_seed_hex"]))] + [(-s, seed) for s, seed in pairs])
+    weighted, count = dequantize(masked, plan)
+    assert count == v["num_samples"]
+    np.testing.assert_allclose(weighted, np.clip(delta, -1, 1) * v["num_samples"], atol=1 / plan.scale)
