@@ -317,8 +317,10 @@ class ClientStateMachine:
         if set(survivors) & set(dropped):
             raise SecAggRefused("survivor and dropout lists overlap")
         text = survivors_message(self.run_id, r.rnd, r.attempt, survivors)
-        valid = set()
+        valid: set[int] = set()
         for signer, sig in msg.signatures:
+            if len(valid) >= r.threshold:
+                break  # t valid signatures on this exact list are what the check needs
             peer = self.peers.get(signer) if signer != self.site_id else self.identity.public
             if signer not in survivors or peer is None:
                 continue
