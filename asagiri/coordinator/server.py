@@ -52,6 +52,7 @@ from ..wire.messages import (
     Shutdown,
     Welcome,
 )
+from ..wire.pool import ArrayPool
 from .checkpoint import load_checkpoint, save_checkpoint
 from .round import Outbound, ProtocolViolation, RoundMachine, RoundOutcome
 
@@ -123,6 +124,9 @@ class Coordinator:
         self.start_round = 1
         params = initial_params(cfg)
         self.strategy = build_strategy(cfg, params)
+        # One receive pool for every session: a few model-sized buffers, however many sites.
+        model_bytes = sum(v.nbytes for v in params.values()) + 8
+        self._pool = ArrayPool(max_bytes=4 * model_bytes)
         self._load_or_refuse(resume, params)
         self.port: int | None = None
 
@@ -199,7 +203,7 @@ class Coordinator:
                 with anyio.fail_after(cfg.timeouts.handshake):
                     site_id, conn = await accept_handshake(
                         stream, self.identity, self.roster, max_frame_size=cfg.max_frame_bytes,
-                        max_payload_bytes=cfg.max_message_bytes, chunk_bytes=cfg.chunk_bytes,
+                        max_payload_bytes=cfg.max_message_bytes, chunk_bytes=cfg.chunk_bytes, pool=self._pool,
                     )
                     await conn.send(self._welcome(site_id))
             except SiteRefused as exc:

@@ -157,8 +157,13 @@ async def accept_handshake(
     max_frame_size: int,
     max_payload_bytes: int,
     chunk_bytes: int,
+    pool: ArrayPool | None = None,
 ) -> tuple[int, Connection]:
-    """Run the coordinator's side. On refusal, tells the peer why (in the clear) and re-raises."""
+    """Run the coordinator's side. On refusal, tells the peer why (in the clear) and re-raises.
+
+    ``pool``: where received tensors come from; a coordinator shares one across its sessions so
+    that recycled receive buffers stay O(model size), not O(sites x model size).
+    """
     hs = ServerHandshake(identity, roster)
     decoder = FrameDecoder(max_frame_size=_HANDSHAKE_FRAME_MAX)
     try:
@@ -177,6 +182,7 @@ async def accept_handshake(
     assert hs.keys is not None
     decoder.max_frame_size = max_frame_size
     channel = SecureChannel(
-        hs.keys, max_frame_size=max_frame_size, max_payload_bytes=max_payload_bytes, chunk_bytes=chunk_bytes
+        hs.keys, max_frame_size=max_frame_size, max_payload_bytes=max_payload_bytes, chunk_bytes=chunk_bytes,
+        pool=pool,
     )
     return site_id, Connection(stream, channel, decoder, peer=f"site {site_id}")
