@@ -110,15 +110,22 @@ class TrainConfig(_Strict):
 
 
 class PartitionConfig(_Strict):
-    scheme: Literal["iid", "dirichlet", "quantity"] = "dirichlet"
+    """How the demo's shared file is split into sites (see ``asagiri partition``).
+
+    ``feature``: ChestX-ray14 by ``View Position`` (or ``feature_key: age_band``), ISIC 2020 by
+    anatomical site; other sets get a simulated per-site acquisition profile.
+    """
+
+    scheme: Literal["iid", "dirichlet", "quantity", "feature"] = "dirichlet"
     alpha: float = Field(0.3, gt=0)
     seed: int = 0
+    feature_key: str | None = None
 
 
 class DataConfig(_Strict):
     """What the federation trains on.  ``path`` None means the data bundled with Asagiri."""
 
-    dataset: Literal["pneumoniamnist", "synthetic"] = "pneumoniamnist"
+    dataset: Literal["pneumoniamnist", "dermamnist", "medmnist", "nih", "isic", "synthetic"] = "pneumoniamnist"
     path: Path | None = None
     image_size: int = Field(28, ge=8, le=512)
     partition: PartitionConfig = PartitionConfig()

@@ -82,7 +82,8 @@ class SiteWorker:
         self.data: SiteData = load_site_data(
             dataset=self.data_cfg.dataset, path=cfg.data_path, site_index=welcome.site_index,
             num_sites=welcome.num_sites, scheme=part.scheme, alpha=part.alpha, seed=part.seed,
-            synthetic_samples=self.data_cfg.synthetic_samples,
+            synthetic_samples=self.data_cfg.synthetic_samples, image_size=self.data_cfg.image_size,
+            cache_dir=cfg.state_dir / "cache", feature_key=part.feature_key,
         )
         torch.manual_seed(part.seed)
         self.model = build(
@@ -116,7 +117,7 @@ class SiteWorker:
             self.model, self.data.train, epochs=t.local_epochs, batch_size=t.batch_size, lr=t.lr,
             optimizer=t.optimizer, momentum=t.momentum, weight_decay=t.weight_decay,
             mu=float(ins.config.get("mu", 0.0)), augment=t.augment, seed=int(ins.config.get("seed", 0)),
-            device=self.device,
+            device=self.device, task=self.data.task,
         )
         state = self.model.state_dict()
         delta = {k: state[k].detach().cpu().numpy().astype(np.float32) - ins.params[k] for k in ins.params}
@@ -131,9 +132,12 @@ class SiteWorker:
 
     def evaluate(self, ins: EvaluateIns) -> EvaluateRes:
         self._load_global(ins.params)
-        split = self.data.val if ins.split == "val" or self.data.test is None else self.data.test
-        res = evaluate(self.model, split, device=self.device)
-        return EvaluateRes(ins.round, ins.split, res.num_examples, res.metrics())
+        split = self.data.val if ins.split == "val" else self.data.test
+        res = evaluate(self.model, split, device=self.device, task=self.data.task)
+        predictions = {}
+        if ins.split == "test":
+            predictions = {"scores": res.scores.astype(np.float32), "labels": np.ascontiguousarray(res.labels)}
+        return EvaluateRes(ins.round, ins.split, res.num_examples, res.metrics(), predictions)
 
 
 def _pick_device(choice: str) -> torch.device:

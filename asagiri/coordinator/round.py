@@ -315,3 +315,58 @@ class RoundMachine:
         self.outcome.evaluation = self._strategy.aggregate_evaluate(self.round, self._eval_results)
         self.phase = Phase.DONE
         return []
+
+
+class TestEvaluation:
+    """The final model scored on the official test split: each site on its share, with its own
+    local layers; the predictions are pooled into one AUC and accuracy (sans-IO, like the round)."""
+
+    def __init__(self, *, rnd: int, sites: list[int], params: Params) -> None:
+        self.round = rnd
+        self._waiting = set(sites)
+        self._params = params
+        self.results: dict[int, EvaluateRes] = {}
+
+    @property
+    def finished(self) -> bool:
+        return not self._waiting
+
+    def start(self) -> list[Outbound]:
+        return [Outbound(s, EvaluateIns(self.round, self._params, "test")) for s in sorted(self._waiting)]
+
+    def receive(self, site: int, msg: Message) -> list[Outbound]:
+        if isinstance(msg, EvaluateRes) and msg.split == "test" and msg.round == self.round and site in self._waiting:
+            if not msg.predictions:
+                raise ProtocolViolation(site, "test evaluation without predictions")
+            self._waiting.discard(site)
+            self.results[site] = msg
+            return []
+        if isinstance(msg, FitRes | EvaluateRes | Decline | _SECAGG_MESSAGES):
+            return []  # stragglers from the last round
+        raise ProtocolViolation(site, f"{type(msg).__name__} during the final test evaluation")
+
+    def site_lost(self, site: int) -> list[Outbound]:
+        self._waiting.discard(site)
+        return []
+
+    def timed_out(self) -> list[Outbound]:
+        self._waiting.clear()
+        return []
+
+    def pooled(self) -> dict[str, Any]:
+        from ..train.loop import accuracy_score, auc_score
+
+        if not self.results:
+            return {}
+        scores = np.concatenate([r.predictions["scores"] for r in self.results.values()])
+        labels = np.concatenate([r.predictions["labels"] for r in self.results.values()])
+        auc = auc_score(labels, scores)
+        out: dict[str, Any] = {
+            "test_accuracy": accuracy_score(labels, scores),
+            "test_examples": int(len(labels)),
+            "test_sites": sorted(self.results),
+        }
+        if auc is not None:
+            out["test_auc"] = auc
+        return out
+

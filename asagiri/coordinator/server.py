@@ -54,7 +54,7 @@ from ..wire.messages import (
 )
 from ..wire.pool import ArrayPool
 from .checkpoint import load_checkpoint, save_checkpoint
-from .round import Outbound, ProtocolViolation, RoundMachine, RoundOutcome
+from .round import Outbound, ProtocolViolation, RoundMachine, RoundOutcome, TestEvaluation
 
 __all__ = ["Coordinator", "FederationFailed", "ResumeError", "initial_params"]
 
@@ -121,6 +121,7 @@ class Coordinator:
         self._events_in: MemoryObjectSendStream[tuple[int, Message | _Lost | _Joined]] = send
         self._events: MemoryObjectReceiveStream[tuple[int, Message | _Lost | _Joined]] = recv
         self.history: list[dict[str, Any]] = []
+        self._test: dict[str, Any] = {}  # the final score on the official test split
         self.start_round = 1
         params = initial_params(cfg)
         self.strategy = build_strategy(cfg, params)
@@ -440,7 +441,35 @@ class Coordinator:
                 log.error("fault injection: killing the coordinator after round %d", rnd)
                 os.kill(os.getpid(), signal.SIGKILL)
             rnd += 1
+        self._test = await self._final_test(cfg.rounds)
         return self._write_summary("completed", time.monotonic() - t_start)
+
+    async def _final_test(self, rnd: int) -> dict[str, Any]:
+        """Score the final model on the official test split, predictions pooled over the sites."""
+        sites = self._eligible()
+        if not sites:
+            return {}
+        machine = TestEvaluation(rnd=rnd, sites=sites, params=self.strategy.params)
+        self._drain_idle_events()
+        await self._dispatch(machine.start())
+        with anyio.move_on_after(self.cfg.timeouts.evaluate):
+            while not machine.finished:
+                site_id, event = await self._events.receive()
+                if isinstance(event, _Lost):
+                    machine.site_lost(site_id)
+                elif not isinstance(event, _Joined):
+                    try:
+                        machine.receive(site_id, event)
+                    except ProtocolViolation as exc:
+                        log.warning("%s; closing its channel", exc)
+                        self._drop(site_id)
+                        machine.site_lost(site_id)
+        machine.timed_out()
+        pooled = machine.pooled()
+        if "test_auc" in pooled:
+            print(f"test  auc={pooled['test_auc']:.4f}  acc={pooled['test_accuracy']:.4f}  "
+                  f"on {pooled['test_examples']} images from sites {pooled['test_sites']}", flush=True)
+        return pooled
 
     def _complete_round(self, outcome: RoundOutcome, duration: float) -> None:
         assert outcome.params is not None
@@ -511,6 +540,7 @@ class Coordinator:
             "mean_round_s": round(sum(h["duration_s"] for h in self.history) / len(self.history), 3)
             if self.history else None,
             "model_sha256": params_digest(self.strategy.params),
+            **self._test,
         }
         if reason:
             summary["reason"] = reason

@@ -1,8 +1,14 @@
-"""Per-site data: the bundled PneumoniaMNIST file (or any file of that layout) and a synthetic set.
+"""Per-site data: open a data set, take this site's share of each split, normalise once, cache.
 
-Each site computes the same seeded partition of the shared file and keeps its own share, which
-is how the single-machine demo simulates hospitals; a real site points ``data_path`` at its own
-files.  Images become float tensors normalised to [-1, 1] once, at load, and stay cached.
+For the single-machine demo every site opens the same file and keeps its share of a seeded
+partition, which is how we simulate hospitals; a real site points ``data_path`` at its own files
+and uses ``scheme: iid`` with one site (its whole set).  Images become float tensors in [-1, 1]
+once, at load, and stay in memory.
+
+The ``feature`` scheme gives each site a different acquisition: for ChestX-ray14 the sites split
+the ``View Position`` values (or patient age bands) between them, for ISIC 2020 the anatomical
+sites; MedMNIST-style sets have no such metadata, so each site gets an IID share with a
+**simulated** acquisition profile (brightness, contrast, gamma, blur) applied to all its splits.
 """
 
 from __future__ import annotations
@@ -13,18 +19,38 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from .partition import partition
+from .partition import feature_partition, partition
+from .sources import RawDataset, dermamnist_archive, isic2020, medmnist_npz, nih_chestxray14, synthetic
 
-__all__ = ["BUNDLED_PNEUMONIAMNIST", "SiteData", "Split", "dataset_info", "load_site_data"]
+__all__ = [
+    "ACQUISITION_PROFILES",
+    "BUNDLED",
+    "SiteData",
+    "Split",
+    "dataset_info",
+    "load_site_data",
+    "open_dataset",
+    "skew_labels",
+]
 
-BUNDLED_PNEUMONIAMNIST = "pneumoniamnist.npz"
+BUNDLED = {
+    "pneumoniamnist": "pneumoniamnist.npz",
+    "dermamnist": "dermamnist_jpeg28_source.tar.gz",
+}
+BUNDLED_PNEUMONIAMNIST = BUNDLED["pneumoniamnist"]
+
+# (brightness offset, contrast, gamma, blur sigma in pixels): simulated scanners, site i uses i mod 4.
+ACQUISITION_PROFILES = ((0.0, 1.0, 1.0, 0.0), (0.10, 0.75, 1.3, 0.0), (-0.10, 1.25, 0.8, 0.0), (0.0, 0.9, 1.0, 1.0))
+
+FEATURE_KEYS = {"nih": "view", "isic": "site"}
 
 
 @dataclass(frozen=True)
 class Split:
-    images: torch.Tensor  # N x C x H x W, float32
-    labels: torch.Tensor  # N, int64
+    images: torch.Tensor  # N x C x H x W, float32 in [-1, 1]
+    labels: torch.Tensor  # N int64 (binary, multi-class) or N x L float32 (multi-label)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -34,56 +60,105 @@ class Split:
 class SiteData:
     train: Split
     val: Split
-    test: Split | None
+    test: Split
+    official_test: bool  # test is the data set's official test split (else a held-out patient split)
     channels: int
-    num_classes: int
+    num_classes: int  # model outputs: classes, or labels for multi-label
+    task: str
+    label_names: tuple[str, ...]
 
 
 def bundled_path(name: str) -> Path:
     return Path(str(resources.files("asagiri.data").joinpath("bundled", name)))
 
 
-def _to_split(images: np.ndarray, labels: np.ndarray) -> Split:
-    x = torch.from_numpy(images.astype(np.float32) / 127.5 - 1.0)
-    if x.ndim == 3:
-        x = x.unsqueeze(1)
-    else:
-        x = x.permute(0, 3, 1, 2).contiguous()
-    y = torch.from_numpy(np.asarray(labels).reshape(len(labels), -1)[:, 0].astype(np.int64))
-    return Split(x, y)
-
-
-def _medmnist_npz(path: Path) -> dict[str, np.ndarray]:
-    with np.load(path, allow_pickle=False) as npz:
-        missing = {"train_images", "train_labels", "val_images", "val_labels"} - set(npz.files)
-        if missing:
-            raise ValueError(f"{path}: not a MedMNIST file (missing {sorted(missing)})")
-        return {k: npz[k] for k in npz.files}
-
-
-def synthetic_arrays(n: int, *, seed: int, size: int = 28, channels: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """Two learnable classes: a bright blob left (0) or right (1) of centre, plus noise."""
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, 2, size=n)
-    yy, xx = np.mgrid[0:size, 0:size]
-    images = rng.normal(90, 25, size=(n, size, size)).astype(np.float32)
-    for i, y in enumerate(labels):
-        cx = size * (0.3 if y == 0 else 0.7) + rng.normal(0, 1.5)
-        cy = size * 0.5 + rng.normal(0, 3)
-        images[i] += 120 * np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * (size / 8) ** 2))
-    images = np.clip(images, 0, 255).astype(np.uint8)
-    if channels > 1:
-        images = np.repeat(images[..., None], channels, axis=-1)
-    return images, labels.reshape(-1, 1)
+def open_dataset(
+    dataset: str, path: Path | None, *, image_size: int = 28, cache_dir: Path | None = None, seed: int = 0,
+    synthetic_samples: int = 512,
+) -> RawDataset:
+    if dataset == "synthetic":
+        return synthetic(synthetic_samples, seed=seed, size=image_size)
+    if dataset in ("pneumoniamnist", "medmnist"):
+        if path is None and dataset == "medmnist":
+            raise ValueError("data.dataset=medmnist needs data.path (a MedMNIST .npz file)")
+        return medmnist_npz(path or bundled_path(BUNDLED["pneumoniamnist"]), image_size)
+    if dataset == "dermamnist":
+        target = path or bundled_path(BUNDLED["dermamnist"])
+        if target.suffix == ".npz":
+            return medmnist_npz(target, image_size)
+        return dermamnist_archive(target, image_size, cache_dir=cache_dir)
+    if dataset == "isic":
+        if path is None:
+            raise ValueError("data.dataset=isic needs data.path (the folder holding train.csv)")
+        return isic2020(path, image_size, cache_dir=cache_dir, seed=seed)
+    if dataset == "nih":
+        if path is None:
+            raise ValueError("data.dataset=nih needs data.path (the folder holding Data_Entry_2017.csv)")
+        return nih_chestxray14(path, image_size, cache_dir=cache_dir, seed=seed)
+    raise ValueError(f"unknown dataset {dataset!r}")
 
 
 def dataset_info(dataset: str, path: Path | None) -> tuple[int, int]:
-    """(channels, classes) without loading images, so a coordinator needs no data of its own."""
-    if dataset == "synthetic":
-        return 1, 2
-    if dataset == "pneumoniamnist":
-        return 1, 2
-    raise ValueError(f"unknown dataset {dataset!r}")
+    """(channels, model outputs) without decoding images where the format allows it."""
+    known = {"synthetic": (1, 2), "pneumoniamnist": (1, 2), "dermamnist": (3, 7), "isic": (3, 2), "nih": (1, 14)}
+    if dataset in known and not (dataset in ("pneumoniamnist", "dermamnist") and path is not None):
+        return known[dataset]
+    if path is None:
+        raise ValueError(f"data.dataset={dataset} needs data.path on the coordinator to size the model")
+    with np.load(path, allow_pickle=False) as npz:
+        images = npz["val_images"]
+        labels = np.concatenate([npz[f"{s}_labels"] for s in ("train", "val", "test")])
+    from .sources import task_of
+
+    return (1 if images.ndim == 3 else 3), task_of(labels)[1]
+
+
+def skew_labels(labels: np.ndarray) -> np.ndarray:
+    """One class id per sample for label-skew partitions (multi-label: first finding, 0 = none)."""
+    if labels.ndim == 2:
+        has = labels.any(axis=1)
+        return np.where(has, labels.argmax(axis=1) + 1, 0)
+    return labels
+
+
+def _to_split(images: np.ndarray, labels: np.ndarray, task: str, profile: tuple | None) -> Split:
+    x = torch.from_numpy(images.astype(np.float32) / 255.0)
+    x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2).contiguous()
+    if profile is not None:
+        x = _acquisition(x, profile)
+    x = x * 2.0 - 1.0
+    y = torch.from_numpy(labels.astype(np.float32) if task == "multilabel" else labels.astype(np.int64))
+    return Split(x, y)
+
+
+def _acquisition(x: torch.Tensor, profile: tuple) -> torch.Tensor:
+    offset, contrast, gamma, blur = profile
+    x = x.clamp(0, 1) ** gamma
+    x = ((x - 0.5) * contrast + 0.5 + offset).clamp(0, 1)
+    if blur > 0:
+        r = max(1, int(3 * blur))
+        k = torch.exp(-(torch.arange(-r, r + 1, dtype=torch.float32) ** 2) / (2 * blur**2))
+        k = (k / k.sum()).view(1, 1, 1, -1).repeat(x.shape[1], 1, 1, 1)
+        x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="replicate"), k, groups=x.shape[1])
+        x = F.conv2d(F.pad(x, (0, 0, r, r), mode="replicate"), k.transpose(2, 3), groups=x.shape[1])
+    return x
+
+
+def site_indices(
+    raw: RawDataset, dataset: str, split: str, num_sites: int, *, scheme: str, alpha: float, seed: int,
+    feature_key: str | None = None,
+) -> list[np.ndarray]:
+    """Each site's indices into ``split``; every sample goes to exactly one site."""
+    stream = ("train", "val", "test").index(split)
+    labels = skew_labels(raw.labels[split])
+    if scheme == "feature":
+        key = feature_key or FEATURE_KEYS.get(dataset)
+        if key is not None and key in raw.meta.get(split, {}):
+            return feature_partition(raw.meta[split][key], num_sites, seed=seed)
+        scheme = "iid"  # simulated acquisition shift instead (applied in load_site_data)
+    if split == "test":
+        scheme = "iid"  # the official test set is shared out evenly; its label mix stays the population's
+    return partition(labels, num_sites, scheme=scheme, alpha=alpha, seed=seed, stream=stream)
 
 
 def load_site_data(
@@ -96,28 +171,21 @@ def load_site_data(
     alpha: float,
     seed: int,
     synthetic_samples: int = 512,
+    image_size: int = 28,
+    cache_dir: Path | None = None,
+    feature_key: str | None = None,
 ) -> SiteData:
-    if dataset == "synthetic":
-        arrays = {}
-        for stream, split in enumerate(("train", "val", "test")):
-            n = synthetic_samples if split == "train" else max(64, synthetic_samples // 4)
-            arrays[f"{split}_images"], arrays[f"{split}_labels"] = synthetic_arrays(n, seed=seed * 7 + stream)
-    elif dataset == "pneumoniamnist":
-        arrays = _medmnist_npz(path or bundled_path(BUNDLED_PNEUMONIAMNIST))
-    else:
-        raise ValueError(f"unknown dataset {dataset!r}")
-
-    def share(split: str, stream: int, site_scheme: str) -> Split:
-        labels = arrays[f"{split}_labels"]
-        parts = partition(labels, num_sites, scheme=site_scheme, alpha=alpha, seed=seed, stream=stream)
+    raw = open_dataset(dataset, path, image_size=image_size, cache_dir=cache_dir, seed=seed,
+                       synthetic_samples=synthetic_samples)
+    simulated = scheme == "feature" and (feature_key or FEATURE_KEYS.get(dataset)) is None
+    profile = ACQUISITION_PROFILES[site_index % len(ACQUISITION_PROFILES)] if simulated else None
+    splits = {}
+    for split in ("train", "val", "test"):
+        parts = site_indices(raw, dataset, split, num_sites, scheme=scheme, alpha=alpha, seed=seed,
+                             feature_key=feature_key)
         idx = parts[site_index]
-        return _to_split(arrays[f"{split}_images"][idx], labels[idx])
-
-    train = share("train", 0, scheme)
-    # Validation follows the site's own label mix; the official test split is shared out evenly
-    # and only used for the final, pooled score.
-    val = share("val", 1, scheme)
-    test = share("test", 2, "iid") if "test_images" in arrays else None
-    num_classes = int(max(arrays["train_labels"].max(), arrays["val_labels"].max())) + 1
-    channels = train.images.shape[1]
-    return SiteData(train=train, val=val, test=test, channels=channels, num_classes=max(2, num_classes))
+        splits[split] = _to_split(raw.images[split][idx], raw.labels[split][idx], raw.task, profile)
+    return SiteData(
+        train=splits["train"], val=splits["val"], test=splits["test"], official_test=raw.official_test,
+        channels=raw.channels, num_classes=raw.num_outputs, task=raw.task, label_names=tuple(raw.label_names),
+    )

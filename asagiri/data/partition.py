@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["dirichlet_partition", "iid_partition", "partition", "quantity_partition"]
+__all__ = ["dirichlet_partition", "feature_partition", "iid_partition", "partition", "quantity_partition"]
 
 
 def iid_partition(n: int, n_sites: int, *, rng: np.random.Generator) -> list[np.ndarray]:
@@ -47,6 +47,17 @@ def dirichlet_partition(
         if min(len(p) for p in parts) >= min_size:
             return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
     raise ValueError(f"could not give every site {min_size} samples with alpha={alpha}")
+
+
+def feature_partition(values: np.ndarray, n_sites: int, *, seed: int) -> list[np.ndarray]:
+    """Feature shift: samples ordered by feature value (most frequent first, random within a value),
+    then cut into equal contiguous chunks, so each site holds one or two acquisition groups."""
+    values = np.asarray(values).astype(str)
+    rng = np.random.default_rng([seed, 99])
+    uniq, counts = np.unique(values, return_counts=True)
+    rank = {v: r for r, v in enumerate(uniq[np.argsort(-counts, kind="stable")])}
+    order = np.lexsort((rng.random(len(values)), np.array([rank[v] for v in values])))
+    return [np.sort(part) for part in np.array_split(order, n_sites)]
 
 
 def partition(

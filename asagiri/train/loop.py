@@ -65,6 +65,7 @@ def train_local(
     augment: bool = True,
     seed: int = 0,
     device: torch.device | str = "cpu",
+    task: str = "binary",
 ) -> TrainResult:
     """Train in place. With ``mu > 0`` adds FedProx's ``mu/2 * ||w - w_global||^2`` (Li et al. 2020)."""
     model.train()
@@ -87,7 +88,7 @@ def train_local(
             if augment:
                 x = _augment(x, gen)
             x, y = x.to(device), y.to(device)
-            loss = F.cross_entropy(model(x), y)
+            loss = loss_fn(model(x), y, task)
             if anchor is not None:
                 prox = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
                 loss = loss + 0.5 * mu * prox
@@ -99,9 +100,22 @@ def train_local(
     return TrainResult(num_samples=n, loss=total / max(steps, 1), steps=steps)
 
 
+def loss_fn(logits: torch.Tensor, y: torch.Tensor, task: str, reduction: str = "mean") -> torch.Tensor:
+    if task == "multilabel":
+        return F.binary_cross_entropy_with_logits(logits, y, reduction=reduction)
+    return F.cross_entropy(logits, y, reduction=reduction)
+
+
+def scores_of(logits: torch.Tensor, task: str) -> torch.Tensor:
+    return torch.sigmoid(logits) if task == "multilabel" else torch.softmax(logits, dim=1)
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, data: Split, *, batch_size: int = 512, device: torch.device | str = "cpu") -> EvalResult:
-    """Loss, accuracy and AUC (binary: positive-class score; multi-class: macro one-vs-rest)."""
+def evaluate(
+    model: nn.Module, data: Split, *, batch_size: int = 512, device: torch.device | str = "cpu", task: str = "binary"
+) -> EvalResult:
+    """Loss, accuracy and AUC: binary, the positive class's score; multi-class, macro one-vs-rest;
+    multi-label, the mean over labels that have both values present (accuracy: per label at 0.5)."""
     was_training = model.training
     model.eval()
     probs, losses = [], 0.0
@@ -109,24 +123,35 @@ def evaluate(model: nn.Module, data: Split, *, batch_size: int = 512, device: to
         x = data.images[start : start + batch_size].to(device)
         y = data.labels[start : start + batch_size].to(device)
         logits = model(x)
-        losses += float(F.cross_entropy(logits, y, reduction="sum"))
-        probs.append(torch.softmax(logits, dim=1).cpu())
+        losses += float(loss_fn(logits, y, task, reduction="sum"))
+        probs.append(scores_of(logits, task).cpu())
     model.train(was_training)
     n = len(data)
     p = torch.cat(probs).numpy() if probs else np.zeros((0, 2), dtype=np.float32)
     y = data.labels.numpy()
-    acc = float((p.argmax(1) == y).mean()) if n else 0.0
     return EvalResult(
         num_examples=n,
-        loss=losses / max(n, 1),
-        accuracy=acc,
+        loss=losses / max(n, 1) / (y.shape[1] if y.ndim == 2 else 1),
+        accuracy=accuracy_score(y, p),
         auc=auc_score(y, p),
         scores=p,
         labels=y,
     )
 
 
+def accuracy_score(labels: np.ndarray, probs: np.ndarray) -> float:
+    if len(labels) == 0:
+        return 0.0
+    if labels.ndim == 2:
+        return float(((probs >= 0.5) == (labels >= 0.5)).mean())
+    return float((probs.argmax(1) == labels).mean())
+
+
 def auc_score(labels: np.ndarray, probs: np.ndarray) -> float | None:
+    if labels.ndim == 2:
+        per = [roc_auc_score(labels[:, j], probs[:, j]) for j in range(labels.shape[1])
+               if 0 < labels[:, j].sum() < len(labels)]
+        return float(np.mean(per)) if per else None
     present = np.unique(labels)
     if len(present) < 2:
         return None

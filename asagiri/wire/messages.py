@@ -301,19 +301,31 @@ class EvaluateIns(Message):
 
 @dataclass(frozen=True, slots=True)
 class EvaluateRes(Message):
-    """Metrics of the global model on a site's split; ``scores``/``labels`` only for pooled test."""
+    """Metrics of the global model on a site's split.
+
+    ``predictions`` is empty for validation. For the official test split it carries ``scores``
+    (N x outputs) and ``labels`` (N, or N x labels), which the coordinator pools into one score:
+    the test split is public benchmark data, not a site's patients.
+    """
 
     TAG: ClassVar[int] = 31
+    TENSOR_FIELDS: ClassVar[tuple[str, ...]] = ("predictions",)
     round: int
     split: str
     num_examples: int
     metrics: dict[str, float]
+    predictions: Params = field(default_factory=dict, repr=False)
 
     def validate(self) -> None:
         _int(self.round, "round")
         _require(self.split in ("val", "test"), "split must be 'val' or 'test'")
         _int(self.num_examples, "num_examples", hi=1 << 40)
         _metrics(self.metrics, "metrics")
+        _params(self.predictions, "predictions")
+        if self.predictions:
+            _require(set(self.predictions) == {"scores", "labels"}, "predictions are exactly scores and labels")
+            sc, lab = self.predictions["scores"], self.predictions["labels"]
+            _require(sc.ndim == 2 and len(sc) == len(lab) == self.num_examples, "predictions do not match num_examples")
 
 
 @dataclass(frozen=True, slots=True)
