@@ -1,0 +1,79 @@
+"""FedBN keeps normalisation layers off the wire; FedProx with mu = 0 is FedAvg."""
+
+import pytest
+import torch
+
+from asagiri.client.runtime import SiteWorker
+from asagiri.config import SiteConfig
+from asagiri.models import build, is_norm_key, shared_keys
+from asagiri.strategy.aggregate import flatten
+from asagiri.train import train_local
+from asagiri.wire import codec
+from asagiri.wire.crypto import Identity
+from asagiri.wire.messages import FitIns, Welcome
+
+
+def worker(tmp_path, *, fedbn, norm="batch"):
+    key = Identity.generate()
+    key.save(tmp_path / "k.key")
+    cfg = SiteConfig(site_id=1, identity_key=tmp_path / "k.key", state_dir=tmp_path / "state",
+                     coordinator={"public_key": key.public.hex()})
+    spec = {
+        "model": {"name": "small_cnn", "norm": norm, "width": 8, "groups": 4},
+        "train": {"local_epochs": 1, "batch_size": 32, "lr": 1e-3, "augment": False},
+        "strategy": {"name": "fedavg", "mu": 0.0, "fedbn": fedbn},
+        "data": {"dataset": "synthetic", "synthetic_samples": 64, "image_size": 28,
+                 "partition": {"scheme": "iid", "alpha": 1.0, "seed": 0}},
+    }
+    return SiteWorker(cfg, Welcome("r", 0, 1, spec))
+
+
+@pytest.mark.parametrize("norm", ["batch", "group"])
+def test_fedbn_norm_layers_never_reach_the_wire(tmp_path, norm):
+    w = worker(tmp_path, fedbn=True, norm=norm)
+    norm_keys = [k for k in w.model.state_dict() if is_norm_key(w.model, k)]
+    assert norm_keys, "the model has normalisation layers"
+    params = {k: w.model.state_dict()[k].numpy().copy() for k in w.shared}
+    res = w.fit(FitIns(1, 1, params, {}))
+    header, arrays = codec.encode_header(res)
+    sent = [spec.name for spec in codec.decode_header(header).specs]
+    assert sent and not set(sent) & set(norm_keys)
+    # and under secure aggregation the masked vector covers exactly the shared tensors (+ count)
+    delta, result = w.train(FitIns(1, 1, params, {}))
+    assert flatten(delta).size == sum(p.size for p in params.values())
+    # the local normalisation statistics did change, and stay on the site
+    before = build("small_cnn", in_channels=1, num_classes=2, width=8, norm=norm, groups=4).state_dict()
+    changed = [k for k in norm_keys if before[k].is_floating_point() and not torch.equal(before[k], w.model.state_dict()[k])]
+    assert changed
+
+
+def test_without_fedbn_norm_layers_are_shared(tmp_path):
+    w = worker(tmp_path, fedbn=False)
+    assert any(is_norm_key(w.model, k) for k in w.shared)
+
+
+def test_fedprox_with_mu_zero_is_fedavg():
+    from asagiri.data import load_site_data
+
+    data = load_site_data(dataset="synthetic", path=None, site_index=0, num_sites=1, scheme="iid", alpha=1, seed=0)
+
+    def run(**kw):
+        torch.manual_seed(0)
+        m = build("small_cnn", in_channels=1, num_classes=2, width=8, norm="group", groups=4)
+        train_local(m, data.train, epochs=1, batch_size=32, lr=1e-2, augment=False, seed=3, **kw)
+        return {k: v.clone() for k, v in m.state_dict().items()}
+
+    plain, prox0, prox = run(), run(mu=0.0), run(mu=10.0)
+    assert all(torch.equal(plain[k], prox0[k]) for k in plain)
+    assert any(not torch.equal(plain[k], prox[k]) for k in plain)
+    # the proximal term pulls towards the global weights: smaller distance from the start
+    torch.manual_seed(0)
+    start = build("small_cnn", in_channels=1, num_classes=2, width=8, norm="group", groups=4).state_dict()
+    dist = lambda s: sum(float(((s[k] - start[k]) ** 2).sum()) for k in s if s[k].is_floating_point())  # noqa: E731
+    assert dist(prox) < dist(plain)
+
+
+def test_shared_keys_skip_integer_buffers():
+    m = build("small_cnn", in_channels=1, num_classes=2, width=8, norm="batch", groups=4)
+    assert not any(k.endswith("num_batches_tracked") for k in shared_keys(m, fedbn=False))
+
