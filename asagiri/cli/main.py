@@ -20,6 +20,18 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--out", type=Path, required=True, help="folder for <name>.key (mode 0600) and <name>.pub")
     k.add_argument("--force", action="store_true", help="overwrite an existing key")
 
+    pt = sub.add_parser("partition", help="split a data set across sites and write a statistics report")
+    pt.add_argument("--dataset", required=True,
+                    choices=["pneumoniamnist", "dermamnist", "medmnist", "nih", "isic", "synthetic"])
+    pt.add_argument("--path", type=Path, default=None, help="the data set's file or folder (default: bundled)")
+    pt.add_argument("--sites", type=int, required=True)
+    pt.add_argument("--scheme", choices=["iid", "dirichlet", "quantity", "feature"], default="dirichlet")
+    pt.add_argument("--alpha", type=float, default=0.3)
+    pt.add_argument("--seed", type=int, default=0)
+    pt.add_argument("--image-size", type=int, default=28)
+    pt.add_argument("--feature-key", default=None, help="feature scheme: view (ChestX-ray14), age_band, site (ISIC)")
+    pt.add_argument("--out", type=Path, required=True)
+
     d = sub.add_parser("demo", help="run a local federation: coordinator and sites as separate processes")
     d.add_argument("--sites", type=int, default=4)
     d.add_argument("--rounds", type=int, default=3)
@@ -36,11 +48,32 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging("warning", "asagiri")
     if args.command == "keygen":
         return run_main(lambda: _keygen(args))
+    if args.command == "partition":
+        return run_main(lambda: _partition(args))
     if args.command == "demo":
         from .demo import run_demo
 
         return run_main(lambda: run_demo(args))
     return EXIT_CONFIG
+
+
+def _partition(args: argparse.Namespace) -> int:
+    from ..data.report import partition_report
+
+    if args.sites < 1:
+        print("error: --sites must be at least 1", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        stats = partition_report(
+            dataset=args.dataset, path=args.path, sites=args.sites, scheme=args.scheme, alpha=args.alpha,
+            seed=args.seed, out=args.out, image_size=args.image_size, feature_key=args.feature_key,
+        )
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    print((args.out / "stats.md").read_text())
+    print(f"wrote {args.out}/site-1..{stats['sites']}.json, stats.json, stats.md, stats.png")
+    return EXIT_OK
 
 
 def _keygen(args: argparse.Namespace) -> int:

@@ -81,7 +81,10 @@ def open_dataset(
     if dataset in ("pneumoniamnist", "medmnist"):
         if path is None and dataset == "medmnist":
             raise ValueError("data.dataset=medmnist needs data.path (a MedMNIST .npz file)")
-        return medmnist_npz(path or bundled_path(BUNDLED["pneumoniamnist"]), image_size)
+        raw = medmnist_npz(path or bundled_path(BUNDLED["pneumoniamnist"]), image_size)
+        if dataset == "pneumoniamnist":
+            raw.label_names = ["normal", "pneumonia"]
+        return raw
     if dataset == "dermamnist":
         target = path or bundled_path(BUNDLED["dermamnist"])
         if target.suffix == ".npz":

@@ -251,6 +251,11 @@ def sodium_chacha20poly1305_seal(key: bytes, counter: int, plaintext: bytes, aad
 SODIUM_DRG_NONCE = b"LibsodiumDRG"
 
 
+# Read-only zeros that every keystream encrypts from: one buffer, however many streams are open
+# (the coordinator holds one per survivor while it removes self masks).
+_ZEROS = memoryview(bytes(1 << 20))
+
+
 class Keystream:
     """A resumable ChaCha20-IETF keystream: successive ``fill`` calls continue where the last ended.
 
@@ -260,7 +265,7 @@ class Keystream:
     Filling block by block lets mask code stay in cache instead of allocating whole-vector buffers.
     """
 
-    __slots__ = ("_enc", "_zeros")
+    __slots__ = ("_enc",)
 
     def __init__(self, key: bytes, *, nonce: bytes = SODIUM_DRG_NONCE) -> None:
         if len(key) != KEY_BYTES:
@@ -269,19 +274,16 @@ class Keystream:
             raise ValueError("an IETF ChaCha20 nonce is exactly 12 bytes")
         # cryptography's ChaCha20 takes a 16-byte nonce: 4-byte little-endian block counter + 12 bytes.
         self._enc = Cipher(algorithms.ChaCha20(key, b"\0\0\0\0" + nonce), mode=None).encryptor()
-        self._zeros = memoryview(b"")
 
     def fill(self, out: memoryview) -> None:
         """Write the next ``len(out)`` bytes of keystream into ``out`` (any item type, counted in bytes)."""
         view = memoryview(out).cast("B")
         total = len(view)
-        step = 1 << 20
-        if len(self._zeros) < min(step, total):
-            self._zeros = memoryview(bytes(min(step, total)))
+        step = len(_ZEROS)
         for pos in range(0, total, step):
             n = min(step, total - pos)
             # Encrypting zeros yields the keystream.
-            self._enc.update_into(self._zeros[:n], view[pos : pos + n])
+            self._enc.update_into(_ZEROS[:n], view[pos : pos + n])
 
 
 def chacha20_keystream_into(key: bytes, out: memoryview, *, nonce: bytes = SODIUM_DRG_NONCE) -> None:

@@ -162,3 +162,21 @@ def test_missing_files_give_clear_errors(tmp_path):
         open_dataset("isic", tmp_path)
     with pytest.raises(ValueError, match="needs data.path"):
         open_dataset("medmnist", None)
+
+
+def test_partition_cli_writes_indices_and_report(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "part"
+    proc = subprocess.run([sys.executable, "-m", "asagiri.cli.main", "partition", "--dataset", "pneumoniamnist",
+                           "--sites", "3", "--scheme", "dirichlet", "--alpha", "0.3", "--seed", "1", "--out", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    stats = json.loads((out / "stats.json").read_text())
+    train = [json.loads((out / f"site-{i}.json").read_text())["train"] for i in (1, 2, 3)]
+    assert sorted(sum(train, [])) == list(range(4708))
+    assert [s["train"]["size"] for s in stats["per_site"]] == [len(t) for t in train]
+    assert "| site | train | val | test |" in (out / "stats.md").read_text()
+    assert (out / "stats.png").read_bytes()[:4] == b"\x89PNG"
