@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from .loaders import open_dataset, site_indices, skew_labels
+from .loaders import open_dataset, site_indices
 from .sources import RawDataset
 
 __all__ = ["partition_report"]
