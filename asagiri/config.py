@@ -97,6 +97,8 @@ class StrategyConfig(_Strict):
     fedbn: bool = False
     server_lr: float = Field(1.0, gt=0)
     server_momentum: float = Field(0.0, ge=0, lt=1)
+    # "package.module:Class", a Strategy built as Class(cfg, initial_params) (docs/strategies.md)
+    custom: str | None = Field(None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
 class TrainConfig(_Strict):

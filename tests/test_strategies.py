@@ -77,3 +77,39 @@ def test_shared_keys_skip_integer_buffers():
     m = build("small_cnn", in_channels=1, num_classes=2, width=8, norm="batch", groups=4)
     assert not any(k.endswith("num_batches_tracked") for k in shared_keys(m, fedbn=False))
 
+
+
+class DecayingFedAvg:  # the docs/strategies.md example, used through strategy.custom
+    def __new__(cls, cfg, params):
+        from asagiri.strategy.aggregate import apply_weighted_delta
+        from asagiri.strategy.base import FedAvg, FitPlan
+
+        class _Impl(FedAvg):
+            def configure_fit(self, rnd, attempt, available):
+                plan = super().configure_fit(rnd, attempt, available)
+                return FitPlan(sites=plan.sites[:3] if len(plan.sites) > 3 else plan.sites, config=plan.config)
+
+            def aggregate_fit(self, rnd, summed, survivors, dropped):
+                lr = 1.0 / (1 + 0.1 * rnd)
+                self.params, _ = apply_weighted_delta(self.params, summed.mean_delta(), server_lr=lr)
+                return self.params
+
+        return _Impl(cfg, params)
+
+
+def test_custom_strategy_from_config():
+    import numpy as np
+
+    from asagiri.config import FederationConfig
+    from asagiri.strategy.aggregate import RunningSum
+    from asagiri.strategy.base import build_strategy
+
+    cfg = FederationConfig(min_clients=2, strategy={"custom": "tests.test_strategies:DecayingFedAvg"})
+    params = {"w": np.zeros(2, np.float32)}
+    strategy = build_strategy(cfg, params)
+    assert strategy.configure_fit(1, 1, [1, 2, 3, 4, 5]).sites == [1, 2, 3]
+    summed = RunningSum.from_totals({"w": np.array([10.0, 20.0])}, 10, 2)
+    out = strategy.aggregate_fit(10, summed, [1, 2], [])
+    np.testing.assert_allclose(out["w"], [0.5, 1.0])  # server lr 1/(1 + 1) at round 10
+    with pytest.raises(ValueError, match="strategy.custom"):
+        build_strategy(FederationConfig(strategy={"custom": "no.such.module:X"}), params)

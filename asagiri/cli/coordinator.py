@@ -54,7 +54,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except (FileNotFoundError, PermissionError, ValueError) as exc:
-        print(f"error: identity key: {exc}", file=sys.stderr)
+        print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
 
     outcome = {"code": EXIT_OK}

@@ -79,4 +79,14 @@ class FedAvg:
 
 
 def build_strategy(cfg: FederationConfig, global_params: Params) -> FedAvg:
+    """FedAvg (and FedProx / FedAvgM through its config), or ``strategy.custom``'s class."""
+    if cfg.strategy.custom:
+        import importlib
+
+        module, _, name = cfg.strategy.custom.partition(":")
+        try:
+            cls = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError) as exc:
+            raise ValueError(f"strategy.custom={cfg.strategy.custom}: {exc}") from None
+        return cls(cfg, global_params)
     return FedAvg(cfg, global_params)

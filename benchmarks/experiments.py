@@ -1,0 +1,133 @@
+"""Non-IID learning experiments on the bundled data: centralised, local-only, FedAvg, FedProx, FedBN,
+FedProx + FedBN, under label skew (Dirichlet) or feature shift.
+
+    python benchmarks/experiments.py --dataset pneumoniamnist --scheme dirichlet --rounds 15 --seeds 0
+    python benchmarks/experiments.py --dataset pneumoniamnist --scheme feature --rounds 15 --seeds 0
+
+The federation is simulated in one process, sites one after another, with the runtime's own
+pieces: ``load_site_data`` partitions, ``train_local`` (FedProx term), ``shared_keys(fedbn=...)``
+and ``apply_weighted_delta`` (FedAvg).  Secure aggregation is left out here because it changes
+the sum only within its quantisation bound (``tests/e2e/test_secagg.py`` checks exactly that);
+the runtime's own end-to-end runs are in ``docs/results.md`` too.
+
+Evaluation: the official test split, shared out evenly; each site scores its share with *its*
+model (the global weights, plus its own normalisation layers under FedBN; its own model for
+local-only), and the predictions are pooled into one AUC and accuracy.  Centralised trains one
+model on every site's training data and scores the whole test split.  One JSON line per run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+import torch
+
+from asagiri.data import load_site_data
+from asagiri.data.loaders import SiteData, Split
+from asagiri.models import build, shared_keys
+from asagiri.strategy.aggregate import apply_weighted_delta
+from asagiri.train import evaluate, train_local
+from asagiri.train.loop import accuracy_score, auc_score
+
+METHODS = ("central", "local", "fedavg", "fedprox", "fedbn", "fedprox+fedbn")
+
+
+def new_model(data: SiteData, args: argparse.Namespace, seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return build(args.model, in_channels=data.channels, num_classes=data.num_classes, width=args.width,
+                 norm=args.norm, groups=8)
+
+
+def pooled(models: list[torch.nn.Module], tests: list[Split], task: str) -> dict[str, float]:
+    scores, labels = [], []
+    for m, t in zip(models, tests, strict=True):
+        r = evaluate(m, t, task=task)
+        scores.append(r.scores)
+        labels.append(r.labels)
+    s, y = np.concatenate(scores), np.concatenate(labels)
+    return {"test_auc": auc_score(y, s), "test_accuracy": accuracy_score(y, s), "test_examples": int(len(y))}
+
+
+def train_kw(args: argparse.Namespace, seed: int, task: str) -> dict:
+    return dict(epochs=args.local_epochs, batch_size=args.batch_size, lr=args.lr, augment=True, seed=seed, task=task)
+
+
+def run(method: str, args: argparse.Namespace, seed: int) -> dict:
+    sites = [
+        load_site_data(dataset=args.dataset, path=None, site_index=i, num_sites=args.sites, scheme=args.scheme,
+                       alpha=args.alpha, seed=seed)
+        for i in range(args.sites)
+    ]
+    task = sites[0].task
+    t0 = time.perf_counter()
+    if method == "central":
+        train = Split(torch.cat([s.train.images for s in sites]), torch.cat([s.train.labels for s in sites]))
+        model = new_model(sites[0], args, seed)
+        for epoch in range(args.rounds):
+            train_local(model, train, **train_kw(args, seed * 1000 + epoch, task))
+        result = pooled([model] * args.sites, [s.test for s in sites], task)
+    elif method == "local":
+        models = []
+        for i, s in enumerate(sites):
+            m = new_model(s, args, seed)
+            for epoch in range(args.rounds):
+                train_local(m, s.train, **train_kw(args, seed * 1000 + epoch * 10 + i, task))
+            models.append(m)
+        result = pooled(models, [s.test for s in sites], task)
+    else:
+        fedbn = "fedbn" in method
+        mu = args.mu if "fedprox" in method else 0.0
+        models = [new_model(s, args, seed) for s in sites]  # same init everywhere
+        keys = shared_keys(models[0], fedbn=fedbn)
+        global_params = {k: models[0].state_dict()[k].numpy().astype(np.float32).copy() for k in keys}
+        for rnd in range(args.rounds):
+            total = {k: np.zeros(v.shape, np.float64) for k, v in global_params.items()}
+            n_total = 0
+            for i, (m, s) in enumerate(zip(models, sites, strict=True)):
+                m.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in global_params.items()}, strict=False)
+                r = train_local(m, s.train, mu=mu, **train_kw(args, seed * 1000 + rnd * 10 + i, task))
+                state = m.state_dict()
+                for k in keys:
+                    total[k] += r.num_samples * (state[k].numpy() - global_params[k])
+                n_total += r.num_samples
+            mean = {k: (v / n_total).astype(np.float32) for k, v in total.items()}
+            global_params, _ = apply_weighted_delta(global_params, mean)
+        for m in models:  # the final global weights, each site keeping its local layers under FedBN
+            m.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in global_params.items()}, strict=False)
+        result = pooled(models, [s.test for s in sites], task)
+    return {
+        "method": method, "dataset": args.dataset, "scheme": args.scheme, "alpha": args.alpha, "seed": seed,
+        "rounds": args.rounds, "sizes": [len(s.train) for s in sites], "norm": args.norm,
+        "wall_s": round(time.perf_counter() - t0, 1), **result,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dataset", default="pneumoniamnist")
+    p.add_argument("--scheme", default="dirichlet", choices=["iid", "dirichlet", "quantity", "feature"])
+    p.add_argument("--alpha", type=float, default=0.3)
+    p.add_argument("--sites", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=15, help="rounds of 1 local epoch (central/local: epochs)")
+    p.add_argument("--local-epochs", type=int, default=1)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--model", default="small_cnn")
+    p.add_argument("--norm", default="batch", choices=["batch", "group"])
+    p.add_argument("--width", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--mu", type=float, default=0.01)
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    for seed in args.seeds:
+        for method in args.methods:
+            print(json.dumps(run(method, args, seed)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
