@@ -12,7 +12,9 @@ the runtime's own end-to-end runs are in ``docs/results.md`` too.
 
 Evaluation: the official test split, shared out evenly; each site scores its share with *its*
 model (the global weights, plus its own normalisation layers under FedBN; its own model for
-local-only), and the predictions are pooled into one AUC and accuracy.  Centralised trains one
+local-only), and the predictions are pooled into one AUC and accuracy (``test_auc``).  Pooling
+penalises sites whose models score on different scales (FedBN, local-only), so the mean of the
+sites' own AUCs on their shares is reported too (``test_auc_site_mean``).  Centralised trains one
 model on every site's training data and scores the whole test split.  One JSON line per run.
 """
 
@@ -48,7 +50,13 @@ def pooled(models: list[torch.nn.Module], tests: list[Split], task: str) -> dict
         scores.append(r.scores)
         labels.append(r.labels)
     s, y = np.concatenate(scores), np.concatenate(labels)
-    return {"test_auc": auc_score(y, s), "test_accuracy": accuracy_score(y, s), "test_examples": int(len(y))}
+    per_site = [auc_score(lab, sc) for sc, lab in zip(scores, labels, strict=True)]
+    return {
+        "test_auc": auc_score(y, s), "test_accuracy": accuracy_score(y, s), "test_examples": int(len(y)),
+        # each site's AUC on its own share, averaged: what a site sees of its own model
+        "test_auc_site_mean": float(np.mean([a for a in per_site if a is not None])),
+        "test_auc_sites": [None if a is None else round(a, 4) for a in per_site],
+    }
 
 
 def train_kw(args: argparse.Namespace, seed: int, task: str) -> dict:

@@ -274,6 +274,29 @@ def run(clients: int, dim: int, dropout: float, graph: str, repeat: int, shares:
     return result
 
 
+def markdown(path: str) -> str:
+    """The docs/benchmarks.md table from a --table JSONL file."""
+    rows = [json.loads(line) for line in open(path)]
+    out = ["| n | d | dropout | graph (group) | plain s | secure s | secure / plain | PRG floor s | "
+           "upload / float32 | coordinator peak MB |", "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+    seen = set()
+    for r in rows:
+        if "aborted" in r:
+            graph = f"sparse ({r['shares'] or 'default'} shares)"
+            out.append(f"| {r['clients']} | {r['dim']:.0e} | {r['dropout']} | {graph} | | | **aborted**: {r['aborted']} | | | |")
+            continue
+        graph = "complete" if r["group"] is None else f"sparse ({r['group']})"
+        key = (r["clients"], r["dim"], r["dropout"], graph, r.get("group"))
+        if key in seen:
+            continue  # sparse with a group as large as the round is the complete graph
+        seen.add(key)
+        out.append(
+            f"| {r['clients']} | {r['dim']:.1e} | {r['dropout']} | {graph} | {r['plain_s']:.4f} | {r['secagg_s']:.3f} "
+            f"| {r['ratio_to_plain']:.1f} | {r['prg_floor_s']:.3f} | {r['upload_ratio']:.4f} | {r['server_peak_bytes'] / 1e6:.1f} |"
+        )
+    return "\n".join(out)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--clients", type=int, default=10)
@@ -292,7 +315,11 @@ def main() -> None:
                    help="instead: a real federation over loopback TCP (separate processes), secure vs plain")
     p.add_argument("--width", type=int, default=32, help="--tcp: SmallCNN width (32: 93k parameters)")
     p.add_argument("--rounds", type=int, default=4, help="--tcp: rounds per run (the first is not counted)")
+    p.add_argument("--markdown", metavar="JSONL", help="render a --table output file as the docs table")
     args = p.parse_args()
+    if args.markdown:
+        print(markdown(args.markdown))
+        return
     if args.tcp:
         print(json.dumps(tcp_mode(args.clients, args.width, args.rounds), indent=None if args.json else 2))
         return

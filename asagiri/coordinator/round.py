@@ -361,11 +361,19 @@ class TestEvaluation:
         scores = np.concatenate([r.predictions["scores"] for r in self.results.values()])
         labels = np.concatenate([r.predictions["labels"] for r in self.results.values()])
         auc = auc_score(labels, scores)
+        per_site = {
+            site: auc_score(r.predictions["labels"], r.predictions["scores"]) for site, r in self.results.items()
+        }
+        defined = [a for a in per_site.values() if a is not None]
         out: dict[str, Any] = {
             "test_accuracy": accuracy_score(labels, scores),
             "test_examples": int(len(labels)),
             "test_sites": sorted(self.results),
+            # each site's own AUC on its share (FedBN models score on site-specific scales)
+            "test_site_auc": {str(k): v for k, v in sorted(per_site.items()) if v is not None},
         }
+        if defined:
+            out["test_auc_site_mean"] = float(np.mean(defined))
         if auc is not None:
             out["test_auc"] = auc
         return out
