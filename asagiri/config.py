@@ -174,7 +174,23 @@ class SecAggConfig(_Strict):
 
 
 class DPConfig(_Strict):
+    """Record-level DP-SGD on every site (docs/privacy.md). With ``noise_multiplier: auto`` each
+    site solves for the sigma that spends ``target_epsilon`` over the planned rounds at its own
+    sample rate (``train.batch_size`` / its data size)."""
+
     enabled: bool = False
+    target_epsilon: float = Field(8.0, gt=0)
+    target_delta: float = Field(1e-5, gt=0, lt=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+    noise_multiplier: Literal["auto"] | float = "auto"
+    accountant: Literal["rdp"] = "rdp"
+
+    @field_validator("noise_multiplier")
+    @classmethod
+    def _positive(cls, v: str | float) -> str | float:
+        if v != "auto" and float(v) <= 0:
+            raise ValueError("must be 'auto' or a positive number")
+        return v
 
 
 class SiteEntry(_Strict):

@@ -23,9 +23,10 @@ import numpy as np
 import torch
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from ..config import DataConfig, ModelConfig, SiteConfig, StrategyConfig, TrainConfig
+from ..config import DataConfig, DPConfig, ModelConfig, SiteConfig, StrategyConfig, TrainConfig
 from ..data.loaders import SiteData, load_site_data
 from ..models import build, shared_keys
+from ..privacy.ledger import PrivacyLedger
 from ..secagg.client import ClientStateMachine, SecAggRefused
 from ..strategy.aggregate import flatten
 from ..train import TrainResult, evaluate, train_local
@@ -35,6 +36,7 @@ from ..wire.crypto import AuthenticationFailed, Identity, PublicIdentity
 from ..wire.errors import ConnectionLost, RemoteProtocolError
 from ..wire.messages import (
     ConsistencyCheck,
+    Decline,
     EvaluateIns,
     EvaluateRes,
     FitIns,
@@ -66,6 +68,13 @@ class FaultPlan:
     kill_after_share: int | None = None
 
 
+class BudgetExhausted(Exception):
+    """One more round would spend more privacy than the site's target: it declines, permanently."""
+
+    def __init__(self, spent: float, target: float) -> None:
+        super().__init__(f"privacy budget: epsilon {spent:.3f} of {target:g} spent; one more round would exceed it")
+
+
 class SiteWorker:
     """Everything a site keeps across rounds and reconnects: spec, data, model, local layers."""
 
@@ -90,11 +99,41 @@ class SiteWorker:
             self.model_cfg.name, in_channels=self.data.channels, num_classes=self.data.num_classes,
             width=self.model_cfg.width, norm=self.model_cfg.norm, groups=self.model_cfg.groups,
         ).to(self.device)
+        self.dp = DPConfig.model_validate(spec.get("dp", {}))
+        self.ledger: PrivacyLedger | None = None
+        if self.dp.enabled:
+            self._setup_dp(cfg, int(spec.get("rounds", 1)))
         self.shared = shared_keys(self.model, fedbn=self.strategy_cfg.fedbn)
         log.info(
             "site data: %d train / %d val / %s test images, device %s",
             len(self.data.train), len(self.data.val), len(self.data.test) if self.data.test else 0, self.device,
         )
+
+    def _setup_dp(self, cfg: SiteConfig, rounds: int) -> None:
+        from ..privacy.engine import dp_compatible, noise_for_target, steps_per_round
+
+        self.model, changed = dp_compatible(self.model)
+        self.model.to(self.device)
+        if changed:
+            log.info("DP-SGD: BatchNorm layers converted to GroupNorm (per-sample gradients need it)")
+        log.warning("DP-SGD runs with Opacus secure_mode off: its noise comes from torch's generator, "
+                    "not a cryptographic one")
+        self.ledger = PrivacyLedger(cfg.state_dir / "privacy_ledger.json", delta=self.dp.target_delta)
+        t = self.train_cfg
+        self.sample_rate, self.steps = steps_per_round(len(self.data.train), t.batch_size, t.local_epochs)
+        if self.dp.noise_multiplier == "auto":
+            self.sigma = noise_for_target(target_epsilon=self.dp.target_epsilon, delta=self.dp.target_delta,
+                                          sample_rate=self.sample_rate, steps=self.steps * rounds)
+        else:
+            self.sigma = float(self.dp.noise_multiplier)
+        log.info("DP-SGD: sigma=%.3f for epsilon=%g, delta=%g over %d rounds x %d steps at sample rate %.4f; "
+                 "spent so far: epsilon=%.3f", self.sigma, self.dp.target_epsilon, self.dp.target_delta, rounds,
+                 self.steps, self.sample_rate, self.ledger.epsilon())
+
+    def budget_left(self) -> bool:
+        assert self.ledger is not None
+        return not self.ledger.would_exceed(noise_multiplier=self.sigma, sample_rate=self.sample_rate,
+                                            steps=self.steps, target_epsilon=self.dp.target_epsilon)
 
     def matches(self, welcome: Welcome) -> bool:
         return welcome.run_id == self.run_id and welcome.spec == self.spec
@@ -113,6 +152,8 @@ class SiteWorker:
         """Train from the global parameters; returns ``local - global`` per shared tensor, in ``ins.params`` order."""
         self._load_global(ins.params)
         t = self.train_cfg
+        if self.ledger is not None:
+            return self._train_private(ins)
         result = train_local(
             self.model, self.data.train, epochs=t.local_epochs, batch_size=t.batch_size, lr=t.lr,
             optimizer=t.optimizer, momentum=t.momentum, weight_decay=t.weight_decay,
@@ -122,6 +163,34 @@ class SiteWorker:
         state = self.model.state_dict()
         delta = {k: state[k].detach().cpu().numpy().astype(np.float32) - ins.params[k] for k in ins.params}
         return delta, result
+
+    def _train_private(self, ins: FitIns) -> tuple[dict[str, np.ndarray], TrainResult]:
+        from ..privacy.engine import train_dp
+
+        assert self.ledger is not None
+        if not self.budget_left():
+            raise BudgetExhausted(self.ledger.epsilon(), self.dp.target_epsilon)
+        t = self.train_cfg
+        mu = float(ins.config.get("mu", 0.0))
+        anchor = {k: torch.from_numpy(ins.params[k]).to(self.device) for k in ins.params} if mu > 0 else None
+        r = train_dp(
+            self.model, self.data.train, epochs=t.local_epochs, expected_batch=t.batch_size, lr=t.lr,
+            optimizer=t.optimizer, momentum=t.momentum, noise_multiplier=self.sigma,
+            max_grad_norm=self.dp.max_grad_norm, mu=mu, anchor=anchor, augment=t.augment,
+            seed=int(ins.config.get("seed", 0)), device=self.device, task=self.data.task,
+        )
+        eps = self.ledger.record(ins.round, noise_multiplier=r.noise_multiplier, sample_rate=r.sample_rate,
+                                 steps=r.steps)
+        log.info("round %d: DP-SGD %d steps, epsilon spent %.3f of %g", ins.round, r.steps, eps,
+                 self.dp.target_epsilon)
+        state = self.model.state_dict()
+        delta = {k: state[k].detach().cpu().numpy().astype(np.float32) - ins.params[k] for k in ins.params}
+        return delta, TrainResult(num_samples=r.num_samples, loss=r.loss, steps=r.steps)
+
+    def privacy_metrics(self) -> dict[str, float]:
+        if self.ledger is None:
+            return {}
+        return {"epsilon": self.ledger.epsilon(), "noise_multiplier": self.sigma}
 
     def fit(self, ins: FitIns) -> FitRes:
         """The plaintext update (secure aggregation off): ``n * delta`` and ``n``."""
@@ -137,7 +206,8 @@ class SiteWorker:
         predictions = {}
         if ins.split == "test":
             predictions = {"scores": res.scores.astype(np.float32), "labels": np.ascontiguousarray(res.labels)}
-        return EvaluateRes(ins.round, ins.split, res.num_examples, res.metrics(), predictions)
+        metrics = {**res.metrics(), **self.privacy_metrics()}
+        return EvaluateRes(ins.round, ins.split, res.num_examples, metrics, predictions)
 
 
 def _pick_device(choice: str) -> torch.device:
@@ -251,7 +321,11 @@ class _Session:
                 tg.start_soon(self._train_secure, msg, worker, secure, tg)
                 return
             t0 = time.monotonic()
-            res = await anyio.to_thread.run_sync(worker.fit, msg)
+            try:
+                res = await anyio.to_thread.run_sync(worker.fit, msg)
+            except BudgetExhausted as exc:
+                await self._decline(msg, exc)
+                return
             log.info("round %d: trained on %d samples in %.1fs", msg.round, res.num_samples, time.monotonic() - t0)
             self.conn.pool.release(msg.params.values())  # copied into the model; reuse for the next round
             await self.conn.send(res)
@@ -277,6 +351,11 @@ class _Session:
         else:
             raise RemoteProtocolError(f"unexpected {type(msg).__name__} from the coordinator")
 
+    async def _decline(self, ins: FitIns, exc: BudgetExhausted) -> None:
+        log.warning("round %d: declining: %s", ins.round, exc)
+        self.conn.pool.release(ins.params.values())
+        await self.conn.send(Decline(ins.round, ins.attempt, str(exc), True))
+
     def _started_event(self, rnd: int, attempt: int) -> anyio.Event:
         return self._round_started.setdefault((rnd, attempt), anyio.Event())
 
@@ -294,7 +373,11 @@ class _Session:
     ) -> None:
         try:
             t0 = time.monotonic()
-            delta, result = await anyio.to_thread.run_sync(worker.train, ins)
+            try:
+                delta, result = await anyio.to_thread.run_sync(worker.train, ins)
+            except BudgetExhausted as exc:
+                await self._decline(ins, exc)
+                return
             self.conn.pool.release(ins.params.values())
             log.info("round %d: trained on %d samples in %.1fs", ins.round, result.num_samples, time.monotonic() - t0)
             # The round's SecAggStart follows FitIns; wait for it rather than race it.

@@ -91,6 +91,7 @@ class RoundOutcome:
     site_metrics: dict[int, dict[str, float]] = field(default_factory=dict)
     abort_reason: str | None = None
     secagg_stages: dict[str, list[int]] | None = None  # who completed each secure-aggregation stage
+    site_eval: dict[int, dict[str, float]] = field(default_factory=dict)  # each site's evaluation metrics
 
 
 class RoundMachine:
@@ -232,6 +233,7 @@ class RoundMachine:
                 raise ProtocolViolation(site, "evaluation result from a site that was not asked")
             self._evaluators.discard(site)
             self._eval_results[site] = (msg.num_examples, dict(msg.metrics))
+            self.outcome.site_eval[site] = dict(msg.metrics)
             return self._maybe_finish_evaluate()
         raise ProtocolViolation(site, f"{type(msg).__name__} is not allowed during a round")
 

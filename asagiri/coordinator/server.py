@@ -96,6 +96,10 @@ def initial_params(cfg: FederationConfig) -> Params:
         cfg.model.name, in_channels=channels, num_classes=classes, width=cfg.model.width,
         norm=cfg.model.norm, groups=cfg.model.groups,
     )
+    if cfg.dp.enabled:  # the sites convert BatchNorm to GroupNorm for DP-SGD; so must the global model
+        from ..privacy.engine import dp_compatible
+
+        model, _ = dp_compatible(model)
     state = model.state_dict()
     return {k: state[k].detach().cpu().numpy().astype(np.float32) for k in shared_keys(model, fedbn=cfg.strategy.fedbn)}
 
@@ -284,6 +288,7 @@ class Coordinator:
             "min_clients": cfg.min_clients,
             "secagg_stage_timeout": cfg.timeouts.secagg_stage,
             "secagg": cfg.secagg.model_dump(),
+            "dp": cfg.dp.model_dump(),
             # Sites check each other's secure-aggregation keys against these unless they pin their own.
             "roster": [[entry.id, entry.public_key] for entry in cfg.sites],
         }
@@ -407,6 +412,12 @@ class Coordinator:
         await self._wait_for_sites(len(self.roster), cfg.timeouts.wait_for_sites)
         rnd = self.start_round
         while rnd <= cfg.rounds:
+            if len(set(self.roster) - self._exhausted) < cfg.min_clients:
+                log.warning("privacy budgets: only %d sites can still train, min_clients=%d; ending",
+                            len(set(self.roster) - self._exhausted), cfg.min_clients)
+                print(f"federation ends before round {rnd}: sites {sorted(self._exhausted)} spent their privacy "
+                      f"budget; fewer than min_clients={cfg.min_clients} can train", flush=True)
+                return self._write_summary("budget_exhausted", time.monotonic() - t_start)
             for attempt in range(1, cfg.max_round_attempts + 1):
                 if not await self._wait_for_sites(cfg.min_clients, cfg.timeouts.wait_for_sites):
                     self._finish_failed(
@@ -490,6 +501,12 @@ class Coordinator:
         record["secure_aggregation"] = outcome.secagg_stages is not None
         if outcome.secagg_stages is not None:
             record["secagg_stages"] = outcome.secagg_stages
+        for key in ("epsilon", "noise_multiplier"):
+            values = {str(s): m[key] for s, m in sorted(outcome.site_eval.items()) if key in m}
+            if values:
+                record[key] = values
+        if outcome.exhausted:
+            record["exhausted"] = sorted(outcome.exhausted)
         train_loss = {str(s): m["train_loss"] for s, m in outcome.site_metrics.items() if "train_loss" in m}
         if train_loss:
             record["site_train_loss"] = train_loss
@@ -499,6 +516,7 @@ class Coordinator:
             "round": outcome.round, "attempt": outcome.attempt, "status": "completed",
             "participants": outcome.participants, "dropped": outcome.dropped,
             "model_sha256": digest, "metrics": {k: record[k] for k in ("auc", "accuracy") if k in record},
+            "epsilon": record.get("epsilon", {}), "declined": record["declined"],
             "time": time.time(),
         })
         self.history.append(record)
@@ -528,6 +546,13 @@ class Coordinator:
         self._write_summary("failed", time.monotonic() - t_start, reason=reason)
         raise FederationFailed(reason)
 
+    def _latest(self, key: str) -> dict[str, float]:
+        """Each site's most recent value of a per-site metric (a site may miss later rounds)."""
+        out: dict[str, float] = {}
+        for record in self.history:
+            out.update(record.get(key, {}))
+        return dict(sorted(out.items()))
+
     def _write_summary(self, status: str, wall: float, *, reason: str | None = None) -> dict[str, Any]:
         last = self.history[-1] if self.history else {}
         summary: dict[str, Any] = {
@@ -536,6 +561,9 @@ class Coordinator:
             "rounds_planned": self.cfg.rounds,
             "rounds_completed": len(self.history),
             "final": {k: last[k] for k in ("auc", "accuracy", "loss", "site_auc", "site_accuracy") if k in last},
+            "epsilon": self._latest("epsilon"),
+            "noise_multiplier": self._latest("noise_multiplier"),
+            "exhausted": sorted(self._exhausted),
             "wall_s": round(wall, 3),
             "mean_round_s": round(sum(h["duration_s"] for h in self.history) / len(self.history), 3)
             if self.history else None,

@@ -1,0 +1,1 @@
+"""Differential privacy on each site: Opacus DP-SGD, noise from an (epsilon, delta) target, RDP ledger."""
