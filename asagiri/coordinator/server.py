@@ -412,13 +412,13 @@ class Coordinator:
         await self._wait_for_sites(len(self.roster), cfg.timeouts.wait_for_sites)
         rnd = self.start_round
         while rnd <= cfg.rounds:
-            if len(set(self.roster) - self._exhausted) < cfg.min_clients:
-                log.warning("privacy budgets: only %d sites can still train, min_clients=%d; ending",
-                            len(set(self.roster) - self._exhausted), cfg.min_clients)
-                print(f"federation ends before round {rnd}: sites {sorted(self._exhausted)} spent their privacy "
-                      f"budget; fewer than min_clients={cfg.min_clients} can train", flush=True)
-                return self._write_summary("budget_exhausted", time.monotonic() - t_start)
             for attempt in range(1, cfg.max_round_attempts + 1):
+                if len(set(self.roster) - self._exhausted) < cfg.min_clients:
+                    log.warning("privacy budgets: only %d sites can still train, min_clients=%d; ending",
+                                len(set(self.roster) - self._exhausted), cfg.min_clients)
+                    print(f"federation ends before round {rnd}: sites {sorted(self._exhausted)} spent their "
+                          f"privacy budget; fewer than min_clients={cfg.min_clients} can train", flush=True)
+                    return self._write_summary("budget_exhausted", time.monotonic() - t_start)
                 if not await self._wait_for_sites(cfg.min_clients, cfg.timeouts.wait_for_sites):
                     self._finish_failed(
                         rnd, f"only {len(self._eligible())} eligible sites connected, min_clients={cfg.min_clients}",

@@ -1,0 +1,108 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from opacus.accountants import RDPAccountant
+
+from asagiri.data import load_site_data
+from asagiri.models import build
+from asagiri.privacy.engine import dp_compatible, noise_for_target, steps_per_round, train_dp
+from asagiri.privacy.ledger import PrivacyLedger
+
+
+def test_ledger_epsilon_equals_opacus_accountant_for_the_same_history(tmp_path):
+    ledger = PrivacyLedger(tmp_path / "l.json", delta=1e-5)
+    opacus = RDPAccountant()
+    history = [(1.1, 0.02, 50), (1.1, 0.02, 50), (0.9, 0.05, 20), (1.3, 0.01, 100)]
+    for rnd, (sigma, q, steps) in enumerate(history, start=1):
+        ledger.record(rnd, noise_multiplier=sigma, sample_rate=q, steps=steps)
+        for _ in range(steps):
+            opacus.step(noise_multiplier=sigma, sample_rate=q)
+        assert ledger.epsilon() == pytest.approx(opacus.get_epsilon(1e-5), rel=1e-9)
+
+
+def test_ledger_persists_and_a_restarted_site_keeps_spending(tmp_path):
+    path = tmp_path / "state" / "privacy_ledger.json"
+    first = PrivacyLedger(path, delta=1e-5)
+    first.record(1, noise_multiplier=1.0, sample_rate=0.05, steps=40)
+    first.record(2, noise_multiplier=1.0, sample_rate=0.05, steps=40)
+    restarted = PrivacyLedger(path, delta=1e-5)
+    assert restarted.epsilon() == pytest.approx(first.epsilon()) and restarted.epsilon() > 0
+    restarted.record(3, noise_multiplier=1.0, sample_rate=0.05, steps=40)
+    assert restarted.epsilon() > first.epsilon()
+    with pytest.raises(ValueError, match="delta"):
+        PrivacyLedger(path, delta=1e-6)  # a ledger cannot silently change its delta
+
+
+def test_budget_stop_fires_on_the_right_round():
+    """sigma solved for exactly 5 rounds: rounds 1-5 fit the budget, round 6 would exceed it."""
+    q, steps = 0.05, 20
+    sigma = noise_for_target(target_epsilon=3.0, delta=1e-5, sample_rate=q, steps=5 * steps)
+    ledger = PrivacyLedger(None, delta=1e-5)
+    fired = None
+    for rnd in range(1, 9):
+        if ledger.would_exceed(noise_multiplier=sigma, sample_rate=q, steps=steps, target_epsilon=3.0):
+            fired = rnd
+            break
+        ledger.record(rnd, noise_multiplier=sigma, sample_rate=q, steps=steps)
+    assert fired == 6
+    assert ledger.epsilon() <= 3.0 * 1.01
+
+
+@pytest.mark.parametrize("name", ["small_cnn", "resnet18"])
+def test_batchnorm_models_are_converted_and_train(name):
+    torch.manual_seed(0)
+    model = build(name, in_channels=1, num_classes=2, width=8, norm="batch", groups=4)
+    fixed, changed = dp_compatible(model)
+    assert changed
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fixed.modules())
+    assert any(isinstance(m, torch.nn.GroupNorm) for m in fixed.modules())
+    data = load_site_data(dataset="synthetic", path=None, site_index=0, num_sites=4, scheme="iid", alpha=1,
+                          seed=0, image_size=32)
+    before = {k: v.clone() for k, v in fixed.state_dict().items()}
+    q, steps = steps_per_round(len(data.train), 32, 1)
+    r = train_dp(fixed, data.train, epochs=1, expected_batch=32, lr=1e-2, optimizer="sgd", momentum=0.0,
+                 noise_multiplier=1.0, max_grad_norm=1.0)
+    assert r.steps == steps and r.sample_rate == q
+    assert any(not torch.equal(before[k], v) for k, v in fixed.state_dict().items())
+    assert list(fixed.state_dict()) == list(before)  # unwrapped: same keys as before DP
+
+
+@pytest.mark.e2e
+def test_dp_federation_with_secure_aggregation_stops_when_budgets_run_out(tmp_path):
+    """3 sites over TCP, secure aggregation on, DP-SGD with a fixed sigma and a budget for 2 rounds of 5."""
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+    from tests.e2e.harness import Federation
+
+    q, steps = steps_per_round(171, 64, 1)  # synthetic 512 / 3 sites: 171 or 170 images each
+    sigma = noise_for_target(target_epsilon=4.0, delta=1e-5, sample_rate=q, steps=2 * steps)
+    fed = Federation(tmp_path / "run", sites=3, rounds=5, overrides=[
+        "data.synthetic_samples=512", "dp.enabled=true", "dp.target_epsilon=4.0", f"dp.noise_multiplier={sigma}",
+        "min_clients=2", "model.width=8",
+    ])
+    try:
+        fed.start_coordinator()
+        for s in (1, 2, 3):
+            fed.start_site(s)
+        lines = fed.coordinator_lines()
+        codes = fed.wait_all()
+    finally:
+        fed.kill_all()
+    assert codes["coordinator"] == 0, fed.logs()
+    records = fed.metrics()
+    assert [r["round"] for r in records] == [1, 2]
+    assert all(r["secure_aggregation"] for r in records)
+    assert set(records[-1]["epsilon"]) == {"1", "2", "3"}
+    assert all(e <= 4.0 * 1.01 for e in records[-1]["epsilon"].values())
+    summary = fed.summary()
+    assert summary["status"] == "budget_exhausted" and summary["exhausted"] == [1, 2, 3]
+    assert set(summary["epsilon"]) == {"1", "2", "3"} and set(summary["noise_multiplier"]) == {"1", "2", "3"}
+    assert any("spent their privacy budget" in line for line in lines)
+    audit = [json.loads(x) for x in (fed.root / "audit.jsonl").read_text().splitlines()]
+    completed = [a for a in audit if a["status"] == "completed"]
+    assert [a["round"] for a in completed] == [1, 2] and set(completed[-1]["epsilon"]) == {"1", "2", "3"}
+    # round 3 was declined by every site: aborted, nothing aggregated
+    assert audit[-1]["round"] == 3 and audit[-1]["status"] == "aborted"
+    assert (fed.root / "checkpoint.npz").exists()
