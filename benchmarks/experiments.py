@@ -30,6 +30,7 @@ import torch
 from asagiri.data import load_site_data
 from asagiri.data.loaders import SiteData, Split
 from asagiri.models import build, shared_keys
+from asagiri.privacy.engine import noise_for_target, steps_per_round, train_dp
 from asagiri.strategy.aggregate import apply_weighted_delta
 from asagiri.train import evaluate, train_local
 from asagiri.train.loop import accuracy_score, auc_score
@@ -63,6 +64,12 @@ def train_kw(args: argparse.Namespace, seed: int, task: str) -> dict:
     return dict(epochs=args.local_epochs, batch_size=args.batch_size, lr=args.lr, augment=True, seed=seed, task=task)
 
 
+def dp_sigma(site: SiteData, args: argparse.Namespace) -> float:
+    q, steps = steps_per_round(len(site.train), args.batch_size, 1)
+    return noise_for_target(target_epsilon=args.dp_epsilon, delta=args.dp_delta, sample_rate=q,
+                            steps=steps * args.rounds)
+
+
 def run(method: str, args: argparse.Namespace, seed: int) -> dict:
     sites = [
         load_site_data(dataset=args.dataset, path=None, site_index=i, num_sites=args.sites, scheme=args.scheme,
@@ -70,6 +77,7 @@ def run(method: str, args: argparse.Namespace, seed: int) -> dict:
         for i in range(args.sites)
     ]
     task = sites[0].task
+    sigmas: list[float] = []
     t0 = time.perf_counter()
     if method == "central":
         train = Split(torch.cat([s.train.images for s in sites]), torch.cat([s.train.labels for s in sites]))
@@ -89,6 +97,7 @@ def run(method: str, args: argparse.Namespace, seed: int) -> dict:
         fedbn = "fedbn" in method
         mu = args.mu if "fedprox" in method else 0.0
         models = [new_model(s, args, seed) for s in sites]  # same init everywhere
+        sigmas = [dp_sigma(s, args) for s in sites] if args.dp_epsilon else [0.0] * len(sites)
         keys = shared_keys(models[0], fedbn=fedbn)
         global_params = {k: models[0].state_dict()[k].numpy().astype(np.float32).copy() for k in keys}
         for rnd in range(args.rounds):
@@ -96,7 +105,13 @@ def run(method: str, args: argparse.Namespace, seed: int) -> dict:
             n_total = 0
             for i, (m, s) in enumerate(zip(models, sites, strict=True)):
                 m.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in global_params.items()}, strict=False)
-                r = train_local(m, s.train, mu=mu, **train_kw(args, seed * 1000 + rnd * 10 + i, task))
+                if args.dp_epsilon:
+                    anchor = {k: torch.from_numpy(v.copy()) for k, v in global_params.items()} if mu > 0 else None
+                    r = train_dp(m, s.train, epochs=1, expected_batch=args.batch_size, lr=args.lr, optimizer="adam",
+                                 momentum=0.9, noise_multiplier=sigmas[i], max_grad_norm=args.clip, mu=mu,
+                                 anchor=anchor, seed=seed * 1000 + rnd * 10 + i, task=task)
+                else:
+                    r = train_local(m, s.train, mu=mu, **train_kw(args, seed * 1000 + rnd * 10 + i, task))
                 state = m.state_dict()
                 for k in keys:
                     total[k] += r.num_samples * (state[k].numpy() - global_params[k])
@@ -110,6 +125,8 @@ def run(method: str, args: argparse.Namespace, seed: int) -> dict:
         "method": method, "dataset": args.dataset, "scheme": args.scheme, "alpha": args.alpha, "seed": seed,
         "rounds": args.rounds, "sizes": [len(s.train) for s in sites], "norm": args.norm,
         "wall_s": round(time.perf_counter() - t0, 1), **result,
+        "dp_epsilon": args.dp_epsilon, "dp_delta": args.dp_delta if args.dp_epsilon else None,
+        "sigmas": [round(x, 3) for x in sigmas] if method not in ("central", "local") and args.dp_epsilon else None,
     }
 
 
@@ -130,6 +147,9 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--mu", type=float, default=0.01)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--dp-epsilon", type=float, default=None, help="federated methods train with DP-SGD at this epsilon")
+    p.add_argument("--dp-delta", type=float, default=1e-5)
+    p.add_argument("--clip", type=float, default=1.0, help="DP-SGD per-sample clipping norm")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     for seed in args.seeds:
