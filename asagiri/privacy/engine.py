@@ -102,6 +102,19 @@ def train_dp(
         )
     dp_model.train()
     total, done = 0.0, 0
+    with warnings.catch_warnings():
+        # Opacus' hooks fire on our first layer, whose input needs no gradient: expected, harmless.
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        total, done = _steps(dp_model, dp_opt, dp_loader, model, steps=steps, augment=augment, gen=gen, device=device,
+                             task=task, lr=lr, mu=mu, anchor=anchor)
+    # make_private wraps in place; unwrap so the plain model (and its state_dict keys) carry on.
+    dp_model._close()
+    return DPResult(num_samples=n, loss=total / max(done, 1), steps=done, sample_rate=q,
+                    noise_multiplier=noise_multiplier)
+
+
+def _steps(dp_model, dp_opt, dp_loader, model, *, steps, augment, gen, device, task, lr, mu, anchor):  # type: ignore[no-untyped-def]
+    total, done = 0.0, 0
     while done < steps:
         for x, y in dp_loader:
             if done >= steps:
@@ -121,7 +134,4 @@ def train_dp(
                         if name in anchor:
                             p.sub_(lr * mu * (p - anchor[name]))
             done += 1
-    # make_private wraps in place; unwrap so the plain model (and its state_dict keys) carry on.
-    dp_model._close()
-    return DPResult(num_samples=n, loss=total / max(done, 1), steps=done, sample_rate=q,
-                    noise_multiplier=noise_multiplier)
+    return total, done
