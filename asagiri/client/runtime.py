@@ -26,6 +26,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from ..config import DataConfig, DPConfig, ModelConfig, SiteConfig, StrategyConfig, TrainConfig
 from ..data.loaders import SiteData, load_site_data
 from ..models import build, shared_keys
+from ..privacy.engine import dp_compatible, noise_for_target, steps_per_round, train_dp
 from ..privacy.ledger import PrivacyLedger
 from ..secagg.client import ClientStateMachine, SecAggRefused
 from ..strategy.aggregate import flatten
@@ -106,12 +107,10 @@ class SiteWorker:
         self.shared = shared_keys(self.model, fedbn=self.strategy_cfg.fedbn)
         log.info(
             "site data: %d train / %d val / %s test images, device %s",
-            len(self.data.train), len(self.data.val), len(self.data.test) if self.data.test else 0, self.device,
+            len(self.data.train), len(self.data.val), len(self.data.test), self.device,
         )
 
     def _setup_dp(self, cfg: SiteConfig, rounds: int) -> None:
-        from ..privacy.engine import dp_compatible, noise_for_target, steps_per_round
-
         self.model, changed = dp_compatible(self.model)
         self.model.to(self.device)
         if changed:
@@ -151,22 +150,21 @@ class SiteWorker:
     def train(self, ins: FitIns) -> tuple[dict[str, np.ndarray], TrainResult]:
         """Train from the global parameters; returns ``local - global`` per shared tensor, in ``ins.params`` order."""
         self._load_global(ins.params)
+        result = self._train_private(ins) if self.ledger is not None else self._train_plain(ins)
+        state = self.model.state_dict()
+        delta = {k: state[k].detach().cpu().numpy().astype(np.float32) - ins.params[k] for k in ins.params}
+        return delta, result
+
+    def _train_plain(self, ins: FitIns) -> TrainResult:
         t = self.train_cfg
-        if self.ledger is not None:
-            return self._train_private(ins)
-        result = train_local(
+        return train_local(
             self.model, self.data.train, epochs=t.local_epochs, batch_size=t.batch_size, lr=t.lr,
             optimizer=t.optimizer, momentum=t.momentum, weight_decay=t.weight_decay,
             mu=float(ins.config.get("mu", 0.0)), augment=t.augment, seed=int(ins.config.get("seed", 0)),
             device=self.device, task=self.data.task,
         )
-        state = self.model.state_dict()
-        delta = {k: state[k].detach().cpu().numpy().astype(np.float32) - ins.params[k] for k in ins.params}
-        return delta, result
 
-    def _train_private(self, ins: FitIns) -> tuple[dict[str, np.ndarray], TrainResult]:
-        from ..privacy.engine import train_dp
-
+    def _train_private(self, ins: FitIns) -> TrainResult:
         assert self.ledger is not None
         if not self.budget_left():
             raise BudgetExhausted(self.ledger.epsilon(), self.dp.target_epsilon)
@@ -183,9 +181,7 @@ class SiteWorker:
                                  steps=r.steps)
         log.info("round %d: DP-SGD %d steps, epsilon spent %.3f of %g", ins.round, r.steps, eps,
                  self.dp.target_epsilon)
-        state = self.model.state_dict()
-        delta = {k: state[k].detach().cpu().numpy().astype(np.float32) - ins.params[k] for k in ins.params}
-        return delta, TrainResult(num_samples=r.num_samples, loss=r.loss, steps=r.steps)
+        return TrainResult(num_samples=r.num_samples, loss=r.loss, steps=r.steps)
 
     def privacy_metrics(self) -> dict[str, float]:
         if self.ledger is None:
