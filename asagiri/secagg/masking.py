@@ -12,10 +12,10 @@ import struct
 
 import numpy as np
 
-from ..wire.crypto import EphemeralKey, blake2b
+from ..wire.crypto import EphemeralKey, Keystream, blake2b
 from .prg import BLOCK, stream
 
-__all__ = ["add_masks", "pair_seed", "round_context", "sign"]
+__all__ = ["add_masks", "add_stream_block", "pair_seed", "round_context", "sign"]
 
 
 def round_context(run_id: str, rnd: int, attempt: int) -> bytes:
@@ -50,11 +50,15 @@ def add_masks(
     buf = scratch[:b] if scratch is not None and scratch.size >= b else np.empty(b, dtype=flat.dtype)
     for start in range(0, flat.size, b):
         block = flat[start : start + b]
-        k = buf[: block.size]
-        for s, ks in streams:
-            ks.fill(memoryview(k))
-            if s > 0:
-                block += k
-            else:
-                block -= k
+        add_stream_block(block, streams, buf[: block.size])
     return vector
+
+
+def add_stream_block(block: np.ndarray, streams: list[tuple[int, Keystream]], buf: np.ndarray) -> None:
+    """Add (sign +1) or subtract (-1) each stream's next ``len(block)`` words into ``block``."""
+    for sign, ks in streams:
+        ks.fill(memoryview(buf))
+        if sign > 0:
+            block += buf
+        else:
+            block -= buf

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from .masking import add_stream_block
 from .prg import BLOCK, stream
 
 __all__ = ["QuantPlan", "QuantisationError", "dequantize", "quantize"]
@@ -118,19 +119,10 @@ def quantize(
         # |w| < 2**(bits-1) by the plan, so the conversion to the signed ring type is exact.
         block = as_signed[start:stop]
         np.copyto(block, w, casting="unsafe")
-        _apply(out[start:stop], mask_streams, k[:n])
+        add_stream_block(out[start:stop], mask_streams, k[:n])
     out[d] = num_samples
-    _apply(out[d:], mask_streams, k[:1])
+    add_stream_block(out[d:], mask_streams, k[:1])
     return out, clipped
-
-
-def _apply(block: np.ndarray, streams: list, buf: np.ndarray) -> None:
-    for sign, ks in streams:
-        ks.fill(memoryview(buf))
-        if sign > 0:
-            block += buf
-        else:
-            block -= buf
 
 
 def dequantize(total: np.ndarray, plan: QuantPlan) -> tuple[np.ndarray, int]:
