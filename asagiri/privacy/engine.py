@@ -101,7 +101,6 @@ def train_dp(
             max_grad_norm=max_grad_norm, poisson_sampling=True,
         )
     dp_model.train()
-    total, done = 0.0, 0
     with warnings.catch_warnings():
         # Opacus' hooks fire on our first layer, whose input needs no gradient: expected, harmless.
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
@@ -119,19 +118,22 @@ def _steps(dp_model, dp_opt, dp_loader, model, *, steps, augment, gen, device, t
         for x, y in dp_loader:
             if done >= steps:
                 break
-            if len(y) and augment:
+            done += 1
+            if len(y) == 0:
+                # An empty Poisson batch: release nothing. The ledger still counts the step, which
+                # only overstates epsilon (conservative), never understates it.
+                continue
+            if augment:
                 x = _augment(x, gen)
             x, y = x.to(device), y.to(device)
             dp_opt.zero_grad(set_to_none=True)
-            if len(y):
-                loss = loss_fn(dp_model(x), y, task)
-                loss.backward()
-                total += float(loss.detach())
-            dp_opt.step()  # an empty Poisson batch still adds noise, as the accounting assumes
+            loss = loss_fn(dp_model(x), y, task)
+            loss.backward()
+            total += float(loss.detach())
+            dp_opt.step()
             if mu > 0 and anchor is not None:
                 with torch.no_grad():
                     for name, p in model.named_parameters():
                         if name in anchor:
                             p.sub_(lr * mu * (p - anchor[name]))
-            done += 1
     return total, done
