@@ -142,7 +142,8 @@ class SecAggConfig(_Strict):
     group of ``shares`` sites, itself included, drawn from a public seed; ``None`` picks about
     ``2 log2 n``).  ``threshold``: shares needed to rebuild a secret (default: a majority of the
     group).  ``clip``, ``max_samples_per_site`` and ``bits`` size the fixed-point ring so the sum
-    can never wrap; a configuration that could is refused.
+    can never wrap; a configuration that could is refused.  ``prg``: the mask PRG (AES-128-CTR, or
+    ChaCha20 for hardware without AES instructions).
     """
 
     enabled: bool = True
@@ -152,6 +153,7 @@ class SecAggConfig(_Strict):
     bits: Literal[32, 64] = 32
     clip: float = Field(4.0, gt=0)
     max_samples_per_site: int = Field(100_000, ge=1)
+    prg: Literal["aes128-ctr", "chacha20"] = "aes128-ctr"
 
     @model_validator(mode="after")
     def _threshold(self) -> SecAggConfig:

@@ -18,7 +18,8 @@ Reported (medians over ``--repeat``):
   measured in the same run;
 - ``upload_bytes_per_client`` / ``plain_upload_bytes_per_client``: encoded message bytes a
   site sends (all its secure-aggregation messages, against one ``FitRes``);
-- ``server_peak_bytes``: peak memory allocated inside the coordinator's machine (tracemalloc);
+- ``server_peak_bytes``: peak memory allocated inside the coordinator's machine, measured with
+  tracemalloc in one extra round that is not timed (tracing slows every allocation);
 - ``peak_rss_bytes``: the process's peak resident set.
 """
 
@@ -36,7 +37,7 @@ import numpy as np
 
 from asagiri.config import SecAggConfig
 from asagiri.secagg.client import ClientStateMachine, SecAggRefused
-from asagiri.secagg.prg import expand_into
+from asagiri.secagg.prg import DEFAULT_PRG, PRGS, expand_into
 from asagiri.secagg.quantize import QuantPlan
 from asagiri.secagg.server import ServerStage, ServerStateMachine
 from asagiri.wire import codec
@@ -71,34 +72,44 @@ def plain_round(updates: list[tuple[np.ndarray, int]]) -> tuple[float, int]:
     return elapsed, up
 
 
-def secure_round(updates, identities, *, degree, threshold, dropout, plan, repeat_index):
+def secure_round(updates, identities, *, degree, threshold, dropout, plan, repeat_index, prg, trace=False):
     n = len(updates)
     ids = list(range(1, n + 1))
     pubs = {i: identities[i].public for i in ids}
     clients = {i: ClientStateMachine(site_id=i, identity=identities[i], run_id=RUN, peers=pubs) for i in ids}
     d = updates[0][0].size
-    server = ServerStateMachine(
-        run_id=RUN, rnd=1 + repeat_index, attempt=1, participants=ids, min_clients=2, plan=plan,
-        vector_len=d + 1, identities=pubs, degree=degree, threshold=threshold,
-    )
     n_drop = int(round(dropout * n))
     rng = np.random.default_rng(repeat_index)
     drop = set(rng.choice(ids, size=n_drop, replace=False).tolist()) if n_drop else set()
     stages: dict[str, float] = defaultdict(float)
     upload: dict[int, int] = defaultdict(int)
-    server_peak = 0
+    # The coordinator's memory: what it keeps between calls (its running sum from the start,
+    # shares, keys) plus the transient peak inside each call.  Sites' allocations, made outside
+    # its calls, are not counted.
+    server_peak = retained = 0
     t_round = time.perf_counter()
+    before = tracemalloc.get_traced_memory()[0] if trace else 0
+    server = ServerStateMachine(
+        run_id=RUN, rnd=1 + repeat_index, attempt=1, participants=ids, min_clients=2, plan=plan,
+        vector_len=d + 1, identities=pubs, degree=degree, threshold=threshold, prg=prg,
+    )
+    if trace:
+        retained = tracemalloc.get_traced_memory()[0] - before
     queue = list(server.start())
     dead: set[int] = set()
 
     def server_call(fn, *args):
-        nonlocal server_peak
-        tracemalloc.reset_peak()
-        base = tracemalloc.get_traced_memory()[0]
+        nonlocal server_peak, retained
+        if trace:
+            tracemalloc.reset_peak()
+            base = tracemalloc.get_traced_memory()[0]
         t = time.perf_counter()
         out = fn(*args)
         stages[f"server_{server.stage.value if not server.finished else 'unmask'}"] += time.perf_counter() - t
-        server_peak = max(server_peak, tracemalloc.get_traced_memory()[1] - base)
+        if trace:
+            current, peak = tracemalloc.get_traced_memory()
+            server_peak = max(server_peak, retained + peak - base)
+            retained += current - base
         return out
 
     while not server.finished:
@@ -133,19 +144,23 @@ def secure_round(updates, identities, *, degree, threshold, dropout, plan, repea
     graph = server.nbrs
     pairs = sum(len(server.delivered_from[u]) for u in server.u2 if u not in drop)
     server_pairs = sum(1 for v in drop for u in graph[v] if u not in drop)
-    noise = len(server.u3)  # stochastic-rounding noise, 4 bytes per value
+    noise = len(server.u3)  # stochastic-rounding noise, 2 bytes per value
     ring_bytes = plan.bits // 8
-    mask_bytes = (d + 1) * ring_bytes * (len(server.u3) + pairs + len(server.u3) + server_pairs) + noise * d * 4
+    mask_bytes = (d + 1) * ring_bytes * (len(server.u3) + pairs + len(server.u3) + server_pairs) + noise * d * 2
     full_upload = [upload[i] for i in ids if i not in drop]
     return elapsed, dict(stages), mask_bytes, statistics.median(full_upload), server_peak, None
 
 
-def keystream_throughput(nbytes: int = 64 << 20) -> float:
+def keystream_throughput(prg: str, nbytes: int = 64 << 20) -> float:
+    """Bytes per second of one PRG stream written into a buffer (best of 3)."""
     buf = np.empty(nbytes // 4, dtype=np.uint32)
-    expand_into(b"warm", buf)
-    t = time.perf_counter()
-    expand_into(b"measure", buf)
-    return nbytes / (time.perf_counter() - t)
+    expand_into(b"warm", buf, prg)
+    best = float("inf")
+    for _ in range(3):
+        t = time.perf_counter()
+        expand_into(b"measure", buf, prg)
+        best = min(best, time.perf_counter() - t)
+    return nbytes / best
 
 
 def tcp_round_times(clients: int, width: int, rounds: int, secure: bool, root) -> dict:
@@ -203,51 +218,63 @@ def tcp_mode(clients: int, width: int, rounds: int) -> dict:
     }
 
 
-def mask_generation_ratio(dim: int, streams: int = 3) -> float:
+def mask_generation_ratio(dim: int, prg: str, streams: int = 3) -> float:
     """Masking throughput (keystream + ring adds, block-wise) over raw keystream throughput, same bytes."""
     from asagiri.secagg.masking import add_masks
 
     vec = np.zeros(dim + 1, dtype=np.uint32)
     seeds = [(1 if i % 2 else -1, bytes([i]) * 32) for i in range(streams)]
-    add_masks(vec, None, seeds)
+    add_masks(vec, None, seeds, prg=prg)
     t = time.perf_counter()
-    add_masks(vec, None, seeds)
+    add_masks(vec, None, seeds, prg=prg)
     masked = time.perf_counter() - t
     buf = np.empty(dim + 1, dtype=np.uint32)
     t = time.perf_counter()
     for _, seed in seeds:
-        expand_into(seed, buf)
+        expand_into(seed, buf, prg)
     raw = time.perf_counter() - t
     return raw / masked
 
 
+def warm_up(plan: QuantPlan, prg: str) -> None:
+    """Compile the numba kernels (or load them from numba's cache) before anything is timed."""
+    from asagiri.secagg.quantize import quantize
+
+    quantize(np.zeros(8, dtype=np.float32), 1, plan, noise_seed=bytes(32), masks=[(1, bytes(32)), (-1, bytes(32))],
+             prg=prg)
+
+
 def run(clients: int, dim: int, dropout: float, graph: str, repeat: int, shares: int | None,
-        threshold: int | None) -> dict:
+        threshold: int | None, prg: str = DEFAULT_PRG) -> dict:
     rng = np.random.default_rng(0)
     updates = [(rng.normal(0, 0.01, dim).astype(np.float32), int(rng.integers(100, 1000))) for _ in range(clients)]
     identities = {i: Identity.generate() for i in range(1, clients + 1)}
     plan = QuantPlan.plan(bits=32, clip=2.0, max_samples=20_000, max_sites=clients)
     # The runtime's own policy: shares None picks about 2 log2 n, threshold None a majority.
     degree, thr = SecAggConfig(mode=graph, shares=shares, threshold=threshold).group(clients)
-    tracemalloc.start()
-    plain, secure, stage_runs, floors, uploads, peaks = [], [], [], [], [], []
+    plain, secure, stage_runs, floors, uploads = [], [], [], [], []
     plain_up = 0
-    throughput = keystream_throughput()
+    warm_up(plan, prg)
+    throughput = keystream_throughput(prg)
     for r in range(repeat):
         p, plain_up = plain_round(updates)
         plain.append(p)
         s, stages, mask_bytes, up, peak, aborted = secure_round(
-            updates, identities, degree=degree, threshold=thr, dropout=dropout, plan=plan, repeat_index=r
+            updates, identities, degree=degree, threshold=thr, dropout=dropout, plan=plan, repeat_index=r,
+            prg=prg,
         )
         if aborted:
-            tracemalloc.stop()
             return {"clients": clients, "dim": dim, "dropout": dropout, "graph": graph, "shares": shares,
                     "threshold": threshold, "aborted": aborted}
         secure.append(s)
         stage_runs.append(stages)
         floors.append(mask_bytes / throughput)
         uploads.append(up)
-        peaks.append(peak)
+    # Memory in one more round, traced: tracemalloc slows every allocation, so it never runs
+    # while a round is being timed.
+    tracemalloc.start()
+    *_, peak, _ = secure_round(updates, identities, degree=degree, threshold=thr, dropout=dropout, plan=plan,
+                               repeat_index=repeat, prg=prg, trace=True)
     tracemalloc.stop()
     keys = sorted({k for st in stage_runs for k in st})
     result = {
@@ -255,6 +282,7 @@ def run(clients: int, dim: int, dropout: float, graph: str, repeat: int, shares:
         "dim": dim,
         "dropout": dropout,
         "graph": graph,
+        "prg": prg,
         "group": None if degree is None else degree + 1,
         "threshold_used": thr,
         "repeat": repeat,
@@ -264,11 +292,11 @@ def run(clients: int, dim: int, dropout: float, graph: str, repeat: int, shares:
         "prg_floor_s": round(statistics.median(floors), 5),
         "keystream_GBps": round(throughput / 1e9, 2),
         "stages": {k: round(statistics.median(st.get(k, 0.0) for st in stage_runs), 5) for k in keys},
-        "mask_vs_keystream": round(mask_generation_ratio(dim), 3),
+        "mask_vs_keystream": round(mask_generation_ratio(dim, prg), 3),
         "upload_bytes_per_client": int(statistics.median(uploads)),
         "plain_upload_bytes_per_client": plain_up,
         "upload_ratio": round(statistics.median(uploads) / plain_up, 4),
-        "server_peak_bytes": int(max(peaks)),
+        "server_peak_bytes": int(peak),
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
     return result
@@ -307,6 +335,7 @@ def main() -> None:
                    help="sparse: size of each sharing group, the site included (default: the runtime's, ~2 log2 n)")
     p.add_argument("--threshold", type=int, default=None, help="shares needed to reconstruct (default: majority)")
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--prg", choices=PRGS, default=DEFAULT_PRG, help="the mask PRG (secagg.prg)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--table", action="store_true",
                    help="run the grid of docs/benchmarks.md (n x d x dropout, sparse 2-of-3; complete for small n), "
@@ -330,19 +359,22 @@ def main() -> None:
                     repeat = 3 if dim * clients <= 25_000_000 else 1
                     graphs = ["sparse"] + (["complete"] if clients <= 25 and dim <= 1_000_000 else [])
                     for graph in graphs:
-                        res = run(clients, dim, dropout, graph, repeat, args.shares, args.threshold)
+                        res = run(clients, dim, dropout, graph, repeat, args.shares, args.threshold, args.prg)
                         print(json.dumps(res), flush=True)
                         if graph == "sparse" and dropout >= 0.3 and clients > 10:
                             # 30% random dropout exceeds a default group's tolerance (group - t) now
                             # and then; a group about twice as large holds.
                             default_group = SecAggConfig().group(clients)[0] or clients - 1
                             bigger = min(clients, 2 * (default_group + 1) + 1)
-                            print(json.dumps(run(clients, dim, dropout, graph, repeat, bigger, None)), flush=True)
+                            print(json.dumps(run(clients, dim, dropout, graph, repeat, bigger, None, args.prg)),
+                                  flush=True)
         # The settings measured for Flower 1.42's SecAgg+ (sparse 2-of-3, no dropout).
         for clients, dim in ((10, 1_000_000), (25, 11_000_000)):
-            print(json.dumps(run(clients, dim, 0.0, "sparse", 3, 3, 2)), flush=True)
+            for prg in PRGS:
+                print(json.dumps(run(clients, dim, 0.0, "sparse", 3, 3, 2, prg)), flush=True)
         return
-    result = run(args.clients, int(args.dim), args.dropout, args.graph, args.repeat, args.shares, args.threshold)
+    result = run(args.clients, int(args.dim), args.dropout, args.graph, args.repeat, args.shares, args.threshold,
+                 args.prg)
     print(json.dumps(result, indent=None if args.json else 2))
 
 

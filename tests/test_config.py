@@ -24,6 +24,8 @@ def test_valid_config_and_overrides(tmp_path):
     p = write(tmp_path, {"rounds": 5, "sites": roster(4)})
     cfg = load_federation(p, ["min_clients=3", "strategy.name=fedprox", "strategy.mu=0.01"])
     assert cfg.min_clients == 3 and cfg.strategy.name == "fedprox" and cfg.strategy.mu == 0.01
+    assert cfg.secagg.prg == "aes128-ctr"
+    assert load_federation(p, ["secagg.prg=chacha20"]).secagg.prg == "chacha20"
     assert cfg.run_dir.is_absolute() or str(cfg.run_dir).startswith(str(tmp_path))
 
 
@@ -37,6 +39,7 @@ def test_valid_config_and_overrides(tmp_path):
         ({"sites": roster(2)}, ["strategy.name=fedsgd"], "fed.yaml: strategy.name: Input should be"),
         ({"sites": roster(2) + roster(1)}, [], "site ids must be unique"),
         ({"sites": roster(3), "min_clients": 2, "selection": {"max_per_round": 1}}, [], "max_per_round=1 is below"),
+        ({"sites": roster(2)}, ["secagg.prg=rc4"], "fed.yaml: secagg.prg: Input should be 'aes128-ctr' or 'chacha20'"),
     ],
 )
 def test_errors_name_key_and_reason(tmp_path, data, overrides, message):

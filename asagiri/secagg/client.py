@@ -48,7 +48,8 @@ from ..wire.messages import (
 from . import shamir
 from .graph import graph_seed, neighbours
 from .masking import add_masks, pair_seed, round_context, sign
-from .quantize import QuantPlan, quantize
+from .prg import PRGS, Prg
+from .quantize import QuantisationError, QuantPlan, quantize
 
 __all__ = ["ClientStage", "ClientStateMachine", "SecAggRefused", "keys_message", "survivors_message"]
 
@@ -88,6 +89,7 @@ class _Round:
     attempt: int
     vector_len: int
     plan: QuantPlan
+    prg: Prg
     c: EphemeralKey
     s: EphemeralKey
     b_seed: bytes
@@ -144,7 +146,11 @@ class ClientStateMachine:
         if delta.size + 1 != r.vector_len:
             raise SecAggRefused(f"update has {delta.size} values, the round expects {r.vector_len - 1}")
         r.input = (delta, num_samples)
-        return self._maybe_mask()
+        try:
+            return self._maybe_mask()
+        except SecAggRefused:
+            self.stage = ClientStage.ABORTED
+            raise
 
     def set_quantized(self, ring_vector: np.ndarray) -> list[Message]:
         """Mask an already quantised ring vector (last element: the sample count) as it is.
@@ -203,10 +209,12 @@ class ClientStateMachine:
             raise SecAggRefused(f"bad quantisation plan: {exc}") from None
         if plan.bits not in (32, 64) or not plan.scale > 0:
             raise SecAggRefused("bad quantisation plan")
+        if msg.prg not in PRGS:
+            raise SecAggRefused(f"unknown mask PRG {msg.prg!r}; this site knows {', '.join(PRGS)}")
         self._last = (msg.round, msg.attempt)
         c, s = EphemeralKey(self._random(32)), EphemeralKey(self._random(32))
         ctx = round_context(self.run_id, msg.round, msg.attempt)
-        self._round = _Round(msg.round, msg.attempt, msg.vector_len, plan, c, s, self._random(32), ctx)
+        self._round = _Round(msg.round, msg.attempt, msg.vector_len, plan, msg.prg, c, s, self._random(32), ctx)
         self._revealed = {}
         self.stage = ClientStage.ADVERTISED
         sig = self.identity.sign(keys_message(self.run_id, msg.round, msg.attempt, self.site_id, c.public, s.public))
@@ -285,10 +293,13 @@ class ClientStateMachine:
             (sign(self.site_id, v), pair_seed(r.s, r.peer_keys[v][1], self.site_id, v, r.ctx)) for v in r.shared_with
         ]
         if n == -1:  # set_quantized: already a ring vector
-            q = add_masks(delta, None, masks)
+            q = add_masks(delta, None, masks, prg=r.prg)
         else:
             n = min(n, r.plan.max_samples)
-            q, self.clipped = quantize(delta, n, r.plan, noise_seed=self._random(32), masks=masks)
+            try:
+                q, self.clipped = quantize(delta, n, r.plan, noise_seed=self._random(32), masks=masks, prg=r.prg)
+            except QuantisationError as exc:
+                raise SecAggRefused(str(exc)) from None
         r.input = None
         self.stage = ClientStage.MASKED
         return [MaskedInput(r.rnd, r.attempt, {"y": q})]

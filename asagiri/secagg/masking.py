@@ -13,9 +13,10 @@ import struct
 import numpy as np
 
 from ..wire.crypto import EphemeralKey, Keystream, blake2b
-from .prg import BLOCK, stream
+from .kernels import add_streams
+from .prg import BLOCK, DEFAULT_PRG, Prg, stream
 
-__all__ = ["add_masks", "add_stream_block", "pair_seed", "round_context", "sign"]
+__all__ = ["StreamAdder", "add_masks", "pair_seed", "round_context", "sign"]
 
 
 def round_context(run_id: str, rnd: int, attempt: int) -> bytes:
@@ -33,7 +34,11 @@ def pair_seed(my_key: EphemeralKey, peer_public: bytes, u: int, v: int, ctx: byt
 
 
 def add_masks(
-    vector: np.ndarray, self_seed: bytes | None, pair_seeds: list[tuple[int, bytes]], *, scratch: np.ndarray | None = None
+    vector: np.ndarray,
+    self_seed: bytes | None,
+    pair_seeds: list[tuple[int, bytes]],
+    *,
+    prg: Prg = DEFAULT_PRG,
 ) -> np.ndarray:
     """In place: ``vector += PRG(self_seed) + sum(sign * PRG(seed))``; ``sign`` is +1 or -1.
 
@@ -42,23 +47,37 @@ def add_masks(
     size allocates nothing large and stays in cache.
     """
     entries = ([(1, self_seed)] if self_seed is not None else []) + list(pair_seeds)
-    streams = [(s, stream(seed)) for s, seed in entries]
-    if not streams:
+    if not entries:
         return vector
     flat = vector.reshape(-1)
-    b = min(BLOCK, flat.size)
-    buf = scratch[:b] if scratch is not None and scratch.size >= b else np.empty(b, dtype=flat.dtype)
-    for start in range(0, flat.size, b):
-        block = flat[start : start + b]
-        add_stream_block(block, streams, buf[: block.size])
+    adder = StreamAdder([(s, stream(seed, prg)) for s, seed in entries], flat.dtype)
+    for start in range(0, flat.size, BLOCK):
+        adder.add(flat[start : start + BLOCK])
     return vector
 
 
-def add_stream_block(block: np.ndarray, streams: list[tuple[int, Keystream]], buf: np.ndarray) -> None:
-    """Add (sign +1) or subtract (-1) each stream's next ``len(block)`` words into ``block``."""
-    for sign, ks in streams:
-        ks.fill(memoryview(buf))
-        if sign > 0:
-            block += buf
-        else:
-            block -= buf
+class StreamAdder:
+    """Adds (sign +1) or subtracts (-1) the next words of several streams into successive blocks.
+
+    Streams are taken ``GROUP`` at a time: their words for one block land in one small scratch
+    array and a compiled kernel adds them in a single sweep, so the block stays in cache.
+    """
+
+    GROUP = 4
+
+    def __init__(self, streams: list[tuple[int, Keystream]], dtype: np.dtype) -> None:
+        # Plus streams first: the kernel adds rows [0, nplus) and subtracts the rest.
+        ordered = sorted(streams, key=lambda e: e[0] < 0)
+        self._groups = [ordered[i : i + self.GROUP] for i in range(0, len(ordered), self.GROUP)]
+        width = min(self.GROUP, len(ordered))
+        self._scratch = np.empty(width * BLOCK, dtype=dtype)
+
+    def add(self, block: np.ndarray) -> None:
+        n = block.size
+        if n > BLOCK:
+            raise ValueError(f"blocks are at most {BLOCK} elements")
+        for group in self._groups:
+            words = self._scratch[: len(group) * n].reshape(len(group), n)
+            for row, (_, ks) in zip(words, group, strict=True):
+                ks.fill(memoryview(row))
+            add_streams(block, words, sum(1 for s, _ in group if s > 0))

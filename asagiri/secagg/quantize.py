@@ -18,8 +18,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .masking import add_stream_block
-from .prg import BLOCK, stream
+from .kernels import quantize_block
+from .masking import StreamAdder
+from .prg import BLOCK, DEFAULT_PRG, Prg, stream
 
 __all__ = ["QuantPlan", "QuantisationError", "dequantize", "quantize"]
 
@@ -79,6 +80,7 @@ def quantize(
     *,
     noise_seed: bytes,
     masks: Sequence[tuple[int, bytes]] = (),
+    prg: Prg = DEFAULT_PRG,
 ) -> tuple[np.ndarray, int]:
     """``floor(n * clip(delta) * scale + u)`` (stochastic rounding), then ``n``; plus the masks.
 
@@ -87,41 +89,30 @@ def quantize(
     value's error stays below ``1 / scale``.  ``masks`` are ``(sign, seed)`` PRG streams added
     (sign +1) or subtracted (-1) over the whole ring vector, count included, block by block while
     the block is in cache.  Returns the ring vector and how many coordinates were clipped; the only
-    large allocation is the output.
+    large allocation is the output.  A NaN anywhere raises :class:`QuantisationError`.
     """
     if not 1 <= num_samples <= plan.max_samples:
         raise QuantisationError(f"num_samples={num_samples} outside 1..{plan.max_samples}")
-    flat = np.asarray(delta, dtype=np.float32).reshape(-1)
+    flat = np.ascontiguousarray(delta, dtype=np.float32).reshape(-1)
     d = flat.size
     out = np.empty(d + 1, dtype=plan.dtype)
-    as_signed = out.view(plan.signed)
-    noise = stream(noise_seed)
-    mask_streams = [(sign, stream(seed)) for sign, seed in masks]
-    factor = num_samples * plan.scale
-    b = min(BLOCK, max(d, 1))
-    clipped32 = np.empty(b, dtype=np.float32)
-    work = np.empty(b, dtype=np.float64)
-    u = np.empty(b, dtype=np.uint16)
-    uf = np.empty(b, dtype=np.float64)
-    k = np.empty(b, dtype=plan.dtype)
+    noise = stream(noise_seed, prg)
+    adder = StreamAdder([(sign, stream(seed, prg)) for sign, seed in masks], out.dtype)
+    factor = float(num_samples * plan.scale)
+    clip = np.float32(plan.clip)
+    u = np.empty(min(BLOCK, max(d, 1)), dtype=np.uint16)
     clipped = 0
-    for start in range(0, d, b):
-        stop = min(start + b, d)
-        n = stop - start
-        c, w = clipped32[:n], work[:n]
-        np.clip(flat[start:stop], -plan.clip, plan.clip, out=c)
-        clipped += n - int(np.count_nonzero(c == flat[start:stop]))
-        np.multiply(c, factor, out=w, dtype=np.float64)
+    for start in range(0, d, BLOCK):
+        block = out[start : min(start + BLOCK, d)]
+        n = block.size
         noise.fill(memoryview(u[:n]))
-        np.multiply(u[:n], 1.0 / 2**16, out=uf[:n])
-        w += uf[:n]
-        np.floor(w, out=w)
-        # |w| < 2**(bits-1) by the plan, so the conversion to the signed ring type is exact.
-        block = as_signed[start:stop]
-        np.copyto(block, w, casting="unsafe")
-        add_stream_block(out[start:stop], mask_streams, k[:n])
+        c, nan = quantize_block(flat[start : start + n], clip, factor, u[:n], block)
+        if nan:
+            raise QuantisationError(f"the update has NaN values (at least {nan}); refusing to send it")
+        clipped += c
+        adder.add(block)
     out[d] = num_samples
-    add_stream_block(out[d:], mask_streams, k[:1])
+    adder.add(out[d:])
     return out, clipped
 
 

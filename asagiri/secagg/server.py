@@ -38,6 +38,7 @@ from . import shamir
 from .client import keys_message, survivors_message
 from .graph import graph_seed, neighbours
 from .masking import add_masks, pair_seed, round_context, sign
+from .prg import DEFAULT_PRG, PRGS, Prg
 from .quantize import QuantPlan
 
 __all__ = ["SecAggViolation", "ServerStage", "ServerStateMachine"]
@@ -104,6 +105,7 @@ class ServerStateMachine:
         identities: dict[int, PublicIdentity],
         degree: int | None = None,
         threshold: int | None = None,
+        prg: Prg = DEFAULT_PRG,
     ) -> None:
         self.run_id, self.round, self.attempt = run_id, rnd, attempt
         self.participants = sorted(participants)
@@ -113,6 +115,9 @@ class ServerStateMachine:
         self.identities = identities
         self.degree = degree
         self.threshold_cfg = threshold
+        if prg not in PRGS:
+            raise ValueError(f"unknown PRG {prg!r}")
+        self.prg = prg
         self.stage = ServerStage.ADVERTISE
         self.ctx = round_context(run_id, rnd, attempt)
         self._waiting: set[int] = set(self.participants)
@@ -139,7 +144,7 @@ class ServerStateMachine:
         return self.stage in (ServerStage.DONE, ServerStage.ABORTED)
 
     def start(self) -> list[Out]:
-        msg = SecAggStart(self.round, self.attempt, self.participants, self.vector_len, self.plan.to_dict())
+        msg = SecAggStart(self.round, self.attempt, self.participants, self.vector_len, self.plan.to_dict(), self.prg)
         return [Out(s, msg) for s in self.participants]
 
     # -- events ----------------------------------------------------------------------------------
@@ -304,7 +309,6 @@ class ServerStateMachine:
     def _finish(self) -> list[Out]:
         t = self.threshold
         total = self.sum
-        scratch = np.empty_like(total)
         removals: list[tuple[int, bytes]] = []
         for u in self.u3:
             shares = list(self._b_shares.get(u, {}).values())
@@ -328,7 +332,7 @@ class ServerStateMachine:
                 if u in survivors and v in self.delivered_from.get(u, []):
                     removals.append((-sign(u, v), pair_seed(key, self.keys[u].s_pk, u, v, self.ctx)))
         # Self masks are removed like pair masks with sign -1 (PRG(b_u) was added).
-        add_masks(total, None, removals, scratch=scratch)
+        add_masks(total, None, removals, prg=self.prg)
         self.stage = ServerStage.DONE
         self.result = SecAggResult(total, list(self.u3), sorted(set(self.participants) - survivors), self.stage_sites)
         return []

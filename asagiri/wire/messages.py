@@ -367,6 +367,7 @@ class SecAggStart(Message):
     participants: list[int]
     vector_len: int
     quant: dict[str, Any]
+    prg: str  # the mask PRG: "aes128-ctr" or "chacha20" (protocol/SPEC.md §6)
 
     def validate(self) -> None:
         _int(self.round, "round", lo=1)
@@ -374,6 +375,8 @@ class SecAggStart(Message):
         _ids(self.participants, "participants")
         _int(self.vector_len, "vector_len", lo=1, hi=1 << 34)
         _scalar_map(self.quant, "quant")
+        if not isinstance(self.prg, str) or len(self.prg) > 32:
+            raise MessageError("prg must be a short string")
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,7 +17,7 @@ import numpy as np
 
 from asagiri.secagg import shamir
 from asagiri.secagg.masking import add_masks
-from asagiri.secagg.prg import expand
+from asagiri.secagg.prg import PRGS, Prg, expand
 from asagiri.secagg.quantize import QuantPlan, quantize
 from asagiri.wire import codec
 from asagiri.wire.channel import ClientHandshake, SecureChannel, ServerHandshake
@@ -130,15 +130,23 @@ def shamir_vectors() -> list[dict]:
     return out
 
 
-def secagg_vectors() -> dict:
+def secagg_vectors() -> list[dict]:
+    return [secagg_vector(prg) for prg in PRGS]
+
+
+def secagg_vector(prg: Prg) -> dict:
     plan = QuantPlan.plan(bits=32, clip=1.0, max_samples=1000, max_sites=4)
-    delta = np.array([0.5, -0.25, 1.5, -3.0, 1e-4, 0.0], dtype=np.float32)
+    # On-grid values, clipped ones, and off-grid ones whose rounding the noise decides.
+    delta = np.array([0.5, -0.25, 1.5, -3.0, 1e-4, 0.0, 0.1234567, -0.0070001, 1 / 3, -2e-7], dtype=np.float32)
     noise_seed, b_seed, pair = seed(7), seed(8), seed(9)
-    ring, clipped = quantize(delta, 10, plan, noise_seed=noise_seed)
-    masked = add_masks(ring.copy(), b_seed, [(1, pair), (-1, seed(10))])
-    fused, _ = quantize(delta, 10, plan, noise_seed=noise_seed, masks=[(1, b_seed), (1, pair), (-1, seed(10))])
+    ring, clipped = quantize(delta, 10, plan, noise_seed=noise_seed, prg=prg)
+    masked = add_masks(ring.copy(), b_seed, [(1, pair), (-1, seed(10))], prg=prg)
+    fused, _ = quantize(
+        delta, 10, plan, noise_seed=noise_seed, masks=[(1, b_seed), (1, pair), (-1, seed(10))], prg=prg
+    )
     assert np.array_equal(masked, fused)
     return {
+        "prg": prg,
         "plan": plan.to_dict(),
         "delta": delta.tolist(),
         "num_samples": 10,
@@ -148,7 +156,7 @@ def secagg_vectors() -> dict:
         "self_seed_hex": b_seed.hex(),
         "pair_masks": [[1, pair.hex()], [-1, seed(10).hex()]],
         "masked_hex": masked.tobytes().hex(),
-        "prg_first_words": [int(w) for w in expand(b_seed, 4)],
+        "prg_first_words": [int(w) for w in expand(b_seed, 4, prg=prg)],
     }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from asagiri.secagg.client import ClientStateMachine, SecAggRefused
+from asagiri.secagg.prg import DEFAULT_PRG, Prg
 from asagiri.secagg.quantize import QuantPlan
 from asagiri.secagg.server import ServerStage, ServerStateMachine
 from asagiri.wire.crypto import Identity
@@ -17,7 +18,8 @@ STAGES = ("advertise", "share", "masked_input", "consistency", "unmask")
 class Federation:
     def __init__(self, n: int, *, dim: int, degree: int | None = None, threshold: int | None = None,
                  min_clients: int = 2, bits: int = 32, clip: float = 1.0, max_samples: int = 1000,
-                 rnd: int = 1, attempt: int = 1, identities: dict[int, Identity] | None = None):
+                 rnd: int = 1, attempt: int = 1, identities: dict[int, Identity] | None = None,
+                 prg: Prg = DEFAULT_PRG):
         self.ids = list(range(1, n + 1))
         self.identities = identities or {i: Identity.generate() for i in self.ids}
         pubs = {i: k.public for i, k in self.identities.items()}
@@ -30,7 +32,7 @@ class Federation:
         self.dim = dim
         self.server = ServerStateMachine(
             run_id=RUN, rnd=rnd, attempt=attempt, participants=self.ids, min_clients=min_clients,
-            plan=self.plan, vector_len=dim + 1, identities=pubs, degree=degree, threshold=threshold,
+            plan=self.plan, vector_len=dim + 1, identities=pubs, degree=degree, threshold=threshold, prg=prg,
         )
         self.dead: set[int] = set()
         self.sent: list[tuple[int, object]] = []  # everything sites sent, for inspection

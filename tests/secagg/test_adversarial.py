@@ -11,7 +11,14 @@ from asagiri.secagg.client import ClientStage, SecAggRefused
 from asagiri.secagg.prg import expand
 from asagiri.secagg.server import ServerStage
 from asagiri.wire.crypto import EphemeralKey
-from asagiri.wire.messages import ConsistencyCheck, KeyRoster, SecAggStart, UnmaskRequest, UnmaskResponse
+from asagiri.wire.messages import (
+    ConsistencyCheck,
+    KeyRoster,
+    SecAggStart,
+    ShareDelivery,
+    UnmaskRequest,
+    UnmaskResponse,
+)
 
 from .harness import Federation
 
@@ -136,3 +143,22 @@ def test_replayed_messages_from_an_earlier_round_are_refused():
         fed2.clients[2].receive(dataclasses.replace(old_roster, round=2))
     # None of the three sent a share in round 2.
     assert all(fed2.clients[i].stage is ClientStage.ABORTED for i in (1, 2, 3))
+
+
+def test_an_unknown_mask_prg_is_refused_before_any_key_is_made():
+    fed = Federation(3, dim=DIM)
+    start = next(o.msg for o in fed.server.start() if o.site == 1)
+    with pytest.raises(SecAggRefused, match="unknown mask PRG 'rc4'"):
+        fed.clients[1].receive(dataclasses.replace(start, prg="rc4"))
+    assert fed.clients[1].stage is ClientStage.ABORTED
+
+
+def test_a_nan_update_is_refused_and_the_site_leaves_the_round():
+    fed = Federation(3, dim=DIM)
+    queue = fed.advance({}, ServerStage.MASKED_INPUT)
+    assert fed.clients[1].receive(to_site(queue, 1, ShareDelivery)) == []
+    bad = np.zeros(DIM, dtype=np.float32)
+    bad[5] = np.nan
+    with pytest.raises(SecAggRefused, match="NaN"):
+        fed.clients[1].set_input(bad, 10)
+    assert fed.clients[1].stage is ClientStage.ABORTED

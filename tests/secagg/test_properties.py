@@ -5,6 +5,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scipy.stats import chisquare
 
+from asagiri.secagg.prg import PRGS
 from asagiri.secagg.quantize import dequantize
 from asagiri.secagg.server import ServerStage
 
@@ -37,10 +38,10 @@ def drops_by_stage(at):
 
 
 @SETTINGS
-@given(scenarios(), st.integers(0, 2**32 - 1))
-def test_masks_cancel_exactly(scenario, seed):
+@given(scenarios(), st.integers(0, 2**32 - 1), st.sampled_from(PRGS))
+def test_masks_cancel_exactly(scenario, seed, prg):
     n, degree, threshold, k, at, dim = scenario
-    fed = Federation(n, dim=dim, degree=degree, threshold=threshold, min_clients=k)
+    fed = Federation(n, dim=dim, degree=degree, threshold=threshold, min_clients=k, prg=prg)
     rng = np.random.default_rng(seed)
     ring = {i: rng.integers(0, 2**32, size=dim + 1, dtype=np.uint64).astype(np.uint32) for i in fed.ids}
     server = fed.run(ring, drops_by_stage(at))
@@ -56,10 +57,10 @@ def test_masks_cancel_exactly(scenario, seed):
 
 
 @SETTINGS
-@given(scenarios(), st.integers(0, 2**32 - 1), st.sampled_from([32, 64]))
-def test_dequantised_sum_within_documented_error(scenario, seed, bits):
+@given(scenarios(), st.integers(0, 2**32 - 1), st.sampled_from([32, 64]), st.sampled_from(PRGS))
+def test_dequantised_sum_within_documented_error(scenario, seed, bits, prg):
     n, degree, threshold, k, at, dim = scenario
-    fed = Federation(n, dim=dim, degree=degree, threshold=threshold, min_clients=k, bits=bits, clip=1.0)
+    fed = Federation(n, dim=dim, degree=degree, threshold=threshold, min_clients=k, bits=bits, clip=1.0, prg=prg)
     rng = np.random.default_rng(seed)
     inputs = {i: (rng.uniform(-1.5, 1.5, dim).astype(np.float32), int(rng.integers(1, 1001))) for i in fed.ids}
     server = fed.run(inputs, drops_by_stage(at))

@@ -110,22 +110,43 @@ def test_shamir_vectors(vec):
     assert shamir.reconstruct(decoded[-vec["t"] :], vec["t"]) == secret
 
 
-def test_quantize_and_mask_vector():
+@pytest.mark.parametrize("v", load_vectors("secagg.json"), ids=lambda v: v["prg"])
+def test_quantize_and_mask_vector(v):
     from asagiri.secagg.masking import add_masks
     from asagiri.secagg.prg import expand
     from asagiri.secagg.quantize import QuantPlan, dequantize, quantize
 
-    v = load_vectors("secagg.json")
+    prg = v["prg"]
     plan = QuantPlan(**v["plan"])
     delta = np.array(v["delta"], dtype=np.float32)
-    ring, clipped = quantize(delta, v["num_samples"], plan, noise_seed=bytes.fromhex(v["noise_seed_hex"]))
+    noise_seed = bytes.fromhex(v["noise_seed_hex"])
+    ring, clipped = quantize(delta, v["num_samples"], plan, noise_seed=noise_seed, prg=prg)
     assert ring.tobytes().hex() == v["quantized_hex"] and clipped == v["clipped"]
     pairs = [(s, bytes.fromhex(h)) for s, h in v["pair_masks"]]
-    masked = add_masks(ring.copy(), bytes.fromhex(v["self_seed_hex"]), pairs)
+    masked = add_masks(ring.copy(), bytes.fromhex(v["self_seed_hex"]), pairs, prg=prg)
     assert masked.tobytes().hex() == v["masked_hex"]
-    assert expand(bytes.fromhex(v["self_seed_hex"]), 4).tolist() == v["prg_first_words"]
+    assert expand(bytes.fromhex(v["self_seed_hex"]), 4, prg=prg).tolist() == v["prg_first_words"]
     # removing the masks again gives the quantised vector back; dequantising it, the clipped update
-    add_masks(masked, None, [(-1, bytes.fromhex(v["self_seed_hex"]))] + [(-s, seed) for s, seed in pairs])
+    add_masks(masked, None, [(-1, bytes.fromhex(v["self_seed_hex"]))] + [(-s, seed) for s, seed in pairs], prg=prg)
     weighted, count = dequantize(masked, plan)
     assert count == v["num_samples"]
     np.testing.assert_allclose(weighted, np.clip(delta, -1, 1) * v["num_samples"], atol=1 / plan.scale)
+
+
+def test_noise_decides_off_grid_rounding_in_the_vectors():
+    """Off-grid values of the vectors round up or down depending on the noise seed, so the vectors
+    pin the rounding noise too; and on average the rounding is unbiased."""
+    from asagiri.secagg.quantize import QuantPlan, quantize
+
+    for v in load_vectors("secagg.json"):
+        plan = QuantPlan(**v["plan"])
+        delta = np.array(v["delta"], dtype=np.float32)
+        exact = np.clip(delta, -1, 1).astype(np.float64) * v["num_samples"] * plan.scale
+        rings = np.stack([
+            quantize(delta, v["num_samples"], plan, noise_seed=bytes([i]) * 32, prg=v["prg"])[0][:-1].view(np.int32)
+            for i in range(200)
+        ])
+        off_grid = exact != np.floor(exact)
+        assert off_grid.sum() >= 3
+        assert (rings[:, off_grid].min(axis=0) < rings[:, off_grid].max(axis=0)).all()
+        np.testing.assert_allclose(rings.mean(axis=0), exact, atol=0.15)
