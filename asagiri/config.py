@@ -186,6 +186,9 @@ class DPConfig(_Strict):
     max_grad_norm: float = Field(1.0, gt=0)
     noise_multiplier: Literal["auto"] | float = "auto"
     accountant: Literal["rdp"] = "rdp"
+    # K augmented copies per example, gradients averaged before clipping (De et al. 2022): same
+    # epsilon, K times the compute.
+    augmentation_multiplicity: int = Field(1, ge=1, le=32)
 
     @field_validator("noise_multiplier")
     @classmethod

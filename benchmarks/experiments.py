@@ -10,7 +10,8 @@ and ``apply_weighted_delta`` (FedAvg).  Secure aggregation is left out here beca
 the sum only within its quantisation bound (``tests/e2e/test_secagg.py`` checks exactly that);
 the runtime's own end-to-end runs are in ``docs/results.md`` too.
 
-Evaluation: the official test split, shared out evenly; each site scores its share with *its*
+Evaluation: the official test split, shared out over the sites (under label skew, in each site's
+training label proportions; otherwise evenly); each site scores its share with *its*
 model (the global weights, plus its own normalisation layers under FedBN; its own model for
 local-only), and the predictions are pooled into one AUC and accuracy (``test_auc``).  Pooling
 penalises sites whose models score on different scales (FedBN, local-only), so the mean of the
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 
 from asagiri.data import load_site_data
-from asagiri.data.loaders import SiteData, Split
+from asagiri.data.loaders import SiteData, Split, open_dataset, site_indices, to_split
 from asagiri.models import build, shared_keys
 from asagiri.privacy.engine import noise_for_target, steps_per_round, train_dp
 from asagiri.strategy.aggregate import apply_weighted_delta
@@ -42,6 +43,32 @@ def new_model(data: SiteData, args: argparse.Namespace, seed: int) -> torch.nn.M
     torch.manual_seed(seed)
     return build(args.model, in_channels=data.channels, num_classes=data.num_classes, width=args.width,
                  norm=args.norm, groups=8)
+
+
+def own_population_tests(args: argparse.Namespace, seed: int) -> list[Split] | None:
+    """Under label skew: each site's share of the official test split in its own label mix."""
+    if args.scheme != "dirichlet":
+        return None
+    raw = open_dataset(args.dataset, None)
+    parts = site_indices(raw, args.dataset, "test", args.sites, scheme="dirichlet", alpha=args.alpha, seed=seed,
+                         test_follows_site=True)
+    return [to_split(raw.images["test"][p], raw.labels["test"][p], raw.task, None) for p in parts]
+
+
+def own_population(models: list[torch.nn.Module], tests: list[Split] | None, task: str) -> dict:
+    """Mean of each site's AUC on test data in its own label mix (sites with both classes only)."""
+    if tests is None:
+        return {}
+    aucs = []
+    for m, t in zip(models, tests, strict=True):
+        r = evaluate(m, t, task=task)
+        aucs.append(auc_score(r.labels, r.scores))
+    minority = [int(min(np.bincount(t.labels.reshape(-1).long().numpy(), minlength=2))) for t in tests]
+    return {
+        "own_test_auc_site_mean": float(np.mean([a for a in aucs if a is not None])),
+        "own_test_auc_sites": [None if a is None else round(a, 4) for a in aucs],
+        "own_test_minority_counts": minority,
+    }
 
 
 def pooled(models: list[torch.nn.Module], tests: list[Split], task: str) -> dict[str, float]:
@@ -84,7 +111,8 @@ def run(method: str, args: argparse.Namespace, seed: int) -> dict:
         model = new_model(sites[0], args, seed)
         for epoch in range(args.rounds):
             train_local(model, train, **train_kw(args, seed * 1000 + epoch, task))
-        result = pooled([model] * args.sites, [s.test for s in sites], task)
+        models = [model] * args.sites
+        result = pooled(models, [s.test for s in sites], task)
     elif method == "local":
         models = []
         for i, s in enumerate(sites):
@@ -99,6 +127,7 @@ def run(method: str, args: argparse.Namespace, seed: int) -> dict:
         models = [new_model(s, args, seed) for s in sites]  # same init everywhere
         sigmas = [dp_sigma(s, args) for s in sites] if args.dp_epsilon else [0.0] * len(sites)
         keys = shared_keys(models[0], fedbn=fedbn)
+        ema: dict[str, np.ndarray] = {}
         global_params = {k: models[0].state_dict()[k].numpy().astype(np.float32).copy() for k in keys}
         for rnd in range(args.rounds):
             total = {k: np.zeros(v.shape, np.float64) for k, v in global_params.items()}
@@ -109,7 +138,8 @@ def run(method: str, args: argparse.Namespace, seed: int) -> dict:
                     anchor = {k: torch.from_numpy(v.copy()) for k, v in global_params.items()} if mu > 0 else None
                     r = train_dp(m, s.train, epochs=1, expected_batch=args.batch_size, lr=args.lr, optimizer="adam",
                                  momentum=0.9, noise_multiplier=sigmas[i], max_grad_norm=args.clip, mu=mu,
-                                 anchor=anchor, seed=seed * 1000 + rnd * 10 + i, task=task)
+                                 anchor=anchor, multiplicity=args.aug_mult, seed=seed * 1000 + rnd * 10 + i,
+                                 task=task)
                 else:
                     r = train_local(m, s.train, mu=mu, **train_kw(args, seed * 1000 + rnd * 10 + i, task))
                 state = m.state_dict()
@@ -118,14 +148,21 @@ def run(method: str, args: argparse.Namespace, seed: int) -> dict:
                 n_total += r.num_samples
             mean = {k: (v / n_total).astype(np.float32) for k, v in total.items()}
             global_params, _ = apply_weighted_delta(global_params, mean)
+            # An average of the global models over rounds: post-processing, so no privacy cost.
+            ema = {k: v.copy() for k, v in global_params.items()} if rnd == 0 else {
+                k: args.ema * ema[k] + (1 - args.ema) * global_params[k] for k in keys
+            }
+        final = ema if args.ema else global_params
         for m in models:  # the final global weights, each site keeping its local layers under FedBN
-            m.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in global_params.items()}, strict=False)
+            m.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in final.items()}, strict=False)
         result = pooled(models, [s.test for s in sites], task)
     return {
         "method": method, "dataset": args.dataset, "scheme": args.scheme, "alpha": args.alpha, "seed": seed,
         "rounds": args.rounds, "sizes": [len(s.train) for s in sites], "norm": args.norm,
         "wall_s": round(time.perf_counter() - t0, 1), **result,
-        "dp_epsilon": args.dp_epsilon, "dp_delta": args.dp_delta if args.dp_epsilon else None,
+        **own_population(models, own_population_tests(args, seed), task),
+        "dp_epsilon": args.dp_epsilon, "ema": args.ema, "lr": args.lr, "clip": args.clip,
+        "batch_size": args.batch_size, "aug_mult": args.aug_mult, "dp_delta": args.dp_delta if args.dp_epsilon else None,
         "sigmas": [round(x, 3) for x in sigmas] if method not in ("central", "local") and args.dp_epsilon else None,
     }
 
@@ -144,6 +181,9 @@ def main() -> None:
     p.add_argument("--norm", default="batch", choices=["batch", "group"])
     p.add_argument("--width", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--aug-mult", type=int, default=1, help="DP: augmentation multiplicity K")
+    p.add_argument("--ema", type=float, default=0.0,
+                   help="evaluate an exponential moving average of the global models with this decay")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--mu", type=float, default=0.01)
     p.add_argument("--threads", type=int, default=1)

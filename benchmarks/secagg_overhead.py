@@ -314,6 +314,8 @@ def markdown(path: str) -> str:
             out.append(f"| {r['clients']} | {r['dim']:.0e} | {r['dropout']} | {graph} | | | **aborted**: {r['aborted']} | | | |")
             continue
         graph = "complete" if r["group"] is None else f"sparse ({r['group']})"
+        if r.get("prg", DEFAULT_PRG) != DEFAULT_PRG:
+            graph += f", {r['prg']}"
         key = (r["clients"], r["dim"], r["dropout"], graph, r.get("group"))
         if key in seen:
             continue  # sparse with a group as large as the round is the complete graph

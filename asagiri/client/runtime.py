@@ -175,6 +175,7 @@ class SiteWorker:
             self.model, self.data.train, epochs=t.local_epochs, expected_batch=t.batch_size, lr=t.lr,
             optimizer=t.optimizer, momentum=t.momentum, noise_multiplier=self.sigma,
             max_grad_norm=self.dp.max_grad_norm, mu=mu, anchor=anchor, augment=t.augment,
+            multiplicity=self.dp.augmentation_multiplicity,
             seed=int(ins.config.get("seed", 0)), device=self.device, task=self.data.task,
         )
         eps = self.ledger.record(ins.round, noise_multiplier=r.noise_multiplier, sample_rate=r.sample_rate,

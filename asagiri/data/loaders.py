@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .partition import feature_partition, partition
+from .partition import dirichlet_draw, feature_partition, partition, proportional_partition
 from .sources import RawDataset, dermamnist_archive, isic2020, medmnist_npz, nih_chestxray14, synthetic
 
 __all__ = [
@@ -124,7 +124,7 @@ def skew_labels(labels: np.ndarray) -> np.ndarray:
     return labels
 
 
-def _to_split(images: np.ndarray, labels: np.ndarray, task: str, profile: tuple | None) -> Split:
+def to_split(images: np.ndarray, labels: np.ndarray, task: str, profile: tuple | None) -> Split:
     x = torch.from_numpy(images.astype(np.float32) / 255.0)
     x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2).contiguous()
     if profile is not None:
@@ -149,9 +149,15 @@ def _acquisition(x: torch.Tensor, profile: tuple) -> torch.Tensor:
 
 def site_indices(
     raw: RawDataset, dataset: str, split: str, num_sites: int, *, scheme: str, alpha: float, seed: int,
-    feature_key: str | None = None,
+    feature_key: str | None = None, test_follows_site: bool = False,
 ) -> list[np.ndarray]:
-    """Each site's indices into ``split``; every sample goes to exactly one site."""
+    """Each site's indices into ``split``; every sample goes to exactly one site.
+
+    Under label skew the validation split follows each site's training label mix. The official
+    test split is shared out evenly (its label mix stays the population's) unless
+    ``test_follows_site``: then it follows the sites' mixes too, which scores each site's own
+    model on patients like its own, but lets a model score well by knowing only its site's prior.
+    """
     stream = ("train", "val", "test").index(split)
     labels = skew_labels(raw.labels[split])
     if scheme == "feature":
@@ -159,6 +165,13 @@ def site_indices(
         if key is not None and key in raw.meta.get(split, {}):
             return feature_partition(raw.meta[split][key], num_sites, seed=seed)
         scheme = "iid"  # simulated acquisition shift instead (applied in load_site_data)
+    if scheme == "dirichlet" and (split != "test" or test_follows_site):
+        # The proportions are drawn once, on train, and reused for the held-out split.
+        train_parts, proportions = dirichlet_draw(skew_labels(raw.labels["train"]), num_sites, alpha,
+                                                  rng=np.random.default_rng([seed, 0]))
+        if split == "train":
+            return train_parts
+        return proportional_partition(labels, proportions, rng=np.random.default_rng([seed, stream]))
     if split == "test":
         scheme = "iid"  # the official test set is shared out evenly; its label mix stays the population's
     return partition(labels, num_sites, scheme=scheme, alpha=alpha, seed=seed, stream=stream)
@@ -187,7 +200,7 @@ def load_site_data(
         parts = site_indices(raw, dataset, split, num_sites, scheme=scheme, alpha=alpha, seed=seed,
                              feature_key=feature_key)
         idx = parts[site_index]
-        splits[split] = _to_split(raw.images[split][idx], raw.labels[split][idx], raw.task, profile)
+        splits[split] = to_split(raw.images[split][idx], raw.labels[split][idx], raw.task, profile)
     return SiteData(
         train=splits["train"], val=splits["val"], test=splits["test"], official_test=raw.official_test,
         channels=raw.channels, num_classes=raw.num_outputs, task=raw.task, label_names=tuple(raw.label_names),

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["dirichlet_partition", "feature_partition", "iid_partition", "partition", "quantity_partition"]
+__all__ = [
+    "dirichlet_draw",
+    "dirichlet_partition",
+    "feature_partition",
+    "iid_partition",
+    "partition",
+    "proportional_partition",
+    "quantity_partition",
+]
 
 
 def iid_partition(n: int, n_sites: int, *, rng: np.random.Generator) -> list[np.ndarray]:
@@ -32,21 +40,56 @@ def dirichlet_partition(
     Redraws (a bounded number of times) until every site holds at least ``min_size`` samples, the
     usual practice since Hsu et al. 2019; deterministic for a given generator state.
     """
-    labels = np.asarray(labels).reshape(len(labels), -1)[:, 0]
+    return dirichlet_draw(labels, n_sites, alpha, rng=rng, min_size=min_size)[0]
+
+
+def dirichlet_draw(
+    labels: np.ndarray, n_sites: int, alpha: float, *, rng: np.random.Generator, min_size: int = 10
+) -> tuple[list[np.ndarray], dict[int, np.ndarray]]:
+    """:func:`dirichlet_partition`, also returning each class's site proportions."""
+    labels = _first_label(labels)
     classes = np.unique(labels)
-    min_size = min(min_size, len(labels) // n_sites)
+    min_size = min(min_size, len(labels) // (2 * n_sites))  # at most half an even share, so a draw can pass
     for _ in range(1000):
+        proportions = {}
         parts: list[list[int]] = [[] for _ in range(n_sites)]
         for c in classes:
             idx = np.flatnonzero(labels == c)
             idx = idx[rng.permutation(len(idx))]
-            props = rng.dirichlet(np.full(n_sites, alpha))
-            cuts = (np.cumsum(props)[:-1] * len(idx)).astype(int)
-            for site, chunk in enumerate(np.split(idx, cuts)):
+            proportions[int(c)] = props = rng.dirichlet(np.full(n_sites, alpha))
+            for site, chunk in enumerate(_cut(idx, props)):
                 parts[site].extend(chunk.tolist())
         if min(len(p) for p in parts) >= min_size:
-            return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
+            return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts], proportions
     raise ValueError(f"could not give every site {min_size} samples with alpha={alpha}")
+
+
+def proportional_partition(
+    labels: np.ndarray, proportions: dict[int, np.ndarray], *, rng: np.random.Generator
+) -> list[np.ndarray]:
+    """Split each class across sites in given proportions (a class not in them: evenly).
+
+    Used for the validation and test splits under label skew, so each site's held-out data has
+    the label mix of its own training data, as a hospital's future patients resemble its past ones.
+    """
+    labels = _first_label(labels)
+    n_sites = len(next(iter(proportions.values())))
+    parts: list[list[int]] = [[] for _ in range(n_sites)]
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        idx = idx[rng.permutation(len(idx))]
+        props = proportions.get(int(c), np.full(n_sites, 1 / n_sites))
+        for site, chunk in enumerate(_cut(idx, props)):
+            parts[site].extend(chunk.tolist())
+    return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
+
+
+def _first_label(labels: np.ndarray) -> np.ndarray:
+    return np.asarray(labels).reshape(len(labels), -1)[:, 0]
+
+
+def _cut(idx: np.ndarray, props: np.ndarray) -> list[np.ndarray]:
+    return np.split(idx, (np.cumsum(props)[:-1] * len(idx)).astype(int))
 
 
 def feature_partition(values: np.ndarray, n_sites: int, *, seed: int) -> list[np.ndarray]:

@@ -75,6 +75,7 @@ def train_dp(
     mu: float = 0.0,
     anchor: dict[str, torch.Tensor] | None = None,
     augment: bool = True,
+    multiplicity: int = 1,
     seed: int = 0,
     device: torch.device | str = "cpu",
     task: str = "binary",
@@ -83,7 +84,14 @@ def train_dp(
 
     FedProx's proximal step is applied after each noisy step (``w -= lr*mu*(w - w_global)``):
     post-processing of a DP output, so it costs no privacy.
+
+    ``multiplicity`` K > 1 is augmentation multiplicity (De et al. 2022): each sampled example is
+    augmented K times and its K per-example gradients are averaged *before* clipping, so it still
+    contributes one clipped gradient (the sensitivity, and so epsilon, are unchanged) with less
+    augmentation variance.  It costs K times the compute.
     """
+    if multiplicity < 1:
+        raise ValueError("multiplicity must be at least 1")
     n = len(data)
     q, steps = steps_per_round(n, expected_batch, epochs)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -105,14 +113,15 @@ def train_dp(
         # Opacus' hooks fire on our first layer, whose input needs no gradient: expected, harmless.
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
         total, done = _steps(dp_model, dp_opt, dp_loader, model, steps=steps, augment=augment, gen=gen, device=device,
-                             task=task, lr=lr, mu=mu, anchor=anchor)
+                             task=task, lr=lr, mu=mu, anchor=anchor, multiplicity=multiplicity if augment else 1)
     # make_private wraps in place; unwrap so the plain model (and its state_dict keys) carry on.
     dp_model._close()
     return DPResult(num_samples=n, loss=total / max(done, 1), steps=done, sample_rate=q,
                     noise_multiplier=noise_multiplier)
 
 
-def _steps(dp_model, dp_opt, dp_loader, model, *, steps, augment, gen, device, task, lr, mu, anchor):  # type: ignore[no-untyped-def]
+def _steps(dp_model, dp_opt, dp_loader, model, *, steps, augment, gen, device, task, lr, mu, anchor,  # type: ignore[no-untyped-def]
+           multiplicity):
     total, done = 0.0, 0
     while done < steps:
         for x, y in dp_loader:
@@ -123,12 +132,17 @@ def _steps(dp_model, dp_opt, dp_loader, model, *, steps, augment, gen, device, t
                 # An empty Poisson batch: release nothing. The ledger still counts the step, which
                 # only overstates epsilon (conservative), never understates it.
                 continue
+            b = len(y)
+            if multiplicity > 1:
+                x, y = x.repeat_interleave(multiplicity, dim=0), y.repeat_interleave(multiplicity, dim=0)
             if augment:
                 x = _augment(x, gen)
             x, y = x.to(device), y.to(device)
             dp_opt.zero_grad(set_to_none=True)
             loss = loss_fn(dp_model(x), y, task)
             loss.backward()
+            if multiplicity > 1:
+                _average_copies(dp_model, b, multiplicity)
             total += float(loss.detach())
             dp_opt.step()
             if mu > 0 and anchor is not None:
@@ -137,3 +151,14 @@ def _steps(dp_model, dp_opt, dp_loader, model, *, steps, augment, gen, device, t
                         if name in anchor:
                             p.sub_(lr * mu * (p - anchor[name]))
     return total, done
+
+
+def _average_copies(dp_model: nn.Module, batch: int, k: int) -> None:
+    """Per-example gradients of K augmented copies (rows ``i*K .. i*K+K-1``) -> their mean, per example."""
+    for p in dp_model.parameters():
+        gs = getattr(p, "grad_sample", None)
+        if gs is None:
+            continue
+        if gs.shape[0] != batch * k:
+            raise RuntimeError(f"per-example gradients for {gs.shape[0]} rows, expected {batch} x {k}")
+        p.grad_sample = gs.reshape(batch, k, *gs.shape[1:]).mean(dim=1)

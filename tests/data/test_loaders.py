@@ -155,6 +155,24 @@ def test_dirichlet_skews_labels():
     assert max(s[1] for s in shares) - min(s[1] for s in shares) > 0.3
 
 
+def test_held_out_splits_follow_each_sites_training_label_mix():
+    raw = open_dataset("pneumoniamnist", None)
+    kw = dict(scheme="dirichlet", alpha=0.3, seed=0)
+    train = site_indices(raw, "pneumoniamnist", "train", 4, **kw)
+    assert [len(p) for p in train] == [3363, 836, 80, 429]  # the split of docs/results.md, unchanged
+    share = lambda p, sp: raw.labels[sp][p].reshape(-1).mean()  # noqa: E731
+    for split, follows in (("val", False), ("test", True)):
+        parts = site_indices(raw, "pneumoniamnist", split, 4, test_follows_site=follows, **kw)
+        together = np.concatenate(parts)
+        assert np.array_equal(np.sort(together), np.arange(len(raw.labels[split])))
+        for tr, held in zip(train, parts, strict=True):
+            assert abs(share(tr, "train") - share(held, split)) < 0.07
+    # By default the official test split is shared out evenly, each share with the population's mix.
+    even = site_indices(raw, "pneumoniamnist", "test", 4, **kw)
+    assert max(len(p) for p in even) - min(len(p) for p in even) <= 1
+    assert all(abs(share(p, "test") - share(np.arange(624), "test")) < 0.1 for p in even)
+
+
 def test_missing_files_give_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="Data_Entry_2017.csv"):
         open_dataset("nih", tmp_path)

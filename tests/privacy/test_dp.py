@@ -6,6 +6,7 @@ import torch
 from opacus.accountants import RDPAccountant
 
 from asagiri.data import load_site_data
+from asagiri.data.loaders import Split
 from asagiri.models import build
 from asagiri.privacy.engine import dp_compatible, noise_for_target, steps_per_round, train_dp
 from asagiri.privacy.ledger import PrivacyLedger
@@ -70,6 +71,39 @@ def test_batchnorm_models_are_converted_and_train(name):
 
 
 @pytest.mark.e2e
+def test_augmentation_multiplicity_averages_each_examples_copies_before_clipping():
+    from opacus import GradSampleModule
+
+    from asagiri.privacy.engine import _average_copies
+    from asagiri.train.loop import loss_fn
+
+    torch.manual_seed(0)
+    model = build("small_cnn", in_channels=1, num_classes=2, width=8, norm="group", groups=4)
+    x, y = torch.rand(5, 1, 28, 28), torch.randint(0, 2, (5,))
+    once = GradSampleModule(model)
+    loss_fn(once(x), y, "binary").backward()
+    want = [p.grad_sample.clone() for p in once.parameters()]
+    once._close()
+    # Three identical copies of each example: the averaged per-example gradient is the example's own.
+    thrice = GradSampleModule(model)
+    loss_fn(thrice(x.repeat_interleave(3, 0)), y.repeat_interleave(3, 0), "binary").backward()
+    _average_copies(thrice, 5, 3)
+    for p, w in zip(thrice.parameters(), want, strict=True):
+        assert p.grad_sample.shape == w.shape
+        torch.testing.assert_close(p.grad_sample, w, rtol=1e-4, atol=1e-6)
+    thrice._close()
+
+
+def test_dp_training_with_multiplicity_runs_and_keeps_the_sample_rate():
+    torch.manual_seed(0)
+    model = build("small_cnn", in_channels=1, num_classes=2, width=8, norm="group", groups=4)
+    data = Split(torch.rand(64, 1, 28, 28), torch.randint(0, 2, (64,)))
+    r = train_dp(model, data, epochs=1, expected_batch=16, lr=1e-3, optimizer="adam", momentum=0.9,
+                 noise_multiplier=1.0, max_grad_norm=1.0, multiplicity=4)
+    assert (r.steps, r.sample_rate) == (4, 0.25)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
 def test_dp_federation_with_secure_aggregation_stops_when_budgets_run_out(tmp_path):
     """3 sites over TCP, secure aggregation on, DP-SGD with a fixed sigma and a budget for 2 rounds of 5."""
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
