@@ -128,6 +128,7 @@ def run(method: str, args: argparse.Namespace, seed: int) -> dict:
         sigmas = [dp_sigma(s, args) for s in sites] if args.dp_epsilon else [0.0] * len(sites)
         keys = shared_keys(models[0], fedbn=fedbn)
         ema: dict[str, np.ndarray] = {}
+        velocity = None
         global_params = {k: models[0].state_dict()[k].numpy().astype(np.float32).copy() for k in keys}
         for rnd in range(args.rounds):
             total = {k: np.zeros(v.shape, np.float64) for k, v in global_params.items()}
@@ -147,7 +148,8 @@ def run(method: str, args: argparse.Namespace, seed: int) -> dict:
                     total[k] += r.num_samples * (state[k].numpy() - global_params[k])
                 n_total += r.num_samples
             mean = {k: (v / n_total).astype(np.float32) for k, v in total.items()}
-            global_params, _ = apply_weighted_delta(global_params, mean)
+            global_params, velocity = apply_weighted_delta(global_params, mean, server_lr=args.server_lr,
+                                                           momentum=args.server_momentum, velocity=velocity)
             # An average of the global models over rounds: post-processing, so no privacy cost.
             ema = {k: v.copy() for k, v in global_params.items()} if rnd == 0 else {
                 k: args.ema * ema[k] + (1 - args.ema) * global_params[k] for k in keys
@@ -162,7 +164,8 @@ def run(method: str, args: argparse.Namespace, seed: int) -> dict:
         "wall_s": round(time.perf_counter() - t0, 1), **result,
         **own_population(models, own_population_tests(args, seed), task),
         "dp_epsilon": args.dp_epsilon, "ema": args.ema, "lr": args.lr, "clip": args.clip,
-        "batch_size": args.batch_size, "aug_mult": args.aug_mult, "dp_delta": args.dp_delta if args.dp_epsilon else None,
+        "batch_size": args.batch_size, "aug_mult": args.aug_mult, "local_epochs": args.local_epochs,
+        "server_lr": args.server_lr, "server_momentum": args.server_momentum, "dp_delta": args.dp_delta if args.dp_epsilon else None,
         "sigmas": [round(x, 3) for x in sigmas] if method not in ("central", "local") and args.dp_epsilon else None,
     }
 
@@ -182,6 +185,8 @@ def main() -> None:
     p.add_argument("--width", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--aug-mult", type=int, default=1, help="DP: augmentation multiplicity K")
+    p.add_argument("--server-lr", type=float, default=1.0, help="FedAvgM: server learning rate")
+    p.add_argument("--server-momentum", type=float, default=0.0, help="FedAvgM: server momentum")
     p.add_argument("--ema", type=float, default=0.0,
                    help="evaluate an exponential moving average of the global models with this decay")
     p.add_argument("--batch-size", type=int, default=64)

@@ -71,6 +71,7 @@ def test_batchnorm_models_are_converted_and_train(name):
 
 
 @pytest.mark.e2e
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 def test_augmentation_multiplicity_averages_each_examples_copies_before_clipping():
     from opacus import GradSampleModule
 
