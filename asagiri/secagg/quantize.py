@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from .kernels import quantize_block
-from .masking import StreamAdder
+from .masking import StreamAdder, scratch
 from .prg import BLOCK, DEFAULT_PRG, Prg, stream
 
 __all__ = ["QuantPlan", "QuantisationError", "dequantize", "quantize"]
@@ -100,7 +100,7 @@ def quantize(
     adder = StreamAdder([(sign, stream(seed, prg)) for sign, seed in masks], out.dtype)
     factor = float(num_samples * plan.scale)
     clip = np.float32(plan.clip)
-    u = np.empty(min(BLOCK, max(d, 1)), dtype=np.uint16)
+    u = scratch(np.uint16, min(BLOCK, max(d, 1)))
     clipped = 0
     for start in range(0, d, BLOCK):
         block = out[start : min(start + BLOCK, d)]
