@@ -160,7 +160,7 @@ def run(method: str, args: argparse.Namespace, seed: int) -> dict:
         result = pooled(models, [s.test for s in sites], task)
     return {
         "method": method, "dataset": args.dataset, "scheme": args.scheme, "alpha": args.alpha, "seed": seed,
-        "rounds": args.rounds, "sizes": [len(s.train) for s in sites], "norm": args.norm,
+        "rounds": args.rounds, "sizes": [len(s.train) for s in sites], "norm": args.norm, "width": args.width,
         "wall_s": round(time.perf_counter() - t0, 1), **result,
         **own_population(models, own_population_tests(args, seed), task),
         "dp_epsilon": args.dp_epsilon, "ema": args.ema, "lr": args.lr, "clip": args.clip,
