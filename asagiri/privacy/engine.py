@@ -18,7 +18,7 @@ from opacus.validators import ModuleValidator
 from torch import nn
 
 from ..data.loaders import Split
-from ..train.loop import _augment, loss_fn
+from ..train.loop import augment_shifts, loss_fn
 
 __all__ = ["DPResult", "dp_compatible", "noise_for_target", "train_dp"]
 
@@ -136,7 +136,7 @@ def _steps(dp_model, dp_opt, dp_loader, model, *, steps, augment, gen, device, t
             if multiplicity > 1:
                 x, y = x.repeat_interleave(multiplicity, dim=0), y.repeat_interleave(multiplicity, dim=0)
             if augment:
-                x = _augment(x, gen)
+                x = augment_shifts(x, gen)
             x, y = x.to(device), y.to(device)
             dp_opt.zero_grad(set_to_none=True)
             loss = loss_fn(dp_model(x), y, task)

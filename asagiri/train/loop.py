@@ -13,7 +13,7 @@ from torch import nn
 
 from ..data.loaders import Split
 
-__all__ = ["EvalResult", "TrainResult", "evaluate", "train_local"]
+__all__ = ["EvalResult", "TrainResult", "accuracy_score", "auc_score", "augment_shifts", "evaluate", "loss_fn", "train_local"]
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ class EvalResult:
         return out
 
 
-def _augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def augment_shifts(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Random translation by up to 2 pixels (reflection padding), the light augmentation we use."""
     n, _, h, w = x.shape
     padded = F.pad(x, (2, 2, 2, 2), mode="reflect")
@@ -86,7 +86,7 @@ def train_local(
                 continue  # BatchNorm cannot train on a batch of one
             x, y = data.images[idx], data.labels[idx]
             if augment:
-                x = _augment(x, gen)
+                x = augment_shifts(x, gen)
             x, y = x.to(device), y.to(device)
             loss = loss_fn(model(x), y, task)
             if anchor is not None:
