@@ -39,7 +39,6 @@ BUNDLED = {
     "pneumoniamnist": "pneumoniamnist.npz",
     "dermamnist": "dermamnist_jpeg28_source.tar.gz",
 }
-BUNDLED_PNEUMONIAMNIST = BUNDLED["pneumoniamnist"]
 
 # (brightness offset, contrast, gamma, blur sigma in pixels): simulated scanners, site i uses i mod 4.
 ACQUISITION_PROFILES = ((0.0, 1.0, 1.0, 0.0), (0.10, 0.75, 1.3, 0.0), (-0.10, 1.25, 0.8, 0.0), (0.0, 0.9, 1.0, 1.0))

@@ -23,17 +23,13 @@ class ArrayPool:
         self.max_bytes = max_bytes
         self._free: dict[tuple[str, tuple[int, ...]], list[np.ndarray]] = {}
         self._held = 0
-        self.reused = 0
-        self.allocated = 0
 
     def acquire(self, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
         free = self._free.get((dtype, shape))
         if free:
             arr = free.pop()
             self._held -= arr.nbytes
-            self.reused += 1
             return arr
-        self.allocated += 1
         return np.empty(shape, dtype=np.dtype(dtype))
 
     def release(self, arrays: Iterable[np.ndarray]) -> None:
