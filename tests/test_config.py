@@ -76,3 +76,13 @@ def test_demo_rejects_bad_override_with_exit_code_2(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "min_clients=5 but only 2 sites are enrolled" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_config_wire_and_cipher_layers_name_the_same_prgs():
+    from typing import get_args
+
+    from asagiri.config import SecAggConfig
+    from asagiri.secagg.prg import PRGS
+    from asagiri.wire.crypto import KEYSTREAMS
+
+    assert get_args(SecAggConfig.model_fields["prg"].annotation) == PRGS == KEYSTREAMS

@@ -14,7 +14,7 @@ those are predictable.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 
@@ -23,7 +23,7 @@ from ..wire.crypto import Keystream, blake2b
 __all__ = ["BLOCK", "DEFAULT_PRG", "PRGS", "Prg", "expand", "expand_into", "prg_key", "stream"]
 
 Prg = Literal["aes128-ctr", "chacha20"]
-PRGS: tuple[Prg, ...] = ("aes128-ctr", "chacha20")
+PRGS: tuple[Prg, ...] = get_args(Prg)
 DEFAULT_PRG: Prg = "aes128-ctr"
 
 # Elements processed per step by the block-wise quantiser and masker: small enough that a few
