@@ -59,14 +59,11 @@ def own_population(models: list[torch.nn.Module], tests: list[Split] | None, tas
     """Mean of each site's AUC on test data in its own label mix (sites with both classes only)."""
     if tests is None:
         return {}
-    aucs = []
-    for m, t in zip(models, tests, strict=True):
-        r = evaluate(m, t, task=task)
-        aucs.append(auc_score(r.labels, r.scores))
+    r = pooled(models, tests, task)  # only its per-site part: pooling own-mix shares is meaningless
     minority = [int(min(np.bincount(t.labels.reshape(-1).long().numpy(), minlength=2))) for t in tests]
     return {
-        "own_test_auc_site_mean": float(np.mean([a for a in aucs if a is not None])),
-        "own_test_auc_sites": [None if a is None else round(a, 4) for a in aucs],
+        "own_test_auc_site_mean": r["test_auc_site_mean"],
+        "own_test_auc_sites": r["test_auc_sites"],
         "own_test_minority_counts": minority,
     }
 
@@ -150,10 +147,10 @@ def run(method: str, args: argparse.Namespace, seed: int) -> dict:
             mean = {k: (v / n_total).astype(np.float32) for k, v in total.items()}
             global_params, velocity = apply_weighted_delta(global_params, mean, server_lr=args.server_lr,
                                                            momentum=args.server_momentum, velocity=velocity)
-            # An average of the global models over rounds: post-processing, so no privacy cost.
-            ema = {k: v.copy() for k, v in global_params.items()} if rnd == 0 else {
-                k: args.ema * ema[k] + (1 - args.ema) * global_params[k] for k in keys
-            }
+            if args.ema:  # an average of the global models over rounds: post-processing, no privacy cost
+                ema = {k: v.copy() for k, v in global_params.items()} if not ema else {
+                    k: args.ema * ema[k] + (1 - args.ema) * global_params[k] for k in keys
+                }
         final = ema if args.ema else global_params
         for m in models:  # the final global weights, each site keeping its local layers under FedBN
             m.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in final.items()}, strict=False)
