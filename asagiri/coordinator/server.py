@@ -400,7 +400,7 @@ class Coordinator:
         return ServerStateMachine(
             run_id=self.cfg.run_id, rnd=rnd, attempt=attempt, participants=sites, min_clients=self.cfg.min_clients,
             plan=plan, vector_len=sum(v.size for v in self.strategy.params.values()) + 1,
-            identities=self.roster, degree=degree, threshold=threshold, prg=self.cfg.secagg.prg,
+            identities=self.roster, degree=degree, threshold=threshold, prg=sa.prg,
         )
 
     async def _federate(self) -> dict[str, Any]:
