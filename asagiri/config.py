@@ -131,7 +131,8 @@ class DataConfig(_Strict):
     path: Path | None = None
     image_size: int = Field(28, ge=8, le=512)
     partition: PartitionConfig = PartitionConfig()
-    val_fraction: float = Field(0.15, gt=0, lt=1)
+    # patients held out for validation where the files have no validation split (ISIC, ChestX-ray14)
+    val_fraction: float = Field(0.15, gt=0, lt=0.8)
     synthetic_samples: int = Field(512, ge=16)
 
 

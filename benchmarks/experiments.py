@@ -33,7 +33,7 @@ from asagiri.data.loaders import SiteData, Split, open_dataset, site_indices, to
 from asagiri.models import build, shared_keys
 from asagiri.privacy.engine import noise_for_target, steps_per_round, train_dp
 from asagiri.strategy.aggregate import apply_weighted_delta
-from asagiri.train import evaluate, train_local
+from asagiri.train import cosine_lr, evaluate, train_local
 from asagiri.train.loop import accuracy_score, auc_score
 
 METHODS = ("central", "local", "fedavg", "fedprox", "fedbn", "fedprox+fedbn")
@@ -42,7 +42,7 @@ METHODS = ("central", "local", "fedavg", "fedprox", "fedbn", "fedprox+fedbn")
 def new_model(data: SiteData, args: argparse.Namespace, seed: int) -> torch.nn.Module:
     torch.manual_seed(seed)
     return build(args.model, in_channels=data.channels, num_classes=data.num_classes, width=args.width,
-                 norm=args.norm, groups=8)
+                 norm=args.norm, groups=args.groups)
 
 
 def own_population_tests(args: argparse.Namespace, seed: int) -> list[Split] | None:
@@ -84,8 +84,15 @@ def pooled(models: list[torch.nn.Module], tests: list[Split], task: str) -> dict
     }
 
 
-def train_kw(args: argparse.Namespace, seed: int, task: str) -> dict:
-    return dict(epochs=args.local_epochs, batch_size=args.batch_size, lr=args.lr, augment=True, seed=seed, task=task)
+def lr_at(args: argparse.Namespace, rnd: int) -> float:
+    if args.lr_schedule == "constant":
+        return args.lr
+    return cosine_lr(args.lr, rnd, args.rounds, floor=args.lr_floor)
+
+
+def train_kw(args: argparse.Namespace, seed: int, task: str, rnd: int = 0) -> dict:
+    return dict(epochs=args.local_epochs, batch_size=args.batch_size, lr=lr_at(args, rnd), augment=True, seed=seed,
+                task=task, optimizer=args.optimizer, weight_decay=args.weight_decay)
 
 
 def dp_sigma(site: SiteData, args: argparse.Namespace) -> float:
@@ -107,7 +114,7 @@ def run(method: str, args: argparse.Namespace, seed: int) -> dict:
         train = Split(torch.cat([s.train.images for s in sites]), torch.cat([s.train.labels for s in sites]))
         model = new_model(sites[0], args, seed)
         for epoch in range(args.rounds):
-            train_local(model, train, **train_kw(args, seed * 1000 + epoch, task))
+            train_local(model, train, **train_kw(args, seed * 1000 + epoch, task, epoch))
         models = [model] * args.sites
         result = pooled(models, [s.test for s in sites], task)
     elif method == "local":
@@ -115,7 +122,7 @@ def run(method: str, args: argparse.Namespace, seed: int) -> dict:
         for i, s in enumerate(sites):
             m = new_model(s, args, seed)
             for epoch in range(args.rounds):
-                train_local(m, s.train, **train_kw(args, seed * 1000 + epoch * 10 + i, task))
+                train_local(m, s.train, **train_kw(args, seed * 1000 + epoch * 10 + i, task, epoch))
             models.append(m)
         result = pooled(models, [s.test for s in sites], task)
     else:
@@ -134,12 +141,13 @@ def run(method: str, args: argparse.Namespace, seed: int) -> dict:
                 m.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in global_params.items()}, strict=False)
                 if args.dp_epsilon:
                     anchor = {k: torch.from_numpy(v.copy()) for k, v in global_params.items()} if mu > 0 else None
-                    r = train_dp(m, s.train, epochs=1, expected_batch=args.batch_size, lr=args.lr, optimizer="adam",
+                    r = train_dp(m, s.train, epochs=1, expected_batch=args.batch_size, lr=lr_at(args, rnd),
+                                 optimizer=args.optimizer,
                                  momentum=0.9, noise_multiplier=sigmas[i], max_grad_norm=args.clip, mu=mu,
                                  anchor=anchor, multiplicity=args.aug_mult, seed=seed * 1000 + rnd * 10 + i,
                                  task=task)
                 else:
-                    r = train_local(m, s.train, mu=mu, **train_kw(args, seed * 1000 + rnd * 10 + i, task))
+                    r = train_local(m, s.train, mu=mu, **train_kw(args, seed * 1000 + rnd * 10 + i, task, rnd))
                 state = m.state_dict()
                 for k in keys:
                     total[k] += r.num_samples * (state[k].numpy() - global_params[k])
@@ -160,7 +168,8 @@ def run(method: str, args: argparse.Namespace, seed: int) -> dict:
         "rounds": args.rounds, "sizes": [len(s.train) for s in sites], "norm": args.norm, "width": args.width,
         "wall_s": round(time.perf_counter() - t0, 1), **result,
         **own_population(models, own_population_tests(args, seed), task),
-        "dp_epsilon": args.dp_epsilon, "ema": args.ema, "lr": args.lr, "clip": args.clip,
+        "dp_epsilon": args.dp_epsilon, "ema": args.ema, "lr": args.lr, "lr_schedule": args.lr_schedule,
+        "lr_floor": args.lr_floor, "optimizer": args.optimizer, "weight_decay": args.weight_decay, "groups": args.groups, "clip": args.clip,
         "batch_size": args.batch_size, "aug_mult": args.aug_mult, "local_epochs": args.local_epochs,
         "server_lr": args.server_lr, "server_momentum": args.server_momentum, "dp_delta": args.dp_delta if args.dp_epsilon else None,
         "sigmas": [round(x, 3) for x in sigmas] if method not in ("central", "local") and args.dp_epsilon else None,
@@ -181,6 +190,12 @@ def main() -> None:
     p.add_argument("--norm", default="batch", choices=["batch", "group"])
     p.add_argument("--width", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"],
+                   help="cosine: each round's local learning rate decays from --lr to --lr-floor times it")
+    p.add_argument("--lr-floor", type=float, default=0.1)
+    p.add_argument("--optimizer", default="adam", choices=["adam", "sgd"])
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--groups", type=int, default=8, help="GroupNorm groups")
     p.add_argument("--aug-mult", type=int, default=1, help="DP: augmentation multiplicity K")
     p.add_argument("--server-lr", type=float, default=1.0, help="FedAvgM: server learning rate")
     p.add_argument("--server-momentum", type=float, default=0.0, help="FedAvgM: server momentum")

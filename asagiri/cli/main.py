@@ -30,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--seed", type=int, default=0)
     pt.add_argument("--image-size", type=int, default=28)
     pt.add_argument("--feature-key", default=None, help="feature scheme: view (ChestX-ray14), age_band, site (ISIC)")
+    pt.add_argument("--val-fraction", type=float, default=0.15,
+                    help="patients held out for validation where the files have no validation split (ISIC, NIH)")
     pt.add_argument("--out", type=Path, required=True)
 
     d = sub.add_parser("demo", help="run a local federation: coordinator and sites as separate processes")
@@ -63,10 +65,14 @@ def _partition(args: argparse.Namespace) -> int:
     if args.sites < 1:
         print("error: --sites must be at least 1", file=sys.stderr)
         return EXIT_CONFIG
+    if not 0 < args.val_fraction < 0.8:
+        print("error: --val-fraction must be between 0 and 0.8", file=sys.stderr)
+        return EXIT_CONFIG
     try:
         stats = partition_report(
             dataset=args.dataset, path=args.path, sites=args.sites, scheme=args.scheme, alpha=args.alpha,
             seed=args.seed, out=args.out, image_size=args.image_size, feature_key=args.feature_key,
+            val_fraction=args.val_fraction,
         )
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

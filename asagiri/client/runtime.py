@@ -94,6 +94,7 @@ class SiteWorker:
             num_sites=welcome.num_sites, scheme=part.scheme, alpha=part.alpha, seed=part.seed,
             synthetic_samples=self.data_cfg.synthetic_samples, image_size=self.data_cfg.image_size,
             cache_dir=cfg.state_dir / "cache", feature_key=part.feature_key,
+            val_fraction=self.data_cfg.val_fraction,
         )
         torch.manual_seed(part.seed)
         self.model = build(

@@ -73,8 +73,13 @@ def bundled_path(name: str) -> Path:
 
 def open_dataset(
     dataset: str, path: Path | None, *, image_size: int = 28, cache_dir: Path | None = None, seed: int = 0,
-    synthetic_samples: int = 512,
+    synthetic_samples: int = 512, val_fraction: float = 0.15,
 ) -> RawDataset:
+    """The whole data set, split into train / val / test.
+
+    ``val_fraction`` applies only where the files have no validation split of their own
+    (ISIC 2020, ChestX-ray14): that fraction of patients is held out for validation.
+    """
     if dataset == "synthetic":
         return synthetic(synthetic_samples, seed=seed, size=image_size)
     if dataset in ("pneumoniamnist", "medmnist"):
@@ -92,11 +97,11 @@ def open_dataset(
     if dataset == "isic":
         if path is None:
             raise ValueError("data.dataset=isic needs data.path (the folder holding train.csv)")
-        return isic2020(path, image_size, cache_dir=cache_dir, seed=seed)
+        return isic2020(path, image_size, cache_dir=cache_dir, seed=seed, val_fraction=val_fraction)
     if dataset == "nih":
         if path is None:
             raise ValueError("data.dataset=nih needs data.path (the folder holding Data_Entry_2017.csv)")
-        return nih_chestxray14(path, image_size, cache_dir=cache_dir, seed=seed)
+        return nih_chestxray14(path, image_size, cache_dir=cache_dir, seed=seed, val_fraction=val_fraction)
     raise ValueError(f"unknown dataset {dataset!r}")
 
 
@@ -189,9 +194,10 @@ def load_site_data(
     image_size: int = 28,
     cache_dir: Path | None = None,
     feature_key: str | None = None,
+    val_fraction: float = 0.15,
 ) -> SiteData:
     raw = open_dataset(dataset, path, image_size=image_size, cache_dir=cache_dir, seed=seed,
-                       synthetic_samples=synthetic_samples)
+                       synthetic_samples=synthetic_samples, val_fraction=val_fraction)
     simulated = scheme == "feature" and (feature_key or FEATURE_KEYS.get(dataset)) is None
     profile = ACQUISITION_PROFILES[site_index % len(ACQUISITION_PROFILES)] if simulated else None
     splits = {}

@@ -25,9 +25,10 @@ def _label_counts(raw: RawDataset, split: str, idx: np.ndarray) -> list[int]:
 
 def partition_report(
     *, dataset: str, path: Path | None, sites: int, scheme: str, alpha: float, seed: int, out: Path,
-    image_size: int = 28, feature_key: str | None = None,
+    image_size: int = 28, feature_key: str | None = None, val_fraction: float = 0.15,
 ) -> dict[str, Any]:
-    raw = open_dataset(dataset, path, image_size=image_size, seed=seed, cache_dir=out / "cache")
+    raw = open_dataset(dataset, path, image_size=image_size, seed=seed, cache_dir=out / "cache",
+                       val_fraction=val_fraction)
     names = list(raw.label_names) + (["no finding"] if raw.task == "multilabel" else [])
     per_site: list[dict[str, Any]] = [{"site_index": i} for i in range(sites)]
     indices: list[dict[str, list[int]]] = [{} for _ in range(sites)]

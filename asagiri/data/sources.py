@@ -108,8 +108,13 @@ def dermamnist_archive(path: Path, image_size: int, *, cache_dir: Path | None) -
     return RawDataset(images, labels, "multiclass", len(DERMA_CLASSES), list(DERMA_CLASSES))
 
 
-def isic2020(root: Path, image_size: int, *, cache_dir: Path | None, seed: int = 0) -> RawDataset:
-    """``root/train.csv`` and JPEGs in ``root/jpeg/train``, ``root/train`` or ``root``."""
+def isic2020(
+    root: Path, image_size: int, *, cache_dir: Path | None, seed: int = 0, val_fraction: float = 0.15
+) -> RawDataset:
+    """``root/train.csv`` and JPEGs in ``root/jpeg/train``, ``root/train`` or ``root``.
+
+    No official split: patients go to validation (``val_fraction``) and test (0.15) at random.
+    """
     csv_path = root / "train.csv"
     if not csv_path.exists():
         raise FileNotFoundError(f"{root}: ISIC 2020 needs train.csv")
@@ -121,7 +126,7 @@ def isic2020(root: Path, image_size: int, *, cache_dir: Path | None, seed: int =
                   None) if rows else root
     if folder is None:
         raise FileNotFoundError(f"{root}: no JPEG folder holding {rows[0]['image_name']}.jpg")
-    split = grouped_split([r["patient_id"] for r in rows], (0.15, 0.15), seed=seed)
+    split = grouped_split([r["patient_id"] for r in rows], (val_fraction, 0.15), seed=seed)
     images, labels, meta = {}, {}, {}
     for k, name in enumerate(SPLITS):
         sel = [r for r, s in zip(rows, split, strict=True) if s == k]
@@ -136,8 +141,13 @@ def isic2020(root: Path, image_size: int, *, cache_dir: Path | None, seed: int =
     return RawDataset(images, labels, "binary", 2, ["benign", "melanoma"], meta, official_test=False)
 
 
-def nih_chestxray14(root: Path, image_size: int, *, cache_dir: Path | None, seed: int = 0) -> RawDataset:
-    """``root/Data_Entry_2017.csv``; images found under ``root`` (any ``images*/`` folders)."""
+def nih_chestxray14(
+    root: Path, image_size: int, *, cache_dir: Path | None, seed: int = 0, val_fraction: float = 0.15
+) -> RawDataset:
+    """``root/Data_Entry_2017.csv``; images found under ``root`` (any ``images*/`` folders).
+
+    ``val_fraction`` of the patients outside the test split go to validation.
+    """
     csv_path = root / "Data_Entry_2017.csv"
     if not csv_path.exists():
         raise FileNotFoundError(f"{root}: ChestX-ray14 needs Data_Entry_2017.csv")
@@ -151,13 +161,13 @@ def nih_chestxray14(root: Path, image_size: int, *, cache_dir: Path | None, seed
         test_names = set((root / "test_list.txt").read_text().split())
         is_test = np.array([r["Image Index"] in test_names for r in rows])
         # train_val_list is split into train/val by patient; the official test list stays whole.
-        split = np.where(is_test, 2, grouped_split([r["Patient ID"] for r in rows], (0.1, 0.0), seed=seed))
+        split = np.where(is_test, 2, grouped_split([r["Patient ID"] for r in rows], (val_fraction, 0.0), seed=seed))
         leaked = {r["Patient ID"] for r, t in zip(rows, is_test, strict=True) if t} & {
             r["Patient ID"] for r, t in zip(rows, is_test, strict=True) if not t}
         if leaked:  # the official lists are patient-disjoint; refuse files that are not
             raise ValueError(f"{root}: test_list.txt shares {len(leaked)} patients with the other images")
     else:
-        split = grouped_split([r["Patient ID"] for r in rows], (0.1, 0.2), seed=seed)
+        split = grouped_split([r["Patient ID"] for r in rows], (val_fraction, 0.2), seed=seed)
     images, labels, meta = {}, {}, {}
     for k, name in enumerate(SPLITS):
         sel = [r for r, s in zip(rows, split, strict=True) if s == k]

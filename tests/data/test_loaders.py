@@ -88,6 +88,18 @@ def test_isic_loader_binary_rgb_grouped(tmp_path):
     assert "unknown" in set(np.concatenate([raw.meta[s]["site"] for s in ("train", "val", "test")]))
 
 
+@pytest.mark.parametrize("dataset", ["isic", "nih"])
+def test_val_fraction_sets_the_validation_share_of_patients(tmp_path, dataset):
+    (make_isic if dataset == "isic" else make_nih)(tmp_path, patients=200, per_patient=1)
+    shares = []
+    for fraction in (0.1, 0.4):
+        raw = open_dataset(dataset, tmp_path, image_size=8, val_fraction=fraction)
+        shares.append(len(raw.labels["val"]) / 200)
+        patients = [set(raw.meta[s]["patient"].tolist()) for s in ("train", "val", "test")]
+        assert not (patients[0] & patients[1] or patients[1] & patients[2])
+    assert shares[0] == pytest.approx(0.1, abs=0.06) and shares[1] == pytest.approx(0.4, abs=0.08)
+
+
 def test_medmnist_any_task(tmp_path):
     rng = np.random.default_rng(2)
     for name, labels in {
