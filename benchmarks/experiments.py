@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 
 import numpy as np
@@ -33,7 +34,7 @@ from asagiri.data.loaders import SiteData, Split, open_dataset, site_indices, to
 from asagiri.models import build, shared_keys
 from asagiri.privacy.engine import noise_for_target, steps_per_round, train_dp
 from asagiri.strategy.aggregate import apply_weighted_delta
-from asagiri.train import cosine_lr, evaluate, train_local
+from asagiri.train import evaluate, train_local
 from asagiri.train.loop import accuracy_score, auc_score
 
 METHODS = ("central", "local", "fedavg", "fedprox", "fedbn", "fedprox+fedbn")
@@ -82,6 +83,14 @@ def pooled(models: list[torch.nn.Module], tests: list[Split], task: str) -> dict
         "test_auc_site_mean": float(np.mean([a for a in per_site if a is not None])),
         "test_auc_sites": [None if a is None else round(a, 4) for a in per_site],
     }
+
+
+def cosine_lr(base: float, round_index: int, rounds: int, *, floor: float = 0.1) -> float:
+    """Round ``round_index`` (0-based) of ``rounds``: cosine decay from ``base`` to ``floor * base``."""
+    if not 0 <= floor <= 1:
+        raise ValueError("floor must be in [0, 1]")
+    progress = min(max(round_index, 0), rounds - 1) / max(rounds - 1, 1)
+    return base * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def lr_at(args: argparse.Namespace, rnd: int) -> float:
@@ -170,7 +179,7 @@ def run(method: str, args: argparse.Namespace, seed: int) -> dict:
         **own_population(models, own_population_tests(args, seed), task),
         "dp_epsilon": args.dp_epsilon, "ema": args.ema, "lr": args.lr, "lr_schedule": args.lr_schedule,
         "lr_floor": args.lr_floor, "optimizer": args.optimizer, "weight_decay": args.weight_decay, "groups": args.groups, "clip": args.clip,
-        "batch_size": args.batch_size, "aug_mult": args.aug_mult, "local_epochs": args.local_epochs,
+        "batch_size": args.batch_size, "mu": args.mu if "fedprox" in method else None, "aug_mult": args.aug_mult, "local_epochs": args.local_epochs,
         "server_lr": args.server_lr, "server_momentum": args.server_momentum, "dp_delta": args.dp_delta if args.dp_epsilon else None,
         "sigmas": [round(x, 3) for x in sigmas] if method not in ("central", "local") and args.dp_epsilon else None,
     }

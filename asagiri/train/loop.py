@@ -13,7 +13,7 @@ from torch import nn
 
 from ..data.loaders import Split
 
-__all__ = ["EvalResult", "TrainResult", "accuracy_score", "cosine_lr", "auc_score", "augment_shifts", "evaluate", "loss_fn", "train_local"]
+__all__ = ["EvalResult", "TrainResult", "accuracy_score", "auc_score", "augment_shifts", "evaluate", "loss_fn", "train_local"]
 
 
 @dataclass(frozen=True)
@@ -37,14 +37,6 @@ class EvalResult:
         if self.auc is not None:
             out["auc"] = self.auc
         return out
-
-
-def cosine_lr(base: float, round_index: int, rounds: int, *, floor: float = 0.1) -> float:
-    """Round ``round_index`` (0-based) of ``rounds``: cosine decay from ``base`` to ``floor * base``."""
-    if not 0 <= floor <= 1:
-        raise ValueError("floor must be in [0, 1]")
-    progress = min(max(round_index, 0), rounds - 1) / max(rounds - 1, 1)
-    return base * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def augment_shifts(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
