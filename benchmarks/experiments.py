@@ -40,10 +40,29 @@ from asagiri.train.loop import accuracy_score, auc_score
 METHODS = ("central", "local", "fedavg", "fedprox", "fedbn", "fedprox+fedbn")
 
 
+class WSConv2d(torch.nn.Conv2d):
+    """Weight standardisation (Qiao et al. 2019): each filter normalised to zero mean, unit variance."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        var, mean = torch.var_mean(w, dim=(1, 2, 3), keepdim=True, unbiased=False)
+        return torch.nn.functional.conv2d(x, (w - mean) / torch.sqrt(var + 1e-5), self.bias, self.stride,
+                                          self.padding, self.dilation, self.groups)
+
+
 def new_model(data: SiteData, args: argparse.Namespace, seed: int) -> torch.nn.Module:
     torch.manual_seed(seed)
-    return build(args.model, in_channels=data.channels, num_classes=data.num_classes, width=args.width,
-                 norm=args.norm, groups=args.groups)
+    model = build(args.model, in_channels=data.channels, num_classes=data.num_classes, width=args.width,
+                  norm=args.norm, groups=args.groups)
+    if args.weight_std:
+        for parent in list(model.modules()):
+            for name, conv in list(parent.named_children()):
+                if type(conv) is torch.nn.Conv2d:
+                    ws = WSConv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                                  bias=conv.bias is not None)
+                    ws.load_state_dict(conv.state_dict())
+                    setattr(parent, name, ws)
+    return model
 
 
 def own_population_tests(args: argparse.Namespace, seed: int) -> list[Split] | None:
@@ -178,7 +197,7 @@ def run(method: str, args: argparse.Namespace, seed: int) -> dict:
         "wall_s": round(time.perf_counter() - t0, 1), **result,
         **own_population(models, own_population_tests(args, seed), task),
         "dp_epsilon": args.dp_epsilon, "ema": args.ema, "lr": args.lr, "lr_schedule": args.lr_schedule,
-        "lr_floor": args.lr_floor, "optimizer": args.optimizer, "weight_decay": args.weight_decay, "groups": args.groups, "clip": args.clip,
+        "lr_floor": args.lr_floor, "optimizer": args.optimizer, "weight_decay": args.weight_decay, "groups": args.groups, "weight_std": args.weight_std, "clip": args.clip,
         "batch_size": args.batch_size, "mu": args.mu if "fedprox" in method else None, "aug_mult": args.aug_mult, "local_epochs": args.local_epochs,
         "server_lr": args.server_lr, "server_momentum": args.server_momentum, "dp_delta": args.dp_delta if args.dp_epsilon else None,
         "sigmas": [round(x, 3) for x in sigmas] if method not in ("central", "local") and args.dp_epsilon else None,
@@ -205,6 +224,7 @@ def main() -> None:
     p.add_argument("--optimizer", default="adam", choices=["adam", "sgd"])
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--groups", type=int, default=8, help="GroupNorm groups")
+    p.add_argument("--weight-std", action="store_true", help="weight-standardised convolutions")
     p.add_argument("--aug-mult", type=int, default=1, help="DP: augmentation multiplicity K")
     p.add_argument("--server-lr", type=float, default=1.0, help="FedAvgM: server learning rate")
     p.add_argument("--server-momentum", type=float, default=0.0, help="FedAvgM: server momentum")
