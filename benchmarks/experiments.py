@@ -50,6 +50,11 @@ class WSConv2d(torch.nn.Conv2d):
                                           self.padding, self.dilation, self.groups)
 
 
+def split_seed(args: argparse.Namespace, seed: int) -> int:
+    """The partition's seed: ``--split-seed`` when given (one split, several training seeds), else the run's."""
+    return seed if args.split_seed is None else args.split_seed
+
+
 def new_model(data: SiteData, args: argparse.Namespace, seed: int) -> torch.nn.Module:
     torch.manual_seed(seed)
     model = build(args.model, in_channels=data.channels, num_classes=data.num_classes, width=args.width,
@@ -70,8 +75,8 @@ def own_population_tests(args: argparse.Namespace, seed: int) -> list[Split] | N
     if args.scheme != "dirichlet":
         return None
     raw = open_dataset(args.dataset, None)
-    parts = site_indices(raw, args.dataset, "test", args.sites, scheme="dirichlet", alpha=args.alpha, seed=seed,
-                         test_follows_site=True)
+    parts = site_indices(raw, args.dataset, "test", args.sites, scheme="dirichlet", alpha=args.alpha,
+                         seed=split_seed(args, seed), test_follows_site=True)
     return [to_split(raw.images["test"][p], raw.labels["test"][p], raw.task, None) for p in parts]
 
 
@@ -132,7 +137,7 @@ def dp_sigma(site: SiteData, args: argparse.Namespace) -> float:
 def run(method: str, args: argparse.Namespace, seed: int) -> dict:
     sites = [
         load_site_data(dataset=args.dataset, path=None, site_index=i, num_sites=args.sites, scheme=args.scheme,
-                       alpha=args.alpha, seed=seed)
+                       alpha=args.alpha, seed=split_seed(args, seed))
         for i in range(args.sites)
     ]
     task = sites[0].task
@@ -193,6 +198,7 @@ def run(method: str, args: argparse.Namespace, seed: int) -> dict:
         result = pooled(models, [s.test for s in sites], task)
     return {
         "method": method, "dataset": args.dataset, "scheme": args.scheme, "alpha": args.alpha, "seed": seed,
+        "split_seed": split_seed(args, seed),
         "rounds": args.rounds, "sizes": [len(s.train) for s in sites], "norm": args.norm, "width": args.width,
         "wall_s": round(time.perf_counter() - t0, 1), **result,
         **own_population(models, own_population_tests(args, seed), task),
@@ -213,6 +219,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=15, help="rounds of 1 local epoch (central/local: epochs)")
     p.add_argument("--local-epochs", type=int, default=1)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--split-seed", type=int, default=None,
+                   help="partition with this seed for every run (default: each run's own seed)")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--model", default="small_cnn")
     p.add_argument("--norm", default="batch", choices=["batch", "group"])
