@@ -88,7 +88,10 @@ class ModelConfig(_Strict):
     name: Literal["small_cnn", "resnet18"] = "small_cnn"
     norm: Literal["batch", "group"] = "batch"
     width: int = Field(32, ge=4, le=512)
-    groups: int = Field(8, ge=1)
+    # GroupNorm groups (capped at the channel count): 32, as Opacus uses when it converts BatchNorm.
+    # On the label-skew split, FedAvg with GroupNorm scored 0.917 test AUC over three seeds with 32
+    # groups and 0.854 with 8 (docs/results.md).
+    groups: int = Field(32, ge=1)
 
 
 class StrategyConfig(_Strict):

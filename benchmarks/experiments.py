@@ -29,6 +29,7 @@ import time
 import numpy as np
 import torch
 
+from asagiri.config import ModelConfig
 from asagiri.data import load_site_data
 from asagiri.data.loaders import SiteData, Split, open_dataset, site_indices, to_split
 from asagiri.models import build, shared_keys
@@ -129,7 +130,7 @@ def train_kw(args: argparse.Namespace, seed: int, task: str, rnd: int = 0) -> di
 
 
 def dp_sigma(site: SiteData, args: argparse.Namespace) -> float:
-    q, steps = steps_per_round(len(site.train), args.batch_size, 1)
+    q, steps = steps_per_round(len(site.train), args.batch_size, args.local_epochs)
     return noise_for_target(target_epsilon=args.dp_epsilon, delta=args.dp_delta, sample_rate=q,
                             steps=steps * args.rounds)
 
@@ -174,7 +175,7 @@ def run(method: str, args: argparse.Namespace, seed: int) -> dict:
                 m.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in global_params.items()}, strict=False)
                 if args.dp_epsilon:
                     anchor = {k: torch.from_numpy(v.copy()) for k, v in global_params.items()} if mu > 0 else None
-                    r = train_dp(m, s.train, epochs=1, expected_batch=args.batch_size, lr=lr_at(args, rnd),
+                    r = train_dp(m, s.train, epochs=args.local_epochs, expected_batch=args.batch_size, lr=lr_at(args, rnd),
                                  optimizer=args.optimizer,
                                  momentum=0.9, noise_multiplier=sigmas[i], max_grad_norm=args.clip, mu=mu,
                                  anchor=anchor, multiplicity=args.aug_mult, seed=seed * 1000 + rnd * 10 + i,
@@ -231,7 +232,7 @@ def main() -> None:
     p.add_argument("--lr-floor", type=float, default=0.1)
     p.add_argument("--optimizer", default="adam", choices=["adam", "sgd"])
     p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--groups", type=int, default=8, help="GroupNorm groups")
+    p.add_argument("--groups", type=int, default=ModelConfig().groups, help="GroupNorm groups")
     p.add_argument("--weight-std", action="store_true", help="weight-standardised convolutions")
     p.add_argument("--aug-mult", type=int, default=1, help="DP: augmentation multiplicity K")
     p.add_argument("--server-lr", type=float, default=1.0, help="FedAvgM: server learning rate")
