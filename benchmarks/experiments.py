@@ -71,6 +71,12 @@ def new_model(data: SiteData, args: argparse.Namespace, seed: int) -> torch.nn.M
     return model
 
 
+def load_global(models: list[torch.nn.Module], params: dict[str, np.ndarray]) -> None:
+    """The global weights into every site's model; each keeps its local layers under FedBN."""
+    for m in models:
+        m.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in params.items()}, strict=False)
+
+
 def own_population_tests(args: argparse.Namespace, seed: int) -> list[Split] | None:
     """Under label skew: each site's share of the official test split in its own label mix."""
     if args.scheme != "dirichlet":
@@ -143,6 +149,8 @@ def run(method: str, args: argparse.Namespace, seed: int) -> dict:
     ]
     task = sites[0].task
     sigmas: list[float] = []
+    trajectory: list[float] = []  # --track: the global model's pooled test AUC after each round
+    extra: dict = {}
     t0 = time.perf_counter()
     if method == "central":
         train = Split(torch.cat([s.train.images for s in sites]), torch.cat([s.train.labels for s in sites]))
@@ -165,14 +173,14 @@ def run(method: str, args: argparse.Namespace, seed: int) -> dict:
         models = [new_model(s, args, seed) for s in sites]  # same init everywhere
         sigmas = [dp_sigma(s, args) for s in sites] if args.dp_epsilon else [0.0] * len(sites)
         keys = shared_keys(models[0], fedbn=fedbn)
-        ema: dict[str, np.ndarray] = {}
+        averages: dict[float, dict[str, np.ndarray]] = {}
         velocity = None
         global_params = {k: models[0].state_dict()[k].numpy().astype(np.float32).copy() for k in keys}
         for rnd in range(args.rounds):
             total = {k: np.zeros(v.shape, np.float64) for k, v in global_params.items()}
             n_total = 0
             for i, (m, s) in enumerate(zip(models, sites, strict=True)):
-                m.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in global_params.items()}, strict=False)
+                load_global([m], global_params)
                 if args.dp_epsilon:
                     anchor = {k: torch.from_numpy(v.copy()) for k, v in global_params.items()} if mu > 0 else None
                     r = train_dp(m, s.train, epochs=args.local_epochs, expected_batch=args.batch_size, lr=lr_at(args, rnd),
@@ -189,19 +197,27 @@ def run(method: str, args: argparse.Namespace, seed: int) -> dict:
             mean = {k: (v / n_total).astype(np.float32) for k, v in total.items()}
             global_params, velocity = apply_weighted_delta(global_params, mean, server_lr=args.server_lr,
                                                            momentum=args.server_momentum, velocity=velocity)
-            if args.ema:  # an average of the global models over rounds: post-processing, no privacy cost
-                ema = {k: v.copy() for k, v in global_params.items()} if not ema else {
-                    k: args.ema * ema[k] + (1 - args.ema) * global_params[k] for k in keys
+            # averages of the global models over rounds: post-processing, no privacy cost
+            for decay in ({args.ema} if args.ema else set()) | set(args.ema_also):
+                avg = averages.get(decay)
+                averages[decay] = {k: v.copy() for k, v in global_params.items()} if avg is None else {
+                    k: decay * avg[k] + (1 - decay) * global_params[k] for k in keys
                 }
-        final = ema if args.ema else global_params
-        for m in models:  # the final global weights, each site keeping its local layers under FedBN
-            m.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in final.items()}, strict=False)
+            if args.track:
+                load_global(models, global_params)
+                trajectory.append(round(pooled(models, [s.test for s in sites], task)["test_auc"], 4))
+        extra["ema_test_auc"] = {}
+        for decay in args.ema_also:
+            load_global(models, averages[decay])
+            extra["ema_test_auc"][str(decay)] = round(pooled(models, [s.test for s in sites], task)["test_auc"], 4)
+        load_global(models, averages[args.ema] if args.ema else global_params)
         result = pooled(models, [s.test for s in sites], task)
     return {
         "method": method, "dataset": args.dataset, "scheme": args.scheme, "alpha": args.alpha, "seed": seed,
         "split_seed": split_seed(args, seed),
         "rounds": args.rounds, "sizes": [len(s.train) for s in sites], "norm": args.norm, "width": args.width,
-        "wall_s": round(time.perf_counter() - t0, 1), **result,
+        "wall_s": round(time.perf_counter() - t0, 1), **result, **extra,
+        **({"round_test_auc": trajectory} if args.track else {}),
         **own_population(models, own_population_tests(args, seed), task),
         "dp_epsilon": args.dp_epsilon, "ema": args.ema, "lr": args.lr, "lr_schedule": args.lr_schedule,
         "lr_floor": args.lr_floor, "optimizer": args.optimizer, "weight_decay": args.weight_decay, "groups": args.groups, "weight_std": args.weight_std, "clip": args.clip,
@@ -237,6 +253,9 @@ def main() -> None:
     p.add_argument("--aug-mult", type=int, default=1, help="DP: augmentation multiplicity K")
     p.add_argument("--server-lr", type=float, default=1.0, help="FedAvgM: server learning rate")
     p.add_argument("--server-momentum", type=float, default=0.0, help="FedAvgM: server momentum")
+    p.add_argument("--ema-also", type=float, nargs="*", default=[],
+                   help="also score averages of the global models with these decays (ema_test_auc)")
+    p.add_argument("--track", action="store_true", help="record the pooled test AUC after every round")
     p.add_argument("--ema", type=float, default=0.0,
                    help="evaluate an exponential moving average of the global models with this decay")
     p.add_argument("--batch-size", type=int, default=64)
