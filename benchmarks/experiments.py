@@ -183,9 +183,9 @@ def run(method: str, args: argparse.Namespace, seed: int) -> dict:
                 load_global([m], global_params)
                 if args.dp_epsilon:
                     anchor = {k: torch.from_numpy(v.copy()) for k, v in global_params.items()} if mu > 0 else None
-                    r = train_dp(m, s.train, epochs=args.local_epochs, expected_batch=args.batch_size, lr=lr_at(args, rnd),
-                                 optimizer=args.optimizer,
-                                 momentum=0.9, noise_multiplier=sigmas[i], max_grad_norm=args.clip, mu=mu,
+                    r = train_dp(m, s.train, epochs=args.local_epochs, expected_batch=args.batch_size,
+                                 lr=lr_at(args, rnd), optimizer=args.optimizer, momentum=0.9,
+                                 noise_multiplier=sigmas[i], max_grad_norm=args.clip, mu=mu,
                                  anchor=anchor, multiplicity=args.aug_mult, seed=seed * 1000 + rnd * 10 + i,
                                  task=task)
                 else:
@@ -219,10 +219,12 @@ def run(method: str, args: argparse.Namespace, seed: int) -> dict:
         "wall_s": round(time.perf_counter() - t0, 1), **result, **extra,
         **({"round_test_auc": trajectory} if args.track else {}),
         **own_population(models, own_population_tests(args, seed), task),
-        "dp_epsilon": args.dp_epsilon, "ema": args.ema, "lr": args.lr, "lr_schedule": args.lr_schedule,
-        "lr_floor": args.lr_floor, "optimizer": args.optimizer, "weight_decay": args.weight_decay, "groups": args.groups, "weight_std": args.weight_std, "clip": args.clip,
-        "batch_size": args.batch_size, "mu": args.mu if "fedprox" in method else None, "aug_mult": args.aug_mult, "local_epochs": args.local_epochs,
-        "server_lr": args.server_lr, "server_momentum": args.server_momentum, "dp_delta": args.dp_delta if args.dp_epsilon else None,
+        "dp_epsilon": args.dp_epsilon, "dp_delta": args.dp_delta if args.dp_epsilon else None, "clip": args.clip,
+        "aug_mult": args.aug_mult, "ema": args.ema, "lr": args.lr, "lr_schedule": args.lr_schedule,
+        "lr_floor": args.lr_floor, "optimizer": args.optimizer, "weight_decay": args.weight_decay,
+        "batch_size": args.batch_size, "local_epochs": args.local_epochs, "groups": args.groups,
+        "weight_std": args.weight_std, "mu": args.mu if "fedprox" in method else None,
+        "server_lr": args.server_lr, "server_momentum": args.server_momentum,
         "sigmas": [round(x, 3) for x in sigmas] if method not in ("central", "local") and args.dp_epsilon else None,
     }
 
@@ -233,7 +235,7 @@ def main() -> None:
     p.add_argument("--scheme", default="dirichlet", choices=["iid", "dirichlet", "quantity", "feature"])
     p.add_argument("--alpha", type=float, default=0.3)
     p.add_argument("--sites", type=int, default=4)
-    p.add_argument("--rounds", type=int, default=15, help="rounds of 1 local epoch (central/local: epochs)")
+    p.add_argument("--rounds", type=int, default=15, help="rounds of --local-epochs each (central/local: epochs)")
     p.add_argument("--local-epochs", type=int, default=1)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--split-seed", type=int, default=None,
