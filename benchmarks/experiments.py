@@ -178,6 +178,7 @@ def run(method: str, args: argparse.Namespace, seed: int) -> dict:
         global_params = {k: models[0].state_dict()[k].numpy().astype(np.float32).copy() for k in keys}
         for rnd in range(args.rounds):
             total = {k: np.zeros(v.shape, np.float64) for k, v in global_params.items()}
+            squares: dict[str, np.ndarray] = {}
             n_total = 0
             for i, (m, s) in enumerate(zip(models, sites, strict=True)):
                 load_global([m], global_params)
@@ -193,8 +194,14 @@ def run(method: str, args: argparse.Namespace, seed: int) -> dict:
                 state = m.state_dict()
                 for k in keys:
                     total[k] += r.num_samples * (state[k].numpy() - global_params[k])
+                    if args.pooled_bn_var and k.endswith("running_mean"):
+                        squares[k] = squares.get(k, 0.0) + r.num_samples * state[k].numpy().astype(np.float64) ** 2
                 n_total += r.num_samples
             mean = {k: (v / n_total).astype(np.float32) for k, v in total.items()}
+            for k_mean, sq in squares.items():  # var of the pooled data = mean of vars + spread of the means
+                k_var = k_mean.replace("running_mean", "running_var")
+                new_mean = global_params[k_mean] + mean[k_mean].astype(np.float64)
+                mean[k_var] = (mean[k_var] + sq / n_total - new_mean**2).astype(np.float32)
             global_params, velocity = apply_weighted_delta(global_params, mean, server_lr=args.server_lr,
                                                            momentum=args.server_momentum, velocity=velocity)
             # averages of the global models over rounds: post-processing, no privacy cost
@@ -223,7 +230,7 @@ def run(method: str, args: argparse.Namespace, seed: int) -> dict:
         "aug_mult": args.aug_mult, "ema": args.ema, "lr": args.lr, "lr_schedule": args.lr_schedule,
         "lr_floor": args.lr_floor, "optimizer": args.optimizer, "weight_decay": args.weight_decay,
         "batch_size": args.batch_size, "local_epochs": args.local_epochs, "groups": args.groups,
-        "weight_std": args.weight_std, "mu": args.mu if "fedprox" in method else None,
+        "weight_std": args.weight_std, "pooled_bn_var": args.pooled_bn_var, "mu": args.mu if "fedprox" in method else None,
         "server_lr": args.server_lr, "server_momentum": args.server_momentum,
         "sigmas": [round(x, 3) for x in sigmas] if method not in ("central", "local") and args.dp_epsilon else None,
     }
@@ -252,6 +259,8 @@ def main() -> None:
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--groups", type=int, default=ModelConfig().groups, help="GroupNorm groups")
     p.add_argument("--weight-std", action="store_true", help="weight-standardised convolutions")
+    p.add_argument("--pooled-bn-var", action="store_true",
+                   help="FedAvg: aggregate BatchNorm running variances as the pooled data's variance")
     p.add_argument("--aug-mult", type=int, default=1, help="DP: augmentation multiplicity K")
     p.add_argument("--server-lr", type=float, default=1.0, help="FedAvgM: server learning rate")
     p.add_argument("--server-momentum", type=float, default=0.0, help="FedAvgM: server momentum")
