@@ -86,3 +86,14 @@ def test_config_wire_and_cipher_layers_name_the_same_prgs():
     from asagiri.wire.crypto import KEYSTREAMS
 
     assert get_args(SecAggConfig.model_fields["prg"].annotation) == PRGS == KEYSTREAMS
+
+
+def test_validation_share_defaults_agree_and_out_of_range_is_refused(tmp_path):
+    from asagiri.cli.main import build_parser, main
+    from asagiri.config import DataConfig
+    from asagiri.data.loaders import VAL_FRACTION
+
+    args = build_parser().parse_args(["partition", "--dataset", "pneumoniamnist", "--sites", "2", "--out", "x"])
+    assert DataConfig().val_fraction == VAL_FRACTION == args.val_fraction
+    assert main(["partition", "--dataset", "pneumoniamnist", "--sites", "2", "--val-fraction", "0.9",
+                 "--out", str(tmp_path)]) == 2

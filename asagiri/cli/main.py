@@ -65,9 +65,6 @@ def _partition(args: argparse.Namespace) -> int:
     if args.sites < 1:
         print("error: --sites must be at least 1", file=sys.stderr)
         return EXIT_CONFIG
-    if not 0 < args.val_fraction < 0.8:
-        print("error: --val-fraction must be between 0 and 0.8", file=sys.stderr)
-        return EXIT_CONFIG
     try:
         stats = partition_report(
             dataset=args.dataset, path=args.path, sites=args.sites, scheme=args.scheme, alpha=args.alpha,

@@ -40,6 +40,11 @@ BUNDLED = {
     "dermamnist": "dermamnist_jpeg28_source.tar.gz",
 }
 
+# Patients held out for validation where the files have no validation split (ISIC, ChestX-ray14).
+# ``DataConfig.val_fraction`` and ``asagiri partition --val-fraction`` default to the same value
+# (tests/test_config.py holds them together).
+VAL_FRACTION = 0.15
+
 # (brightness offset, contrast, gamma, blur sigma in pixels): simulated scanners, site i uses i mod 4.
 ACQUISITION_PROFILES = ((0.0, 1.0, 1.0, 0.0), (0.10, 0.75, 1.3, 0.0), (-0.10, 1.25, 0.8, 0.0), (0.0, 0.9, 1.0, 1.0))
 
@@ -73,13 +78,15 @@ def bundled_path(name: str) -> Path:
 
 def open_dataset(
     dataset: str, path: Path | None, *, image_size: int = 28, cache_dir: Path | None = None, seed: int = 0,
-    synthetic_samples: int = 512, val_fraction: float = 0.15,
+    synthetic_samples: int = 512, val_fraction: float = VAL_FRACTION,
 ) -> RawDataset:
     """The whole data set, split into train / val / test.
 
     ``val_fraction`` applies only where the files have no validation split of their own
     (ISIC 2020, ChestX-ray14): that fraction of patients is held out for validation.
     """
+    if not 0 < val_fraction < 0.8:
+        raise ValueError(f"val_fraction={val_fraction}: must be between 0 and 0.8")
     if dataset == "synthetic":
         return synthetic(synthetic_samples, seed=seed, size=image_size)
     if dataset in ("pneumoniamnist", "medmnist"):
@@ -194,7 +201,7 @@ def load_site_data(
     image_size: int = 28,
     cache_dir: Path | None = None,
     feature_key: str | None = None,
-    val_fraction: float = 0.15,
+    val_fraction: float = VAL_FRACTION,
 ) -> SiteData:
     raw = open_dataset(dataset, path, image_size=image_size, cache_dir=cache_dir, seed=seed,
                        synthetic_samples=synthetic_samples, val_fraction=val_fraction)

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from .loaders import open_dataset, site_indices
+from .loaders import VAL_FRACTION, open_dataset, site_indices
 from .sources import RawDataset
 
 __all__ = ["partition_report"]
@@ -25,7 +25,7 @@ def _label_counts(raw: RawDataset, split: str, idx: np.ndarray) -> list[int]:
 
 def partition_report(
     *, dataset: str, path: Path | None, sites: int, scheme: str, alpha: float, seed: int, out: Path,
-    image_size: int = 28, feature_key: str | None = None, val_fraction: float = 0.15,
+    image_size: int = 28, feature_key: str | None = None, val_fraction: float = VAL_FRACTION,
 ) -> dict[str, Any]:
     raw = open_dataset(dataset, path, image_size=image_size, seed=seed, cache_dir=out / "cache",
                        val_fraction=val_fraction)

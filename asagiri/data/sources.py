@@ -109,7 +109,7 @@ def dermamnist_archive(path: Path, image_size: int, *, cache_dir: Path | None) -
 
 
 def isic2020(
-    root: Path, image_size: int, *, cache_dir: Path | None, seed: int = 0, val_fraction: float = 0.15
+    root: Path, image_size: int, *, cache_dir: Path | None, seed: int = 0, val_fraction: float
 ) -> RawDataset:
     """``root/train.csv`` and JPEGs in ``root/jpeg/train``, ``root/train`` or ``root``.
 
@@ -142,7 +142,7 @@ def isic2020(
 
 
 def nih_chestxray14(
-    root: Path, image_size: int, *, cache_dir: Path | None, seed: int = 0, val_fraction: float = 0.15
+    root: Path, image_size: int, *, cache_dir: Path | None, seed: int = 0, val_fraction: float
 ) -> RawDataset:
     """``root/Data_Entry_2017.csv``; images found under ``root`` (any ``images*/`` folders).
 
