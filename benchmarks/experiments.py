@@ -71,10 +71,14 @@ def new_model(data: SiteData, args: argparse.Namespace, seed: int) -> torch.nn.M
     return model
 
 
+def as_tensors(params: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(v.copy()) for k, v in params.items()}
+
+
 def load_global(models: list[torch.nn.Module], params: dict[str, np.ndarray]) -> None:
     """The global weights into every site's model; each keeps its local layers under FedBN."""
     for m in models:
-        m.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in params.items()}, strict=False)
+        m.load_state_dict(as_tensors(params), strict=False)
 
 
 def own_population_tests(args: argparse.Namespace, seed: int) -> list[Split] | None:
@@ -148,6 +152,7 @@ def run(method: str, args: argparse.Namespace, seed: int) -> dict:
         for i in range(args.sites)
     ]
     task = sites[0].task
+    tests = [s.test for s in sites]
     sigmas: list[float] = []
     trajectory: list[float] = []  # --track: the global model's pooled test AUC after each round
     extra: dict = {}
@@ -158,7 +163,7 @@ def run(method: str, args: argparse.Namespace, seed: int) -> dict:
         for epoch in range(args.rounds):
             train_local(model, train, **train_kw(args, seed * 1000 + epoch, task, epoch))
         models = [model] * args.sites
-        result = pooled(models, [s.test for s in sites], task)
+        result = pooled(models, tests, task)
     elif method == "local":
         models = []
         for i, s in enumerate(sites):
@@ -166,7 +171,7 @@ def run(method: str, args: argparse.Namespace, seed: int) -> dict:
             for epoch in range(args.rounds):
                 train_local(m, s.train, **train_kw(args, seed * 1000 + epoch * 10 + i, task, epoch))
             models.append(m)
-        result = pooled(models, [s.test for s in sites], task)
+        result = pooled(models, tests, task)
     else:
         fedbn = "fedbn" in method
         mu = args.mu if "fedprox" in method else 0.0
@@ -183,7 +188,7 @@ def run(method: str, args: argparse.Namespace, seed: int) -> dict:
             for i, (m, s) in enumerate(zip(models, sites, strict=True)):
                 load_global([m], global_params)
                 if args.dp_epsilon:
-                    anchor = {k: torch.from_numpy(v.copy()) for k, v in global_params.items()} if mu > 0 else None
+                    anchor = as_tensors(global_params) if mu > 0 else None
                     r = train_dp(m, s.train, epochs=args.local_epochs, expected_batch=args.batch_size,
                                  lr=lr_at(args, rnd), optimizer=args.optimizer, momentum=0.9,
                                  noise_multiplier=sigmas[i], max_grad_norm=args.clip, mu=mu,
@@ -212,13 +217,13 @@ def run(method: str, args: argparse.Namespace, seed: int) -> dict:
                 }
             if args.track:
                 load_global(models, global_params)
-                trajectory.append(round(pooled(models, [s.test for s in sites], task)["test_auc"], 4))
+                trajectory.append(round(pooled(models, tests, task)["test_auc"], 4))
         extra["ema_test_auc"] = {}
         for decay in args.ema_also:
             load_global(models, averages[decay])
-            extra["ema_test_auc"][str(decay)] = round(pooled(models, [s.test for s in sites], task)["test_auc"], 4)
+            extra["ema_test_auc"][str(decay)] = round(pooled(models, tests, task)["test_auc"], 4)
         load_global(models, averages[args.ema] if args.ema else global_params)
-        result = pooled(models, [s.test for s in sites], task)
+        result = pooled(models, tests, task)
     return {
         "method": method, "dataset": args.dataset, "scheme": args.scheme, "alpha": args.alpha, "seed": seed,
         "split_seed": split_seed(args, seed),
