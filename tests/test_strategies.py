@@ -113,3 +113,26 @@ def test_custom_strategy_from_config():
     np.testing.assert_allclose(out["w"], [0.5, 1.0])  # server lr 1/(1 + 1) at round 10
     with pytest.raises(ValueError, match="strategy.custom"):
         build_strategy(FederationConfig(strategy={"custom": "no.such.module:X"}), params)
+
+
+def test_fedavgm_leaves_running_statistics_at_the_plain_mean():
+    """Momentum on a BatchNorm variance that shrinks each round would overshoot below zero."""
+    import numpy as np
+
+    from asagiri.strategy.aggregate import apply_weighted_delta
+
+    params = {"conv.weight": np.zeros(3, np.float32), "bn.running_var": np.full(3, 1.0, np.float32),
+              "bn.running_mean": np.zeros(3, np.float32)}
+    velocity = None
+    for _ in range(6):
+        delta = {"conv.weight": np.ones(3, np.float32), "bn.running_var": -0.5 * params["bn.running_var"],
+                 "bn.running_mean": np.full(3, 0.1, np.float32)}
+        before = {k: v.copy() for k, v in params.items()}
+        params, velocity = apply_weighted_delta(params, delta, server_lr=2.0, momentum=0.9, velocity=velocity)
+        np.testing.assert_allclose(params["bn.running_var"], 0.5 * before["bn.running_var"])
+        np.testing.assert_allclose(params["bn.running_mean"], before["bn.running_mean"] + 0.1, rtol=1e-6)
+    assert (params["bn.running_var"] > 0).all()
+    assert velocity is not None and set(velocity) == {"conv.weight"}
+    # the weights did get momentum: 2 * (1 + 1.9 + 2.71 + ...) over six rounds
+    expected = 2.0 * sum(sum(0.9**j for j in range(i + 1)) for i in range(6))
+    np.testing.assert_allclose(params["conv.weight"], expected, rtol=1e-5)

@@ -6,7 +6,15 @@ import numpy as np
 
 from ..wire.messages import Params
 
-__all__ = ["RunningSum", "apply_weighted_delta", "flatten", "unflatten"]
+__all__ = ["RunningSum", "apply_weighted_delta", "flatten", "is_statistic", "unflatten"]
+
+# Normalisation layers' running statistics (torch's names for BatchNorm and InstanceNorm buffers).
+STATISTIC_SUFFIXES = (".running_mean", ".running_var")
+
+
+def is_statistic(key: str) -> bool:
+    """A running statistic, not a trained weight: averaged, never given a server step or momentum."""
+    return key.endswith(STATISTIC_SUFFIXES) or key in ("running_mean", "running_var")
 
 
 def flatten(params: Params) -> np.ndarray:
@@ -62,14 +70,24 @@ def apply_weighted_delta(
     momentum: float = 0.0,
     velocity: Params | None = None,
 ) -> tuple[Params, Params | None]:
-    """FedAvg (server_lr 1, no momentum) or FedAvgM (Hsu et al. 2019): w += lr * v, v = m v + delta."""
+    """FedAvg (server_lr 1, no momentum) or FedAvgM (Hsu et al. 2019): w += lr * v, v = m v + delta.
+
+    Running statistics (BatchNorm means and variances) always take the plain sample-weighted
+    mean: a server step or momentum on them is meaningless and can drive a variance negative.
+    """
     new_velocity: Params | None = None
-    step = mean_delta
+    step = dict(mean_delta)
     if momentum > 0:
         new_velocity = {
             k: (momentum * velocity[k] + d if velocity is not None else d).astype(np.float32)
             for k, d in mean_delta.items()
+            if not is_statistic(k)
         }
-        step = new_velocity
-    out = {k: (v + server_lr * step[k]).astype(np.float32) if k in step else v for k, v in global_params.items()}
+        step.update(new_velocity)
+    out = {}
+    for k, v in global_params.items():
+        if k not in step:
+            out[k] = v
+        else:
+            out[k] = (v + (1.0 if is_statistic(k) else server_lr) * step[k]).astype(np.float32)
     return out, new_velocity
