@@ -23,6 +23,22 @@ def test_ledger_epsilon_equals_opacus_accountant_for_the_same_history(tmp_path):
         assert ledger.epsilon() == pytest.approx(opacus.get_epsilon(1e-5), rel=1e-9)
 
 
+def test_ledger_cost_does_not_grow_with_rounds_of_the_same_noise():
+    """A long run's rounds share (sigma, q): epsilon is evaluated on their summed steps, in constant time."""
+    import time
+
+    ledger = PrivacyLedger(None, delta=1e-5)
+    opacus = RDPAccountant()
+    for rnd in range(1, 201):
+        ledger.record(rnd, noise_multiplier=1.26, sample_rate=0.076, steps=53)
+    opacus.history = [(1.26, 0.076, 53 * 200)]
+    t = time.perf_counter()
+    eps = ledger.epsilon()
+    elapsed = time.perf_counter() - t
+    assert eps == pytest.approx(opacus.get_epsilon(1e-5), rel=1e-9)
+    assert elapsed < 1.0  # one entry's evaluation (~0.04 s), not 200 of them (~8 s)
+
+
 def test_ledger_persists_and_a_restarted_site_keeps_spending(tmp_path):
     path = tmp_path / "state" / "privacy_ledger.json"
     first = PrivacyLedger(path, delta=1e-5)
