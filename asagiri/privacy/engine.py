@@ -18,7 +18,7 @@ from opacus.validators import ModuleValidator
 from torch import nn
 
 from ..data.loaders import Split
-from ..train.loop import augment_shifts, loss_fn
+from ..train.loop import augment_shifts, loss_fn, resume_optimizer
 
 __all__ = ["DPResult", "dp_compatible", "noise_for_target", "train_dp"]
 
@@ -53,6 +53,7 @@ class DPResult:
     steps: int
     sample_rate: float
     noise_multiplier: float
+    optimizer_state: dict | None = None  # moments built from noisy gradients: post-processing, no privacy cost
 
 
 def steps_per_round(n: int, expected_batch: int, epochs: int) -> tuple[float, int]:
@@ -79,6 +80,7 @@ def train_dp(
     seed: int = 0,
     device: torch.device | str = "cpu",
     task: str = "binary",
+    optimizer_state: dict | None = None,
 ) -> DPResult:
     """One round of DP-SGD in place on ``model`` (GroupNorm-only).
 
@@ -98,6 +100,7 @@ def train_dp(
     opt: torch.optim.Optimizer = (
         torch.optim.Adam(params, lr=lr) if optimizer == "adam" else torch.optim.SGD(params, lr=lr, momentum=momentum)
     )
+    resume_optimizer(opt, optimizer_state)
     dataset = torch.utils.data.TensorDataset(data.images, data.labels)
     loader = torch.utils.data.DataLoader(dataset, batch_size=max(1, int(round(q * n))))
     gen = torch.Generator().manual_seed(seed)
@@ -117,7 +120,7 @@ def train_dp(
     # make_private wraps in place; unwrap so the plain model (and its state_dict keys) carry on.
     dp_model._close()
     return DPResult(num_samples=n, loss=total / max(done, 1), steps=done, sample_rate=q,
-                    noise_multiplier=noise_multiplier)
+                    noise_multiplier=noise_multiplier, optimizer_state=opt.state_dict())
 
 
 def _steps(dp_model, dp_opt, dp_loader, model, *, steps, augment, gen, device, task, lr, mu, anchor,  # type: ignore[no-untyped-def]

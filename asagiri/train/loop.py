@@ -13,7 +13,8 @@ from torch import nn
 
 from ..data.loaders import Split
 
-__all__ = ["EvalResult", "TrainResult", "accuracy_score", "auc_score", "augment_shifts", "evaluate", "loss_fn", "train_local"]
+__all__ = ["EvalResult", "TrainResult", "accuracy_score", "auc_score", "augment_shifts", "evaluate", "loss_fn",
+           "resume_optimizer", "train_local"]
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,7 @@ class TrainResult:
     num_samples: int
     loss: float
     steps: int
+    optimizer_state: dict | None = None  # the optimizer's state_dict at the end, for the next round
 
 
 @dataclass(frozen=True)
@@ -66,14 +68,20 @@ def train_local(
     seed: int = 0,
     device: torch.device | str = "cpu",
     task: str = "binary",
+    optimizer_state: dict | None = None,
 ) -> TrainResult:
-    """Train in place. With ``mu > 0`` adds FedProx's ``mu/2 * ||w - w_global||^2`` (Li et al. 2020)."""
+    """Train in place. With ``mu > 0`` adds FedProx's ``mu/2 * ||w - w_global||^2`` (Li et al. 2020).
+
+    ``optimizer_state`` (a previous result's) resumes the optimizer's moments instead of starting
+    them from zero; the learning rate and weight decay given here still apply.
+    """
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     if optimizer == "adam":
         opt: torch.optim.Optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     else:
         opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    resume_optimizer(opt, optimizer_state)
     anchor = [p.detach().clone() for p in params] if mu > 0 else None
     gen = torch.Generator().manual_seed(seed)
     n = len(data)
@@ -97,7 +105,15 @@ def train_local(
             opt.step()
             total += float(loss.detach())
             steps += 1
-    return TrainResult(num_samples=n, loss=total / max(steps, 1), steps=steps)
+    return TrainResult(num_samples=n, loss=total / max(steps, 1), steps=steps, optimizer_state=opt.state_dict())
+
+
+def resume_optimizer(opt: torch.optim.Optimizer, state: dict | None) -> None:
+    """Load a saved optimizer state's moments, keeping this call's hyper-parameters."""
+    if not state:
+        return
+    groups = [dict(g) for g in opt.state_dict()["param_groups"]]
+    opt.load_state_dict({"state": state["state"], "param_groups": groups})
 
 
 def loss_fn(logits: torch.Tensor, y: torch.Tensor, task: str, reduction: str = "mean") -> torch.Tensor:
