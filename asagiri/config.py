@@ -85,7 +85,8 @@ class SelectionConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    name: Literal["small_cnn", "resnet18"] = "small_cnn"
+    # scatter_linear: a linear model on fixed ScatterNet features, the DP-SGD choice (docs/privacy.md)
+    name: Literal["small_cnn", "resnet18", "scatter_linear"] = "small_cnn"
     norm: Literal["batch", "group"] = "batch"
     width: int = Field(32, ge=4, le=512)
     # GroupNorm groups (capped at the channel count): 32, as Opacus uses when it converts BatchNorm.
@@ -260,6 +261,9 @@ class FederationConfig(_Strict):
                                max_samples=self.secagg.max_samples_per_site, max_sites=len(self.sites))
             except QuantisationError as exc:
                 raise ValueError(str(exc)) from None
+        if self.model.name == "scatter_linear" and (self.train.augment or self.dp.augmentation_multiplicity > 1):
+            raise ValueError("model.name=scatter_linear trains on fixed ScatterNet features, which cannot be shifted "
+                             "like images: set train.augment=false and dp.augmentation_multiplicity=1")
         if self.chunk_bytes + 64 > self.max_frame_bytes:
             raise ValueError(f"chunk_bytes={self.chunk_bytes} does not fit in max_frame_bytes={self.max_frame_bytes}")
         return self

@@ -32,7 +32,7 @@ import torch
 from asagiri.config import ModelConfig
 from asagiri.data import load_site_data
 from asagiri.data.loaders import SiteData, Split, open_dataset, site_indices, to_split
-from asagiri.models import build, shared_keys
+from asagiri.models import MODEL_NAMES, build, prepare_data, shared_keys, trains_on_features
 from asagiri.privacy.engine import noise_for_target, steps_per_round, train_dp
 from asagiri.strategy.aggregate import apply_weighted_delta
 from asagiri.train import evaluate, train_local
@@ -88,7 +88,12 @@ def own_population_tests(args: argparse.Namespace, seed: int) -> list[Split] | N
     raw = open_dataset(args.dataset, None)
     parts = site_indices(raw, args.dataset, "test", args.sites, scheme="dirichlet", alpha=args.alpha,
                          seed=split_seed(args, seed), test_follows_site=True)
-    return [to_split(raw.images["test"][p], raw.labels["test"][p], raw.task, None) for p in parts]
+    tests = [to_split(raw.images["test"][p], raw.labels["test"][p], raw.task, None) for p in parts]
+    if trains_on_features(args.model):
+        from asagiri.models.scatter import scatter_features
+
+        tests = [Split(scatter_features(t.images), t.labels) for t in tests]
+    return tests
 
 
 def own_population(models: list[torch.nn.Module], tests: list[Split] | None, task: str) -> dict:
@@ -134,9 +139,14 @@ def lr_at(args: argparse.Namespace, rnd: int) -> float:
     return cosine_lr(args.lr, rnd, args.rounds, floor=args.lr_floor)
 
 
-def train_kw(args: argparse.Namespace, seed: int, task: str, rnd: int = 0) -> dict:
-    return dict(epochs=args.local_epochs, batch_size=args.batch_size, lr=lr_at(args, rnd), augment=True, seed=seed,
-                task=task, optimizer=args.optimizer, weight_decay=args.weight_decay)
+def train_kw(args: argparse.Namespace, seed: int, task: str, rnd: int = 0, state: dict | None = None) -> dict:
+    return dict(epochs=args.local_epochs, batch_size=args.batch_size, lr=lr_at(args, rnd), augment=augments(args), seed=seed,
+                task=task, optimizer=args.optimizer, weight_decay=args.weight_decay, optimizer_state=state)
+
+
+def augments(args: argparse.Namespace) -> bool:
+    """Random shifts for image models; none for models on fixed features."""
+    return not trains_on_features(args.model)
 
 
 def dp_sigma(site: SiteData, args: argparse.Namespace) -> float:
@@ -147,8 +157,8 @@ def dp_sigma(site: SiteData, args: argparse.Namespace) -> float:
 
 def run(method: str, args: argparse.Namespace, seed: int) -> dict:
     sites = [
-        load_site_data(dataset=args.dataset, path=None, site_index=i, num_sites=args.sites, scheme=args.scheme,
-                       alpha=args.alpha, seed=split_seed(args, seed))
+        prepare_data(args.model, load_site_data(dataset=args.dataset, path=None, site_index=i, num_sites=args.sites,
+                                                scheme=args.scheme, alpha=args.alpha, seed=split_seed(args, seed)))
         for i in range(args.sites)
     ]
     task = sites[0].task
@@ -180,6 +190,7 @@ def run(method: str, args: argparse.Namespace, seed: int) -> dict:
         keys = shared_keys(models[0], fedbn=fedbn)
         averages: dict[float, dict[str, np.ndarray]] = {}
         velocity = None
+        opt_states: list[dict | None] = [None] * len(sites)  # --keep-optimizer: each site's moments
         global_params = {k: models[0].state_dict()[k].numpy().astype(np.float32).copy() for k in keys}
         for rnd in range(args.rounds):
             total = {k: np.zeros(v.shape, np.float64) for k, v in global_params.items()}
@@ -193,9 +204,12 @@ def run(method: str, args: argparse.Namespace, seed: int) -> dict:
                                  lr=lr_at(args, rnd), optimizer=args.optimizer, momentum=0.9,
                                  noise_multiplier=sigmas[i], max_grad_norm=args.clip, mu=mu,
                                  anchor=anchor, multiplicity=args.aug_mult, seed=seed * 1000 + rnd * 10 + i,
-                                 task=task)
+                                 task=task, optimizer_state=opt_states[i], augment=augments(args))
                 else:
-                    r = train_local(m, s.train, mu=mu, **train_kw(args, seed * 1000 + rnd * 10 + i, task, rnd))
+                    r = train_local(m, s.train, mu=mu,
+                                    **train_kw(args, seed * 1000 + rnd * 10 + i, task, rnd, opt_states[i]))
+                if args.keep_optimizer:
+                    opt_states[i] = r.optimizer_state
                 state = m.state_dict()
                 for k in keys:
                     total[k] += r.num_samples * (state[k].numpy() - global_params[k])
@@ -224,6 +238,8 @@ def run(method: str, args: argparse.Namespace, seed: int) -> dict:
             extra["ema_test_auc"][str(decay)] = round(pooled(models, tests, task)["test_auc"], 4)
         load_global(models, averages[args.ema] if args.ema else global_params)
         result = pooled(models, tests, task)
+    # the sites' validation splits, each scored by its model and pooled: what settings are chosen by
+    extra["val_auc"] = round(pooled(models, [s.val for s in sites], task)["test_auc"], 4)
     return {
         "method": method, "dataset": args.dataset, "scheme": args.scheme, "alpha": args.alpha, "seed": seed,
         "split_seed": split_seed(args, seed),
@@ -235,7 +251,7 @@ def run(method: str, args: argparse.Namespace, seed: int) -> dict:
         "aug_mult": args.aug_mult, "ema": args.ema, "lr": args.lr, "lr_schedule": args.lr_schedule,
         "lr_floor": args.lr_floor, "optimizer": args.optimizer, "weight_decay": args.weight_decay,
         "batch_size": args.batch_size, "local_epochs": args.local_epochs, "groups": args.groups,
-        "weight_std": args.weight_std, "pooled_bn_var": args.pooled_bn_var, "mu": args.mu if "fedprox" in method else None,
+        "weight_std": args.weight_std, "keep_optimizer": args.keep_optimizer, "pooled_bn_var": args.pooled_bn_var, "mu": args.mu if "fedprox" in method else None,
         "server_lr": args.server_lr, "server_momentum": args.server_momentum,
         "sigmas": [round(x, 3) for x in sigmas] if method not in ("central", "local") and args.dp_epsilon else None,
     }
@@ -253,7 +269,7 @@ def main() -> None:
     p.add_argument("--split-seed", type=int, default=None,
                    help="partition with this seed for every run (default: each run's own seed)")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    p.add_argument("--model", default="small_cnn")
+    p.add_argument("--model", default="small_cnn", choices=MODEL_NAMES)
     p.add_argument("--norm", default="batch", choices=["batch", "group"])
     p.add_argument("--width", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -261,6 +277,8 @@ def main() -> None:
                    help="cosine: each round's local learning rate decays from --lr to --lr-floor times it")
     p.add_argument("--lr-floor", type=float, default=0.1)
     p.add_argument("--optimizer", default="adam", choices=["adam", "sgd"])
+    p.add_argument("--keep-optimizer", action="store_true",
+                   help="federated: each site resumes its optimizer's moments from its previous round")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--groups", type=int, default=ModelConfig().groups, help="GroupNorm groups")
     p.add_argument("--weight-std", action="store_true", help="weight-standardised convolutions")

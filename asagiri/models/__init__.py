@@ -1,5 +1,5 @@
 """Models built by name from ``ModelConfig`` (our own code; torchvision is not used)."""
 
-from .registry import build, is_norm_key, shared_keys
+from .registry import MODEL_NAMES, build, is_norm_key, prepare_data, shared_keys, trains_on_features
 
-__all__ = ["build", "is_norm_key", "shared_keys"]
+__all__ = ["MODEL_NAMES", "build", "is_norm_key", "prepare_data", "shared_keys", "trains_on_features"]

@@ -1,10 +1,16 @@
-"""A small CNN for 28-64 px images and a ResNet-18-style network for 128-224 px."""
+"""A small CNN for 28-64 px images, a ResNet-18-style network for 128-224 px, and a linear model on
+ScatterNet features (``scatter.py``) for DP-SGD."""
 
 from __future__ import annotations
 
 from torch import nn
 
-__all__ = ["ResNet18", "SmallCNN", "build", "is_norm_key", "shared_keys"]
+from ..data.loaders import SiteData
+
+__all__ = ["MODEL_NAMES", "ResNet18", "SmallCNN", "build", "is_norm_key", "prepare_data", "shared_keys",
+           "trains_on_features"]
+
+MODEL_NAMES = ("small_cnn", "resnet18", "scatter_linear")
 
 _NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm2d)
 
@@ -84,7 +90,25 @@ def build(name: str, *, in_channels: int, num_classes: int, width: int, norm: st
         return SmallCNN(in_channels, num_classes, width=width, norm=norm, groups=groups)
     if name == "resnet18":
         return ResNet18(in_channels, num_classes, width=width, norm=norm, groups=groups)
+    if name == "scatter_linear":  # width and norm do not apply: fixed features, affine-free GroupNorm
+        from .scatter import ScatterLinear
+
+        return ScatterLinear(in_channels, num_classes, groups=groups)
     raise ValueError(f"unknown model {name!r}")
+
+
+def trains_on_features(name: str) -> bool:
+    """Whether the model takes fixed features of the images (computed once per site), not the images."""
+    return name == "scatter_linear"
+
+
+def prepare_data(name: str, data: SiteData) -> SiteData:
+    """What the model trains and evaluates on: the images, or their fixed features."""
+    if not trains_on_features(name):
+        return data
+    from .scatter import featurise
+
+    return featurise(data)
 
 
 def _norm_prefixes(model: nn.Module) -> list[str]:
