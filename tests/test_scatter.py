@@ -70,6 +70,17 @@ def test_linear_model_trains_with_and_without_dp_and_needs_no_conversion():
     assert evaluate(private, data).auc > 0.9
 
 
+def test_config_accepts_exactly_the_models_the_registry_builds():
+    from typing import get_args
+
+    from asagiri.config import ModelConfig
+    from asagiri.models import MODEL_NAMES
+
+    assert set(get_args(ModelConfig.model_fields["name"].annotation)) == set(MODEL_NAMES)
+    for name in MODEL_NAMES:
+        build(name, in_channels=1, num_classes=2, width=8, norm="group", groups=4)
+
+
 def test_config_refuses_augmentation_for_a_feature_model():
     with pytest.raises(ValidationError, match="train.augment=false"):
         FederationConfig(model={"name": "scatter_linear"})

@@ -90,7 +90,7 @@ def build(name: str, *, in_channels: int, num_classes: int, width: int, norm: st
         return SmallCNN(in_channels, num_classes, width=width, norm=norm, groups=groups)
     if name == "resnet18":
         return ResNet18(in_channels, num_classes, width=width, norm=norm, groups=groups)
-    if name == "scatter_linear":  # width and norm do not apply: fixed features, affine-free GroupNorm
+    if name == "scatter_linear":  # width and norm do not apply: fixed features, then GroupNorm and a linear layer
         from .scatter import ScatterLinear
 
         return ScatterLinear(in_channels, num_classes, groups=groups)

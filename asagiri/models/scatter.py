@@ -3,9 +3,9 @@ Learning Needs Better Features (or Much More Data)").
 
 A scattering transform (Mallat; kymatio's implementation, J = 2 scales, L = 8 angles) is a fixed
 cascade of wavelet filters and moduli: no trained weights, no data in it.  It turns a C x H x W
-image into 81*C channels at H/4 x W/4.  A linear model on those features has few parameters
-(4k for 28 px), so DP-SGD's noise, which grows with the parameter count, hurts it far less than
-it hurts a CNN trained end to end.
+image into 81*C channels at H/4 x W/4.  A linear model on those features has few parameters (8k
+for a 28 px, 2-class task), so DP-SGD's noise, which grows with the parameter count, hurts it far
+less than it hurts a CNN trained end to end.
 
 Because the transform is fixed and the same for every site, a site computes its features once,
 when it loads its data (``featurise``), and trains and evaluates the head on them.  No
