@@ -32,7 +32,7 @@ import torch
 from asagiri.config import ModelConfig
 from asagiri.data import load_site_data
 from asagiri.data.loaders import SiteData, Split, open_dataset, site_indices, to_split
-from asagiri.models import MODEL_NAMES, build, prepare_data, shared_keys, trains_on_features
+from asagiri.models import MODEL_NAMES, build, prepare_data, prepare_split, shared_keys, trains_on_features
 from asagiri.privacy.engine import noise_for_target, steps_per_round, train_dp
 from asagiri.strategy.aggregate import apply_weighted_delta
 from asagiri.train import evaluate, train_local
@@ -88,12 +88,8 @@ def own_population_tests(args: argparse.Namespace, seed: int) -> list[Split] | N
     raw = open_dataset(args.dataset, None)
     parts = site_indices(raw, args.dataset, "test", args.sites, scheme="dirichlet", alpha=args.alpha,
                          seed=split_seed(args, seed), test_follows_site=True)
-    tests = [to_split(raw.images["test"][p], raw.labels["test"][p], raw.task, None) for p in parts]
-    if trains_on_features(args.model):
-        from asagiri.models.scatter import scatter_features
-
-        tests = [Split(scatter_features(t.images), t.labels) for t in tests]
-    return tests
+    return [prepare_split(args.model, to_split(raw.images["test"][p], raw.labels["test"][p], raw.task, None))
+            for p in parts]
 
 
 def own_population(models: list[torch.nn.Module], tests: list[Split] | None, task: str) -> dict:

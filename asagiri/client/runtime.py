@@ -25,7 +25,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from ..config import DataConfig, DPConfig, ModelConfig, SiteConfig, StrategyConfig, TrainConfig
 from ..data.loaders import SiteData, load_site_data
-from ..models import build, prepare_data, shared_keys, trains_on_features
+from ..models import build, prepare_data, shared_keys
 from ..privacy.engine import dp_compatible, noise_for_target, steps_per_round, train_dp
 from ..privacy.ledger import PrivacyLedger
 from ..secagg.client import ClientStateMachine, SecAggRefused
@@ -96,11 +96,7 @@ class SiteWorker:
             cache_dir=cfg.state_dir / "cache", feature_key=part.feature_key,
             val_fraction=self.data_cfg.val_fraction,
         )
-        if trains_on_features(self.model_cfg.name):
-            t0 = time.perf_counter()
-            self.data = prepare_data(self.model_cfg.name, self.data)
-            log.info("%s: fixed features of %d images computed in %.1f s", self.model_cfg.name,
-                     len(self.data.train) + len(self.data.val) + len(self.data.test), time.perf_counter() - t0)
+        self.data = prepare_data(self.model_cfg.name, self.data)  # fixed features, for models that take them
         torch.manual_seed(part.seed)
         self.model = build(
             self.model_cfg.name, in_channels=self.data.channels, num_classes=self.data.num_classes,

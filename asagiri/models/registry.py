@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..data.loaders import SiteData
+from ..data.loaders import SiteData, Split
 
-__all__ = ["MODEL_NAMES", "ResNet18", "SmallCNN", "build", "is_norm_key", "prepare_data", "shared_keys",
-           "trains_on_features"]
+__all__ = ["MODEL_NAMES", "ResNet18", "SmallCNN", "build", "is_norm_key", "prepare_data", "prepare_split",
+           "shared_keys", "trains_on_features"]
 
 MODEL_NAMES = ("small_cnn", "resnet18", "scatter_linear")
 
@@ -109,6 +109,15 @@ def prepare_data(name: str, data: SiteData) -> SiteData:
     from .scatter import featurise
 
     return featurise(data)
+
+
+def prepare_split(name: str, split: Split) -> Split:
+    """One split as the model takes it (``prepare_data`` for a split on its own)."""
+    if not trains_on_features(name):
+        return split
+    from .scatter import featurise_split
+
+    return featurise_split(split)
 
 
 def _norm_prefixes(model: nn.Module) -> list[str]:
