@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..config import DataConfig
 from .common import EXIT_CONFIG, EXIT_OK, run_main, setup_logging
 
 
@@ -30,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--seed", type=int, default=0)
     pt.add_argument("--image-size", type=int, default=28)
     pt.add_argument("--feature-key", default=None, help="feature scheme: view (ChestX-ray14), age_band, site (ISIC)")
-    pt.add_argument("--val-fraction", type=float, default=0.15,
+    pt.add_argument("--val-fraction", type=float, default=DataConfig().val_fraction,
                     help="patients held out for validation where the files have no validation split (ISIC, NIH)")
     pt.add_argument("--out", type=Path, required=True)
 
