@@ -21,6 +21,8 @@ __all__ = [
     "DPConfig",
     "FederationConfig",
     "ModelConfig",
+    "PolicyConfig",
+    "RunSpec",
     "SecAggConfig",
     "SelectionConfig",
     "SiteConfig",
@@ -170,14 +172,20 @@ class SecAggConfig(_Strict):
                 )
         return self
 
-    def group(self, n: int) -> tuple[int | None, int | None]:
-        """(degree or None for the complete graph, threshold or None for the default) for n sites."""
-        if self.mode == "complete":
-            return None, self.threshold
-        shares = self.shares or max(3, 2 * math.ceil(math.log2(max(n, 2))) + 1)
-        if shares >= n:
-            return None, self.threshold
-        return shares - 1, self.threshold
+    def group(self, n: int) -> tuple[int | None, int]:
+        """(degree, or None for the complete graph; threshold) for a round of ``n`` participants.
+
+        The coordinator announces both in ``SecAggStart`` and every site recomputes them from the
+        same (signed-over) spec, so neither is the coordinator's choice at round time.  A
+        configured threshold outside [majority, group] is moved to the nearest end.
+        """
+        degree: int | None = None
+        if self.mode == "sparse":
+            shares = self.shares or max(3, 2 * math.ceil(math.log2(max(n, 2))) + 1)
+            degree = shares - 1 if shares < n else None
+        size = n if degree is None else degree + 1
+        majority = size // 2 + 1
+        return degree, min(size, max(majority, self.threshold or majority))
 
 
 class DPConfig(_Strict):
@@ -203,6 +211,78 @@ class DPConfig(_Strict):
         return v
 
 
+class PolicyConfig(_Strict):
+    """What this site takes part in (docs/secagg.md, "Site policy"). The coordinator cannot lower it:
+    a Welcome, a FitIns or a round that asks for less is refused, and the site declines.
+
+    ``min_participants``: the fewest sites whose inputs must be summed with this site's before the
+    coordinator may unmask anything (checked on the participants, the advertised sites, the
+    survivors, and the connected group of sites this site's masks tie it to).  ``min_group`` and
+    ``min_threshold``: the smallest secret-sharing group (this site included) and threshold
+    accepted.  ``max_epsilon`` / ``max_delta``: the most DP budget a run may ask for; with
+    ``require_dp`` a run without DP-SGD is refused.  ``run_id``: only this run is joined.
+    ``colluders``: how many other participants this site assumes may be working with the
+    coordinator; each raises the survivor-list quorum by a half, and the masking component and
+    the threshold this site needs by one (docs/secagg.md, "What is guaranteed").
+    """
+
+    require_secagg: bool = True
+    min_participants: int = Field(3, ge=2)
+    min_group: int = Field(3, ge=2)
+    min_threshold: int = Field(2, ge=2)
+    colluders: int = Field(0, ge=0, le=1 << 16)
+    require_dp: bool = False
+    max_epsilon: float = Field(8.0, gt=0)
+    max_delta: float = Field(1e-5, gt=0, lt=1)
+    run_id: str | None = Field(None, min_length=1, max_length=128)
+
+
+class SpecStrategy(_Strict):
+    """The part of ``strategy`` a site acts on."""
+
+    name: Literal["fedavg", "fedprox", "fedavgm"] = "fedavg"
+    mu: float = Field(0.0, ge=0)
+    fedbn: bool = False
+
+
+class RunSpec(_Strict):
+    """``Welcome.spec``: how every site of the run trains, built from fed.yaml by the coordinator.
+
+    A site validates it whole before acting on any of it (a malformed spec is refused, never a
+    crash) and binds its digest into every secure-aggregation round, so all sites of a round
+    provably received the same one (``secagg/binding.py``).
+    """
+
+    model: ModelConfig
+    train: TrainConfig
+    strategy: SpecStrategy
+    data: DataConfig
+    rounds: int = Field(ge=1)
+    heartbeat_interval: float = Field(gt=0)
+    heartbeat_timeout: float = Field(gt=0)
+    min_clients: int = Field(ge=1)
+    secagg_stage_timeout: float = Field(gt=0)
+    secagg: SecAggConfig
+    dp: DPConfig
+
+    @classmethod
+    def of(cls, cfg: FederationConfig) -> RunSpec:
+        t = cfg.timeouts
+        return cls(
+            model=cfg.model, train=cfg.train,
+            strategy=SpecStrategy(name=cfg.strategy.name, mu=cfg.strategy.mu, fedbn=cfg.strategy.fedbn),
+            data=cfg.data.model_copy(update={"path": None}), rounds=cfg.rounds,
+            heartbeat_interval=t.heartbeat_interval, heartbeat_timeout=t.heartbeat_timeout,
+            min_clients=cfg.min_clients, secagg_stage_timeout=t.secagg_stage, secagg=cfg.secagg, dp=cfg.dp,
+        )
+
+    def wire(self) -> dict[str, Any]:
+        """The spec as Welcome carries it (``data.path`` never leaves the coordinator)."""
+        out = self.model_dump()
+        del out["data"]["path"]
+        return out
+
+
 class SiteEntry(_Strict):
     id: int = Field(ge=0, lt=1 << 31)
     public_key: str
@@ -225,7 +305,9 @@ class FederationConfig(_Strict):
     listen: ListenConfig = ListenConfig()
     identity_key: Path = Path("keys/coordinator.key")
     rounds: int = Field(3, ge=1)
-    min_clients: int = Field(2, ge=1)
+    # The threshold k: no round is aggregated over fewer sites. 3 matches the sites' default
+    # policy.min_participants, below which they refuse secure-aggregation rounds.
+    min_clients: int = Field(3, ge=1)
     max_round_attempts: int = Field(3, ge=1)
     selection: SelectionConfig = SelectionConfig()
     timeouts: TimeoutsConfig = TimeoutsConfig()
@@ -294,16 +376,40 @@ class SiteConfig(_Strict):
     identity_key: Path
     coordinator: CoordinatorAddress
     data_path: Path | None = None
-    # Pinned identity keys of the other sites (id -> hex), checked on their secure-aggregation
-    # keys. Without them a site trusts the roster the coordinator sends (see docs/secagg.md).
+    # Pinned identity keys of every site of the federation (id -> hex), checked on their
+    # secure-aggregation keys and survivor-list signatures. Required for secure aggregation:
+    # keys that came from the coordinator would let it stand in for the other sites.
     peers: dict[int, str] | None = None
+    policy: PolicyConfig = PolicyConfig()
     state_dir: Path = Path("state")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = Field(1, ge=1, le=256)
     reconnect: ReconnectConfig = ReconnectConfig()
     max_frame_bytes: int = Field(4 << 20, ge=64 << 10, le=1 << 30)
-    max_message_bytes: int = Field(1 << 30, ge=1 << 10)
+    # A hard cap on one message's tensors. Once the site knows the model it accepts nothing larger
+    # than the model's shared parameters plus 1 MiB (client/runtime.py).
+    max_message_bytes: int = Field(256 << 20, ge=1 << 10)
     chunk_bytes: int = Field(1 << 20, ge=1 << 10)
+
+    @field_validator("peers")
+    @classmethod
+    def _peer_keys(cls, v: dict[int, str] | None) -> dict[int, str] | None:
+        if v is None:
+            return v
+        for site, key in v.items():
+            if not 0 <= site < 1 << 31:
+                raise ValueError(f"site id {site} out of range")
+            v[site] = SiteEntry._hex_key(key)
+        return v
+
+    @model_validator(mode="after")
+    def _pinned(self) -> SiteConfig:
+        if self.policy.require_secagg and not self.peers:
+            raise ValueError(
+                "peers: required while policy.require_secagg is true; pin every site's identity key "
+                "(id: hex, as `asagiri keygen` prints them; docs/deployment.md)"
+            )
+        return self
 
 
 # ---- loading --------------------------------------------------------------------------------------

@@ -35,11 +35,13 @@ from collections import defaultdict
 
 import numpy as np
 
-from asagiri.config import SecAggConfig
-from asagiri.secagg.client import ClientStateMachine, SecAggRefused
+from asagiri.config import PolicyConfig, SecAggConfig
+from asagiri.policy import Refusal
+from asagiri.secagg.binding import params_digest
+from asagiri.secagg.inmemory import LocalRound
 from asagiri.secagg.prg import DEFAULT_PRG, PRGS, expand_into
 from asagiri.secagg.quantize import QuantPlan
-from asagiri.secagg.server import ServerStage, ServerStateMachine
+from asagiri.secagg.server import ServerStage
 from asagiri.wire import codec
 from asagiri.wire.crypto import Identity
 from asagiri.wire.messages import FitRes
@@ -72,12 +74,15 @@ def plain_round(updates: list[tuple[np.ndarray, int]]) -> tuple[float, int]:
     return elapsed, up
 
 
-def secure_round(updates, identities, *, degree, threshold, dropout, plan, repeat_index, prg, trace=False):
+def secure_round(updates, identities, *, secagg, dropout, repeat_index, trace=False):
     n = len(updates)
     ids = list(range(1, n + 1))
-    pubs = {i: identities[i].public for i in ids}
-    clients = {i: ClientStateMachine(site_id=i, identity=identities[i], run_id=RUN, peers=pubs) for i in ids}
     d = updates[0][0].size
+    # Set-up outside the timed round: the machines, and each site hashing the global model it was
+    # sent into the round digest (measured on its own as "bind_s" in run()).
+    local = LocalRound(ids, dim=d, secagg=secagg, identities=identities, run_id=RUN, rnd=1 + repeat_index,
+                       policy=PolicyConfig(min_participants=2, min_group=2))
+    server, clients, plan = local.server, local.clients, local.plan
     n_drop = int(round(dropout * n))
     rng = np.random.default_rng(repeat_index)
     drop = set(rng.choice(ids, size=n_drop, replace=False).tolist()) if n_drop else set()
@@ -86,15 +91,9 @@ def secure_round(updates, identities, *, degree, threshold, dropout, plan, repea
     # The coordinator's memory: what it keeps between calls (its running sum from the start,
     # shares, keys) plus the transient peak inside each call.  Sites' allocations, made outside
     # its calls, are not counted.
-    server_peak = retained = 0
+    server_peak = 0
+    retained = server.sum.nbytes if trace else 0
     t_round = time.perf_counter()
-    before = tracemalloc.get_traced_memory()[0] if trace else 0
-    server = ServerStateMachine(
-        run_id=RUN, rnd=1 + repeat_index, attempt=1, participants=ids, min_clients=2, plan=plan,
-        vector_len=d + 1, identities=pubs, degree=degree, threshold=threshold, prg=prg,
-    )
-    if trace:
-        retained = tracemalloc.get_traced_memory()[0] - before
     queue = list(server.start())
     dead: set[int] = set()
 
@@ -130,7 +129,7 @@ def secure_round(updates, identities, *, degree, threshold, dropout, plan, repea
             replies = client.receive(out.msg)
             if client.stage.value == "ready":
                 replies += client.set_input(*updates[out.site - 1])
-        except SecAggRefused:
+        except Refusal:
             replies = []  # the site leaves the round, as the runtime's sites do; the stage times out
         stages[name] += time.perf_counter() - t
         for reply in replies:
@@ -169,7 +168,7 @@ def tcp_round_times(clients: int, width: int, rounds: int, secure: bool, root) -
     import subprocess
     import sys
 
-    from asagiri.cli.demo import write_federation, write_site_config
+    from asagiri.cli.demo import pinned_site_settings, write_federation, write_site_config
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -186,7 +185,7 @@ def tcp_round_times(clients: int, width: int, rounds: int, secure: bool, root) -
     assert coord.stdout is not None and coord.stdout.readline().startswith("listening")
     sites = [
         subprocess.Popen([sys.executable, "-m", "asagiri.cli.client", "--site", str(i), "--config",
-                          str(write_site_config(root, i, port, pub, {})), "--log-level", "warning"])
+                          str(write_site_config(root, i, port, pub, pinned_site_settings(cfg))), "--log-level", "warning"])
         for i in range(1, clients + 1)
     ]
     coord.stdout.read()
@@ -249,9 +248,11 @@ def run(clients: int, dim: int, dropout: float, graph: str, repeat: int, shares:
     rng = np.random.default_rng(0)
     updates = [(rng.normal(0, 0.01, dim).astype(np.float32), int(rng.integers(100, 1000))) for _ in range(clients)]
     identities = {i: Identity.generate() for i in range(1, clients + 1)}
-    plan = QuantPlan.plan(bits=32, clip=2.0, max_samples=20_000, max_sites=clients)
     # The runtime's own policy: shares None picks about 2 log2 n, threshold None a majority.
-    degree, thr = SecAggConfig(mode=graph, shares=shares, threshold=threshold).group(clients)
+    secagg = SecAggConfig(mode=graph, shares=shares, threshold=threshold, clip=2.0, max_samples_per_site=20_000,
+                          prg=prg)
+    degree, thr = secagg.group(clients)
+    plan = QuantPlan.plan(bits=32, clip=2.0, max_samples=20_000, max_sites=clients)
     plain, secure, stage_runs, floors, uploads = [], [], [], [], []
     plain_up = 0
     warm_up(plan, prg)
@@ -260,8 +261,7 @@ def run(clients: int, dim: int, dropout: float, graph: str, repeat: int, shares:
         p, plain_up = plain_round(updates)
         plain.append(p)
         s, stages, mask_bytes, up, peak, aborted = secure_round(
-            updates, identities, degree=degree, threshold=thr, dropout=dropout, plan=plan, repeat_index=r,
-            prg=prg,
+            updates, identities, secagg=secagg, dropout=dropout, repeat_index=r,
         )
         if aborted:
             return {"clients": clients, "dim": dim, "dropout": dropout, "graph": graph, "shares": shares,
@@ -273,10 +273,14 @@ def run(clients: int, dim: int, dropout: float, graph: str, repeat: int, shares:
     # Memory in one more round, traced: tracemalloc slows every allocation, so it never runs
     # while a round is being timed.
     tracemalloc.start()
-    *_, peak, _ = secure_round(updates, identities, degree=degree, threshold=thr, dropout=dropout, plan=plan,
-                               repeat_index=repeat, prg=prg, trace=True)
+    *_, peak, _ = secure_round(updates, identities, secagg=secagg, dropout=dropout, repeat_index=repeat,
+                               trace=True)
     tracemalloc.stop()
     keys = sorted({k for st in stage_runs for k in st})
+    model = {"w": updates[0][0]}
+    t = time.perf_counter()
+    params_digest(model)
+    bind_s = time.perf_counter() - t
     result = {
         "clients": clients,
         "dim": dim,
@@ -290,6 +294,7 @@ def run(clients: int, dim: int, dropout: float, graph: str, repeat: int, shares:
         "secagg_s": round(statistics.median(secure), 5),
         "ratio_to_plain": round(statistics.median(secure) / statistics.median(plain), 2),
         "prg_floor_s": round(statistics.median(floors), 5),
+        "bind_s_per_site": round(bind_s, 5),  # hashing the global model into the round digest
         "keystream_GBps": round(throughput / 1e9, 2),
         "stages": {k: round(statistics.median(st.get(k, 0.0) for st in stage_runs), 5) for k in keys},
         "mask_vs_keystream": round(mask_generation_ratio(dim, prg), 3),

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from asagiri.client.runtime import SiteWorker
-from asagiri.config import SiteConfig
+from asagiri.config import FederationConfig, RunSpec, SiteConfig
 from asagiri.models import build, is_norm_key, shared_keys
+from asagiri.site import SiteWorker
 from asagiri.strategy.aggregate import flatten
 from asagiri.train import train_local
 from asagiri.wire import codec
@@ -17,15 +17,16 @@ def worker(tmp_path, *, fedbn, norm="batch"):
     key = Identity.generate()
     key.save(tmp_path / "k.key")
     cfg = SiteConfig(site_id=1, identity_key=tmp_path / "k.key", state_dir=tmp_path / "state",
-                     coordinator={"public_key": key.public.hex()})
-    spec = {
+                     coordinator={"public_key": key.public.hex()}, peers={1: key.public.hex()})
+    fed = FederationConfig.model_validate({
         "model": {"name": "small_cnn", "norm": norm, "width": 8, "groups": 4},
         "train": {"local_epochs": 1, "batch_size": 32, "lr": 1e-3, "augment": False},
         "strategy": {"name": "fedavg", "mu": 0.0, "fedbn": fedbn},
         "data": {"dataset": "synthetic", "synthetic_samples": 64, "image_size": 28,
                  "partition": {"scheme": "iid", "alpha": 1.0, "seed": 0}},
-    }
-    return SiteWorker(cfg, Welcome("r", 0, 1, spec))
+    })
+    spec = RunSpec.of(fed)
+    return SiteWorker(cfg, Welcome("r", 0, 1, spec.wire()), spec)
 
 
 @pytest.mark.parametrize("norm", ["batch", "group"])

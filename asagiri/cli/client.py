@@ -10,7 +10,7 @@ from pathlib import Path
 import anyio
 
 from ..config import load_site
-from .common import EXIT_CONFIG, EXIT_INTERRUPTED, cancel_on_signal, run_main, setup_logging
+from .common import EXIT_CONFIG, EXIT_INTERRUPTED, EXIT_RUNTIME, cancel_on_signal, run_main, setup_logging
 
 log = logging.getLogger("asagiri.client")
 
@@ -59,6 +59,8 @@ def _run(args: argparse.Namespace) -> int:
     except (PermissionError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    from ..client.state import StateError
+
     result = {"code": EXIT_INTERRUPTED}
 
     async def main_task() -> None:
@@ -71,7 +73,11 @@ def _run(args: argparse.Namespace) -> int:
             tg.start_soon(cancel_on_signal, tg.cancel_scope, lambda name: log.warning("%s: stopping", name))
             tg.start_soon(run)
 
-    anyio.run(main_task)
+    try:
+        anyio.run(main_task)
+    except StateError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME
     return result["code"]
 
 

@@ -22,7 +22,7 @@ from ..config import ConfigError, FederationConfig, apply_overrides, load_federa
 from ..wire.crypto import Identity
 from .common import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, EXIT_RUNTIME
 
-__all__ = ["run_demo", "write_federation"]
+__all__ = ["pinned_site_settings", "run_demo", "write_federation", "write_site_config"]
 
 
 def write_federation(out: Path, *, sites: int, rounds: int, overrides: list[str]) -> tuple[Path, FederationConfig]:
@@ -43,7 +43,7 @@ def write_federation(out: Path, *, sites: int, rounds: int, overrides: list[str]
         "identity_key": "../keys/coordinator.key",
         "run_dir": "..",
         "rounds": rounds,
-        "min_clients": min(2, sites),
+        "min_clients": min(3, sites),
         "timeouts": {"wait_for_sites": 120, "fit": 600, "evaluate": 300},
         "sites": roster,
     }
@@ -52,6 +52,16 @@ def write_federation(out: Path, *, sites: int, rounds: int, overrides: list[str]
     fed_path.parent.mkdir(parents=True, exist_ok=True)
     fed_path.write_text(yaml.safe_dump(data, sort_keys=False))
     return fed_path, load_federation(fed_path)
+
+
+def pinned_site_settings(cfg: FederationConfig) -> dict[str, Any]:
+    """What a demo site's config adds: every site's identity key pinned (as a real deployment
+    exchanges them out of band), and, for a run with secure aggregation off, a policy that lets
+    the site send its update in the clear (the default refuses to)."""
+    out: dict[str, Any] = {"peers": {entry.id: entry.public_key for entry in cfg.sites}}
+    if not cfg.secagg.enabled:
+        out["policy"] = {"require_secagg": False}
+    return out
 
 
 def write_site_config(out: Path, site: int, port: int, coordinator_pub: str, extra: dict[str, Any]) -> Path:
@@ -84,6 +94,12 @@ def run_demo(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    if cfg.secagg.enabled and args.sites < 3:
+        print("error: secure aggregation needs at least 3 sites (each site's policy.min_participants is 3); "
+              "use --sites 3 or more, or --set secagg.enabled=false", file=sys.stderr)
+        return EXIT_CONFIG
+    if not cfg.secagg.enabled:
+        print("warning: secure aggregation is off: the coordinator sees every site's update", file=sys.stderr)
     print(f"run directory: {out}")
     print(f"federation: {args.sites} sites, {cfg.rounds} rounds, {cfg.model.name} on {cfg.data.dataset}, "
           f"strategy {cfg.strategy.name}{' + FedBN' if cfg.strategy.fedbn else ''}, min_clients={cfg.min_clients}",
@@ -131,10 +147,9 @@ async def _orchestrate(out: Path, fed_path: Path, cfg: FederationConfig, args: a
                 print(f"error: the coordinator did not start (see {logs / 'coordinator.log'})", file=sys.stderr)
                 return EXIT_CONFIG if coordinator.returncode == EXIT_CONFIG else EXIT_RUNTIME
             pub = (out / "keys" / "coordinator.pub").read_text().strip()
-            # Each site pins the others' identity keys (out of band, as a real deployment would).
-            peers = {"peers": {entry.id: entry.public_key for entry in cfg.sites}}
+            settings = pinned_site_settings(cfg)
             for site in range(1, args.sites + 1):
-                site_cfg = write_site_config(out, site, port, pub, peers)
+                site_cfg = write_site_config(out, site, port, pub, settings)
                 site_log = open(logs / f"site-{site}.log", "ab")  # noqa: SIM115 - closed in finally
                 log_files.append(site_log)
                 procs.append(await anyio.open_process(

@@ -196,9 +196,7 @@ class RoundMachine:
             if isinstance(msg, Decline) and (msg.round, msg.attempt) == (self.round, self.attempt):
                 if site not in self._waiting:
                     raise ProtocolViolation(site, "second answer in the same round")
-                self.outcome.declined[site] = msg.reason
-                if msg.permanent:
-                    self.outcome.exhausted.append(site)
+                self._declined(site, msg)
                 self._waiting.discard(site)
                 return self._secagg_step(site, _Lost())
         if self.secagg is not None and isinstance(msg, _SECAGG_MESSAGES):
@@ -218,9 +216,7 @@ class RoundMachine:
                 raise ProtocolViolation(site, "fit answer from a site that was not selected")
             self._waiting.discard(site)
             if isinstance(msg, Decline):
-                self.outcome.declined[site] = msg.reason
-                if msg.permanent:
-                    self.outcome.exhausted.append(site)
+                self._declined(site, msg)
             else:
                 self._accept_update(site, msg)
             return self._maybe_finish_fit()
@@ -269,6 +265,12 @@ class RoundMachine:
         return []
 
     # -- internals -------------------------------------------------------------------------------
+
+    def _declined(self, site: int, msg: Decline) -> None:
+        self.outcome.declined[site] = msg.reason
+        if msg.permanent:  # out of the run for good (budget spent, or the run breaks its policy)
+            self.outcome.exhausted.append(site)
+            self._evaluators.discard(site)
 
     def _accept_update(self, site: int, msg: FitRes) -> None:
         update = msg.update

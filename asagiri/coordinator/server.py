@@ -27,15 +27,16 @@ import torch
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from prometheus_client import CollectorRegistry
 
-from ..config import FederationConfig
+from ..config import FederationConfig, RunSpec
 from ..data.loaders import dataset_info
 from ..models import build, shared_keys
 from ..observe.audit import AuditLog, params_digest
 from ..observe.metrics import CoordinatorMetrics, serve_metrics
 from ..observe.runlog import append_jsonl, trim_jsonl
+from ..secagg import binding
 from ..secagg.quantize import QuantPlan
 from ..secagg.server import ServerStateMachine
-from ..strategy.base import build_strategy
+from ..strategy.base import FitPlan, build_strategy
 from ..strategy.selection import NotEnoughSites
 from ..wire.channel import SiteRefused
 from ..wire.connection import Connection, accept_handshake
@@ -124,6 +125,9 @@ class Coordinator:
         )
         self._events_in: MemoryObjectSendStream[tuple[int, Message | _Lost | _Joined]] = send
         self._events: MemoryObjectReceiveStream[tuple[int, Message | _Lost | _Joined]] = recv
+        # Every site gets the same spec; its digest is bound into each secure-aggregation round.
+        self.spec = RunSpec.of(cfg).wire()
+        self.spec_digest = binding.spec_digest(self.spec)
         self.history: list[dict[str, Any]] = []
         self._test: dict[str, Any] = {}  # the final score on the official test split
         self.start_round = 1
@@ -276,23 +280,7 @@ class Coordinator:
             await self._events_in.send((site_id, msg))
 
     def _welcome(self, site_id: int) -> Welcome:
-        cfg = self.cfg
-        spec = {
-            "model": cfg.model.model_dump(),
-            "train": cfg.train.model_dump(),
-            "strategy": {"name": cfg.strategy.name, "mu": cfg.strategy.mu, "fedbn": cfg.strategy.fedbn},
-            "data": {**cfg.data.model_dump(exclude={"path"}), "partition": cfg.data.partition.model_dump()},
-            "rounds": cfg.rounds,
-            "heartbeat_interval": cfg.timeouts.heartbeat_interval,
-            "heartbeat_timeout": cfg.timeouts.heartbeat_timeout,
-            "min_clients": cfg.min_clients,
-            "secagg_stage_timeout": cfg.timeouts.secagg_stage,
-            "secagg": cfg.secagg.model_dump(),
-            "dp": cfg.dp.model_dump(),
-            # Sites check each other's secure-aggregation keys against these unless they pin their own.
-            "roster": [[entry.id, entry.public_key] for entry in cfg.sites],
-        }
-        return Welcome(cfg.run_id, cfg.site_index(site_id), len(cfg.sites), spec)
+        return Welcome(self.cfg.run_id, self.cfg.site_index(site_id), len(self.cfg.sites), self.spec)
 
     # -- the federation driver ---------------------------------------------------------------------
 
@@ -307,18 +295,23 @@ class Coordinator:
         return len(self._eligible()) >= needed
 
     async def _dispatch(self, outbound: list[Outbound]) -> None:
+        """Send to every site at once, and to each site in order (its FitIns before its SecAggStart)."""
         if not outbound:
             return
+        per_site: dict[int, list[Message]] = {}
+        for out in outbound:
+            per_site.setdefault(out.site, []).append(out.msg)
         async with anyio.create_task_group() as tg:
-            for out in outbound:
-                session = self._sessions.get(out.site)
+            for site, msgs in per_site.items():
+                session = self._sessions.get(site)
                 if session is not None:
-                    tg.start_soon(self._send_or_drop, session, out.msg)
+                    tg.start_soon(self._send_or_drop, session, msgs)
 
-    async def _send_or_drop(self, session: _Session, msg: Message) -> None:
+    async def _send_or_drop(self, session: _Session, msgs: list[Message]) -> None:
         with anyio.move_on_after(self.cfg.timeouts.fit) as scope:
             try:
-                await session.conn.send(msg)
+                for msg in msgs:
+                    await session.conn.send(msg)
                 return
             except ConnectionLost:
                 pass
@@ -361,7 +354,7 @@ class Coordinator:
         machine = RoundMachine(
             rnd=rnd, attempt=attempt, selected=plan.sites, evaluators=evaluators,
             min_clients=self.cfg.min_clients, global_params=self.strategy.params,
-            fit_config=plan.config, strategy=self.strategy, secagg=self._secagg_machine(rnd, attempt, plan.sites),
+            fit_config=plan.config, strategy=self.strategy, secagg=self._secagg_machine(rnd, attempt, plan),
         )
         log.info("round %d (attempt %d): selected %s", rnd, attempt, plan.sites)
         await self._dispatch(machine.start())
@@ -391,17 +384,20 @@ class Coordinator:
                 await self._dispatch(machine.timed_out())
         return machine.outcome
 
-    def _secagg_machine(self, rnd: int, attempt: int, sites: list[int]) -> ServerStateMachine | None:
+    def _secagg_machine(self, rnd: int, attempt: int, plan: FitPlan) -> ServerStateMachine | None:
         sa = self.cfg.secagg
         if not sa.enabled:
             return None
-        plan = QuantPlan.plan(bits=sa.bits, clip=sa.clip, max_samples=sa.max_samples_per_site, max_sites=len(sites))
+        sites = plan.sites
+        quant = QuantPlan.plan(bits=sa.bits, clip=sa.clip, max_samples=sa.max_samples_per_site, max_sites=len(sites))
         degree, threshold = sa.group(len(sites))
-        return ServerStateMachine(
-            run_id=self.cfg.run_id, rnd=rnd, attempt=attempt, participants=sites, min_clients=self.cfg.min_clients,
-            plan=plan, vector_len=sum(v.size for v in self.strategy.params.values()) + 1,
-            identities=self.roster, degree=degree, threshold=threshold, prg=sa.prg,
+        params = binding.RoundParams(
+            run_id=self.cfg.run_id, round=rnd, attempt=attempt, participants=tuple(sites),
+            vector_len=sum(v.size for v in self.strategy.params.values()) + 1, plan=quant, prg=sa.prg,
+            degree=degree or 0, threshold=threshold, params_digest=binding.params_digest(self.strategy.params),
+            fit_config=plan.config, spec_digest=self.spec_digest,
         )
+        return ServerStateMachine(params=params, min_clients=self.cfg.min_clients, identities=self.roster)
 
     async def _federate(self) -> dict[str, Any]:
         cfg = self.cfg

@@ -1,23 +1,30 @@
 """The site's side of secure aggregation: a sans-IO state machine (messages in, messages out).
 
-Stages (one round at a time)::
+Stages (one round attempt at a time)::
 
-    IDLE --SecAggStart--> ADVERTISED --KeyRoster--> SHARED --ShareDelivery--> READY
+    IDLE --FitIns, SecAggStart--> ADVERTISED --KeyRoster--> SHARED --ShareDelivery--> READY
     READY + input --> MASKED --ConsistencyCheck--> SIGNED --UnmaskRequest--> DONE
 
-Any failed check raises :class:`SecAggRefused` and leaves the machine ``ABORTED`` for that round:
-the site says nothing more, so nothing it holds can be extracted.  The checks a misbehaving
-coordinator cannot get past:
+The site decides; the coordinator only proposes.  Every check goes through the site's
+:class:`~asagiri.policy.SitePolicy`; a failed one raises :class:`~asagiri.policy.Refusal` (also
+exported here as ``SecAggRefused``) and leaves the machine ``ABORTED`` for that round: the site
+says nothing more, so nothing it holds can be extracted.  What a coordinator running modified code
+cannot get past (docs/secagg.md has the argument):
 
-- every neighbour's keys carry a valid signature by that neighbour's pinned identity key, over
-  the run, round and attempt (no forged or replayed advertisements);
-- the threshold is at least a majority of the sharing group;
-- shares are decrypted with keys the coordinator cannot derive, and name sender, recipient, run,
-  round and attempt;
-- the survivor list must be signed by at least ``t`` survivors (the same list this site signed),
-  disjoint from the dropped list, and large enough;
-- one ``UnmaskRequest`` per round, answered with each peer's b share *or* its masking-key share,
-  never both (``_revealed`` records it).
+- **One round for everyone.**  The site derives the quantisation plan, graph degree and threshold
+  from the run's spec itself and refuses others; it signs the round digest (``binding.py``) over
+  everything it was given, so a peer that was given anything else fails to verify its signature.
+- **Real peers only.**  Every participant must have a pinned identity key, every neighbour's keys
+  must be signed by it, and there must be at least ``policy.min_participants`` of them.
+- **No replay.**  A round that is not newer than the last one entered (``ReplayGuard``, persisted
+  by the runtime) is refused before any key is made.
+- **A certified survivor list.**  The unmask request must carry signatures on the very list this
+  site signed from a majority of the round's participants, so no two lists can both be
+  certified; each signer also signed whom it masked with.
+- **No small sums.**  The survivors joined to this site by masks both sides added (its
+  *component*) must number at least ``policy.min_participants``: any sum the coordinator can
+  unmask that contains this site's input contains theirs too.
+- One unmask per round, and each peer's b share *or* its masking-key share, never both.
 """
 
 from __future__ import annotations
@@ -30,12 +37,15 @@ from dataclasses import dataclass, field
 import msgpack
 import numpy as np
 
-from ..wire.crypto import AuthenticationFailed, EphemeralKey, Identity, PublicIdentity, StreamCipher, blake2b
+from ..config import SecAggConfig
+from ..policy import Refusal, SitePolicy
+from ..wire.crypto import AuthenticationFailed, EphemeralKey, Identity, StreamCipher, blake2b
 from ..wire.crypto import random_bytes as _csprng
 from ..wire.messages import (
     AdvertiseKeys,
     ConsistencyCheck,
     ConsistencySig,
+    FitIns,
     KeyRoster,
     MaskedInput,
     Message,
@@ -46,16 +56,18 @@ from ..wire.messages import (
     UnmaskResponse,
 )
 from . import shamir
+from .binding import RoundParams, keys_message, params_digest, survivors_message
 from .graph import graph_seed, neighbours
-from .masking import add_masks, pair_seed, round_context, sign
-from .prg import PRGS, Prg
+from .masking import add_masks, pair_seed, sign
+from .prg import PRGS
 from .quantize import QuantisationError, QuantPlan, quantize
 
-__all__ = ["ClientStage", "ClientStateMachine", "SecAggRefused", "keys_message", "survivors_message"]
+__all__ = ["ClientStage", "ClientStateMachine", "ReplayGuard", "SecAggRefused", "masking_component"]
 
+SecAggRefused = Refusal  # the name the runtime and the tests know this refusal by
 
-class SecAggRefused(Exception):
-    """This site refuses to continue the round: a check failed. It reveals nothing further."""
+# What a malformed field surfaces as inside the checks; each becomes a ``malformed`` refusal.
+_MALFORMED = (TypeError, ValueError, KeyError, IndexError, OverflowError, msgpack.UnpackException)
 
 
 class ClientStage(enum.Enum):
@@ -69,13 +81,26 @@ class ClientStage(enum.Enum):
     ABORTED = "aborted"
 
 
-def keys_message(run_id: str, rnd: int, attempt: int, site: int, c_pk: bytes, s_pk: bytes) -> bytes:
-    return b"asagiri-secagg-keys\0" + round_context(run_id, rnd, attempt) + struct.pack(">I", site) + c_pk + s_pk
+class ReplayGuard:
+    """The newest (round, attempt) this site entered, per run.  The runtime's subclass persists it
+    (``save``), so a restarted site never enters an earlier round again."""
 
+    def __init__(self, marks: Mapping[str, tuple[int, int]] | None = None) -> None:
+        self.marks: dict[str, tuple[int, int]] = dict(marks or {})
 
-def survivors_message(run_id: str, rnd: int, attempt: int, survivors: list[int]) -> bytes:
-    ids = b"".join(struct.pack(">I", s) for s in sorted(survivors))
-    return b"asagiri-secagg-survivors\0" + round_context(run_id, rnd, attempt) + ids
+    def last(self, run_id: str) -> tuple[int, int]:
+        return self.marks.get(run_id, (0, 0))
+
+    def advance(self, run_id: str, rnd: int, attempt: int) -> bool:
+        """Record (round, attempt) and return True if it is newer than every earlier one."""
+        if (rnd, attempt) <= self.last(run_id):
+            return False
+        self.marks[run_id] = (rnd, attempt)
+        self.save()
+        return True
+
+    def save(self) -> None:
+        """Persist ``marks`` before the round's first message leaves; in memory by default."""
 
 
 def share_key(my_c: EphemeralKey, peer_c_pk: bytes, sender: int, recipient: int, ctx: bytes) -> bytes:
@@ -83,24 +108,58 @@ def share_key(my_c: EphemeralKey, peer_c_pk: bytes, sender: int, recipient: int,
     return blake2b(my_c.agree(peer_c_pk) + ctx + struct.pack(">II", sender, recipient), person=b"asagiri-share")
 
 
+def masking_component(me: int, survivors: list[int], masked_with: Mapping[int, list[int] | set[int]]) -> set[int]:
+    """The survivors joined to ``me`` by pairwise masks that both ends added.
+
+    ``masked_with[u]``: whom ``u`` says (signed) it masked with.  An edge u–w needs both claims,
+    because a mask only one side added never cancels and so never lets the coordinator unmask.
+    """
+    alive = set(survivors)
+    claims = {u: set(vs) for u, vs in masked_with.items() if u in alive}
+    seen, todo = {me}, [me]
+    while todo:
+        u = todo.pop()
+        for w in claims.get(u, ()):
+            if w in alive and w not in seen and u in claims.get(w, ()):
+                seen.add(w)
+                todo.append(w)
+    return seen
+
+
+@dataclass(frozen=True)
+class _Fit:
+    round: int
+    attempt: int
+    params_digest: bytes
+    config: dict
+    vector_len: int
+
+
 @dataclass
 class _Round:
-    rnd: int
-    attempt: int
-    vector_len: int
-    plan: QuantPlan
-    prg: Prg
+    params: RoundParams
     c: EphemeralKey
     s: EphemeralKey
     b_seed: bytes
-    ctx: bytes
-    threshold: int = 0
+    advertised: list[int] = field(default_factory=list)  # U1 as this site was told
     group: list[int] = field(default_factory=list)  # [me] + neighbours, the Shamir x order
     peer_keys: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)  # id -> (c_pk, s_pk)
     held: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)  # owner -> (b share, s share)
-    shared_with: list[int] = field(default_factory=list)  # neighbours whose shares arrived (U2 ∩ N(me))
+    masked_with: list[int] = field(default_factory=list)  # neighbours whose shares arrived
     survivors: list[int] | None = None
     input: tuple[np.ndarray, int] | None = None
+
+    @property
+    def rnd(self) -> int:
+        return self.params.round
+
+    @property
+    def attempt(self) -> int:
+        return self.params.attempt
+
+    @property
+    def ctx(self) -> bytes:
+        return self.params.context
 
 
 class ClientStateMachine:
@@ -110,21 +169,29 @@ class ClientStateMachine:
         site_id: int,
         identity: Identity,
         run_id: str,
-        peers: Mapping[int, PublicIdentity],
+        secagg: SecAggConfig,
+        spec_digest: bytes,
+        policy: SitePolicy,
+        replay: ReplayGuard | None = None,
         random_bytes: Callable[[int], bytes] = _csprng,
-        min_survivors: int = 2,
     ) -> None:
         self.site_id = site_id
         self.identity = identity
         self.run_id = run_id
-        self.peers = dict(peers)
+        self.secagg = secagg
+        self.spec_digest = spec_digest
+        self.policy = policy
+        self.replay = replay if replay is not None else ReplayGuard()
         self._random = random_bytes
-        self.min_survivors = min_survivors
         self.stage = ClientStage.IDLE
+        self._fit: _Fit | None = None
         self._round: _Round | None = None
-        self._last: tuple[int, int] = (0, 0)
         self._revealed: dict[int, str] = {}
         self.clipped = 0
+
+    @property
+    def peers(self) -> dict:
+        return self.policy.peers
 
     @property
     def round_key(self) -> tuple[int, int] | None:
@@ -134,60 +201,72 @@ class ClientStateMachine:
     # -- entry points ----------------------------------------------------------------------------
 
     def receive(self, msg: Message) -> list[Message]:
-        try:
-            return self._receive(msg)
-        except SecAggRefused:
-            self.stage = ClientStage.ABORTED
-            raise
+        """Feed one message from the coordinator; returns what to send back (maybe nothing)."""
+        return self._guarded(lambda: self._receive(msg), type(msg).__name__)
 
     def set_input(self, delta: np.ndarray, num_samples: int) -> list[Message]:
         """The local update (float, flattened shared parameters) and the sample count it weighs."""
-        r = self._current()
-        if delta.size + 1 != r.vector_len:
-            raise SecAggRefused(f"update has {delta.size} values, the round expects {r.vector_len - 1}")
-        r.input = (delta, num_samples)
-        try:
+        def step() -> list[Message]:
+            r = self._current()
+            self._check(delta.size + 1 == r.params.vector_len, "round_params",
+                        f"update has {delta.size} values, the round expects {r.params.vector_len - 1}")
+            r.input = (delta, num_samples)
             return self._maybe_mask()
-        except SecAggRefused:
-            self.stage = ClientStage.ABORTED
-            raise
+
+        return self._guarded(step, "the local update")
 
     def set_quantized(self, ring_vector: np.ndarray) -> list[Message]:
         """Mask an already quantised ring vector (last element: the sample count) as it is.
 
         The seam property tests use to check that masks cancel exactly on arbitrary ring values.
         """
-        r = self._current()
-        if ring_vector.shape != (r.vector_len,) or ring_vector.dtype != r.plan.dtype:
-            raise SecAggRefused(f"ring vector must be {r.vector_len} x {np.dtype(r.plan.dtype)}")
-        r.input = (ring_vector.copy(), -1)
-        return self._maybe_mask()
+        def step() -> list[Message]:
+            r = self._current()
+            plan = r.params.plan
+            self._check(ring_vector.shape == (r.params.vector_len,) and ring_vector.dtype == plan.dtype,
+                        "round_params", f"ring vector must be {r.params.vector_len} x {np.dtype(plan.dtype)}")
+            r.input = (ring_vector.copy(), -1)
+            return self._maybe_mask()
 
-    # -- stages ----------------------------------------------------------------------------------
+        return self._guarded(step, "the ring vector")
+
+    def _guarded(self, step: Callable[[], list[Message]], what: str) -> list[Message]:
+        try:
+            return step()
+        except Refusal:
+            self.stage = ClientStage.ABORTED
+            raise
+        except _MALFORMED as exc:
+            self.stage = ClientStage.ABORTED
+            self.policy.refuse("malformed", f"{what}: {type(exc).__name__}: {exc}")
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    def _check(self, ok: bool, rule: str, detail: str) -> None:
+        self.policy.require(ok, rule, detail)
 
     def _current(self) -> _Round:
         if self._round is None:
-            raise SecAggRefused("no secure-aggregation round in progress")
+            self.policy.refuse("stage", "no secure-aggregation round in progress")
         return self._round
 
     def _check_round(self, msg: Message) -> _Round:
         r = self._current()
-        if (msg.round, msg.attempt) != (r.rnd, r.attempt):  # type: ignore[attr-defined]
-            raise SecAggRefused(
-                f"{type(msg).__name__} for round {msg.round}.{msg.attempt}, "  # type: ignore[attr-defined]
-                f"this site is in {r.rnd}.{r.attempt}"
-            )
+        got = (msg.round, msg.attempt)  # type: ignore[attr-defined]
+        self._check(got == (r.rnd, r.attempt), "stage",
+                    f"{type(msg).__name__} for round {got[0]}.{got[1]}, this site is in {r.rnd}.{r.attempt}")
         return r
 
     def _expect(self, *stages: ClientStage) -> None:
-        if self.stage not in stages:
-            raise SecAggRefused(f"message out of order in stage {self.stage.value}")
+        self._check(self.stage in stages, "stage", f"message out of order in stage {self.stage.value}")
 
     def _receive(self, msg: Message) -> list[Message]:
+        if isinstance(msg, FitIns):
+            return self._fit_ins(msg)
         if isinstance(msg, SecAggStart):
             return self._start(msg)
         if self.stage is ClientStage.ABORTED:
-            raise SecAggRefused("this site already left the round")
+            self.policy.refuse("stage", "this site already left the round")
         if isinstance(msg, KeyRoster):
             return self._roster(msg)
         if isinstance(msg, ShareDelivery):
@@ -196,59 +275,88 @@ class ClientStateMachine:
             return self._consistency(msg)
         if isinstance(msg, UnmaskRequest):
             return self._unmask(msg)
-        raise SecAggRefused(f"{type(msg).__name__} is not a secure-aggregation message")
+        self.policy.refuse("stage", f"{type(msg).__name__} is not a secure-aggregation message")
+
+    # -- stages ----------------------------------------------------------------------------------
+
+    def _fit_ins(self, msg: FitIns) -> list[Message]:
+        """Remember the round's global model and config: they are bound into what this site signs."""
+        length = sum(int(a.size) for a in msg.params.values()) + 1
+        self._fit = _Fit(msg.round, msg.attempt, params_digest(msg.params), dict(msg.config), length)
+        return []
 
     def _start(self, msg: SecAggStart) -> list[Message]:
-        if (msg.round, msg.attempt) <= self._last:
-            raise SecAggRefused(f"round {msg.round}.{msg.attempt} is not newer than {self._last[0]}.{self._last[1]}")
-        if self.site_id not in msg.participants:
-            raise SecAggRefused("this site is not among the round's participants")
+        fit = self._fit
+        self._check(fit is not None and (fit.round, fit.attempt) == (msg.round, msg.attempt), "stage",
+                    f"SecAggStart for round {msg.round}.{msg.attempt} without that round's FitIns")
+        assert fit is not None
+        last = self.replay.last(self.run_id)
+        self._check((msg.round, msg.attempt) > last, "replay",
+                    f"round {msg.round}.{msg.attempt} is not newer than {last[0]}.{last[1]}, the last one entered")
+        participants = sorted(msg.participants)
+        self._check(self.site_id in participants, "stage", "this site is not among the round's participants")
+        self.policy.check_participants("participants", participants)
+        self.policy.check_pinned(participants)
+        # The site's own derivation, from the spec every participant signs over.
+        sa = self.secagg
         try:
-            plan = QuantPlan(**msg.quant)
-        except TypeError as exc:
-            raise SecAggRefused(f"bad quantisation plan: {exc}") from None
-        if plan.bits not in (32, 64) or not plan.scale > 0:
-            raise SecAggRefused("bad quantisation plan")
-        if msg.prg not in PRGS:
-            raise SecAggRefused(f"unknown mask PRG {msg.prg!r}; this site knows {', '.join(PRGS)}")
-        self._last = (msg.round, msg.attempt)
+            plan = QuantPlan.plan(bits=sa.bits, clip=sa.clip, max_samples=sa.max_samples_per_site,
+                                  max_sites=len(participants))
+        except QuantisationError as exc:
+            self.policy.refuse("round_params", str(exc))
+        degree, threshold = sa.group(len(participants))
+        self._check(_same(msg.quant, plan.to_dict()), "round_params",
+                    f"quantisation plan {msg.quant} differs from this site's {plan.to_dict()}")
+        self._check(msg.prg == sa.prg and msg.prg in PRGS, "round_params",
+                    f"mask PRG {msg.prg!r}; the run's spec says {sa.prg!r}")
+        self._check((msg.degree, msg.threshold) == (degree or 0, threshold), "round_params",
+                    f"degree {msg.degree}, threshold {msg.threshold}; the spec gives {degree or 0}, {threshold}")
+        self._check(msg.vector_len == fit.vector_len, "round_params",
+                    f"vector_len {msg.vector_len}, but the round's model flattens to {fit.vector_len - 1} + 1")
+        self.policy.check_group(len(participants) if degree is None else degree + 1, threshold)
+        params = RoundParams(
+            run_id=self.run_id, round=msg.round, attempt=msg.attempt, participants=tuple(participants),
+            vector_len=msg.vector_len, plan=plan, prg=msg.prg, degree=msg.degree, threshold=msg.threshold,
+            params_digest=fit.params_digest, fit_config=fit.config, spec_digest=self.spec_digest,
+        )
+        # Persisted before anything leaves: a restarted site cannot be walked back into this round.
+        self._check(self.replay.advance(self.run_id, msg.round, msg.attempt), "replay",
+                    f"round {msg.round}.{msg.attempt} was entered before")
         c, s = EphemeralKey(self._random(32)), EphemeralKey(self._random(32))
-        ctx = round_context(self.run_id, msg.round, msg.attempt)
-        self._round = _Round(msg.round, msg.attempt, msg.vector_len, plan, msg.prg, c, s, self._random(32), ctx)
+        self._round = _Round(params, c, s, self._random(32))
         self._revealed = {}
         self.stage = ClientStage.ADVERTISED
-        sig = self.identity.sign(keys_message(self.run_id, msg.round, msg.attempt, self.site_id, c.public, s.public))
+        sig = self.identity.sign(keys_message(params.context, self.site_id, c.public, s.public))
         return [AdvertiseKeys(msg.round, msg.attempt, c.public, s.public, sig)]
 
     def _roster(self, msg: KeyRoster) -> list[Message]:
         self._expect(ClientStage.ADVERTISED)
         r = self._check_round(msg)
-        if self.site_id not in msg.advertised:
-            raise SecAggRefused("the roster leaves this site out")
-        degree = msg.degree or None
-        nbrs = neighbours(msg.advertised, degree, graph_seed(self.run_id, r.rnd, r.attempt, msg.advertised))[self.site_id]
+        p = r.params
+        advertised = sorted(msg.advertised)
+        self._check(self.site_id in advertised, "stage", "the roster leaves this site out")
+        self._check(set(advertised) <= set(p.participants), "round_params",
+                    f"sites {sorted(set(advertised) - set(p.participants))} advertised but are not participants")
+        self.policy.check_participants("sites advertised keys", advertised)
+        nbrs = neighbours(advertised, p.degree or None, graph_seed(p.context, advertised))[self.site_id]
         group = [self.site_id, *nbrs]
-        majority = len(group) // 2 + 1
-        if not majority <= msg.threshold <= len(group):
-            raise SecAggRefused(f"threshold {msg.threshold} is not between a majority ({majority}) and {len(group)}")
+        self.policy.check_group(len(group), p.threshold)
         entries = {e[0]: e for e in msg.entries}
-        if set(entries) != set(nbrs):
-            raise SecAggRefused("the roster's keys are not exactly this site's neighbours")
+        self._check(set(entries) == set(nbrs), "stage", "the roster's keys are not exactly this site's neighbours")
+        own = (r.c.public, r.s.public)
         for v in nbrs:
             _, c_pk, s_pk, sig = entries[v]
             peer = self.peers.get(v)
-            if peer is None:
-                raise SecAggRefused(f"site {v} has no pinned identity key")
+            self._check(peer is not None, "pinned_peers", f"site {v} has no pinned identity key")
             try:
-                peer.verify(keys_message(self.run_id, r.rnd, r.attempt, v, c_pk, s_pk), sig)
+                peer.verify(keys_message(p.context, v, c_pk, s_pk), sig)
             except AuthenticationFailed:
-                raise SecAggRefused(f"site {v}'s key advertisement does not verify") from None
-            if c_pk in (r.c.public, r.s.public) or s_pk in (r.c.public, r.s.public):
-                raise SecAggRefused("a neighbour advertises this site's own key")
+                self.policy.refuse("signature", f"site {v}'s key advertisement does not verify for this round")
+            self._check(c_pk not in own and s_pk not in own, "signature", "a neighbour advertises this site's own key")
             r.peer_keys[v] = (c_pk, s_pk)
-        r.threshold, r.group = msg.threshold, group
-        b_shares = shamir.split(r.b_seed, len(group), msg.threshold, rng=self._random)
-        s_shares = shamir.split(r.s.secret_bytes(), len(group), msg.threshold, rng=self._random)
+        r.advertised, r.group = advertised, group
+        b_shares = shamir.split(r.b_seed, len(group), p.threshold, rng=self._random)
+        s_shares = shamir.split(r.s.secret_bytes(), len(group), p.threshold, rng=self._random)
         out = []
         for i, v in enumerate(group):
             b, s = shamir.encode_share(b_shares[i]), shamir.encode_share(s_shares[i])
@@ -265,22 +373,20 @@ class ClientStateMachine:
         self._expect(ClientStage.SHARED)
         r = self._check_round(msg)
         for sender, ct in msg.shares:
-            if sender not in r.peer_keys:
-                raise SecAggRefused(f"a share from site {sender}, which is not a neighbour")
+            self._check(sender in r.peer_keys, "shares", f"a share from site {sender}, which is not a neighbour")
             key = share_key(r.c, r.peer_keys[sender][0], sender, self.site_id, r.ctx)
             try:
                 plain = StreamCipher(key).open(0, ct, r.ctx)
                 run_id, rnd, attempt, frm, to, b, s = msgpack.unpackb(plain, raw=False)
-                expected = [self.run_id, r.rnd, r.attempt, sender, self.site_id]
-                if [run_id, rnd, attempt, frm, to] != expected:
+                if [run_id, rnd, attempt, frm, to] != [self.run_id, r.rnd, r.attempt, sender, self.site_id]:
                     raise ValueError("wrong context")
                 shamir.decode_share(b), shamir.decode_share(s)
-            except (AuthenticationFailed, ValueError, TypeError, msgpack.UnpackException):
-                raise SecAggRefused(f"the share from site {sender} does not verify") from None
+            except (AuthenticationFailed, *_MALFORMED):
+                self.policy.refuse("shares", f"the share from site {sender} does not verify")
             r.held[sender] = (b, s)
-        r.shared_with = sorted(int(sender) for sender, _ in msg.shares)
-        if len(r.shared_with) + 1 < r.threshold:
-            raise SecAggRefused(f"only {len(r.shared_with)} neighbours shared keys; threshold {r.threshold}")
+        r.masked_with = sorted(int(sender) for sender, _ in msg.shares)
+        self._check(len(r.masked_with) + 1 >= r.params.threshold, "shares",
+                    f"only {len(r.masked_with)} neighbours shared keys; threshold {r.params.threshold}")
         self.stage = ClientStage.READY
         return self._maybe_mask()
 
@@ -289,17 +395,18 @@ class ClientStateMachine:
         if self.stage is not ClientStage.READY or r.input is None:
             return []
         delta, n = r.input
+        plan, prg = r.params.plan, r.params.prg
         masks = [(1, r.b_seed)] + [
-            (sign(self.site_id, v), pair_seed(r.s, r.peer_keys[v][1], self.site_id, v, r.ctx)) for v in r.shared_with
+            (sign(self.site_id, v), pair_seed(r.s, r.peer_keys[v][1], self.site_id, v, r.ctx)) for v in r.masked_with
         ]
         if n == -1:  # set_quantized: already a ring vector
-            q = add_masks(delta, None, masks, prg=r.prg)
+            q = add_masks(delta, None, masks, prg=prg)  # type: ignore[arg-type]
         else:
-            n = min(n, r.plan.max_samples)
+            n = min(n, plan.max_samples)
             try:
-                q, self.clipped = quantize(delta, n, r.plan, noise_seed=self._random(32), masks=masks, prg=r.prg)
+                q, self.clipped = quantize(delta, n, plan, noise_seed=self._random(32), masks=masks, prg=prg)  # type: ignore[arg-type]
             except QuantisationError as exc:
-                raise SecAggRefused(str(exc)) from None
+                self.policy.refuse("malformed", str(exc))
         r.input = None
         self.stage = ClientStage.MASKED
         return [MaskedInput(r.rnd, r.attempt, {"y": q})]
@@ -308,40 +415,44 @@ class ClientStateMachine:
         self._expect(ClientStage.MASKED)
         r = self._check_round(msg)
         survivors = sorted(msg.survivors)
-        if self.site_id not in survivors:
-            raise SecAggRefused("the survivor list leaves this site out")
-        if len(survivors) < self.min_survivors:
-            raise SecAggRefused(f"{len(survivors)} survivors, fewer than {self.min_survivors}")
-        if sum(1 for v in r.group if v in survivors) < r.threshold:
-            raise SecAggRefused("fewer survivors in this site's group than the threshold")
+        self._check(self.site_id in survivors, "survivors", "the survivor list leaves this site out")
+        strangers = sorted(set(survivors) - set(r.advertised))
+        self._check(not strangers, "survivors", f"survivors {strangers} never advertised keys in this round")
+        self.policy.check_participants("survivors", survivors)
+        in_group = [v for v in r.group if v in survivors]
+        unmasked = sorted(set(in_group) - set(r.masked_with) - {self.site_id})
+        self._check(not unmasked, "survivors", f"neighbours {unmasked} are listed as survivors but never shared keys")
+        self._check(len(in_group) >= r.params.threshold, "survivors",
+                    "fewer survivors in this site's group than the threshold")
         r.survivors = survivors
         self.stage = ClientStage.SIGNED
-        sig = self.identity.sign(survivors_message(self.run_id, r.rnd, r.attempt, survivors))
-        return [ConsistencySig(r.rnd, r.attempt, sig)]
+        sig = self.identity.sign(survivors_message(r.ctx, survivors, r.masked_with))
+        return [ConsistencySig(r.rnd, r.attempt, list(r.masked_with), sig)]
 
     def _unmask(self, msg: UnmaskRequest) -> list[Message]:
         self._expect(ClientStage.SIGNED)
         r = self._check_round(msg)
         survivors, dropped = sorted(msg.survivors), sorted(msg.dropped)
-        if survivors != r.survivors:
-            raise SecAggRefused("the survivor list differs from the one this site signed")
-        if set(survivors) & set(dropped):
-            raise SecAggRefused("survivor and dropout lists overlap")
-        text = survivors_message(self.run_id, r.rnd, r.attempt, survivors)
-        valid: set[int] = set()
-        for signer, sig in msg.signatures:
-            if len(valid) >= r.threshold:
-                break  # t valid signatures on this exact list are what the check needs
-            peer = self.peers.get(signer) if signer != self.site_id else self.identity.public
-            if signer not in survivors or peer is None:
-                continue
+        self._check(survivors == r.survivors, "survivors", "the survivor list differs from the one this site signed")
+        self._check(not set(survivors) & set(dropped), "survivors", "survivor and dropout lists overlap")
+        self._check(set(dropped) <= set(r.advertised), "survivors", "dropped sites that never advertised keys")
+        claims: dict[int, list[int]] = {self.site_id: r.masked_with}
+        for signer, masked, sig in msg.signatures:
+            if signer == self.site_id:
+                continue  # this site knows what it signed
+            self._check(signer in survivors, "quorum", f"a survivor-list signature from site {signer}, not a survivor")
+            peer = self.peers.get(signer)
+            self._check(peer is not None, "pinned_peers", f"site {signer} has no pinned identity key")
             try:
-                peer.verify(text, sig)
+                peer.verify(survivors_message(r.ctx, survivors, masked), sig)
             except AuthenticationFailed:
-                raise SecAggRefused(f"site {signer}'s signature on the survivor list does not verify") from None
-            valid.add(signer)
-        if len(valid) < r.threshold:
-            raise SecAggRefused(f"{len(valid)} valid survivor signatures, threshold {r.threshold}")
+                self.policy.refuse("signature", f"site {signer}'s signature on the survivor list does not verify")
+            claims[signer] = list(masked)
+        quorum = self.policy.quorum(len(r.params.participants))
+        self._check(len(claims) >= quorum, "quorum",
+                    f"{len(claims)} signatures on this survivor list; {quorum} of the "
+                    f"{len(r.params.participants)} participants are needed")
+        self.policy.check_component(sorted(masking_component(self.site_id, survivors, claims)))
         b_out, s_out = [], []
         for owner, (b, s) in sorted(r.held.items()):
             if owner in survivors:
@@ -351,7 +462,16 @@ class ClientStateMachine:
             else:
                 continue
             if self._revealed.setdefault(owner, kind) != kind:  # the invariant, checked where it matters
-                raise SecAggRefused(f"asked for both kinds of share of site {owner}")
+                self.policy.refuse("stage", f"asked for both kinds of share of site {owner}")
             out.append([owner, share])
         self.stage = ClientStage.DONE
         return [UnmaskResponse(r.rnd, r.attempt, b_out, s_out)]
+
+
+def _same(got: object, want: Mapping[str, object]) -> bool:
+    """Equal keys and values of the same types (a string scale or a float bit width differs)."""
+    return (
+        isinstance(got, dict)
+        and set(got) == set(want)
+        and all(type(got[k]) is type(v) and got[k] == v for k, v in want.items())
+    )

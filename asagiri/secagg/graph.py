@@ -4,8 +4,9 @@ SecAgg+ (Bell et al. 2020) replaces the complete graph by a random regular graph
 public seed, so each site does O(log n) key agreements, shares and masks instead of O(n).  We use
 the Harary-style construction of that paper: sites ordered by ``BLAKE2b(seed || id)`` on a ring,
 each joined to the ``k/2`` nearest on either side (for odd ``k`` with an even count, also to the
-diametrically opposite site).  The seed is derived, never chosen: ``BLAKE2b(run_id, round,
-attempt, sorted participants)``, so both sides compute the same graph.
+diametrically opposite site).  The seed is derived, never chosen: ``BLAKE2b(ctx, sorted
+U1)``, where the round context ``ctx`` carries the round digest (``binding.py``), so every site
+computes the same graph and the coordinator cannot pick one.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ from ..wire.crypto import blake2b
 __all__ = ["graph_seed", "neighbours"]
 
 
-def graph_seed(run_id: str, rnd: int, attempt: int, participants: list[int]) -> bytes:
-    body = run_id.encode() + struct.pack(">III", rnd, attempt, len(participants))
-    body += b"".join(struct.pack(">I", p) for p in sorted(participants))
+def graph_seed(ctx: bytes, advertised: list[int]) -> bytes:
+    """``H("asagiri-graph", ctx || u32 count || u32 id ...)`` over the sites that advertised (U1), ascending."""
+    ids = sorted(advertised)
+    body = ctx + struct.pack(">I", len(ids)) + b"".join(struct.pack(">I", p) for p in ids)
     return blake2b(body, person=b"asagiri-graph")
 
 

@@ -3,7 +3,7 @@
 A site ``u`` sends ``y_u = x_u + PRG(b_u) + sum_{v in N(u)} sign(u, v) * PRG(s_uv)`` (mod 2**bits),
 with ``sign(u, v) = +1`` if ``u < v`` else ``-1``, so each pairwise mask cancels between two
 survivors.  ``s_uv`` is a KDF of the X25519 agreement between the two sites' masking keys and the
-round context; ``b_u`` is a fresh random seed.
+round context ``ctx`` (``binding.RoundParams.context``); ``b_u`` is a fresh random seed.
 """
 
 from __future__ import annotations
@@ -17,11 +17,7 @@ from ..wire.crypto import EphemeralKey, Keystream, blake2b
 from .kernels import add_streams
 from .prg import BLOCK, DEFAULT_PRG, Prg, stream
 
-__all__ = ["StreamAdder", "add_masks", "pair_seed", "round_context", "scratch", "sign"]
-
-
-def round_context(run_id: str, rnd: int, attempt: int) -> bytes:
-    return run_id.encode() + b"\0" + struct.pack(">II", rnd, attempt)
+__all__ = ["StreamAdder", "add_masks", "pair_seed", "scratch", "sign"]
 
 
 def sign(u: int, v: int) -> int:

@@ -35,11 +35,10 @@ from ..wire.messages import (
     UnmaskResponse,
 )
 from . import shamir
-from .client import keys_message, survivors_message
+from .binding import RoundParams, keys_message, survivors_message
 from .graph import graph_seed, neighbours
-from .masking import add_masks, pair_seed, round_context, sign
-from .prg import DEFAULT_PRG, PRGS, Prg
-from .quantize import QuantPlan
+from .masking import add_masks, pair_seed, sign
+from .prg import PRGS, Prg
 
 __all__ = ["SecAggViolation", "ServerStage", "ServerStateMachine"]
 
@@ -92,47 +91,33 @@ class SecAggResult:
 
 
 class ServerStateMachine:
-    def __init__(
-        self,
-        *,
-        run_id: str,
-        rnd: int,
-        attempt: int,
-        participants: list[int],
-        min_clients: int,
-        plan: QuantPlan,
-        vector_len: int,
-        identities: dict[int, PublicIdentity],
-        degree: int | None = None,
-        threshold: int | None = None,
-        prg: Prg = DEFAULT_PRG,
-    ) -> None:
-        self.run_id, self.round, self.attempt = run_id, rnd, attempt
-        self.participants = sorted(participants)
+    def __init__(self, *, params: RoundParams, min_clients: int, identities: dict[int, PublicIdentity]) -> None:
+        if params.prg not in PRGS:
+            raise ValueError(f"unknown PRG {params.prg!r}")
+        self.params = params
+        self.run_id, self.round, self.attempt = params.run_id, params.round, params.attempt
+        self.participants = list(params.participants)
         self.min_clients = min_clients
-        self.plan = plan
-        self.vector_len = vector_len
+        self.plan = params.plan
+        self.vector_len = params.vector_len
         self.identities = identities
-        self.degree = degree
-        self.threshold_cfg = threshold
-        if prg not in PRGS:
-            raise ValueError(f"unknown PRG {prg!r}")
-        self.prg = prg
+        self.degree = params.degree or None
+        self.threshold = params.threshold
+        self.prg: Prg = params.prg  # type: ignore[assignment]
         self.stage = ServerStage.ADVERTISE
-        self.ctx = round_context(run_id, rnd, attempt)
+        self.ctx = params.context
         self._waiting: set[int] = set(self.participants)
         self._answered: set[int] = set()  # who answered in the current stage
         self._lost: set[int] = set()
         self.keys: dict[int, _Keys] = {}
         self.nbrs: dict[int, list[int]] = {}
-        self.threshold = 0
         self._outbox: dict[int, list[list]] = {}
         self.delivered_from: dict[int, list[int]] = {}
-        self.sum = np.zeros(vector_len, dtype=plan.dtype)
+        self.sum = np.zeros(self.vector_len, dtype=self.plan.dtype)
         self.u2: list[int] = []
         self.u3: list[int] = []
         self.u4: list[int] = []
-        self._sigs: dict[int, bytes] = {}
+        self._sigs: dict[int, tuple[list[int], bytes]] = {}
         self._b_shares: dict[int, dict[int, tuple[int, int]]] = {}
         self._s_shares: dict[int, dict[int, tuple[int, int]]] = {}
         self.result: SecAggResult | None = None
@@ -144,7 +129,8 @@ class ServerStateMachine:
         return self.stage in (ServerStage.DONE, ServerStage.ABORTED)
 
     def start(self) -> list[Out]:
-        msg = SecAggStart(self.round, self.attempt, self.participants, self.vector_len, self.plan.to_dict(), self.prg)
+        msg = SecAggStart(self.round, self.attempt, self.participants, self.vector_len, self.plan.to_dict(), self.prg,
+                          self.params.degree, self.threshold)
         return [Out(s, msg) for s in self.participants]
 
     # -- events ----------------------------------------------------------------------------------
@@ -195,7 +181,7 @@ class ServerStateMachine:
         if ident is None:
             raise SecAggViolation(site, "no identity key on record")
         try:
-            ident.verify(keys_message(self.run_id, self.round, self.attempt, site, msg.c_pk, msg.s_pk), msg.signature)
+            ident.verify(keys_message(self.ctx, site, msg.c_pk, msg.s_pk), msg.signature)
         except AuthenticationFailed:
             raise SecAggViolation(site, "key advertisement signature does not verify") from None
         self.keys[site] = _Keys(msg.c_pk, msg.s_pk, msg.signature)
@@ -215,12 +201,10 @@ class ServerStateMachine:
 
     def _on_sig(self, site: int, msg: ConsistencySig) -> None:
         try:
-            self.identities[site].verify(
-                survivors_message(self.run_id, self.round, self.attempt, self.u3), msg.signature
-            )
+            self.identities[site].verify(survivors_message(self.ctx, self.u3, msg.masked_with), msg.signature)
         except AuthenticationFailed:
             raise SecAggViolation(site, "survivor-list signature does not verify") from None
-        self._sigs[site] = msg.signature
+        self._sigs[site] = (list(msg.masked_with), msg.signature)
 
     def _on_unmask(self, site: int, msg: UnmaskResponse) -> None:
         dropped = set(self.u2) - set(self.u3)
@@ -256,14 +240,15 @@ class ServerStateMachine:
             self.stage_sites["advertised"] = u1
             if len(u1) < self.min_clients:
                 return self._abort(f"{len(u1)} sites advertised keys, fewer than min_clients={self.min_clients}")
-            self.nbrs = neighbours(u1, self.degree, graph_seed(self.run_id, self.round, self.attempt, u1))
+            self.nbrs = neighbours(u1, self.degree, graph_seed(self.ctx, u1))
             group = 1 + (len(u1) - 1 if self.degree is None else min(self.degree, len(u1) - 1))
-            default_t = group // 2 + 1
-            self.threshold = min(group, max(default_t, self.threshold_cfg or default_t))
+            if group < self.threshold:
+                return self._abort(f"{len(u1)} sites advertised keys: groups of {group} cannot meet threshold "
+                                   f"{self.threshold}")
             out = []
             for u in u1:
                 entries = [[v, self.keys[v].c_pk, self.keys[v].s_pk, self.keys[v].signature] for v in self.nbrs[u]]
-                out.append(Out(u, KeyRoster(self.round, self.attempt, u1, self.threshold, self.degree or 0, entries)))
+                out.append(Out(u, KeyRoster(self.round, self.attempt, u1, entries)))
             self.stage = ServerStage.SHARE
             self._waiting = set(self._alive(u1))
             return out
@@ -297,8 +282,11 @@ class ServerStateMachine:
             self.stage_sites["signed"] = self.u4
             if len(self.u4) < self.min_clients:
                 return self._abort(f"{len(self.u4)} survivor signatures, fewer than min_clients={self.min_clients}")
+            if len(self.u4) < self.params.quorum:
+                return self._abort(f"{len(self.u4)} survivor signatures; the sites need a majority of the "
+                                   f"{len(self.participants)} participants ({self.params.quorum})")
             dropped = sorted(set(self.u2) - set(self.u3))
-            sigs = [[s, self._sigs[s]] for s in self.u4]
+            sigs = [[s, *self._sigs[s]] for s in self.u4]
             self.stage = ServerStage.UNMASK
             self._waiting = set(self.u4)
             return [Out(u, UnmaskRequest(self.round, self.attempt, self.u3, dropped, sigs)) for u in self.u4]

@@ -40,6 +40,10 @@ class Connection:
         self.bytes_sent = 0
         self.bytes_received = 0
 
+    def limit_payload(self, max_bytes: int) -> None:
+        """From now on refuse any message whose tensors total more than ``max_bytes``."""
+        self._channel.max_payload_bytes = max_bytes
+
     @property
     def pool(self) -> ArrayPool:
         """Where received tensors come from; release consumed messages' arrays here."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +38,7 @@ __all__ = [
     "Keystream",
     "StreamCipher",
     "blake2b",
+    "blake2b_chunks",
     "chacha20_keystream_into",
     "counter_nonce",
     "random_bytes",
@@ -63,6 +65,14 @@ def blake2b(data: bytes, *, person: bytes = b"", key: bytes = b"", size: int = 3
     secure round, and PyNaCl's argument checks cost 40 us a call against 1 us here.
     """
     return hashlib.blake2b(data, digest_size=size, key=key, person=person[:16]).digest()
+
+
+def blake2b_chunks(chunks: Iterable[bytes | memoryview], *, person: bytes = b"", size: int = 32) -> bytes:
+    """:func:`blake2b` of the concatenation of ``chunks``, without building it (for whole models)."""
+    h = hashlib.blake2b(digest_size=size, person=person[:16])
+    for chunk in chunks:
+        h.update(chunk)
+    return h.digest()
 
 
 @dataclass(frozen=True, slots=True)

@@ -359,7 +359,12 @@ class Shutdown(Message):
 
 @dataclass(frozen=True, slots=True)
 class SecAggStart(Message):
-    """Begin key set-up for this round; runs while the sites train."""
+    """Begin key set-up for the round whose ``FitIns`` came just before; runs while the sites train.
+
+    Every field, with the FitIns parameters and config and the Welcome spec, goes into the round
+    digest the sites sign (protocol/SPEC.md §6), and each site recomputes ``quant``, ``degree``
+    and ``threshold`` from the spec itself.
+    """
 
     TAG: ClassVar[int] = 50
     round: int
@@ -368,6 +373,8 @@ class SecAggStart(Message):
     vector_len: int
     quant: dict[str, Any]
     prg: str  # the mask PRG: "aes128-ctr" or "chacha20" (protocol/SPEC.md §6)
+    degree: int  # neighbours per site; 0: the complete graph
+    threshold: int  # Shamir threshold t
 
     def validate(self) -> None:
         _int(self.round, "round", lo=1)
@@ -377,6 +384,8 @@ class SecAggStart(Message):
         _scalar_map(self.quant, "quant")
         if not isinstance(self.prg, str) or len(self.prg) > 32:
             raise MessageError("prg must be a short string")
+        _int(self.degree, "degree", hi=1 << 16)
+        _int(self.threshold, "threshold", lo=1, hi=1 << 16)
 
 
 @dataclass(frozen=True, slots=True)
@@ -400,29 +409,28 @@ class AdvertiseKeys(Message):
 
 @dataclass(frozen=True, slots=True)
 class KeyRoster(Message):
-    """Who advertised (U1), the share threshold, and the signed keys of this site's neighbours."""
+    """Who advertised (U1), and the signed keys of this site's neighbours in the graph over U1."""
 
     TAG: ClassVar[int] = 52
     round: int
     attempt: int
     advertised: list[int]
-    threshold: int
-    degree: int  # 0: complete graph
     entries: list[list[Any]]  # [site_id, c_pk, s_pk, signature]
 
     def validate(self) -> None:
         _int(self.round, "round", lo=1)
         _int(self.attempt, "attempt", lo=1, hi=1 << 16)
         _ids(self.advertised, "advertised")
-        _int(self.threshold, "threshold", lo=1, hi=1 << 16)
-        _int(self.degree, "degree", hi=1 << 16)
         _require(isinstance(self.entries, list) and len(self.entries) <= 1 << 16, "entries must be a list")
+        seen = set()
         for e in self.entries:
             _require(isinstance(e, list | tuple) and len(e) == 4, "entries are [id, c_pk, s_pk, signature]")
             _int(e[0], "entries[].id", hi=1 << 31)
             _bytes(e[1], "entries[].c_pk", size=32)
             _bytes(e[2], "entries[].s_pk", size=32)
             _bytes(e[3], "entries[].signature", size=64)
+            _require(e[0] not in seen, f"entries repeat id {e[0]}")
+            seen.add(e[0])
 
 
 @dataclass(frozen=True, slots=True)
@@ -487,14 +495,18 @@ class ConsistencyCheck(Message):
 
 @dataclass(frozen=True, slots=True)
 class ConsistencySig(Message):
+    """The survivor list signed, together with the neighbours this site masked with."""
+
     TAG: ClassVar[int] = 57
     round: int
     attempt: int
+    masked_with: list[int]
     signature: bytes
 
     def validate(self) -> None:
         _int(self.round, "round", lo=1)
         _int(self.attempt, "attempt", lo=1, hi=1 << 16)
+        _ids(self.masked_with, "masked_with")
         _bytes(self.signature, "signature", size=64)
 
 
@@ -505,14 +517,22 @@ class UnmaskRequest(Message):
     attempt: int
     survivors: list[int]
     dropped: list[int]
-    signatures: list[list[Any]]  # [site_id, signature over the survivor list]
+    signatures: list[list[Any]]  # [site_id, masked_with [id], signature over the survivor list]
 
     def validate(self) -> None:
         _int(self.round, "round", lo=1)
         _int(self.attempt, "attempt", lo=1, hi=1 << 16)
         _ids(self.survivors, "survivors")
         _ids(self.dropped, "dropped")
-        _id_bytes(self.signatures, "signatures", size=64)
+        _require(isinstance(self.signatures, list) and len(self.signatures) <= 1 << 16, "signatures must be a list")
+        seen = set()
+        for item in self.signatures:
+            _require(isinstance(item, list | tuple) and len(item) == 3, "signatures are [id, masked_with, signature]")
+            _int(item[0], "signatures[].id", hi=1 << 31)
+            _ids(item[1], "signatures[].masked_with")
+            _bytes(item[2], "signatures[].signature", size=64)
+            _require(item[0] not in seen, f"signatures repeat id {item[0]}")
+            seen.add(item[0])
 
 
 @dataclass(frozen=True, slots=True)

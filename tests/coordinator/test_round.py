@@ -117,20 +117,14 @@ def test_second_answer_is_a_violation():
 # ---- with secure aggregation ---------------------------------------------------------------------
 
 def secure_machine(n=3, k=2):
-    from asagiri.secagg.quantize import QuantPlan
-    from asagiri.secagg.server import ServerStateMachine
-    from asagiri.wire.crypto import Identity
+    from asagiri.secagg.inmemory import LocalRound
 
-    ids = {i: Identity.generate() for i in range(1, n + 1)}
     cfg = FederationConfig(min_clients=k)
-    sa = ServerStateMachine(
-        run_id="r", rnd=1, attempt=1, participants=list(ids), min_clients=k,
-        plan=QuantPlan.plan(bits=32, clip=1.0, max_samples=100, max_sites=n), vector_len=5,
-        identities={i: key.public for i, key in ids.items()},
-    )
-    m = RoundMachine(rnd=1, attempt=1, selected=list(ids), evaluators=list(ids), min_clients=k,
-                     global_params=dict(PARAMS), fit_config={}, strategy=FedAvg(cfg, dict(PARAMS)), secagg=sa)
-    return m, ids
+    local = LocalRound(list(range(1, n + 1)), dim=4, min_clients=k)
+    m = RoundMachine(rnd=1, attempt=1, selected=local.ids, evaluators=local.ids, min_clients=k,
+                     global_params=dict(PARAMS), fit_config={}, strategy=FedAvg(cfg, dict(PARAMS)),
+                     secagg=local.server)
+    return m, local.identities
 
 
 def test_secure_round_refuses_plaintext_updates():

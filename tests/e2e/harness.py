@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from asagiri.cli.demo import write_federation, write_site_config
+from asagiri.cli.demo import pinned_site_settings, write_federation, write_site_config
 
 FAST = [
     "data.dataset=synthetic",
@@ -31,7 +31,8 @@ def free_port() -> int:
 
 
 class Federation:
-    def __init__(self, root: Path, *, sites: int, rounds: int, overrides: list[str] = ()):
+    def __init__(self, root: Path, *, sites: int, rounds: int, overrides: list[str] = (),
+                 site_policy: dict | None = None):
         self.root = root
         self.port = free_port()
         self.fed_path, self.cfg = write_federation(
@@ -40,6 +41,7 @@ class Federation:
         self.pub = (root / "keys" / "coordinator.pub").read_text().strip()
         self.coordinator: subprocess.Popen | None = None
         self.sites: dict[int, subprocess.Popen] = {}
+        self.site_policy = site_policy or {}
         (root / "logs").mkdir(exist_ok=True)
 
     def start_coordinator(self, *extra: str) -> subprocess.Popen:
@@ -53,9 +55,10 @@ class Federation:
         return self.coordinator
 
     def start_site(self, site: int, *extra: str) -> subprocess.Popen:
-        peers = {entry.id: entry.public_key for entry in self.cfg.sites}
+        settings = pinned_site_settings(self.cfg)
+        settings["policy"] = {**settings.get("policy", {}), **self.site_policy}
         cfg = write_site_config(
-            self.root, site, self.port, self.pub, {"reconnect": {"give_up_s": 60, "max_s": 1}, "peers": peers}
+            self.root, site, self.port, self.pub, {"reconnect": {"give_up_s": 60, "max_s": 1}, **settings}
         )
         log = open(self.root / "logs" / f"site-{site}.log", "ab")
         proc = subprocess.Popen(

@@ -10,6 +10,9 @@ from .harness import Federation
 
 pytestmark = pytest.mark.e2e
 
+# Two-site federations: each site's policy must accept a sum over two (its default floor is three).
+TWO_SITES = {"min_participants": 2, "min_group": 2}
+
 
 @pytest.fixture
 def fed_factory(tmp_path):
@@ -47,7 +50,8 @@ def test_three_sites_two_rounds(fed_factory):
 
 
 def test_site_killed_mid_round_round_completes_with_k_survivors(fed_factory):
-    fed = fed_factory(sites=3, rounds=2, overrides=["min_clients=2"])
+    # Round 2 sums two sites: their policy has to allow it (the default floor is three).
+    fed = fed_factory(sites=3, rounds=2, overrides=["min_clients=2"], site_policy=TWO_SITES)
     fed.start_coordinator()
     fed.start_site(1)
     fed.start_site(2)
@@ -81,7 +85,7 @@ def test_fewer_than_k_aborts_then_retries_when_the_site_returns(fed_factory):
 
 
 def test_coordinator_killed_then_resumed_finishes_remaining_rounds(fed_factory):
-    fed = fed_factory(sites=2, rounds=3)
+    fed = fed_factory(sites=2, rounds=3, site_policy=TWO_SITES)
     fed.start_coordinator("--crash-after-round", "1")
     fed.start_site(1)
     fed.start_site(2)
@@ -98,7 +102,7 @@ def test_coordinator_killed_then_resumed_finishes_remaining_rounds(fed_factory):
 
 
 def test_fresh_start_over_an_existing_run_is_refused(fed_factory):
-    fed = fed_factory(sites=2, rounds=1)
+    fed = fed_factory(sites=2, rounds=1, site_policy=TWO_SITES)
     fed.start_coordinator()
     fed.start_site(1)
     fed.start_site(2)
@@ -113,7 +117,7 @@ def test_fresh_start_over_an_existing_run_is_refused(fed_factory):
 
 
 def test_sigterm_stops_the_coordinator_cleanly_and_resume_continues(fed_factory):
-    fed = fed_factory(sites=2, rounds=4)
+    fed = fed_factory(sites=2, rounds=4, site_policy=TWO_SITES)
     fed.start_coordinator()
     fed.start_site(1)
     fed.start_site(2)

@@ -150,3 +150,47 @@ def test_noise_decides_off_grid_rounding_in_the_vectors():
         assert off_grid.sum() >= 3
         assert (rings[:, off_grid].min(axis=0) < rings[:, off_grid].max(axis=0)).all()
         np.testing.assert_allclose(rings.mean(axis=0), exact, atol=0.15)
+
+
+def test_binding_vector():
+    """SPEC §6.1-6.2: canonical encoding, the three digests, ctx, both signed texts, the graph, plans."""
+    from asagiri.secagg.binding import (
+        RoundParams,
+        canonical,
+        keys_message,
+        params_digest,
+        spec_digest,
+        survivors_message,
+    )
+    from asagiri.secagg.graph import graph_seed, neighbours
+    from asagiri.secagg.quantize import QuantPlan
+
+    v = load_vectors("binding.json")
+    h = bytes.fromhex
+    assert canonical({"A": {}, "a": [1.5, None, True, "x", b"\x00", -3, 2**40], "b": 1}).hex() == v["canonical"]["hex"]
+    params = {k: np.array(t["values"], dtype=t["dtype"]).reshape(t["shape"]) for k, t in v["params"]["tensors"].items()}
+    assert params_digest(params).hex() == v["params"]["digest_hex"]
+    assert spec_digest(v["spec"]["spec"]).hex() == v["spec"]["digest_hex"]
+    r = v["round"]
+    plan = QuantPlan(**r["quant"])
+    assert plan == QuantPlan.plan(bits=plan.bits, clip=plan.clip, max_samples=plan.max_samples,
+                                  max_sites=len(r["participants"]))
+    rp = RoundParams(run_id=r["run_id"], round=r["round"], attempt=r["attempt"], participants=tuple(r["participants"]),
+                     vector_len=r["vector_len"], plan=plan, prg=r["prg"], degree=r["degree"],
+                     threshold=r["threshold"], params_digest=h(v["params"]["digest_hex"]),
+                     fit_config=r["fit_config"], spec_digest=h(v["spec"]["digest_hex"]))
+    assert rp.digest.hex() == r["digest_hex"] and rp.context.hex() == r["ctx_hex"]
+    sig = v["signatures"]
+    signer = Identity.from_seed(h(sig["identity_seed_hex"]))
+    keys_text = keys_message(rp.context, sig["site"], h(sig["c_pk_hex"]), h(sig["s_pk_hex"]))
+    assert keys_text.hex() == sig["keys_text_hex"] and signer.sign(keys_text).hex() == sig["keys_signature_hex"]
+    signer.public.verify(keys_text, h(sig["keys_signature_hex"]))
+    text = survivors_message(rp.context, sig["survivors"], sig["masked_with"])
+    assert text.hex() == sig["survivors_text_hex"] and signer.sign(text).hex() == sig["survivors_signature_hex"]
+    g = v["graph"]
+    seed = graph_seed(rp.context, g["advertised"])
+    assert seed.hex() == g["seed_hex"]
+    assert {str(u): n for u, n in neighbours(g["advertised"], g["degree"], seed).items()} == g["neighbours"]
+    for p in v["plans"]:
+        assert QuantPlan.plan(bits=p["bits"], clip=p["clip"], max_samples=p["max_samples"],
+                              max_sites=p["max_sites"]).to_dict() == p

@@ -1,0 +1,127 @@
+"""One secure-aggregation round in memory: the sites' machines and the coordinator's, linked by a
+queue instead of a network.  The same state machines the runtime drives, for tests, property
+checks and benchmarks (as h11's ``ConnectionPair``)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..config import PolicyConfig, SecAggConfig
+from ..policy import Refusal, SitePolicy
+from ..wire.crypto import Identity
+from ..wire.messages import FitIns, Message
+from .binding import RoundParams, params_digest, spec_digest
+from .client import ClientStateMachine
+from .quantize import QuantPlan
+from .server import Out, ServerStage, ServerStateMachine
+
+__all__ = ["LocalRound", "STAGES"]
+
+STAGES = ("advertise", "share", "masked_input", "consistency", "unmask")
+
+
+@dataclass
+class LocalRound:
+    """``ids`` sites and a coordinator, one round attempt; ``deliver`` runs it honestly to the end.
+
+    The global model is ``dim`` zeros (only its length and digest matter to the protocol).  Pass
+    ``clients`` from an earlier round to keep their memory of past rounds.
+    """
+
+    ids: list[int]
+    dim: int
+    secagg: SecAggConfig = field(default_factory=SecAggConfig)
+    identities: Mapping[int, Identity] | None = None
+    run_id: str = "local"
+    rnd: int = 1
+    attempt: int = 1
+    min_clients: int = 2
+    policy: PolicyConfig | None = None
+    clients: dict[int, ClientStateMachine] | None = None
+
+    def __post_init__(self) -> None:
+        self.ids = sorted(self.ids)
+        if self.identities is None:
+            self.identities = {i: Identity.generate() for i in self.ids}
+        pubs = {i: k.public for i, k in self.identities.items()}
+        sa = self.secagg
+        spec = {"secagg": sa.model_dump()}
+        self.spec_digest = spec_digest(spec)
+        self.fit = FitIns(self.rnd, self.attempt, {"w": np.zeros(self.dim, np.float32)}, {})
+        degree, threshold = sa.group(len(self.ids))
+        self.plan = QuantPlan.plan(bits=sa.bits, clip=sa.clip, max_samples=sa.max_samples_per_site,
+                                   max_sites=len(self.ids))
+        self.params = RoundParams(
+            run_id=self.run_id, round=self.rnd, attempt=self.attempt, participants=tuple(self.ids),
+            vector_len=self.dim + 1, plan=self.plan, prg=sa.prg, degree=degree or 0, threshold=threshold,
+            params_digest=params_digest(self.fit.params), fit_config={}, spec_digest=self.spec_digest,
+        )
+        self.server = ServerStateMachine(params=self.params, min_clients=self.min_clients, identities=pubs)
+        policy = self.policy or PolicyConfig(min_participants=self.min_clients, min_group=2)
+        if self.clients is None:
+            self.clients = {
+                i: ClientStateMachine(site_id=i, identity=self.identities[i], run_id=self.run_id, secagg=sa,
+                                      spec_digest=self.spec_digest, policy=SitePolicy(policy, pubs))
+                for i in self.ids
+            }
+        for client in self.clients.values():
+            client.receive(self.fit)
+        self.dead: set[int] = set()
+        self.sent: list[tuple[int, Message]] = []  # everything the sites sent, for inspection
+        self.refusals: dict[int, str] = {}
+
+    def advance(self, inputs: Mapping[int, np.ndarray], until: ServerStage) -> list[Out]:
+        """Deliver honestly until the coordinator enters ``until``; returns what it has not sent yet."""
+        queue = list(self.server.start())
+        pending = dict(inputs)
+        while queue and self.server.stage is not until:
+            out = queue.pop(0)
+            for reply in self._step(out, pending):
+                self.sent.append((out.site, reply))
+                queue += self.server.receive(out.site, reply)
+        if self.server.stage is not until:
+            raise AssertionError(f"the round is in {self.server.stage}, not {until}")
+        return queue
+
+    def deliver(self, inputs: Mapping[int, np.ndarray | tuple[np.ndarray, int]],
+                drops: Mapping[str, set[int]] | None = None) -> ServerStateMachine:
+        """Run to the end. ``inputs``: a ring vector, or (float update, sample count), per site.
+
+        ``drops[stage]``: sites that vanish as that stage begins.  A site that refuses is recorded
+        in ``refusals`` and says nothing more; when nothing is left to deliver the stage times
+        out, as the runtime's deadline would.
+        """
+        drops = drops or {}
+        queue = list(self.server.start())
+        pending = dict(inputs)
+        while not self.server.finished:
+            if not queue:
+                queue = self.server.stage_timed_out()
+                continue
+            out = queue.pop(0)
+            for s in sorted(drops.get(self.server.stage.value, set()) - self.dead):
+                self.dead.add(s)
+                queue += self.server.site_lost(s)
+            if out.site in self.dead:
+                continue
+            try:
+                replies = self._step(out, pending)
+            except Refusal as exc:
+                self.refusals[out.site] = str(exc)
+                continue
+            for reply in replies:
+                self.sent.append((out.site, reply))
+                queue += self.server.receive(out.site, reply)
+        return self.server
+
+    def _step(self, out: Out, pending: dict) -> list[Message]:
+        assert self.clients is not None
+        client = self.clients[out.site]
+        replies = client.receive(out.msg)
+        if out.site in pending and client.stage.value == "ready":
+            given = pending.pop(out.site)
+            replies += client.set_quantized(given) if isinstance(given, np.ndarray) else client.set_input(*given)
+        return replies

@@ -1,0 +1,175 @@
+"""A site's learning, with no networking: its data, model, local layers, DP-SGD and ledger.
+
+:class:`SiteWorker` lives as long as the site process does (it survives reconnects); the session
+in ``client/runtime.py`` hands it the coordinator's requests and sends back what it returns.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from ..config import RunSpec, SiteConfig
+from ..data.loaders import SiteData, load_site_data
+from ..models import build, prepare_data, shared_keys
+from ..privacy.engine import dp_compatible, noise_for_target, steps_per_round, train_dp
+from ..privacy.ledger import PrivacyLedger
+from ..train import TrainResult, evaluate, train_local
+from ..wire.errors import RemoteProtocolError
+from ..wire.messages import EvaluateIns, EvaluateRes, FitIns, FitRes, Welcome
+
+__all__ = ["BudgetExhausted", "SiteWorker"]
+
+log = logging.getLogger(__name__)
+
+
+class BudgetExhausted(Exception):
+    """One more round would spend more privacy than the site's target: it declines, permanently."""
+
+    def __init__(self, spent: float, target: float) -> None:
+        super().__init__(f"privacy budget: epsilon {spent:.3f} of {target:g} spent; one more round would exceed it")
+
+
+class SiteWorker:
+    """Everything a site keeps across rounds and reconnects: spec, data, model, local layers."""
+
+    def __init__(self, cfg: SiteConfig, welcome: Welcome, spec: RunSpec) -> None:
+        self.run_id = welcome.run_id
+        self.model_cfg = spec.model
+        self.train_cfg = spec.train
+        self.strategy_cfg = spec.strategy
+        self.data_cfg = spec.data
+        self.spec = welcome.spec
+        self.device = _pick_device(cfg.device)
+        part = self.data_cfg.partition
+        self.data: SiteData = load_site_data(
+            dataset=self.data_cfg.dataset, path=cfg.data_path, site_index=welcome.site_index,
+            num_sites=welcome.num_sites, scheme=part.scheme, alpha=part.alpha, seed=part.seed,
+            synthetic_samples=self.data_cfg.synthetic_samples, image_size=self.data_cfg.image_size,
+            cache_dir=cfg.state_dir / "cache", feature_key=part.feature_key,
+            val_fraction=self.data_cfg.val_fraction,
+        )
+        self.data = prepare_data(self.model_cfg.name, self.data)  # fixed features, for models that take them
+        torch.manual_seed(part.seed)
+        self.model = build(
+            self.model_cfg.name, in_channels=self.data.channels, num_classes=self.data.num_classes,
+            width=self.model_cfg.width, norm=self.model_cfg.norm, groups=self.model_cfg.groups,
+        ).to(self.device)
+        self.dp = spec.dp
+        self.ledger: PrivacyLedger | None = None
+        if self.dp.enabled:
+            self._setup_dp(cfg, spec.rounds)
+        self.shared = shared_keys(self.model, fedbn=self.strategy_cfg.fedbn)
+        state = self.model.state_dict()
+        # The largest thing the coordinator may send this site: the shared parameters (FitIns, EvaluateIns).
+        self.shared_bytes = sum(state[k].numel() * 4 for k in self.shared)
+        log.info(
+            "site data: %d train / %d val / %s test images, device %s",
+            len(self.data.train), len(self.data.val), len(self.data.test), self.device,
+        )
+
+    def _setup_dp(self, cfg: SiteConfig, rounds: int) -> None:
+        self.model, changed = dp_compatible(self.model)
+        self.model.to(self.device)
+        if changed:
+            log.info("DP-SGD: BatchNorm layers converted to GroupNorm (per-sample gradients need it)")
+        log.warning("DP-SGD runs with Opacus secure_mode off: its noise comes from torch's generator, "
+                    "not a cryptographic one")
+        self.ledger = PrivacyLedger(cfg.state_dir / "privacy_ledger.json", delta=self.dp.target_delta)
+        t = self.train_cfg
+        self.sample_rate, self.steps = steps_per_round(len(self.data.train), t.batch_size, t.local_epochs)
+        if self.dp.noise_multiplier == "auto":
+            self.sigma = noise_for_target(target_epsilon=self.dp.target_epsilon, delta=self.dp.target_delta,
+                                          sample_rate=self.sample_rate, steps=self.steps * rounds)
+        else:
+            self.sigma = float(self.dp.noise_multiplier)
+        log.info("DP-SGD: sigma=%.3f for epsilon=%g, delta=%g over %d rounds x %d steps at sample rate %.4f; "
+                 "spent so far: epsilon=%.3f", self.sigma, self.dp.target_epsilon, self.dp.target_delta, rounds,
+                 self.steps, self.sample_rate, self.ledger.epsilon())
+
+    def budget_left(self) -> bool:
+        assert self.ledger is not None
+        return not self.ledger.would_exceed(noise_multiplier=self.sigma, sample_rate=self.sample_rate,
+                                            steps=self.steps, target_epsilon=self.dp.target_epsilon)
+
+    def matches(self, welcome: Welcome) -> bool:
+        return welcome.run_id == self.run_id and welcome.spec == self.spec
+
+    def _load_global(self, params: dict[str, np.ndarray]) -> None:
+        if set(params) != set(self.shared):
+            raise RemoteProtocolError("coordinator sent parameters that are not this model's shared set")
+        state = self.model.state_dict()
+        for k in self.shared:
+            if tuple(params[k].shape) != tuple(state[k].shape):
+                raise RemoteProtocolError(f"coordinator sent {k} with shape {params[k].shape}")
+        # Only shared tensors are replaced; FedBN's local normalisation layers stay as they are.
+        self.model.load_state_dict({k: torch.from_numpy(params[k]) for k in self.shared}, strict=False)
+
+    def train(self, ins: FitIns) -> tuple[dict[str, np.ndarray], TrainResult]:
+        """Train from the global parameters; returns ``local - global`` per shared tensor, in ``ins.params`` order."""
+        self._load_global(ins.params)
+        result = self._train_private(ins) if self.ledger is not None else self._train_plain(ins)
+        state = self.model.state_dict()
+        delta = {k: state[k].detach().cpu().numpy().astype(np.float32) - ins.params[k] for k in ins.params}
+        return delta, result
+
+    def _train_plain(self, ins: FitIns) -> TrainResult:
+        t = self.train_cfg
+        return train_local(
+            self.model, self.data.train, epochs=t.local_epochs, batch_size=t.batch_size, lr=t.lr,
+            optimizer=t.optimizer, momentum=t.momentum, weight_decay=t.weight_decay,
+            mu=float(ins.config.get("mu", 0.0)), augment=t.augment, seed=int(ins.config.get("seed", 0)),
+            device=self.device, task=self.data.task,
+        )
+
+    def _train_private(self, ins: FitIns) -> TrainResult:
+        assert self.ledger is not None
+        if not self.budget_left():
+            raise BudgetExhausted(self.ledger.epsilon(), self.dp.target_epsilon)
+        t = self.train_cfg
+        mu = float(ins.config.get("mu", 0.0))
+        anchor = {k: torch.from_numpy(ins.params[k]).to(self.device) for k in ins.params} if mu > 0 else None
+        r = train_dp(
+            self.model, self.data.train, epochs=t.local_epochs, expected_batch=t.batch_size, lr=t.lr,
+            optimizer=t.optimizer, momentum=t.momentum, noise_multiplier=self.sigma,
+            max_grad_norm=self.dp.max_grad_norm, mu=mu, anchor=anchor, augment=t.augment,
+            multiplicity=self.dp.augmentation_multiplicity,
+            seed=int(ins.config.get("seed", 0)), device=self.device, task=self.data.task,
+        )
+        eps = self.ledger.record(ins.round, noise_multiplier=r.noise_multiplier, sample_rate=r.sample_rate,
+                                 steps=r.steps)
+        log.info("round %d: DP-SGD %d steps, epsilon spent %.3f of %g", ins.round, r.steps, eps,
+                 self.dp.target_epsilon)
+        return TrainResult(num_samples=r.num_samples, loss=r.loss, steps=r.steps)
+
+    def privacy_metrics(self) -> dict[str, float]:
+        if self.ledger is None:
+            return {}
+        return {"epsilon": self.ledger.epsilon(), "noise_multiplier": self.sigma}
+
+    def fit(self, ins: FitIns) -> FitRes:
+        """The plaintext update (secure aggregation off): ``n * delta`` and ``n``."""
+        delta, result = self.train(ins)
+        n = result.num_samples
+        update = {k: (n * v).astype(np.float32) for k, v in delta.items()}
+        return FitRes(ins.round, ins.attempt, update, n, {"train_loss": result.loss, "steps": result.steps})
+
+    def evaluate(self, ins: EvaluateIns) -> EvaluateRes:
+        self._load_global(ins.params)
+        split = self.data.val if ins.split == "val" else self.data.test
+        res = evaluate(self.model, split, device=self.device, task=self.data.task)
+        predictions = {}
+        if ins.split == "test":
+            predictions = {"scores": res.scores.astype(np.float32), "labels": np.ascontiguousarray(res.labels)}
+        metrics = {**res.metrics(), **self.privacy_metrics()}
+        return EvaluateRes(ins.round, ins.split, res.num_examples, metrics, predictions)
+
+
+def _pick_device(choice: str) -> torch.device:
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("device: cuda was requested but CUDA is not available")
+        return torch.device("cuda")
+    return torch.device("cpu")

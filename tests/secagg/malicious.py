@@ -1,0 +1,288 @@
+"""A scripted malicious coordinator: the coordinator's real key and the real wire protocol
+(``asagiri.wire``), as an attacker who runs modified coordinator code would have them, facing real
+``asagiri-client`` processes on loopback.
+
+``Attacker.case(script)`` opens the listener, takes the sites' connections, sends each a Welcome,
+and runs ``script`` against them; afterwards every site is told the session is over (not the
+federation), so the same site processes serve the next case.  Each site's *true* update is
+computed here with :class:`~asagiri.site.SiteWorker` from the same config, the same FitIns and the
+same seed, so a test can check that what the attacker unmasked is not that update.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import numpy as np
+import torch
+import yaml
+
+from asagiri.config import FederationConfig, RunSpec, load_site
+from asagiri.secagg import shamir
+from asagiri.secagg.binding import RoundParams, params_digest, spec_digest
+from asagiri.secagg.masking import pair_seed, sign
+from asagiri.secagg.prg import expand
+from asagiri.secagg.quantize import QuantPlan
+from asagiri.site import SiteWorker
+from asagiri.strategy.aggregate import flatten
+from asagiri.wire.channel import SiteRefused
+from asagiri.wire.connection import Connection, accept_handshake
+from asagiri.wire.crypto import EphemeralKey, Identity
+from asagiri.wire.errors import ConnectionLost, RemoteProtocolError
+from asagiri.wire.messages import (
+    Decline,
+    FitIns,
+    Heartbeat,
+    Message,
+    SecAggStart,
+    Shutdown,
+    UnmaskResponse,
+    Welcome,
+)
+
+RUN = "attack-run"
+SITES = 6  # enrolled; the module's fixture runs five, a sixth starts with its own policy
+# The spec every case starts from: three sites in a complete 2-of-3 graph as `asagiri demo` lays
+# them out; five sites give a SecAgg+ ring of degree 2.
+FED = FederationConfig.model_validate({
+    "run_id": RUN, "rounds": 100, "min_clients": 2,
+    "data": {"dataset": "synthetic", "synthetic_samples": 320, "partition": {"scheme": "iid"}},
+    "model": {"width": 8}, "train": {"augment": False},
+    "secagg": {"mode": "sparse", "shares": 3, "threshold": 2},
+    "timeouts": {"heartbeat_interval": 1, "heartbeat_timeout": 120, "secagg_stage": 30},
+})
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Session:
+    """One site's connection, with its messages queued for the script."""
+
+    def __init__(self, site: int, conn: Connection) -> None:
+        self.site = site
+        self.conn = conn
+        self.send_q, self.recv_q = anyio.create_memory_object_stream[Message](64)
+        self.closed = anyio.Event()
+
+    async def read(self) -> None:
+        try:
+            while True:
+                msg = await self.conn.receive()
+                if not isinstance(msg, Heartbeat):
+                    await self.send_q.send(msg)
+        except (ConnectionLost, RemoteProtocolError):
+            self.closed.set()
+
+    async def expect(self, timeout: float = 30) -> Message:
+        with anyio.fail_after(timeout):
+            return await self.recv_q.receive()
+
+
+class Attacker:
+    def __init__(self, root: Path, sites: int = SITES) -> None:
+        self.root = root
+        self.port = free_port()
+        self.identity = Identity.generate()
+        self.site_keys = {i: Identity.generate() for i in range(1, sites + 1)}
+        self.spec = RunSpec.of(FED).wire()
+        self.procs: dict[int, subprocess.Popen] = {}
+        (root / "logs").mkdir(parents=True, exist_ok=True)
+
+    # -- site processes ----------------------------------------------------------------------------
+
+    def site_config(self, site: int, **extra: Any) -> Path:
+        key = self.root / "keys" / f"site-{site}.key"
+        if not key.exists():
+            self.site_keys[site].save(key)
+        data = {
+            "site_id": site, "identity_key": str(key),
+            "coordinator": {"host": "127.0.0.1", "port": self.port, "public_key": self.identity.public.hex()},
+            "peers": {i: k.public.hex() for i, k in self.site_keys.items()},
+            "state_dir": str(self.root / f"site-{site}"), "threads": 1,
+            "reconnect": {"initial_s": 0.1, "max_s": 0.3, "give_up_s": 300},
+            **extra,
+        }
+        path = self.root / f"site-{site}.yaml"
+        path.write_text(yaml.safe_dump(data))
+        return path
+
+    def start_site(self, site: int, **extra: Any) -> subprocess.Popen:
+        path = self.site_config(site, **extra)
+        log = open(self.root / "logs" / f"site-{site}.log", "ab")  # noqa: SIM115 - the process owns it
+        proc = subprocess.Popen([sys.executable, "-m", "asagiri.cli.client", "--site", str(site), "--config",
+                                 str(path)], stdout=log, stderr=log)
+        self.procs[site] = proc
+        return proc
+
+    def kill_all(self) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+    def log(self, site: int) -> str:
+        return (self.root / "logs" / f"site-{site}.log").read_text()
+
+    # -- one case ----------------------------------------------------------------------------------
+
+    def case(self, script: Callable[[dict[int, Session]], Awaitable[Any]], *, sites: list[int],
+             spec: dict | Callable[[int], dict] | None = None, timeout: float = 90) -> Any:
+        """Accept ``sites``, welcome them (``spec`` may differ per site), run ``script``, end the session."""
+        return anyio.run(self._case, script, sites, spec, timeout)
+
+    async def _case(self, script, sites, spec, timeout):  # type: ignore[no-untyped-def]
+        sessions: dict[int, Session] = {}
+        everyone = anyio.Event()
+        roster = {i: k.public for i, k in self.site_keys.items()}
+        result = None
+        listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=self.port)
+        with anyio.fail_after(timeout):
+            async with listener, anyio.create_task_group() as tg:
+
+                async def handle(stream: anyio.abc.SocketStream) -> None:
+                    async with stream:
+                        try:
+                            site, conn = await accept_handshake(
+                                stream, self.identity, roster, max_frame_size=4 << 20, max_payload_bytes=64 << 20,
+                                chunk_bytes=1 << 20,
+                            )
+                        except (SiteRefused, ConnectionLost, RemoteProtocolError):
+                            return  # a half-open retry; the site comes back
+                        body = spec(site) if callable(spec) else (spec or self.spec)
+                        await conn.send(Welcome(RUN, site - 1, SITES, body))
+                        session = Session(site, conn)
+                        sessions[site] = session
+                        if set(sites) <= set(sessions):
+                            everyone.set()
+                        async with anyio.create_task_group() as inner:
+                            inner.start_soon(session.read)
+                            await session.closed.wait()
+                            inner.cancel_scope.cancel()
+
+                tg.start_soon(listener.serve, handle, tg)
+                await everyone.wait()
+                try:
+                    result = await script(sessions)
+                finally:
+                    for s in sessions.values():
+                        try:
+                            await s.conn.send(Shutdown("case over", False))
+                            await s.conn.aclose()
+                        except ConnectionLost:
+                            pass
+                    tg.cancel_scope.cancel()
+        return result
+
+    def reject_once(self, site: int, timeout: float = 30) -> None:
+        """Answer ``site``'s next ClientHello with a plaintext Reject, as anyone on the path could."""
+        anyio.run(self._reject_once, site, timeout)
+
+    async def _reject_once(self, site: int, timeout: float) -> None:
+        from asagiri.wire import codec
+        from asagiri.wire.framing import FrameDecoder, encode_frame
+        from asagiri.wire.messages import Reject
+
+        with anyio.fail_after(timeout):
+            async with await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=self.port) as listeners:
+                listener = listeners.listeners[0]
+                while True:
+                    async with await listener.accept() as stream:
+                        decoder, frames = FrameDecoder(max_frame_size=1024), []
+                        while not frames:
+                            frames = decoder.feed(await stream.receive())
+                        hello = codec.decode(bytes(frames[0]), max_payload_bytes=0)
+                        if hello.site_id == site:
+                            reject = codec.encode(Reject("injected by someone on the path"))
+                            await stream.send(encode_frame(reject, max_frame_size=1024))
+                            return
+
+    # -- what an honest coordinator would send -------------------------------------------------------
+
+    def fit_ins(self, rnd: int, attempt: int = 1, *, params: dict | None = None, config: dict | None = None) -> FitIns:
+        if params is None:
+            torch.manual_seed(rnd)
+            from asagiri.coordinator.server import initial_params
+
+            params = initial_params(FED)
+        return FitIns(rnd, attempt, params, config if config is not None else {"mu": 0.0, "seed": rnd})
+
+    def round_params(self, fit: FitIns, participants: list[int], spec: dict | None = None) -> RoundParams:
+        sa = RunSpec.model_validate(spec or self.spec).secagg
+        degree, threshold = sa.group(len(participants))
+        plan = QuantPlan.plan(bits=sa.bits, clip=sa.clip, max_samples=sa.max_samples_per_site,
+                              max_sites=len(participants))
+        return RoundParams(
+            run_id=RUN, round=fit.round, attempt=fit.attempt, participants=tuple(participants),
+            vector_len=sum(v.size for v in fit.params.values()) + 1, plan=plan, prg=sa.prg, degree=degree or 0,
+            threshold=threshold, params_digest=params_digest(fit.params), fit_config=fit.config,
+            spec_digest=spec_digest(spec or self.spec),
+        )
+
+    @staticmethod
+    def start(p: RoundParams) -> SecAggStart:
+        return SecAggStart(p.round, p.attempt, list(p.participants), p.vector_len, p.plan.to_dict(), p.prg,
+                           p.degree, p.threshold)
+
+    # -- the site's true update, computed here -------------------------------------------------------
+
+    def true_update(self, site: int, fit: FitIns) -> tuple[np.ndarray, int]:
+        """``n * clip(delta)`` and ``n`` as the site computes them from this FitIns."""
+        cfg = load_site(self.site_config(site))
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            worker = SiteWorker(cfg, Welcome(RUN, site - 1, SITES, self.spec), RunSpec.model_validate(self.spec))
+            delta, result = worker.train(fit)
+        finally:
+            torch.set_num_threads(threads)
+        clip = FED.secagg.clip
+        n = result.num_samples
+        return n * np.clip(flatten(delta).astype(np.float64), -clip, clip), n
+
+
+def unmask_attempt(site: int, y: np.ndarray | None, p: RoundParams, *, masked_with: list[int],
+                   responses: list[UnmaskResponse], s_pk: dict[int, bytes]) -> np.ndarray:
+    """The attacker's best estimate of ``n * clip(delta)`` for ``site`` from what it collected.
+
+    It removes every mask it can: the self mask if it holds ``t`` shares of the site's seed, and each
+    pairwise mask with a neighbour whose masking key it holds ``t`` shares of.  What it cannot
+    remove stays in, as it would for the attacker.
+    """
+    if y is None:
+        return np.zeros(p.vector_len - 1)
+    y = y.copy()
+    t = p.threshold
+    b = [shamir.decode_share(sh) for r in responses for o, sh in r.b_shares if o == site]
+    if len({x for x, _ in b}) >= t:
+        y -= expand(shamir.reconstruct(b, t), p.vector_len, dtype=p.plan.dtype, prg=p.prg)
+    for v in masked_with:
+        s = [shamir.decode_share(sh) for r in responses for o, sh in r.s_shares if o == v]
+        if len({x for x, _ in s}) < t:
+            continue
+        key = EphemeralKey.from_secret(shamir.reconstruct(s, t))
+        seed = pair_seed(key, s_pk[site], site, v, p.context)
+        mask = expand(seed, p.vector_len, dtype=p.plan.dtype, prg=p.prg)
+        y = y - mask if sign(site, v) > 0 else y + mask
+    return y.view(p.plan.signed)[:-1].astype(np.float64) / p.plan.scale
+
+
+def matches(estimate: np.ndarray, true: np.ndarray, p: RoundParams) -> bool:
+    """Within the quantisation bound of one site (docs/secagg.md): the attack worked."""
+    return bool(np.max(np.abs(estimate - true)) <= 1 / p.plan.scale + 1e-6 * max(1.0, float(np.max(np.abs(true)))))
+
+
+def declined(msg: Message) -> str | None:
+    return msg.reason if isinstance(msg, Decline) else None
+
+
+__all__ = ["Attacker", "FED", "RUN", "Session", "declined", "matches", "unmask_attempt"]
