@@ -15,7 +15,17 @@ from pathlib import Path
 
 import numpy as np
 
+from asagiri.config import FederationConfig, RunSpec
 from asagiri.secagg import shamir
+from asagiri.secagg.binding import (
+    RoundParams,
+    canonical,
+    keys_message,
+    params_digest,
+    spec_digest,
+    survivors_message,
+)
+from asagiri.secagg.graph import graph_seed, neighbours
 from asagiri.secagg.masking import add_masks
 from asagiri.secagg.prg import PRGS, Prg, expand
 from asagiri.secagg.quantize import QuantPlan, quantize
@@ -160,6 +170,46 @@ def secagg_vector(prg: Prg) -> dict:
     }
 
 
+def binding_vector() -> dict:
+    """The round digest and everything signed in a round, from fixed inputs (SPEC §6.1-6.2)."""
+    canon = {"b": 1, "a": [1.5, None, True, "x", b"\x00", -3, 2**40], "A": {}}
+    params = {"conv.weight": np.arange(6, dtype=np.float32).reshape(2, 3), "bias": np.array([1.5], np.float32)}
+    spec = RunSpec.of(FederationConfig(run_id="vector-run")).wire()
+    plan = QuantPlan.plan(bits=32, clip=4.0, max_samples=100_000, max_sites=3)
+    config = {"mu": 0.0, "seed": 7}
+    rp = RoundParams(
+        run_id="vector-run", round=2, attempt=1, participants=(3, 1, 2), vector_len=8, plan=plan,
+        prg="aes128-ctr", degree=0, threshold=2, params_digest=params_digest(params), fit_config=config,
+        spec_digest=spec_digest(spec),
+    )
+    signer = Identity.from_seed(seed(11))
+    c_pk, s_pk = EphemeralKey.from_secret(seed(12)).public, EphemeralKey.from_secret(seed(13)).public
+    keys_text = keys_message(rp.context, 3, c_pk, s_pk)
+    survivors_text = survivors_message(rp.context, [3, 1, 2], [2, 1])
+    u1 = [1, 2, 3, 4, 5, 6, 7]
+    gseed = graph_seed(rp.context, u1)
+    return {
+        "canonical": {"value_repr": repr(canon), "hex": canonical(canon).hex()},
+        "params": {"tensors": {k: {"dtype": v.dtype.str, "shape": list(v.shape), "values": v.ravel().tolist()}
+                               for k, v in params.items()},
+                   "digest_hex": params_digest(params).hex()},
+        "spec": {"spec": spec, "digest_hex": spec_digest(spec).hex()},
+        "round": {"run_id": rp.run_id, "round": rp.round, "attempt": rp.attempt,
+                  "participants": list(rp.participants), "vector_len": rp.vector_len, "quant": plan.to_dict(),
+                  "prg": rp.prg, "degree": rp.degree, "threshold": rp.threshold, "fit_config": config,
+                  "digest_hex": rp.digest.hex(), "ctx_hex": rp.context.hex()},
+        "signatures": {"identity_seed_hex": seed(11).hex(), "site": 3, "c_pk_hex": c_pk.hex(), "s_pk_hex": s_pk.hex(),
+                       "keys_text_hex": keys_text.hex(), "keys_signature_hex": signer.sign(keys_text).hex(),
+                       "survivors": [1, 2, 3], "masked_with": [1, 2], "survivors_text_hex": survivors_text.hex(),
+                       "survivors_signature_hex": signer.sign(survivors_text).hex()},
+        "graph": {"advertised": u1, "degree": 2, "seed_hex": gseed.hex(),
+                  "neighbours": {str(u): v for u, v in neighbours(u1, 2, gseed).items()}},
+        "plans": [QuantPlan.plan(bits=b, clip=c, max_samples=m, max_sites=n).to_dict()
+                  for b, c, m, n in [(64, 4.0, 65536, 4), (64, 0.1, 100_000, 7), (32, 4.0, 100_000, 4),
+                                     (32, 1.0, 1000, 4)]],
+    }
+
+
 def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     sets = {
@@ -169,6 +219,7 @@ def main() -> None:
         "keystream.json": keystream_vectors(),
         "shamir.json": shamir_vectors(),
         "secagg.json": secagg_vectors(),
+        "binding.json": binding_vector(),
     }
     for name, data in sets.items():
         (OUT / name).write_text(json.dumps(data, indent=2) + "\n")
