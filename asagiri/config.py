@@ -222,8 +222,10 @@ class PolicyConfig(_Strict):
     accepted.  ``max_epsilon`` / ``max_delta``: the most DP budget a run may ask for; with
     ``require_dp`` a run without DP-SGD is refused.  ``run_id``: only this run is joined.
     ``colluders``: how many other participants this site assumes may be working with the
-    coordinator; each raises the survivor-list quorum by a half, and the masking component and
-    the threshold this site needs by one (docs/secagg.md, "What is guaranteed").
+    coordinator; the survivor-list quorum rises by a half for each, the threshold floor by one,
+    and this site's masking component must keep ``min_participants`` members whichever
+    ``colluders`` of its other members are removed (docs/secagg.md, "What is guaranteed").
+    ``report_privacy``: send epsilon and sigma with evaluation results.
     """
 
     require_secagg: bool = True
@@ -231,6 +233,9 @@ class PolicyConfig(_Strict):
     min_group: int = Field(3, ge=2)
     min_threshold: int = Field(2, ge=2)
     colluders: int = Field(0, ge=0, le=1 << 16)
+    # Send epsilon and sigma with evaluation results. Off by default: under noise_multiplier auto
+    # they are functions of this site's sample rate, so together they give away its data size.
+    report_privacy: bool = False
     require_dp: bool = False
     max_epsilon: float = Field(8.0, gt=0)
     max_delta: float = Field(1e-5, gt=0, lt=1)

@@ -128,7 +128,7 @@ def secure_round(updates, identities, *, secagg, dropout, repeat_index, trace=Fa
         try:
             replies = client.receive(out.msg)
             if client.stage.value == "ready":
-                replies += client.set_input(*updates[out.site - 1])
+                replies += client.set_input(*updates[out.site - 1], trained_on=(local.params.params_digest, {}))
         except Refusal:
             replies = []  # the site leaves the round, as the runtime's sites do; the stage times out
         stages[name] += time.perf_counter() - t

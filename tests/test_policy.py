@@ -147,3 +147,27 @@ def test_the_digest_does_not_depend_on_order_or_ids_listing():
 def test_the_quorum_is_a_majority_of_the_participants():
     assert [dataclasses.replace(round_params(), participants=tuple(range(1, n + 1))).quorum for n in (2, 3, 4, 5)] \
         == [2, 2, 3, 3]
+
+
+def test_evaluation_results_carry_epsilon_and_sigma_only_if_the_policy_says_so(tmp_path):
+    """Under noise_multiplier auto, sigma and epsilon are functions of the site's sample rate: sent
+    together they give away how many records it trains on (found in review)."""
+    from asagiri.site import SiteWorker
+    from asagiri.wire.messages import EvaluateIns, Welcome
+
+    key = Identity.generate()
+    key.save(tmp_path / "k.key")
+    cfg = SiteConfig(site_id=1, identity_key=tmp_path / "k.key", state_dir=tmp_path / "state",
+                     coordinator={"public_key": key.public.hex()}, peers={1: key.public.hex()})
+    fed = FederationConfig.model_validate({
+        "model": {"width": 8, "norm": "group"}, "train": {"augment": False},
+        "data": {"dataset": "synthetic", "synthetic_samples": 64, "partition": {"scheme": "iid"}},
+        "dp": {"enabled": True},
+    })
+    spec = RunSpec.of(fed)
+    worker = SiteWorker(cfg, Welcome("r", 0, 1, spec.wire()), spec)
+    params = {k: v.detach().numpy().copy() for k, v in worker.model.state_dict().items() if k in worker.shared}
+    quiet = worker.evaluate(EvaluateIns(1, params, "val"))
+    told = worker.evaluate(EvaluateIns(1, params, "val"), report_privacy=True)
+    assert "noise_multiplier" not in quiet.metrics and "epsilon" not in quiet.metrics
+    assert told.metrics["noise_multiplier"] > 0 and "epsilon" in told.metrics

@@ -99,7 +99,7 @@ def test_dp_federation_of_the_scatter_model_over_tcp(tmp_path):
     fed = Federation(tmp_path / "run", sites=3, rounds=2, overrides=[
         "data.synthetic_samples=256", "model.name=scatter_linear", "train.augment=false", "train.optimizer=sgd",
         "train.lr=0.1", "dp.enabled=true", "dp.target_epsilon=8.0", "dp.max_grad_norm=0.1", "min_clients=2",
-    ])
+    ], site_policy={"report_privacy": True})
     try:
         fed.start_coordinator()
         for s in (1, 2, 3):

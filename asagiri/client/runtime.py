@@ -26,7 +26,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from ..config import RunSpec, SiteConfig
 from ..policy import Refusal, SitePolicy
-from ..secagg.binding import spec_digest
+from ..secagg.binding import params_digest, spec_digest
 from ..secagg.client import ClientStateMachine
 from ..site.worker import BudgetExhausted, SiteWorker
 from ..strategy.aggregate import flatten
@@ -79,6 +79,7 @@ class _Kept:
     # One training at a time on the one model: a round refused or aborted early must not start
     # the next attempt's training while its own thread still runs.
     training: anyio.Lock = field(default_factory=anyio.Lock)
+    latest_fit: tuple[int, int] = (0, 0)  # only the newest FitIns is trained on; older queued ones are dropped
 
 
 # Headroom over the model's own size for a message's header and bookkeeping.
@@ -186,10 +187,10 @@ class _Session:
         assert self.refusal is not None
         if isinstance(msg, FitIns):
             self.conn.pool.release(msg.params.values())
-            await self._send_decline(msg.round, msg.attempt, f"policy {self.refusal}", permanent=True)
+            await self._send_decline(msg.round, msg.attempt, f"policy {self.refusal.rule}", permanent=True)
         elif isinstance(msg, Shutdown):
             self.final, self._ended = msg.final, True
-        elif isinstance(msg, SECAGG_TO_SITE | RoundAborted):
+        elif isinstance(msg, (*SECAGG_TO_SITE, RoundAborted)):
             pass  # nothing to answer: this site is in no round
         else:
             raise RemoteProtocolError(f"{type(msg).__name__} for a site that refused the run ({self.refusal})")
@@ -204,7 +205,10 @@ class _Session:
             if secure is not None:
                 # Key set-up messages keep flowing while we train; the update is masked when ready.
                 if await self._secure_step(secure, msg, lambda: secure.receive(msg)):
+                    self.kept.latest_fit = (msg.round, msg.attempt)
                     tg.start_soon(self._train_secure, msg, worker, secure, tg)
+                else:
+                    self.conn.pool.release(msg.params.values())
                 return
             t0 = time.monotonic()
             try:
@@ -212,7 +216,8 @@ class _Session:
                     res = await anyio.to_thread.run_sync(worker.fit, msg)
             except BudgetExhausted as exc:
                 self.conn.pool.release(msg.params.values())
-                await self._send_decline(msg.round, msg.attempt, str(exc), permanent=True)
+                log.warning("%s", exc)
+                await self._send_decline(msg.round, msg.attempt, BudgetExhausted.REASON, permanent=True)
                 return
             log.info("round %d: trained on %d samples in %.1fs", msg.round, res.num_samples, time.monotonic() - t0)
             self.conn.pool.release(msg.params.values())  # copied into the model; reuse for the next round
@@ -220,6 +225,9 @@ class _Session:
         elif isinstance(msg, SECAGG_TO_SITE):
             if secure is None:
                 raise RemoteProtocolError("secure-aggregation message, but this run has it off")
+            if (msg.round, msg.attempt) in self._declined:
+                self._started_event(msg.round, msg.attempt).set()  # its training, if any, stops waiting
+                return  # this site declined that round attempt: it says nothing more in it
             if isinstance(msg, ShareDelivery) and self.faults.kill_after_share == msg.round:
                 log.error("fault injection: killing this site after it shared keys in round %d", msg.round)
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -228,7 +236,7 @@ class _Session:
                 self._started_event(msg.round, msg.attempt).set()
         elif isinstance(msg, EvaluateIns):
             async with self.kept.training:  # evaluation loads the global model into the same module
-                res_eval = await anyio.to_thread.run_sync(worker.evaluate, msg)
+                res_eval = await anyio.to_thread.run_sync(worker.evaluate, msg, self.cfg.policy.report_privacy)
             self.conn.pool.release(msg.params.values())
             await self.conn.send(res_eval)
         elif isinstance(msg, RoundAborted):
@@ -241,11 +249,12 @@ class _Session:
             raise RemoteProtocolError(f"unexpected {type(msg).__name__} from the coordinator")
 
     async def _send_decline(self, rnd: int, attempt: int, reason: str, *, permanent: bool) -> None:
-        """One Decline per round attempt: the coordinator counts this site out and goes on."""
+        """One Decline per round attempt: the coordinator counts this site out and goes on.
+        ``reason`` names a rule, never a detail; the detail is in this site's log."""
         if (rnd, attempt) in self._declined:
             return
         self._declined.add((rnd, attempt))
-        log.warning("round %d.%d: declining: %s", rnd, attempt, reason)
+        log.warning("round %d.%d: declining (%s)", rnd, attempt, reason)
         await self.conn.send(Decline(rnd, attempt, reason[:4000], permanent))
 
     def _started_event(self, rnd: int, attempt: int) -> anyio.Event:
@@ -256,7 +265,8 @@ class _Session:
         try:
             replies = step()
         except Refusal as exc:
-            await self._send_decline(about.round, about.attempt, f"policy {exc}", permanent=False)  # type: ignore[attr-defined]
+            # The rule only: a detail (a count, a size) could tell the coordinator about the data.
+            await self._send_decline(about.round, about.attempt, f"policy {exc.rule}", permanent=False)  # type: ignore[attr-defined]
             return False
         for reply in replies:
             await self.conn.send(reply)
@@ -266,16 +276,18 @@ class _Session:
         self, ins: FitIns, worker: SiteWorker, secure: ClientStateMachine, tg: anyio.abc.TaskGroup
     ) -> None:
         try:
+            trained_on = (params_digest(ins.params), dict(ins.config))
             async with self.kept.training:
-                if (ins.round, ins.attempt) in self._declined:
+                if (ins.round, ins.attempt) in self._declined or (ins.round, ins.attempt) != self.kept.latest_fit:
                     self.conn.pool.release(ins.params.values())
-                    return  # refused while waiting for the previous training to end
+                    return  # refused, or superseded, while the previous training ran
                 t0 = time.monotonic()
                 try:
                     delta, result = await anyio.to_thread.run_sync(worker.train, ins)
                 except BudgetExhausted as exc:
                     self.conn.pool.release(ins.params.values())
-                    await self._send_decline(ins.round, ins.attempt, str(exc), permanent=True)
+                    log.warning("%s", exc)
+                    await self._send_decline(ins.round, ins.attempt, BudgetExhausted.REASON, permanent=True)
                     return
             self.conn.pool.release(ins.params.values())
             log.info("round %d: trained on %d samples in %.1fs", ins.round, result.num_samples, time.monotonic() - t0)
@@ -285,7 +297,9 @@ class _Session:
             if secure.round_key != (ins.round, ins.attempt) or (ins.round, ins.attempt) in self._declined:
                 log.warning("round %d.%d moved on while training; update discarded", ins.round, ins.attempt)
                 return
-            await self._secure_step(secure, ins, lambda: secure.set_input(flatten(delta), result.num_samples))
+            await self._secure_step(
+                secure, ins, lambda: secure.set_input(flatten(delta), result.num_samples, trained_on=trained_on)
+            )
             if secure.clipped:
                 log.info("secure aggregation: %d update values were clipped", secure.clipped)
         except (ConnectionLost, RemoteProtocolError) as exc:

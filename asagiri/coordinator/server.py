@@ -118,7 +118,8 @@ class Coordinator:
         self.metrics = CoordinatorMetrics(self.registry)
         self._crash_after_round = crash_after_round
         self._sessions: dict[int, _Session] = {}
-        self._exhausted: set[int] = set()
+        self._exhausted: set[int] = set()  # sites that declined for good
+        self._withdrawn: dict[int, str] = {}  # ... and why
         self._changed = anyio.Event()
         send, recv = anyio.create_memory_object_stream[tuple[int, Message | _Lost | _Joined]](
             max(64, 8 * len(self.roster))
@@ -410,11 +411,17 @@ class Coordinator:
         while rnd <= cfg.rounds:
             for attempt in range(1, cfg.max_round_attempts + 1):
                 if len(set(self.roster) - self._exhausted) < cfg.min_clients:
-                    log.warning("privacy budgets: only %d sites can still train, min_clients=%d; ending",
-                                len(set(self.roster) - self._exhausted), cfg.min_clients)
-                    print(f"federation ends before round {rnd}: sites {sorted(self._exhausted)} spent their "
-                          f"privacy budget; fewer than min_clients={cfg.min_clients} can train", flush=True)
-                    return self._write_summary("budget_exhausted", time.monotonic() - t_start)
+                    # Sites leave for good when their privacy budget is spent, or when the run breaks
+                    # their policy (a Decline whose reason starts with "policy ", protocol/SPEC.md §6.4).
+                    refused = {s: r for s, r in self._withdrawn.items() if r.startswith("policy ")}
+                    log.warning("only %d sites can still train, min_clients=%d; ending (policy refusals: %s)",
+                                len(set(self.roster) - self._exhausted), cfg.min_clients, refused or "none")
+                    why = "refused the run by their policy or spent their privacy budget" if refused else \
+                        "spent their privacy budget"
+                    print(f"federation ends before round {rnd}: sites {sorted(self._exhausted)} {why}; fewer than "
+                          f"min_clients={cfg.min_clients} can train", flush=True)
+                    status = "refused_by_sites" if refused else "budget_exhausted"
+                    return self._write_summary(status, time.monotonic() - t_start)
                 if not await self._wait_for_sites(cfg.min_clients, cfg.timeouts.wait_for_sites):
                     self._finish_failed(
                         rnd, f"only {len(self._eligible())} eligible sites connected, min_clients={cfg.min_clients}",
@@ -427,6 +434,7 @@ class Coordinator:
                 except NotEnoughSites as exc:
                     self._finish_failed(rnd, str(exc), t_start)
                 self._exhausted.update(outcome.exhausted)
+                self._withdrawn.update({s: outcome.declined.get(s, "") for s in outcome.exhausted})
                 duration = time.monotonic() - t0
                 if outcome.abort_reason is None:
                     self._complete_round(outcome, duration)

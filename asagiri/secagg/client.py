@@ -30,6 +30,8 @@ cannot get past (docs/secagg.md has the argument):
 from __future__ import annotations
 
 import enum
+import itertools
+import math
 import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -62,7 +64,15 @@ from .masking import add_masks, pair_seed, sign
 from .prg import PRGS
 from .quantize import QuantisationError, QuantPlan, quantize
 
-__all__ = ["ClientStage", "ClientStateMachine", "ReplayGuard", "SecAggRefused", "masking_component"]
+__all__ = [
+    "ClientStage",
+    "ClientStateMachine",
+    "ReplayGuard",
+    "SecAggRefused",
+    "component_survives",
+    "masking_component",
+    "mutual_masks",
+]
 
 SecAggRefused = Refusal  # the name the runtime and the tests know this refusal by
 
@@ -108,22 +118,54 @@ def share_key(my_c: EphemeralKey, peer_c_pk: bytes, sender: int, recipient: int,
     return blake2b(my_c.agree(peer_c_pk) + ctx + struct.pack(">II", sender, recipient), person=b"asagiri-share")
 
 
-def masking_component(me: int, survivors: list[int], masked_with: Mapping[int, list[int] | set[int]]) -> set[int]:
-    """The survivors joined to ``me`` by pairwise masks that both ends added.
+def mutual_masks(survivors: list[int], masked_with: Mapping[int, list[int] | set[int]]) -> dict[int, set[int]]:
+    """Survivors joined by pairwise masks that both ends added (each end's claim signed).
 
-    ``masked_with[u]``: whom ``u`` says (signed) it masked with.  An edge u–w needs both claims,
-    because a mask only one side added never cancels and so never lets the coordinator unmask.
+    ``masked_with[u]``: whom ``u`` says it masked with.  A mask only one side added never cancels,
+    so it never lets the coordinator unmask anything: such pairs are not edges.
     """
     alive = set(survivors)
-    claims = {u: set(vs) for u, vs in masked_with.items() if u in alive}
+    claims = {u: set(vs) & alive for u, vs in masked_with.items() if u in alive}
+    return {u: {w for w in vs if u in claims.get(w, ())} for u, vs in claims.items()}
+
+
+def masking_component(me: int, graph: Mapping[int, set[int]], removed: frozenset[int] = frozenset()) -> set[int]:
     seen, todo = {me}, [me]
     while todo:
-        u = todo.pop()
-        for w in claims.get(u, ()):
-            if w in alive and w not in seen and u in claims.get(w, ()):
+        for w in graph.get(todo.pop(), ()):
+            if w not in seen and w not in removed:
                 seen.add(w)
                 todo.append(w)
     return seen
+
+
+# Removal sets tried before a site gives up and refuses (a conservative answer).
+MAX_REMOVALS = 20_000
+
+
+def component_survives(me: int, graph: Mapping[int, set[int]], *, needed: int, colluders: int) -> tuple[bool, str]:
+    """Whether ``me``'s masking component keeps ``needed`` members whichever ``colluders`` others go.
+
+    A colluder's masks are ones the coordinator can compute, and its input one it knows: removing
+    it from the graph is what collusion does.  With no colluders this is the component's size.
+    """
+    component = masking_component(me, graph)
+    if len(component) < needed:
+        return False, f"{len(component)} sites in this site's masking component {sorted(component)}, fewer than {needed}"
+    if colluders == 0:
+        return True, ""
+    if len(graph.get(me, ())) >= needed - 1 + colluders:
+        return True, ""  # enough direct partners: any `colluders` of them leave needed - 1
+    others = sorted(component - {me})
+    if math.comb(len(others), colluders) > MAX_REMOVALS:
+        return False, (f"{len(graph.get(me, ()))} direct mask partners, and too many ways to remove {colluders} "
+                       f"colluders to check them all")
+    for removed in itertools.combinations(others, colluders):
+        left = masking_component(me, graph, frozenset(removed))
+        if len(left) < needed:
+            return False, (f"without sites {list(removed)} this site's masking component is {sorted(left)}, "
+                           f"fewer than {needed}")
+    return True, ""
 
 
 @dataclass(frozen=True)
@@ -204,10 +246,16 @@ class ClientStateMachine:
         """Feed one message from the coordinator; returns what to send back (maybe nothing)."""
         return self._guarded(lambda: self._receive(msg), type(msg).__name__)
 
-    def set_input(self, delta: np.ndarray, num_samples: int) -> list[Message]:
-        """The local update (float, flattened shared parameters) and the sample count it weighs."""
+    def set_input(self, delta: np.ndarray, num_samples: int, *, trained_on: tuple[bytes, dict]) -> list[Message]:
+        """The local update (float, flattened shared parameters) and the sample count it weighs.
+
+        ``trained_on``: the params digest and config of the FitIns the update was trained from,
+        which must be the ones this round's digest signed.
+        """
         def step() -> list[Message]:
             r = self._current()
+            self._check(trained_on == (r.params.params_digest, dict(r.params.fit_config)), "round_params",
+                        "the update was trained on another model or config than the round signed")
             self._check(delta.size + 1 == r.params.vector_len, "round_params",
                         f"update has {delta.size} values, the round expects {r.params.vector_len - 1}")
             r.input = (delta, num_samples)
@@ -280,7 +328,16 @@ class ClientStateMachine:
     # -- stages ----------------------------------------------------------------------------------
 
     def _fit_ins(self, msg: FitIns) -> list[Message]:
-        """Remember the round's global model and config: they are bound into what this site signs."""
+        """Remember the round's global model and config: they are bound into what this site signs.
+
+        One FitIns per round attempt: a second one could have the site train on one model while
+        it signs another.
+        """
+        last = (self._fit.round, self._fit.attempt) if self._fit else self.replay.last(self.run_id)
+        if (msg.round, msg.attempt) <= last:
+            self._fit = None  # nothing of this round attempt goes ahead now
+            self.policy.refuse("replay", f"FitIns for round {msg.round}.{msg.attempt}, not newer than "
+                                         f"{last[0]}.{last[1]}")
         length = sum(int(a.size) for a in msg.params.values()) + 1
         self._fit = _Fit(msg.round, msg.attempt, params_digest(msg.params), dict(msg.config), length)
         return []
@@ -452,7 +509,11 @@ class ClientStateMachine:
         self._check(len(claims) >= quorum, "quorum",
                     f"{len(claims)} signatures on this survivor list; {quorum} of the "
                     f"{len(r.params.participants)} participants are needed")
-        self.policy.check_component(sorted(masking_component(self.site_id, survivors, claims)))
+        policy = self.policy.cfg
+        self.policy.check_component(*component_survives(
+            self.site_id, mutual_masks(survivors, claims), needed=policy.min_participants,
+            colluders=policy.colluders,
+        ))
         b_out, s_out = [], []
         for owner, (b, s) in sorted(r.held.items()):
             if owner in survivors:

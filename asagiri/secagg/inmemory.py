@@ -41,6 +41,7 @@ class LocalRound:
     min_clients: int = 2
     policy: PolicyConfig | None = None
     clients: dict[int, ClientStateMachine] | None = None
+    fit_for: Mapping[int, FitIns] | None = None  # a different FitIns for some sites (an attack)
 
     def __post_init__(self) -> None:
         self.ids = sorted(self.ids)
@@ -67,8 +68,8 @@ class LocalRound:
                                       spec_digest=self.spec_digest, policy=SitePolicy(policy, pubs))
                 for i in self.ids
             }
-        for client in self.clients.values():
-            client.receive(self.fit)
+        for site, client in self.clients.items():
+            client.receive((self.fit_for or {}).get(site, self.fit))
         self.dead: set[int] = set()
         self.sent: list[tuple[int, Message]] = []  # everything the sites sent, for inspection
         self.refusals: dict[int, str] = {}
@@ -123,5 +124,8 @@ class LocalRound:
         replies = client.receive(out.msg)
         if out.site in pending and client.stage.value == "ready":
             given = pending.pop(out.site)
-            replies += client.set_quantized(given) if isinstance(given, np.ndarray) else client.set_input(*given)
+            if isinstance(given, np.ndarray):
+                replies += client.set_quantized(given)
+            else:
+                replies += client.set_input(*given, trained_on=(self.params.params_digest, {}))
         return replies

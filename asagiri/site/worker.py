@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 class BudgetExhausted(Exception):
     """One more round would spend more privacy than the site's target: it declines, permanently."""
 
+    REASON = "privacy budget"  # what the Decline says; the amounts stay in the site's log
+
     def __init__(self, spent: float, target: float) -> None:
         super().__init__(f"privacy budget: epsilon {spent:.3f} of {target:g} spent; one more round would exceed it")
 
@@ -102,8 +104,10 @@ class SiteWorker:
             raise RemoteProtocolError("coordinator sent parameters that are not this model's shared set")
         state = self.model.state_dict()
         for k in self.shared:
-            if tuple(params[k].shape) != tuple(state[k].shape):
-                raise RemoteProtocolError(f"coordinator sent {k} with shape {params[k].shape}")
+            if tuple(params[k].shape) != tuple(state[k].shape) or params[k].dtype != np.float32:
+                raise RemoteProtocolError(f"coordinator sent {k} as {params[k].dtype} {params[k].shape}")
+            if not np.isfinite(params[k]).all():
+                raise RemoteProtocolError(f"coordinator sent {k} with non-finite values")
         # Only shared tensors are replaced; FedBN's local normalisation layers stay as they are.
         self.model.load_state_dict({k: torch.from_numpy(params[k]) for k in self.shared}, strict=False)
 
@@ -116,11 +120,12 @@ class SiteWorker:
         return delta, result
 
     def _train_plain(self, ins: FitIns) -> TrainResult:
+        mu, seed = _fit_config(ins)
         t = self.train_cfg
         return train_local(
             self.model, self.data.train, epochs=t.local_epochs, batch_size=t.batch_size, lr=t.lr,
             optimizer=t.optimizer, momentum=t.momentum, weight_decay=t.weight_decay,
-            mu=float(ins.config.get("mu", 0.0)), augment=t.augment, seed=int(ins.config.get("seed", 0)),
+            mu=mu, augment=t.augment, seed=seed,
             device=self.device, task=self.data.task,
         )
 
@@ -129,14 +134,14 @@ class SiteWorker:
         if not self.budget_left():
             raise BudgetExhausted(self.ledger.epsilon(), self.dp.target_epsilon)
         t = self.train_cfg
-        mu = float(ins.config.get("mu", 0.0))
+        mu, seed = _fit_config(ins)
         anchor = {k: torch.from_numpy(ins.params[k]).to(self.device) for k in ins.params} if mu > 0 else None
         r = train_dp(
             self.model, self.data.train, epochs=t.local_epochs, expected_batch=t.batch_size, lr=t.lr,
             optimizer=t.optimizer, momentum=t.momentum, noise_multiplier=self.sigma,
             max_grad_norm=self.dp.max_grad_norm, mu=mu, anchor=anchor, augment=t.augment,
             multiplicity=self.dp.augmentation_multiplicity,
-            seed=int(ins.config.get("seed", 0)), device=self.device, task=self.data.task,
+            seed=seed, device=self.device, task=self.data.task,
         )
         eps = self.ledger.record(ins.round, noise_multiplier=r.noise_multiplier, sample_rate=r.sample_rate,
                                  steps=r.steps)
@@ -156,15 +161,23 @@ class SiteWorker:
         update = {k: (n * v).astype(np.float32) for k, v in delta.items()}
         return FitRes(ins.round, ins.attempt, update, n, {"train_loss": result.loss, "steps": result.steps})
 
-    def evaluate(self, ins: EvaluateIns) -> EvaluateRes:
+    def evaluate(self, ins: EvaluateIns, report_privacy: bool = False) -> EvaluateRes:
         self._load_global(ins.params)
         split = self.data.val if ins.split == "val" else self.data.test
         res = evaluate(self.model, split, device=self.device, task=self.data.task)
         predictions = {}
         if ins.split == "test":
             predictions = {"scores": res.scores.astype(np.float32), "labels": np.ascontiguousarray(res.labels)}
-        metrics = {**res.metrics(), **self.privacy_metrics()}
+        metrics = {**res.metrics(), **(self.privacy_metrics() if report_privacy else {})}
         return EvaluateRes(ins.round, ins.split, res.num_examples, metrics, predictions)
+
+
+def _fit_config(ins: FitIns) -> tuple[float, int]:
+    """FitIns.config's proximal weight and seed, checked: anything else is the coordinator's error."""
+    mu, seed = ins.config.get("mu", 0.0), ins.config.get("seed", 0)
+    if type(mu) not in (int, float) or not 0 <= mu < float("inf") or type(seed) is not int or not 0 <= seed < 2**63:
+        raise RemoteProtocolError(f"FitIns config mu={mu!r}, seed={seed!r}: not a proximal weight and a seed")
+    return float(mu), seed
 
 
 def _pick_device(choice: str) -> torch.device:

@@ -68,6 +68,14 @@ class Federation:
         self.sites[site] = proc
         return proc
 
+    def run(self, sites: list[int]) -> tuple[list[str], dict[str, int]]:
+        """Start the coordinator and ``sites``, run to the end: its printed lines and every exit code."""
+        self.start_coordinator()
+        for s in sites:
+            self.start_site(s)
+        lines = self.coordinator_lines()
+        return lines, self.wait_all()
+
     def coordinator_lines(self, until: str | None = None) -> list[str]:
         lines = []
         for line in self.coordinator.stdout:

@@ -30,11 +30,7 @@ def fed_factory(tmp_path):
 
 def test_three_sites_two_rounds(fed_factory):
     fed = fed_factory(sites=3, rounds=2)
-    fed.start_coordinator()
-    for s in (1, 2, 3):
-        fed.start_site(s)
-    lines = fed.coordinator_lines()
-    codes = fed.wait_all()
+    lines, codes = fed.run([1, 2, 3])
     assert codes == {"coordinator": 0, "site-1": 0, "site-2": 0, "site-3": 0}, fed.logs()
     rounds = fed.metrics()
     assert [r["round"] for r in rounds] == [1, 2]

@@ -74,3 +74,17 @@ def test_sparse_2_of_3_with_a_site_killed_after_sharing_keys_equals_the_plain_su
     assert worst <= bound, (worst, bound)
     moved = max(float(np.max(np.abs(params_plain[k]))) for k in params_plain)
     assert moved > 0
+
+
+def test_a_run_with_secure_aggregation_off_is_refused_by_every_site(fed_factory):
+    """The downgrade, with the real coordinator: fed.yaml turns secure aggregation off, and sites
+    whose policy requires it decline the run for good; no update ever leaves them."""
+    fed = fed_factory("downgrade", sites=3, rounds=2, overrides=["secagg.enabled=false"],
+                      site_policy={"require_secagg": True})
+    lines, codes = fed.run([1, 2, 3])
+    assert codes == {"coordinator": 0, "site-1": 0, "site-2": 0, "site-3": 0}, fed.logs()
+    assert any("refused the run by their policy" in line for line in lines), lines
+    assert fed.summary()["status"] == "refused_by_sites" and fed.metrics() == []
+    for s in (1, 2, 3):
+        log = (fed.root / "logs" / f"site-{s}.log").read_text()
+        assert "refused (require_secagg)" in log and "trained on" not in log

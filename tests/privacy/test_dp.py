@@ -131,7 +131,7 @@ def test_dp_federation_with_secure_aggregation_stops_when_budgets_run_out(tmp_pa
     fed = Federation(tmp_path / "run", sites=3, rounds=5, overrides=[
         "data.synthetic_samples=512", "dp.enabled=true", "dp.target_epsilon=4.0", f"dp.noise_multiplier={sigma}",
         "min_clients=2", "model.width=8",
-    ])
+    ], site_policy={"report_privacy": True})  # the sites agree to send epsilon and sigma
     try:
         fed.start_coordinator()
         for s in (1, 2, 3):

@@ -113,8 +113,12 @@ def attack(fed: Federation, dev: Deviation, inputs: dict[int, np.ndarray]) -> Ou
     return out
 
 
-def unmaskable(fed: Federation, outcome: Outcome, *, below: int) -> list[tuple[int, ...]]:
-    """Sets of fewer than ``below`` sites whose masked inputs combine into something mask-free.
+def unmaskable(fed: Federation, outcome: Outcome, *, below: int, colluders: frozenset[int] = frozenset()
+               ) -> list[tuple[int, ...]]:
+    """Sets of fewer than ``below`` honest sites whose masked inputs combine into something mask-free.
+
+    ``colluders`` hand the coordinator their seeds, masking keys and inputs: every mask they
+    added or share is known, and their rows can be added to any combination for free.
 
     Rows: the sites that sent a masked input.  Columns: every mask the coordinator cannot compute:
     a self mask whose seed it has fewer than t shares of, and a pairwise mask neither of whose
@@ -122,9 +126,16 @@ def unmaskable(fed: Federation, outcome: Outcome, *, below: int) -> list[tuple[i
     in the left null space; a set S of rows supports one iff rank(A_S) < |S|.
     """
     t = fed.params.threshold
-    b_known = {u for u, xs in outcome.revealed_b.items() if len(xs) >= t}
-    s_known = {u for u, xs in outcome.revealed_s.items() if len(xs) >= t}
-    rows = sorted(outcome.masked)
+    held = {c: fed.clients[c]._round.held for c in colluders if fed.clients[c]._round is not None}
+    revealed_b = {u: set(xs) for u, xs in outcome.revealed_b.items()}
+    revealed_s = {u: set(xs) for u, xs in outcome.revealed_s.items()}
+    for shares in held.values():
+        for owner, (b, s) in shares.items():
+            revealed_b.setdefault(owner, set()).add(int.from_bytes(b[:2], "big"))
+            revealed_s.setdefault(owner, set()).add(int.from_bytes(s[:2], "big"))
+    b_known = {u for u, xs in revealed_b.items() if len(xs) >= t} | set(colluders)
+    s_known = {u for u, xs in revealed_s.items() if len(xs) >= t} | set(colluders)
+    rows = sorted(u for u in outcome.masked if u not in colluders)
     columns: dict[tuple, int] = {}
     entries: list[tuple[int, int, int]] = []
     for i, u in enumerate(rows):

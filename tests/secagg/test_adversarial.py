@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from asagiri.config import PolicyConfig
 from asagiri.policy import Refusal
 from asagiri.secagg import shamir
-from asagiri.secagg.binding import survivors_message
+from asagiri.secagg.binding import params_digest, survivors_message
 from asagiri.secagg.client import ClientStage
 from asagiri.secagg.graph import graph_seed, neighbours
 from asagiri.secagg.masking import pair_seed, sign
@@ -40,7 +40,7 @@ STRICT = PolicyConfig(min_participants=3, min_group=2)
 
 def ring_inputs(fed):
     rng = np.random.default_rng(7)
-    return {i: rng.integers(0, 2**32, DIM + 1, dtype=np.uint64).astype(np.uint32) for i in fed.ids}
+    return {i: rng.integers(0, 2**32, fed.dim + 1, dtype=np.uint64).astype(np.uint32) for i in fed.ids}
 
 
 def to_site(queue, site, kind):
@@ -162,8 +162,8 @@ def test_a_plan_other_than_the_one_the_site_derives_is_refused():
 
 
 def test_a_different_global_model_for_one_site_fails_every_signature():
-    fed = Federation(3, dim=DIM, policy=STRICT)
-    fed.clients[3].receive(FitIns(1, 1, {"w": np.ones(DIM, np.float32)}, {}))  # site 3's model differs
+    # Site 3 is sent another global model than sites 1 and 2.
+    fed = Federation(3, dim=DIM, policy=STRICT, fit_for={3: FitIns(1, 1, {"w": np.ones(DIM, np.float32)}, {})})
     out = attack(fed, honest_deviation(fed), ring_inputs(fed))
     # Site 3 signed another round digest: 1 and 2 reject its advertisement, and 3 rejects theirs.
     assert {s: r.split(":")[0] for s, r in out.refusals.items()} == {1: "signature", 2: "signature", 3: "signature"}
@@ -299,8 +299,9 @@ def test_replayed_messages_from_an_earlier_round_are_refused():
     fed2 = Federation(4, dim=DIM, identities=fed1.identities, rnd=2, clients=fed1.clients)
     fed2.advance(inputs, ServerStage.SHARE)
     assert isinstance(old_start, SecAggStart) and old_start.round == 1
-    fed2.clients[1].receive(FitIns(1, 1, {"w": np.zeros(DIM, np.float32)}, {}))  # the old FitIns too
     with refused("replay"):
+        fed2.clients[1].receive(FitIns(1, 1, {"w": np.zeros(DIM, np.float32)}, {}))  # the old FitIns
+    with pytest.raises(Refusal):
         fed2.clients[1].receive(old_start)
     with refused("stage"):
         fed2.clients[3].receive(old_roster)
@@ -324,7 +325,7 @@ def test_a_nan_update_is_refused_and_the_site_leaves_the_round():
     bad = np.zeros(DIM, dtype=np.float32)
     bad[5] = np.nan
     with refused("malformed"):
-        fed.clients[1].set_input(bad, 10)
+        fed.clients[1].set_input(bad, 10, trained_on=(fed.params.params_digest, {}))
     assert fed.clients[1].stage is ClientStage.ABORTED
 
 
@@ -376,6 +377,58 @@ def test_a_site_that_assumes_one_colluder_refuses_both_lists():
     fed, _, b, s, refusals = colluding_split(colluders=1)
     assert refusals == {1: "quorum", 2: "quorum", 3: "quorum", 4: "quorum"}  # 3 signatures, 4 needed
     assert len(b) == len(s) == 1  # only the colluder's own
+
+
+def bridge(policy):
+    """Twelve sites, groups of 5, t = 3. Sites 11 and 12 collude: the coordinator picks an attempt
+    that puts both in site 1's group, delivers site 1 only their shares, and calls its honest
+    neighbours dropped, so everything site 1 checks is consistent."""
+    for attempt in range(1, 1000):
+        fed = Federation(12, dim=8, degree=4, threshold=3, attempt=attempt, policy=policy)
+        graph = neighbours(fed.ids, 4, graph_seed(fed.params.context, fed.ids))
+        if {11, 12} <= set(graph[1]):
+            break
+    dev = honest_deviation(fed)
+    dev.deliver[1] = {11, 12}
+    gone = set(graph[1]) - {11, 12}
+    dev.lists = [[u for u in fed.ids if u not in gone]]
+    dev.assign = {u: 0 for u in dev.lists[0]}
+    dev.dropped = {u: sorted(gone) for u in fed.ids}
+    return fed, attack(fed, dev, ring_inputs(fed))
+
+
+def test_colluders_next_to_a_site_do_not_make_its_component_count():
+    """Counted naively, site 1's component is large, but every mask on its input is one the
+    coordinator can compute with the colluders' keys. A site assuming two colluders refuses
+    (found in review)."""
+    fed, out = bridge(PolicyConfig(min_participants=3, colluders=2, min_group=3))
+    assert out.refusals[1].startswith("component: without sites")
+    assert unmaskable(fed, out, below=3, colluders=frozenset({11, 12})) == []
+
+
+def test_the_judge_counts_what_colluders_hand_over():
+    """The same attack on a site that assumes no colluders: it answers, and the judge, told who
+    colluded, finds site 1's input alone."""
+    fed, out = bridge(PolicyConfig(min_participants=3, min_group=3))
+    assert 1 not in out.refusals
+    assert (1,) in unmaskable(fed, out, below=3, colluders=frozenset({11, 12}))
+
+
+def test_a_second_fitins_for_the_same_round_is_refused():
+    """Trained on one model, signed over another (found in review): a second FitIns for a round
+    attempt is refused, and an update trained on anything but the signed model is too."""
+    fed = Federation(3, dim=DIM, policy=STRICT)
+    with refused("replay"):
+        fed.clients[1].receive(FitIns(1, 1, {"w": np.ones(DIM, np.float32)}, {}))
+    fed = Federation(3, dim=DIM, policy=STRICT)
+    queue = fed.advance({}, ServerStage.MASKED_INPUT)
+    fed.clients[1].receive(to_site(queue, 1, ShareDelivery))
+    other = (params_digest({"w": np.ones(DIM, np.float32)}), {})
+    with refused("round_params"):
+        fed.clients[1].set_input(np.zeros(DIM, np.float32), 10, trained_on=other)
+    fed.clients[2].receive(to_site(queue, 2, ShareDelivery))
+    signed = (fed.params.params_digest, {})
+    assert fed.clients[2].set_input(np.zeros(DIM, np.float32), 10, trained_on=signed)
 
 
 # ---- the property: a coordinator deviating everywhere at once --------------------------------------------

@@ -143,8 +143,9 @@ def assert_not_recovered(attacker, rnd: Round, site):
 
 
 def rule_of(reason: str) -> str:
-    assert reason.startswith("policy "), reason
-    return reason[len("policy "):].split(":")[0]
+    """The rule a Decline names. It names nothing else: details stay in the site's log."""
+    assert reason.startswith("policy ") and ":" not in reason and " " not in reason[len("policy "):], reason
+    return reason[len("policy "):]
 
 
 # ---- control -------------------------------------------------------------------------------------
@@ -263,6 +264,25 @@ def test_a_different_global_model_for_one_site(attacker):
     rnd = attacker.case(script, sites=RUNNING)
     assert {rule_of(r) for r in rnd.declines.values()} == {"signature"} and set(rnd.declines) == set(DEMO)
     assert rnd.shares == {}
+    assert_not_recovered(attacker, rnd, 1)
+
+
+def test_a_second_fitins_trains_nothing_the_round_did_not_sign(attacker):
+    """Found in review: FitIns with model A, then the FitIns every site gets (model B), then
+    SecAggStart; the site must not mask an update trained on A under a digest over B."""
+
+    async def script(sessions):
+        rnd = Round(attacker, sessions, DEMO)
+        other = {k: v + 0.5 for k, v in rnd.fit.params.items()}
+        await rnd.send(1, dataclasses.replace(rnd.fit, params=other))
+        await rnd.start()
+        await rnd.roster()
+        await rnd.deliver()
+        return rnd
+
+    rnd = attacker.case(script, sites=RUNNING)
+    assert rule_of(rnd.declines[1]) == "replay"
+    assert 1 not in rnd.keys and 1 not in rnd.masked
     assert_not_recovered(attacker, rnd, 1)
 
 
