@@ -335,7 +335,7 @@ async def run_client(cfg: SiteConfig, *, faults: FaultPlan = FaultPlan()) -> int
             async with stream:
                 try:
                     with anyio.fail_after(30):
-                        # No tensors before the Welcome; the limit grows to the model's size after it.
+                        # The configured cap until the site knows the model; its size after (limit_payload).
                         conn = await connect_handshake(
                             stream, identity, cfg.site_id, coordinator, max_frame_size=cfg.max_frame_bytes,
                             max_payload_bytes=cfg.max_message_bytes, chunk_bytes=cfg.chunk_bytes,
