@@ -225,7 +225,8 @@ class PolicyConfig(_Strict):
     coordinator; the survivor-list quorum rises by a half for each, the threshold floor by one,
     and this site's masking component must keep ``min_participants`` members whichever
     ``colluders`` of its other members are removed (docs/secagg.md, "What is guaranteed").
-    ``report_privacy``: send epsilon and sigma with evaluation results.
+    ``report_privacy``: send epsilon and sigma with evaluation results.  ``equal_weight``: count
+    as one sample in every sum, so the site's sample count never leaves it.
     """
 
     require_secagg: bool = True
@@ -236,6 +237,10 @@ class PolicyConfig(_Strict):
     # Send epsilon and sigma with evaluation results. Off by default: under noise_multiplier auto
     # they are functions of this site's sample rate, so together they give away its data size.
     report_privacy: bool = False
+    # Weigh this site's update as one sample instead of its sample count. The count is summed
+    # exactly, so two rounds whose participants differ by this site give it away by subtraction;
+    # with equal_weight it never leaves the site, at the cost of FedAvg's sample weighting.
+    equal_weight: bool = False
     require_dp: bool = False
     max_epsilon: float = Field(8.0, gt=0)
     max_delta: float = Field(1e-5, gt=0, lt=1)

@@ -80,6 +80,8 @@ class _Kept:
     # the next attempt's training while its own thread still runs.
     training: anyio.Lock = field(default_factory=anyio.Lock)
     latest_fit: tuple[int, int] = (0, 0)  # only the newest FitIns is trained on; older queued ones are dropped
+    # Round attempts this site declined, per run: it answers nothing more in them, reconnected or not.
+    declined: set[tuple[str, int, int]] = field(default_factory=set)
 
 
 # Headroom over the model's own size for a message's header and bookkeeping.
@@ -97,7 +99,7 @@ class _Session:
         self._ended = False
         self.error: BaseException | None = None
         self.refusal: Refusal | None = None  # set when this site refuses the whole run
-        self._declined: set[tuple[int, int]] = set()
+        self.run_id = ""
         self._round_started: dict[tuple[int, int], anyio.Event] = {}
         self._stage_timeout = 60.0
 
@@ -105,23 +107,34 @@ class _Session:
         first = await self.conn.receive()
         if not isinstance(first, Welcome):
             raise RemoteProtocolError(f"expected Welcome, got {type(first).__name__}")
+        self.run_id = first.run_id
         interval, idle = 5.0, 30.0
         worker: SiteWorker | None = None
+        spec: RunSpec | None = None
         try:
             spec = self.kept.policy.check_run(first.run_id, first.spec)
         except Refusal as exc:
-            log.error("this site will not take part in run %s: %s", first.run_id, exc)
             self.refusal = exc
         else:
             worker = self.kept.worker
             if worker is None or not worker.matches(first):
-                worker = await anyio.to_thread.run_sync(SiteWorker, self.cfg, first, spec)
-                self.kept.worker = worker
+                try:
+                    worker = self.kept.worker = await self._work(SiteWorker, self.cfg, first, spec)
+                except RemoteProtocolError as exc:  # a spec that validates but cannot be set up here
+                    worker = None
+                    try:
+                        self.kept.policy.refuse("spec", f"the run cannot be set up at this site: {exc}")
+                    except Refusal as refusal:
+                        self.refusal = refusal
+        if worker is not None:
             self.conn.limit_payload(min(self.cfg.max_message_bytes, worker.shared_bytes + PAYLOAD_MARGIN))
             log.info("joined run %s as site index %d of %d", first.run_id, first.site_index, first.num_sites)
+            assert spec is not None
             self._setup_secagg(first, spec)
             self._stage_timeout = spec.secagg_stage_timeout
             interval, idle = spec.heartbeat_interval, spec.heartbeat_timeout
+        if self.refusal is not None:
+            log.error("this site will not take part in run %s: %s", first.run_id, self.refusal)
         send, recv = anyio.create_memory_object_stream[Message](16)
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._guard, tg, self._reader, send, idle)
@@ -136,9 +149,10 @@ class _Session:
         """Whichever task ends first ends the session; the first error is what the session reports."""
         try:
             await fn(*args)
-        except (ConnectionLost, RemoteProtocolError, TimeoutError) as exc:
+        except* (ConnectionLost, RemoteProtocolError, TimeoutError) as group:
+            # The worker's own task group wraps what its tasks raise; the session reports a leaf.
             if self.error is None:
-                self.error = exc
+                self.error = _first_leaf(group)
         tg.cancel_scope.cancel()
 
     def _setup_secagg(self, welcome: Welcome, spec: RunSpec) -> None:
@@ -213,7 +227,7 @@ class _Session:
             t0 = time.monotonic()
             try:
                 async with self.kept.training:
-                    res = await anyio.to_thread.run_sync(worker.fit, msg)
+                    res = await self._work(worker.fit, msg, self.cfg.policy.equal_weight)
             except BudgetExhausted as exc:
                 self.conn.pool.release(msg.params.values())
                 log.warning("%s", exc)
@@ -225,7 +239,7 @@ class _Session:
         elif isinstance(msg, SECAGG_TO_SITE):
             if secure is None:
                 raise RemoteProtocolError("secure-aggregation message, but this run has it off")
-            if (msg.round, msg.attempt) in self._declined:
+            if self._declined(msg.round, msg.attempt):
                 self._started_event(msg.round, msg.attempt).set()  # its training, if any, stops waiting
                 return  # this site declined that round attempt: it says nothing more in it
             if isinstance(msg, ShareDelivery) and self.faults.kill_after_share == msg.round:
@@ -236,7 +250,7 @@ class _Session:
                 self._started_event(msg.round, msg.attempt).set()
         elif isinstance(msg, EvaluateIns):
             async with self.kept.training:  # evaluation loads the global model into the same module
-                res_eval = await anyio.to_thread.run_sync(worker.evaluate, msg, self.cfg.policy.report_privacy)
+                res_eval = await self._work(worker.evaluate, msg, self.cfg.policy.report_privacy)
             self.conn.pool.release(msg.params.values())
             await self.conn.send(res_eval)
         elif isinstance(msg, RoundAborted):
@@ -251,11 +265,25 @@ class _Session:
     async def _send_decline(self, rnd: int, attempt: int, reason: str, *, permanent: bool) -> None:
         """One Decline per round attempt: the coordinator counts this site out and goes on.
         ``reason`` names a rule, never a detail; the detail is in this site's log."""
-        if (rnd, attempt) in self._declined:
+        if self._declined(rnd, attempt):
             return
-        self._declined.add((rnd, attempt))
+        self.kept.declined.add((self.run_id, rnd, attempt))
         log.warning("round %d.%d: declining (%s)", rnd, attempt, reason)
         await self.conn.send(Decline(rnd, attempt, reason[:4000], permanent))
+
+    async def _work(self, fn: Any, *args: Any) -> Any:
+        """Run the site's learning in the training thread.  What the coordinator sent can break it
+        (a model with huge weights gives NaN outputs, a spec names data this site lacks): that
+        ends this session, with the reason in the log, never the site process."""
+        try:
+            return await anyio.to_thread.run_sync(fn, *args)
+        except (ValueError, ArithmeticError, RuntimeError, OSError) as exc:
+            log.error("%s failed on what the coordinator sent: %s: %s", getattr(fn, "__name__", fn),
+                      type(exc).__name__, exc)
+            raise RemoteProtocolError(f"{type(exc).__name__}: {exc}") from None
+
+    def _declined(self, rnd: int, attempt: int) -> bool:
+        return (self.run_id, rnd, attempt) in self.kept.declined
 
     def _started_event(self, rnd: int, attempt: int) -> anyio.Event:
         return self._round_started.setdefault((rnd, attempt), anyio.Event())
@@ -278,12 +306,12 @@ class _Session:
         try:
             trained_on = (params_digest(ins.params), dict(ins.config))
             async with self.kept.training:
-                if (ins.round, ins.attempt) in self._declined or (ins.round, ins.attempt) != self.kept.latest_fit:
+                if self._declined(ins.round, ins.attempt) or (ins.round, ins.attempt) != self.kept.latest_fit:
                     self.conn.pool.release(ins.params.values())
                     return  # refused, or superseded, while the previous training ran
                 t0 = time.monotonic()
                 try:
-                    delta, result = await anyio.to_thread.run_sync(worker.train, ins)
+                    delta, result = await self._work(worker.train, ins)
                 except BudgetExhausted as exc:
                     self.conn.pool.release(ins.params.values())
                     log.warning("%s", exc)
@@ -294,18 +322,24 @@ class _Session:
             # The round's SecAggStart follows FitIns; wait for it rather than race it.
             with anyio.move_on_after(self._stage_timeout):
                 await self._started_event(ins.round, ins.attempt).wait()
-            if secure.round_key != (ins.round, ins.attempt) or (ins.round, ins.attempt) in self._declined:
+            if secure.round_key != (ins.round, ins.attempt) or self._declined(ins.round, ins.attempt):
                 log.warning("round %d.%d moved on while training; update discarded", ins.round, ins.attempt)
                 return
-            await self._secure_step(
-                secure, ins, lambda: secure.set_input(flatten(delta), result.num_samples, trained_on=trained_on)
-            )
+            # With equal_weight the site counts as one sample: its size never enters any sum.
+            n = 1 if self.cfg.policy.equal_weight else result.num_samples
+            await self._secure_step(secure, ins, lambda: secure.set_input(flatten(delta), n, trained_on=trained_on))
             if secure.clipped:
                 log.info("secure aggregation: %d update values were clipped", secure.clipped)
         except (ConnectionLost, RemoteProtocolError) as exc:
             if self.error is None:
                 self.error = exc
             tg.cancel_scope.cancel()
+
+
+def _first_leaf(group: BaseException) -> BaseException:
+    while isinstance(group, BaseExceptionGroup):
+        group = group.exceptions[0]
+    return group
 
 
 async def run_client(cfg: SiteConfig, *, faults: FaultPlan = FaultPlan()) -> int:

@@ -157,6 +157,8 @@ def component_survives(me: int, graph: Mapping[int, set[int]], *, needed: int, c
     if len(graph.get(me, ())) >= needed - 1 + colluders:
         return True, ""  # enough direct partners: any `colluders` of them leave needed - 1
     others = sorted(component - {me})
+    if len(others) <= colluders:  # the colluders could be all of them (found in review)
+        return False, f"{len(others)} other sites in this site's masking component, no more than {colluders} colluders"
     if math.comb(len(others), colluders) > MAX_REMOVALS:
         return False, (f"{len(graph.get(me, ()))} direct mask partners, and too many ways to remove {colluders} "
                        f"colluders to check them all")
@@ -227,6 +229,7 @@ class ClientStateMachine:
         self._random = random_bytes
         self.stage = ClientStage.IDLE
         self._fit: _Fit | None = None
+        self._newest_fit: tuple[int, int] = (0, 0)  # the newest FitIns seen, accepted or not
         self._round: _Round | None = None
         self._revealed: dict[int, str] = {}
         self.clipped = 0
@@ -333,7 +336,8 @@ class ClientStateMachine:
         One FitIns per round attempt: a second one could have the site train on one model while
         it signs another.
         """
-        last = (self._fit.round, self._fit.attempt) if self._fit else self.replay.last(self.run_id)
+        last = max(self._newest_fit, self.replay.last(self.run_id))
+        self._newest_fit = max(self._newest_fit, (msg.round, msg.attempt))  # refusals never lower it
         if (msg.round, msg.attempt) <= last:
             self._fit = None  # nothing of this round attempt goes ahead now
             self.policy.refuse("replay", f"FitIns for round {msg.round}.{msg.attempt}, not newer than "

@@ -154,10 +154,10 @@ class SiteWorker:
             return {}
         return {"epsilon": self.ledger.epsilon(), "noise_multiplier": self.sigma}
 
-    def fit(self, ins: FitIns) -> FitRes:
-        """The plaintext update (secure aggregation off): ``n * delta`` and ``n``."""
+    def fit(self, ins: FitIns, equal_weight: bool = False) -> FitRes:
+        """The plaintext update (secure aggregation off): ``n * delta`` and ``n`` (1 with ``equal_weight``)."""
         delta, result = self.train(ins)
-        n = result.num_samples
+        n = 1 if equal_weight else result.num_samples
         update = {k: (n * v).astype(np.float32) for k, v in delta.items()}
         return FitRes(ins.round, ins.attempt, update, n, {"train_loss": result.loss, "steps": result.steps})
 

@@ -514,3 +514,29 @@ def cut_outs(draw):
 @given(cut_outs())
 def test_a_set_cut_out_of_the_graph_stays_masked(scenario):
     assert judge(*scenario) == []
+
+
+def test_a_component_made_only_of_possible_colluders_does_not_count():
+    """Found in review: with colluders >= the other members of the component there was no removal
+    set to try, and the check passed. Every member but the site could be a colluder: refuse."""
+    from asagiri.secagg.client import component_survives
+
+    star = {1: {10, 11}, 10: {1}, 11: {1}}
+    assert component_survives(1, star, needed=3, colluders=3)[0] is False
+    assert component_survives(1, star, needed=3, colluders=2)[0] is False
+    assert component_survives(1, star, needed=3, colluders=0)[0] is True
+    ring = {u: {(u % 6) + 1, ((u - 2) % 6) + 1} for u in range(1, 7)}  # 1-2-3-4-5-6-1
+    assert component_survives(1, ring, needed=3, colluders=1)[0] is True  # any one cut leaves a path of 5
+    ok, why = component_survives(1, ring, needed=3, colluders=2)
+    assert not ok and why.startswith("without sites [2, 5]")  # site 1 is left with site 6 only
+
+
+def test_a_refused_fitins_does_not_reopen_the_round_attempt():
+    """Found in review: refusing a second FitIns forgot the first, so a third was accepted."""
+    fed = Federation(3, dim=DIM, policy=STRICT)
+    with refused("replay"):
+        fed.clients[1].receive(FitIns(1, 1, {"w": np.ones(DIM, np.float32)}, {}))
+    with refused("replay"):
+        fed.clients[1].receive(FitIns(1, 1, {"w": np.full(DIM, 2, np.float32)}, {}))
+    with refused("stage"):  # and no SecAggStart for it goes ahead either
+        fed.clients[1].receive(to_site(fed.server.start(), 1, SecAggStart))

@@ -31,6 +31,7 @@ from asagiri.wire.messages import (
     ConsistencyCheck,
     ConsistencySig,
     Decline,
+    EvaluateIns,
     FitIns,
     FitRes,
     KeyRoster,
@@ -534,3 +535,71 @@ def test_a_message_larger_than_the_model_closes_the_channel(attacker):
     assert 1 in attacker.case(back, sites=RUNNING)
     assert attacker.procs[1].poll() is None
     assert "tensors exceed the maximum payload" in attacker.log(1)
+
+
+# ---- found in review: hostile but well-formed requests --------------------------------------------------
+
+
+def test_a_model_that_breaks_evaluation_ends_the_session_not_the_site(attacker):
+    """Finite float32 weights of 3e38 make the forward pass NaN, and scikit-learn refuses NaN scores."""
+
+    async def script(sessions):
+        params = {k: np.full_like(v, 3e38) for k, v in attacker.fit_ins(1).params.items()}
+        await sessions[1].conn.send(EvaluateIns(next(_rounds), params, "val"))
+        with anyio.fail_after(60):
+            await sessions[1].closed.wait()
+        return True
+
+    assert attacker.case(script, sites=RUNNING)
+    assert 1 in attacker.case(lambda sessions: _ids(sessions), sites=RUNNING)  # it came back
+    assert attacker.procs[1].poll() is None
+    assert "evaluate failed on what the coordinator sent" in attacker.log(1)
+
+
+def test_a_spec_the_site_cannot_set_up_is_declined_not_a_crash(attacker):
+    spec = _spec(attacker, data={"dataset": "isic"})  # valid, but this site has no ISIC files
+
+    async def script(sessions):
+        await sessions[1].conn.send(attacker.fit_ins(next(_rounds)))
+        return await sessions[1].expect()
+
+    reply = attacker.case(script, sites=RUNNING, spec=spec)
+    assert isinstance(reply, Decline) and reply.permanent and rule_of(reply.reason) == "spec"
+    assert attacker.procs[1].poll() is None
+
+
+def test_equal_weight_keeps_the_sample_count_out_of_every_sum(attacker):
+    """A site with policy.equal_weight counts as one sample: a differencing coordinator that
+    subtracts two rounds' counts learns 1, not its size."""
+    site = 6
+    proc = attacker.start_site(site, policy={"equal_weight": True})
+    try:
+        async def script(sessions):
+            rnd = Round(attacker, sessions, [1, 2, site])
+            machine = ServerStateMachine(params=rnd.params, min_clients=2,
+                                         identities={i: k.public for i, k in attacker.site_keys.items()})
+            for s in rnd.participants:
+                await rnd.send(s, rnd.fit)
+            pending = machine.start()
+            while pending and not machine.finished:
+                for o in pending:
+                    await rnd.send(o.site, o.msg)
+                sites, pending = list(dict.fromkeys(o.site for o in pending)), []
+                for s in sites:
+                    msg = await sessions[s].expect()
+                    assert not isinstance(msg, Decline), msg
+                    pending += machine.receive(s, msg)
+            assert machine.result is not None, machine.abort_reason
+            return rnd, machine.result.total
+
+        rnd, total = attacker.case(script, sites=[*RUNNING, site], timeout=120)
+    finally:
+        proc.kill()
+        proc.wait()
+    _, count = dequantize(total, rnd.params.plan)
+    n1, n2 = (attacker.true_update(s, rnd.fit)[1] for s in (1, 2))
+    assert count == n1 + n2 + 1
+
+
+async def _ids(sessions):
+    return sorted(sessions)
