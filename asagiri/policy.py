@@ -112,7 +112,7 @@ class SitePolicy:
 
     def check_component(self, ok: bool, detail: str) -> None:
         """Any unmaskable sum holding this site's input holds its whole masking component; the
-        secure-aggregation machine works the component out (``secagg.client.component_survives``)."""
+        secure-aggregation machine works the component out (``secagg.component.component_survives``)."""
         self.require(ok, "component", detail)
 
     def check_group(self, size: int, threshold: int) -> None:

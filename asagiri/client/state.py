@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from ..fsutil import atomic_write_bytes
-from ..secagg.client import ReplayGuard
+from ..secagg.replay import ReplayGuard
 
 __all__ = ["PersistentReplayGuard", "StateError"]
 

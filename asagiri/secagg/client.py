@@ -30,8 +30,6 @@ cannot get past (docs/secagg.md has the argument):
 from __future__ import annotations
 
 import enum
-import itertools
-import math
 import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -59,20 +57,14 @@ from ..wire.messages import (
 )
 from . import shamir
 from .binding import RoundParams, keys_message, params_digest, survivors_message
+from .component import component_survives, mutual_masks
 from .graph import graph_seed, neighbours
 from .masking import add_masks, pair_seed, sign
 from .prg import PRGS
 from .quantize import QuantisationError, QuantPlan, quantize
+from .replay import ReplayGuard
 
-__all__ = [
-    "ClientStage",
-    "ClientStateMachine",
-    "ReplayGuard",
-    "SecAggRefused",
-    "component_survives",
-    "masking_component",
-    "mutual_masks",
-]
+__all__ = ["ClientStage", "ClientStateMachine", "ReplayGuard", "SecAggRefused"]
 
 SecAggRefused = Refusal  # the name the runtime and the tests know this refusal by
 
@@ -91,83 +83,9 @@ class ClientStage(enum.Enum):
     ABORTED = "aborted"
 
 
-class ReplayGuard:
-    """The newest (round, attempt) this site entered, per run.  The runtime's subclass persists it
-    (``save``), so a restarted site never enters an earlier round again."""
-
-    def __init__(self, marks: Mapping[str, tuple[int, int]] | None = None) -> None:
-        self.marks: dict[str, tuple[int, int]] = dict(marks or {})
-
-    def last(self, run_id: str) -> tuple[int, int]:
-        return self.marks.get(run_id, (0, 0))
-
-    def advance(self, run_id: str, rnd: int, attempt: int) -> bool:
-        """Record (round, attempt) and return True if it is newer than every earlier one."""
-        if (rnd, attempt) <= self.last(run_id):
-            return False
-        self.marks[run_id] = (rnd, attempt)
-        self.save()
-        return True
-
-    def save(self) -> None:
-        """Persist ``marks`` before the round's first message leaves; in memory by default."""
-
-
 def share_key(my_c: EphemeralKey, peer_c_pk: bytes, sender: int, recipient: int, ctx: bytes) -> bytes:
     """Directional AEAD key for shares sender -> recipient; derived from X25519, unknown to the coordinator."""
     return blake2b(my_c.agree(peer_c_pk) + ctx + struct.pack(">II", sender, recipient), person=b"asagiri-share")
-
-
-def mutual_masks(survivors: list[int], masked_with: Mapping[int, list[int] | set[int]]) -> dict[int, set[int]]:
-    """Survivors joined by pairwise masks that both ends added (each end's claim signed).
-
-    ``masked_with[u]``: whom ``u`` says it masked with.  A mask only one side added never cancels,
-    so it never lets the coordinator unmask anything: such pairs are not edges.
-    """
-    alive = set(survivors)
-    claims = {u: set(vs) & alive for u, vs in masked_with.items() if u in alive}
-    return {u: {w for w in vs if u in claims.get(w, ())} for u, vs in claims.items()}
-
-
-def masking_component(me: int, graph: Mapping[int, set[int]], removed: frozenset[int] = frozenset()) -> set[int]:
-    seen, todo = {me}, [me]
-    while todo:
-        for w in graph.get(todo.pop(), ()):
-            if w not in seen and w not in removed:
-                seen.add(w)
-                todo.append(w)
-    return seen
-
-
-# Removal sets tried before a site gives up and refuses (a conservative answer).
-MAX_REMOVALS = 20_000
-
-
-def component_survives(me: int, graph: Mapping[int, set[int]], *, needed: int, colluders: int) -> tuple[bool, str]:
-    """Whether ``me``'s masking component keeps ``needed`` members whichever ``colluders`` others go.
-
-    A colluder's masks are ones the coordinator can compute, and its input one it knows: removing
-    it from the graph is what collusion does.  With no colluders this is the component's size.
-    """
-    component = masking_component(me, graph)
-    if len(component) < needed:
-        return False, f"{len(component)} sites in this site's masking component {sorted(component)}, fewer than {needed}"
-    if colluders == 0:
-        return True, ""
-    if len(graph.get(me, ())) >= needed - 1 + colluders:
-        return True, ""  # enough direct partners: any `colluders` of them leave needed - 1
-    others = sorted(component - {me})
-    if len(others) <= colluders:  # the colluders could be all of them (found in review)
-        return False, f"{len(others)} other sites in this site's masking component, no more than {colluders} colluders"
-    if math.comb(len(others), colluders) > MAX_REMOVALS:
-        return False, (f"{len(graph.get(me, ()))} direct mask partners, and too many ways to remove {colluders} "
-                       f"colluders to check them all")
-    for removed in itertools.combinations(others, colluders):
-        left = masking_component(me, graph, frozenset(removed))
-        if len(left) < needed:
-            return False, (f"without sites {list(removed)} this site's masking component is {sorted(left)}, "
-                           f"fewer than {needed}")
-    return True, ""
 
 
 @dataclass(frozen=True)

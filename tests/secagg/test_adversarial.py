@@ -519,7 +519,7 @@ def test_a_set_cut_out_of_the_graph_stays_masked(scenario):
 def test_a_component_made_only_of_possible_colluders_does_not_count():
     """Found in review: with colluders >= the other members of the component there was no removal
     set to try, and the check passed. Every member but the site could be a colluder: refuse."""
-    from asagiri.secagg.client import component_survives
+    from asagiri.secagg.component import component_survives
 
     star = {1: {10, 11}, 10: {1}, 11: {1}}
     assert component_survives(1, star, needed=3, colluders=3)[0] is False

@@ -131,6 +131,31 @@ class Round:
         got = await self.collect([s for s in requests if s in self.sigs], UnmaskResponse)
         self.responses = list(got.values())
 
+    async def honest(self) -> np.ndarray:
+        """Run the round as the real coordinator's machine would; returns the unmasked ring sum."""
+        machine = ServerStateMachine(params=self.params, min_clients=2,
+                                     identities={i: k.public for i, k in self.a.site_keys.items()})
+        for site in self.participants:
+            await self.send(site, self.fit)
+        pending = machine.start()
+        while pending and not machine.finished:
+            for o in pending:
+                await self.send(o.site, o.msg)
+            sites, pending = list(dict.fromkeys(o.site for o in pending)), []
+            for site in sites:
+                msg = await self.sessions[site].expect()
+                assert not isinstance(msg, Decline), msg
+                pending += machine.receive(site, msg)
+                if isinstance(msg, UnmaskResponse):
+                    self.responses.append(msg)
+                if isinstance(msg, MaskedInput):
+                    self.masked[site] = msg.vector["y"]
+                if isinstance(msg, AdvertiseKeys):
+                    self.keys[site] = msg
+        assert machine.result is not None, machine.abort_reason
+        self.delivered = {s: list(machine.delivered_from[s]) for s in self.participants}
+        return machine.result.total
+
     def estimate(self, site):
         s_pk = {v: k.s_pk for v, k in self.keys.items()}
         return unmask_attempt(site, self.masked.get(site), self.params, masked_with=self.delivered.get(site, []),
@@ -158,28 +183,7 @@ def test_control_an_honest_round_sums_to_the_true_updates(attacker):
 
     async def script(sessions):
         rnd = Round(attacker, sessions, DEMO)
-        machine = ServerStateMachine(params=rnd.params, min_clients=2,
-                                     identities={i: k.public for i, k in attacker.site_keys.items()})
-        for site in DEMO:
-            await rnd.send(site, rnd.fit)
-        pending = machine.start()
-        while pending and not machine.finished:
-            for o in pending:
-                await rnd.send(o.site, o.msg)
-            sites, pending = list(dict.fromkeys(o.site for o in pending)), []
-            for site in sites:
-                msg = await sessions[site].expect()
-                assert not isinstance(msg, Decline), msg
-                pending += machine.receive(site, msg)
-                if isinstance(msg, UnmaskResponse):
-                    rnd.responses.append(msg)
-                if isinstance(msg, MaskedInput):
-                    rnd.masked[site] = msg.vector["y"]
-                if isinstance(msg, AdvertiseKeys):
-                    rnd.keys[site] = msg
-        assert machine.result is not None, machine.abort_reason
-        rnd.delivered = {s: list(machine.delivered_from[s]) for s in DEMO}
-        return rnd, machine.result.total
+        return rnd, await rnd.honest()
 
     rnd, total = attacker.case(script, sites=RUNNING)
     weighted, count = dequantize(total, rnd.params.plan)
@@ -576,21 +580,7 @@ def test_equal_weight_keeps_the_sample_count_out_of_every_sum(attacker):
     try:
         async def script(sessions):
             rnd = Round(attacker, sessions, [1, 2, site])
-            machine = ServerStateMachine(params=rnd.params, min_clients=2,
-                                         identities={i: k.public for i, k in attacker.site_keys.items()})
-            for s in rnd.participants:
-                await rnd.send(s, rnd.fit)
-            pending = machine.start()
-            while pending and not machine.finished:
-                for o in pending:
-                    await rnd.send(o.site, o.msg)
-                sites, pending = list(dict.fromkeys(o.site for o in pending)), []
-                for s in sites:
-                    msg = await sessions[s].expect()
-                    assert not isinstance(msg, Decline), msg
-                    pending += machine.receive(s, msg)
-            assert machine.result is not None, machine.abort_reason
-            return rnd, machine.result.total
+            return rnd, await rnd.honest()
 
         rnd, total = attacker.case(script, sites=[*RUNNING, site], timeout=120)
     finally:
