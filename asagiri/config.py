@@ -97,8 +97,11 @@ class ModelConfig(_Strict):
     groups: int = Field(32, ge=1)
 
 
+StrategyName = Literal["fedavg", "fedprox", "fedavgm"]
+
+
 class StrategyConfig(_Strict):
-    name: Literal["fedavg", "fedprox", "fedavgm"] = "fedavg"
+    name: StrategyName = "fedavg"
     mu: float = Field(0.0, ge=0)
     fedbn: bool = False
     server_lr: float = Field(1.0, gt=0)
@@ -248,9 +251,9 @@ class PolicyConfig(_Strict):
 
 
 class SpecStrategy(_Strict):
-    """The part of ``strategy`` a site acts on."""
+    """The part of ``strategy`` a site acts on (``StrategyConfig``'s other keys stay with the coordinator)."""
 
-    name: Literal["fedavg", "fedprox", "fedavgm"] = "fedavg"
+    name: StrategyName = "fedavg"
     mu: float = Field(0.0, ge=0)
     fedbn: bool = False
 

@@ -31,6 +31,7 @@ from typing import Any, NoReturn
 from pydantic import ValidationError
 
 from .config import PolicyConfig, RunSpec
+from .secagg.binding import quorum
 from .wire.crypto import PublicIdentity
 
 __all__ = ["Refusal", "SitePolicy"]
@@ -106,9 +107,8 @@ class SitePolicy:
         self.require(not unknown, "pinned_peers", f"sites {unknown} have no pinned identity key here")
 
     def quorum(self, participants: int) -> int:
-        """Survivor-list signatures needed so that no two lists can both be certified: more than
-        half of the participants, counting every assumed colluder as signing both."""
-        return (participants + self.cfg.colluders) // 2 + 1
+        """Survivor-list signatures this site needs (``secagg.binding.quorum`` with its colluders)."""
+        return quorum(participants, self.cfg.colluders)
 
     def check_component(self, ok: bool, detail: str) -> None:
         """Any unmaskable sum holding this site's input holds its whole masking component; the

@@ -26,7 +26,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from ..config import RunSpec, SiteConfig
 from ..policy import Refusal, SitePolicy
-from ..secagg.binding import params_digest, spec_digest
+from ..secagg.binding import spec_digest
 from ..secagg.client import ClientStateMachine
 from ..site.worker import BudgetExhausted, SiteWorker
 from ..strategy.aggregate import flatten
@@ -220,7 +220,8 @@ class _Session:
                 # Key set-up messages keep flowing while we train; the update is masked when ready.
                 if await self._secure_step(secure, msg, lambda: secure.receive(msg)):
                     self.kept.latest_fit = (msg.round, msg.attempt)
-                    tg.start_soon(self._train_secure, msg, worker, secure, tg)
+                    assert secure.fit_binding is not None  # the FitIns just accepted
+                    tg.start_soon(self._train_secure, msg, secure.fit_binding, worker, secure, tg)
                 else:
                     self.conn.pool.release(msg.params.values())
                 return
@@ -301,10 +302,11 @@ class _Session:
         return True
 
     async def _train_secure(
-        self, ins: FitIns, worker: SiteWorker, secure: ClientStateMachine, tg: anyio.abc.TaskGroup
+        self, ins: FitIns, trained_on: tuple[bytes, dict], worker: SiteWorker, secure: ClientStateMachine,
+        tg: anyio.abc.TaskGroup,
     ) -> None:
+        """Train from ``ins``, whose digest the machine took when it accepted it (``trained_on``)."""
         try:
-            trained_on = (params_digest(ins.params), dict(ins.config))
             async with self.kept.training:
                 if self._declined(ins.round, ins.attempt) or (ins.round, ins.attempt) != self.kept.latest_fit:
                     self.conn.pool.release(ins.params.values())

@@ -34,7 +34,6 @@ from ..observe.audit import AuditLog, params_digest
 from ..observe.metrics import CoordinatorMetrics, serve_metrics
 from ..observe.runlog import append_jsonl, trim_jsonl
 from ..secagg import binding
-from ..secagg.quantize import QuantPlan
 from ..secagg.server import ServerStateMachine
 from ..strategy.base import FitPlan, build_strategy
 from ..strategy.selection import NotEnoughSites
@@ -389,14 +388,10 @@ class Coordinator:
         sa = self.cfg.secagg
         if not sa.enabled:
             return None
-        sites = plan.sites
-        quant = QuantPlan.plan(bits=sa.bits, clip=sa.clip, max_samples=sa.max_samples_per_site, max_sites=len(sites))
-        degree, threshold = sa.group(len(sites))
-        params = binding.RoundParams(
-            run_id=self.cfg.run_id, round=rnd, attempt=attempt, participants=tuple(sites),
-            vector_len=sum(v.size for v in self.strategy.params.values()) + 1, plan=quant, prg=sa.prg,
-            degree=degree or 0, threshold=threshold, params_digest=binding.params_digest(self.strategy.params),
-            fit_config=plan.config, spec_digest=self.spec_digest,
+        params = binding.RoundParams.derive(
+            run_id=self.cfg.run_id, round=rnd, attempt=attempt, participants=plan.sites, secagg=sa,
+            params_digest=binding.params_digest(self.strategy.params), fit_config=plan.config,
+            vector_len=sum(v.size for v in self.strategy.params.values()) + 1, spec_digest=self.spec_digest,
         )
         return ServerStateMachine(params=params, min_clients=self.cfg.min_clients, identities=self.roster)
 

@@ -23,11 +23,13 @@ from typing import Any
 import msgpack
 import numpy as np
 
+from ..config import SecAggConfig
 from ..wire.crypto import blake2b, blake2b_chunks
 from .quantize import QuantPlan
 
 __all__ = [
     "RoundParams",
+    "quorum",
     "canonical",
     "keys_message",
     "params_digest",
@@ -101,6 +103,22 @@ class RoundParams:
         ])
         object.__setattr__(self, "digest", blake2b(body, person=b"asagiri-round"))
 
+    @classmethod
+    def derive(
+        cls, *, run_id: str, round: int, attempt: int, participants: Sequence[int], secagg: SecAggConfig,
+        params_digest: bytes, fit_config: Mapping[str, Any], vector_len: int, spec_digest: bytes,
+    ) -> RoundParams:
+        """The round every party derives from the spec's ``secagg`` and the participant count
+        (protocol/SPEC.md §6.2).  Raises :class:`QuantisationError` where no plan fits."""
+        n = len(participants)
+        plan = QuantPlan.plan(bits=secagg.bits, clip=secagg.clip, max_samples=secagg.max_samples_per_site, max_sites=n)
+        degree, threshold = secagg.group(n)
+        return cls(
+            run_id=run_id, round=round, attempt=attempt, participants=tuple(participants), vector_len=vector_len,
+            plan=plan, prg=secagg.prg, degree=degree or 0, threshold=threshold, params_digest=params_digest,
+            fit_config=fit_config, spec_digest=spec_digest,
+        )
+
     @property
     def context(self) -> bytes:
         """``ctx = run_id || 0x00 || u32 round || u32 attempt || D``: the domain of every derived key."""
@@ -108,8 +126,14 @@ class RoundParams:
 
     @property
     def quorum(self) -> int:
-        """Survivor-list signatures needed: a majority of the participants, so no two lists both get one."""
-        return len(self.participants) // 2 + 1
+        """Survivor-list signatures a site assuming no colluders needs."""
+        return quorum(len(self.participants))
+
+
+def quorum(participants: int, colluders: int = 0) -> int:
+    """Survivor-list signatures needed so that no two lists can both be certified: more than half
+    of the participants, counting every assumed colluder as signing both."""
+    return (participants + colluders) // 2 + 1
 
 
 def _ids(ids: Sequence[int]) -> bytes:

@@ -61,7 +61,7 @@ from .component import component_survives, mutual_masks
 from .graph import graph_seed, neighbours
 from .masking import add_masks, pair_seed, sign
 from .prg import PRGS
-from .quantize import QuantisationError, QuantPlan, quantize
+from .quantize import QuantisationError, quantize
 from .replay import ReplayGuard
 
 __all__ = ["ClientStage", "ClientStateMachine", "ReplayGuard", "SecAggRefused"]
@@ -155,6 +155,12 @@ class ClientStateMachine:
     @property
     def peers(self) -> dict:
         return self.policy.peers
+
+    @property
+    def fit_binding(self) -> tuple[bytes, dict] | None:
+        """(params digest, config) of the FitIns accepted last: what ``set_input``'s ``trained_on``
+        must be for an update trained from it."""
+        return None if self._fit is None else (self._fit.params_digest, self._fit.config)
 
     @property
     def round_key(self) -> tuple[int, int] | None:
@@ -277,27 +283,23 @@ class ClientStateMachine:
         self.policy.check_participants("participants", participants)
         self.policy.check_pinned(participants)
         # The site's own derivation, from the spec every participant signs over.
-        sa = self.secagg
         try:
-            plan = QuantPlan.plan(bits=sa.bits, clip=sa.clip, max_samples=sa.max_samples_per_site,
-                                  max_sites=len(participants))
+            params = RoundParams.derive(
+                run_id=self.run_id, round=msg.round, attempt=msg.attempt, participants=participants,
+                secagg=self.secagg, params_digest=fit.params_digest, fit_config=fit.config,
+                vector_len=fit.vector_len, spec_digest=self.spec_digest,
+            )
         except QuantisationError as exc:
             self.policy.refuse("round_params", str(exc))
-        degree, threshold = sa.group(len(participants))
-        self._check(_same(msg.quant, plan.to_dict()), "round_params",
-                    f"quantisation plan {msg.quant} differs from this site's {plan.to_dict()}")
-        self._check(msg.prg == sa.prg and msg.prg in PRGS, "round_params",
-                    f"mask PRG {msg.prg!r}; the run's spec says {sa.prg!r}")
-        self._check((msg.degree, msg.threshold) == (degree or 0, threshold), "round_params",
-                    f"degree {msg.degree}, threshold {msg.threshold}; the spec gives {degree or 0}, {threshold}")
-        self._check(msg.vector_len == fit.vector_len, "round_params",
-                    f"vector_len {msg.vector_len}, but the round's model flattens to {fit.vector_len - 1} + 1")
-        self.policy.check_group(len(participants) if degree is None else degree + 1, threshold)
-        params = RoundParams(
-            run_id=self.run_id, round=msg.round, attempt=msg.attempt, participants=tuple(participants),
-            vector_len=msg.vector_len, plan=plan, prg=msg.prg, degree=msg.degree, threshold=msg.threshold,
-            params_digest=fit.params_digest, fit_config=fit.config, spec_digest=self.spec_digest,
-        )
+        own = params.plan.to_dict()
+        self._check(_same(msg.quant, own), "round_params", f"quantisation plan {msg.quant} differs from this site's {own}")
+        self._check(msg.prg == params.prg and msg.prg in PRGS, "round_params",
+                    f"mask PRG {msg.prg!r}; the run's spec says {params.prg!r}")
+        self._check((msg.degree, msg.threshold) == (params.degree, params.threshold), "round_params",
+                    f"degree {msg.degree}, threshold {msg.threshold}; the spec gives {params.degree}, {params.threshold}")
+        self._check(msg.vector_len == params.vector_len, "round_params",
+                    f"vector_len {msg.vector_len}, but the round's model flattens to {params.vector_len - 1} + 1")
+        self.policy.check_group(len(participants) if params.degree == 0 else params.degree + 1, params.threshold)
         # Persisted before anything leaves: a restarted site cannot be walked back into this round.
         self._check(self.replay.advance(self.run_id, msg.round, msg.attempt), "replay",
                     f"round {msg.round}.{msg.attempt} was entered before")

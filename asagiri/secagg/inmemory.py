@@ -15,7 +15,6 @@ from ..wire.crypto import Identity
 from ..wire.messages import FitIns, Message
 from .binding import RoundParams, params_digest, spec_digest
 from .client import ClientStateMachine
-from .quantize import QuantPlan
 from .server import Out, ServerStage, ServerStateMachine
 
 __all__ = ["LocalRound", "STAGES"]
@@ -52,14 +51,12 @@ class LocalRound:
         spec = {"secagg": sa.model_dump()}
         self.spec_digest = spec_digest(spec)
         self.fit = FitIns(self.rnd, self.attempt, {"w": np.zeros(self.dim, np.float32)}, {})
-        degree, threshold = sa.group(len(self.ids))
-        self.plan = QuantPlan.plan(bits=sa.bits, clip=sa.clip, max_samples=sa.max_samples_per_site,
-                                   max_sites=len(self.ids))
-        self.params = RoundParams(
-            run_id=self.run_id, round=self.rnd, attempt=self.attempt, participants=tuple(self.ids),
-            vector_len=self.dim + 1, plan=self.plan, prg=sa.prg, degree=degree or 0, threshold=threshold,
-            params_digest=params_digest(self.fit.params), fit_config={}, spec_digest=self.spec_digest,
+        self.params = RoundParams.derive(
+            run_id=self.run_id, round=self.rnd, attempt=self.attempt, participants=self.ids, secagg=sa,
+            params_digest=params_digest(self.fit.params), fit_config={}, vector_len=self.dim + 1,
+            spec_digest=self.spec_digest,
         )
+        self.plan = self.params.plan
         self.server = ServerStateMachine(params=self.params, min_clients=self.min_clients, identities=pubs)
         policy = self.policy or PolicyConfig(min_participants=self.min_clients, min_group=2)
         if self.clients is None:

@@ -23,12 +23,11 @@ import numpy as np
 import torch
 import yaml
 
-from asagiri.config import FederationConfig, RunSpec, load_site
+from asagiri.config import FederationConfig, RunSpec, SiteConfig
 from asagiri.secagg import shamir
 from asagiri.secagg.binding import RoundParams, params_digest, spec_digest
 from asagiri.secagg.masking import pair_seed, sign
 from asagiri.secagg.prg import expand
-from asagiri.secagg.quantize import QuantPlan
 from asagiri.site import SiteWorker
 from asagiri.strategy.aggregate import flatten
 from asagiri.wire.channel import SiteRefused
@@ -96,15 +95,21 @@ class Attacker:
         self.site_keys = {i: Identity.generate() for i in range(1, sites + 1)}
         self.spec = RunSpec.of(FED).wire()
         self.procs: dict[int, subprocess.Popen] = {}
+        self._workers: dict[int, SiteWorker] = {}  # for true_update
         (root / "logs").mkdir(parents=True, exist_ok=True)
 
     # -- site processes ----------------------------------------------------------------------------
 
     def site_config(self, site: int, **extra: Any) -> Path:
+        path = self.root / f"site-{site}.yaml"
+        path.write_text(yaml.safe_dump(self._site_settings(site, **extra)))
+        return path
+
+    def _site_settings(self, site: int, **extra: Any) -> dict[str, Any]:
         key = self.root / "keys" / f"site-{site}.key"
         if not key.exists():
             self.site_keys[site].save(key)
-        data = {
+        return {
             "site_id": site, "identity_key": str(key),
             "coordinator": {"host": "127.0.0.1", "port": self.port, "public_key": self.identity.public.hex()},
             "peers": {i: k.public.hex() for i, k in self.site_keys.items()},
@@ -112,9 +117,6 @@ class Attacker:
             "reconnect": {"initial_s": 0.1, "max_s": 0.3, "give_up_s": 300},
             **extra,
         }
-        path = self.root / f"site-{site}.yaml"
-        path.write_text(yaml.safe_dump(data))
-        return path
 
     def start_site(self, site: int, **extra: Any) -> subprocess.Popen:
         path = self.site_config(site, **extra)
@@ -217,14 +219,10 @@ class Attacker:
         return FitIns(rnd, attempt, params, config if config is not None else {"mu": 0.0, "seed": rnd})
 
     def round_params(self, fit: FitIns, participants: list[int], spec: dict | None = None) -> RoundParams:
-        sa = RunSpec.model_validate(spec or self.spec).secagg
-        degree, threshold = sa.group(len(participants))
-        plan = QuantPlan.plan(bits=sa.bits, clip=sa.clip, max_samples=sa.max_samples_per_site,
-                              max_sites=len(participants))
-        return RoundParams(
-            run_id=RUN, round=fit.round, attempt=fit.attempt, participants=tuple(participants),
-            vector_len=sum(v.size for v in fit.params.values()) + 1, plan=plan, prg=sa.prg, degree=degree or 0,
-            threshold=threshold, params_digest=params_digest(fit.params), fit_config=fit.config,
+        return RoundParams.derive(
+            run_id=RUN, round=fit.round, attempt=fit.attempt, participants=participants,
+            secagg=RunSpec.model_validate(spec or self.spec).secagg, params_digest=params_digest(fit.params),
+            fit_config=fit.config, vector_len=sum(v.size for v in fit.params.values()) + 1,
             spec_digest=spec_digest(spec or self.spec),
         )
 
@@ -237,11 +235,14 @@ class Attacker:
 
     def true_update(self, site: int, fit: FitIns) -> tuple[np.ndarray, int]:
         """``n * clip(delta)`` and ``n`` as the site computes them from this FitIns."""
-        cfg = load_site(self.site_config(site))
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            worker = SiteWorker(cfg, Welcome(RUN, site - 1, SITES, self.spec), RunSpec.model_validate(self.spec))
+            worker = self._workers.get(site)
+            if worker is None:  # its data loaded once; train() starts from fit.params every time
+                cfg = SiteConfig.model_validate(self._site_settings(site))
+                spec = RunSpec.model_validate(self.spec)
+                worker = self._workers[site] = SiteWorker(cfg, Welcome(RUN, site - 1, SITES, self.spec), spec)
             delta, result = worker.train(fit)
         finally:
             torch.set_num_threads(threads)
