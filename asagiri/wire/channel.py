@@ -182,7 +182,8 @@ class SecureChannel:
     """Encrypt and decrypt frames for one established session (sans-IO).
 
     ``frames(msg)`` yields ready-to-send wire frames (length prefix included); tensors are cut into
-    ``chunk_bytes`` pieces encrypted straight from the array's memory.  ``receive_frame(payload)``
+    ``chunk_bytes`` pieces encrypted straight from the array's memory.  ``chunk_bytes`` is a sending
+    choice only: the receiver takes any chunking whose chunks stay within one tensor.  ``receive_frame(payload)``
     takes one frame payload and returns a :class:`Message` once a whole message has arrived;
     tensor chunks are decrypted directly into arrays taken from ``pool`` when the header arrives.
     Hand a consumed message's arrays back with ``pool.release`` to make the next one allocation-free.
@@ -271,9 +272,11 @@ class SecureChannel:
                 raise RemoteProtocolError("tensor data without a message header")
             n = len(body) - AEAD_TAG_BYTES
             target = inbound.views[inbound.index]
-            expected = min(self.chunk_bytes, len(target) - inbound.offset)
-            if n != expected:
-                raise RemoteProtocolError(f"tensor chunk of {n} bytes where {expected} were due")
+            remaining = len(target) - inbound.offset
+            # The sender's chunk size is its own choice (SPEC §4): any chunk of 1..remaining bytes
+            # of the current tensor is accepted; the frame limit already bounds it from above.
+            if not 0 < n <= remaining:
+                raise RemoteProtocolError(f"tensor chunk of {n} bytes; 1 to {remaining} were due")
             self._rx.open_into(counter, body, bytes([kind]), target[inbound.offset : inbound.offset + n])
             self._rx_counter += 1
             inbound.offset += n

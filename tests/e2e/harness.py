@@ -32,7 +32,7 @@ def free_port() -> int:
 
 class Federation:
     def __init__(self, root: Path, *, sites: int, rounds: int, overrides: list[str] = (),
-                 site_policy: dict | None = None):
+                 site_policy: dict | None = None, site_settings: dict[int, dict] | None = None):
         self.root = root
         self.port = free_port()
         self.fed_path, self.cfg = write_federation(
@@ -42,6 +42,7 @@ class Federation:
         self.coordinator: subprocess.Popen | None = None
         self.sites: dict[int, subprocess.Popen] = {}
         self.site_policy = site_policy or {}
+        self.site_settings = site_settings or {}  # per site id: extra keys of its site.yaml
         (root / "logs").mkdir(exist_ok=True)
 
     def start_coordinator(self, *extra: str) -> subprocess.Popen:
@@ -57,6 +58,7 @@ class Federation:
     def start_site(self, site: int, *extra: str) -> subprocess.Popen:
         settings = pinned_site_settings(self.cfg)
         settings["policy"] = {**settings.get("policy", {}), **self.site_policy}
+        settings.update(self.site_settings.get(site, {}))
         cfg = write_site_config(
             self.root, site, self.port, self.pub, {"reconnect": {"give_up_s": 60, "max_s": 1}, **settings}
         )

@@ -29,7 +29,9 @@ def fed_factory(tmp_path):
 
 
 def test_three_sites_two_rounds(fed_factory):
-    fed = fed_factory(sites=3, rounds=2)
+    # Each end chunks tensors its own way (SPEC §4): 1 KiB at the coordinator, three other sizes at the sites.
+    chunks = {1: {"chunk_bytes": 4096}, 2: {"chunk_bytes": 1 << 20}, 3: {"chunk_bytes": 1500}}
+    fed = fed_factory(sites=3, rounds=2, overrides=["chunk_bytes=1024"], site_settings=chunks)
     lines, codes = fed.run([1, 2, 3])
     assert codes == {"coordinator": 0, "site-1": 0, "site-2": 0, "site-3": 0}, fed.logs()
     rounds = fed.metrics()

@@ -142,3 +142,33 @@ def test_chunk_without_header_rejected():
     frames = payloads(a.frames(FitRes(1, 1, {"w": np.ones(20, np.float32)}, 1, {})))
     with pytest.raises(RemoteProtocolError):
         b.receive_frame(frames[1])
+
+
+@pytest.mark.parametrize(("sender_chunk", "receiver_chunk"), [(16, 64), (64, 16), (24, 4096 - 64)])
+def test_receiver_accepts_the_senders_chunking(sender_chunk, receiver_chunk):
+    """chunk_bytes is the sender's choice (SPEC §4): ends configured differently still interoperate."""
+    ck, sk = handshake()
+    a = SecureChannel(ck, max_frame_size=4096, chunk_bytes=sender_chunk)
+    b = SecureChannel(sk, max_frame_size=4096, chunk_bytes=receiver_chunk)
+    update = {"w": np.arange(37, dtype=np.float32), "none": np.zeros((0, 3), np.float32), "s": np.float64(2.5)}
+    update["s"] = np.asarray(update["s"])
+    frames = list(a.frames(FitRes(1, 1, update, 5, {})))
+    assert len(frames) == 1 + -(-37 * 4 // sender_chunk) + 1
+    [got] = deliver(frames, b)
+    for k, v in update.items():
+        np.testing.assert_array_equal(got.update[k], v)
+        assert got.update[k].shape == v.shape
+
+
+def test_chunk_past_the_end_of_its_tensor_rejected():
+    """Chunks never span tensors: one that is longer than what is left of its tensor closes the channel."""
+    ck, sk = handshake()
+    a = SecureChannel(ck, max_frame_size=4096, chunk_bytes=64)
+    b = SecureChannel(sk, max_frame_size=4096, chunk_bytes=64)
+    update = {"w": np.ones(10, np.float32), "v": np.ones(10, np.float32)}
+    header, *_ = payloads(a.frames(FitRes(1, 1, update, 1, {})))
+    b.receive_frame(header)
+    from asagiri.wire.channel import FRAME_CHUNK
+    overlong = bytes([FRAME_CHUNK]) + a._tx.seal(1, bytes(80), bytes([FRAME_CHUNK]))
+    with pytest.raises(RemoteProtocolError, match="1 to 40"):
+        b.receive_frame(overlong)
