@@ -15,7 +15,7 @@ import struct
 
 from ..wire.crypto import blake2b
 
-__all__ = ["graph_seed", "neighbours"]
+__all__ = ["graph_seed", "neighbours", "ring_order"]
 
 
 def graph_seed(ctx: bytes, advertised: list[int]) -> bytes:
@@ -23,6 +23,11 @@ def graph_seed(ctx: bytes, advertised: list[int]) -> bytes:
     ids = sorted(advertised)
     body = ctx + struct.pack(">I", len(ids)) + b"".join(struct.pack(">I", p) for p in ids)
     return blake2b(body, person=b"asagiri-graph")
+
+
+def ring_order(ids: list[int], seed: bytes) -> list[int]:
+    """The ring: sites sorted by ``H("asagiri-ring", seed || u32 id)``."""
+    return sorted(ids, key=lambda u: blake2b(seed + struct.pack(">I", u), person=b"asagiri-ring"))
 
 
 def neighbours(participants: list[int], degree: int | None, seed: bytes) -> dict[int, list[int]]:
@@ -33,7 +38,7 @@ def neighbours(participants: list[int], degree: int | None, seed: bytes) -> dict
         return {u: [v for v in ids if v != u] for u in ids}
     if degree < 1:
         raise ValueError("degree must be at least 1")
-    ring = sorted(ids, key=lambda u: blake2b(seed + struct.pack(">I", u), person=b"asagiri-ring"))
+    ring = ring_order(ids, seed)
     pos = {u: i for i, u in enumerate(ring)}
     half = degree // 2
     out: dict[int, set[int]] = {u: set() for u in ids}

@@ -260,7 +260,7 @@ class ServerStateMachine:
             out = []
             u2 = set(self.u2)
             for u in self.u2:
-                items = [it for it in self._outbox.get(u, []) if it[0] in u2]
+                items = sorted((it for it in self._outbox.get(u, []) if it[0] in u2), key=lambda it: it[0])  # senders ascending (SPEC §6)
                 self.delivered_from[u] = sorted(it[0] for it in items)
                 out.append(Out(u, ShareDelivery(self.round, self.attempt, items)))
             self._outbox = {}

@@ -53,6 +53,7 @@ ALLOWED_DTYPES = frozenset({"<f2", "<f4", "<f8", "|i1", "|u1", "<i4", "<u4", "<i
 _MAX_NAME = 256
 _MAX_TEXT = 4096
 _MAX_RANK = 8
+MAX_SITE_ID = (1 << 31) - 1  # site ids are u31 (SPEC §2)
 
 
 class MessageError(ValueError):
@@ -120,7 +121,7 @@ def _metrics(value: Any, name: str) -> None:
 def _ids(value: Any, name: str) -> None:
     _require(isinstance(value, list) and len(value) <= 1 << 16, f"{name} must be a list of site ids")
     for v in value:
-        _int(v, f"{name}[]", hi=1 << 31)
+        _int(v, f"{name}[]", hi=MAX_SITE_ID)
     _require(len(set(value)) == len(value), f"{name} has duplicates")
 
 
@@ -130,7 +131,7 @@ def _id_bytes(value: Any, name: str, *, size: int | None = None, max_size: int =
     seen = set()
     for item in value:
         _require(isinstance(item, list | tuple) and len(item) == 2, f"{name} items are [id, bytes]")
-        _int(item[0], f"{name}[].id", hi=1 << 31)
+        _int(item[0], f"{name}[].id", hi=MAX_SITE_ID)
         _bytes(item[1], f"{name}[].bytes", size=size, max_size=max_size)
         _require(item[0] not in seen, f"{name} repeats id {item[0]}")
         seen.add(item[0])
@@ -163,7 +164,7 @@ class ClientHello(Message):
 
     def validate(self) -> None:
         _int(self.version, "version", hi=65535)
-        _int(self.site_id, "site_id", hi=1 << 31)
+        _int(self.site_id, "site_id", hi=MAX_SITE_ID)
         _bytes(self.ephemeral_key, "ephemeral_key", size=32)
         _bytes(self.nonce, "nonce", size=16)
 
@@ -425,7 +426,7 @@ class KeyRoster(Message):
         seen = set()
         for e in self.entries:
             _require(isinstance(e, list | tuple) and len(e) == 4, "entries are [id, c_pk, s_pk, signature]")
-            _int(e[0], "entries[].id", hi=1 << 31)
+            _int(e[0], "entries[].id", hi=MAX_SITE_ID)
             _bytes(e[1], "entries[].c_pk", size=32)
             _bytes(e[2], "entries[].s_pk", size=32)
             _bytes(e[3], "entries[].signature", size=64)
@@ -528,7 +529,7 @@ class UnmaskRequest(Message):
         seen = set()
         for item in self.signatures:
             _require(isinstance(item, list | tuple) and len(item) == 3, "signatures are [id, masked_with, signature]")
-            _int(item[0], "signatures[].id", hi=1 << 31)
+            _int(item[0], "signatures[].id", hi=MAX_SITE_ID)
             _ids(item[1], "signatures[].masked_with")
             _bytes(item[2], "signatures[].signature", size=64)
             _require(item[0] not in seen, f"signatures repeat id {item[0]}")
