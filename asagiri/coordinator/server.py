@@ -407,7 +407,7 @@ class Coordinator:
             for attempt in range(1, cfg.max_round_attempts + 1):
                 if len(set(self.roster) - self._exhausted) < cfg.min_clients:
                     # Sites leave for good when their privacy budget is spent, or when the run breaks
-                    # their policy (a Decline whose reason starts with "policy ", protocol/SPEC.md §6.4).
+                    # their policy (a Decline whose reason starts with "policy ", protocol/SPEC.md §7).
                     refused = {s: r for s, r in self._withdrawn.items() if r.startswith("policy ")}
                     log.warning("only %d sites can still train, min_clients=%d; ending (policy refusals: %s)",
                                 len(set(self.roster) - self._exhausted), cfg.min_clients, refused or "none")
