@@ -24,7 +24,7 @@ from asagiri.secagg.client import ClientStage, ClientStateMachine, share_key
 from asagiri.secagg.graph import graph_seed, neighbours, ring_order
 from asagiri.secagg.masking import add_masks, pair_seed
 from asagiri.secagg.prg import PRGS, Prg, expand, stream
-from asagiri.secagg.quantize import QuantPlan, dequantize, quantize
+from asagiri.secagg.quantize import QuantisationError, QuantPlan, dequantize, quantize
 from asagiri.secagg.server import ServerStateMachine
 from asagiri.wire import codec
 from asagiri.wire.crypto import EphemeralKey, Identity, Keystream, StreamCipher, blake2b
@@ -98,7 +98,8 @@ def secagg_vectors() -> list[dict]:
 def secagg_vector(prg: Prg) -> dict:
     plan = QuantPlan.plan(bits=32, clip=1.0, max_samples=1000, max_sites=4)
     # On-grid values, clipped ones, and off-grid ones whose rounding the noise decides.
-    delta = np.array([0.5, -0.25, 1.5, -3.0, 1e-4, 0.0, 0.1234567, -0.0070001, 1 / 3, -2e-7], dtype=np.float32)
+    delta = np.array([0.5, -0.25, 1.5, -3.0, 1e-4, 0.0, 0.1234567, -0.0070001, 1 / 3, -2e-7, 0.3, -0.7, 0.01,
+                      -0.011, 0.2718, -0.5772], dtype=np.float32)
     noise_seed, b_seed, pair = seed(7), seed(8), seed(9)
     ring, clipped = quantize(delta, 10, plan, noise_seed=noise_seed, prg=prg)
     masked = add_masks(ring.copy(), b_seed, [(1, pair), (-1, seed(10))], prg=prg)
@@ -106,12 +107,15 @@ def secagg_vector(prg: Prg) -> dict:
         delta, 10, plan, noise_seed=noise_seed, masks=[(1, b_seed), (1, pair), (-1, seed(10))], prg=prg
     )
     assert np.array_equal(masked, fused)
+    u16 = np.empty(8, np.uint16)
+    stream(noise_seed, prg).fill(memoryview(u16))
     return {
         "prg": prg,
         "plan": plan.to_dict(),
         "delta": delta.tolist(),
         "num_samples": 10,
         "noise_seed_hex": noise_seed.hex(),
+        "noise_first_u16": [int(w) for w in u16],
         "quantized_hex": ring.tobytes().hex(),
         "clipped": clipped,
         "self_seed_hex": b_seed.hex(),
@@ -137,8 +141,13 @@ def binding_vector() -> dict:
     c_pk, s_pk = EphemeralKey.from_secret(seed(12)).public, EphemeralKey.from_secret(seed(13)).public
     keys_text = keys_message(rp.context, 3, c_pk, s_pk)
     survivors_text = survivors_message(rp.context, [3, 1, 2], [2, 1])
-    u1 = [1, 2, 3, 4, 5, 6, 7]
-    gseed = graph_seed(rp.context, u1)
+    graphs = []
+    # even degree; odd degree over an odd and an even count; sparse but complete (degree >= |U1| - 1)
+    for u1, degree in [([1, 2, 3, 4, 5, 6, 7], 2), ([1, 2, 3, 4, 5, 6, 7], 3), ([2, 4, 6, 8, 10, 12, 14, 16], 3),
+                       ([5, 9, 11, 20], 3)]:
+        gseed = graph_seed(rp.context, u1)
+        graphs.append({"advertised": u1, "degree": degree, "seed_hex": gseed.hex(), "ring": ring_order(u1, gseed),
+                       "neighbours": {str(u): v for u, v in neighbours(u1, degree, gseed).items()}})
     return {
         "canonical": {"value": typed(canon), "hex": canonical(canon).hex()},
         "params": {"tensors": {k: {"dtype": v.dtype.str, "shape": list(v.shape), "values": v.ravel().tolist()}
@@ -154,12 +163,22 @@ def binding_vector() -> dict:
                        "keys_text_hex": keys_text.hex(), "keys_signature_hex": signer.sign(keys_text).hex(),
                        "survivors": [1, 2, 3], "masked_with": [1, 2], "survivors_text_hex": survivors_text.hex(),
                        "survivors_signature_hex": signer.sign(survivors_text).hex()},
-        "graph": {"advertised": u1, "degree": 2, "seed_hex": gseed.hex(), "ring": ring_order(u1, gseed),
-                  "neighbours": {str(u): v for u, v in neighbours(u1, 2, gseed).items()}},
-        "plans": [QuantPlan.plan(bits=b, clip=c, max_samples=m, max_sites=n).to_dict()
-                  for b, c, m, n in [(64, 4.0, 65536, 4), (64, 0.1, 100_000, 7), (32, 4.0, 100_000, 4),
-                                     (32, 1.0, 1000, 4)]],
+        "graphs": graphs,
+        "plans": [_plan_case(b, c, m, n) for b, c, m, n in [
+            (64, 4.0, 65536, 4), (64, 0.1, 100_000, 7), (32, 4.0, 100_000, 4), (32, 1.0, 1000, 4),
+            (32, 0.3, 7, 3),  # clip is not a float32: float32(clip) > clip
+            (32, 1e6, 100_000, 4),  # no scale >= 1 fits: no plan
+            (32, 1.0, 2**30, 3),  # the count alone cannot be summed: no plan
+        ]],
     }
+
+
+def _plan_case(bits: int, clip: float, max_samples: int, max_sites: int) -> dict:
+    try:
+        plan: dict | None = QuantPlan.plan(bits=bits, clip=clip, max_samples=max_samples, max_sites=max_sites).to_dict()
+    except QuantisationError:
+        plan = None
+    return {"inputs": {"bits": bits, "clip": clip, "max_samples": max_samples, "max_sites": max_sites}, "plan": plan}
 
 
 # ---- whole rounds ---------------------------------------------------------------------------------
@@ -315,6 +334,7 @@ def _round(*, run_id: str, rnd: int, attempt: int, sites: dict[int, tuple[list[f
     weighted, count = dequantize(z, plan)
     return {
         "run_id": run_id, "round": rnd, "attempt": attempt, "participants": ids,
+        "drop_after_share": sorted(drop_after_share),
         "spec": spec, "spec_digest_hex": s_digest.hex(),
         "fit_ins": {
             "params": [{"name": k, "dtype": a.dtype.str, "shape": list(a.shape), "data_hex": a.tobytes().hex()}
@@ -342,6 +362,11 @@ def _ring_key(gseed: bytes, u: int) -> str:
     return blake2b(gseed + u.to_bytes(4, "big"), person=b"asagiri-ring").hex()
 
 
+def _f32(sites: dict[int, tuple[list[float], int]]) -> dict[int, tuple[list[float], int]]:
+    """Updates as exact float32 values, so the JSON says precisely what each site quantised."""
+    return {u: (np.array(d, np.float32).tolist(), n) for u, (d, n) in sites.items()}
+
+
 def round_vectors() -> list[dict]:
     a = {3: ([0.1, -0.2, 0.3, 0.75, -0.9, 0.0, 0.015625, -0.001], 120),
          5: ([-0.05, 0.125, 0.6, -0.3, 0.2, 0.4, -0.7, 0.33], 75),
@@ -353,9 +378,9 @@ def round_vectors() -> list[dict]:
          4: ([1.0, 2.0, -3.0, 0.4, -0.4, 0.0, 0.0, 0.0], 7),
          7: ([0.01, -0.02, 0.03, -0.04, 0.05, -0.06, 0.07, -0.08], 65535)}
     return [
-        _round(run_id="vector-round-32", rnd=2, attempt=1, sites=a, drop_after_share={8},
+        _round(run_id="vector-round-32", rnd=2, attempt=1, sites=_f32(a), drop_after_share={8},
                secagg=SecAggConfig(mode="sparse", shares=3, bits=32, clip=0.5, max_samples_per_site=1000,
                                    prg="aes128-ctr")),
-        _round(run_id="vector-round-64", rnd=5, attempt=2, sites=b, drop_after_share=set(),
+        _round(run_id="vector-round-64", rnd=5, attempt=2, sites=_f32(b), drop_after_share=set(),
                secagg=SecAggConfig(mode="complete", bits=64, clip=4.0, max_samples_per_site=65536, prg="chacha20")),
     ]

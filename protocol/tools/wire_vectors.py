@@ -302,7 +302,8 @@ def frame_vectors() -> dict:
         got, closed = _receive(frames, site_keys, max_frame=max_frame, max_message=max_message)
         assert closed == at, (why, closed)
         rejected.append({"why": why, "frames_hex": [f.hex() for f in frames], "reject_at": at})
-    return {"limits": limits, "accepted": accepted, "rejected": rejected}
+    return {"limits": limits, "accepted": accepted,
+            "rejected_at": {"receiver": "site", "key": "site_rx", "first_counter": 0}, "rejected": rejected}
 
 
 def aead_vectors() -> list[dict]:
