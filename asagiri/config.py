@@ -86,9 +86,12 @@ class SelectionConfig(_Strict):
     seed: int = 0
 
 
+# scatter_linear: a linear model on fixed ScatterNet features, the DP-SGD choice (docs/privacy.md)
+ModelName = Literal["small_cnn", "resnet18", "scatter_linear"]
+
+
 class ModelConfig(_Strict):
-    # scatter_linear: a linear model on fixed ScatterNet features, the DP-SGD choice (docs/privacy.md)
-    name: Literal["small_cnn", "resnet18", "scatter_linear"] = "small_cnn"
+    name: ModelName = "small_cnn"
     norm: Literal["batch", "group"] = "batch"
     width: int = Field(32, ge=4, le=512)
     # GroupNorm groups (capped at the channel count): 32, as Opacus uses when it converts BatchNorm.
@@ -349,7 +352,7 @@ class FederationConfig(_Strict):
         if m is not None and m < self.min_clients:
             raise ValueError(f"selection.max_per_round={m} is below min_clients={self.min_clients}")
         if self.secagg.enabled and self.sites:
-            from .secagg.quantize import QuantisationError, QuantPlan
+            from .secagg.plan import QuantisationError, QuantPlan
 
             try:
                 QuantPlan.plan(bits=self.secagg.bits, clip=self.secagg.clip,

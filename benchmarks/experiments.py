@@ -34,9 +34,9 @@ from asagiri.data import load_site_data
 from asagiri.data.loaders import SiteData, Split, open_dataset, site_indices, to_split
 from asagiri.models import MODEL_NAMES, build, prepare_data, prepare_split, shared_keys, trains_on_features
 from asagiri.privacy.engine import noise_for_target, steps_per_round, train_dp
+from asagiri.scores import accuracy_score, auc_score
 from asagiri.strategy.aggregate import apply_weighted_delta
 from asagiri.train import evaluate, train_local
-from asagiri.train.loop import accuracy_score, auc_score
 
 METHODS = ("central", "local", "fedavg", "fedprox", "fedbn", "fedprox+fedbn")
 

@@ -5,8 +5,8 @@ import torch
 
 from asagiri.config import FederationConfig, RunSpec, SiteConfig
 from asagiri.models import build, is_norm_key, shared_keys
+from asagiri.params import flatten
 from asagiri.site import SiteWorker
-from asagiri.strategy.aggregate import flatten
 from asagiri.train import train_local
 from asagiri.wire import codec
 from asagiri.wire.crypto import Identity

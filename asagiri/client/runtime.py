@@ -25,11 +25,11 @@ import torch
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from ..config import RunSpec, SiteConfig
+from ..params import flatten
 from ..policy import Refusal, SitePolicy
 from ..secagg.binding import spec_digest
 from ..secagg.client import ClientStateMachine
 from ..site.worker import BudgetExhausted, SiteWorker
-from ..strategy.aggregate import flatten
 from ..wire.channel import SiteRefused
 from ..wire.connection import Connection, connect_handshake
 from ..wire.crypto import AuthenticationFailed, Identity, PublicIdentity

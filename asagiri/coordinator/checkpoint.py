@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from ..fsutil import atomic_write_bytes
-from ..wire.messages import Params
+from ..params import Params
 
 __all__ = ["load_checkpoint", "save_checkpoint"]
 

@@ -25,9 +25,11 @@ from typing import Any
 
 import numpy as np
 
+from ..params import Params, unflatten
+from ..scores import accuracy_score, auc_score
 from ..secagg.quantize import dequantize
 from ..secagg.server import SecAggViolation, ServerStage, ServerStateMachine
-from ..strategy.aggregate import RunningSum, unflatten
+from ..strategy.aggregate import RunningSum
 from ..strategy.base import Strategy
 from ..wire.messages import (
     AdvertiseKeys,
@@ -39,7 +41,6 @@ from ..wire.messages import (
     FitRes,
     MaskedInput,
     Message,
-    Params,
     RoundAborted,
     ShareKeys,
     UnmaskResponse,
@@ -358,7 +359,6 @@ class TestEvaluation:
         return []
 
     def pooled(self) -> dict[str, Any]:
-        from ..train.loop import accuracy_score, auc_score
 
         if not self.results:
             return {}

@@ -29,10 +29,11 @@ from prometheus_client import CollectorRegistry
 
 from ..config import FederationConfig, RunSpec
 from ..data.loaders import dataset_info
-from ..models import build, shared_keys
+from ..models import build, dp_norm, shared_keys
 from ..observe.audit import AuditLog, params_digest
 from ..observe.metrics import CoordinatorMetrics, serve_metrics
 from ..observe.runlog import append_jsonl, trim_jsonl
+from ..params import Params
 from ..secagg import binding
 from ..secagg.server import ServerStateMachine
 from ..strategy.base import FitPlan, build_strategy
@@ -48,7 +49,6 @@ from ..wire.messages import (
     Heartbeat,
     MaskedInput,
     Message,
-    Params,
     Shutdown,
     Welcome,
 )
@@ -92,14 +92,11 @@ def initial_params(cfg: FederationConfig) -> Params:
     """The round-0 global model: built from config with a fixed seed, shared tensors only."""
     channels, classes = dataset_info(cfg.data.dataset, cfg.data.path)
     torch.manual_seed(cfg.selection.seed)
-    model = build(
-        cfg.model.name, in_channels=channels, num_classes=classes, width=cfg.model.width,
-        norm=cfg.model.norm, groups=cfg.model.groups,
-    )
+    norm, groups = cfg.model.norm, cfg.model.groups
     if cfg.dp.enabled:  # the sites convert BatchNorm to GroupNorm for DP-SGD; so must the global model
-        from ..privacy.engine import dp_compatible
-
-        model, _ = dp_compatible(model)
+        norm, groups = dp_norm(cfg.model.name, norm, groups)
+    model = build(cfg.model.name, in_channels=channels, num_classes=classes, width=cfg.model.width, norm=norm,
+                  groups=groups)
     state = model.state_dict()
     return {k: state[k].detach().cpu().numpy().astype(np.float32) for k in shared_keys(model, fedbn=cfg.strategy.fedbn)}
 

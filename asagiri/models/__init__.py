@@ -3,6 +3,7 @@
 from .registry import (
            MODEL_NAMES,
            build,
+           dp_norm,
            is_norm_key,
            prepare_data,
            prepare_split,
@@ -10,5 +11,5 @@ from .registry import (
            trains_on_features,
 )
 
-__all__ = ["MODEL_NAMES", "build", "is_norm_key", "prepare_data", "prepare_split", "shared_keys",
+__all__ = ["MODEL_NAMES", "build", "dp_norm", "is_norm_key", "prepare_data", "prepare_split", "shared_keys",
            "trains_on_features"]

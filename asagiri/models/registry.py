@@ -3,14 +3,29 @@ ScatterNet features (``scatter.py``) for DP-SGD."""
 
 from __future__ import annotations
 
+from typing import get_args
+
 from torch import nn
 
+from ..config import ModelName
 from ..data.loaders import SiteData, Split
 
-__all__ = ["MODEL_NAMES", "ResNet18", "SmallCNN", "build", "is_norm_key", "prepare_data", "prepare_split",
-           "shared_keys", "trains_on_features"]
+__all__ = ["MODEL_NAMES", "ResNet18", "SmallCNN", "build", "dp_norm", "is_norm_key", "prepare_data",
+           "prepare_split", "shared_keys", "trains_on_features"]
 
-MODEL_NAMES = ("small_cnn", "resnet18", "scatter_linear")
+MODEL_NAMES: tuple[str, ...] = get_args(ModelName)
+
+# Opacus' ModuleValidator.fix, which the sites apply for DP-SGD, makes each BatchNorm a
+# GroupNorm(min(32, C), C); tests/privacy/test_dp.py checks dp_norm builds the same model.
+_OPACUS_GROUPS = 32
+
+
+def dp_norm(name: str, norm: str, groups: int) -> tuple[str, int]:
+    """The (norm, groups) model ``name``, configured with ``norm``/``groups``, has once made
+    DP-compatible.  ``scatter_linear`` has GroupNorm whatever ``norm`` says."""
+    if norm == "batch" and name != "scatter_linear":
+        return "group", _OPACUS_GROUPS
+    return norm, groups
 
 _NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm2d)
 

@@ -25,7 +25,7 @@ import numpy as np
 
 from ..config import SecAggConfig
 from ..wire.crypto import blake2b, blake2b_chunks
-from .quantize import QuantPlan
+from .plan import QuantPlan
 
 __all__ = [
     "RoundParams",

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..wire.messages import Params
+from ..params import Params
 
-__all__ = ["RunningSum", "apply_weighted_delta", "flatten", "is_statistic", "unflatten"]
+__all__ = ["RunningSum", "apply_weighted_delta", "is_statistic"]
 
 # Normalisation layers' running statistics (torch's names for BatchNorm and InstanceNorm buffers).
 STATISTIC_SUFFIXES = (".running_mean", ".running_var")
@@ -15,23 +15,6 @@ STATISTIC_SUFFIXES = (".running_mean", ".running_var")
 def is_statistic(key: str) -> bool:
     """A running statistic, not a trained weight: averaged, never given a server step or momentum."""
     return key.endswith(STATISTIC_SUFFIXES) or key in ("running_mean", "running_var")
-
-
-def flatten(params: Params) -> np.ndarray:
-    """All tensors, in the dict's order, as one float32 vector (the secure-aggregation layout)."""
-    if not params:
-        return np.zeros(0, dtype=np.float32)
-    return np.concatenate([np.asarray(v, dtype=np.float32).reshape(-1) for v in params.values()])
-
-
-def unflatten(vector: np.ndarray, template: Params) -> Params:
-    out, pos = {}, 0
-    for k, ref in template.items():
-        out[k] = vector[pos : pos + ref.size].reshape(ref.shape)
-        pos += ref.size
-    if pos != vector.size:
-        raise ValueError(f"vector of {vector.size} values for {pos} parameters")
-    return out
 
 
 class RunningSum:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ..config import FederationConfig
-from ..wire.messages import Params
+from ..params import Params
 from .aggregate import RunningSum, apply_weighted_delta
 from .selection import select_clients
 

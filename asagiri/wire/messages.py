@@ -13,6 +13,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from ..params import Params
+
 __all__ = [
     "ALLOWED_DTYPES",
     "ClientAuth",
@@ -24,7 +26,6 @@ __all__ = [
     "FitRes",
     "Heartbeat",
     "Message",
-    "Params",
     "Reject",
     "RoundAborted",
     "ServerHello",
@@ -45,7 +46,6 @@ __all__ = [
 
 PROTOCOL_VERSION = 1
 
-Params = dict[str, np.ndarray]
 
 # Little-endian only; the wire names are numpy's ``dtype.str``.
 ALLOWED_DTYPES = frozenset({"<f2", "<f4", "<f8", "|i1", "|u1", "<i4", "<u4", "<i8", "<u8", "|b1"})

@@ -7,7 +7,7 @@ from opacus.accountants import RDPAccountant
 
 from asagiri.data import load_site_data
 from asagiri.data.loaders import Split
-from asagiri.models import build
+from asagiri.models import MODEL_NAMES, build, dp_norm
 from asagiri.privacy.engine import dp_compatible, noise_for_target, steps_per_round, train_dp
 from asagiri.privacy.ledger import PrivacyLedger
 
@@ -65,6 +65,22 @@ def test_budget_stop_fires_on_the_right_round():
         ledger.record(rnd, noise_multiplier=sigma, sample_rate=q, steps=steps)
     assert fired == 6
     assert ledger.epsilon() <= 3.0 * 1.01
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize(("norm", "groups", "width"), [("batch", 8, 8), ("batch", 4, 32), ("group", 4, 16)])
+def test_the_coordinator_builds_what_opacus_makes_of_the_sites_model(name, norm, groups, width):
+    """The coordinator builds the DP global model without Opacus (dp_norm); the sites convert theirs
+    with Opacus (dp_compatible). Both must be the same model, tensor for tensor."""
+    torch.manual_seed(0)
+    fixed, _ = dp_compatible(build(name, in_channels=1, num_classes=2, width=width, norm=norm, groups=groups))
+    torch.manual_seed(0)
+    dp_norm_, dp_groups = dp_norm(name, norm, groups)
+    direct = build(name, in_channels=1, num_classes=2, width=width, norm=dp_norm_, groups=dp_groups)
+    a, b = fixed.state_dict(), direct.state_dict()
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+    groups_of = lambda m: [x.num_groups for x in m.modules() if isinstance(x, torch.nn.GroupNorm)]  # noqa: E731
+    assert groups_of(fixed) == groups_of(direct)
 
 
 @pytest.mark.parametrize("name", ["small_cnn", "resnet18"])

@@ -24,12 +24,12 @@ import torch
 import yaml
 
 from asagiri.config import FederationConfig, RunSpec, SiteConfig
+from asagiri.params import flatten
 from asagiri.secagg import shamir
 from asagiri.secagg.binding import RoundParams, params_digest, spec_digest
 from asagiri.secagg.masking import pair_seed, sign
 from asagiri.secagg.prg import expand
 from asagiri.site import SiteWorker
-from asagiri.strategy.aggregate import flatten
 from asagiri.wire.channel import SiteRefused
 from asagiri.wire.connection import Connection, accept_handshake
 from asagiri.wire.crypto import EphemeralKey, Identity

@@ -1,0 +1,29 @@
+"""Model tensors as they travel and aggregate: ``Params``, and the flat layout secure aggregation
+masks.  A leaf module (it imports nothing of ours), so the wire, the strategies and both runtimes
+can share it without depending on each other."""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["Params", "flatten", "unflatten"]
+
+# Tensor name -> array, in the model's order (the wire order of FitIns.params).
+Params = dict[str, np.ndarray]
+
+
+def flatten(params: Params) -> np.ndarray:
+    """All tensors, in the dict's order, as one float32 vector (the secure-aggregation layout, SPEC §6.3)."""
+    if not params:
+        return np.zeros(0, dtype=np.float32)
+    return np.concatenate([np.asarray(v, dtype=np.float32).reshape(-1) for v in params.values()])
+
+
+def unflatten(vector: np.ndarray, template: Params) -> Params:
+    out, pos = {}, 0
+    for k, ref in template.items():
+        out[k] = vector[pos : pos + ref.size].reshape(ref.shape)
+        pos += ref.size
+    if pos != vector.size:
+        raise ValueError(f"vector of {vector.size} values for {pos} parameters")
+    return out
