@@ -62,6 +62,8 @@ class TimeoutsConfig(_Strict):
     wait_for_sites: float = Field(300.0, gt=0)
     heartbeat_interval: float = Field(5.0, gt=0)
     heartbeat_timeout: float = Field(30.0, gt=0)
+    # How long the coordinator keeps trying to tell the sites it is stopping.
+    shutdown: float = Field(5.0, gt=0)
 
     @model_validator(mode="after")
     def _heartbeat(self) -> TimeoutsConfig:
@@ -148,6 +150,10 @@ class DataConfig(_Strict):
     synthetic_samples: int = Field(512, ge=16)
 
 
+# The mask PRGs of secure aggregation (protocol/SPEC.md §6.1).
+PrgName = Literal["aes128-ctr", "chacha20"]
+
+
 class SecAggConfig(_Strict):
     """Secure aggregation (docs/secagg.md). On by default: the coordinator learns only the sum.
 
@@ -166,7 +172,7 @@ class SecAggConfig(_Strict):
     bits: Literal[32, 64] = 32
     clip: float = Field(4.0, gt=0)
     max_samples_per_site: int = Field(100_000, ge=1)
-    prg: Literal["aes128-ctr", "chacha20"] = "aes128-ctr"
+    prg: PrgName = "aes128-ctr"
 
     @model_validator(mode="after")
     def _threshold(self) -> SecAggConfig:
@@ -204,7 +210,6 @@ class DPConfig(_Strict):
     target_delta: float = Field(1e-5, gt=0, lt=1)
     max_grad_norm: float = Field(1.0, gt=0)
     noise_multiplier: Literal["auto"] | float = "auto"
-    accountant: Literal["rdp"] = "rdp"
     # K augmented copies per example, gradients averaged before clipping (De et al. 2022): same
     # epsilon, K times the compute.
     augmentation_multiplicity: int = Field(1, ge=1, le=32)
@@ -382,6 +387,7 @@ class CoordinatorAddress(_Strict):
 
 
 class ReconnectConfig(_Strict):
+    connect_s: float = Field(30.0, gt=0)  # one TCP connect, and then one handshake
     initial_s: float = Field(0.2, gt=0)
     max_s: float = Field(5.0, gt=0)
     give_up_s: float = Field(600.0, gt=0)

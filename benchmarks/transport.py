@@ -99,7 +99,7 @@ async def _connect_without_welcome(stream, site, coord):  # type: ignore[no-unty
     dec = FrameDecoder(max_frame_size=1024)
     await _send_plain(stream, hs.hello())
     await _send_plain(stream, hs.receive(await _receive_plain(stream, dec)))
-    channel = SecureChannel(hs.keys, max_frame_size=LIMITS["max_frame_size"], chunk_bytes=LIMITS["chunk_bytes"])
+    channel = SecureChannel(hs.keys, max_frame_size=LIMITS["max_frame_size"], max_payload_bytes=1 << 20, chunk_bytes=LIMITS["chunk_bytes"])
     return Connection(stream, channel, FrameDecoder(max_frame_size=LIMITS["max_frame_size"]), "receiver")
 
 

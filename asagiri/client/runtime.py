@@ -24,7 +24,7 @@ import anyio.abc
 import torch
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from ..config import RunSpec, SiteConfig
+from ..config import RunSpec, SiteConfig, TimeoutsConfig
 from ..params import flatten
 from ..policy import Refusal, SitePolicy
 from ..secagg.binding import spec_digest
@@ -101,14 +101,15 @@ class _Session:
         self.refusal: Refusal | None = None  # set when this site refuses the whole run
         self.run_id = ""
         self._round_started: dict[tuple[int, int], anyio.Event] = {}
-        self._stage_timeout = 60.0
+        # Until the Welcome's spec says otherwise (and for a run this site refuses): the config's defaults.
+        self._stage_timeout = TimeoutsConfig().secagg_stage
 
     async def run(self) -> None:
         first = await self.conn.receive()
         if not isinstance(first, Welcome):
             raise RemoteProtocolError(f"expected Welcome, got {type(first).__name__}")
         self.run_id = first.run_id
-        interval, idle = 5.0, 30.0
+        interval, idle = TimeoutsConfig().heartbeat_interval, TimeoutsConfig().heartbeat_timeout
         worker: SiteWorker | None = None
         spec: RunSpec | None = None
         try:
@@ -363,14 +364,14 @@ async def run_client(cfg: SiteConfig, *, faults: FaultPlan = FaultPlan()) -> int
     last_ok = time.monotonic()
     while True:
         try:
-            with anyio.fail_after(30):
+            with anyio.fail_after(cfg.reconnect.connect_s):
                 stream = await anyio.connect_tcp(cfg.coordinator.host, cfg.coordinator.port)
         except (OSError, TimeoutError) as exc:
             log.info("coordinator %s:%d not reachable (%s)", cfg.coordinator.host, cfg.coordinator.port, exc)
         else:
             async with stream:
                 try:
-                    with anyio.fail_after(30):
+                    with anyio.fail_after(cfg.reconnect.connect_s):
                         # The configured cap until the site knows the model; its size after (limit_payload).
                         conn = await connect_handshake(
                             stream, identity, cfg.site_id, coordinator, max_frame_size=cfg.max_frame_bytes,

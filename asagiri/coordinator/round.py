@@ -28,7 +28,7 @@ import numpy as np
 from ..params import Params, unflatten
 from ..scores import accuracy_score, auc_score
 from ..secagg.quantize import dequantize
-from ..secagg.server import SecAggViolation, ServerStage, ServerStateMachine
+from ..secagg.server import Outbound, SecAggViolation, ServerStage, ServerStateMachine
 from ..strategy.aggregate import RunningSum
 from ..strategy.base import Strategy
 from ..wire.messages import (
@@ -48,7 +48,7 @@ from ..wire.messages import (
 
 _SECAGG_MESSAGES = (AdvertiseKeys, ShareKeys, MaskedInput, ConsistencySig, UnmaskResponse)
 
-__all__ = ["Outbound", "Phase", "ProtocolViolation", "RoundMachine", "RoundOutcome"]
+__all__ = ["Outbound", "Phase", "ProtocolViolation", "RoundMachine", "RoundOutcome", "SiteLost"]
 
 
 class Phase(enum.Enum):
@@ -68,14 +68,10 @@ class ProtocolViolation(Exception):
 
 
 @dataclass(frozen=True, slots=True)
-class _Lost:
-    """A site vanished (disconnect, timeout, decline), as an event for the secure-aggregation machine."""
+class SiteLost:
+    """A site vanished: its connection closed or failed, it went silent, or it declined."""
 
-
-@dataclass(frozen=True, slots=True)
-class Outbound:
-    site: int
-    msg: Message
+    reason: str = ""
 
 
 @dataclass
@@ -151,23 +147,23 @@ class RoundMachine:
             for s in sorted(self._waiting)
         ]
         if self.secagg is not None:
-            out += [Outbound(o.site, o.msg) for o in self.secagg.start()]
+            out += self.secagg.start()
         return out
 
-    def _secagg_step(self, site: int, event: Message | _Lost | None) -> list[Outbound]:
+    def _secagg_step(self, site: int, event: Message | SiteLost | None) -> list[Outbound]:
         """Feed the secure-aggregation machine (a message, a loss, or a timeout); finish FIT when it does."""
         sa = self.secagg
         assert sa is not None
         try:
             if event is None:
                 outs = sa.stage_timed_out()
-            elif isinstance(event, _Lost):
+            elif isinstance(event, SiteLost):
                 outs = sa.site_lost(site)
             else:
                 outs = sa.receive(site, event)
         except SecAggViolation as exc:
             raise ProtocolViolation(exc.site, exc.reason) from None
-        out = [Outbound(o.site, o.msg) for o in outs]
+        out = list(outs)
         if sa.stage is ServerStage.DONE:
             return out + self._finish_secure_fit()
         if sa.stage is ServerStage.ABORTED:
@@ -199,7 +195,7 @@ class RoundMachine:
                     raise ProtocolViolation(site, "second answer in the same round")
                 self._declined(site, msg)
                 self._waiting.discard(site)
-                return self._secagg_step(site, _Lost())
+                return self._secagg_step(site, SiteLost())
         if self.secagg is not None and isinstance(msg, _SECAGG_MESSAGES):
             if (msg.round, msg.attempt) <= (self.round, self.attempt):  # type: ignore[attr-defined]
                 return []  # a straggler's late secure-aggregation message
@@ -239,7 +235,7 @@ class RoundMachine:
         if self.secagg is not None and self.phase is Phase.FIT:
             self._waiting.discard(site)
             self._evaluators.discard(site)
-            return self._secagg_step(site, _Lost())
+            return self._secagg_step(site, SiteLost())
         if self.phase is Phase.FIT and site in self._waiting:
             self._waiting.discard(site)
             self.outcome.dropped.append(site)

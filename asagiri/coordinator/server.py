@@ -54,7 +54,7 @@ from ..wire.messages import (
 )
 from ..wire.pool import ArrayPool
 from .checkpoint import load_checkpoint, save_checkpoint
-from .round import Outbound, ProtocolViolation, RoundMachine, RoundOutcome, TestEvaluation
+from .round import Outbound, ProtocolViolation, RoundMachine, RoundOutcome, SiteLost, TestEvaluation
 
 __all__ = ["Coordinator", "FederationFailed", "ResumeError", "initial_params"]
 
@@ -76,11 +76,6 @@ class _Session:
     site_id: int
     conn: Connection
     scope: anyio.CancelScope
-
-
-@dataclass(frozen=True)
-class _Lost:
-    reason: str
 
 
 @dataclass(frozen=True)
@@ -117,11 +112,11 @@ class Coordinator:
         self._exhausted: set[int] = set()  # sites that declined for good
         self._withdrawn: dict[int, str] = {}  # ... and why
         self._changed = anyio.Event()
-        send, recv = anyio.create_memory_object_stream[tuple[int, Message | _Lost | _Joined]](
+        send, recv = anyio.create_memory_object_stream[tuple[int, Message | SiteLost | _Joined]](
             max(64, 8 * len(self.roster))
         )
-        self._events_in: MemoryObjectSendStream[tuple[int, Message | _Lost | _Joined]] = send
-        self._events: MemoryObjectReceiveStream[tuple[int, Message | _Lost | _Joined]] = recv
+        self._events_in: MemoryObjectSendStream[tuple[int, Message | SiteLost | _Joined]] = send
+        self._events: MemoryObjectReceiveStream[tuple[int, Message | SiteLost | _Joined]] = recv
         # Every site gets the same spec; its digest is bound into each secure-aggregation round.
         self.spec = RunSpec.of(cfg).wire()
         self.spec_digest = binding.spec_digest(self.spec)
@@ -184,7 +179,7 @@ class Coordinator:
         return summary
 
     async def _shutdown_sites(self, reason: str) -> None:
-        with anyio.move_on_after(5, shield=True):
+        with anyio.move_on_after(self.cfg.timeouts.shutdown, shield=True):
             async with anyio.create_task_group() as tg:
                 for session in list(self._sessions.values()):
                     # "stopped" (a signal) is not final: sites keep reconnecting for a --resume.
@@ -243,7 +238,7 @@ class Coordinator:
                         self.metrics.bytes_received.inc(conn.bytes_received)
                         self.metrics.bytes_sent.inc(conn.bytes_sent)
                         with anyio.CancelScope(shield=True):
-                            await self._events_in.send((site_id, _Lost(reason)))
+                            await self._events_in.send((site_id, SiteLost(reason)))
             if scope.cancelled_caught:
                 log.info("site %d session closed by the coordinator", site_id)
 
@@ -329,9 +324,9 @@ class Coordinator:
         if session is not None:
             session.scope.cancel()
 
-    def _handle_idle(self, site_id: int, event: Message | _Lost | _Joined) -> None:
+    def _handle_idle(self, site_id: int, event: Message | SiteLost | _Joined) -> None:
         """Between rounds only late answers are acceptable; anything else is a violation."""
-        if isinstance(event, _Lost | _Joined | FitRes | EvaluateRes | Decline):
+        if isinstance(event, SiteLost | _Joined | FitRes | EvaluateRes | Decline):
             return
         self.metrics.protocol_violations.inc()
         log.warning("site %d: %s outside a round, closing its channel", site_id, type(event).__name__)
@@ -364,7 +359,7 @@ class Coordinator:
                     site_id, event = await self._events.receive()
                     if isinstance(event, _Joined):
                         continue
-                    if isinstance(event, _Lost):
+                    if isinstance(event, SiteLost):
                         out = machine.site_lost(site_id)
                     else:
                         try:
@@ -462,7 +457,7 @@ class Coordinator:
         with anyio.move_on_after(self.cfg.timeouts.evaluate):
             while not machine.finished:
                 site_id, event = await self._events.receive()
-                if isinstance(event, _Lost):
+                if isinstance(event, SiteLost):
                     machine.site_lost(site_id)
                 elif not isinstance(event, _Joined):
                     try:

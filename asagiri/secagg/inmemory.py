@@ -15,7 +15,7 @@ from ..wire.crypto import Identity
 from ..wire.messages import FitIns, Message
 from .binding import RoundParams, params_digest, spec_digest
 from .client import ClientStateMachine
-from .server import Out, ServerStage, ServerStateMachine
+from .server import Outbound, ServerStage, ServerStateMachine
 
 __all__ = ["LocalRound", "STAGES"]
 
@@ -71,7 +71,7 @@ class LocalRound:
         self.sent: list[tuple[int, Message]] = []  # everything the sites sent, for inspection
         self.refusals: dict[int, str] = {}
 
-    def advance(self, inputs: Mapping[int, np.ndarray], until: ServerStage) -> list[Out]:
+    def advance(self, inputs: Mapping[int, np.ndarray], until: ServerStage) -> list[Outbound]:
         """Deliver honestly until the coordinator enters ``until``; returns what it has not sent yet."""
         queue = list(self.server.start())
         pending = dict(inputs)
@@ -115,7 +115,7 @@ class LocalRound:
                 queue += self.server.receive(out.site, reply)
         return self.server
 
-    def _step(self, out: Out, pending: dict) -> list[Message]:
+    def _step(self, out: Outbound, pending: dict) -> list[Message]:
         assert self.clients is not None
         client = self.clients[out.site]
         replies = client.receive(out.msg)

@@ -70,7 +70,7 @@ _EXPECTED = {
 
 
 @dataclass(frozen=True, slots=True)
-class Out:
+class Outbound:
     site: int
     msg: Message
 
@@ -128,14 +128,14 @@ class ServerStateMachine:
     def finished(self) -> bool:
         return self.stage in (ServerStage.DONE, ServerStage.ABORTED)
 
-    def start(self) -> list[Out]:
+    def start(self) -> list[Outbound]:
         msg = SecAggStart(self.round, self.attempt, self.participants, self.vector_len, self.plan.to_dict(), self.prg,
                           self.params.degree, self.threshold)
-        return [Out(s, msg) for s in self.participants]
+        return [Outbound(s, msg) for s in self.participants]
 
     # -- events ----------------------------------------------------------------------------------
 
-    def receive(self, site: int, msg: Message) -> list[Out]:
+    def receive(self, site: int, msg: Message) -> list[Outbound]:
         if (msg.round, msg.attempt) != (self.round, self.attempt):  # type: ignore[attr-defined]
             if (msg.round, msg.attempt) < (self.round, self.attempt):  # type: ignore[attr-defined]
                 return []
@@ -159,14 +159,14 @@ class ServerStateMachine:
         self._answered.add(site)
         return self._maybe_advance()
 
-    def site_lost(self, site: int) -> list[Out]:
+    def site_lost(self, site: int) -> list[Outbound]:
         self._lost.add(site)
         if site in self._waiting:
             self._waiting.discard(site)
             return self._maybe_advance()
         return []
 
-    def stage_timed_out(self) -> list[Out]:
+    def stage_timed_out(self) -> list[Outbound]:
         """Whoever has not answered in this stage is treated as dropped from here on."""
         if self.finished:
             return []
@@ -222,7 +222,7 @@ class ServerStateMachine:
 
     # -- stage transitions -----------------------------------------------------------------------
 
-    def _abort(self, reason: str) -> list[Out]:
+    def _abort(self, reason: str) -> list[Outbound]:
         self.stage = ServerStage.ABORTED
         self.abort_reason = reason
         self.sum = np.zeros(0, dtype=self.plan.dtype)  # nothing of the masked sum outlives an abort
@@ -231,7 +231,7 @@ class ServerStateMachine:
     def _alive(self, sites: list[int] | set[int]) -> list[int]:
         return sorted(s for s in sites if s not in self._lost)
 
-    def _maybe_advance(self) -> list[Out]:
+    def _maybe_advance(self) -> list[Outbound]:
         if self._waiting or self.finished:
             return []
         answered, self._answered = sorted(self._answered), set()
@@ -248,7 +248,7 @@ class ServerStateMachine:
             out = []
             for u in u1:
                 entries = [[v, self.keys[v].c_pk, self.keys[v].s_pk, self.keys[v].signature] for v in self.nbrs[u]]
-                out.append(Out(u, KeyRoster(self.round, self.attempt, u1, entries)))
+                out.append(Outbound(u, KeyRoster(self.round, self.attempt, u1, entries)))
             self.stage = ServerStage.SHARE
             self._waiting = set(self._alive(u1))
             return out
@@ -262,7 +262,7 @@ class ServerStateMachine:
             for u in self.u2:
                 items = sorted((it for it in self._outbox.get(u, []) if it[0] in u2), key=lambda it: it[0])  # senders ascending (SPEC §6)
                 self.delivered_from[u] = sorted(it[0] for it in items)
-                out.append(Out(u, ShareDelivery(self.round, self.attempt, items)))
+                out.append(Outbound(u, ShareDelivery(self.round, self.attempt, items)))
             self._outbox = {}
             self.stage = ServerStage.MASKED_INPUT
             self._waiting = set(self.u2)
@@ -276,7 +276,7 @@ class ServerStateMachine:
                 )
             self.stage = ServerStage.CONSISTENCY
             self._waiting = set(self.u3)
-            return [Out(u, ConsistencyCheck(self.round, self.attempt, self.u3)) for u in self.u3]
+            return [Outbound(u, ConsistencyCheck(self.round, self.attempt, self.u3)) for u in self.u3]
         if self.stage is ServerStage.CONSISTENCY:
             self.u4 = answered
             self.stage_sites["signed"] = self.u4
@@ -289,12 +289,12 @@ class ServerStateMachine:
             sigs = [[s, *self._sigs[s]] for s in self.u4]
             self.stage = ServerStage.UNMASK
             self._waiting = set(self.u4)
-            return [Out(u, UnmaskRequest(self.round, self.attempt, self.u3, dropped, sigs)) for u in self.u4]
+            return [Outbound(u, UnmaskRequest(self.round, self.attempt, self.u3, dropped, sigs)) for u in self.u4]
         if self.stage is ServerStage.UNMASK:
             return self._finish()
         return []
 
-    def _finish(self) -> list[Out]:
+    def _finish(self) -> list[Outbound]:
         t = self.threshold
         total = self.sum
         removals: list[tuple[int, bytes]] = []
@@ -312,7 +312,7 @@ class ServerStateMachine:
                 secret = shamir.reconstruct(shares, t)
             except ValueError:
                 return self._abort(f"inconsistent key shares for dropped site {v}")
-            key = EphemeralKey.from_secret(secret)
+            key = EphemeralKey(secret)
             if key.public != self.keys[v].s_pk:
                 return self._abort(f"reconstructed key of dropped site {v} does not match its advertisement")
             for u in self.nbrs[v]:

@@ -44,7 +44,6 @@ from .pool import ArrayPool
 
 __all__ = [
     "ClientHandshake",
-    "DEFAULT_CHUNK_BYTES",
     "FRAME_CHUNK",
     "FRAME_HEADER",
     "SecureChannel",
@@ -54,7 +53,6 @@ __all__ = [
 
 FRAME_HEADER = 0x01  # a message header (msgpack)
 FRAME_CHUNK = 0x02  # raw tensor bytes belonging to the pending message
-DEFAULT_CHUNK_BYTES = 1 << 20
 
 
 class SiteRefused(Exception):
@@ -194,8 +192,8 @@ class SecureChannel:
         keys: SessionKeys,
         *,
         max_frame_size: int,
-        max_payload_bytes: int = 1 << 31,
-        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        max_payload_bytes: int,
+        chunk_bytes: int,
         pool: ArrayPool | None = None,
     ) -> None:
         if chunk_bytes + 1 + AEAD_TAG_BYTES > max_frame_size:

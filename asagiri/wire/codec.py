@@ -92,7 +92,7 @@ class PendingMessage:
             raise RemoteProtocolError(f"invalid {self.cls.__name__}: {exc}") from None
 
 
-def decode_header(data: bytes, *, max_payload_bytes: int = 1 << 31) -> PendingMessage:
+def decode_header(data: bytes, *, max_payload_bytes: int) -> PendingMessage:
     """Parse and check a header; refuses unknown versions, tags, fields and oversized tensors."""
     try:
         obj = msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True, **_UNPACK_LIMITS)
@@ -150,7 +150,7 @@ def encode(msg: Message) -> bytes:
     return len(header).to_bytes(4, "big") + header + b"".join(a.tobytes() for a in arrays)
 
 
-def decode(data: bytes, *, max_payload_bytes: int = 1 << 31) -> Message:
+def decode(data: bytes, *, max_payload_bytes: int) -> Message:
     """Inverse of :func:`encode`; every failure is a ``RemoteProtocolError``."""
     if len(data) < 4:
         raise RemoteProtocolError("truncated message")

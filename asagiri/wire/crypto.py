@@ -173,10 +173,6 @@ class EphemeralKey:
     def generate(cls) -> EphemeralKey:
         return cls(random_bytes(32))
 
-    @classmethod
-    def from_secret(cls, secret: bytes) -> EphemeralKey:
-        return cls(secret)
-
     def secret_bytes(self) -> bytes:
         return self._secret
 
@@ -247,11 +243,6 @@ class StreamCipher:
             raise AuthenticationFailed() from exc
 
 
-def sodium_chacha20poly1305_seal(key: bytes, counter: int, plaintext: bytes, aad: bytes) -> bytes:
-    """The same AEAD through libsodium, kept for the cross-library test vector."""
-    return _sodium.crypto_aead_chacha20poly1305_ietf_encrypt(plaintext, aad, counter_nonce(counter), key)
-
-
 SODIUM_DRG_NONCE = b"LibsodiumDRG"
 
 
@@ -310,8 +301,3 @@ class Keystream:
 def chacha20_keystream_into(key: bytes, out: memoryview, *, nonce: bytes = SODIUM_DRG_NONCE) -> None:
     """Fill ``out`` with the keystream for ``key`` from its start (see :class:`Keystream`)."""
     Keystream(key, nonce=nonce).fill(out)
-
-
-def sodium_keystream(key: bytes, length: int) -> bytes:
-    """libsodium's ``randombytes_buf_deterministic``, kept for the cross-library vector."""
-    return _sodium.randombytes_buf_deterministic(length, key)

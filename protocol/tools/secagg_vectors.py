@@ -138,7 +138,7 @@ def binding_vector() -> dict:
         spec_digest=spec_digest(spec),
     )
     signer = Identity.from_seed(seed(11))
-    c_pk, s_pk = EphemeralKey.from_secret(seed(12)).public, EphemeralKey.from_secret(seed(13)).public
+    c_pk, s_pk = EphemeralKey(seed(12)).public, EphemeralKey(seed(13)).public
     keys_text = keys_message(rp.context, 3, c_pk, s_pk)
     survivors_text = survivors_message(rp.context, [3, 1, 2], [2, 1])
     graphs = []

@@ -19,7 +19,7 @@ import numpy as np
 from asagiri.policy import Refusal
 from asagiri.secagg.graph import graph_seed, neighbours
 from asagiri.secagg.masking import sign
-from asagiri.secagg.server import Out
+from asagiri.secagg.server import Outbound
 from asagiri.wire.messages import (
     AdvertiseKeys,
     ConsistencyCheck,
@@ -164,4 +164,4 @@ def honest_deviation(fed: Federation) -> Deviation:
                      assign={u: 0 for u in ids}, dropped={u: [] for u in ids})
 
 
-__all__ = ["Deviation", "Out", "Outcome", "attack", "honest_deviation", "unmaskable"]
+__all__ = ["Deviation", "Outbound", "Outcome", "attack", "honest_deviation", "unmaskable"]

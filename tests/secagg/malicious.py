@@ -270,7 +270,7 @@ def unmask_attempt(site: int, y: np.ndarray | None, p: RoundParams, *, masked_wi
         s = [shamir.decode_share(sh) for r in responses for o, sh in r.s_shares if o == v]
         if len({x for x, _ in s}) < t:
             continue
-        key = EphemeralKey.from_secret(shamir.reconstruct(s, t))
+        key = EphemeralKey(shamir.reconstruct(s, t))
         seed = pair_seed(key, s_pk[site], site, v, p.context)
         mask = expand(seed, p.vector_len, dtype=p.plan.dtype, prg=p.prg)
         y = y - mask if sign(site, v) > 0 else y + mask

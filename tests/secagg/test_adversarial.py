@@ -365,7 +365,7 @@ def test_a_colluding_site_that_signs_two_lists_breaks_a_policy_that_assumes_none
     t = fed.params.threshold
     assert refusals == {} and len(b) >= t and len(s) >= t
     y1 = next(m.vector["y"] for u, m in fed.sent if u == 1 and type(m).__name__ == "MaskedInput")
-    key = EphemeralKey.from_secret(shamir.reconstruct(s, t))
+    key = EphemeralKey(shamir.reconstruct(s, t))
     x1 = y1 - expand(shamir.reconstruct(b, t), DIM + 1)
     for v in fed.clients[1]._round.masked_with:
         mask = expand(pair_seed(key, fed.clients[v]._round.s.public, 1, v, fed.params.context), DIM + 1)

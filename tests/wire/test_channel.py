@@ -23,7 +23,7 @@ def handshake(site=SITE, site_id=1, roster=None, pinned=None):
 
 def pair(chunk=64):
     ck, sk = handshake()
-    mk = lambda k: SecureChannel(k, max_frame_size=4096, chunk_bytes=chunk)  # noqa: E731
+    mk = lambda k: SecureChannel(k, max_frame_size=4096, max_payload_bytes=1 << 20, chunk_bytes=chunk)  # noqa: E731
     return mk(ck), mk(sk)
 
 
@@ -148,8 +148,8 @@ def test_chunk_without_header_rejected():
 def test_receiver_accepts_the_senders_chunking(sender_chunk, receiver_chunk):
     """chunk_bytes is the sender's choice (SPEC §4): ends configured differently still interoperate."""
     ck, sk = handshake()
-    a = SecureChannel(ck, max_frame_size=4096, chunk_bytes=sender_chunk)
-    b = SecureChannel(sk, max_frame_size=4096, chunk_bytes=receiver_chunk)
+    a = SecureChannel(ck, max_frame_size=4096, max_payload_bytes=1 << 20, chunk_bytes=sender_chunk)
+    b = SecureChannel(sk, max_frame_size=4096, max_payload_bytes=1 << 20, chunk_bytes=receiver_chunk)
     update = {"w": np.arange(37, dtype=np.float32), "none": np.zeros((0, 3), np.float32), "s": np.float64(2.5)}
     update["s"] = np.asarray(update["s"])
     frames = list(a.frames(FitRes(1, 1, update, 5, {})))
@@ -163,8 +163,8 @@ def test_receiver_accepts_the_senders_chunking(sender_chunk, receiver_chunk):
 def test_chunk_past_the_end_of_its_tensor_rejected():
     """Chunks never span tensors: one that is longer than what is left of its tensor closes the channel."""
     ck, sk = handshake()
-    a = SecureChannel(ck, max_frame_size=4096, chunk_bytes=64)
-    b = SecureChannel(sk, max_frame_size=4096, chunk_bytes=64)
+    a = SecureChannel(ck, max_frame_size=4096, max_payload_bytes=1 << 20, chunk_bytes=64)
+    b = SecureChannel(sk, max_frame_size=4096, max_payload_bytes=1 << 20, chunk_bytes=64)
     update = {"w": np.ones(10, np.float32), "v": np.ones(10, np.float32)}
     header, *_ = payloads(a.frames(FitRes(1, 1, update, 1, {})))
     b.receive_frame(header)

@@ -43,7 +43,7 @@ def assert_same(a, b):
 @given(params, st.integers(1, 10**6), st.integers(1, 100), st.dictionaries(st.text(max_size=8), finite, max_size=4))
 def test_fit_messages_round_trip(p, rnd, attempt, metrics):
     for msg in (FitIns(rnd, attempt, p, {"mu": 0.5}), FitRes(rnd, attempt, p, 10, metrics)):
-        assert_same(codec.decode(codec.encode(msg)), msg)
+        assert_same(codec.decode(codec.encode(msg), max_payload_bytes=1 << 20), msg)
 
 
 @pytest.mark.parametrize(
@@ -58,7 +58,7 @@ def test_fit_messages_round_trip(p, rnd, attempt, metrics):
     ],
 )
 def test_small_messages_round_trip(msg):
-    assert_same(codec.decode(codec.encode(msg)), msg)
+    assert_same(codec.decode(codec.encode(msg), max_payload_bytes=1 << 20), msg)
 
 
 def _raw(obj) -> bytes:
@@ -87,7 +87,7 @@ def _raw(obj) -> bytes:
 def test_malformed_messages_are_remote_protocol_errors(obj, match):
     data = _raw(obj)
     with pytest.raises(RemoteProtocolError, match=match):
-        codec.decode(data + (b"\0" * 8 if "duplicate" in match else b""))
+        codec.decode(data + (b"\0" * 8 if "duplicate" in match else b""), max_payload_bytes=1 << 20)
 
 
 def test_oversized_tensor_announcement_refused_before_allocation():
@@ -99,13 +99,13 @@ def test_oversized_tensor_announcement_refused_before_allocation():
 def test_garbage_is_an_error_not_a_crash():
     for data in (b"", b"\0\0\0\5abc", b"\0\0\0\1\xc1", bytes(range(256))):
         with pytest.raises(RemoteProtocolError):
-            codec.decode(data)
+            codec.decode(data, max_payload_bytes=1 << 20)
 
 
 @given(st.binary(max_size=200))
 def test_fuzz_decode_never_raises_anything_else(data):
     try:
-        codec.decode(data)
+        codec.decode(data, max_payload_bytes=1 << 20)
     except RemoteProtocolError:
         pass
 

@@ -9,7 +9,8 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from asagiri.wire.crypto import Keystream, StreamCipher, blake2b, sodium_chacha20poly1305_seal
+from asagiri.wire.crypto import Keystream, StreamCipher, blake2b
+from tests.sodium import sodium_chacha20poly1305_seal
 
 
 @settings(max_examples=50, deadline=None)
