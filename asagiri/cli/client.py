@@ -41,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ..client.runtime import FaultPlan, run_client
+    from ..client.runtime import run_client
+    from ..faults import FaultPlan
 
     path = Path(args.config) if args.config else default_config_path(args.site)
     cfg = load_site(path, args.overrides)

@@ -10,6 +10,7 @@ import anyio
 import anyio.abc
 
 from ..config import ConfigError, load_federation
+from ..faults import FaultPlan
 from .common import (
     EXIT_CONFIG,
     EXIT_FAILED,
@@ -49,7 +50,7 @@ def _run(args: argparse.Namespace) -> int:
     if not cfg.sites:
         raise ConfigError(f"{Path(args.config).name}: sites: no site is enrolled")
     try:
-        coordinator = Coordinator(cfg, resume=args.resume, crash_after_round=args.crash_after_round)
+        coordinator = Coordinator(cfg, resume=args.resume, faults=FaultPlan(crash_after_round=args.crash_after_round))
     except ResumeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG

@@ -12,9 +12,7 @@ will take part in is decided by its :class:`~asagiri.policy.SitePolicy`; a refus
 from __future__ import annotations
 
 import logging
-import os
 import random
-import signal
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +23,7 @@ import torch
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from ..config import RunSpec, SiteConfig, TimeoutsConfig
+from ..faults import NO_FAULTS, FaultPlan
 from ..params import flatten
 from ..policy import Refusal, SitePolicy
 from ..secagg.binding import spec_digest
@@ -53,18 +52,9 @@ from .state import PersistentReplayGuard
 
 SECAGG_TO_SITE = (SecAggStart, KeyRoster, ShareDelivery, ConsistencyCheck, UnmaskRequest)
 
-__all__ = ["FaultPlan", "SiteWorker", "run_client"]  # SiteWorker re-exported from asagiri.site
+__all__ = ["SiteWorker", "run_client"]  # SiteWorker re-exported from asagiri.site
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class FaultPlan:
-    """Test-only fault injection: SIGKILL this process on receiving FitIns for round ``kill_at_fit``,
-    or, under secure aggregation, once it has shared its keys in round ``kill_after_share``."""
-
-    kill_at_fit: int | None = None
-    kill_after_share: int | None = None
 
 
 @dataclass
@@ -214,9 +204,7 @@ class _Session:
         self, msg: Message, worker: SiteWorker, secure: ClientStateMachine | None, tg: anyio.abc.TaskGroup
     ) -> None:
         if isinstance(msg, FitIns):
-            if self.faults.kill_at_fit == msg.round:
-                log.error("fault injection: killing this site in round %d", msg.round)
-                os.kill(os.getpid(), signal.SIGKILL)
+            self.faults.reached("fit", msg.round)
             if secure is not None:
                 # Key set-up messages keep flowing while we train; the update is masked when ready.
                 if await self._secure_step(secure, msg, lambda: secure.receive(msg)):
@@ -244,9 +232,8 @@ class _Session:
             if self._declined(msg.round, msg.attempt):
                 self._started_event(msg.round, msg.attempt).set()  # its training, if any, stops waiting
                 return  # this site declined that round attempt: it says nothing more in it
-            if isinstance(msg, ShareDelivery) and self.faults.kill_after_share == msg.round:
-                log.error("fault injection: killing this site after it shared keys in round %d", msg.round)
-                os.kill(os.getpid(), signal.SIGKILL)
+            if isinstance(msg, ShareDelivery):
+                self.faults.reached("share", msg.round)
             await self._secure_step(secure, msg, lambda: secure.receive(msg))
             if isinstance(msg, SecAggStart):
                 self._started_event(msg.round, msg.attempt).set()
@@ -345,7 +332,7 @@ def _first_leaf(group: BaseException) -> BaseException:
     return group
 
 
-async def run_client(cfg: SiteConfig, *, faults: FaultPlan = FaultPlan()) -> int:
+async def run_client(cfg: SiteConfig, *, faults: FaultPlan = NO_FAULTS) -> int:
     """Run until the coordinator ends the federation (0), or stays away too long (1).
 
     A ``Reject`` or a failed server proof is logged and retried like a lost connection: both can

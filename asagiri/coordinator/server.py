@@ -29,6 +29,7 @@ from prometheus_client import CollectorRegistry
 
 from ..config import FederationConfig, RunSpec
 from ..data.loaders import dataset_info
+from ..faults import NO_FAULTS, FaultPlan
 from ..models import build, dp_norm, shared_keys
 from ..observe.audit import AuditLog, params_digest
 from ..observe.metrics import CoordinatorMetrics, serve_metrics
@@ -97,7 +98,7 @@ def initial_params(cfg: FederationConfig) -> Params:
 
 
 class Coordinator:
-    def __init__(self, cfg: FederationConfig, *, resume: bool = False, crash_after_round: int | None = None) -> None:
+    def __init__(self, cfg: FederationConfig, *, resume: bool = False, faults: FaultPlan = NO_FAULTS) -> None:
         self.cfg = cfg
         self.identity = Identity.load(cfg.identity_key)
         self.roster = {s.id: PublicIdentity.from_hex(s.public_key) for s in cfg.sites}
@@ -107,7 +108,7 @@ class Coordinator:
         self.audit = AuditLog(self.run_dir / "audit.jsonl")
         self.registry = CollectorRegistry()
         self.metrics = CoordinatorMetrics(self.registry)
-        self._crash_after_round = crash_after_round
+        self.faults = faults
         self._sessions: dict[int, _Session] = {}
         self._exhausted: set[int] = set()  # sites that declined for good
         self._withdrawn: dict[int, str] = {}  # ... and why
@@ -436,12 +437,7 @@ class Coordinator:
                 })
             else:
                 self._finish_failed(rnd, f"aborted {cfg.max_round_attempts} times", t_start)
-            if self._crash_after_round == rnd:
-                import os
-                import signal
-
-                log.error("fault injection: killing the coordinator after round %d", rnd)
-                os.kill(os.getpid(), signal.SIGKILL)
+            self.faults.reached("round_done", rnd)
             rnd += 1
         self._test = await self._final_test(cfg.rounds)
         return self._write_summary("completed", time.monotonic() - t_start)
