@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +19,7 @@ from opacus.validators import ModuleValidator
 from torch import nn
 
 from ..data.loaders import Split
-from ..train.loop import augment_shifts, loss_fn, resume_optimizer
+from ..train.loop import loss_fn, make_optimizer, resume_optimizer, run_steps
 
 __all__ = ["DPResult", "dp_compatible", "noise_for_target", "train_dp"]
 
@@ -73,6 +74,7 @@ def train_dp(
     momentum: float,
     noise_multiplier: float,
     max_grad_norm: float,
+    weight_decay: float = 0.0,
     mu: float = 0.0,
     anchor: dict[str, torch.Tensor] | None = None,
     augment: bool = True,
@@ -82,10 +84,12 @@ def train_dp(
     task: str = "binary",
     optimizer_state: dict | None = None,
 ) -> DPResult:
-    """One round of DP-SGD in place on ``model`` (GroupNorm-only).
+    """One round of DP-SGD in place on ``model`` (GroupNorm-only), through the one training loop
+    (``train.loop.run_steps``) with a private step.
 
-    FedProx's proximal step is applied after each noisy step (``w -= lr*mu*(w - w_global)``):
-    post-processing of a DP output, so it costs no privacy.
+    FedProx's proximal step is applied after each noisy step (``w -= lr*mu*(w - w_global)``), and
+    weight decay inside the optimizer after the noise: both are post-processing of a DP output,
+    so they cost no privacy.
 
     ``multiplicity`` K > 1 is augmentation multiplicity (De et al. 2022): each sampled example is
     augmented K times and its K per-example gradients are averaged *before* clipping, so it still
@@ -97,13 +101,10 @@ def train_dp(
     n = len(data)
     q, steps = steps_per_round(n, expected_batch, epochs)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt: torch.optim.Optimizer = (
-        torch.optim.Adam(params, lr=lr) if optimizer == "adam" else torch.optim.SGD(params, lr=lr, momentum=momentum)
-    )
+    opt = make_optimizer(params, optimizer=optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay)
     resume_optimizer(opt, optimizer_state)
     dataset = torch.utils.data.TensorDataset(data.images, data.labels)
     loader = torch.utils.data.DataLoader(dataset, batch_size=max(1, int(round(q * n))))
-    gen = torch.Generator().manual_seed(seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # secure_mode off: said once in the site log instead
         engine = PrivacyEngine(accountant="rdp")
@@ -112,48 +113,54 @@ def train_dp(
             max_grad_norm=max_grad_norm, poisson_sampling=True,
         )
     dp_model.train()
+    private = _PrivateSteps(dp_model, dp_opt, dp_loader, model, steps=steps, task=task, lr=lr, mu=mu, anchor=anchor,
+                            multiplicity=multiplicity if augment else 1)
     with warnings.catch_warnings():
         # Opacus' hooks fire on our first layer, whose input needs no gradient: expected, harmless.
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        total, done = _steps(dp_model, dp_opt, dp_loader, model, steps=steps, augment=augment, gen=gen, device=device,
-                             task=task, lr=lr, mu=mu, anchor=anchor, multiplicity=multiplicity if augment else 1)
+        total, _ = run_steps(private, augment=augment, gen=torch.Generator().manual_seed(seed), device=device)
     # make_private wraps in place; unwrap so the plain model (and its state_dict keys) carry on.
     dp_model._close()
-    return DPResult(num_samples=n, loss=total / max(done, 1), steps=done, sample_rate=q,
+    return DPResult(num_samples=n, loss=total / max(private.taken, 1), steps=private.taken, sample_rate=q,
                     noise_multiplier=noise_multiplier, optimizer_state=opt.state_dict())
 
 
-def _steps(dp_model, dp_opt, dp_loader, model, *, steps, augment, gen, device, task, lr, mu, anchor,  # type: ignore[no-untyped-def]
-           multiplicity):
-    total, done = 0.0, 0
-    while done < steps:
-        for x, y in dp_loader:
-            if done >= steps:
-                break
-            done += 1
-            if len(y) == 0:
-                # An empty Poisson batch: release nothing. The ledger still counts the step, which
-                # only overstates epsilon (conservative), never understates it.
-                continue
-            b = len(y)
-            if multiplicity > 1:
-                x, y = x.repeat_interleave(multiplicity, dim=0), y.repeat_interleave(multiplicity, dim=0)
-            if augment:
-                x = augment_shifts(x, gen)
-            x, y = x.to(device), y.to(device)
-            dp_opt.zero_grad(set_to_none=True)
-            loss = loss_fn(dp_model(x), y, task)
-            loss.backward()
-            if multiplicity > 1:
-                _average_copies(dp_model, b, multiplicity)
-            total += float(loss.detach())
-            dp_opt.step()
-            if mu > 0 and anchor is not None:
-                with torch.no_grad():
-                    for name, p in model.named_parameters():
-                        if name in anchor:
-                            p.sub_(lr * mu * (p - anchor[name]))
-    return total, done
+class _PrivateSteps:
+    """Poisson batches for a fixed number of steps; per-sample clipping and noise (Opacus)."""
+
+    def __init__(self, dp_model, dp_opt, dp_loader, model, *, steps, task, lr, mu, anchor,  # type: ignore[no-untyped-def]
+                 multiplicity) -> None:
+        self.dp_model, self.dp_opt, self.dp_loader, self.model = dp_model, dp_opt, dp_loader, model
+        self.steps, self.task, self.lr, self.mu, self.anchor = steps, task, lr, mu, anchor
+        self.multiplicity = multiplicity
+        self.taken = 0  # sampled batches, empty ones included: what the accountant counts
+
+    def batches(self, gen: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        while self.taken < self.steps:
+            for x, y in self.dp_loader:
+                if self.taken >= self.steps:
+                    break
+                self.taken += 1
+                if len(y) == 0:
+                    # An empty Poisson batch: release nothing. The ledger still counts the step, which
+                    # only overstates epsilon (conservative), never understates it.
+                    continue
+                k = self.multiplicity
+                yield (x.repeat_interleave(k, dim=0), y.repeat_interleave(k, dim=0)) if k > 1 else (x, y)
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        self.dp_opt.zero_grad(set_to_none=True)
+        loss = loss_fn(self.dp_model(x), y, self.task)
+        loss.backward()
+        if self.multiplicity > 1:
+            _average_copies(self.dp_model, len(y) // self.multiplicity, self.multiplicity)
+        self.dp_opt.step()
+        if self.mu > 0 and self.anchor is not None:
+            with torch.no_grad():
+                for name, p in self.model.named_parameters():
+                    if name in self.anchor:
+                        p.sub_(self.lr * self.mu * (p - self.anchor[name]))
+        return float(loss.detach())
 
 
 def _average_copies(dp_model: nn.Module, batch: int, k: int) -> None:

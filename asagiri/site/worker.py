@@ -138,7 +138,7 @@ class SiteWorker:
         anchor = {k: torch.from_numpy(ins.params[k]).to(self.device) for k in ins.params} if mu > 0 else None
         r = train_dp(
             self.model, self.data.train, epochs=t.local_epochs, expected_batch=t.batch_size, lr=t.lr,
-            optimizer=t.optimizer, momentum=t.momentum, noise_multiplier=self.sigma,
+            optimizer=t.optimizer, momentum=t.momentum, weight_decay=t.weight_decay, noise_multiplier=self.sigma,
             max_grad_norm=self.dp.max_grad_norm, mu=mu, anchor=anchor, augment=t.augment,
             multiplicity=self.dp.augmentation_multiplicity,
             seed=seed, device=self.device, task=self.data.task,

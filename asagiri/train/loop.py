@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -12,8 +14,8 @@ from torch import nn
 from ..data.loaders import Split
 from ..scores import accuracy_score, auc_score
 
-__all__ = ["EvalResult", "TrainResult", "accuracy_score", "auc_score", "augment_shifts", "evaluate", "loss_fn",
-           "resume_optimizer", "train_local"]
+__all__ = ["EvalResult", "Steps", "TrainResult", "accuracy_score", "auc_score", "augment_shifts", "evaluate",
+           "loss_fn", "make_optimizer", "resume_optimizer", "run_steps", "train_local"]
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,68 @@ def augment_shifts(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return out.gather(3, cols)
 
 
+class Steps(Protocol):
+    """One kind of training step, plugged into :func:`run_steps` (plain here, DP-SGD in
+    ``privacy/engine.py``): where the batches come from, and what one update does."""
+
+    def batches(self, gen: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> float: ...
+
+
+def run_steps(steps: Steps, *, augment: bool, gen: torch.Generator, device: torch.device | str) -> tuple[float, int]:
+    """The training loop, whatever the step: (summed loss, updates made).  ``gen`` drives the
+    shuffling and the augmentation, in that order, so a seed reproduces a round exactly."""
+    total, done = 0.0, 0
+    for x, y in steps.batches(gen):
+        if augment:
+            x = augment_shifts(x, gen)
+        total += steps.step(x.to(device), y.to(device))
+        done += 1
+    return total, done
+
+
+def make_optimizer(params: list[nn.Parameter], *, optimizer: str, lr: float, momentum: float,
+                   weight_decay: float) -> torch.optim.Optimizer:
+    """The one place an optimizer is built, plain or private (weight decay after the noise is
+    post-processing of a DP output: it costs no privacy)."""
+    if optimizer == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+
+class _PlainSteps:
+    """Shuffled minibatches, ``epochs`` passes; FedProx's term in the loss."""
+
+    def __init__(self, model: nn.Module, data: Split, opt: torch.optim.Optimizer, *, epochs: int, batch_size: int,
+                 mu: float, task: str) -> None:
+        self.model, self.data, self.opt = model, data, opt
+        self.epochs, self.batch_size, self.task = epochs, batch_size, task
+        self.params = [p for group in opt.param_groups for p in group["params"]]
+        self.mu = mu
+        self.anchor = [p.detach().clone() for p in self.params] if mu > 0 else None
+
+    def batches(self, gen: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n = len(self.data)
+        for _ in range(self.epochs):
+            order = torch.randperm(n, generator=gen)
+            for start in range(0, n, self.batch_size):
+                idx = order[start : start + self.batch_size]
+                if len(idx) < 2 and n >= 2:
+                    continue  # BatchNorm cannot train on a batch of one
+                yield self.data.images[idx], self.data.labels[idx]
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        loss = loss_fn(self.model(x), y, self.task)
+        if self.anchor is not None:
+            prox = sum(((p - a) ** 2).sum() for p, a in zip(self.params, self.anchor, strict=True))
+            loss = loss + 0.5 * self.mu * prox
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        return float(loss.detach())
+
+
 def train_local(
     model: nn.Module,
     data: Split,
@@ -76,35 +140,11 @@ def train_local(
     """
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    if optimizer == "adam":
-        opt: torch.optim.Optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    else:
-        opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    opt = make_optimizer(params, optimizer=optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay)
     resume_optimizer(opt, optimizer_state)
-    anchor = [p.detach().clone() for p in params] if mu > 0 else None
-    gen = torch.Generator().manual_seed(seed)
-    n = len(data)
-    total, steps = 0.0, 0
-    for _ in range(epochs):
-        order = torch.randperm(n, generator=gen)
-        for start in range(0, n, batch_size):
-            idx = order[start : start + batch_size]
-            if len(idx) < 2 and n >= 2:
-                continue  # BatchNorm cannot train on a batch of one
-            x, y = data.images[idx], data.labels[idx]
-            if augment:
-                x = augment_shifts(x, gen)
-            x, y = x.to(device), y.to(device)
-            loss = loss_fn(model(x), y, task)
-            if anchor is not None:
-                prox = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
-                loss = loss + 0.5 * mu * prox
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += float(loss.detach())
-            steps += 1
-    return TrainResult(num_samples=n, loss=total / max(steps, 1), steps=steps, optimizer_state=opt.state_dict())
+    steps = _PlainSteps(model, data, opt, epochs=epochs, batch_size=batch_size, mu=mu, task=task)
+    total, done = run_steps(steps, augment=augment, gen=torch.Generator().manual_seed(seed), device=device)
+    return TrainResult(num_samples=len(data), loss=total / max(done, 1), steps=done, optimizer_state=opt.state_dict())
 
 
 def resume_optimizer(opt: torch.optim.Optimizer, state: dict | None) -> None:

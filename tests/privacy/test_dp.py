@@ -172,3 +172,50 @@ def test_dp_federation_with_secure_aggregation_stops_when_budgets_run_out(tmp_pa
     # round 3 was declined by every site: aborted, nothing aggregated
     assert audit[-1]["round"] == 3 and audit[-1]["status"] == "aborted"
     assert (fed.root / "checkpoint.npz").exists()
+
+
+def _dp_site(tmp_path, weight_decay):
+    from asagiri.config import FederationConfig, RunSpec, SiteConfig
+    from asagiri.site.worker import SiteWorker
+    from asagiri.wire.crypto import Identity
+    from asagiri.wire.messages import Welcome
+
+    key = Identity.generate()
+    tmp_path.mkdir(parents=True)
+    key.save(tmp_path / "k.key")
+    cfg = SiteConfig(site_id=1, identity_key=tmp_path / "k.key", state_dir=tmp_path / "state",
+                     coordinator={"public_key": key.public.hex()}, peers={1: key.public.hex()})
+    fed = FederationConfig.model_validate({
+        "model": {"name": "small_cnn", "norm": "group", "width": 8, "groups": 4},
+        # an expected batch above the data size: one DP step per round, so the decay is one exact term
+        "train": {"local_epochs": 1, "batch_size": 4096, "lr": 0.5, "optimizer": "sgd", "momentum": 0.0,
+                  "weight_decay": weight_decay, "augment": False},
+        "data": {"dataset": "synthetic", "synthetic_samples": 64, "image_size": 28,
+                 "partition": {"scheme": "iid", "alpha": 1.0, "seed": 0}},
+        "dp": {"enabled": True, "noise_multiplier": 1.0},
+    })
+    spec = RunSpec.of(fed)
+    return SiteWorker(cfg, Welcome("r", 0, 1, spec.wire()), spec)
+
+
+def test_the_site_applies_weight_decay_under_dp(tmp_path):
+    """train.weight_decay used to be dropped under DP-SGD. With the same batch and the same noise,
+    one SGD step with decay wd must differ from one without by exactly -lr * wd * w."""
+    import numpy as np
+
+    from asagiri.wire.messages import FitIns
+
+    deltas, start = {}, None
+    for wd in (0.0, 0.25):
+        site = _dp_site(tmp_path / str(wd), wd)
+        state = site.model.state_dict()
+        params = {k: state[k].detach().numpy().copy() for k in site.shared}
+        start = params if start is None else start
+        assert all(np.array_equal(params[k], start[k]) for k in params)
+        torch.manual_seed(1)  # Opacus draws its noise from torch's global generator
+        delta, result = site.train(FitIns(1, 1, params, {"seed": 3}))
+        assert result.steps == 1
+        deltas[wd] = delta
+    for k, w in start.items():
+        np.testing.assert_allclose(deltas[0.25][k], deltas[0.0][k] - 0.5 * 0.25 * w, atol=1e-5, err_msg=k)
+    assert any(np.abs(w).max() > 0.01 for w in start.values())  # the decay term is not trivially zero
