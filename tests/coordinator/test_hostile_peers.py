@@ -12,6 +12,7 @@ from asagiri.coordinator.server import Coordinator
 from asagiri.wire.channel import SiteRefused
 from asagiri.wire.connection import connect_handshake
 from asagiri.wire.crypto import Identity
+from asagiri.wire.errors import ConnectionLost
 from asagiri.wire.messages import FitRes, Welcome
 
 pytestmark = pytest.mark.anyio
@@ -107,7 +108,7 @@ async def test_out_of_stage_message_closes_channel_and_coordinator_survives(cfg)
         # The round may already have asked us for an update; send one for a round never asked.
         await conn.send(FitRes(7, 1, {"w": np.zeros(1, np.float32)}, 1, {}))
         with anyio.fail_after(10):
-            with pytest.raises(Exception):  # noqa: B017 - closed channel, whichever way it surfaces
+            with pytest.raises(ConnectionLost):  # the coordinator closed the channel
                 while True:
                     await conn.receive()
         conn = await honest_join(port)
