@@ -198,7 +198,7 @@ def tcp_round_times(clients: int, width: int, rounds: int, secure: bool, root) -
 
 
 def _initial(cfg):  # type: ignore[no-untyped-def]
-    from asagiri.coordinator.server import initial_params
+    from asagiri.coordinator.driver import initial_params
 
     return initial_params(cfg)
 

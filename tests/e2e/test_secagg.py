@@ -5,7 +5,7 @@ import signal
 import numpy as np
 import pytest
 
-from asagiri.coordinator.checkpoint import load_checkpoint
+from asagiri.observe.checkpoint import load_checkpoint
 from asagiri.data import load_site_data
 from asagiri.observe.audit import verify_chain
 from asagiri.secagg.quantize import QuantPlan

@@ -1,0 +1,336 @@
+"""The federation driver: the round loop, with no networking.
+
+It selects sites, runs each round attempt through the sans-IO :class:`RoundMachine` (and, under
+secure aggregation, the coordinator's secure-aggregation machine), retries aborted attempts,
+stops when too few sites can still train, scores the final model on the pooled test split, and
+emits every step as a typed event (``observe.events``) to a recorder.  It reaches the sites only
+through :class:`~asagiri.coordinator.sessions.Sessions`, which TCP sessions (``server.py``) and
+in-memory ones (``asagiri.local``) feed alike.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import numpy as np
+import torch
+
+from ..config import FederationConfig, RunSpec
+from ..data.loaders import dataset_info
+from ..faults import NO_FAULTS, FaultPlan
+from ..models import build, dp_norm, shared_keys
+from ..observe import events as ev
+from ..observe.audit import params_digest
+from ..observe.checkpoint import load_checkpoint
+from ..observe.runlog import trim_jsonl
+from ..params import Params
+from ..secagg import binding
+from ..secagg.server import ServerStateMachine
+from ..strategy.base import FitPlan, build_strategy
+from ..strategy.selection import NotEnoughSites
+from ..wire.crypto import PublicIdentity
+from ..wire.messages import Decline, EvaluateRes, FitRes, MaskedInput, Message, Welcome
+from .round import Outbound, ProtocolViolation, RoundMachine, RoundOutcome, SiteLost, TestEvaluation
+from .sessions import Sessions
+
+__all__ = ["FederationDriver", "FederationFailed", "ResumeError", "initial_params"]
+
+log = logging.getLogger(__name__)
+
+
+class FederationFailed(Exception):
+    """The federation could not finish (for example a round failed ``max_round_attempts`` times)."""
+
+
+class ResumeError(Exception):
+    pass
+
+
+def initial_params(cfg: FederationConfig) -> Params:
+    """The round-0 global model: built from config with a fixed seed, shared tensors only."""
+    channels, classes = dataset_info(cfg.data.dataset, cfg.data.path)
+    torch.manual_seed(cfg.selection.seed)
+    norm, groups = cfg.model.norm, cfg.model.groups
+    if cfg.dp.enabled:  # the sites convert BatchNorm to GroupNorm for DP-SGD; so must the global model
+        norm, groups = dp_norm(cfg.model.name, norm, groups)
+    model = build(cfg.model.name, in_channels=channels, num_classes=classes, width=cfg.model.width, norm=norm,
+                  groups=groups)
+    state = model.state_dict()
+    return {k: state[k].detach().cpu().numpy().astype(np.float32) for k in shared_keys(model, fedbn=cfg.strategy.fedbn)}
+
+
+class FederationDriver:
+    """One federation run. ``emit`` receives every event (a :class:`~asagiri.observe.recorder.Recorder`)."""
+
+    def __init__(self, cfg: FederationConfig, sessions: Sessions, emit: Callable[[ev.Event], None], *,
+                 checkpoint: Path, resume: bool = False, faults: FaultPlan = NO_FAULTS) -> None:
+        self.cfg = cfg
+        self.sessions = sessions
+        self.emit = emit
+        self.faults = faults
+        self.roster = {s.id: PublicIdentity.from_hex(s.public_key) for s in cfg.sites}
+        # Every site gets the same spec; its digest is bound into each secure-aggregation round.
+        self.spec = RunSpec.of(cfg).wire()
+        self.spec_digest = binding.spec_digest(self.spec)
+        self.history: list[dict[str, Any]] = []
+        self.exhausted: set[int] = set()  # sites that declined for good
+        self._withdrawn: dict[int, str] = {}  # ... and why
+        self._test: dict[str, Any] = {}
+        self.start_round = 1
+        params = initial_params(cfg)
+        self.model_bytes = sum(v.nbytes for v in params.values()) + 8
+        self.strategy = build_strategy(cfg, params)
+        self.checkpoint_path = checkpoint
+        self._load_or_refuse(resume, params)
+
+    def welcome(self, site_id: int) -> Welcome:
+        return Welcome(self.cfg.run_id, self.cfg.site_index(site_id), len(self.cfg.sites), self.spec)
+
+    # -- resume ----------------------------------------------------------------------------------
+
+    def _load_or_refuse(self, resume: bool, fresh: Params) -> None:
+        path = self.checkpoint_path
+        if not resume:
+            if path.exists():
+                raise ResumeError(f"{path} exists: continue it with --resume, or choose a new run_dir")
+            return
+        if not path.exists():
+            raise ResumeError(f"--resume: no checkpoint at {path}")
+        params, velocity, state = load_checkpoint(path)
+        if {k: v.shape for k, v in params.items()} != {k: v.shape for k, v in fresh.items()}:
+            raise ResumeError(f"{path}: its model does not match the configured model")
+        if state.get("run_id") != self.cfg.run_id:
+            raise ResumeError(f"{path}: belongs to run {state.get('run_id')!r}, not {self.cfg.run_id!r}")
+        self.strategy.params = params
+        self.strategy.velocity = velocity
+        self.history = state["history"]
+        self.exhausted = set(state.get("exhausted", []))
+        self.start_round = int(state["round"]) + 1
+        for name in ("metrics.jsonl", "audit.jsonl"):
+            trim_jsonl(path.parent / name, max_round=int(state["round"]))
+        log.info("resuming after round %d from %s", state["round"], path)
+
+    # -- the run -----------------------------------------------------------------------------------
+
+    def eligible(self) -> list[int]:
+        return sorted(s for s in self.sessions.connected() if s not in self.exhausted)
+
+    async def _wait_for_sites(self, needed: int, timeout: float) -> bool:
+        with anyio.move_on_after(timeout):
+            while len(self.eligible()) < needed:
+                await self.sessions.changed()
+            return True
+        return len(self.eligible()) >= needed
+
+    async def run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        t_start = time.monotonic()
+        if self.start_round > cfg.rounds:
+            return self._end("completed", t_start)
+        # At start-up give every enrolled site a chance to join; later rounds go with whoever is there.
+        await self._wait_for_sites(len(self.roster), cfg.timeouts.wait_for_sites)
+        rnd = self.start_round
+        while rnd <= cfg.rounds:
+            for attempt in range(1, cfg.max_round_attempts + 1):
+                able = len(set(self.roster) - self.exhausted)
+                if able < cfg.min_clients:
+                    # Sites leave for good when their privacy budget is spent, or when the run breaks
+                    # their policy (a Decline whose reason starts with "policy ", protocol/SPEC.md §7).
+                    refused = {s: r for s, r in self._withdrawn.items() if r.startswith("policy ")}
+                    log.warning("only %d sites can still train, min_clients=%d; ending (policy refusals: %s)",
+                                able, cfg.min_clients, refused or "none")
+                    why = "refused the run by their policy or spent their privacy budget" if refused else \
+                        "spent their privacy budget"
+                    return self._end("refused_by_sites" if refused else "budget_exhausted", t_start, message=(
+                        f"federation ends before round {rnd}: sites {sorted(self.exhausted)} {why}; fewer than "
+                        f"min_clients={cfg.min_clients} can train"))
+                if not await self._wait_for_sites(cfg.min_clients, cfg.timeouts.wait_for_sites):
+                    self._fail(rnd, f"only {len(self.eligible())} eligible sites connected, "
+                                    f"min_clients={cfg.min_clients}", t_start)
+                self._drain_idle_events()
+                t0 = time.monotonic()
+                try:
+                    outcome = await self._run_round(rnd, attempt)
+                except NotEnoughSites as exc:
+                    self._fail(rnd, str(exc), t_start)
+                self.exhausted.update(outcome.exhausted)
+                self._withdrawn.update({s: outcome.declined.get(s, "") for s in outcome.exhausted})
+                if outcome.abort_reason is None:
+                    self._complete_round(outcome, time.monotonic() - t0)
+                    break
+                self.emit(ev.RoundAborted(rnd, attempt, outcome.abort_reason, outcome.selected,
+                                          outcome.participants, outcome.dropped))
+            else:
+                self._fail(rnd, f"aborted {cfg.max_round_attempts} times", t_start)
+            self.faults.reached("round_done", rnd)
+            rnd += 1
+        self._test = await self._final_test(cfg.rounds)
+        return self._end("completed", t_start)
+
+    # -- one round attempt -----------------------------------------------------------------------
+
+    def _handle_idle(self, site_id: int, event: Message | SiteLost) -> None:
+        """Between rounds only late answers are acceptable; anything else is a violation."""
+        if isinstance(event, SiteLost | FitRes | EvaluateRes | Decline):
+            return
+        self.sessions.metrics.protocol_violations.inc()
+        log.warning("site %d: %s outside a round, closing its channel", site_id, type(event).__name__)
+        self.sessions.drop(site_id)
+
+    def _drain_idle_events(self) -> None:
+        while (item := self.sessions.receive_nowait()) is not None:
+            self._handle_idle(*item)
+
+    async def _run_round(self, rnd: int, attempt: int) -> RoundOutcome:
+        plan = self.strategy.configure_fit(rnd, attempt, self.eligible())
+        evaluators = self.strategy.configure_evaluate(rnd, self.eligible())
+        secagg = self._secagg_machine(rnd, attempt, plan)
+        machine = RoundMachine(
+            rnd=rnd, attempt=attempt, selected=plan.sites, evaluators=evaluators,
+            min_clients=self.cfg.min_clients, global_params=self.strategy.params,
+            fit_config=plan.config, strategy=self.strategy, secagg=secagg,
+        )
+        self.emit(ev.RoundStarted(rnd, attempt, plan.sites, secagg is not None))
+        await self.sessions.send(machine.start())
+        t = self.cfg.timeouts
+        timeouts = {"fit": t.fit, "secagg": t.secagg_stage, "evaluate": t.evaluate}
+        while not machine.finished:
+            stage = machine.stage_key
+            with anyio.move_on_after(timeouts[machine.deadline_kind]) as scope:
+                while machine.stage_key == stage and not machine.finished:
+                    site_id, event = await self.sessions.receive()
+                    await self.sessions.send(self._step(machine, site_id, event, rnd, attempt))
+            if scope.cancelled_caught and machine.stage_key == stage:
+                log.warning("round %d: stage %s timed out", rnd, "/".join(x for x in stage if x))
+                await self.sessions.send(machine.timed_out())
+        return machine.outcome
+
+    def _step(self, machine: RoundMachine, site_id: int, event: Message | SiteLost, rnd: int,
+              attempt: int) -> list[Outbound]:
+        if isinstance(event, SiteLost):
+            self.emit(ev.SiteDropped(rnd, attempt, site_id, event.reason))
+            return machine.site_lost(site_id)
+        if isinstance(event, FitRes | MaskedInput) and (event.round, event.attempt) == (rnd, attempt):
+            self.emit(ev.UpdateReceived(rnd, attempt, site_id))
+        elif isinstance(event, Decline) and (event.round, event.attempt) == (rnd, attempt):
+            self.emit(ev.SiteRefused(rnd, attempt, site_id, event.reason, event.permanent))
+        try:
+            out = machine.receive(site_id, event)
+        except ProtocolViolation as exc:
+            self.sessions.metrics.protocol_violations.inc()
+            log.warning("%s; closing its channel", exc)
+            self.sessions.drop(site_id)
+            self.emit(ev.SiteDropped(rnd, attempt, site_id, f"protocol violation: {exc.reason}"))
+            out = machine.site_lost(site_id)
+        self.sessions.release(site_id, event)
+        return out
+
+    def _secagg_machine(self, rnd: int, attempt: int, plan: FitPlan) -> ServerStateMachine | None:
+        sa = self.cfg.secagg
+        if not sa.enabled:
+            return None
+        params = binding.RoundParams.derive(
+            run_id=self.cfg.run_id, round=rnd, attempt=attempt, participants=plan.sites, secagg=sa,
+            params_digest=binding.params_digest(self.strategy.params), fit_config=plan.config,
+            vector_len=sum(v.size for v in self.strategy.params.values()) + 1, spec_digest=self.spec_digest,
+        )
+        return ServerStateMachine(params=params, min_clients=self.cfg.min_clients, identities=self.roster)
+
+    async def _final_test(self, rnd: int) -> dict[str, Any]:
+        """Score the final model on the official test split, predictions pooled over the sites."""
+        sites = self.eligible()
+        if not sites:
+            return {}
+        machine = TestEvaluation(rnd=rnd, sites=sites, params=self.strategy.params)
+        self._drain_idle_events()
+        await self.sessions.send(machine.start())
+        with anyio.move_on_after(self.cfg.timeouts.evaluate):
+            while not machine.finished:
+                site_id, event = await self.sessions.receive()
+                if isinstance(event, SiteLost):
+                    machine.site_lost(site_id)
+                    continue
+                try:
+                    machine.receive(site_id, event)
+                except ProtocolViolation as exc:
+                    log.warning("%s; closing its channel", exc)
+                    self.sessions.drop(site_id)
+                    machine.site_lost(site_id)
+        machine.timed_out()
+        pooled = machine.pooled()
+        self.emit(ev.TestScored(rnd, pooled))
+        return pooled
+
+    # -- records -----------------------------------------------------------------------------------
+
+    def _complete_round(self, outcome: RoundOutcome, duration: float) -> None:
+        assert outcome.params is not None
+        evaluation = outcome.evaluation
+        record: dict[str, Any] = {
+            "round": outcome.round,
+            "attempt": outcome.attempt,
+            "selected": outcome.selected,
+            "participants": outcome.participants,
+            "dropped": outcome.dropped,
+            "declined": {str(k): v for k, v in outcome.declined.items()},
+            "duration_s": round(duration, 3),
+        }
+        for key in ("auc", "accuracy", "loss"):
+            if key in evaluation:
+                record[key] = evaluation[key]
+                record[f"site_{key}"] = evaluation[f"site_{key}"]
+        record["secure_aggregation"] = outcome.secagg_stages is not None
+        if outcome.secagg_stages is not None:
+            record["secagg_stages"] = outcome.secagg_stages
+        for key in ("epsilon", "noise_multiplier"):
+            values = {str(s): m[key] for s, m in sorted(outcome.site_eval.items()) if key in m}
+            if values:
+                record[key] = values
+        if outcome.exhausted:
+            record["exhausted"] = sorted(outcome.exhausted)
+        train_loss = {str(s): m["train_loss"] for s, m in outcome.site_metrics.items() if "train_loss" in m}
+        if train_loss:
+            record["site_train_loss"] = train_loss
+        self.history.append(record)
+        state = {"run_id": self.cfg.run_id, "round": outcome.round, "history": self.history,
+                 "exhausted": sorted(self.exhausted)}
+        self.emit(ev.RoundCompleted(record, outcome.params, self.strategy.velocity, state))
+
+    def _fail(self, rnd: int, reason: str, t_start: float) -> None:
+        log.error("federation stopped at round %d: %s", rnd, reason)
+        self._end("failed", t_start, reason=reason, message=f"federation failed at round {rnd}: {reason}")
+        raise FederationFailed(reason)
+
+    def _latest(self, key: str) -> dict[str, float]:
+        """Each site's most recent value of a per-site metric (a site may miss later rounds)."""
+        out: dict[str, float] = {}
+        for record in self.history:
+            out.update(record.get(key, {}))
+        return dict(sorted(out.items()))
+
+    def _end(self, status: str, t_start: float, *, reason: str | None = None, message: str = "") -> dict[str, Any]:
+        last = self.history[-1] if self.history else {}
+        summary: dict[str, Any] = {
+            "run_id": self.cfg.run_id,
+            "status": status,
+            "rounds_planned": self.cfg.rounds,
+            "rounds_completed": len(self.history),
+            "final": {k: last[k] for k in ("auc", "accuracy", "loss", "site_auc", "site_accuracy") if k in last},
+            "epsilon": self._latest("epsilon"),
+            "noise_multiplier": self._latest("noise_multiplier"),
+            "exhausted": sorted(self.exhausted),
+            "wall_s": round(time.monotonic() - t_start, 3),
+            "mean_round_s": round(sum(h["duration_s"] for h in self.history) / len(self.history), 3)
+            if self.history else None,
+            "model_sha256": params_digest(self.strategy.params),
+            **self._test,
+        }
+        if reason:
+            summary["reason"] = reason
+        self.emit(ev.FederationEnded(status, summary, message))
+        return summary

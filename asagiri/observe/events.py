@@ -1,0 +1,105 @@
+"""What happens in a federation, as typed records: the federation driver emits them, a recorder
+(``recorder.py``) and anything else that watches a run (tests, the attack harness, a report)
+consumes them.  Plain frozen dataclasses with no behaviour; nothing here sees a site's update.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..params import Params
+
+__all__ = [
+    "Event",
+    "FederationEnded",
+    "RoundAborted",
+    "RoundCompleted",
+    "RoundStarted",
+    "SiteDropped",
+    "SiteRefused",
+    "TestScored",
+    "UpdateReceived",
+]
+
+
+@dataclass(frozen=True)
+class RoundStarted:
+    round: int
+    attempt: int
+    selected: list[int]
+    secure: bool
+
+
+@dataclass(frozen=True)
+class UpdateReceived:
+    """A site's contribution arrived: its plaintext update, or its masked input under secure
+    aggregation (which says nothing about the update)."""
+
+    round: int
+    attempt: int
+    site: int
+
+
+@dataclass(frozen=True)
+class SiteDropped:
+    """A site left the round: disconnected, silent past its deadline, or closed for a violation."""
+
+    round: int
+    attempt: int
+    site: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class SiteRefused:
+    """A site declined (``reason`` is what it said: ``policy <rule>`` or ``privacy budget``)."""
+
+    round: int
+    attempt: int
+    site: int
+    reason: str
+    permanent: bool
+
+
+@dataclass(frozen=True)
+class RoundAborted:
+    round: int
+    attempt: int
+    reason: str
+    selected: list[int]
+    participants: list[int]
+    dropped: list[int]
+
+
+@dataclass(frozen=True)
+class RoundCompleted:
+    """A round aggregated. ``record`` is its line of ``metrics.jsonl``; ``params`` the new global
+    model and ``velocity`` the server momentum, with ``state``, what a checkpoint must hold."""
+
+    record: dict[str, Any]
+    params: Params = field(repr=False)
+    velocity: Params | None = field(repr=False)
+    state: dict[str, Any] = field(repr=False)
+
+
+@dataclass(frozen=True)
+class TestScored:
+    """The final model on the official test split, predictions pooled over the sites."""
+
+    round: int
+    scores: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class FederationEnded:
+    """``status``: completed, failed, budget_exhausted or refused_by_sites; ``message`` says why
+    it ended early, for a person."""
+
+    status: str
+    summary: dict[str, Any]
+    message: str = ""
+
+
+Event = (RoundStarted | UpdateReceived | SiteDropped | SiteRefused | RoundAborted | RoundCompleted | TestScored
+         | FederationEnded)

@@ -1,0 +1,123 @@
+"""The run's records, written from the driver's events: ``metrics.jsonl``, the audit chain, the
+checkpoint, ``summary.json``, Prometheus and the console lines.
+
+Whichever way a federation runs (over TCP or in memory) it produces the same files through this
+one recorder.  Every file write is fsynced (``runlog``, ``audit``) or atomic (checkpoint,
+summary), so a crash leaves the records of every checkpointed round.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+from ..fsutil import atomic_write_bytes
+from .audit import AuditLog, params_digest
+from .checkpoint import save_checkpoint
+from .events import (
+    Event,
+    FederationEnded,
+    RoundAborted,
+    RoundCompleted,
+    RoundStarted,
+    SiteDropped,
+    SiteRefused,
+    TestScored,
+    UpdateReceived,
+)
+from .metrics import CoordinatorMetrics
+from .runlog import append_jsonl
+
+__all__ = ["CHECKPOINT_NAME", "Recorder"]
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = "checkpoint.npz"
+
+
+class Recorder:
+    """Writes a run's records into ``run_dir``. ``console``: print the progress lines."""
+
+    def __init__(self, run_dir: Path, metrics: CoordinatorMetrics, *, rounds: int, console: bool = True) -> None:
+        self.run_dir = Path(run_dir)
+        self.metrics = metrics
+        self.rounds = rounds
+        self.console = console
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.checkpoint_path = self.run_dir / CHECKPOINT_NAME
+        self.audit = AuditLog(self.run_dir / "audit.jsonl")
+
+    def reopen(self) -> None:
+        """Continue the audit chain from what is on disk now (after a resume trimmed it)."""
+        self.audit = AuditLog(self.audit.path)
+
+    def __call__(self, event: Event) -> None:
+        if isinstance(event, RoundCompleted):
+            self._completed(event)
+        elif isinstance(event, RoundAborted):
+            self._aborted(event)
+        elif isinstance(event, TestScored):
+            s = event.scores
+            if "test_auc" in s:
+                self._print(f"test  auc={s['test_auc']:.4f}  acc={s['test_accuracy']:.4f}  "
+                            f"on {s['test_examples']} images from sites {s['test_sites']}")
+        elif isinstance(event, FederationEnded):
+            self._ended(event)
+        elif isinstance(event, RoundStarted):
+            log.info("round %d (attempt %d): selected %s", event.round, event.attempt, event.selected)
+        elif isinstance(event, SiteDropped):
+            log.info("round %d.%d: site %d dropped (%s)", event.round, event.attempt, event.site, event.reason)
+        elif isinstance(event, SiteRefused):
+            log.info("round %d.%d: site %d declined (%s)", event.round, event.attempt, event.site, event.reason)
+        elif isinstance(event, UpdateReceived):
+            pass
+
+    def _print(self, line: str) -> None:
+        if self.console:
+            print(line, flush=True)
+
+    def _completed(self, event: RoundCompleted) -> None:
+        record = event.record
+        digest = params_digest(event.params)
+        append_jsonl(self.metrics_path, record)
+        self.audit.append({
+            "round": record["round"], "attempt": record["attempt"], "status": "completed",
+            "participants": record["participants"], "dropped": record["dropped"],
+            "model_sha256": digest, "metrics": {k: record[k] for k in ("auc", "accuracy") if k in record},
+            "epsilon": record.get("epsilon", {}), "declined": record["declined"],
+            "time": time.time(),
+        })
+        save_checkpoint(self.checkpoint_path, params=event.params, velocity=event.velocity,
+                        state={**event.state, "model_sha256": digest})
+        m = self.metrics
+        m.rounds_completed.inc()
+        m.round_seconds.observe(record["duration_s"])
+        m.participants.set(len(record["participants"]))
+        m.dropped.inc(len(record["dropped"]))
+        for key in ("auc", "accuracy"):
+            if key in record:
+                m.metric.labels(key).set(record[key])
+        auc = record.get("auc")
+        self._print(
+            f"round {record['round']}/{self.rounds}  participants={record['participants']}  "
+            f"dropped={record['dropped']}  auc={'n/a' if auc is None else f'{auc:.4f}'}  "
+            f"acc={record.get('accuracy', math.nan):.4f}  {record['duration_s']:.1f}s"
+        )
+
+    def _aborted(self, event: RoundAborted) -> None:
+        self.metrics.rounds_aborted.inc()
+        log.warning("round %d attempt %d aborted: %s", event.round, event.attempt, event.reason)
+        self._print(f"round {event.round} attempt {event.attempt} aborted: {event.reason}")
+        self.audit.append({
+            "round": event.round, "attempt": event.attempt, "status": "aborted", "selected": event.selected,
+            "participants": event.participants, "dropped": event.dropped, "reason": event.reason,
+            "time": time.time(),
+        })
+
+    def _ended(self, event: FederationEnded) -> None:
+        if event.message:
+            self._print(event.message)
+        atomic_write_bytes(self.run_dir / "summary.json", (json.dumps(event.summary, indent=2) + "\n").encode())
