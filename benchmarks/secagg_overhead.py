@@ -166,9 +166,14 @@ def tcp_round_times(clients: int, width: int, rounds: int, secure: bool, root) -
     """Median round time of a real federation (separate processes, loopback TCP), from metrics.jsonl."""
     import socket
     import subprocess
-    import sys
 
-    from asagiri.cli.demo import pinned_site_settings, write_federation, write_site_config
+    from asagiri.launcher import (
+        pinned_site_settings,
+        start_coordinator,
+        start_site,
+        write_federation,
+        write_site_config,
+    )
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -180,16 +185,13 @@ def tcp_round_times(clients: int, width: int, rounds: int, secure: bool, root) -
     ]
     fed_path, cfg = write_federation(root, sites=clients, rounds=rounds, overrides=overrides)
     pub = (root / "keys" / "coordinator.pub").read_text().strip()
-    coord = subprocess.Popen([sys.executable, "-m", "asagiri.cli.coordinator", "--config", str(fed_path),
-                              "--log-level", "warning"], stdout=subprocess.PIPE, text=True)
-    assert coord.stdout is not None and coord.stdout.readline().startswith("listening")
-    sites = [
-        subprocess.Popen([sys.executable, "-m", "asagiri.cli.client", "--site", str(i), "--config",
-                          str(write_site_config(root, i, port, pub, pinned_site_settings(cfg))), "--log-level", "warning"])
-        for i in range(1, clients + 1)
-    ]
-    coord.stdout.read()
+    coord, status, port = start_coordinator(fed_path, "--log-level", "warning", stdout=subprocess.DEVNULL, stderr=None)
+    sites = [start_site(write_site_config(root, i, port, pub, pinned_site_settings(cfg)), i, "--log-level", "warning",
+                        log=None)
+             for i in range(1, clients + 1)]
+    status.until("FederationEnded", timeout=600)
     coord.wait(timeout=600)
+    status.close()
     for site in sites:
         site.wait(timeout=60)
     recs = [json.loads(line) for line in (root / "metrics.jsonl").read_text().splitlines()]

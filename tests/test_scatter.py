@@ -104,7 +104,7 @@ def test_dp_federation_of_the_scatter_model_over_tcp(tmp_path):
         fed.start_coordinator()
         for s in (1, 2, 3):
             fed.start_site(s)
-        fed.coordinator_lines()
+        fed.events()
         codes = fed.wait_all()
     finally:
         fed.kill_all()

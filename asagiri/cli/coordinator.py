@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 import anyio
@@ -11,6 +12,7 @@ import anyio.abc
 
 from ..config import ConfigError, load_federation
 from ..faults import FaultPlan
+from ..observe.events import StatusLines
 from .common import (
     EXIT_CONFIG,
     EXIT_FAILED,
@@ -31,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value by its dotted path (repeatable)")
     p.add_argument("--log-level", default="info")
+    p.add_argument("--status-fd", type=int, default=None, metavar="FD",
+                   help="write the bound port, then every round event, as JSON lines to this inherited file descriptor")
     p.add_argument("--crash-after-round", type=int, default=None, help=argparse.SUPPRESS)  # fault injection (tests)
     return p
 
@@ -49,8 +53,10 @@ def _run(args: argparse.Namespace) -> int:
     cfg = load_federation(Path(args.config), args.overrides)
     if not cfg.sites:
         raise ConfigError(f"{Path(args.config).name}: sites: no site is enrolled")
+    status = StatusLines(os.fdopen(args.status_fd, "w")) if args.status_fd is not None else None
     try:
-        coordinator = Coordinator(cfg, resume=args.resume, faults=FaultPlan(crash_after_round=args.crash_after_round))
+        coordinator = Coordinator(cfg, resume=args.resume, faults=FaultPlan(crash_after_round=args.crash_after_round),
+                                  watchers=[status] if status is not None else [])
     except ResumeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -82,6 +88,8 @@ def _run(args: argparse.Namespace) -> int:
                 tg.cancel_scope.cancel()
                 return
             print(f"listening on {cfg.listen.host}:{port}", flush=True)
+            if status is not None:
+                status.write({"event": "listening", "host": cfg.listen.host, "port": port, "pid": os.getpid()})
 
     try:
         anyio.run(main_task)

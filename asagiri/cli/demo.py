@@ -10,74 +10,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
-from typing import Any
 
 import anyio
 import anyio.abc
-import yaml
 
-from ..config import ConfigError, FederationConfig, apply_overrides, load_federation
-from ..wire.crypto import Identity
+from ..config import ConfigError, FederationConfig
+from ..launcher import StatusPipe, pinned_site_settings, write_federation, write_site_config
 from .common import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, EXIT_RUNTIME
 
-__all__ = ["pinned_site_settings", "run_demo", "write_federation", "write_site_config"]
-
-
-def write_federation(out: Path, *, sites: int, rounds: int, overrides: list[str]) -> tuple[Path, FederationConfig]:
-    """Keys, ``config/fed.yaml`` (overrides applied and validated) for a loopback federation."""
-    keys = out / "keys"
-    coord = Identity.generate()
-    coord.save(keys / "coordinator.key")
-    roster = []
-    for site in range(1, sites + 1):
-        ident = Identity.generate()
-        ident.save(keys / f"site-{site}.key")
-        (keys / f"site-{site}.pub").write_text(ident.public.hex() + "\n")
-        roster.append({"id": site, "public_key": ident.public.hex()})
-    (keys / "coordinator.pub").write_text(coord.public.hex() + "\n")
-    data: dict[str, Any] = {
-        "run_id": f"demo-{int(time.time())}",
-        "listen": {"host": "127.0.0.1", "port": 0},
-        "identity_key": "../keys/coordinator.key",
-        "run_dir": "..",
-        "rounds": rounds,
-        "min_clients": min(3, sites),
-        "timeouts": {"wait_for_sites": 120, "fit": 600, "evaluate": 300},
-        "sites": roster,
-    }
-    data = apply_overrides(data, overrides, source="fed.yaml")
-    fed_path = out / "config" / "fed.yaml"
-    fed_path.parent.mkdir(parents=True, exist_ok=True)
-    fed_path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return fed_path, load_federation(fed_path)
-
-
-def pinned_site_settings(cfg: FederationConfig) -> dict[str, Any]:
-    """What a demo site's config adds: every site's identity key pinned (as a real deployment
-    exchanges them out of band), and, for a run with secure aggregation off, a policy that lets
-    the site send its update in the clear (the default refuses to)."""
-    out: dict[str, Any] = {"peers": {entry.id: entry.public_key for entry in cfg.sites}}
-    if not cfg.secagg.enabled:
-        out["policy"] = {"require_secagg": False}
-    return out
-
-
-def write_site_config(out: Path, site: int, port: int, coordinator_pub: str, extra: dict[str, Any]) -> Path:
-    data = {
-        "site_id": site,
-        "identity_key": f"../keys/site-{site}.key",
-        "coordinator": {"host": "127.0.0.1", "port": port, "public_key": coordinator_pub},
-        "state_dir": f"site-{site}",
-        "threads": 1,
-        "reconnect": {"give_up_s": 120},
-        **extra,
-    }
-    path = out / "sites" / f"site-{site}.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path
+__all__ = ["run_demo"]
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -123,25 +65,24 @@ async def _orchestrate(out: Path, fed_path: Path, cfg: FederationConfig, args: a
     logs.mkdir(exist_ok=True)
     py = sys.executable
     procs: list[anyio.abc.Process] = []
+    status: StatusPipe | None = None
     log_files = []
     code = EXIT_RUNTIME
     try:
         with anyio.fail_after(args.timeout):
             coord_log = open(logs / "coordinator.log", "ab")  # noqa: SIM115 - closed in finally
             log_files.append(coord_log)
+            status = StatusPipe()
             coordinator = await anyio.open_process(
-                [py, "-m", "asagiri.cli.coordinator", "--config", str(fed_path), "--log-level", args.log_level],
-                stdout=-1, stderr=coord_log,
+                [py, "-m", "asagiri.cli.coordinator", "--config", str(fed_path), "--log-level", args.log_level,
+                 "--status-fd", str(status.write_fd)],
+                stdout=-1, stderr=coord_log, pass_fds=(status.write_fd,),
             )
+            status.child_started()
             procs.append(coordinator)
             assert coordinator.stdout is not None
             lines = _lines(coordinator.stdout)
-            port = None
-            async for line in lines:
-                if line.startswith("listening on "):
-                    port = int(line.rsplit(":", 1)[1])
-                    break
-                print(line, flush=True)
+            port = await _bound_port(status)
             if port is None:
                 await coordinator.wait()
                 print(f"error: the coordinator did not start (see {logs / 'coordinator.log'})", file=sys.stderr)
@@ -180,7 +121,20 @@ async def _orchestrate(out: Path, fed_path: Path, cfg: FederationConfig, args: a
                     await p.wait()
         for fh in log_files:
             fh.close()
+        if status is not None:
+            status.close()
     return code
+
+
+async def _bound_port(status: StatusPipe) -> int | None:
+    """The port from the coordinator's first status line; None if it exited without listening."""
+    while True:
+        await anyio.wait_readable(status.read_fd)
+        try:
+            first = status.next(timeout=0)
+        except TimeoutError:
+            continue  # part of a line so far
+        return int(first["port"]) if first is not None and first["event"] == "listening" else None
 
 
 async def _lines(stream: anyio.abc.ByteReceiveStream):  # type: ignore[no-untyped-def]

@@ -52,7 +52,7 @@ from .state import PersistentReplayGuard
 
 SECAGG_TO_SITE = (SecAggStart, KeyRoster, ShareDelivery, ConsistencyCheck, UnmaskRequest)
 
-__all__ = ["SiteWorker", "run_client"]  # SiteWorker re-exported from asagiri.site
+__all__ = ["Site", "SiteWorker", "run_client"]  # SiteWorker re-exported from asagiri.site
 
 log = logging.getLogger(__name__)
 
@@ -332,6 +332,41 @@ def _first_leaf(group: BaseException) -> BaseException:
     return group
 
 
+class Site:
+    """One site across its sessions: identity, pinned keys, policy, replay guard, and what ``_Kept``
+    keeps (worker, secure-aggregation machine).  ``session`` serves one connection to the
+    coordinator, over TCP or in memory (``asagiri.local``)."""
+
+    def __init__(self, cfg: SiteConfig, *, faults: FaultPlan = NO_FAULTS) -> None:
+        self.cfg = cfg
+        self.faults = faults
+        self.identity = Identity.load(cfg.identity_key)
+        self.coordinator = PublicIdentity.from_hex(cfg.coordinator.public_key)
+        peers = {int(k): PublicIdentity.from_hex(v) for k, v in (cfg.peers or {}).items()}
+        self.kept = _Kept(SitePolicy(cfg.policy, peers), PersistentReplayGuard(cfg.state_dir / "secagg_rounds.json"))
+        if cfg.policy.min_participants < 3:
+            log.warning("policy.min_participants=%d: a sum of two sites' updates tells each of them the other's",
+                        cfg.policy.min_participants)
+
+    @property
+    def policy(self) -> SitePolicy:
+        return self.kept.policy
+
+    async def session(self, stream: anyio.abc.ByteStream) -> bool:
+        """Authenticate on ``stream`` and take part until the session ends; True if the federation is over."""
+        cfg = self.cfg
+        with anyio.fail_after(cfg.reconnect.connect_s):
+            # The configured cap until the site knows the model; its size after (limit_payload).
+            conn = await connect_handshake(
+                stream, self.identity, cfg.site_id, self.coordinator, max_frame_size=cfg.max_frame_bytes,
+                max_payload_bytes=cfg.max_message_bytes, chunk_bytes=cfg.chunk_bytes,
+            )
+        log.info("connected to coordinator %s (key %s)", conn.peer, self.coordinator.fingerprint())
+        session = _Session(cfg, conn, self.kept, self.faults, self.identity)
+        await session.run()
+        return session.final
+
+
 async def run_client(cfg: SiteConfig, *, faults: FaultPlan = NO_FAULTS) -> int:
     """Run until the coordinator ends the federation (0), or stays away too long (1).
 
@@ -339,14 +374,8 @@ async def run_client(cfg: SiteConfig, *, faults: FaultPlan = NO_FAULTS) -> int:
     be injected by anyone on the path before the channel is authenticated, so neither may stop
     the site for good.  ``reconnect.give_up_s`` bounds how long the site keeps trying.
     """
-    identity = Identity.load(cfg.identity_key)
-    coordinator = PublicIdentity.from_hex(cfg.coordinator.public_key)
     torch.set_num_threads(cfg.threads)
-    peers = {int(k): PublicIdentity.from_hex(v) for k, v in (cfg.peers or {}).items()}
-    kept = _Kept(SitePolicy(cfg.policy, peers), PersistentReplayGuard(cfg.state_dir / "secagg_rounds.json"))
-    if cfg.policy.min_participants < 3:
-        log.warning("policy.min_participants=%d: a sum of two sites' updates tells each of them the other's",
-                    cfg.policy.min_participants)
+    site = Site(cfg, faults=faults)
     delay = cfg.reconnect.initial_s
     last_ok = time.monotonic()
     while True:
@@ -358,16 +387,7 @@ async def run_client(cfg: SiteConfig, *, faults: FaultPlan = NO_FAULTS) -> int:
         else:
             async with stream:
                 try:
-                    with anyio.fail_after(cfg.reconnect.connect_s):
-                        # The configured cap until the site knows the model; its size after (limit_payload).
-                        conn = await connect_handshake(
-                            stream, identity, cfg.site_id, coordinator, max_frame_size=cfg.max_frame_bytes,
-                            max_payload_bytes=cfg.max_message_bytes, chunk_bytes=cfg.chunk_bytes,
-                        )
-                    log.info("connected to coordinator %s (key %s)", conn.peer, coordinator.fingerprint())
-                    session = _Session(cfg, conn, kept, faults, identity)
-                    await session.run()
-                    if session.final:
+                    if await site.session(stream):
                         return 0
                     last_ok = time.monotonic()
                     delay = cfg.reconnect.initial_s

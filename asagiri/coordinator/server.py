@@ -13,6 +13,7 @@ reaches the round as ``SiteLost``.  The coordinator itself never stops for it.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import anyio
@@ -21,6 +22,7 @@ from prometheus_client import CollectorRegistry
 
 from ..config import FederationConfig
 from ..faults import NO_FAULTS, FaultPlan
+from ..observe.events import Event
 from ..observe.metrics import CoordinatorMetrics, serve_metrics
 from ..observe.recorder import CHECKPOINT_NAME, Recorder
 from ..wire.channel import SiteRefused
@@ -40,19 +42,25 @@ class Coordinator:
     """``run`` serves the federation described by ``cfg``; ``console`` prints progress lines."""
 
     def __init__(self, cfg: FederationConfig, *, resume: bool = False, faults: FaultPlan = NO_FAULTS,
-                 console: bool = True) -> None:
+                 console: bool = True, watchers: Sequence[Callable[[Event], None]] = ()) -> None:
         self.cfg = cfg
         self.run_dir = cfg.run_dir
         self.registry = CollectorRegistry()
         self.metrics = CoordinatorMetrics(self.registry)
         self.sessions = Sessions(cfg.timeouts, self.metrics, capacity=8 * len(cfg.sites))
         self.recorder = Recorder(self.run_dir, self.metrics, rounds=cfg.rounds, console=console)
-        self.driver = FederationDriver(cfg, self.sessions, self.recorder, checkpoint=self.run_dir / CHECKPOINT_NAME,
+        self.watchers = list(watchers)  # besides the recorder: a status pipe, a test, an attack harness
+        self.driver = FederationDriver(cfg, self.sessions, self._emit, checkpoint=self.run_dir / CHECKPOINT_NAME,
                                        resume=resume, faults=faults)
         self.recorder.reopen()  # a resume may have trimmed the audit chain back to the checkpoint
         # One receive pool for every session: a few model-sized buffers, however many sites.
         self._pool = ArrayPool(max_bytes=4 * self.driver.model_bytes)
         self.port: int | None = None
+
+    def _emit(self, event: Event) -> None:
+        self.recorder(event)
+        for watch in self.watchers:
+            watch(event)
 
     @property
     def identity(self) -> Identity:
@@ -60,25 +68,31 @@ class Coordinator:
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED) -> dict[str, Any]:
         """Serve until the federation ends; returns the summary. The bound port goes to ``task_status``."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         identity = self.identity
         listener = await anyio.create_tcp_listener(local_host=self.cfg.listen.host, local_port=self.cfg.listen.port)
         self.port = listener.extra(anyio.abc.SocketAttribute.local_port)
-        summary: dict[str, Any] = {}
         async with anyio.create_task_group() as tg:
             if self.cfg.metrics_port is not None:
                 metrics_port = await tg.start(serve_metrics, self.registry, self.cfg.listen.host, self.cfg.metrics_port)
                 log.info("Prometheus metrics on http://%s:%d/metrics", self.cfg.listen.host, metrics_port)
-            tg.start_soon(listener.serve, lambda stream: self._handle_connection(stream, identity), tg)
+            tg.start_soon(listener.serve, lambda stream: self.accept(stream, identity), tg)
             task_status.started(self.port)
-            try:
-                summary = await self.driver.run()
-            finally:
-                await self.sessions.shutdown(summary.get("status", "stopped"))
-                tg.cancel_scope.cancel()
+            summary = await self.federate()
+            tg.cancel_scope.cancel()
         return summary
 
-    async def _handle_connection(self, stream: anyio.abc.SocketStream, identity: Identity) -> None:
+    async def federate(self) -> dict[str, Any]:
+        """Run the rounds with whichever sites ``accept`` serves; tell them when it is over."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        summary: dict[str, Any] = {}
+        try:
+            summary = await self.driver.run()
+        finally:
+            await self.sessions.shutdown(summary.get("status", "stopped"))
+        return summary
+
+    async def accept(self, stream: anyio.abc.ByteStream, identity: Identity) -> None:
+        """Authenticate one site on ``stream`` (TCP, or in memory), welcome it and serve its session."""
         cfg = self.cfg
         async with stream:
             try:

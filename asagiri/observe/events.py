@@ -5,8 +5,9 @@ consumes them.  Plain frozen dataclasses with no behaviour; nothing here sees a 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+import json
+from dataclasses import dataclass, field, fields
+from typing import IO, Any
 
 from ..params import Params
 
@@ -18,8 +19,10 @@ __all__ = [
     "RoundStarted",
     "SiteDropped",
     "SiteRefused",
+    "StatusLines",
     "TestScored",
     "UpdateReceived",
+    "as_record",
 ]
 
 
@@ -103,3 +106,27 @@ class FederationEnded:
 
 Event = (RoundStarted | UpdateReceived | SiteDropped | SiteRefused | RoundAborted | RoundCompleted | TestScored
          | FederationEnded)
+
+
+def as_record(event: Event) -> dict[str, Any]:
+    """The event as a JSON-ready record, ``{"event": its type, ...its fields}``: the model and the
+    server state are left out (they are in the checkpoint)."""
+    out: dict[str, Any] = {"event": type(event).__name__}
+    for f in fields(event):
+        if f.name not in ("params", "velocity", "state"):
+            out[f.name] = getattr(event, f.name)
+    return out
+
+
+class StatusLines:
+    """Writes each event as one JSON line to ``stream`` (a coordinator's ``--status-fd``)."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.stream = stream
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.stream.write(json.dumps(record, sort_keys=True, default=str) + "\n")
+        self.stream.flush()
+
+    def __call__(self, event: Event) -> None:
+        self.write(as_record(event))

@@ -5,11 +5,18 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
+from typing import Any
 
-from asagiri.cli.demo import pinned_site_settings, write_federation, write_site_config
+from asagiri.launcher import (
+    StatusPipe,
+    pinned_site_settings,
+    start_coordinator,
+    start_site,
+    write_federation,
+    write_site_config,
+)
 
 FAST = [
     "data.dataset=synthetic",
@@ -47,12 +54,8 @@ class Federation:
 
     def start_coordinator(self, *extra: str) -> subprocess.Popen:
         log = open(self.root / "logs" / "coordinator.log", "ab")
-        self.coordinator = subprocess.Popen(
-            [sys.executable, "-m", "asagiri.cli.coordinator", "--config", str(self.fed_path), *extra],
-            stdout=subprocess.PIPE, stderr=log, text=True,
-        )
-        line = self.coordinator.stdout.readline()
-        assert line.startswith("listening on"), line
+        self.coordinator, self.status, port = start_coordinator(self.fed_path, *extra, stdout=log, stderr=log)
+        assert port == self.port
         return self.coordinator
 
     def start_site(self, site: int, *extra: str) -> subprocess.Popen:
@@ -62,29 +65,29 @@ class Federation:
         cfg = write_site_config(
             self.root, site, self.port, self.pub, {"reconnect": {"give_up_s": 60, "max_s": 1}, **settings}
         )
-        log = open(self.root / "logs" / f"site-{site}.log", "ab")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "asagiri.cli.client", "--site", str(site), "--config", str(cfg), *extra],
-            stdout=log, stderr=log,
-        )
+        proc = start_site(cfg, site, *extra, log=open(self.root / "logs" / f"site-{site}.log", "ab"))
         self.sites[site] = proc
         return proc
 
-    def run(self, sites: list[int]) -> tuple[list[str], dict[str, int]]:
-        """Start the coordinator and ``sites``, run to the end: its printed lines and every exit code."""
+    def run(self, sites: list[int]) -> tuple[list[dict[str, Any]], dict[str, int]]:
+        """Start the coordinator and ``sites``, run to the end: its status events and every exit code."""
         self.start_coordinator()
         for s in sites:
             self.start_site(s)
-        lines = self.coordinator_lines()
-        return lines, self.wait_all()
+        events = self.events()
+        return events, self.wait_all()
 
-    def coordinator_lines(self, until: str | None = None) -> list[str]:
-        lines = []
-        for line in self.coordinator.stdout:
-            lines.append(line.rstrip("\n"))
-            if until and until in line:
+    def events(self, until: str | None = None, timeout: float = 180) -> list[dict[str, Any]]:
+        """The coordinator's status events (``observe.events``) from here on: up to and including the
+        first of kind ``until``, or to its exit."""
+        status: StatusPipe = self.status
+        out = []
+        deadline = time.monotonic() + timeout
+        while (record := status.next(max(0.0, deadline - time.monotonic()))) is not None:
+            out.append(record)
+            if record["event"] == until:
                 break
-        return lines
+        return out
 
     def wait_all(self, timeout: float = 180) -> dict[str, int]:
         deadline = time.monotonic() + timeout

@@ -32,7 +32,7 @@ def test_three_sites_two_rounds(fed_factory):
     # Each end chunks tensors its own way (SPEC §4): 1 KiB at the coordinator, three other sizes at the sites.
     chunks = {1: {"chunk_bytes": 4096}, 2: {"chunk_bytes": 1 << 20}, 3: {"chunk_bytes": 1500}}
     fed = fed_factory(sites=3, rounds=2, overrides=["chunk_bytes=1024"], site_settings=chunks)
-    lines, codes = fed.run([1, 2, 3])
+    events, codes = fed.run([1, 2, 3])
     assert codes == {"coordinator": 0, "site-1": 0, "site-2": 0, "site-3": 0}, fed.logs()
     rounds = fed.metrics()
     assert [r["round"] for r in rounds] == [1, 2]
@@ -40,7 +40,8 @@ def test_three_sites_two_rounds(fed_factory):
         assert r["participants"] == [1, 2, 3] and r["dropped"] == []
         assert set(r["site_auc"]) == {"1", "2", "3"} and 0.0 <= r["auc"] <= 1.0
         assert r["duration_s"] > 0
-    assert sum(line.startswith("round ") for line in lines) == 2
+    assert [e["record"]["round"] for e in events if e["event"] == "RoundCompleted"] == [1, 2]
+    assert [e["event"] for e in events][-2:] == ["TestScored", "FederationEnded"]
     assert verify_chain(fed.root / "audit.jsonl") == []
     summary = fed.summary()
     assert summary["status"] == "completed" and summary["rounds_completed"] == 2
@@ -54,7 +55,7 @@ def test_site_killed_mid_round_round_completes_with_k_survivors(fed_factory):
     fed.start_site(1)
     fed.start_site(2)
     victim = fed.start_site(3, "--kill-at-fit", "2")
-    fed.coordinator_lines()
+    fed.events()
     assert fed.coordinator.wait(timeout=120) == 0, fed.logs()
     assert victim.wait(timeout=10) == -signal.SIGKILL
     r1, r2 = fed.metrics()
@@ -69,11 +70,12 @@ def test_fewer_than_k_aborts_then_retries_when_the_site_returns(fed_factory):
     fed.start_site(1)
     fed.start_site(2)
     fed.start_site(3, "--kill-at-fit", "1")
-    lines = fed.coordinator_lines(until="aborted")
-    assert "round 1 attempt 1 aborted" in lines[-1], fed.logs()
+    aborted = fed.events(until="RoundAborted")[-1]
+    assert (aborted["event"], aborted["round"], aborted["attempt"]) == ("RoundAborted", 1, 1), fed.logs()
+    assert aborted["selected"] == [1, 2, 3] and "fewer than min_clients=3" in aborted["reason"], aborted
     assert fed.metrics() == []  # nothing was aggregated below k
     fed.start_site(3)  # the site comes back; the round is retried with all three
-    fed.coordinator_lines()
+    fed.events()
     assert fed.coordinator.wait(timeout=120) == 0, fed.logs()
     [r1] = fed.metrics()
     assert r1["attempt"] == 2 and r1["participants"] == [1, 2, 3]
@@ -90,7 +92,7 @@ def test_coordinator_killed_then_resumed_finishes_remaining_rounds(fed_factory):
     assert fed.coordinator.wait(timeout=120) == -signal.SIGKILL, fed.logs()
     assert [r["round"] for r in fed.metrics()] == [1]
     fed.start_coordinator("--resume")  # same port; the sites reconnect with backoff
-    fed.coordinator_lines()
+    fed.events()
     codes = fed.wait_all()
     assert codes == {"coordinator": 0, "site-1": 0, "site-2": 0}, fed.logs()
     assert [r["round"] for r in fed.metrics()] == [1, 2, 3]
@@ -104,7 +106,7 @@ def test_fresh_start_over_an_existing_run_is_refused(fed_factory):
     fed.start_coordinator()
     fed.start_site(1)
     fed.start_site(2)
-    fed.coordinator_lines()
+    fed.events()
     assert fed.wait_all()["coordinator"] == 0
     import subprocess
     import sys
@@ -119,7 +121,7 @@ def test_sigterm_stops_the_coordinator_cleanly_and_resume_continues(fed_factory)
     fed.start_coordinator()
     fed.start_site(1)
     fed.start_site(2)
-    fed.coordinator_lines(until="round 1/4")
+    fed.events(until="RoundCompleted")
     fed.coordinator.send_signal(signal.SIGTERM)
     assert fed.coordinator.wait(timeout=30) == 130, fed.logs()
     done = [r["round"] for r in fed.metrics()]
@@ -127,7 +129,7 @@ def test_sigterm_stops_the_coordinator_cleanly_and_resume_continues(fed_factory)
     # The sites were told the stop is not final: they keep waiting to reconnect.
     assert all(p.poll() is None for p in fed.sites.values())
     fed.start_coordinator("--resume")
-    fed.coordinator_lines()
+    fed.events()
     assert fed.wait_all() == {"coordinator": 0, "site-1": 0, "site-2": 0}, fed.logs()
     assert [r["round"] for r in fed.metrics()] == [1, 2, 3, 4]
 

@@ -5,9 +5,9 @@ import signal
 import numpy as np
 import pytest
 
-from asagiri.observe.checkpoint import load_checkpoint
 from asagiri.data import load_site_data
 from asagiri.observe.audit import verify_chain
+from asagiri.observe.checkpoint import load_checkpoint
 from asagiri.secagg.quantize import QuantPlan
 
 from .harness import Federation
@@ -36,7 +36,7 @@ def run_round(fed, victim_flag):
     for s in (1, 2, 4, 5):
         fed.start_site(s)
     victim = fed.start_site(3, *victim_flag)
-    fed.coordinator_lines()
+    fed.events()
     assert fed.coordinator.wait(timeout=180) == 0, fed.logs()
     assert victim.wait(timeout=10) == -signal.SIGKILL
     params, _, state = load_checkpoint(fed.root / "checkpoint.npz")
@@ -81,9 +81,12 @@ def test_a_run_with_secure_aggregation_off_is_refused_by_every_site(fed_factory)
     whose policy requires it decline the run for good; no update ever leaves them."""
     fed = fed_factory("downgrade", sites=3, rounds=2, overrides=["secagg.enabled=false"],
                       site_policy={"require_secagg": True})
-    lines, codes = fed.run([1, 2, 3])
+    events, codes = fed.run([1, 2, 3])
     assert codes == {"coordinator": 0, "site-1": 0, "site-2": 0, "site-3": 0}, fed.logs()
-    assert any("refused the run by their policy" in line for line in lines), lines
+    [ended] = [e for e in events if e["event"] == "FederationEnded"]
+    assert ended["status"] == "refused_by_sites" and "refused the run by their policy" in ended["message"], events
+    refusals = [e for e in events if e["event"] == "SiteRefused"]
+    assert {e["site"] for e in refusals} == {1, 2, 3} and all(e["reason"] == "policy require_secagg" for e in refusals)
     assert fed.summary()["status"] == "refused_by_sites" and fed.metrics() == []
     for s in (1, 2, 3):
         log = (fed.root / "logs" / f"site-{s}.log").read_text()

@@ -152,7 +152,7 @@ def test_dp_federation_with_secure_aggregation_stops_when_budgets_run_out(tmp_pa
         fed.start_coordinator()
         for s in (1, 2, 3):
             fed.start_site(s)
-        lines = fed.coordinator_lines()
+        events = fed.events()
         codes = fed.wait_all()
     finally:
         fed.kill_all()
@@ -165,7 +165,11 @@ def test_dp_federation_with_secure_aggregation_stops_when_budgets_run_out(tmp_pa
     summary = fed.summary()
     assert summary["status"] == "budget_exhausted" and summary["exhausted"] == [1, 2, 3]
     assert set(summary["epsilon"]) == {"1", "2", "3"} and set(summary["noise_multiplier"]) == {"1", "2", "3"}
-    assert any("spent their privacy budget" in line for line in lines)
+    [ended] = [e for e in events if e["event"] == "FederationEnded"]
+    assert ended["status"] == "budget_exhausted" and "spent their privacy budget" in ended["message"]
+    refused = [e for e in events if e["event"] == "SiteRefused"]
+    assert {e["site"] for e in refused} == {1, 2, 3} and all(e["reason"] == "privacy budget" and e["permanent"]
+                                                             for e in refused)
     audit = [json.loads(x) for x in (fed.root / "audit.jsonl").read_text().splitlines()]
     completed = [a for a in audit if a["status"] == "completed"]
     assert [a["round"] for a in completed] == [1, 2] and set(completed[-1]["epsilon"]) == {"1", "2", "3"}

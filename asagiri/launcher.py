@@ -1,0 +1,161 @@
+"""Loopback federations: the run directory's layout, and starting its processes.
+
+One place lays out keys and configs (``write_federation``, ``write_site_config``) and starts the
+coordinator and site processes, for ``asagiri demo``, the end-to-end tests and the TCP
+benchmarks.  The coordinator reports its bound port and its progress as JSON lines on a pipe
+(``--status-fd``, :class:`StatusPipe`), never as printed text a launcher would have to parse.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import IO, Any
+
+import yaml
+
+from .config import FederationConfig, SiteConfig, apply_overrides, load_federation, load_site
+from .wire.crypto import Identity
+
+__all__ = ["StatusPipe", "pinned_site_settings", "site_configs", "start_coordinator", "start_site",
+           "write_federation", "write_site_config"]
+
+
+def write_federation(out: Path, *, sites: int, rounds: int, overrides: list[str]) -> tuple[Path, FederationConfig]:
+    """Keys, ``config/fed.yaml`` (overrides applied and validated) for a loopback federation."""
+    keys = out / "keys"
+    coord = Identity.generate()
+    coord.save(keys / "coordinator.key")
+    roster = []
+    for site in range(1, sites + 1):
+        ident = Identity.generate()
+        ident.save(keys / f"site-{site}.key")
+        (keys / f"site-{site}.pub").write_text(ident.public.hex() + "\n")
+        roster.append({"id": site, "public_key": ident.public.hex()})
+    (keys / "coordinator.pub").write_text(coord.public.hex() + "\n")
+    data: dict[str, Any] = {
+        "run_id": f"demo-{int(time.time())}",
+        "listen": {"host": "127.0.0.1", "port": 0},
+        "identity_key": "../keys/coordinator.key",
+        "run_dir": "..",
+        "rounds": rounds,
+        "min_clients": min(3, sites),
+        "timeouts": {"wait_for_sites": 120, "fit": 600, "evaluate": 300},
+        "sites": roster,
+    }
+    data = apply_overrides(data, overrides, source="fed.yaml")
+    fed_path = out / "config" / "fed.yaml"
+    fed_path.parent.mkdir(parents=True, exist_ok=True)
+    fed_path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return fed_path, load_federation(fed_path)
+
+
+def pinned_site_settings(cfg: FederationConfig) -> dict[str, Any]:
+    """What a demo site's config adds: every site's identity key pinned (as a real deployment
+    exchanges them out of band), and, for a run with secure aggregation off, a policy that lets
+    the site send its update in the clear (the default refuses to)."""
+    out: dict[str, Any] = {"peers": {entry.id: entry.public_key for entry in cfg.sites}}
+    if not cfg.secagg.enabled:
+        out["policy"] = {"require_secagg": False}
+    return out
+
+
+def write_site_config(out: Path, site: int, port: int, coordinator_pub: str, extra: Mapping[str, Any]) -> Path:
+    data = {
+        "site_id": site,
+        "identity_key": f"../keys/site-{site}.key",
+        "coordinator": {"host": "127.0.0.1", "port": port, "public_key": coordinator_pub},
+        "state_dir": f"site-{site}",
+        "threads": 1,
+        "reconnect": {"give_up_s": 120},
+        **extra,
+    }
+    path = out / "sites" / f"site-{site}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def site_configs(out: Path, cfg: FederationConfig, *, port: int = 1,
+                 extra: Mapping[int, Mapping[str, Any]] | None = None) -> dict[int, SiteConfig]:
+    """Every site's config for the federation laid out in ``out`` (``port`` only matters over TCP)."""
+    pub = (out / "keys" / "coordinator.pub").read_text().strip()
+    settings = pinned_site_settings(cfg)
+    configs = {}
+    for entry in cfg.sites:
+        mine = {**settings, **(extra or {}).get(entry.id, {})}
+        mine["policy"] = {**settings.get("policy", {}), **mine.get("policy", {})}
+        configs[entry.id] = load_site(write_site_config(out, entry.id, port, pub, mine))
+    return configs
+
+
+class StatusPipe:
+    """The read end of a coordinator's ``--status-fd``: one JSON object per line, the first
+    ``{"event": "listening", "port": ...}``, then one per driver event (``observe.events``)."""
+
+    def __init__(self) -> None:
+        self.read_fd, self.write_fd = os.pipe()
+        self._buf = b""
+        self.seen: list[dict[str, Any]] = []
+
+    def child_started(self) -> None:
+        os.close(self.write_fd)  # the child holds it now; its exit ends the stream
+
+    def next(self, timeout: float) -> dict[str, Any] | None:
+        """The next status line, or None once the coordinator closed the pipe (it exited)."""
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self._buf:
+            left = max(0.0, deadline - time.monotonic())
+            if not select.select([self.read_fd], [], [], left)[0]:
+                raise TimeoutError(f"no status from the coordinator within {timeout:.0f}s")
+            chunk = os.read(self.read_fd, 65536)
+            if not chunk:
+                return None
+            self._buf += chunk
+        line, self._buf = self._buf.split(b"\n", 1)
+        record = json.loads(line)
+        self.seen.append(record)
+        return record
+
+    def until(self, event: str, timeout: float) -> dict[str, Any]:
+        """Read up to and including the first status of kind ``event``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            record = self.next(max(0.0, deadline - time.monotonic()))
+            if record is None:
+                raise EOFError(f"the coordinator exited before {event}")
+            if record["event"] == event:
+                return record
+
+    def close(self) -> None:
+        os.close(self.read_fd)
+
+
+def start_coordinator(fed_path: Path, *extra: str, stdout: IO[Any] | int | None,
+                      stderr: IO[Any] | int | None) -> tuple[subprocess.Popen, StatusPipe, int]:
+    """Start ``asagiri-coordinator`` on ``fed_path``; returns the process, its status pipe and its port."""
+    status = StatusPipe()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "asagiri.cli.coordinator", "--config", str(fed_path),
+         "--status-fd", str(status.write_fd), *extra],
+        stdout=stdout, stderr=stderr, pass_fds=(status.write_fd,),
+    )
+    status.child_started()
+    first = status.next(timeout=120)
+    if first is None or first["event"] != "listening":
+        proc.wait(timeout=30)
+        raise RuntimeError(f"the coordinator did not start (exit code {proc.returncode})")
+    return proc, status, int(first["port"])
+
+
+def start_site(site_cfg: Path, site: int, *extra: str, log: IO[Any] | None) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "asagiri.cli.client", "--site", str(site), "--config", str(site_cfg), *extra],
+        stdout=log, stderr=log,
+    )
