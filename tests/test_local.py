@@ -36,17 +36,18 @@ def test_a_secure_federation_runs_in_memory_and_reports_typed_events(tmp_path):
 
 
 def test_secure_and_plain_aggregation_give_the_same_model_in_memory(tmp_path):
-    """The same round with secure aggregation on and off: the global models agree to within the
-    quantisation bound, so the in-memory path really sums the sites' updates."""
+    """The same round with secure aggregation on and off: the global models agree, so the in-memory
+    path really sums the sites' updates.  A 64-bit ring makes the quantisation error (below
+    sites / (scale * total samples), about 1e-5 at 32 bits here) vanish next to float32's."""
     models = {}
     for secure in (True, False):
         cfg, sites = lay_out(tmp_path / str(secure), sites=3, rounds=1,
-                             overrides=[*FAST, f"secagg.enabled={str(secure).lower()}"])
+                             overrides=[*FAST, f"secagg.enabled={str(secure).lower()}", "secagg.bits=64"])
         anyio.run(run_local, cfg, sites)
         models[secure], _, _ = load_checkpoint(tmp_path / str(secure) / "checkpoint.npz")
     moved = 0.0
     for k in models[True]:
-        np.testing.assert_allclose(models[True][k], models[False][k], atol=1e-5, err_msg=k)
+        np.testing.assert_allclose(models[True][k], models[False][k], rtol=1e-5, atol=1e-7, err_msg=k)
         moved = max(moved, float(np.abs(models[True][k]).max()))
     assert moved > 0
 
