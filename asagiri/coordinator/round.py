@@ -355,7 +355,6 @@ class TestEvaluation:
         return []
 
     def pooled(self) -> dict[str, Any]:
-
         if not self.results:
             return {}
         scores = np.concatenate([r.predictions["scores"] for r in self.results.values()])
