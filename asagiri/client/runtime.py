@@ -87,7 +87,6 @@ class _Session:
         self.faults = faults
         self.final = False
         self._ended = False
-        self.error: BaseException | None = None
         self.refusal: Refusal | None = None  # set when this site refuses the whole run
         self.run_id = ""
         self._round_started: dict[tuple[int, int], anyio.Event] = {}
@@ -127,24 +126,19 @@ class _Session:
         if self.refusal is not None:
             log.error("this site will not take part in run %s: %s", first.run_id, self.refusal)
         send, recv = anyio.create_memory_object_stream[Message](16)
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(self._guard, tg, self._reader, send, idle)
-            tg.start_soon(self._guard, tg, self._heartbeat, interval)
-            tg.start_soon(self._guard, tg, self._worker, recv, worker)
-        # A final Shutdown is the answer, even when the coordinator's hang-up right after it
-        # reached the reader first.
-        if self.error is not None and not self.final:
-            raise self.error
-
-    async def _guard(self, tg: anyio.abc.TaskGroup, fn: Any, *args: Any) -> None:
-        """Whichever task ends first ends the session; the first error is what the session reports."""
         try:
-            await fn(*args)
-        except* (ConnectionLost, RemoteProtocolError, TimeoutError) as group:
-            # The worker's own task group wraps what its tasks raise; the session reports a leaf.
-            if self.error is None:
-                self.error = _first_leaf(group)
-        tg.cancel_scope.cancel()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._reader, send, idle)
+                tg.start_soon(self._heartbeat, interval)
+                tg.start_soon(self._worker, recv, worker, tg.cancel_scope)
+        except BaseExceptionGroup as group:
+            ended, other = group.split(_SESSION_ENDS)
+            if other is not None:
+                raise
+            # A final Shutdown is the answer, even when the coordinator's hang-up right after it
+            # reached the reader first; otherwise the first way the session ended is what it reports.
+            if not self.final:
+                raise _first_leaf(ended) from None
 
     def _setup_secagg(self, welcome: Welcome, spec: RunSpec) -> None:
         """One secure-aggregation machine per run, kept across reconnects (it remembers past rounds)."""
@@ -175,7 +169,10 @@ class _Session:
             seq += 1
             await self.conn.send(Heartbeat(seq))
 
-    async def _worker(self, recv: MemoryObjectReceiveStream[Message], worker: SiteWorker | None) -> None:
+    async def _worker(self, recv: MemoryObjectReceiveStream[Message], worker: SiteWorker | None,
+                      session: anyio.CancelScope) -> None:
+        """Act on the coordinator's messages in order; a Shutdown ends the whole session. Trainings
+        run as tasks of this worker's group, so whatever ends one ends the session too."""
         secure = self.kept.secagg
         async with anyio.create_task_group() as tg:
             async for msg in recv:
@@ -184,7 +181,7 @@ class _Session:
                 else:
                     await self._handle(msg, worker, secure, tg)
                 if self.final or self._ended:
-                    tg.cancel_scope.cancel()
+                    session.cancel()
                     return
 
     async def _refuse(self, msg: Message) -> None:
@@ -210,7 +207,7 @@ class _Session:
                 if await self._secure_step(secure, msg, lambda: secure.receive(msg)):
                     self.kept.latest_fit = (msg.round, msg.attempt)
                     assert secure.fit_binding is not None  # the FitIns just accepted
-                    tg.start_soon(self._train_secure, msg, secure.fit_binding, worker, secure, tg)
+                    tg.start_soon(self._train_secure, msg, secure.fit_binding, worker, secure)
                 else:
                     self.conn.pool.release(msg.params.values())
                 return
@@ -290,40 +287,38 @@ class _Session:
         return True
 
     async def _train_secure(
-        self, ins: FitIns, trained_on: tuple[bytes, dict], worker: SiteWorker, secure: ClientStateMachine,
-        tg: anyio.abc.TaskGroup,
+        self, ins: FitIns, trained_on: tuple[bytes, dict], worker: SiteWorker, secure: ClientStateMachine
     ) -> None:
         """Train from ``ins``, whose digest the machine took when it accepted it (``trained_on``)."""
-        try:
-            async with self.kept.training:
-                if self._declined(ins.round, ins.attempt) or (ins.round, ins.attempt) != self.kept.latest_fit:
-                    self.conn.pool.release(ins.params.values())
-                    return  # refused, or superseded, while the previous training ran
-                t0 = time.monotonic()
-                try:
-                    delta, result = await self._work(worker.train, ins)
-                except BudgetExhausted as exc:
-                    self.conn.pool.release(ins.params.values())
-                    log.warning("%s", exc)
-                    await self._send_decline(ins.round, ins.attempt, BudgetExhausted.REASON, permanent=True)
-                    return
-            self.conn.pool.release(ins.params.values())
-            log.info("round %d: trained on %d samples in %.1fs", ins.round, result.num_samples, time.monotonic() - t0)
-            # The round's SecAggStart follows FitIns; wait for it rather than race it.
-            with anyio.move_on_after(self._stage_timeout):
-                await self._started_event(ins.round, ins.attempt).wait()
-            if secure.round_key != (ins.round, ins.attempt) or self._declined(ins.round, ins.attempt):
-                log.warning("round %d.%d moved on while training; update discarded", ins.round, ins.attempt)
+        async with self.kept.training:
+            if self._declined(ins.round, ins.attempt) or (ins.round, ins.attempt) != self.kept.latest_fit:
+                self.conn.pool.release(ins.params.values())
+                return  # refused, or superseded, while the previous training ran
+            t0 = time.monotonic()
+            try:
+                delta, result = await self._work(worker.train, ins)
+            except BudgetExhausted as exc:
+                self.conn.pool.release(ins.params.values())
+                log.warning("%s", exc)
+                await self._send_decline(ins.round, ins.attempt, BudgetExhausted.REASON, permanent=True)
                 return
-            # With equal_weight the site counts as one sample: its size never enters any sum.
-            n = 1 if self.cfg.policy.equal_weight else result.num_samples
-            await self._secure_step(secure, ins, lambda: secure.set_input(flatten(delta), n, trained_on=trained_on))
-            if secure.clipped:
-                log.info("secure aggregation: %d update values were clipped", secure.clipped)
-        except (ConnectionLost, RemoteProtocolError) as exc:
-            if self.error is None:
-                self.error = exc
-            tg.cancel_scope.cancel()
+        self.conn.pool.release(ins.params.values())
+        log.info("round %d: trained on %d samples in %.1fs", ins.round, result.num_samples, time.monotonic() - t0)
+        # The round's SecAggStart follows FitIns; wait for it rather than race it.
+        with anyio.move_on_after(self._stage_timeout):
+            await self._started_event(ins.round, ins.attempt).wait()
+        if secure.round_key != (ins.round, ins.attempt) or self._declined(ins.round, ins.attempt):
+            log.warning("round %d.%d moved on while training; update discarded", ins.round, ins.attempt)
+            return
+        # With equal_weight the site counts as one sample: its size never enters any sum.
+        n = 1 if self.cfg.policy.equal_weight else result.num_samples
+        await self._secure_step(secure, ins, lambda: secure.set_input(flatten(delta), n, trained_on=trained_on))
+        if secure.clipped:
+            log.info("secure aggregation: %d update values were clipped", secure.clipped)
+
+
+# How a session ends when the coordinator or the channel breaks it (anything else is a bug).
+_SESSION_ENDS = (ConnectionLost, RemoteProtocolError, TimeoutError)
 
 
 def _first_leaf(group: BaseException) -> BaseException:
