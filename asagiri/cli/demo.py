@@ -2,21 +2,30 @@
 
 Lays out the run directory (``keys/``, ``config/fed.yaml``, ``sites/site-N.yaml``, ``logs/``; the
 coordinator writes ``metrics.jsonl``, ``audit.jsonl``, ``summary.json`` and the checkpoint at its
-top), starts every process, relays the per-round lines, and stops everything it started.
+top), starts every process through ``asagiri.launcher``, prints the progress the coordinator
+reports on its status pipe, and stops everything it started.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
+import time
+from contextlib import ExitStack
 from pathlib import Path
 
-import anyio
-import anyio.abc
-
 from ..config import ConfigError, FederationConfig
-from ..launcher import StatusPipe, pinned_site_settings, write_federation, write_site_config
+from ..launcher import (
+    StatusPipe,
+    pinned_site_settings,
+    start_coordinator,
+    start_site,
+    write_federation,
+    write_site_config,
+)
+from ..observe.recorder import console_line
 from .common import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, EXIT_RUNTIME
 
 __all__ = ["run_demo"]
@@ -46,7 +55,7 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"federation: {args.sites} sites, {cfg.rounds} rounds, {cfg.model.name} on {cfg.data.dataset}, "
           f"strategy {cfg.strategy.name}{' + FedBN' if cfg.strategy.fedbn else ''}, min_clients={cfg.min_clients}",
           flush=True)
-    code = anyio.run(_orchestrate, out, fed_path, cfg, args)
+    code = _orchestrate(out, fed_path, cfg, args)
     summary_path = out / "summary.json"
     if summary_path.exists():
         summary = json.loads(summary_path.read_text())
@@ -60,91 +69,54 @@ def run_demo(args: argparse.Namespace) -> int:
     return code
 
 
-async def _orchestrate(out: Path, fed_path: Path, cfg: FederationConfig, args: argparse.Namespace) -> int:
+def _orchestrate(out: Path, fed_path: Path, cfg: FederationConfig, args: argparse.Namespace) -> int:
+    """Start the coordinator and the sites through the launcher, print the coordinator's progress
+    from its status pipe, stop everything started."""
     logs = out / "logs"
     logs.mkdir(exist_ok=True)
-    py = sys.executable
-    procs: list[anyio.abc.Process] = []
+    level = ("--log-level", args.log_level)
+    deadline = time.monotonic() + args.timeout
+    procs: list[subprocess.Popen] = []
     status: StatusPipe | None = None
-    log_files = []
-    code = EXIT_RUNTIME
-    try:
-        with anyio.fail_after(args.timeout):
-            coord_log = open(logs / "coordinator.log", "ab")  # noqa: SIM115 - closed in finally
-            log_files.append(coord_log)
-            status = StatusPipe()
-            coordinator = await anyio.open_process(
-                [py, "-m", "asagiri.cli.coordinator", "--config", str(fed_path), "--log-level", args.log_level,
-                 "--status-fd", str(status.write_fd)],
-                stdout=-1, stderr=coord_log, pass_fds=(status.write_fd,),
-            )
-            status.child_started()
-            procs.append(coordinator)
-            assert coordinator.stdout is not None
-            lines = _lines(coordinator.stdout)
-            port = await _bound_port(status)
-            if port is None:
-                await coordinator.wait()
+    with ExitStack() as files:
+        coord_log = files.enter_context(open(logs / "coordinator.log", "ab"))
+        try:
+            try:
+                coordinator, status, port = start_coordinator(fed_path, *level, stdout=coord_log, stderr=coord_log)
+            except RuntimeError:
                 print(f"error: the coordinator did not start (see {logs / 'coordinator.log'})", file=sys.stderr)
-                return EXIT_CONFIG if coordinator.returncode == EXIT_CONFIG else EXIT_RUNTIME
+                return EXIT_CONFIG
+            procs.append(coordinator)
+            print(f"listening on 127.0.0.1:{port}", flush=True)
             pub = (out / "keys" / "coordinator.pub").read_text().strip()
             settings = pinned_site_settings(cfg)
             for site in range(1, args.sites + 1):
                 site_cfg = write_site_config(out, site, port, pub, settings)
-                site_log = open(logs / f"site-{site}.log", "ab")  # noqa: SIM115 - closed in finally
-                log_files.append(site_log)
-                procs.append(await anyio.open_process(
-                    [py, "-m", "asagiri.cli.client", "--site", str(site), "--config", str(site_cfg),
-                     "--log-level", args.log_level],
-                    stdout=site_log, stderr=site_log,
-                ))
-            async for line in lines:
-                print(line, flush=True)
-            rc = await coordinator.wait()
-            with anyio.move_on_after(30):
-                for p in procs[1:]:
-                    await p.wait()
-            code = {0: EXIT_OK, EXIT_FAILED: EXIT_FAILED}.get(rc, EXIT_RUNTIME)
-    except TimeoutError:
-        print(f"error: the demo did not finish within {args.timeout:.0f}s", file=sys.stderr)
-    finally:
-        with anyio.CancelScope(shield=True):
-            for p in procs:
-                if p.returncode is None:
-                    p.terminate()
-            with anyio.move_on_after(10):
-                for p in procs:
-                    await p.wait()
-            for p in procs:
-                if p.returncode is None:
-                    p.kill()
-                    await p.wait()
-        for fh in log_files:
-            fh.close()
-        if status is not None:
-            status.close()
-    return code
+                procs.append(start_site(site_cfg, site, *level, log=files.enter_context(open(logs / f"site-{site}.log", "ab"))))
+            while (record := status.next(timeout=max(0.0, deadline - time.monotonic()))) is not None:
+                line = console_line(record, cfg.rounds)
+                if line is not None:
+                    print(line, flush=True)
+            rc = coordinator.wait(timeout=max(1.0, deadline - time.monotonic()))
+            for p in procs[1:]:
+                p.wait(timeout=30)
+            return {0: EXIT_OK, EXIT_FAILED: EXIT_FAILED}.get(rc, EXIT_RUNTIME)
+        except (TimeoutError, subprocess.TimeoutExpired):
+            print(f"error: the demo did not finish within {args.timeout:.0f}s", file=sys.stderr)
+            return EXIT_RUNTIME
+        finally:
+            _stop(procs)
+            if status is not None:
+                status.close()
 
 
-async def _bound_port(status: StatusPipe) -> int | None:
-    """The port from the coordinator's first status line; None if it exited without listening."""
-    while True:
-        await anyio.wait_readable(status.read_fd)
+def _stop(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    for p in procs:
         try:
-            first = status.next(timeout=0)
-        except TimeoutError:
-            continue  # part of a line so far
-        return int(first["port"]) if first is not None and first["event"] == "listening" else None
-
-
-async def _lines(stream: anyio.abc.ByteReceiveStream):  # type: ignore[no-untyped-def]
-    from anyio.streams.text import TextReceiveStream
-
-    buf = ""
-    async for chunk in TextReceiveStream(stream):
-        buf += chunk
-        while "\n" in buf:
-            line, buf = buf.split("\n", 1)
-            yield line
-    if buf:
-        yield buf
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()

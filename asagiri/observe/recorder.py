@@ -13,6 +13,7 @@ import logging
 import math
 import time
 from pathlib import Path
+from typing import Any
 
 from ..fsutil import atomic_write_bytes
 from .audit import AuditLog, params_digest
@@ -25,17 +26,36 @@ from .events import (
     RoundStarted,
     SiteDropped,
     SiteRefused,
-    TestScored,
-    UpdateReceived,
+    as_record,
 )
 from .metrics import CoordinatorMetrics
 from .runlog import append_jsonl
 
-__all__ = ["CHECKPOINT_NAME", "Recorder"]
+__all__ = ["CHECKPOINT_NAME", "Recorder", "console_line"]
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "checkpoint.npz"
+
+
+def console_line(record: dict[str, Any], rounds: int) -> str | None:
+    """The progress line a person reads for an event (``events.as_record`` form), if any."""
+    kind = record["event"]
+    if kind == "RoundCompleted":
+        r = record["record"]
+        auc = r.get("auc")
+        return (f"round {r['round']}/{rounds}  participants={r['participants']}  dropped={r['dropped']}  "
+                f"auc={'n/a' if auc is None else f'{auc:.4f}'}  acc={r.get('accuracy', math.nan):.4f}  "
+                f"{r['duration_s']:.1f}s")
+    if kind == "RoundAborted":
+        return f"round {record['round']} attempt {record['attempt']} aborted: {record['reason']}"
+    if kind == "TestScored" and "test_auc" in record["scores"]:
+        s = record["scores"]
+        return (f"test  auc={s['test_auc']:.4f}  acc={s['test_accuracy']:.4f}  "
+                f"on {s['test_examples']} images from sites {s['test_sites']}")
+    if kind == "FederationEnded":
+        return record["message"] or None
+    return None
 
 
 class Recorder:
@@ -59,24 +79,15 @@ class Recorder:
             self._completed(event)
         elif isinstance(event, RoundAborted):
             self._aborted(event)
-        elif isinstance(event, TestScored):
-            s = event.scores
-            if "test_auc" in s:
-                self._print(f"test  auc={s['test_auc']:.4f}  acc={s['test_accuracy']:.4f}  "
-                            f"on {s['test_examples']} images from sites {s['test_sites']}")
         elif isinstance(event, FederationEnded):
-            self._ended(event)
+            atomic_write_bytes(self.run_dir / "summary.json", (json.dumps(event.summary, indent=2) + "\n").encode())
         elif isinstance(event, RoundStarted):
             log.info("round %d (attempt %d): selected %s", event.round, event.attempt, event.selected)
         elif isinstance(event, SiteDropped):
             log.info("round %d.%d: site %d dropped (%s)", event.round, event.attempt, event.site, event.reason)
         elif isinstance(event, SiteRefused):
             log.info("round %d.%d: site %d declined (%s)", event.round, event.attempt, event.site, event.reason)
-        elif isinstance(event, UpdateReceived):
-            pass
-
-    def _print(self, line: str) -> None:
-        if self.console:
+        if self.console and (line := console_line(as_record(event), self.rounds)) is not None:
             print(line, flush=True)
 
     def _completed(self, event: RoundCompleted) -> None:
@@ -100,24 +111,12 @@ class Recorder:
         for key in ("auc", "accuracy"):
             if key in record:
                 m.metric.labels(key).set(record[key])
-        auc = record.get("auc")
-        self._print(
-            f"round {record['round']}/{self.rounds}  participants={record['participants']}  "
-            f"dropped={record['dropped']}  auc={'n/a' if auc is None else f'{auc:.4f}'}  "
-            f"acc={record.get('accuracy', math.nan):.4f}  {record['duration_s']:.1f}s"
-        )
 
     def _aborted(self, event: RoundAborted) -> None:
         self.metrics.rounds_aborted.inc()
         log.warning("round %d attempt %d aborted: %s", event.round, event.attempt, event.reason)
-        self._print(f"round {event.round} attempt {event.attempt} aborted: {event.reason}")
         self.audit.append({
             "round": event.round, "attempt": event.attempt, "status": "aborted", "selected": event.selected,
             "participants": event.participants, "dropped": event.dropped, "reason": event.reason,
             "time": time.time(),
         })
-
-    def _ended(self, event: FederationEnded) -> None:
-        if event.message:
-            self._print(event.message)
-        atomic_write_bytes(self.run_dir / "summary.json", (json.dumps(event.summary, indent=2) + "\n").encode())

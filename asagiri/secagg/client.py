@@ -25,6 +25,10 @@ cannot get past (docs/secagg.md has the argument):
   *component*) must number at least ``policy.min_participants``: any sum the coordinator can
   unmask that contains this site's input contains theirs too.
 - One unmask per round, and each peer's b share *or* its masking-key share, never both.
+
+Over 400 lines on purpose: one state machine, whose stages read top to bottom in the order of
+protocol/SPEC.md §6.4 and §7.2; its pieces (binding, graph, component, replay, masking) live in
+their own modules already.
 """
 
 from __future__ import annotations

@@ -3,6 +3,9 @@
 Messages are validated when built, so a decoded message that exists is well-formed; the codec
 turns a validation failure on received data into ``RemoteProtocolError``.  Tensors travel as
 ``Params`` (an ordered ``dict[str, numpy.ndarray]``), never pickled.  Don't subclass these.
+
+Over 400 lines on purpose: all 23 messages in one module, in the order of protocol/SPEC.md §2.3,
+so the table and the code can be read side by side.
 """
 
 from __future__ import annotations
