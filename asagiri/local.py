@@ -27,7 +27,6 @@ from .coordinator.server import Coordinator
 from .faults import NO_FAULTS, FaultPlan
 from .launcher import site_configs, write_federation
 from .observe.events import Event
-from .wire.crypto import Identity
 from .wire.errors import ConnectionLost, RemoteProtocolError
 from .wire.memory import memory_stream_pair
 
@@ -51,20 +50,19 @@ async def run_local(cfg: FederationConfig, sites: Mapping[int, SiteConfig], *, r
     ``faults`` apply to the coordinator; a site of ``sites`` that is left out never connects."""
     torch.set_num_threads(max(1, min((s.threads for s in sites.values()), default=1)))
     coordinator = Coordinator(cfg, resume=resume, faults=faults, console=console, watchers=watchers)
-    identity = coordinator.identity
     async with anyio.create_task_group() as tg:
         for site_cfg in sites.values():
             near, far = memory_stream_pair()
-            tg.start_soon(_coordinator_side, coordinator, near, identity)
+            tg.start_soon(_coordinator_side, coordinator, near)
             tg.start_soon(_site_side, Site(site_cfg), far)
         summary = await coordinator.federate()
         tg.cancel_scope.cancel()
     return summary
 
 
-async def _coordinator_side(coordinator: Coordinator, stream: anyio.abc.ByteStream, identity: Identity) -> None:
+async def _coordinator_side(coordinator: Coordinator, stream: anyio.abc.ByteStream) -> None:
     async with stream:
-        await coordinator.accept(stream, identity)
+        await coordinator.accept(stream)
 
 
 async def _site_side(site: Site, stream: anyio.abc.ByteStream) -> None:

@@ -44,6 +44,7 @@ class Coordinator:
     def __init__(self, cfg: FederationConfig, *, resume: bool = False, faults: FaultPlan = NO_FAULTS,
                  console: bool = True, watchers: Sequence[Callable[[Event], None]] = ()) -> None:
         self.cfg = cfg
+        self.identity = Identity.load(cfg.identity_key)
         self.run_dir = cfg.run_dir
         self.registry = CollectorRegistry()
         self.metrics = CoordinatorMetrics(self.registry)
@@ -62,20 +63,15 @@ class Coordinator:
         for watch in self.watchers:
             watch(event)
 
-    @property
-    def identity(self) -> Identity:
-        return Identity.load(self.cfg.identity_key)
-
     async def run(self, *, task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED) -> dict[str, Any]:
         """Serve until the federation ends; returns the summary. The bound port goes to ``task_status``."""
-        identity = self.identity
         listener = await anyio.create_tcp_listener(local_host=self.cfg.listen.host, local_port=self.cfg.listen.port)
         self.port = listener.extra(anyio.abc.SocketAttribute.local_port)
         async with anyio.create_task_group() as tg:
             if self.cfg.metrics_port is not None:
                 metrics_port = await tg.start(serve_metrics, self.registry, self.cfg.listen.host, self.cfg.metrics_port)
                 log.info("Prometheus metrics on http://%s:%d/metrics", self.cfg.listen.host, metrics_port)
-            tg.start_soon(listener.serve, lambda stream: self.accept(stream, identity), tg)
+            tg.start_soon(listener.serve, self.accept, tg)
             task_status.started(self.port)
             summary = await self.federate()
             tg.cancel_scope.cancel()
@@ -91,14 +87,14 @@ class Coordinator:
             await self.sessions.shutdown(summary.get("status", "stopped"))
         return summary
 
-    async def accept(self, stream: anyio.abc.ByteStream, identity: Identity) -> None:
+    async def accept(self, stream: anyio.abc.ByteStream) -> None:
         """Authenticate one site on ``stream`` (TCP, or in memory), welcome it and serve its session."""
         cfg = self.cfg
         async with stream:
             try:
                 with anyio.fail_after(cfg.timeouts.handshake):
                     site_id, conn = await accept_handshake(
-                        stream, identity, self.driver.roster, max_frame_size=cfg.max_frame_bytes,
+                        stream, self.identity, self.driver.roster, max_frame_size=cfg.max_frame_bytes,
                         max_payload_bytes=cfg.max_message_bytes, chunk_bytes=cfg.chunk_bytes, pool=self._pool,
                     )
                     await conn.send(self.driver.welcome(site_id))
