@@ -1,4 +1,4 @@
-"""``asagiri``: sub-commands ``keygen`` and ``demo``."""
+"""``asagiri``: sub-commands ``keygen``, ``partition``, ``demo`` and ``attack``."""
 
 from __future__ import annotations
 
@@ -43,6 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a fed.yaml value by its dotted path (repeatable)")
     d.add_argument("--timeout", type=float, default=3600, help="give up after this many seconds")
     d.add_argument("--log-level", default="warning", help="log level of the processes the demo starts")
+
+    from .attack import add_parser as add_attack
+
+    add_attack(sub)
     return p
 
 
@@ -57,6 +61,10 @@ def main(argv: list[str] | None = None) -> int:
         from .demo import run_demo
 
         return run_main(lambda: run_demo(args))
+    if args.command == "attack":
+        from .attack import run_attack
+
+        return run_main(lambda: run_attack(args))
     return EXIT_CONFIG
 
 

@@ -1,0 +1,1 @@
+"""Attacks on what the coordinator sees: gradient inversion and membership inference (docs/security.md)."""
