@@ -4,6 +4,7 @@ Each scenario makes one *observation* from the bundled chest X-rays and a freshl
 (the global model of round 1), then inverts it and scores the result against the true images:
 
 - ``single``: one site's gradient at batch 1, without secure aggregation (the undefended case);
+  ``single_dlg`` attacks it with DLG instead of inverting gradients;
 - ``local_update``: one site's realistic update, ``n_k * delta_k`` after ``train_local`` at the
   site's batch size over several local steps;
 - ``dp_single`` / ``dp_update``: the same through DP-SGD at the configured epsilon (``train_dp``,
@@ -39,7 +40,15 @@ from ..privacy.engine import noise_for_target, steps_per_round, train_dp
 from ..secagg.inmemory import LocalRound
 from ..secagg.quantize import dequantize
 from ..train.loop import train_local
-from .inversion import Gradient, gradient_of, idlg_label, invert_features, inverting_gradients, linear_input
+from .inversion import (
+    Gradient,
+    dlg,
+    gradient_of,
+    idlg_label,
+    invert_features,
+    inverting_gradients,
+    linear_input,
+)
 from .scores import ImageScores, match_images
 
 __all__ = ["SCENARIOS", "InversionResult", "Settings", "run_scenario"]
@@ -159,6 +168,21 @@ def _single(data: Split, s: Settings) -> InversionResult:
                        recover_label=True)
 
 
+def _single_dlg(data: Split, s: Settings) -> InversionResult:
+    """DLG on the same single gradient: L2 matching with L-BFGS, the label from iDLG."""
+    model = _cnn(s, data)
+    x, y = data.images[:1], data.labels[:1]
+    target = gradient_of(model, x, y)
+    t0 = time.perf_counter()
+    labels = torch.tensor([idlg_label(target[-1])])
+    inv = dlg(model, target, labels, x.shape, bounds=BOUNDS, iterations=max(1, s.iterations // 4),
+              restarts=s.restarts, seed=s.seed)
+    scores = match_images(x.numpy(), inv.images.numpy(), data_range=BOUNDS[1] - BOUNDS[0])
+    return InversionResult("single_dlg", f"small_cnn/{s.norm}", "DLG (L2, L-BFGS)", "one site's gradient, batch 1",
+                           x.numpy(), inv.images.numpy(), scores, float((labels == y).float().mean()),
+                           time.perf_counter() - t0, {"gradient_match": round(inv.match, 6)})
+
+
 def _local_update(data: Split, s: Settings) -> InversionResult:
     model = _cnn(s, data)
     batch = Split(data.images[: s.images], data.labels[: s.images])
@@ -220,6 +244,7 @@ def _scatter_single(data: Split, s: Settings) -> InversionResult:
 
 SCENARIOS: dict[str, Callable[[Split, Settings], InversionResult]] = {
     "single": _single,
+    "single_dlg": _single_dlg,
     "local_update": _local_update,
     "dp_single": lambda d, s: _dp(d, s, images=1, name="dp_single"),
     "dp_update": lambda d, s: _dp(d, s, images=s.images, name="dp_update"),
