@@ -35,7 +35,7 @@ from torch import nn
 from ..config import SecAggConfig
 from ..data.loaders import Split
 from ..models import build
-from ..models.scatter import _transform
+from ..models.scatter import scattering
 from ..privacy.engine import noise_for_target, steps_per_round, train_dp
 from ..secagg.inmemory import LocalRound
 from ..secagg.quantize import dequantize
@@ -192,13 +192,12 @@ def _local_update(data: Split, s: Settings) -> InversionResult:
 
 
 def _dp(data: Split, s: Settings, *, images: int, name: str) -> InversionResult:
-    model = _cnn(replace(s, norm="group"), data)
+    s = replace(s, norm="group")  # DP-SGD needs GroupNorm (Opacus), as the sites convert it
+    model = _cnn(s, data)
     batch = Split(data.images[:images], data.labels[:images])
     target = _update(model, batch, s, private=True)
-    res = _invert_cnn(name, f"one site's DP-SGD update at epsilon {s.epsilon:g}: {images} image(s)",
-                      model, target, batch.images, batch.labels, s, recover_label=images == 1)
-    res.model = "small_cnn/group"  # DP-SGD needs GroupNorm (Opacus), as the sites convert it
-    return res
+    return _invert_cnn(name, f"one site's DP-SGD update at epsilon {s.epsilon:g}: {images} image(s)",
+                       model, target, batch.images, batch.labels, s, recover_label=images == 1)
 
 
 def _sums(data: Split, s: Settings, *, secure: bool) -> InversionResult:
@@ -221,7 +220,7 @@ def _scatter_single(data: Split, s: Settings) -> InversionResult:
     model = ScatterLinear(data.images.shape[1], 2).train()
     x, y = data.images[:1], data.labels[:1]
     h, w = x.shape[-2:]
-    transform = _transform(h, w)
+    transform = scattering(h, w)
 
     def features(img: torch.Tensor) -> torch.Tensor:
         """What the linear head sees of an image: the normalised scattering coefficients."""

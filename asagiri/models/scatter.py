@@ -24,7 +24,7 @@ from torch import nn
 from ..data.loaders import SiteData, Split
 from .registry import _norm
 
-__all__ = ["SCATTER_CHANNELS", "ScatterLinear", "featurise", "featurise_split", "scatter_features"]
+__all__ = ["SCATTER_CHANNELS", "ScatterLinear", "featurise", "featurise_split", "scatter_features", "scattering"]
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,8 @@ _BATCH = 512
 
 
 @cache
-def _transform(height: int, width: int):  # type: ignore[no-untyped-def]
+def scattering(height: int, width: int):  # type: ignore[no-untyped-def]
+    """The (differentiable) scattering transform for images of ``height`` x ``width``, built once."""
     # kymatio.torch also imports the 3-D scattering, which needs a SciPy function (sph_harm) that
     # SciPy 1.15 removed; the 2-D front end alone does not.
     from kymatio.scattering2d.frontend.torch_frontend import ScatteringTorch2D
@@ -50,7 +51,7 @@ def scatter_features(images: torch.Tensor) -> torch.Tensor:
     n, c, h, w = images.shape
     if h < 4 * _GRID // 2 or w < 4 * _GRID // 2:
         raise ValueError(f"images of {h} x {w} px are too small for the scattering transform (at least 14 x 14)")
-    transform = _transform(h, w)
+    transform = scattering(h, w)
     out = []
     with torch.no_grad():
         for start in range(0, n, _BATCH):
