@@ -6,6 +6,8 @@ or ``ConnectionLost`` (it went away); callers close the connection on either.
 
 from __future__ import annotations
 
+from collections import deque
+
 import anyio
 import anyio.abc
 
@@ -35,7 +37,10 @@ class Connection:
         self._channel = channel
         self._decoder = decoder
         self._send_lock = anyio.Lock()
-        self._ready: list[Message] = []
+        # Frames read but not yet decrypted: each is decoded only when a message is asked for, so a
+        # limit set after one message (limit_payload) holds for every frame behind it, even frames
+        # that came in the same read.
+        self._frames: deque[bytearray] = deque()
         self.peer = peer
         self.bytes_sent = 0
         self.bytes_received = 0
@@ -58,23 +63,25 @@ class Connection:
             except _PEER_GONE as exc:
                 raise ConnectionLost(f"{self.peer}: {exc!r}") from None
 
+    def pending(self, frames: list[bytearray]) -> None:
+        """Frames read before this connection existed (the first read after the handshake)."""
+        self._frames.extend(frames)
+
     async def receive(self) -> Message:
-        while not self._ready:
+        while True:
+            while self._frames:
+                payload = self._frames.popleft()
+                msg = self._channel.receive_frame(payload)
+                # receive_frame has decrypted the payload into its destination and kept no reference.
+                self._decoder.recycle(payload)
+                if msg is not None:
+                    return msg
             try:
                 data = await self._stream.receive(_RECV_BYTES)
             except _PEER_GONE as exc:
                 raise ConnectionLost(f"{self.peer}: {type(exc).__name__}") from None
             self.bytes_received += len(data)
-            for payload in self._decoder.feed(data):
-                self._absorb(payload)
-        return self._ready.pop(0)
-
-    def _absorb(self, payload: bytearray) -> None:
-        msg = self._channel.receive_frame(payload)
-        # receive_frame has decrypted the payload into its destination and kept no reference.
-        self._decoder.recycle(payload)
-        if msg is not None:
-            self._ready.append(msg)
+            self._frames.extend(self._decoder.feed(data))
 
     async def aclose(self) -> None:
         with anyio.CancelScope(shield=True):
@@ -148,8 +155,7 @@ async def connect_handshake(
         hs.keys, max_frame_size=max_frame_size, max_payload_bytes=max_payload_bytes, chunk_bytes=chunk_bytes
     )
     conn = Connection(stream, channel, decoder, peer="coordinator")
-    for payload in first:
-        conn._absorb(payload)
+    conn.pending(first)  # the Welcome, and whatever came in the same read
     return conn
 
 

@@ -172,3 +172,29 @@ def test_chunk_past_the_end_of_its_tensor_rejected():
     overlong = bytes([FRAME_CHUNK]) + a._tx.seal(1, bytes(80), bytes([FRAME_CHUNK]))
     with pytest.raises(RemoteProtocolError, match="1 to 40"):
         b.receive_frame(overlong)
+
+
+def test_a_payload_limit_holds_for_messages_that_came_in_the_same_read():
+    """The site lowers its payload cap after the Welcome; a FitIns pipelined right behind the
+    Welcome, in the same TCP read, must meet the lower cap too (found by a flaky e2e test)."""
+    import anyio
+
+    from asagiri.wire.connection import Connection
+    from asagiri.wire.memory import memory_stream_pair
+    from asagiri.wire.messages import FitIns, Welcome
+
+    async def main():
+        ck, sk = handshake()
+        coordinator = SecureChannel(sk, max_frame_size=1 << 16, max_payload_bytes=1 << 20, chunk_bytes=4096)
+        near, far = memory_stream_pair()
+        blob = b"".join(bytes(f) for m in (Welcome("r", 0, 1, {}), FitIns(1, 1, {"w": np.zeros(4096, np.float32)}, {}))
+                        for f in coordinator.frames(m))
+        await near.send(blob)  # one read at the site holds both messages
+        site = Connection(far, SecureChannel(ck, max_frame_size=1 << 16, max_payload_bytes=1 << 20, chunk_bytes=4096),
+                          FrameDecoder(max_frame_size=1 << 16), "coordinator")
+        assert isinstance(await site.receive(), Welcome)
+        site.limit_payload(1024)
+        with pytest.raises(RemoteProtocolError, match="maximum payload of 1024"):
+            await site.receive()
+
+    anyio.run(main)
