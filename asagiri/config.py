@@ -343,6 +343,9 @@ class FederationConfig(_Strict):
     dp: DPConfig = DPConfig()
     metrics_port: int | None = Field(None, ge=0, le=65535)
     run_dir: Path = Path("runs/asagiri")
+    # Keep every round's global model in run_dir/models/ (what `asagiri attack invert --run` attacks:
+    # the aggregate the coordinator held, as the difference of two consecutive models).
+    keep_models: bool = False
     max_frame_bytes: int = Field(4 << 20, ge=64 << 10, le=1 << 30)
     max_message_bytes: int = Field(1 << 30, ge=1 << 10)
     chunk_bytes: int = Field(1 << 20, ge=1 << 10)

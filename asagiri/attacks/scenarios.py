@@ -26,6 +26,7 @@ import copy
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -51,7 +52,7 @@ from .inversion import (
 )
 from .scores import ImageScores, match_images
 
-__all__ = ["SCENARIOS", "InversionResult", "Settings", "run_scenario"]
+__all__ = ["SCENARIOS", "InversionResult", "Settings", "recorded_round", "run_scenario"]
 
 
 @dataclass(frozen=True)
@@ -257,3 +258,59 @@ def run_scenario(name: str, data: Split, settings: Settings) -> InversionResult:
     if name not in SCENARIOS:
         raise ValueError(f"unknown scenario {name!r}; known: {', '.join(SCENARIOS)}")
     return SCENARIOS[name](data, settings)
+
+
+def recorded_round(run_dir: Path, rnd: int, s: Settings) -> InversionResult:
+    """Scenario f: what a run's coordinator actually held in round ``rnd``: the difference of the
+    global models before and after it (``keep_models``), which is the sites' weighted mean update.
+    The attacker reconstructs ``s.images`` images, with the label iDLG's rule gives, and each is
+    scored against the closest of every site's training images (``best match``)."""
+    from ..config import load_federation
+    from ..coordinator.driver import initial_params
+    from ..data import load_site_data
+    from ..models import dp_norm, prepare_data
+    from ..observe.recorder import model_path
+
+    cfg = load_federation(run_dir / "config" / "fed.yaml")
+    t0 = time.perf_counter()
+    before = initial_params(cfg) if rnd == 1 else dict(np.load(model_path(run_dir, rnd - 1)))
+    after = dict(np.load(model_path(run_dir, rnd)))
+    norm, groups = cfg.model.norm, cfg.model.groups
+    if cfg.dp.enabled:
+        norm, groups = dp_norm(cfg.model.name, norm, groups)
+    sites = [prepare_data(cfg.model.name, load_site_data(
+        dataset=cfg.data.dataset, path=cfg.data.path, site_index=i, num_sites=len(cfg.sites),
+        scheme=cfg.data.partition.scheme, alpha=cfg.data.partition.alpha, seed=cfg.data.partition.seed,
+        synthetic_samples=cfg.data.synthetic_samples, image_size=cfg.data.image_size))
+        for i in range(len(cfg.sites))]
+    pool = torch.cat([d.train.images for d in sites])
+    model = build(cfg.model.name, in_channels=pool.shape[1], num_classes=sites[0].num_classes,
+                  width=cfg.model.width, norm=norm, groups=groups).train()
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in before.items()}, strict=False)
+    zero = np.zeros(0)
+    target = [torch.from_numpy((before.get(name, zero) - after.get(name, zero)).astype(np.float32)).reshape(p.shape)
+              if name in after else torch.zeros_like(p) for name, p in model.named_parameters()]
+    label = idlg_label(target[-1])
+    labels = torch.full((s.images,), label, dtype=torch.long)
+    inv = inverting_gradients(model, target, labels, (s.images, *pool.shape[1:]), bounds=BOUNDS,
+                              iterations=s.iterations, restarts=s.restarts, tv=s.tv, seed=s.seed)
+    recon = inv.images.numpy()
+    # Each reconstruction against its closest training image: the best claim an attacker could make.
+    data = pool.numpy()
+    closest = [max(range(len(data)), key=lambda i, r=r: match_images(data[i : i + 1], r[None],
+                                                                    data_range=BOUNDS[1] - BOUNDS[0]).ssim[0])
+               for r in recon]
+    scored = [match_images(data[i : i + 1], r[None], data_range=BOUNDS[1] - BOUNDS[0]) for i, r in zip(closest, recon, strict=True)]
+    scores = ImageScores([x.ssim[0] for x in scored], [x.psnr[0] for x in scored],
+                         "best match among the sites' training images", list(range(len(recon))))
+    # The control for a best-match score: the training images' mean, an "attack" that learned
+    # nothing, scored the same way. A reconstruction below it shows nothing of any one image.
+    mean = data.mean(0)
+    control = max(match_images(data[i : i + 1], mean[None], data_range=BOUNDS[1] - BOUNDS[0]).ssim[0]
+                  for i in range(len(data)))
+    return InversionResult(
+        "recorded", f"{cfg.model.name}/{norm}", "inverting gradients (cosine, TV, Adam)",
+        f"round {rnd} of run {cfg.run_id}: the aggregate over {len(pool)} training images of {len(sites)} sites",
+        data[closest], recon, scores, None, time.perf_counter() - t0,
+        {"gradient_match": round(inv.match, 5), "training_images": len(pool), "closest": closest,
+         "control_mean_image_ssim": round(float(control), 4)})

@@ -32,6 +32,9 @@ def add_parser(sub: Any) -> None:
     a.add_argument("--scenario", action="append", default=[], help="invert: a scenario (repeatable; default: all)")
     a.add_argument("--target", action="append", default=[], help="mia: a target (repeatable; default: all)")
     a.add_argument("--out", type=Path, required=True, help="folder for the report and the image grids")
+    a.add_argument("--run", type=Path, default=None,
+                   help="invert: attack what this run's coordinator held (a run with keep_models: true)")
+    a.add_argument("--round", type=int, default=1, help="--run: the round whose aggregate is attacked")
     a.add_argument("--dataset", default="pneumoniamnist", help="a bundled data set (the runtime's data.dataset)")
     a.add_argument("--norm", default="batch", choices=["batch", "group"], help="small_cnn's normalisation")
     a.add_argument("--width", type=int, default=32)
@@ -51,10 +54,17 @@ def run_attack(args: argparse.Namespace) -> int:
 
     from ..attacks.mia import MiaSettings, site_model_attack
     from ..attacks.report import save_grid, write_report
-    from ..attacks.scenarios import SCENARIOS, Settings, run_scenario
+    from ..attacks.scenarios import SCENARIOS, Settings, recorded_round, run_scenario
     from ..data import load_site_data
 
-    scenarios = args.scenario or (list(SCENARIOS) if args.what in ("invert", "all") else [])
+    if args.run is not None:
+        from ..observe.recorder import model_path
+
+        if args.what != "invert" or not model_path(args.run, args.round).exists():
+            print(f"error: --run needs `invert` and a run that kept its models (keep_models: true): no "
+                  f"{model_path(args.run, args.round)}", file=sys.stderr)
+            return EXIT_CONFIG
+    scenarios = args.scenario or (list(SCENARIOS) if args.what in ("invert", "all") and args.run is None else [])
     targets = args.target or (list(MIA_TARGETS) if args.what in ("mia", "all") else [])
     unknown = [s for s in scenarios if s not in SCENARIOS] + [t for t in targets if t not in MIA_TARGETS]
     if unknown:
@@ -77,6 +87,11 @@ def run_attack(args: argparse.Namespace) -> int:
             save_grid(result, args.out / f"{name}.png")
             inversions[name] = result.summary()
             progress.advance(task)
+        if args.run is not None:
+            progress.update(task, description=f"invert round {args.round} of {args.run}")
+            result = recorded_round(args.run, args.round, settings)
+            save_grid(result, args.out / "recorded.png")
+            inversions["recorded"] = result.summary()
         for name in targets:
             progress.update(task, description=f"mia {name}")
             which, private, scheme, sites, model = MIA_TARGETS[name]

@@ -8,12 +8,15 @@ summary), so a crash leaves the records of every checkpointed round.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
 import time
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from ..fsutil import atomic_write_bytes
 from .audit import AuditLog, params_digest
@@ -31,11 +34,16 @@ from .events import (
 from .metrics import CoordinatorMetrics
 from .runlog import append_jsonl
 
-__all__ = ["CHECKPOINT_NAME", "Recorder", "console_line"]
+__all__ = ["CHECKPOINT_NAME", "Recorder", "console_line", "model_path"]
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "checkpoint.npz"
+
+
+def model_path(run_dir: Path, rnd: int) -> Path:
+    """Where ``keep_models`` keeps the global model after round ``rnd``."""
+    return Path(run_dir) / "models" / f"round-{rnd}.npz"
 
 
 def console_line(record: dict[str, Any], rounds: int) -> str | None:
@@ -61,8 +69,10 @@ def console_line(record: dict[str, Any], rounds: int) -> str | None:
 class Recorder:
     """Writes a run's records into ``run_dir``. ``console``: print the progress lines."""
 
-    def __init__(self, run_dir: Path, metrics: CoordinatorMetrics, *, rounds: int, console: bool = True) -> None:
+    def __init__(self, run_dir: Path, metrics: CoordinatorMetrics, *, rounds: int, console: bool = True,
+                 keep_models: bool = False) -> None:
         self.run_dir = Path(run_dir)
+        self.keep_models = keep_models
         self.metrics = metrics
         self.rounds = rounds
         self.console = console
@@ -103,6 +113,10 @@ class Recorder:
         })
         save_checkpoint(self.checkpoint_path, params=event.params, velocity=event.velocity,
                         state={**event.state, "model_sha256": digest})
+        if self.keep_models:
+            buf = io.BytesIO()
+            np.savez(buf, **event.params)
+            atomic_write_bytes(model_path(self.run_dir, record["round"]), buf.getvalue())
         m = self.metrics
         m.rounds_completed.inc()
         m.round_seconds.observe(record["duration_s"])

@@ -119,3 +119,28 @@ def test_the_report_has_every_scenario_and_target(tmp_path):
     assert set(doc["membership"]) == {"small_iid_site", "small_iid_site_dp"}
     assert {"mia_auc", "tpr_at_1pct_fpr"} <= set(doc["membership"]["small_iid_site"]["lira_offline"])
     assert "## Membership inference" in (out / "attack_report.md").read_text()
+
+
+def test_a_recorded_run_is_attacked_through_the_models_it_kept(tmp_path):
+    """Scenario f: a real (in-memory) federation keeps its global models; the attack inverts the
+    difference of two of them, what that coordinator held, and scores it against the training images."""
+    import anyio
+
+    from asagiri.cli.main import main
+    from asagiri.local import lay_out, run_local
+
+    run = tmp_path / "run"
+    cfg, sites = lay_out(run, sites=3, rounds=2, overrides=[
+        "data.dataset=synthetic", "data.synthetic_samples=96", "data.partition.scheme=iid", "model.width=4",
+        "model.norm=group", "model.groups=2", "keep_models=true", "timeouts.heartbeat_timeout=10"])
+    anyio.run(run_local, cfg, sites)
+    assert (run / "models" / "round-1.npz").exists() and (run / "models" / "round-2.npz").exists()
+    out = tmp_path / "attack"
+    assert main(["attack", "invert", "--run", str(run), "--round", "2", "--out", str(out), "--images", "2",
+                 "--iterations", "3", "--restarts", "1"]) == 0
+    doc = json.loads((out / "attack_report.json").read_text())
+    r = doc["scenarios"]["recorded"]
+    assert r["alignment"].startswith("best match") and len(r["ssim"]) == 2 and r["training_images"] > 0
+    assert 0 < r["control_mean_image_ssim"] <= 1  # the score an attack that learned nothing gets
+    assert (out / "recorded.png").exists()
+    assert main(["attack", "invert", "--run", str(run), "--round", "3", "--out", str(out)]) == 2  # no such round
