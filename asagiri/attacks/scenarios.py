@@ -50,7 +50,7 @@ from .inversion import (
     inverting_gradients,
     linear_input,
 )
-from .scores import ImageScores, match_images
+from .scores import ImageScores, closest_image, match_images
 
 __all__ = ["SCENARIOS", "InversionResult", "Settings", "recorded_round", "run_scenario"]
 
@@ -267,7 +267,7 @@ def recorded_round(run_dir: Path, rnd: int, s: Settings) -> InversionResult:
     scored against the closest of every site's training images (``best match``)."""
     from ..config import load_federation
     from ..coordinator.driver import initial_params
-    from ..data import load_site_data
+    from ..data import load_configured_site
     from ..models import dp_norm, prepare_data
     from ..observe.recorder import model_path
 
@@ -278,17 +278,15 @@ def recorded_round(run_dir: Path, rnd: int, s: Settings) -> InversionResult:
     norm, groups = cfg.model.norm, cfg.model.groups
     if cfg.dp.enabled:
         norm, groups = dp_norm(cfg.model.name, norm, groups)
-    sites = [prepare_data(cfg.model.name, load_site_data(
-        dataset=cfg.data.dataset, path=cfg.data.path, site_index=i, num_sites=len(cfg.sites),
-        scheme=cfg.data.partition.scheme, alpha=cfg.data.partition.alpha, seed=cfg.data.partition.seed,
-        synthetic_samples=cfg.data.synthetic_samples, image_size=cfg.data.image_size))
-        for i in range(len(cfg.sites))]
+    sites = [prepare_data(cfg.model.name, load_configured_site(cfg.data, path=cfg.data.path, site_index=i,
+                                                               num_sites=len(cfg.sites)))
+             for i in range(len(cfg.sites))]
     pool = torch.cat([d.train.images for d in sites])
     model = build(cfg.model.name, in_channels=pool.shape[1], num_classes=sites[0].num_classes,
                   width=cfg.model.width, norm=norm, groups=groups).train()
     model.load_state_dict({k: torch.from_numpy(v) for k, v in before.items()}, strict=False)
-    zero = np.zeros(0)
-    target = [torch.from_numpy((before.get(name, zero) - after.get(name, zero)).astype(np.float32)).reshape(p.shape)
+    # The global step's direction per parameter; a parameter the sites keep (FedBN) tells nothing.
+    target = [torch.from_numpy((before[name] - after[name]).astype(np.float32)).reshape(p.shape)
               if name in after else torch.zeros_like(p) for name, p in model.named_parameters()]
     label = idlg_label(target[-1])
     labels = torch.full((s.images,), label, dtype=torch.long)
@@ -297,17 +295,13 @@ def recorded_round(run_dir: Path, rnd: int, s: Settings) -> InversionResult:
     recon = inv.images.numpy()
     # Each reconstruction against its closest training image: the best claim an attacker could make.
     data = pool.numpy()
-    closest = [max(range(len(data)), key=lambda i, r=r: match_images(data[i : i + 1], r[None],
-                                                                    data_range=BOUNDS[1] - BOUNDS[0]).ssim[0])
-               for r in recon]
-    scored = [match_images(data[i : i + 1], r[None], data_range=BOUNDS[1] - BOUNDS[0]) for i, r in zip(closest, recon, strict=True)]
-    scores = ImageScores([x.ssim[0] for x in scored], [x.psnr[0] for x in scored],
+    matches = [closest_image(data, r, data_range=BOUNDS[1] - BOUNDS[0]) for r in recon]
+    closest = [i for i, _, _ in matches]
+    scores = ImageScores([s for _, s, _ in matches], [p for _, _, p in matches],
                          "best match among the sites' training images", list(range(len(recon))))
     # The control for a best-match score: the training images' mean, an "attack" that learned
     # nothing, scored the same way. A reconstruction below it shows nothing of any one image.
-    mean = data.mean(0)
-    control = max(match_images(data[i : i + 1], mean[None], data_range=BOUNDS[1] - BOUNDS[0]).ssim[0]
-                  for i in range(len(data)))
+    _, control, _ = closest_image(data, data.mean(0), data_range=BOUNDS[1] - BOUNDS[0])
     return InversionResult(
         "recorded", f"{cfg.model.name}/{norm}", "inverting gradients (cosine, TV, Adam)",
         f"round {rnd} of run {cfg.run_id}: the aggregate over {len(pool)} training images of {len(sites)} sites",

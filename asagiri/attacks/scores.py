@@ -10,7 +10,7 @@ from scipy.optimize import linear_sum_assignment
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from sklearn.metrics import roc_auc_score, roc_curve
 
-__all__ = ["ImageScores", "match_images", "membership_scores", "tpr_at_fpr"]
+__all__ = ["ImageScores", "closest_image", "match_images", "membership_scores", "tpr_at_fpr"]
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,16 @@ def match_images(originals: np.ndarray, reconstructions: np.ndarray, *, data_ran
     ssim = [float(table[i, j, 0]) for i, j in zip(rows, cols, strict=True)]
     psnr = [float(table[i, j, 1]) for i, j in zip(rows, cols, strict=True)]
     return ImageScores(ssim, psnr, "permutation", [int(j) for j in cols])
+
+
+def closest_image(pool: np.ndarray, image: np.ndarray, *, data_range: float) -> tuple[int, float, float]:
+    """The image of ``pool`` most similar to ``image``: (its index, SSIM, PSNR), in one pass."""
+    best = (-1, -np.inf, 0.0)
+    for i, candidate in enumerate(pool):
+        ssim, psnr = _pair(candidate, image, data_range)
+        if ssim > best[1]:
+            best = (i, ssim, psnr)
+    return best
 
 
 def tpr_at_fpr(labels: np.ndarray, scores: np.ndarray, fpr: float) -> float:

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -23,6 +24,9 @@ import torch.nn.functional as F
 
 from .partition import dirichlet_draw, feature_partition, partition, proportional_partition
 from .sources import RawDataset, dermamnist_archive, isic2020, medmnist_npz, nih_chestxray14, synthetic
+
+if TYPE_CHECKING:
+    from ..config import DataConfig
 
 __all__ = [
     "ACQUISITION_PROFILES",
@@ -216,4 +220,16 @@ def load_site_data(
     return SiteData(
         train=splits["train"], val=splits["val"], test=splits["test"], official_test=raw.official_test,
         channels=raw.channels, num_classes=raw.num_outputs, task=raw.task, label_names=tuple(raw.label_names),
+    )
+
+
+def load_configured_site(data: DataConfig, *, path: Path | None, site_index: int, num_sites: int,
+                         cache_dir: Path | None = None) -> SiteData:
+    """Site ``site_index``'s share as a run's ``data`` config partitions it: what the site trains
+    on, and what anything rebuilding a run's data (the attack harness) must load the same way."""
+    part = data.partition
+    return load_site_data(
+        dataset=data.dataset, path=path, site_index=site_index, num_sites=num_sites, scheme=part.scheme,
+        alpha=part.alpha, seed=part.seed, synthetic_samples=data.synthetic_samples, image_size=data.image_size,
+        cache_dir=cache_dir, feature_key=part.feature_key, val_fraction=data.val_fraction,
     )

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ..config import RunSpec, SiteConfig
-from ..data.loaders import SiteData, load_site_data
+from ..data.loaders import SiteData, load_configured_site
 from ..models import build, prepare_data, shared_keys
 from ..privacy.engine import dp_compatible, noise_for_target, steps_per_round, train_dp
 from ..privacy.ledger import PrivacyLedger
@@ -46,13 +46,8 @@ class SiteWorker:
         self.spec = welcome.spec
         self.device = _pick_device(cfg.device)
         part = self.data_cfg.partition
-        self.data: SiteData = load_site_data(
-            dataset=self.data_cfg.dataset, path=cfg.data_path, site_index=welcome.site_index,
-            num_sites=welcome.num_sites, scheme=part.scheme, alpha=part.alpha, seed=part.seed,
-            synthetic_samples=self.data_cfg.synthetic_samples, image_size=self.data_cfg.image_size,
-            cache_dir=cfg.state_dir / "cache", feature_key=part.feature_key,
-            val_fraction=self.data_cfg.val_fraction,
-        )
+        self.data: SiteData = load_configured_site(self.data_cfg, path=cfg.data_path, site_index=welcome.site_index,
+                                                   num_sites=welcome.num_sites, cache_dir=cfg.state_dir / "cache")
         self.data = prepare_data(self.model_cfg.name, self.data)  # fixed features, for models that take them
         torch.manual_seed(part.seed)
         self.model = build(
