@@ -123,15 +123,22 @@ class StatusPipe:
         self.seen.append(record)
         return record
 
+    def read(self, until: str | None, timeout: float) -> list[dict[str, Any]]:
+        """The statuses up to and including the first of kind ``until``, or to the coordinator's exit."""
+        out = []
+        deadline = time.monotonic() + timeout
+        while (record := self.next(max(0.0, deadline - time.monotonic()))) is not None:
+            out.append(record)
+            if record["event"] == until:
+                break
+        return out
+
     def until(self, event: str, timeout: float) -> dict[str, Any]:
         """Read up to and including the first status of kind ``event``."""
-        deadline = time.monotonic() + timeout
-        while True:
-            record = self.next(max(0.0, deadline - time.monotonic()))
-            if record is None:
-                raise EOFError(f"the coordinator exited before {event}")
-            if record["event"] == event:
-                return record
+        records = self.read(event, timeout)
+        if not records or records[-1]["event"] != event:
+            raise EOFError(f"the coordinator exited before {event}")
+        return records[-1]
 
     def close(self) -> None:
         os.close(self.read_fd)

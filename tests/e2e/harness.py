@@ -81,13 +81,7 @@ class Federation:
         """The coordinator's status events (``observe.events``) from here on: up to and including the
         first of kind ``until``, or to its exit."""
         status: StatusPipe = self.status
-        out = []
-        deadline = time.monotonic() + timeout
-        while (record := status.next(max(0.0, deadline - time.monotonic()))) is not None:
-            out.append(record)
-            if record["event"] == until:
-                break
-        return out
+        return status.read(until, timeout)
 
     def wait_all(self, timeout: float = 180) -> dict[str, int]:
         deadline = time.monotonic() + timeout
