@@ -10,6 +10,8 @@ bounds), so it is not split by section.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -34,6 +36,8 @@ __all__ = [
     "TimeoutsConfig",
     "TrainConfig",
     "apply_overrides",
+    "config_digest",
+    "default_federation",
     "load_federation",
     "load_site",
 ]
@@ -529,6 +533,20 @@ def load_federation(path: Path, overrides: list[str] | None = None) -> Federatio
     if cfg.data.path is not None:
         cfg.data.path = _resolve(base, cfg.data.path)
     return cfg
+
+
+def config_digest(cfg: BaseModel) -> str:
+    """SHA-256 of a config's canonical JSON (keys sorted): what the audit log records."""
+    text = json.dumps(cfg.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def default_federation(overrides: list[str] | None = None) -> FederationConfig:
+    """The defaults, with ``key.path=value`` overrides: a federation config without a file."""
+    try:
+        return FederationConfig.model_validate(apply_overrides({}, overrides or [], source="--set"))
+    except ValidationError as exc:
+        raise ConfigError(_format_error("--set", exc)) from None
 
 
 def load_site(path: Path, overrides: list[str] | None = None) -> SiteConfig:

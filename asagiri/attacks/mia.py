@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,12 +27,13 @@ from ..train.loop import train_local
 from .membership import lira_offline, loss_threshold
 from .scores import membership_scores
 
-__all__ = ["MiaSettings", "balanced", "site_model_attack"]
+__all__ = ["MiaSettings", "accuracy", "attack_model", "balanced", "site_model_attack", "train_like_a_site"]
 
 
 @dataclass(frozen=True)
 class MiaSettings:
     dataset: str = "pneumoniamnist"
+    path: Path | None = None  # None: the bundled data
     model: str = "scatter_linear"
     sites: int = 4
     scheme: str = "dirichlet"  # the label-skew split of docs/results.md; "iid" for sites with both classes
@@ -65,7 +67,7 @@ def balanced(members: Split, pool: Split, seed: int) -> tuple[Split, Split]:
 
 
 def _site(s: MiaSettings, i: int) -> SiteData:
-    return prepare_data(s.model, load_site_data(dataset=s.dataset, path=None, site_index=i, num_sites=s.sites,
+    return prepare_data(s.model, load_site_data(dataset=s.dataset, path=s.path, site_index=i, num_sites=s.sites,
                                                 scheme=s.scheme, alpha=s.alpha, seed=s.split_seed))
 
 
@@ -80,9 +82,11 @@ def _target_and_others(s: MiaSettings, which: str) -> tuple[SiteData, list[SiteD
     return sites[k], [d for i, d in enumerate(sites) if i != k][: s.others]
 
 
-def _train(data: Split, s: MiaSettings, *, private: bool, seed: int, channels: int, classes: int, task: str) -> nn.Module:
+def train_like_a_site(model: nn.Module, data: Split, s: MiaSettings, *, private: bool, seed: int,
+                      task: str) -> nn.Module:
+    """Train ``model`` on ``data`` for ``s.epochs`` as a site does: ``train_local``, or DP-SGD with
+    sigma planned to spend ``s.epsilon`` over those epochs."""
     torch.manual_seed(seed)
-    model = build(s.model, in_channels=channels, num_classes=classes, width=32, norm="group", groups=32)
     if private:
         model, _ = dp_compatible(model)
         q, steps = steps_per_round(len(data), s.batch_size, 1)
@@ -95,6 +99,23 @@ def _train(data: Split, s: MiaSettings, *, private: bool, seed: int, channels: i
         train_local(model, data, epochs=s.epochs, batch_size=s.batch_size, lr=s.lr, optimizer=s.optimizer,
                     augment=False, seed=seed, task=task)
     return model
+
+
+def _train(data: Split, s: MiaSettings, *, private: bool, seed: int, channels: int, classes: int, task: str) -> nn.Module:
+    torch.manual_seed(seed)
+    model = build(s.model, in_channels=channels, num_classes=classes, width=32, norm="group", groups=32)
+    return train_like_a_site(model, data, s, private=private, seed=seed, task=task)
+
+
+def attack_model(target: nn.Module, references: list[nn.Module], members: Split, nonmembers: Split,
+                 task: str) -> dict[str, Any]:
+    """Both attacks on ``target``: per-example scores of the members against the non-members."""
+    both = Split(torch.cat([members.images, nonmembers.images]), torch.cat([members.labels, nonmembers.labels]))
+    n = len(members)
+    loss = loss_threshold(target, both, task)
+    lira = lira_offline(target, references, both, task)
+    return {"loss_threshold": membership_scores(loss[:n], loss[n:]),
+            "lira_offline": membership_scores(lira[:n], lira[n:])}
 
 
 def site_model_attack(s: MiaSettings, *, which: str, private: bool) -> dict[str, Any]:
@@ -113,19 +134,14 @@ def site_model_attack(s: MiaSettings, *, which: str, private: bool) -> dict[str,
         idx = torch.randperm(len(population), generator=gen)[: len(site.train)]
         references.append(_train(Split(population.images[idx], population.labels[idx]), s, private=private,
                                  seed=s.seed + 100 + r, **shape))
-    both = Split(torch.cat([members.images, nonmembers.images]), torch.cat([members.labels, nonmembers.labels]))
-    n = len(members)
     out: dict[str, Any] = {"site_images": len(site.train), "private": private,
-                           "train_accuracy": _accuracy(target, site.train), "heldout_accuracy": _accuracy(target, held_out)}
-    loss = loss_threshold(target, both, site.task)
-    out["loss_threshold"] = membership_scores(loss[:n], loss[n:])
-    lira = lira_offline(target, references, both, site.task)
-    out["lira_offline"] = membership_scores(lira[:n], lira[n:])
+                           "train_accuracy": accuracy(target, site.train), "heldout_accuracy": accuracy(target, held_out)}
+    out.update(attack_model(target, references, members, nonmembers, site.task))
     return out
 
 
 @torch.no_grad()
-def _accuracy(model: nn.Module, data: Split) -> float:
+def accuracy(model: nn.Module, data: Split) -> float:
     m = copy.deepcopy(model).eval()
     pred = m(data.images).argmax(1)
     return round(float((pred == data.labels.long().view(-1)).float().mean()), 4)

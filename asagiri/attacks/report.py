@@ -45,16 +45,24 @@ def write_report(out: Path, *, inversions: dict[str, dict[str, Any]], membership
     doc = {"settings": settings, "scenarios": inversions, "membership": membership}
     out.mkdir(parents=True, exist_ok=True)
     (out / "attack_report.json").write_text(json.dumps(doc, indent=2, default=float) + "\n")
-    lines = ["# Attack report", "", "## Gradient inversion", "",
-             "| scenario | model | observed | SSIM mean | SSIM max | PSNR mean | labels | alignment |",
-             "| --- | --- | --- | ---: | ---: | ---: | ---: | --- |"]
+    lines = ["# Attack report"]
+    if inversions:
+        lines += ["", "## Gradient inversion", "",
+                  "| scenario | model | observed | SSIM mean | SSIM max | SSIM min | control | PSNR mean | labels | "
+                  "alignment |",
+                  "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for name, r in inversions.items():
         labels = "—" if r.get("label_accuracy") is None else f"{r['label_accuracy']:.0%}"
+        control = r.get("control_mean_image_ssim")
         lines.append(f"| {name} | {r['model']} | {r['observed']} | {r['ssim_mean']:.3f} | {r['ssim_max']:.3f} | "
-                     f"{r['psnr_mean']:.1f} | {labels} | {r['alignment']} |")
-    lines += ["", "## Membership inference", "",
-              "| target | attack | AUC | TPR at 1% FPR | TPR at 0.1% FPR | members | train acc. | held-out acc. |",
-              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+                     f"{r['ssim_min']:.3f} | {'—' if control is None else f'{control:.3f}'} | {r['psnr_mean']:.1f} | "
+                     f"{labels} | {r['alignment']} |")
+    if inversions:
+        lines += ["", "control: the SSIM of the mean image (an attack that learned nothing) against the same originals."]
+    if membership:
+        lines += ["", "## Membership inference", "",
+                  "| target | attack | AUC | TPR at 1% FPR | TPR at 0.1% FPR | members | train acc. | held-out acc. |",
+                  "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, r in membership.items():
         for attack in ("loss_threshold", "lira_offline"):
             m = r[attack]

@@ -3,18 +3,22 @@
 Each scenario makes one *observation* from the bundled chest X-rays and a freshly built model
 (the global model of round 1), then inverts it and scores the result against the true images:
 
-- ``single``: one site's gradient at batch 1, without secure aggregation (the undefended case);
-  ``single_dlg`` attacks it with DLG instead of inverting gradients;
+- ``single``: one site's gradient at batch 1, without secure aggregation (the undefended case),
+  for each of ``images`` images in turn; ``single_dlg`` attacks it with DLG instead of inverting
+  gradients, and ``single_batchnorm`` with ``small_cnn``'s BatchNorm instead of GroupNorm;
 - ``local_update``: one site's realistic update, ``n_k * delta_k`` after ``train_local`` at the
   site's batch size over several local steps;
 - ``dp_single`` / ``dp_update``: the same through DP-SGD at the configured epsilon (``train_dp``,
-  sigma planned as a site plans it);
+  sigma planned as a site plans it over the configured rounds);
 - ``secagg_sum``: the output of secure aggregation over ``sites`` sites, each with one image,
   computed by the real state machines (quantise, mask, unmask);
 - ``plain_sum``: the control: the plain float sum of the same updates, so the report separates
   what averaging does from what the cryptography does;
 - ``scatter_single``: ``scatter_linear``'s gradient at batch 1: its input features in closed
   form, then the image through the fixed ScatterNet transform by optimisation.
+
+The single-image scenarios attack ``images`` images one at a time and score each against its
+own original, so the report gives the spread (mean, best and worst) over images.
 
 The attacker is given the labels for multi-image observations (a strong attacker) and recovers a
 single image's label with iDLG; both are reported.
@@ -24,9 +28,8 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -50,29 +53,10 @@ from .inversion import (
     inverting_gradients,
     linear_input,
 )
-from .scores import ImageScores, closest_image, match_images
+from .scores import ImageScores, match_images, score_each
+from .settings import Settings
 
-__all__ = ["SCENARIOS", "InversionResult", "Settings", "recorded_round", "run_scenario"]
-
-
-@dataclass(frozen=True)
-class Settings:
-    """How big each run is; every field goes into the report."""
-
-    norm: str = "batch"  # small_cnn's normalisation: batch or group
-    width: int = 32
-    images: int = 4  # images behind a multi-image observation (batch, or one per site)
-    local_epochs: int = 2  # local passes over the batch for the update scenarios
-    lr: float = 1e-3  # the runtime's default (Adam)
-    sites: int = 4
-    epsilon: float = 8.0
-    delta: float = 1e-5
-    max_grad_norm: float = 1.0
-    rounds: int = 15  # what a site plans its sigma over
-    iterations: int = 1000
-    restarts: int = 2
-    tv: float = 1e-2
-    seed: int = 0
+__all__ = ["BOUNDS", "SCENARIOS", "InversionResult", "Settings", "run_scenario"]
 
 
 @dataclass
@@ -92,18 +76,22 @@ class InversionResult:
         return {
             "model": self.model, "attack": self.attack, "observed": self.observed,
             "ssim_mean": round(self.scores.ssim_mean, 4), "ssim_max": round(self.scores.ssim_max, 4),
-            "psnr_mean": round(self.scores.psnr_mean, 2), "ssim": [round(s, 4) for s in self.scores.ssim],
+            "ssim_min": round(self.scores.ssim_min, 4), "psnr_mean": round(self.scores.psnr_mean, 2),
+            "ssim": [round(s, 4) for s in self.scores.ssim], "psnr": [round(p, 2) for p in self.scores.psnr],
             "alignment": self.scores.alignment, "label_accuracy": self.label_accuracy,
             "seconds": round(self.seconds, 1), **self.extra,
         }
 
 
 BOUNDS = (-1.0, 1.0)  # the loaders scale images to [-1, 1]
+DATA_RANGE = BOUNDS[1] - BOUNDS[0]
+IG = "inverting gradients (cosine, TV, Adam)"
 
 
 def _cnn(s: Settings, data: Split) -> nn.Module:
     torch.manual_seed(s.seed)
-    model = build("small_cnn", in_channels=data.images.shape[1], num_classes=2, width=s.width, norm=s.norm, groups=8)
+    model = build("small_cnn", in_channels=data.images.shape[1], num_classes=2, width=s.width, norm=s.norm,
+                  groups=s.groups)
     return model.train()
 
 
@@ -116,10 +104,11 @@ def _update(model: nn.Module, data: Split, s: Settings, *, private: bool) -> Gra
         q, steps = steps_per_round(n, n, s.local_epochs)
         sigma = noise_for_target(target_epsilon=s.epsilon, delta=s.delta, sample_rate=q, steps=steps * s.rounds)
         torch.manual_seed(s.seed)
-        train_dp(local, data, epochs=s.local_epochs, expected_batch=n, lr=s.lr, optimizer="adam", momentum=0.9,
+        train_dp(local, data, epochs=s.local_epochs, expected_batch=n, lr=s.lr, optimizer=s.optimizer, momentum=0.9,
                  noise_multiplier=sigma, max_grad_norm=s.max_grad_norm, augment=False, seed=s.seed)
     else:
-        train_local(local, data, epochs=s.local_epochs, batch_size=n, lr=s.lr, augment=False, seed=s.seed)
+        train_local(local, data, epochs=s.local_epochs, batch_size=n, lr=s.lr, optimizer=s.optimizer, augment=False,
+                    seed=s.seed)
     return [n * (p0.detach() - p1.detach()) for p0, p1 in
             zip(model.parameters(), local.parameters(), strict=True)]
 
@@ -147,107 +136,159 @@ def _secure_sum(updates: list[Gradient], s: Settings) -> Gradient:
     return out
 
 
-def _invert_cnn(name: str, observed: str, model: nn.Module, target: Gradient, x: torch.Tensor, y: torch.Tensor,
-                s: Settings, *, recover_label: bool) -> InversionResult:
+def _prior_control(data: Split, originals: torch.Tensor) -> dict[str, float]:
+    """What an attack that learned nothing scores: the mean of the images not attacked (a prior
+    any attacker has), against each original.  A reconstruction should be read against it."""
+    mean = data.images[len(originals) :].mean(0, keepdim=True).expand_as(originals)
+    control = score_each(originals.numpy(), mean.numpy(), data_range=DATA_RANGE)
+    return {"control_mean_image_ssim": round(control.ssim_mean, 4)}
+
+
+def _invert(model: nn.Module, target: Gradient, labels: torch.Tensor, shape: Sequence[int], s: Settings) -> Any:
+    return inverting_gradients(model, target, labels, shape, bounds=BOUNDS, iterations=s.iterations,
+                               restarts=s.restarts, tv=s.tv, seed=s.seed)
+
+
+# One single-image attack: (x, y) -> (reconstruction, the label the attacker recovered, figures to report).
+OneImage = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, int, dict[str, float]]]
+
+
+def _each_image(name: str, model: str, attack: str, observed: str, data: Split, s: Settings,
+                one: OneImage) -> InversionResult:
+    """Attack ``s.images`` single-image observations one at a time, each against its own original."""
     t0 = time.perf_counter()
-    labels, label_accuracy = y, None
-    if recover_label:
-        labels = torch.tensor([idlg_label(target[-1])])
-        label_accuracy = float((labels == y).float().mean())
-    inv = inverting_gradients(model, target, labels, x.shape, bounds=BOUNDS, iterations=s.iterations,
-                              restarts=s.restarts, tv=s.tv, seed=s.seed)
-    scores = match_images(x.numpy(), inv.images.numpy(), data_range=BOUNDS[1] - BOUNDS[0])
-    return InversionResult(name, f"small_cnn/{s.norm}", "inverting gradients (cosine, TV, Adam)", observed,
-                           x.numpy(), inv.images.numpy(), scores, label_accuracy, time.perf_counter() - t0,
-                           {"gradient_match": round(inv.match, 5)})
+    originals, recons, labels_right = data.images[: s.images], [], []
+    extra: dict[str, list[float]] = {}
+    for i in range(len(originals)):
+        x, y = data.images[i : i + 1], data.labels[i : i + 1]
+        recon, label, figures = one(x, y)
+        recons.append(recon)
+        labels_right.append(label == int(y[0]))
+        for key, value in figures.items():
+            extra.setdefault(key, []).append(value)
+    recon = torch.cat(recons).numpy()
+    scores = score_each(originals.numpy(), recon, data_range=DATA_RANGE)
+    return InversionResult(name, model, attack, f"{observed}, each of {len(originals)} images on its own",
+                           originals.numpy(), recon, scores, float(np.mean(labels_right)), time.perf_counter() - t0,
+                           {**extra, **_prior_control(data, originals)})
 
 
-def _single(data: Split, s: Settings) -> InversionResult:
+def _single(data: Split, s: Settings, *, name: str = "single") -> InversionResult:
     model = _cnn(s, data)
-    x, y = data.images[:1], data.labels[:1]
-    return _invert_cnn("single", "one site's gradient, batch 1", model, gradient_of(model, x, y), x, y, s,
-                       recover_label=True)
+
+    def one(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, int, dict[str, float]]:
+        target = gradient_of(model, x, y)
+        label = idlg_label(target[-1])
+        inv = _invert(model, target, torch.tensor([label]), x.shape, s)
+        return inv.images, label, {"gradient_match": round(inv.match, 5)}
+
+    return _each_image(name, f"small_cnn/{s.norm}", IG + "; label by iDLG", "one site's gradient at batch 1",
+                       data, s, one)
 
 
 def _single_dlg(data: Split, s: Settings) -> InversionResult:
-    """DLG on the same single gradient: L2 matching with L-BFGS, the label from iDLG."""
+    """DLG on the same single gradients: L2 matching with L-BFGS, the label from iDLG."""
     model = _cnn(s, data)
-    x, y = data.images[:1], data.labels[:1]
-    target = gradient_of(model, x, y)
+
+    def one(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, int, dict[str, float]]:
+        target = gradient_of(model, x, y)
+        label = idlg_label(target[-1])
+        inv = dlg(model, target, torch.tensor([label]), x.shape, bounds=BOUNDS, iterations=max(1, s.iterations // 4),
+                  restarts=s.restarts, seed=s.seed)
+        return inv.images, label, {"gradient_match": round(inv.match, 6)}
+
+    return _each_image("single_dlg", f"small_cnn/{s.norm}", "DLG (L2, L-BFGS); label by iDLG",
+                       "one site's gradient at batch 1", data, s, one)
+
+
+def _dp_single(data: Split, s: Settings) -> InversionResult:
+    s = replace(s, norm="group")  # DP-SGD needs GroupNorm (Opacus), as the sites convert it
+    model = _cnn(s, data)
+
+    def one(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, int, dict[str, float]]:
+        target = _update(model, Split(x, y), s, private=True)
+        label = idlg_label(target[-1])
+        inv = _invert(model, target, torch.tensor([label]), x.shape, s)
+        return inv.images, label, {"gradient_match": round(inv.match, 5)}
+
+    return _each_image("dp_single", f"small_cnn/{s.norm}", IG + "; label by iDLG",
+                       f"one site's DP-SGD update at epsilon {s.epsilon:g} on one image", data, s, one)
+
+
+def _batch(name: str, observed: str, model: nn.Module, target: Gradient, data: Split, s: Settings,
+           images: int) -> InversionResult:
+    """Invert a multi-image observation; the attacker is given the labels, and its reconstructions
+    are paired with the originals by the best permutation."""
     t0 = time.perf_counter()
-    labels = torch.tensor([idlg_label(target[-1])])
-    inv = dlg(model, target, labels, x.shape, bounds=BOUNDS, iterations=max(1, s.iterations // 4),
-              restarts=s.restarts, seed=s.seed)
-    scores = match_images(x.numpy(), inv.images.numpy(), data_range=BOUNDS[1] - BOUNDS[0])
-    return InversionResult("single_dlg", f"small_cnn/{s.norm}", "DLG (L2, L-BFGS)", "one site's gradient, batch 1",
-                           x.numpy(), inv.images.numpy(), scores, float((labels == y).float().mean()),
-                           time.perf_counter() - t0, {"gradient_match": round(inv.match, 6)})
+    batch = Split(data.images[:images], data.labels[:images])
+    inv = _invert(model, target, batch.labels, batch.images.shape, s)
+    scores = match_images(batch.images.numpy(), inv.images.numpy(), data_range=DATA_RANGE)
+    return InversionResult(name, f"small_cnn/{s.norm}", IG + "; labels given", observed, batch.images.numpy(),
+                           inv.images.numpy(), scores, None, time.perf_counter() - t0,
+                           {"gradient_match": round(inv.match, 5), **_prior_control(data, batch.images)})
 
 
 def _local_update(data: Split, s: Settings) -> InversionResult:
     model = _cnn(s, data)
     batch = Split(data.images[: s.images], data.labels[: s.images])
     target = _update(model, batch, s, private=False)
-    return _invert_cnn("local_update", f"one site's update: {s.images} images, {s.local_epochs} local steps",
-                       model, target, batch.images, batch.labels, s, recover_label=False)
+    return _batch("local_update", f"one site's update: {s.images} images, {s.local_epochs} local steps",
+                  model, target, data, s, s.images)
 
 
-def _dp(data: Split, s: Settings, *, images: int, name: str) -> InversionResult:
-    s = replace(s, norm="group")  # DP-SGD needs GroupNorm (Opacus), as the sites convert it
+def _dp_update(data: Split, s: Settings) -> InversionResult:
+    s = replace(s, norm="group")
     model = _cnn(s, data)
-    batch = Split(data.images[:images], data.labels[:images])
+    batch = Split(data.images[: s.images], data.labels[: s.images])
     target = _update(model, batch, s, private=True)
-    return _invert_cnn(name, f"one site's DP-SGD update at epsilon {s.epsilon:g}: {images} image(s)",
-                       model, target, batch.images, batch.labels, s, recover_label=images == 1)
+    return _batch("dp_update", f"one site's DP-SGD update at epsilon {s.epsilon:g}: {s.images} images, "
+                  f"{s.local_epochs} local steps", model, target, data, s, s.images)
 
 
 def _sums(data: Split, s: Settings, *, secure: bool) -> InversionResult:
     model = _cnn(s, data)
-    x, y = data.images[: s.sites], data.labels[: s.sites]
-    updates = [_update(model, Split(x[i : i + 1], y[i : i + 1]), s, private=False) for i in range(s.sites)]
+    batch = Split(data.images[: s.sites], data.labels[: s.sites])
+    updates = [_update(model, Split(batch.images[i : i + 1], batch.labels[i : i + 1]), s, private=False)
+               for i in range(s.sites)]
     target = _secure_sum(updates, s) if secure else [sum(parts) for parts in zip(*updates, strict=True)]
     name = "secagg_sum" if secure else "plain_sum"
     what = "the secure-aggregation output" if secure else "the plain sum (control, no cryptography)"
-    return _invert_cnn(name, f"{what} over {s.sites} sites, one image each", model, target, x, y, s,
-                       recover_label=False)
+    return _batch(name, f"{what} over {s.sites} sites, one image each", model, target, data, s, s.sites)
 
 
 def _scatter_single(data: Split, s: Settings) -> InversionResult:
     """Closed-form features from the linear head's gradient, then the image from the features."""
     from ..models.scatter import ScatterLinear
 
-    t0 = time.perf_counter()
     torch.manual_seed(s.seed)
-    model = ScatterLinear(data.images.shape[1], 2).train()
-    x, y = data.images[:1], data.labels[:1]
-    h, w = x.shape[-2:]
-    transform = scattering(h, w)
+    model = ScatterLinear(data.images.shape[1], 2, groups=s.groups).train()
+    transform = scattering(*data.images.shape[-2:])
 
     def features(img: torch.Tensor) -> torch.Tensor:
         """What the linear head sees of an image: the normalised scattering coefficients."""
         return model.norm(transform(img).flatten(1, 2)).flatten(1)
 
-    coeffs = transform(x).flatten(1, 2).detach()  # the site trains on its fixed features
-    grads = gradient_of(model, coeffs, y)
-    wg, bg = grads[-2], grads[-1]
-    recovered = linear_input(wg, bg).reshape(1, -1)
-    truth = features(x).detach()
-    feature_error = float((recovered - truth).norm() / truth.norm())
-    label = idlg_label(bg)
-    image = invert_features(features, recovered, x.shape, bounds=BOUNDS, iterations=s.iterations, seed=s.seed)
-    scores = match_images(x.numpy(), image.numpy(), data_range=BOUNDS[1] - BOUNDS[0])
-    return InversionResult("scatter_single", "scatter_linear", "closed form (linear layer), then ScatterNet inversion",
-                           "one site's gradient, batch 1", x.numpy(), image.numpy(), scores,
-                           float(label == int(y[0])), time.perf_counter() - t0,
-                           {"feature_relative_error": round(feature_error, 8)})
+    def one(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, int, dict[str, float]]:
+        coeffs = transform(x).flatten(1, 2).detach()  # the site trains on its fixed features
+        grads = gradient_of(model, coeffs, y)
+        recovered = linear_input(grads[-2], grads[-1]).reshape(1, -1)
+        truth = features(x).detach()
+        image = invert_features(features, recovered, x.shape, bounds=BOUNDS, iterations=s.feature_iterations,
+                                seed=s.seed)
+        return image, idlg_label(grads[-1]), {
+            "feature_relative_error": round(float((recovered - truth).norm() / truth.norm()), 8)}
+
+    return _each_image("scatter_single", "scatter_linear", "closed form (linear layer), then ScatterNet inversion",
+                       "one site's gradient at batch 1", data, s, one)
 
 
 SCENARIOS: dict[str, Callable[[Split, Settings], InversionResult]] = {
     "single": _single,
     "single_dlg": _single_dlg,
+    "single_batchnorm": lambda d, s: _single(d, replace(s, norm="batch"), name="single_batchnorm"),
     "local_update": _local_update,
-    "dp_single": lambda d, s: _dp(d, s, images=1, name="dp_single"),
-    "dp_update": lambda d, s: _dp(d, s, images=s.images, name="dp_update"),
+    "dp_single": _dp_single,
+    "dp_update": _dp_update,
     "secagg_sum": lambda d, s: _sums(d, s, secure=True),
     "plain_sum": lambda d, s: _sums(d, s, secure=False),
     "scatter_single": _scatter_single,
@@ -258,53 +299,3 @@ def run_scenario(name: str, data: Split, settings: Settings) -> InversionResult:
     if name not in SCENARIOS:
         raise ValueError(f"unknown scenario {name!r}; known: {', '.join(SCENARIOS)}")
     return SCENARIOS[name](data, settings)
-
-
-def recorded_round(run_dir: Path, rnd: int, s: Settings) -> InversionResult:
-    """Scenario f: what a run's coordinator actually held in round ``rnd``: the difference of the
-    global models before and after it (``keep_models``), which is the sites' weighted mean update.
-    The attacker reconstructs ``s.images`` images, with the label iDLG's rule gives, and each is
-    scored against the closest of every site's training images (``best match``)."""
-    from ..config import load_federation
-    from ..coordinator.driver import initial_params
-    from ..data import load_configured_site
-    from ..models import dp_norm, prepare_data
-    from ..observe.recorder import model_path
-
-    cfg = load_federation(run_dir / "config" / "fed.yaml")
-    t0 = time.perf_counter()
-    before = initial_params(cfg) if rnd == 1 else dict(np.load(model_path(run_dir, rnd - 1)))
-    after = dict(np.load(model_path(run_dir, rnd)))
-    norm, groups = cfg.model.norm, cfg.model.groups
-    if cfg.dp.enabled:
-        norm, groups = dp_norm(cfg.model.name, norm, groups)
-    sites = [prepare_data(cfg.model.name, load_configured_site(cfg.data, path=cfg.data.path, site_index=i,
-                                                               num_sites=len(cfg.sites)))
-             for i in range(len(cfg.sites))]
-    pool = torch.cat([d.train.images for d in sites])
-    model = build(cfg.model.name, in_channels=pool.shape[1], num_classes=sites[0].num_classes,
-                  width=cfg.model.width, norm=norm, groups=groups).train()
-    model.load_state_dict({k: torch.from_numpy(v) for k, v in before.items()}, strict=False)
-    # The global step's direction per parameter; a parameter the sites keep (FedBN) tells nothing.
-    target = [torch.from_numpy((before[name] - after[name]).astype(np.float32)).reshape(p.shape)
-              if name in after else torch.zeros_like(p) for name, p in model.named_parameters()]
-    label = idlg_label(target[-1])
-    labels = torch.full((s.images,), label, dtype=torch.long)
-    inv = inverting_gradients(model, target, labels, (s.images, *pool.shape[1:]), bounds=BOUNDS,
-                              iterations=s.iterations, restarts=s.restarts, tv=s.tv, seed=s.seed)
-    recon = inv.images.numpy()
-    # Each reconstruction against its closest training image: the best claim an attacker could make.
-    data = pool.numpy()
-    matches = [closest_image(data, r, data_range=BOUNDS[1] - BOUNDS[0]) for r in recon]
-    closest = [i for i, _, _ in matches]
-    scores = ImageScores([s for _, s, _ in matches], [p for _, _, p in matches],
-                         "best match among the sites' training images", list(range(len(recon))))
-    # The control for a best-match score: the training images' mean, an "attack" that learned
-    # nothing, scored the same way. A reconstruction below it shows nothing of any one image.
-    _, control, _ = closest_image(data, data.mean(0), data_range=BOUNDS[1] - BOUNDS[0])
-    return InversionResult(
-        "recorded", f"{cfg.model.name}/{norm}", "inverting gradients (cosine, TV, Adam)",
-        f"round {rnd} of run {cfg.run_id}: the aggregate over {len(pool)} training images of {len(sites)} sites",
-        data[closest], recon, scores, None, time.perf_counter() - t0,
-        {"gradient_match": round(inv.match, 5), "training_images": len(pool), "closest": closest,
-         "control_mean_image_ssim": round(float(control), 4)})

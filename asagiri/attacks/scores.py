@@ -10,7 +10,7 @@ from scipy.optimize import linear_sum_assignment
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from sklearn.metrics import roc_auc_score, roc_curve
 
-__all__ = ["ImageScores", "closest_image", "match_images", "membership_scores", "tpr_at_fpr"]
+__all__ = ["ImageScores", "closest_image", "match_images", "membership_scores", "score_each", "tpr_at_fpr"]
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,10 @@ class ImageScores:
     @property
     def ssim_max(self) -> float:
         return float(np.max(self.ssim))
+
+    @property
+    def ssim_min(self) -> float:
+        return float(np.min(self.ssim))
 
     @property
     def psnr_mean(self) -> float:
@@ -59,6 +63,15 @@ def match_images(originals: np.ndarray, reconstructions: np.ndarray, *, data_ran
     ssim = [float(table[i, j, 0]) for i, j in zip(rows, cols, strict=True)]
     psnr = [float(table[i, j, 1]) for i, j in zip(rows, cols, strict=True)]
     return ImageScores(ssim, psnr, "permutation", [int(j) for j in cols])
+
+
+def score_each(originals: np.ndarray, reconstructions: np.ndarray, *, data_range: float) -> ImageScores:
+    """Each reconstruction against its own original: one observation per image, so there is
+    nothing to align (``none``)."""
+    if len(originals) == 0 or len(originals) != len(reconstructions):
+        raise ValueError(f"{len(originals)} originals for {len(reconstructions)} reconstructions")
+    pairs = [_pair(o, r, data_range) for o, r in zip(originals, reconstructions, strict=True)]
+    return ImageScores([s for s, _ in pairs], [p for _, p in pairs], "none", list(range(len(pairs))))
 
 
 def closest_image(pool: np.ndarray, image: np.ndarray, *, data_range: float) -> tuple[int, float, float]:

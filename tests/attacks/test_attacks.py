@@ -107,14 +107,14 @@ def test_the_report_has_every_scenario_and_target(tmp_path):
     from asagiri.cli.main import main
 
     out = tmp_path / "report"
-    code = main(["attack", "all", "--out", str(out), "--width", "4", "--iterations", "2", "--restarts", "1",
-                 "--images", "2", "--mia-model", "scatter_linear", "--mia-epochs", "1", "--references", "2",
+    code = main(["attack", "all", "--out", str(out), "--set", "model.width=4", "--iterations", "2", "--restarts", "1",
+                 "--images", "2", "--feature-iterations", "2", "--mia-model", "scatter_linear", "--mia-epochs", "1", "--references", "2",
                  "--target", "small_iid_site", "--target", "small_iid_site_dp"])
     assert code == 0
     doc = json.loads((out / "attack_report.json").read_text())
     assert set(doc["scenarios"]) == set(SCENARIOS)
     for name, r in doc["scenarios"].items():
-        assert {"ssim_mean", "ssim_max", "psnr_mean", "alignment", "model", "observed"} <= set(r), name
+        assert {"ssim_mean", "ssim_max", "ssim_min", "psnr_mean", "alignment", "model", "observed"} <= set(r), name
         assert (out / f"{name}.png").stat().st_size > 1000
     assert set(doc["membership"]) == {"small_iid_site", "small_iid_site_dp"}
     assert {"mia_auc", "tpr_at_1pct_fpr"} <= set(doc["membership"]["small_iid_site"]["lira_offline"])
@@ -144,3 +144,31 @@ def test_a_recorded_run_is_attacked_through_the_models_it_kept(tmp_path):
     assert 0 < r["control_mean_image_ssim"] <= 1  # the score an attack that learned nothing gets
     assert (out / "recorded.png").exists()
     assert main(["attack", "invert", "--run", str(run), "--round", "3", "--out", str(out)]) == 2  # no such round
+
+    # Membership inference against the run's final global model, read from its checkpoint.
+    mia = tmp_path / "mia"
+    assert main(["attack", "mia", "--run", str(run), "--references", "2", "--out", str(mia)]) == 0
+    found = json.loads((mia / "attack_report.json").read_text())["membership"]
+    assert set(found) == {"global_all_sites", "global_smallest_site", "global_largest_site"}
+    assert "after round 2" in found["global_all_sites"]["target"]
+    for r in found.values():
+        assert 0 <= r["lira_offline"]["mia_auc"] <= 1 and r["loss_threshold"]["members"] > 0
+
+    # The attacked model is the run's final one: the digest its audit log recorded, all of it loaded,
+    # and it scores the test data as the run's own evaluation did.
+    from asagiri.attacks.mia import accuracy
+    from asagiri.attacks.recorded import RecordedRun
+    from asagiri.params import params_digest
+
+    rec = RecordedRun.open(run)
+    params = rec.global_model(None)[1]
+    summary = json.loads((run / "summary.json").read_text())
+    assert params_digest(params) == summary["model_sha256"]
+    model = rec.model(params)
+    state = model.state_dict()
+    assert set(params) <= set(state)
+    for name, value in params.items():
+        np.testing.assert_array_equal(state[name].numpy(), value)
+    tests = Split(torch.cat([d.test.images for d in rec.sites]), torch.cat([d.test.labels for d in rec.sites]))
+    assert len(tests) == summary["test_examples"]
+    assert accuracy(model, tests) == pytest.approx(summary["test_accuracy"], abs=1e-4)
