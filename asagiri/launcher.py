@@ -50,6 +50,9 @@ def write_federation(out: Path, *, sites: int, rounds: int, overrides: list[str]
         "sites": roster,
     }
     data = apply_overrides(data, overrides, source="fed.yaml")
+    path = data["data"].get("path") if isinstance(data.get("data"), dict) else None
+    if path is not None:  # given on the command line: relative to where it was typed, not to config/
+        data["data"]["path"] = str(Path(str(path)).resolve())
     fed_path = out / "config" / "fed.yaml"
     fed_path.parent.mkdir(parents=True, exist_ok=True)
     fed_path.write_text(yaml.safe_dump(data, sort_keys=False))
@@ -61,6 +64,8 @@ def pinned_site_settings(cfg: FederationConfig) -> dict[str, Any]:
     exchanges them out of band), and, for a run with secure aggregation off, a policy that lets
     the site send its update in the clear (the default refuses to)."""
     out: dict[str, Any] = {"peers": {entry.id: entry.public_key for entry in cfg.sites}}
+    if cfg.data.path is not None:  # the file the federation's data config names, for every site
+        out["data_path"] = str(cfg.data.path)
     if not cfg.secagg.enabled:
         out["policy"] = {"require_secagg": False}
     return out

@@ -4,9 +4,11 @@ can share it without depending on each other."""
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 
-__all__ = ["Params", "flatten", "unflatten"]
+__all__ = ["Params", "flatten", "params_digest", "unflatten"]
 
 # Tensor name -> array, in the model's order (the wire order of FitIns.params).
 Params = dict[str, np.ndarray]
@@ -27,3 +29,14 @@ def unflatten(vector: np.ndarray, template: Params) -> Params:
     if pos != vector.size:
         raise ValueError(f"vector of {vector.size} values for {pos} parameters")
     return out
+
+
+def params_digest(params: Params) -> str:
+    """SHA-256 over names, dtypes, shapes and bytes of the tensors, in name order: the model digest
+    of the audit log, the checkpoint and the sites' receipts."""
+    h = hashlib.sha256()
+    for name in sorted(params):
+        arr = np.require(params[name], requirements="C")
+        h.update(f"{name}|{arr.dtype.str}|{arr.shape}|".encode())
+        h.update(memoryview(arr.reshape(-1).view(np.uint8)))
+    return h.hexdigest()

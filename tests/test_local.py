@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from asagiri.local import lay_out, run_local
-from asagiri.observe.audit import verify_chain
 from asagiri.observe.checkpoint import load_checkpoint
+from asagiri.signedlog import read_log, verify_log
+from asagiri.wire.crypto import PublicIdentity
 
 FAST = ["data.dataset=synthetic", "data.synthetic_samples=192", "data.partition.scheme=iid", "model.width=8",
         "timeouts.heartbeat_interval=1", "timeouts.heartbeat_timeout=10"]
@@ -30,7 +31,11 @@ def test_a_secure_federation_runs_in_memory_and_reports_typed_events(tmp_path):
     assert [r["round"] for r in completed] == [1, 2] and all(r["secure_aggregation"] for r in completed)
     # the recorder wrote the same files a TCP run writes
     assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 2
-    assert verify_chain(tmp_path / "audit.jsonl") == []
+    key = PublicIdentity.from_hex((tmp_path / "keys" / "coordinator.pub").read_text())
+    assert verify_log(tmp_path / "audit.jsonl", key) == (len(read_log(tmp_path / "audit.jsonl")), None)
+    kinds = [r["kind"] for r in read_log(tmp_path / "audit.jsonl")]
+    assert kinds[0] == "run_started" and kinds.count("site_joined") == 3 and kinds[-1] == "federation_ended"
+    assert kinds.count("round_completed") == 2
     _, _, state = load_checkpoint(tmp_path / "checkpoint.npz")
     assert state["round"] == 2 and summary["model_sha256"] == state["model_sha256"]
 
@@ -78,3 +83,57 @@ def test_resume_in_memory_continues_from_the_checkpoint(tmp_path):
     summary = anyio.run(lambda: run_local(cfg, sites, resume=True))
     assert summary["rounds_completed"] == 2
     assert [json.loads(x)["round"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_each_sites_receipts_expose_a_coordinator_that_rewrites_its_own_signed_log(tmp_path):
+    """The coordinator holds its signing key, so it can rewrite its audit log whole and re-sign it:
+    the chain verifies. Each site's own signed receipts of the models it was sent still show it."""
+    from asagiri.observe.audit import check_receipts
+    from asagiri.signedlog import SignedLog
+    from asagiri.wire.crypto import Identity
+
+    cfg, sites = lay_out(tmp_path, sites=3, rounds=2, overrides=FAST)
+    anyio.run(lambda: run_local(cfg, sites))
+    audit = tmp_path / "audit.jsonl"
+    key = PublicIdentity.from_hex((tmp_path / "keys" / "coordinator.pub").read_text())
+    site_keys = {s: PublicIdentity.from_hex((tmp_path / "keys" / f"site-{s}.pub").read_text()) for s in (1, 2, 3)}
+    receipts = {s: tmp_path / "sites" / f"site-{s}" / "receipts.jsonl" for s in (1, 2, 3)}
+    for s in (1, 2, 3):
+        check = check_receipts(audit, receipts[s], site_keys[s])
+        assert (check.checked, check.problems) == (2, [])
+    # the receipts are the models the sites were really sent: round 2's is the final checkpoint
+    _, _, state = load_checkpoint(tmp_path / "checkpoint.npz")
+    assert read_log(receipts[1])[-1]["model_sha256"] == state["model_sha256"]
+
+    coordinator = Identity.load(tmp_path / "keys" / "coordinator.key")
+    original = read_log(audit)
+
+    def rewrite(keep):
+        """The coordinator's rewrite: the records ``keep`` returns, re-chained and re-signed with its key."""
+        audit.unlink()
+        log = SignedLog(audit, coordinator)
+        for r in original:
+            r = keep(dict(r))
+            if r is not None:
+                log.append(**{k: v for k, v in r.items() if k not in ("seq", "prev_hash", "hash", "signer", "sig")})
+        assert verify_log(audit, key)[1] is None  # the chain alone cannot tell
+
+    def other_model(r):
+        if r["kind"] == "round_completed" and r["round"] == 1:
+            r["model_sha256"] = "ab" * 32
+        return r
+
+    rewrite(other_model)
+    for s in (1, 2, 3):
+        [problem] = check_receipts(audit, receipts[s], site_keys[s]).problems
+        assert "receipt for round 1" in problem and "(rewritten)" in problem
+    rewrite(lambda r: None if r["kind"] == "round_completed" and r["round"] == 2 else r)  # cut round 2 out
+    [problem] = check_receipts(audit, receipts[1], site_keys[1]).problems
+    assert "no completed round 2" in problem
+    # a site's receipts are themselves signed: a receipt forged by the coordinator is caught
+    forged = receipts[2].read_text().splitlines()
+    rec = json.loads(forged[0])
+    rec["model_sha256"] = "ab" * 32
+    receipts[2].write_text("\n".join([json.dumps(rec), *forged[1:]]) + "\n")
+    [problem] = check_receipts(audit, receipts[2], site_keys[2]).problems
+    assert "hash does not match the contents" in problem

@@ -75,7 +75,7 @@ def _run(args: argparse.Namespace) -> int:
 
             async def run_then_stop(*, task_status: anyio.abc.TaskStatus[int]) -> None:
                 try:
-                    await coordinator.run(task_status=task_status)
+                    await coordinator.run(task_status=_Announced(task_status, cfg.listen.host, status))
                 finally:
                     tg.cancel_scope.cancel()
 
@@ -87,9 +87,7 @@ def _run(args: argparse.Namespace) -> int:
                 outcome["code"] = EXIT_CONFIG
                 tg.cancel_scope.cancel()
                 return
-            print(f"listening on {cfg.listen.host}:{port}", flush=True)
-            if status is not None:
-                status.write({"event": "listening", "host": cfg.listen.host, "port": port, "pid": os.getpid()})
+            log.debug("serving on port %d", port)
 
     try:
         anyio.run(main_task)
@@ -104,6 +102,20 @@ def _run(args: argparse.Namespace) -> int:
     if outcome["code"] == EXIT_OK:
         print(f"summary: {(cfg.run_dir / 'summary.json').resolve()}", flush=True)
     return outcome["code"]
+
+
+class _Announced:
+    """Says where the coordinator listens the moment it does, before the federation's first event:
+    the status pipe's first line is always ``listening`` (``launcher.StatusPipe``)."""
+
+    def __init__(self, inner: anyio.abc.TaskStatus[int], host: str, status: StatusLines | None) -> None:
+        self.inner, self.host, self.status = inner, host, status
+
+    def started(self, port: int) -> None:
+        print(f"listening on {self.host}:{port}", flush=True)
+        if self.status is not None:
+            self.status.write({"event": "listening", "host": self.host, "port": port, "pid": os.getpid()})
+        self.inner.started(port)
 
 
 if __name__ == "__main__":

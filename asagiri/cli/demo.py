@@ -100,6 +100,7 @@ def _orchestrate(out: Path, fed_path: Path, cfg: FederationConfig, args: argpars
             rc = coordinator.wait(timeout=max(1.0, deadline - time.monotonic()))
             for p in procs[1:]:
                 p.wait(timeout=30)
+            _report_failed_sites(procs[1:], logs)
             return {0: EXIT_OK, EXIT_FAILED: EXIT_FAILED}.get(rc, EXIT_RUNTIME)
         except (TimeoutError, subprocess.TimeoutExpired):
             print(f"error: the demo did not finish within {args.timeout:.0f}s", file=sys.stderr)
@@ -108,6 +109,24 @@ def _orchestrate(out: Path, fed_path: Path, cfg: FederationConfig, args: argpars
             _stop(procs)
             if status is not None:
                 status.close()
+
+
+def last_error_line(log: Path) -> str:
+    """The line a failed process ended its log with: the exception of a traceback, or its error."""
+    try:
+        lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return f"(no log at {log})"
+    return lines[-1] if lines else "(its log is empty)"
+
+
+def _report_failed_sites(sites: list[subprocess.Popen], logs: Path) -> None:
+    """Say which site processes failed, with each one's own last error line."""
+    for site, proc in enumerate(sites, start=1):
+        if proc.returncode not in (0, None):
+            log = logs / f"site-{site}.log"
+            print(f"site {site} exited with code {proc.returncode}: {last_error_line(log)}  ({log})",
+                  file=sys.stderr)
 
 
 def _stop(procs: list[subprocess.Popen]) -> None:

@@ -1,4 +1,4 @@
-"""``asagiri``: sub-commands ``keygen``, ``partition``, ``demo`` and ``attack``."""
+"""``asagiri``: sub-commands ``keygen``, ``partition``, ``demo``, ``attack`` and ``audit``."""
 
 from __future__ import annotations
 
@@ -45,8 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--log-level", default="warning", help="log level of the processes the demo starts")
 
     from .attack import add_parser as add_attack
+    from .audit import add_parser as add_audit
 
     add_attack(sub)
+    add_audit(sub)
     return p
 
 
@@ -65,6 +67,10 @@ def main(argv: list[str] | None = None) -> int:
         from .attack import run_attack
 
         return run_main(lambda: run_attack(args))
+    if args.command == "audit":
+        from .audit import run_audit
+
+        return run_main(lambda: run_audit(args))
     return EXIT_CONFIG
 
 

@@ -24,10 +24,11 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from ..config import RunSpec, SiteConfig, TimeoutsConfig
 from ..faults import NO_FAULTS, FaultPlan
-from ..params import flatten
+from ..params import flatten, params_digest
 from ..policy import Refusal, SitePolicy
 from ..secagg.binding import spec_digest
 from ..secagg.client import ClientStateMachine
+from ..signedlog import SignedLog
 from ..site.worker import BudgetExhausted, SiteWorker
 from ..wire.channel import SiteRefused
 from ..wire.connection import Connection, connect_handshake
@@ -64,6 +65,9 @@ class _Kept:
 
     policy: SitePolicy
     replay: PersistentReplayGuard
+    # A signed receipt of every global model this site is sent for evaluation: its own proof of
+    # what the coordinator aggregated (observe/audit.py checks a coordinator's log against it).
+    receipts: SignedLog
     worker: SiteWorker | None = None
     secagg: ClientStateMachine | None = None
     # One training at a time on the one model: a round refused or aborted early must not start
@@ -235,6 +239,10 @@ class _Session:
             if isinstance(msg, SecAggStart):
                 self._started_event(msg.round, msg.attempt).set()
         elif isinstance(msg, EvaluateIns):
+            if msg.split == "val":  # the round's new global model
+                self.kept.receipts.append("round_receipt", run_id=self.run_id, round=msg.round,
+                                          site=self.cfg.site_id, model_sha256=params_digest(msg.params),
+                                          time=round(time.time(), 3))
             async with self.kept.training:  # evaluation loads the global model into the same module
                 res_eval = await self._work(worker.evaluate, msg, self.cfg.policy.report_privacy)
             self.conn.pool.release(msg.params.values())
@@ -338,7 +346,8 @@ class Site:
         self.identity = Identity.load(cfg.identity_key)
         self.coordinator = PublicIdentity.from_hex(cfg.coordinator.public_key)
         peers = {int(k): PublicIdentity.from_hex(v) for k, v in (cfg.peers or {}).items()}
-        self.kept = _Kept(SitePolicy(cfg.policy, peers), PersistentReplayGuard(cfg.state_dir / "secagg_rounds.json"))
+        self.kept = _Kept(SitePolicy(cfg.policy, peers), PersistentReplayGuard(cfg.state_dir / "secagg_rounds.json"),
+                          SignedLog(cfg.state_dir / "receipts.jsonl", self.identity))
         if cfg.policy.min_participants < 3:
             log.warning("policy.min_participants=%d: a sum of two sites' updates tells each of them the other's",
                         cfg.policy.min_participants)

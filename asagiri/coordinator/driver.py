@@ -25,10 +25,9 @@ from ..data.loaders import dataset_info
 from ..faults import NO_FAULTS, FaultPlan
 from ..models import build, dp_norm, shared_keys
 from ..observe import events as ev
-from ..observe.audit import params_digest
 from ..observe.checkpoint import load_checkpoint
 from ..observe.runlog import trim_jsonl
-from ..params import Params
+from ..params import Params, params_digest
 from ..secagg import binding
 from ..secagg.server import ServerStateMachine
 from ..strategy.base import FitPlan, build_strategy
@@ -49,6 +48,10 @@ class FederationFailed(Exception):
 
 class ResumeError(Exception):
     pass
+
+
+def _stage(machine: RoundMachine) -> str:
+    return "/".join(x for x in machine.stage_key if x)
 
 
 def initial_params(cfg: FederationConfig) -> Params:
@@ -86,6 +89,7 @@ class FederationDriver:
         self.model_bytes = sum(v.nbytes for v in params.values()) + 8
         self.strategy = build_strategy(cfg, params)
         self.checkpoint_path = checkpoint
+        self.resumed = resume
         self._load_or_refuse(resume, params)
 
     def welcome(self, site_id: int) -> Welcome:
@@ -111,8 +115,9 @@ class FederationDriver:
         self.history = state["history"]
         self.exhausted = set(state.get("exhausted", []))
         self.start_round = int(state["round"]) + 1
-        for name in ("metrics.jsonl", "audit.jsonl"):
-            trim_jsonl(path.parent / name, max_round=int(state["round"]))
+        # The metrics log goes back to the checkpoint; the audit log is never rewritten: its
+        # "run_started" record says which round the run resumed after.
+        trim_jsonl(path.parent / "metrics.jsonl", max_round=int(state["round"]))
         log.info("resuming after round %d from %s", state["round"], path)
 
     # -- the run -----------------------------------------------------------------------------------
@@ -132,6 +137,7 @@ class FederationDriver:
         t_start = time.monotonic()
         if self.start_round > cfg.rounds:
             return self._end("completed", t_start)
+        self.emit(ev.RunStarted(self.start_round, self.resumed, params_digest(self.strategy.params)))
         # At start-up give every enrolled site a chance to join; later rounds go with whoever is there.
         await self._wait_for_sites(len(self.roster), cfg.timeouts.wait_for_sites)
         rnd = self.start_round
@@ -213,7 +219,7 @@ class FederationDriver:
     def _step(self, machine: RoundMachine, site_id: int, event: Message | SiteLost, rnd: int,
               attempt: int) -> list[Outbound]:
         if isinstance(event, SiteLost):
-            self.emit(ev.SiteDropped(rnd, attempt, site_id, event.reason))
+            self.emit(ev.SiteDropped(rnd, attempt, site_id, event.reason, _stage(machine)))
             return machine.site_lost(site_id)
         if isinstance(event, FitRes | MaskedInput) and (event.round, event.attempt) == (rnd, attempt):
             self.emit(ev.UpdateReceived(rnd, attempt, site_id))
@@ -225,7 +231,7 @@ class FederationDriver:
             self.sessions.metrics.protocol_violations.inc()
             log.warning("%s; closing its channel", exc)
             self.sessions.drop(site_id)
-            self.emit(ev.SiteDropped(rnd, attempt, site_id, f"protocol violation: {exc.reason}"))
+            self.emit(ev.SiteDropped(rnd, attempt, site_id, f"protocol violation: {exc.reason}", _stage(machine)))
             out = machine.site_lost(site_id)
         self.sessions.release(site_id, event)
         return out

@@ -20,9 +20,9 @@ import anyio
 import anyio.abc
 from prometheus_client import CollectorRegistry
 
-from ..config import FederationConfig
+from ..config import FederationConfig, config_digest
 from ..faults import NO_FAULTS, FaultPlan
-from ..observe.events import Event
+from ..observe.events import Event, SiteJoined
 from ..observe.metrics import CoordinatorMetrics, serve_metrics
 from ..observe.recorder import CHECKPOINT_NAME, Recorder
 from ..wire.channel import SiteRefused
@@ -49,12 +49,11 @@ class Coordinator:
         self.registry = CollectorRegistry()
         self.metrics = CoordinatorMetrics(self.registry)
         self.sessions = Sessions(cfg.timeouts, self.metrics, capacity=8 * len(cfg.sites))
-        self.recorder = Recorder(self.run_dir, self.metrics, rounds=cfg.rounds, console=console,
-                                 keep_models=cfg.keep_models)
+        self.recorder = Recorder(self.run_dir, self.metrics, run_id=cfg.run_id, rounds=cfg.rounds, identity=self.identity,
+                                 config_sha256=config_digest(cfg), console=console, keep_models=cfg.keep_models)
         self.watchers = list(watchers)  # besides the recorder: a status pipe, a test, an attack harness
         self.driver = FederationDriver(cfg, self.sessions, self._emit, checkpoint=self.run_dir / CHECKPOINT_NAME,
                                        resume=resume, faults=faults)
-        self.recorder.reopen()  # a resume may have trimmed the audit chain back to the checkpoint
         # One receive pool for every session: a few model-sized buffers, however many sites.
         self._pool = ArrayPool(max_bytes=4 * self.driver.model_bytes)
         self.port: int | None = None
@@ -107,4 +106,5 @@ class Coordinator:
                 self.metrics.refused.inc()
                 log.warning("handshake failed: %s", exc or type(exc).__name__)
                 return
+            self._emit(SiteJoined(site_id, self.driver.roster[site_id].fingerprint()))
             await self.sessions.serve(site_id, conn)

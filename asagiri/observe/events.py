@@ -17,13 +17,32 @@ __all__ = [
     "RoundAborted",
     "RoundCompleted",
     "RoundStarted",
+    "RunStarted",
     "SiteDropped",
+    "SiteJoined",
     "SiteRefused",
     "StatusLines",
     "TestScored",
     "UpdateReceived",
     "as_record",
 ]
+
+
+@dataclass(frozen=True)
+class RunStarted:
+    """The driver starts its rounds at ``first_round``; ``resumed`` when a checkpoint said where."""
+
+    first_round: int
+    resumed: bool
+    model_sha256: str
+
+
+@dataclass(frozen=True)
+class SiteJoined:
+    """A site proved its enrolled identity and was welcomed."""
+
+    site: int
+    fingerprint: str
 
 
 @dataclass(frozen=True)
@@ -46,12 +65,14 @@ class UpdateReceived:
 
 @dataclass(frozen=True)
 class SiteDropped:
-    """A site left the round: disconnected, silent past its deadline, or closed for a violation."""
+    """A site left the round: disconnected, silent past its deadline, or closed for a violation,
+    at ``stage`` (fit, evaluate, or a secure-aggregation stage: ``fit/advertise_keys``...)."""
 
     round: int
     attempt: int
     site: int
     reason: str
+    stage: str
 
 
 @dataclass(frozen=True)
@@ -104,8 +125,8 @@ class FederationEnded:
     message: str = ""
 
 
-Event = (RoundStarted | UpdateReceived | SiteDropped | SiteRefused | RoundAborted | RoundCompleted | TestScored
-         | FederationEnded)
+Event = (RunStarted | SiteJoined | RoundStarted | UpdateReceived | SiteDropped | SiteRefused | RoundAborted
+         | RoundCompleted | TestScored | FederationEnded)
 
 
 def as_record(event: Event) -> dict[str, Any]:

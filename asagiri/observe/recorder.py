@@ -19,7 +19,9 @@ from typing import Any
 import numpy as np
 
 from ..fsutil import atomic_write_bytes
-from .audit import AuditLog, params_digest
+from ..params import params_digest
+from ..signedlog import SignedLog
+from ..wire.crypto import Identity
 from .checkpoint import save_checkpoint
 from .events import (
     Event,
@@ -27,7 +29,9 @@ from .events import (
     RoundAborted,
     RoundCompleted,
     RoundStarted,
+    RunStarted,
     SiteDropped,
+    SiteJoined,
     SiteRefused,
     as_record,
 )
@@ -69,20 +73,18 @@ def console_line(record: dict[str, Any], rounds: int) -> str | None:
 class Recorder:
     """Writes a run's records into ``run_dir``. ``console``: print the progress lines."""
 
-    def __init__(self, run_dir: Path, metrics: CoordinatorMetrics, *, rounds: int, console: bool = True,
-                 keep_models: bool = False) -> None:
+    def __init__(self, run_dir: Path, metrics: CoordinatorMetrics, *, run_id: str, rounds: int, identity: Identity,
+                 config_sha256: str, console: bool = True, keep_models: bool = False) -> None:
         self.run_dir = Path(run_dir)
+        self.run_id = run_id
+        self.config_sha256 = config_sha256
         self.keep_models = keep_models
         self.metrics = metrics
         self.rounds = rounds
         self.console = console
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.checkpoint_path = self.run_dir / CHECKPOINT_NAME
-        self.audit = AuditLog(self.run_dir / "audit.jsonl")
-
-    def reopen(self) -> None:
-        """Continue the audit chain from what is on disk now (after a resume trimmed it)."""
-        self.audit = AuditLog(self.audit.path)
+        self.audit = SignedLog(self.run_dir / "audit.jsonl", identity)
 
     def __call__(self, event: Event) -> None:
         if isinstance(event, RoundCompleted):
@@ -91,12 +93,26 @@ class Recorder:
             self._aborted(event)
         elif isinstance(event, FederationEnded):
             atomic_write_bytes(self.run_dir / "summary.json", (json.dumps(event.summary, indent=2) + "\n").encode())
+            self._audit("federation_ended", status=event.status, rounds_completed=event.summary["rounds_completed"],
+                        model_sha256=event.summary["model_sha256"], reason=event.summary.get("reason"))
+        elif isinstance(event, RunStarted):
+            self._audit("run_started", run_id=self.run_id, first_round=event.first_round, resumed=event.resumed,
+                        model_sha256=event.model_sha256, config_sha256=self.config_sha256)
+        elif isinstance(event, SiteJoined):
+            self._audit("site_joined", site=event.site, fingerprint=event.fingerprint)
         elif isinstance(event, RoundStarted):
             log.info("round %d (attempt %d): selected %s", event.round, event.attempt, event.selected)
         elif isinstance(event, SiteDropped):
-            log.info("round %d.%d: site %d dropped (%s)", event.round, event.attempt, event.site, event.reason)
+            log.info("round %d.%d: site %d dropped at %s (%s)", event.round, event.attempt, event.site, event.stage,
+                     event.reason)
+            self._audit("site_dropped", round=event.round, attempt=event.attempt, site=event.site,
+                        stage=event.stage, reason=event.reason)
         elif isinstance(event, SiteRefused):
             log.info("round %d.%d: site %d declined (%s)", event.round, event.attempt, event.site, event.reason)
+            # A permanent decline for the budget is the site's budget stop; any other names its policy rule.
+            kind = "budget_exhausted" if event.permanent and not event.reason.startswith("policy ") else "site_refused"
+            self._audit(kind, round=event.round, attempt=event.attempt, site=event.site, reason=event.reason,
+                        permanent=event.permanent)
         if self.console and (line := console_line(as_record(event), self.rounds)) is not None:
             print(line, flush=True)
 
@@ -104,13 +120,11 @@ class Recorder:
         record = event.record
         digest = params_digest(event.params)
         append_jsonl(self.metrics_path, record)
-        self.audit.append({
-            "round": record["round"], "attempt": record["attempt"], "status": "completed",
-            "participants": record["participants"], "dropped": record["dropped"],
-            "model_sha256": digest, "metrics": {k: record[k] for k in ("auc", "accuracy") if k in record},
-            "epsilon": record.get("epsilon", {}), "declined": record["declined"],
-            "time": time.time(),
-        })
+        self._audit("round_completed", round=record["round"], attempt=record["attempt"],
+                    selected=record.get("selected"), participants=record["participants"], dropped=record["dropped"],
+                    declined=record["declined"], survivors=record.get("secagg_stages"), model_sha256=digest, config_sha256=self.config_sha256,
+                    metrics={k: record[k] for k in ("auc", "accuracy") if k in record},
+                    epsilon=record.get("epsilon", {}))
         save_checkpoint(self.checkpoint_path, params=event.params, velocity=event.velocity,
                         state={**event.state, "model_sha256": digest})
         if self.keep_models:
@@ -129,8 +143,8 @@ class Recorder:
     def _aborted(self, event: RoundAborted) -> None:
         self.metrics.rounds_aborted.inc()
         log.warning("round %d attempt %d aborted: %s", event.round, event.attempt, event.reason)
-        self.audit.append({
-            "round": event.round, "attempt": event.attempt, "status": "aborted", "selected": event.selected,
-            "participants": event.participants, "dropped": event.dropped, "reason": event.reason,
-            "time": time.time(),
-        })
+        self._audit("round_aborted", round=event.round, attempt=event.attempt, selected=event.selected,
+                    participants=event.participants, dropped=event.dropped, reason=event.reason)
+
+    def _audit(self, kind: str, **fields: Any) -> None:
+        self.audit.append(kind, **fields, time=round(time.time(), 3))

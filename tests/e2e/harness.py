@@ -17,6 +17,8 @@ from asagiri.launcher import (
     write_federation,
     write_site_config,
 )
+from asagiri.signedlog import read_log, verify_log
+from asagiri.wire.crypto import PublicIdentity
 
 FAST = [
     "data.dataset=synthetic",
@@ -95,7 +97,11 @@ class Federation:
         return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
 
     def audit(self) -> list[dict]:
-        return [json.loads(x) for x in (self.root / "audit.jsonl").read_text().splitlines() if x.strip()]
+        """The audit records, after checking the chain and every signature against the coordinator's key."""
+        path = self.root / "audit.jsonl"
+        _, error = verify_log(path, PublicIdentity.from_hex(self.pub))
+        assert error is None, error
+        return read_log(path)
 
     def summary(self) -> dict:
         return json.loads((self.root / "summary.json").read_text())

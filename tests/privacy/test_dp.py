@@ -1,4 +1,3 @@
-import json
 import sys
 
 import pytest
@@ -170,11 +169,14 @@ def test_dp_federation_with_secure_aggregation_stops_when_budgets_run_out(tmp_pa
     refused = [e for e in events if e["event"] == "SiteRefused"]
     assert {e["site"] for e in refused} == {1, 2, 3} and all(e["reason"] == "privacy budget" and e["permanent"]
                                                              for e in refused)
-    audit = [json.loads(x) for x in (fed.root / "audit.jsonl").read_text().splitlines()]
-    completed = [a for a in audit if a["status"] == "completed"]
+    audit = fed.audit()
+    completed = [a for a in audit if a["kind"] == "round_completed"]
     assert [a["round"] for a in completed] == [1, 2] and set(completed[-1]["epsilon"]) == {"1", "2", "3"}
-    # round 3 was declined by every site: aborted, nothing aggregated
-    assert audit[-1]["round"] == 3 and audit[-1]["status"] == "aborted"
+    # round 3 was declined by every site, each for its budget: aborted, nothing aggregated
+    assert sorted(a["site"] for a in audit if a["kind"] == "budget_exhausted") == [1, 2, 3]
+    last_round = [a for a in audit if a["kind"].startswith("round_")][-1]
+    assert last_round["round"] == 3 and last_round["kind"] == "round_aborted"
+    assert audit[-1]["kind"] == "federation_ended" and audit[-1]["status"] == "budget_exhausted"
     assert (fed.root / "checkpoint.npz").exists()
 
 
