@@ -90,6 +90,7 @@ class FederationDriver:
         self.strategy = build_strategy(cfg, params)
         self.checkpoint_path = checkpoint
         self.resumed = resume
+        self._stage_s: dict[str, float] = {}  # the current round attempt's time per stage
         self._load_or_refuse(resume, params)
 
     def welcome(self, site_id: int) -> Welcome:
@@ -184,7 +185,7 @@ class FederationDriver:
         """Between rounds only late answers are acceptable; anything else is a violation."""
         if isinstance(event, SiteLost | FitRes | EvaluateRes | Decline):
             return
-        self.sessions.metrics.protocol_violations.inc()
+        self.sessions.metrics.protocol_violations.labels("out_of_round").inc()
         log.warning("site %d: %s outside a round, closing its channel", site_id, type(event).__name__)
         self.sessions.drop(site_id)
 
@@ -193,6 +194,7 @@ class FederationDriver:
             self._handle_idle(*item)
 
     async def _run_round(self, rnd: int, attempt: int) -> RoundOutcome:
+        t_stage = time.monotonic()
         plan = self.strategy.configure_fit(rnd, attempt, self.eligible())
         evaluators = self.strategy.configure_evaluate(rnd, self.eligible())
         secagg = self._secagg_machine(rnd, attempt, plan)
@@ -202,17 +204,20 @@ class FederationDriver:
             fit_config=plan.config, strategy=self.strategy, secagg=secagg,
         )
         self.emit(ev.RoundStarted(rnd, attempt, plan.sites, secagg is not None))
+        self._stage_s = {"selection": time.monotonic() - t_stage}
         await self.sessions.send(machine.start())
         t = self.cfg.timeouts
         timeouts = {"fit": t.fit, "secagg": t.secagg_stage, "evaluate": t.evaluate}
         while not machine.finished:
-            stage = machine.stage_key
+            stage, t_stage = machine.stage_key, time.monotonic()
             with anyio.move_on_after(timeouts[machine.deadline_kind]) as scope:
                 while machine.stage_key == stage and not machine.finished:
                     site_id, event = await self.sessions.receive()
                     await self.sessions.send(self._step(machine, site_id, event, rnd, attempt))
+            name = "/".join(x for x in stage if x)
+            self._stage_s[name] = self._stage_s.get(name, 0.0) + time.monotonic() - t_stage
             if scope.cancelled_caught and machine.stage_key == stage:
-                log.warning("round %d: stage %s timed out", rnd, "/".join(x for x in stage if x))
+                log.warning("round %d: stage %s timed out", rnd, name)
                 await self.sessions.send(machine.timed_out())
         return machine.outcome
 
@@ -228,7 +233,7 @@ class FederationDriver:
         try:
             out = machine.receive(site_id, event)
         except ProtocolViolation as exc:
-            self.sessions.metrics.protocol_violations.inc()
+            self.sessions.metrics.protocol_violations.labels("round").inc()
             log.warning("%s; closing its channel", exc)
             self.sessions.drop(site_id)
             self.emit(ev.SiteDropped(rnd, attempt, site_id, f"protocol violation: {exc.reason}", _stage(machine)))
@@ -285,6 +290,7 @@ class FederationDriver:
             "dropped": outcome.dropped,
             "declined": {str(k): v for k, v in outcome.declined.items()},
             "duration_s": round(duration, 3),
+            "stage_s": {k: round(v, 4) for k, v in self._stage_s.items()},
         }
         for key in ("auc", "accuracy", "loss"):
             if key in evaluation:

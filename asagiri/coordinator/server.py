@@ -50,7 +50,8 @@ class Coordinator:
         self.metrics = CoordinatorMetrics(self.registry)
         self.sessions = Sessions(cfg.timeouts, self.metrics, capacity=8 * len(cfg.sites))
         self.recorder = Recorder(self.run_dir, self.metrics, run_id=cfg.run_id, rounds=cfg.rounds, identity=self.identity,
-                                 config_sha256=config_digest(cfg), console=console, keep_models=cfg.keep_models)
+                                 config_sha256=config_digest(cfg),
+                                 epsilon_target=cfg.dp.target_epsilon if cfg.dp.enabled else None, console=console, keep_models=cfg.keep_models)
         self.watchers = list(watchers)  # besides the recorder: a status pipe, a test, an attack harness
         self.driver = FederationDriver(cfg, self.sessions, self._emit, checkpoint=self.run_dir / CHECKPOINT_NAME,
                                        resume=resume, faults=faults)
@@ -99,11 +100,11 @@ class Coordinator:
                     )
                     await conn.send(self.driver.welcome(site_id))
             except SiteRefused as exc:
-                self.metrics.refused.inc()
+                self.metrics.refused.labels("handshake").inc()
                 log.warning("refused a connection: %s", exc)
                 return
             except (RemoteProtocolError, ConnectionLost, TimeoutError) as exc:
-                self.metrics.refused.inc()
+                self.metrics.protocol_violations.labels("handshake").inc()
                 log.warning("handshake failed: %s", exc or type(exc).__name__)
                 return
             self._emit(SiteJoined(site_id, self.driver.roster[site_id].fingerprint()))

@@ -126,7 +126,7 @@ class Sessions:
                 log.warning("site %d: silent for %.0fs, dropping it", site_id, self.timeouts.heartbeat_timeout)
                 return "heartbeat timeout"
             except RemoteProtocolError as exc:
-                self.metrics.protocol_violations.inc()
+                self.metrics.protocol_violations.labels("session").inc()
                 log.warning("site %d: protocol violation, closing its channel: %s", site_id, exc)
                 return f"protocol violation: {exc}"
             except ConnectionLost:

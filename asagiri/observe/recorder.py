@@ -35,7 +35,7 @@ from .events import (
     SiteRefused,
     as_record,
 )
-from .metrics import CoordinatorMetrics
+from .metrics import CoordinatorMetrics, abort_cause
 from .runlog import append_jsonl
 
 __all__ = ["CHECKPOINT_NAME", "Recorder", "console_line", "model_path"]
@@ -74,7 +74,9 @@ class Recorder:
     """Writes a run's records into ``run_dir``. ``console``: print the progress lines."""
 
     def __init__(self, run_dir: Path, metrics: CoordinatorMetrics, *, run_id: str, rounds: int, identity: Identity,
-                 config_sha256: str, console: bool = True, keep_models: bool = False) -> None:
+                 config_sha256: str, epsilon_target: float | None = None, console: bool = True,
+                 keep_models: bool = False) -> None:
+        self.epsilon_target = epsilon_target
         self.run_dir = Path(run_dir)
         self.run_id = run_id
         self.config_sha256 = config_sha256
@@ -101,16 +103,19 @@ class Recorder:
         elif isinstance(event, SiteJoined):
             self._audit("site_joined", site=event.site, fingerprint=event.fingerprint)
         elif isinstance(event, RoundStarted):
+            self.metrics.selected.set(len(event.selected))
             log.info("round %d (attempt %d): selected %s", event.round, event.attempt, event.selected)
         elif isinstance(event, SiteDropped):
             log.info("round %d.%d: site %d dropped at %s (%s)", event.round, event.attempt, event.site, event.stage,
                      event.reason)
+            self.metrics.dropped.labels(event.stage or "between_rounds").inc()
             self._audit("site_dropped", round=event.round, attempt=event.attempt, site=event.site,
                         stage=event.stage, reason=event.reason)
         elif isinstance(event, SiteRefused):
             log.info("round %d.%d: site %d declined (%s)", event.round, event.attempt, event.site, event.reason)
             # A permanent decline for the budget is the site's budget stop; any other names its policy rule.
             kind = "budget_exhausted" if event.permanent and not event.reason.startswith("policy ") else "site_refused"
+            self.metrics.refused.labels(event.reason[:64]).inc()
             self._audit(kind, round=event.round, attempt=event.attempt, site=event.site, reason=event.reason,
                         permanent=event.permanent)
         if self.console and (line := console_line(as_record(event), self.rounds)) is not None:
@@ -125,8 +130,10 @@ class Recorder:
                     declined=record["declined"], survivors=record.get("secagg_stages"), model_sha256=digest, config_sha256=self.config_sha256,
                     metrics={k: record[k] for k in ("auc", "accuracy") if k in record},
                     epsilon=record.get("epsilon", {}))
+        t0 = time.monotonic()
         save_checkpoint(self.checkpoint_path, params=event.params, velocity=event.velocity,
                         state={**event.state, "model_sha256": digest})
+        self.metrics.stage_seconds.labels("checkpoint").observe(time.monotonic() - t0)
         if self.keep_models:
             buf = io.BytesIO()
             np.savez(buf, **event.params)
@@ -135,13 +142,23 @@ class Recorder:
         m.rounds_completed.inc()
         m.round_seconds.observe(record["duration_s"])
         m.participants.set(len(record["participants"]))
-        m.dropped.inc(len(record["dropped"]))
+        if record.get("secure_aggregation"):
+            m.survivors.set(len(record["participants"]))
+        for stage, seconds in record.get("stage_s", {}).items():
+            m.stage_seconds.labels(stage).observe(seconds)
         for key in ("auc", "accuracy"):
-            if key in record:
+            if record.get(key) is not None:
                 m.metric.labels(key).set(record[key])
+        for site, auc in record.get("site_auc", {}).items():
+            if auc is not None:  # a site whose validation share has one class has no AUC
+                m.site_auc.labels(site).set(auc)
+        for site, eps in record.get("epsilon", {}).items():
+            m.epsilon.labels(site).set(eps)
+            if self.epsilon_target is not None:
+                m.epsilon_left.labels(site).set(max(0.0, self.epsilon_target - eps))
 
     def _aborted(self, event: RoundAborted) -> None:
-        self.metrics.rounds_aborted.inc()
+        self.metrics.rounds_aborted.labels(abort_cause(event.reason)).inc()
         log.warning("round %d attempt %d aborted: %s", event.round, event.attempt, event.reason)
         self._audit("round_aborted", round=event.round, attempt=event.attempt, selected=event.selected,
                     participants=event.participants, dropped=event.dropped, reason=event.reason)

@@ -95,7 +95,7 @@ async def test_oversized_frame_after_handshake_closes_only_that_channel(cfg):
             with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError, ConnectionError)):
                 while True:
                     await stream.receive()
-        assert coord.registry.get_sample_value("asagiri_protocol_violations_total") == 1
+        assert coord.registry.get_sample_value("asagiri_protocol_violations_total", {"kind": "session"}) == 1
         conn = await honest_join(port)
         await conn.aclose()
 

@@ -1,0 +1,109 @@
+"""The shipped Prometheus config and Grafana dashboard, against a real Prometheus (Debian's
+`prometheus` package, which .ci/run installs): it scrapes a running federation of real processes,
+and every PromQL expression of the dashboard returns data through Prometheus' HTTP API."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+import asagiri
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from tests.e2e.harness import Federation, free_port  # noqa: E402
+
+pytestmark = pytest.mark.e2e
+
+GRAFANA = Path(asagiri.__file__).parent / "observe" / "grafana"
+PROMETHEUS, PROMTOOL = shutil.which("prometheus"), shutil.which("promtool")
+NO_PROMETHEUS = "Debian's prometheus package is not installed here (.ci/run installs it: apt-get install prometheus)"
+
+
+def dashboard_queries() -> list[tuple[str, str]]:
+    dash = json.loads((GRAFANA / "asagiri.json").read_text())
+    return [(p["title"], t["expr"]) for p in dash["panels"] for t in p["targets"]]
+
+
+def test_the_dashboard_is_complete_json_with_a_query_on_every_panel():
+    dash = json.loads((GRAFANA / "asagiri.json").read_text())
+    assert dash["uid"] and dash["panels"]
+    assert all(p["targets"] and all(t["expr"].strip() for t in p["targets"]) for p in dash["panels"])
+    ids = [p["id"] for p in dash["panels"]]
+    assert len(ids) == len(set(ids))
+
+
+@pytest.mark.skipif(PROMTOOL is None, reason=NO_PROMETHEUS)
+def test_promtool_accepts_the_shipped_scrape_config():
+    proc = subprocess.run([PROMTOOL, "check", "config", str(GRAFANA / "prometheus.yml")], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def query(port: int, expr: str) -> list:
+    url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        body = json.loads(resp.read())
+    assert body["status"] == "success", body
+    return body["data"]["result"]
+
+
+@pytest.mark.skipif(PROMETHEUS is None, reason=NO_PROMETHEUS)
+def test_prometheus_scrapes_a_running_federation_and_every_dashboard_query_has_data(tmp_path):
+    metrics_port, prom_port = free_port(), free_port()
+    # DP with sites that report epsilon, so the privacy panels have series too; long fit and
+    # heartbeat timeouts keep the coordinator up while a site is paused (below).
+    fed = Federation(tmp_path / "run", sites=3, rounds=6, overrides=[
+        f"metrics_port={metrics_port}", "dp.enabled=true", "timeouts.fit=120", "timeouts.heartbeat_timeout=120",
+    ], site_policy={"report_privacy": True})
+    config = yaml.safe_load((GRAFANA / "prometheus.yml").read_text())  # the shipped file, pointed at this run
+    config["global"]["scrape_interval"] = "1s"
+    config["scrape_configs"][0]["static_configs"][0]["targets"] = [f"127.0.0.1:{metrics_port}"]
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    log = open(tmp_path / "prometheus.log", "wb")
+    prom = subprocess.Popen([PROMETHEUS, f"--config.file={tmp_path / 'prometheus.yml'}",
+                             f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{prom_port}"],
+                            stdout=log, stderr=log)
+    paused = None
+    try:
+        fed.start_coordinator()
+        for site in (1, 2, 3):
+            fed.start_site(site)
+        for _ in range(2):
+            fed.events(until="RoundCompleted")
+        paused = fed.sites[3]
+        os.kill(paused.pid, signal.SIGSTOP)  # round 3 now waits for it: the coordinator stays up
+        missing: list[tuple[str, str]] = []
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            try:
+                missing = [(title, e) for title, e in dashboard_queries() if not query(prom_port, e)]
+                if not query(prom_port, "asagiri_rounds_completed_total >= 2"):
+                    missing.append(("a scrape after round 2", "asagiri_rounds_completed_total >= 2"))
+            except OSError:  # Prometheus still starting
+                missing = [("prometheus", "not answering")]
+            if not missing:
+                break
+            time.sleep(1)
+        assert missing == [], f"panels without data: {missing}\n{(tmp_path / 'prometheus.log').read_text()[-2000:]}"
+        [up] = query(prom_port, 'up{job="asagiri-coordinator"}')
+        assert up["value"][1] == "1"
+        # the figures are the run's: two rounds completed, three sites connected, epsilon reported
+        assert float(query(prom_port, "asagiri_rounds_completed_total")[0]["value"][1]) == 2
+        assert float(query(prom_port, "asagiri_connected_sites")[0]["value"][1]) == 3
+        assert {r["metric"]["site"] for r in query(prom_port, "asagiri_site_epsilon")} == {"1", "2", "3"}
+    finally:
+        if paused is not None:
+            os.kill(paused.pid, signal.SIGCONT)
+        fed.kill_all()
+        prom.terminate()
+        prom.wait(timeout=30)
+        log.close()
