@@ -66,6 +66,9 @@ def run_demo(args: argparse.Namespace) -> int:
             f"auc={'n/a' if auc is None else f'{auc:.4f}'} accuracy={final.get('accuracy', float('nan')):.4f} "
             f"mean_round_s={summary.get('mean_round_s')}  ({summary_path})"
         )
+        from ..observe.report import write_report
+
+        print(f"report: {write_report(out)}")
     return code
 
 

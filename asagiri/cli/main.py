@@ -1,4 +1,4 @@
-"""``asagiri``: sub-commands ``keygen``, ``partition``, ``demo``, ``attack`` and ``audit``."""
+"""``asagiri``: sub-commands ``keygen``, ``partition``, ``demo``, ``report``, ``attack`` and ``audit``."""
 
 from __future__ import annotations
 
@@ -44,6 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--timeout", type=float, default=3600, help="give up after this many seconds")
     d.add_argument("--log-level", default="warning", help="log level of the processes the demo starts")
 
+    rp = sub.add_parser("report", help="write a run's HTML report (plots embedded) and its PNGs")
+    rp.add_argument("run_dir", type=Path)
+    rp.add_argument("--out", type=Path, default=None, help="folder for report.html and the PNGs (default RUN_DIR/report)")
+
     from .attack import add_parser as add_attack
     from .audit import add_parser as add_audit
 
@@ -67,11 +71,25 @@ def main(argv: list[str] | None = None) -> int:
         from .attack import run_attack
 
         return run_main(lambda: run_attack(args))
+    if args.command == "report":
+        return run_main(lambda: _report(args))
     if args.command == "audit":
         from .audit import run_audit
 
         return run_main(lambda: run_audit(args))
     return EXIT_CONFIG
+
+
+def _report(args: argparse.Namespace) -> int:
+    from ..observe.report import write_report
+
+    try:
+        path = write_report(args.run_dir, args.out)
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    print(f"report: {path}")
+    return EXIT_OK
 
 
 def _partition(args: argparse.Namespace) -> int:
