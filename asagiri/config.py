@@ -416,6 +416,8 @@ class SiteConfig(_Strict):
     state_dir: Path = Path("state")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = Field(1, ge=1, le=256)
+    # This site's own Prometheus metrics on 127.0.0.1 (training speed, epsilon, refusals); off by default.
+    metrics_port: int | None = Field(None, ge=0, le=65535)
     reconnect: ReconnectConfig = ReconnectConfig()
     max_frame_bytes: int = Field(4 << 20, ge=64 << 10, le=1 << 30)
     # A hard cap on one message's tensors. Once the site knows the model it accepts nothing larger

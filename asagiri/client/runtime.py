@@ -21,14 +21,17 @@ import anyio
 import anyio.abc
 import torch
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from prometheus_client import CollectorRegistry
 
 from ..config import RunSpec, SiteConfig, TimeoutsConfig
 from ..faults import NO_FAULTS, FaultPlan
 from ..params import flatten, params_digest
 from ..policy import Refusal, SitePolicy
+from ..promhttp import serve_metrics
 from ..secagg.binding import spec_digest
 from ..secagg.client import ClientStateMachine
 from ..signedlog import SignedLog
+from ..site.metrics import SiteMetrics
 from ..site.worker import BudgetExhausted, SiteWorker
 from ..wire.channel import SiteRefused
 from ..wire.connection import Connection, connect_handshake
@@ -68,6 +71,7 @@ class _Kept:
     # A signed receipt of every global model this site is sent for evaluation: its own proof of
     # what the coordinator aggregated (observe/audit.py checks a coordinator's log against it).
     receipts: SignedLog
+    metrics: SiteMetrics
     worker: SiteWorker | None = None
     secagg: ClientStateMachine | None = None
     # One training at a time on the one model: a round refused or aborted early must not start
@@ -224,7 +228,7 @@ class _Session:
                 log.warning("%s", exc)
                 await self._send_decline(msg.round, msg.attempt, BudgetExhausted.REASON, permanent=True)
                 return
-            log.info("round %d: trained on %d samples in %.1fs", msg.round, res.num_samples, time.monotonic() - t0)
+            self._trained(msg.round, worker, int(res.metrics.get("steps", 0)), time.monotonic() - t0)
             self.conn.pool.release(msg.params.values())  # copied into the model; reuse for the next round
             await self.conn.send(res)
         elif isinstance(msg, SECAGG_TO_SITE):
@@ -256,12 +260,19 @@ class _Session:
         else:
             raise RemoteProtocolError(f"unexpected {type(msg).__name__} from the coordinator")
 
+    def _trained(self, rnd: int, worker: SiteWorker, steps: int, seconds: float) -> None:
+        examples = len(worker.data.train) * worker.train_cfg.local_epochs
+        log.info("round %d: trained on %d examples in %.1fs", rnd, examples, seconds)
+        self.kept.metrics.trained(examples=examples, steps=steps, seconds=seconds,
+                                  epsilon=worker.ledger.epsilon() if worker.ledger is not None else None)
+
     async def _send_decline(self, rnd: int, attempt: int, reason: str, *, permanent: bool) -> None:
         """One Decline per round attempt: the coordinator counts this site out and goes on.
         ``reason`` names a rule, never a detail; the detail is in this site's log."""
         if self._declined(rnd, attempt):
             return
         self.kept.declined.add((self.run_id, rnd, attempt))
+        self.kept.metrics.refusals.labels(reason[:64]).inc()
         log.warning("round %d.%d: declining (%s)", rnd, attempt, reason)
         await self.conn.send(Decline(rnd, attempt, reason[:4000], permanent))
 
@@ -311,7 +322,7 @@ class _Session:
                 await self._send_decline(ins.round, ins.attempt, BudgetExhausted.REASON, permanent=True)
                 return
         self.conn.pool.release(ins.params.values())
-        log.info("round %d: trained on %d samples in %.1fs", ins.round, result.num_samples, time.monotonic() - t0)
+        self._trained(ins.round, worker, result.steps, time.monotonic() - t0)
         # The round's SecAggStart follows FitIns; wait for it rather than race it.
         with anyio.move_on_after(self._stage_timeout):
             await self._started_event(ins.round, ins.attempt).wait()
@@ -347,7 +358,8 @@ class Site:
         self.coordinator = PublicIdentity.from_hex(cfg.coordinator.public_key)
         peers = {int(k): PublicIdentity.from_hex(v) for k, v in (cfg.peers or {}).items()}
         self.kept = _Kept(SitePolicy(cfg.policy, peers), PersistentReplayGuard(cfg.state_dir / "secagg_rounds.json"),
-                          SignedLog(cfg.state_dir / "receipts.jsonl", self.identity))
+                          SignedLog(cfg.state_dir / "receipts.jsonl", self.identity),
+                          SiteMetrics(CollectorRegistry()))
         if cfg.policy.min_participants < 3:
             log.warning("policy.min_participants=%d: a sum of two sites' updates tells each of them the other's",
                         cfg.policy.min_participants)
@@ -380,6 +392,18 @@ async def run_client(cfg: SiteConfig, *, faults: FaultPlan = NO_FAULTS) -> int:
     """
     torch.set_num_threads(cfg.threads)
     site = Site(cfg, faults=faults)
+    if cfg.metrics_port is None:
+        return await _serve_sessions(site)
+    async with anyio.create_task_group() as tg:
+        port = await tg.start(serve_metrics, site.kept.metrics.registry, "127.0.0.1", cfg.metrics_port)
+        log.info("site metrics on http://127.0.0.1:%d/metrics", port)
+        code = await _serve_sessions(site)
+        tg.cancel_scope.cancel()
+    return code
+
+
+async def _serve_sessions(site: Site) -> int:
+    cfg = site.cfg
     delay = cfg.reconnect.initial_s
     last_ok = time.monotonic()
     while True:

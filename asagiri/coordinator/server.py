@@ -23,8 +23,9 @@ from prometheus_client import CollectorRegistry
 from ..config import FederationConfig, config_digest
 from ..faults import NO_FAULTS, FaultPlan
 from ..observe.events import Event, SiteJoined
-from ..observe.metrics import CoordinatorMetrics, serve_metrics
+from ..observe.metrics import CoordinatorMetrics
 from ..observe.recorder import CHECKPOINT_NAME, Recorder
+from ..promhttp import serve_metrics
 from ..wire.channel import SiteRefused
 from ..wire.connection import accept_handshake
 from ..wire.crypto import Identity

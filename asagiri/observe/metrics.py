@@ -1,27 +1,11 @@
-"""Prometheus metrics on a registry passed in (never the global one), served over anyio.
-
-A minimal HTTP/1.0 responder on an anyio listener keeps every socket in the structured
-concurrency tree (prometheus_client's own server would start a daemon thread).
-"""
+"""The coordinator's Prometheus metrics, on a registry passed in (never the global one); served by
+``asagiri.promhttp``."""
 
 from __future__ import annotations
 
-import logging
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-import anyio
-import anyio.abc
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    generate_latest,
-)
-
-__all__ = ["CoordinatorMetrics", "abort_cause", "serve_metrics"]
-
-log = logging.getLogger(__name__)
+__all__ = ["CoordinatorMetrics", "abort_cause"]
 
 
 # Round stages, as the histogram labels them: selection, the training wait ("fit") or the
@@ -84,27 +68,3 @@ def abort_cause(reason: str) -> str:
     if "declined" in reason:
         return "declined"
     return "other"
-
-
-async def serve_metrics(
-    registry: CollectorRegistry, host: str, port: int, *, task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED
-) -> None:
-    listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
-    bound = listener.extra(anyio.abc.SocketAttribute.local_port)
-    task_status.started(bound)
-
-    async def handle(stream: anyio.abc.SocketStream) -> None:
-        async with stream:
-            with anyio.move_on_after(5):
-                try:
-                    await stream.receive(4096)
-                    body = generate_latest(registry)
-                    head = (
-                        f"HTTP/1.0 200 OK\r\nContent-Type: {CONTENT_TYPE_LATEST}\r\n"
-                        f"Content-Length: {len(body)}\r\n\r\n"
-                    ).encode()
-                    await stream.send(head + body)
-                except (anyio.EndOfStream, anyio.BrokenResourceError, OSError):
-                    pass
-
-    await listener.serve(handle)

@@ -147,6 +147,7 @@ def test_readme_demo_on_bundled_chest_xrays_reaches_test_auc_above_085(tmp_path)
                            "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "summary: status=completed rounds=3/3" in proc.stdout
+    assert (out / "report" / "report.html").exists() and f"report: {out / 'report' / 'report.html'}" in proc.stdout
     summary = json.loads((out / "summary.json").read_text())
     assert summary["test_examples"] == 624 and summary["test_sites"] == [1, 2, 3, 4]
     assert summary["test_auc"] > 0.85, summary

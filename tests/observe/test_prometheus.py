@@ -58,15 +58,16 @@ def query(port: int, expr: str) -> list:
 
 @pytest.mark.skipif(PROMETHEUS is None, reason=NO_PROMETHEUS)
 def test_prometheus_scrapes_a_running_federation_and_every_dashboard_query_has_data(tmp_path):
-    metrics_port, prom_port = free_port(), free_port()
+    metrics_port, site_port, prom_port = free_port(), free_port(), free_port()
     # DP with sites that report epsilon, so the privacy panels have series too; long fit and
     # heartbeat timeouts keep the coordinator up while a site is paused (below).
     fed = Federation(tmp_path / "run", sites=3, rounds=6, overrides=[
         f"metrics_port={metrics_port}", "dp.enabled=true", "timeouts.fit=120", "timeouts.heartbeat_timeout=120",
-    ], site_policy={"report_privacy": True})
+    ], site_policy={"report_privacy": True}, site_settings={1: {"metrics_port": site_port}})
     config = yaml.safe_load((GRAFANA / "prometheus.yml").read_text())  # the shipped file, pointed at this run
     config["global"]["scrape_interval"] = "1s"
     config["scrape_configs"][0]["static_configs"][0]["targets"] = [f"127.0.0.1:{metrics_port}"]
+    config["scrape_configs"][1]["static_configs"][0]["targets"] = [f"127.0.0.1:{site_port}"]
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
     log = open(tmp_path / "prometheus.log", "wb")
     prom = subprocess.Popen([PROMETHEUS, f"--config.file={tmp_path / 'prometheus.yml'}",
@@ -86,8 +87,9 @@ def test_prometheus_scrapes_a_running_federation_and_every_dashboard_query_has_d
         while time.monotonic() < deadline:
             try:
                 missing = [(title, e) for title, e in dashboard_queries() if not query(prom_port, e)]
-                if not query(prom_port, "asagiri_rounds_completed_total >= 2"):
-                    missing.append(("a scrape after round 2", "asagiri_rounds_completed_total >= 2"))
+                for after_round_2 in ("asagiri_rounds_completed_total >= 2", "asagiri_site_rounds_trained_total >= 2"):
+                    if not query(prom_port, after_round_2):
+                        missing.append(("a scrape after round 2", after_round_2))
             except OSError:  # Prometheus still starting
                 missing = [("prometheus", "not answering")]
             if not missing:
@@ -100,6 +102,14 @@ def test_prometheus_scrapes_a_running_federation_and_every_dashboard_query_has_d
         assert float(query(prom_port, "asagiri_rounds_completed_total")[0]["value"][1]) == 2
         assert float(query(prom_port, "asagiri_connected_sites")[0]["value"][1]) == 3
         assert {r["metric"]["site"] for r in query(prom_port, "asagiri_site_epsilon")} == {"1", "2", "3"}
+        # site 1's own endpoint: its training speed, and the epsilon it spent, at least what it reported
+        # after round 2 (it may already have trained round 3, which waits for the paused site)
+        [site_eps] = query(prom_port, 'asagiri_site_epsilon_spent{job="asagiri-site"}')
+        [reported] = query(prom_port, 'asagiri_site_epsilon{site="1"}')
+        assert float(site_eps["value"][1]) >= float(reported["value"][1]) * (1 - 1e-9) > 0
+        assert float(query(prom_port, "asagiri_site_train_samples_per_second")[0]["value"][1]) > 0
+        assert query(prom_port, "asagiri_site_train_step_seconds_count")[0]["value"][1] in ("2", "3")
+        assert query(prom_port, 'asagiri_site_refusals_total{rule="privacy budget"}')
     finally:
         if paused is not None:
             os.kill(paused.pid, signal.SIGCONT)
