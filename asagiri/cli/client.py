@@ -22,6 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="site config (default: $ASAGIRI_SITE_CONFIG, else ./site-<id>.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--log-level", default="info")
+    p.add_argument("--log-format", choices=["text", "json"], default="text",
+                   help="json: one JSON object per log line, for machines")
     p.add_argument("--kill-at-fit", type=int, default=None, help=argparse.SUPPRESS)  # fault injection (tests)
     p.add_argument("--kill-after-share", type=int, default=None, help=argparse.SUPPRESS)
     return p
@@ -36,7 +38,7 @@ def default_config_path(site: int) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging(args.log_level, f"site-{args.site}")
+    setup_logging(args.log_level, f"site-{args.site}", args.log_format)
     return run_main(lambda: _run(args))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import sys
@@ -29,12 +30,27 @@ async def cancel_on_signal(scope: anyio.CancelScope, on_signal: Callable[[str], 
             return
 
 
-def setup_logging(level: str, name: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format=f"%(asctime)s {name} %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+class JsonLines(logging.Formatter):
+    """One JSON object per log record, for machines (``--log-format json``)."""
+
+    def __init__(self, process: str) -> None:
+        super().__init__()
+        self.process = process
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {"time": round(record.created, 3), "process": self.process, "level": record.levelname.lower(),
+               "logger": record.name, "message": record.getMessage()}
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
+def setup_logging(level: str, name: str, fmt: str = "text") -> None:
+    """Log lines on stderr: ``text`` for people, ``json`` (one object per line) for machines."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonLines(name) if fmt == "json" else
+                         logging.Formatter(f"%(asctime)s {name} %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler])
 
 
 def run_main(fn: Callable[[], int]) -> int:

@@ -6,13 +6,14 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Callable
 
 import anyio
 import anyio.abc
 
 from ..config import ConfigError, load_federation
 from ..faults import FaultPlan
-from ..observe.events import StatusLines
+from ..observe.events import Event, StatusLines
 from .common import (
     EXIT_CONFIG,
     EXIT_FAILED,
@@ -33,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value by its dotted path (repeatable)")
     p.add_argument("--log-level", default="info")
+    p.add_argument("--log-format", choices=["text", "json"], default="text",
+                   help="json: one JSON object per log line, for machines (and no live view)")
+    p.add_argument("--no-live", action="store_true", help="plain progress lines even on a terminal")
     p.add_argument("--status-fd", type=int, default=None, metavar="FD",
                    help="write the bound port, then every round event, as JSON lines to this inherited file descriptor")
     p.add_argument("--crash-after-round", type=int, default=None, help=argparse.SUPPRESS)  # fault injection (tests)
@@ -41,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging(args.log_level, "coordinator")
+    setup_logging(args.log_level, "coordinator", args.log_format)
     return run_main(lambda: _run(args))
 
 
@@ -54,9 +58,20 @@ def _run(args: argparse.Namespace) -> int:
     if not cfg.sites:
         raise ConfigError(f"{Path(args.config).name}: sites: no site is enrolled")
     status = StatusLines(os.fdopen(args.status_fd, "w")) if args.status_fd is not None else None
+    watchers: list[Callable[[Event], None]] = [status] if status is not None else []
+    live = None
+    if sys.stdout.isatty() and args.log_format == "text" and not args.no_live:
+        from rich.logging import RichHandler
+
+        from ..observe.live import LiveView
+
+        live = LiveView([s.id for s in cfg.sites], cfg.rounds)
+        watchers.append(live)
+        # Log records print above the live view, not through it.
+        logging.getLogger().handlers = [RichHandler(console=live.live.console, show_path=False)]
     try:
         coordinator = Coordinator(cfg, resume=args.resume, faults=FaultPlan(crash_after_round=args.crash_after_round),
-                                  watchers=[status] if status is not None else [])
+                                  console=live is None, watchers=watchers)
     except ResumeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -92,6 +107,8 @@ def _run(args: argparse.Namespace) -> int:
     try:
         anyio.run(main_task)
     except BaseExceptionGroup as group:
+        if live is not None:
+            live.close()
         failed, rest = group.split(FederationFailed)
         if rest is not None:
             raise
@@ -99,6 +116,9 @@ def _run(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     except FederationFailed:
         return EXIT_FAILED
+    finally:
+        if live is not None:
+            live.close()
     if outcome["code"] == EXIT_OK:
         print(f"summary: {(cfg.run_dir / 'summary.json').resolve()}", flush=True)
     return outcome["code"]

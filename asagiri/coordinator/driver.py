@@ -210,6 +210,7 @@ class FederationDriver:
         timeouts = {"fit": t.fit, "secagg": t.secagg_stage, "evaluate": t.evaluate}
         while not machine.finished:
             stage, t_stage = machine.stage_key, time.monotonic()
+            self.emit(ev.StageStarted(rnd, attempt, _stage(machine)))
             with anyio.move_on_after(timeouts[machine.deadline_kind]) as scope:
                 while machine.stage_key == stage and not machine.finished:
                     site_id, event = await self.sessions.receive()

@@ -21,6 +21,7 @@ __all__ = [
     "SiteDropped",
     "SiteJoined",
     "SiteRefused",
+    "StageStarted",
     "StatusLines",
     "TestScored",
     "UpdateReceived",
@@ -51,6 +52,15 @@ class RoundStarted:
     attempt: int
     selected: list[int]
     secure: bool
+
+
+@dataclass(frozen=True)
+class StageStarted:
+    """The round moved to ``stage``: ``fit``, a secure-aggregation stage (``fit/advertise``...) or ``evaluate``."""
+
+    round: int
+    attempt: int
+    stage: str
 
 
 @dataclass(frozen=True)
@@ -125,7 +135,7 @@ class FederationEnded:
     message: str = ""
 
 
-Event = (RunStarted | SiteJoined | RoundStarted | UpdateReceived | SiteDropped | SiteRefused | RoundAborted
+Event = (RunStarted | SiteJoined | RoundStarted | StageStarted | UpdateReceived | SiteDropped | SiteRefused | RoundAborted
          | RoundCompleted | TestScored | FederationEnded)
 
 

@@ -1,0 +1,37 @@
+"""The coordinator's live console, fed the events of a real (in-memory) federation; and the
+machine-readable log format."""
+
+import io
+import json
+import logging
+
+import anyio
+from rich.console import Console
+
+from asagiri.cli.common import JsonLines
+from asagiri.local import lay_out, run_local
+from asagiri.observe.live import LiveView
+
+FAST = ["data.dataset=synthetic", "data.synthetic_samples=192", "data.partition.scheme=iid", "model.width=8",
+        "timeouts.heartbeat_timeout=10"]
+
+
+def test_the_live_view_follows_rounds_stages_sites_and_metrics(tmp_path):
+    cfg, sites = lay_out(tmp_path, sites=3, rounds=2, overrides=FAST)
+    screen = io.StringIO()
+    view = LiveView([s.id for s in cfg.sites], cfg.rounds, Console(file=screen, force_terminal=True, color_system=None, width=100))
+    anyio.run(lambda: run_local(cfg, sites, watchers=[view]))
+    out = screen.getvalue()
+    assert "round 2/2" in out and "stage" in out
+    assert "fit/masked_input" in out  # a secure-aggregation stage was shown
+    assert "contributed" in out and "auc=" in out
+    assert "round 1/2  participants=[1, 2, 3]" in out  # the plain lines are printed above the view
+    assert not view.live.is_started  # it closed at FederationEnded
+    assert all(view.state[s] == "contributed" for s in (1, 2, 3))
+
+
+def test_json_log_lines_are_one_object_each():
+    record = logging.LogRecord("asagiri.coordinator", logging.WARNING, __file__, 1, "site %d dropped", (3,), None)
+    line = JsonLines("coordinator").format(record)
+    assert json.loads(line) == {"time": round(record.created, 3), "process": "coordinator", "level": "warning",
+                                "logger": "asagiri.coordinator", "message": "site 3 dropped"}
