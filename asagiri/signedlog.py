@@ -3,10 +3,12 @@ and per notable event) and each site's receipts of the rounds it took part in.
 
 Each record carries ``seq`` (its line number, from 1) and ``prev_hash`` (the previous record's
 ``hash``; 64 zeros for the first).  ``hash = SHA-256(canonical JSON of the record without hash,
-signer and sig)``, and ``sig`` is the coordinator's Ed25519 signature over ``DOMAIN || hash``,
-made with its identity key.  Canonical JSON: keys sorted, no spaces, no NaN.
+signer and sig)`` (keys sorted, no spaces, no NaN), and ``sig`` is the writer's Ed25519 signature
+over ``domain || hash``, made with its identity key: ``AUDIT_DOMAIN`` for the coordinator's log,
+``RECEIPT_DOMAIN`` for a site's receipts.  Each line must be exactly the form the writer gives it
+(``json.dumps(record, sort_keys=True)``), so no record has a second spelling.
 
-What :func:`verify_log` catches, given the coordinator's public key:
+What :func:`verify_log` catches, given the writer's public key:
 - an edited record: its hash no longer matches its contents;
 - an edit with the hash recomputed: the signature no longer verifies;
 - a record deleted, inserted or moved: ``seq`` and ``prev_hash`` no longer follow;
@@ -21,18 +23,26 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .fsutil import atomic_write_bytes
 from .wire.crypto import AuthenticationFailed, Identity, PublicIdentity
 
-__all__ = ["DOMAIN", "GENESIS", "LogError", "SignedLog", "read_log", "record_hash", "verify_log"]
+__all__ = ["AUDIT_DOMAIN", "GENESIS", "RECEIPT_DOMAIN", "LogError", "SignedLog", "read_log", "record_hash",
+           "verify_log"]
 
 GENESIS = "0" * 64
-DOMAIN = b"asagiri-audit-v1\x00"
+# One signing domain per log, so a record of one can never stand for a record of the other.
+AUDIT_DOMAIN = b"asagiri-audit-v1\x00"
+RECEIPT_DOMAIN = b"asagiri-receipt-v1\x00"
+MAX_LINE_BYTES = 1 << 20
 _UNHASHED = ("hash", "signer", "sig")
+
+log = logging.getLogger(__name__)
 
 
 def _canonical(record: dict[str, Any]) -> bytes:
@@ -55,71 +65,109 @@ def read_log(path: Path) -> list[dict[str, Any]]:
 
 
 class SignedLog:
-    """Appends records signed by ``identity`` to ``path``, continuing the chain already there."""
+    """Appends records signed by ``identity`` to ``path`` under ``domain``, continuing the chain
+    already there, which it verifies first.  A last line cut short by a crash (no newline: its
+    write never completed) is dropped; any other damage is an error, never silently repaired."""
 
-    def __init__(self, path: Path, identity: Identity) -> None:
+    def __init__(self, path: Path, identity: Identity, *, domain: bytes = AUDIT_DOMAIN) -> None:
         self.path = path
         self.identity = identity
+        self.domain = domain
         self._last, self._seq = GENESIS, 0
-        if path.exists():
-            records = read_log(path)
-            if records:
-                if "seq" not in records[-1] or "sig" not in records[-1]:
-                    raise ValueError(f"{path}: an unsigned log (written by an older Asagiri); start a new one")
-                self._last, self._seq = records[-1]["hash"], int(records[-1]["seq"])
+        if not path.exists():
+            return
+        data = path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            keep = data[: data.rfind(b"\n") + 1]
+            log.warning("%s: dropping a last record cut short by a crash (%d bytes)", path, len(data) - len(keep))
+            atomic_write_bytes(path, keep)
+        good, error = verify_log(path, identity.public, domain=domain)
+        if error is not None:
+            raise ValueError(f"{path}:{error.line}: {error.problem}; move the file aside to start a new log")
+        if good:
+            last = json.loads(path.read_text().splitlines()[-1])
+            self._last, self._seq = last["hash"], last["seq"]
 
     def append(self, kind: str, **fields: Any) -> str:
         """Write one record; returns its hash."""
         body: dict[str, Any] = {"kind": kind, **fields, "seq": self._seq + 1, "prev_hash": self._last}
         digest = record_hash(body)
         body.update(hash=digest, signer=self.identity.public.raw.hex(),
-                    sig=self.identity.sign(DOMAIN + bytes.fromhex(digest)).hex())
+                    sig=self.identity.sign(self.domain + bytes.fromhex(digest)).hex())
+        line = _line(body)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a") as fh:
-            fh.write(json.dumps(body, sort_keys=True, allow_nan=False) + "\n")
+            fh.write(line + "\n")
             fh.flush()
             os.fsync(fh.fileno())
         self._last, self._seq = digest, self._seq + 1
         return digest
 
 
-def _check(rec: Any, *, seq: int, prev: str, key: PublicIdentity) -> str | None:
+def _line(record: dict[str, Any]) -> str:
+    """How a record is written: the one byte form a verifier accepts (so no duplicate keys, and
+    no second spelling of the same record)."""
+    return json.dumps(record, sort_keys=True, allow_nan=False)
+
+
+def _is_hex(value: Any, size: int) -> bool:
+    return isinstance(value, str) and len(value) == 2 * size and all(c in "0123456789abcdef" for c in value)
+
+
+def _check(rec: Any, line: str, *, seq: int, prev: str, key: PublicIdentity, domain: bytes) -> str | None:
     """Why record number ``seq`` is bad, or None."""
     if not isinstance(rec, dict):
         return "not a JSON object"
     missing = [k for k in ("seq", "prev_hash", "hash", "sig", "kind") if k not in rec]
     if missing:
         return f"missing {', '.join(missing)}"
-    if rec["seq"] != seq:
-        return (f"seq is {rec['seq']!r}, expected {seq}: a record before it was deleted or inserted, or it was moved")
+    if type(rec["seq"]) is not int or rec["seq"] != seq:
+        return f"seq is {rec['seq']!r}, expected {seq}: a record before it was deleted or inserted, or it was moved"
     if rec["prev_hash"] != prev:
         return "prev_hash is not the previous record's hash: a record before it was replaced, inserted or moved"
     try:
         digest = record_hash(rec)
+        canonical = _line(rec)
     except (TypeError, ValueError):
         return "contents cannot be hashed"
     if rec["hash"] != digest:
         return "hash does not match the contents: the record was edited"
+    if line != canonical:
+        return "not in the canonical form (keys sorted, each once): the record was edited"
+    if not _is_hex(rec["sig"], 64):
+        return "signature is not 64 bytes of hex"
     try:
-        key.verify(DOMAIN + bytes.fromhex(digest), bytes.fromhex(str(rec["sig"])))
-    except (AuthenticationFailed, ValueError):
+        key.verify(domain + bytes.fromhex(digest), bytes.fromhex(rec["sig"]))
+    except AuthenticationFailed:
         return "signature does not verify under the given key: re-signed by another key, or rehashed"
     return None
 
 
-def verify_log(path: Path, key: PublicIdentity) -> tuple[int, LogError | None]:
+def _parse(raw: bytes) -> tuple[Any, str | None]:
+    """One line's record, or why it cannot be read (never raises)."""
+    if len(raw) > MAX_LINE_BYTES:
+        return None, f"longer than {MAX_LINE_BYTES} bytes"
+    try:
+        return json.loads(raw.decode("utf-8")), None
+    except UnicodeDecodeError:
+        return None, "not UTF-8"
+    except (ValueError, RecursionError):  # JSONDecodeError, an integer past Python's digit limit, deep nesting
+        return None, "not JSON"
+
+
+def verify_log(path: Path, key: PublicIdentity, *, domain: bytes = AUDIT_DOMAIN) -> tuple[int, LogError | None]:
     """Check the whole chain: (records read, the first bad record or None).  Checking stops at
     the first bad record, since nothing after it can be trusted to link correctly."""
     prev, seq = GENESIS, 0
-    for line_no, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            return seq, LogError(line_no, "empty line")
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            return seq, LogError(line_no, "not JSON")
-        problem = _check(rec, seq=seq + 1, prev=prev, key=key)
-        if problem is not None:
-            return seq, LogError(line_no, problem)
-        prev, seq = rec["hash"], seq + 1
+    with open(path, "rb") as fh:
+        for line_no, raw in enumerate(fh, start=1):
+            raw = raw.rstrip(b"\n")
+            if not raw.strip():
+                return seq, LogError(line_no, "empty line")
+            rec, problem = _parse(raw)
+            if problem is None:
+                problem = _check(rec, raw.decode("utf-8"), seq=seq + 1, prev=prev, key=key, domain=domain)
+            if problem is not None:
+                return seq, LogError(line_no, problem)
+            prev, seq = rec["hash"], seq + 1
     return seq, None

@@ -113,8 +113,8 @@ def test_each_sites_receipts_expose_a_coordinator_that_rewrites_its_own_signed_l
         audit.unlink()
         log = SignedLog(audit, coordinator)
         for r in original:
-            r = keep(dict(r))
-            if r is not None:
+            kept = keep(dict(r))
+            for r in kept if isinstance(kept, list) else [kept] if kept is not None else []:
                 log.append(**{k: v for k, v in r.items() if k not in ("seq", "prev_hash", "hash", "signer", "sig")})
         assert verify_log(audit, key)[1] is None  # the chain alone cannot tell
 
@@ -130,6 +130,18 @@ def test_each_sites_receipts_expose_a_coordinator_that_rewrites_its_own_signed_l
     rewrite(lambda r: None if r["kind"] == "round_completed" and r["round"] == 2 else r)  # cut round 2 out
     [problem] = check_receipts(audit, receipts[1], site_keys[1]).problems
     assert "no completed round 2" in problem
+    # a log with no run_started, so that no receipt seems to be of this run
+    rewrite(lambda r: None if r["kind"] == "run_started" else r)
+    assert "no run_started record names the run" in check_receipts(audit, receipts[1], site_keys[1]).problems[0]
+    # or with round 1 recorded twice, once with the sites' model and once with another
+    rewrite(lambda r: [r, other_model(dict(r))] if r["kind"] == "round_completed" and r["round"] == 1 else r)
+    [problem] = check_receipts(audit, receipts[1], site_keys[1]).problems
+    assert "round 1 completed twice with no resume between" in problem
+    # or naming another run: the operator says which run they mean
+    rewrite(lambda r: {**r, "run_id": "another"} if r["kind"] == "run_started" else r)
+    problems = check_receipts(audit, receipts[1], site_keys[1], run_id=cfg.run_id).problems
+    assert any("no run_started record for run" in p for p in problems)
+    assert "no receipt of run 'another'" in check_receipts(audit, receipts[1], site_keys[1]).problems[0]
     # a site's receipts are themselves signed: a receipt forged by the coordinator is caught
     forged = receipts[2].read_text().splitlines()
     rec = json.loads(forged[0])

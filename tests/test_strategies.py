@@ -137,3 +137,17 @@ def test_fedavgm_leaves_running_statistics_at_the_plain_mean():
     # the weights did get momentum: 2 * (1 + 1.9 + 2.71 + ...) over six rounds
     expected = 2.0 * sum(sum(0.9**j for j in range(i + 1)) for i in range(6))
     np.testing.assert_allclose(params["conv.weight"], expected, rtol=1e-5)
+
+
+def test_a_sites_impossible_metric_never_reaches_the_weighted_mean():
+    """A hostile site reporting AUC 1e308 on 2 examples would make the mean inf, which the
+    records refuse to write: the coordinator would crash. Such a value is left out."""
+    import numpy as np
+
+    from asagiri.strategy.base import build_strategy
+
+    strategy = build_strategy(FederationConfig(), {"w": np.zeros(2, np.float32)})
+    out = strategy.aggregate_evaluate(1, {1: (2, {"auc": 1e308, "loss": 0.5}), 2: (10, {"auc": 0.8, "loss": 1e300}),
+                                          3: (10, {"auc": 0.6, "loss": 0.7})})
+    assert out["auc"] == pytest.approx(0.7) and out["site_auc"] == {"2": 0.8, "3": 0.6}
+    assert out["loss"] == pytest.approx((2 * 0.5 + 10 * 0.7) / 12)

@@ -26,6 +26,8 @@ def add_parser(sub: Any) -> None:
     v.add_argument("--receipts", type=Path, action="append", default=[],
                    help="a site's receipts.jsonl (in its state_dir); repeatable, each with its --site-key")
     v.add_argument("--site-key", type=Path, action="append", default=[], help="that site's public key file")
+    v.add_argument("--run-id", default=None,
+                   help="the run the receipts must cover (default: the one the log's first run_started names)")
 
 
 def run_audit(args: argparse.Namespace) -> int:
@@ -55,7 +57,7 @@ def run_audit(args: argparse.Namespace) -> int:
         if not receipts.is_file():
             print(f"error: {receipts}: no such file", file=sys.stderr)
             return EXIT_CONFIG
-        check = check_receipts(path, receipts, site_key)
+        check = check_receipts(path, receipts, site_key, run_id=args.run_id)
         for problem in check.problems:
             print(problem)
         failed |= bool(check.problems)

@@ -30,7 +30,7 @@ from ..policy import Refusal, SitePolicy
 from ..promhttp import serve_metrics
 from ..secagg.binding import spec_digest
 from ..secagg.client import ClientStateMachine
-from ..signedlog import SignedLog
+from ..signedlog import RECEIPT_DOMAIN, SignedLog
 from ..site.metrics import SiteMetrics
 from ..site.worker import BudgetExhausted, SiteWorker
 from ..wire.channel import SiteRefused
@@ -228,7 +228,7 @@ class _Session:
                 log.warning("%s", exc)
                 await self._send_decline(msg.round, msg.attempt, BudgetExhausted.REASON, permanent=True)
                 return
-            self._trained(msg.round, worker, int(res.metrics.get("steps", 0)), time.monotonic() - t0)
+            self._trained(msg.round, worker, worker.last_steps, time.monotonic() - t0)
             self.conn.pool.release(msg.params.values())  # copied into the model; reuse for the next round
             await self.conn.send(res)
         elif isinstance(msg, SECAGG_TO_SITE):
@@ -243,12 +243,10 @@ class _Session:
             if isinstance(msg, SecAggStart):
                 self._started_event(msg.round, msg.attempt).set()
         elif isinstance(msg, EvaluateIns):
-            if msg.split == "val":  # the round's new global model
-                self.kept.receipts.append("round_receipt", run_id=self.run_id, round=msg.round,
-                                          site=self.cfg.site_id, model_sha256=params_digest(msg.params),
-                                          time=round(time.time(), 3))
             async with self.kept.training:  # evaluation loads the global model into the same module
                 res_eval = await self._work(worker.evaluate, msg, self.cfg.policy.report_privacy)
+            if msg.split == "val":  # the round's new global model, which this site has just loaded
+                self._receipt(msg)
             self.conn.pool.release(msg.params.values())
             await self.conn.send(res_eval)
         elif isinstance(msg, RoundAborted):
@@ -259,6 +257,15 @@ class _Session:
             self._ended = True
         else:
             raise RemoteProtocolError(f"unexpected {type(msg).__name__} from the coordinator")
+
+    def _receipt(self, msg: EvaluateIns) -> None:
+        """Sign what the coordinator sent as the round's global model (``observe/audit.py``). A
+        failed write is this site's loss of evidence, not a reason to leave the federation."""
+        try:
+            self.kept.receipts.append("round_receipt", run_id=self.run_id, round=msg.round, site=self.cfg.site_id,
+                                      model_sha256=params_digest(msg.params), time=round(time.time(), 3))
+        except OSError as exc:
+            log.error("round %d: could not write the model receipt (%s)", msg.round, exc)
 
     def _trained(self, rnd: int, worker: SiteWorker, steps: int, seconds: float) -> None:
         examples = len(worker.data.train) * worker.train_cfg.local_epochs
@@ -358,7 +365,7 @@ class Site:
         self.coordinator = PublicIdentity.from_hex(cfg.coordinator.public_key)
         peers = {int(k): PublicIdentity.from_hex(v) for k, v in (cfg.peers or {}).items()}
         self.kept = _Kept(SitePolicy(cfg.policy, peers), PersistentReplayGuard(cfg.state_dir / "secagg_rounds.json"),
-                          SignedLog(cfg.state_dir / "receipts.jsonl", self.identity),
+                          SignedLog(cfg.state_dir / "receipts.jsonl", self.identity, domain=RECEIPT_DOMAIN),
                           SiteMetrics(CollectorRegistry()))
         if cfg.policy.min_participants < 3:
             log.warning("policy.min_participants=%d: a sum of two sites' updates tells each of them the other's",

@@ -227,12 +227,14 @@ class FederationDriver:
         if isinstance(event, SiteLost):
             self.emit(ev.SiteDropped(rnd, attempt, site_id, event.reason, _stage(machine)))
             return machine.site_lost(site_id)
-        if isinstance(event, FitRes | MaskedInput) and (event.round, event.attempt) == (rnd, attempt):
-            self.emit(ev.UpdateReceived(rnd, attempt, site_id))
-        elif isinstance(event, Decline) and (event.round, event.attempt) == (rnd, attempt):
-            self.emit(ev.SiteRefused(rnd, attempt, site_id, event.reason, event.permanent))
         try:
             out = machine.receive(site_id, event)
+            # Reported only once the round accepted it: a site cannot write refusals or updates
+            # into the records by sending what the round does not allow.
+            if isinstance(event, FitRes | MaskedInput) and (event.round, event.attempt) == (rnd, attempt):
+                self.emit(ev.UpdateReceived(rnd, attempt, site_id))
+            elif isinstance(event, Decline) and (event.round, event.attempt) == (rnd, attempt):
+                self.emit(ev.SiteRefused(rnd, attempt, site_id, event.reason, event.permanent))
         except ProtocolViolation as exc:
             self.sessions.metrics.protocol_violations.labels("round").inc()
             log.warning("%s; closing its channel", exc)

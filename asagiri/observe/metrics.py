@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-__all__ = ["CoordinatorMetrics", "abort_cause"]
+__all__ = ["CoordinatorMetrics", "abort_cause", "refusal_kind"]
 
 
 # Round stages, as the histogram labels them: selection, the training wait ("fit") or the
@@ -57,6 +57,23 @@ class CoordinatorMetrics:
         self.rounds_aborted.labels("below_min_clients")
         self.dropped.labels("fit")
         self.refused.labels("handshake")
+
+
+# The rules a site's policy names in a Decline (protocol/SPEC.md §7); anything else is "other", so
+# a site's free text can never grow the label set.
+POLICY_RULES = frozenset({"component", "malformed", "max_delta", "max_epsilon", "min_group", "min_participants",
+                          "min_threshold", "pinned_peers", "replay", "require_dp", "require_secagg", "round_params",
+                          "run_id", "shares", "signature", "spec", "stage"})
+
+
+def refusal_kind(reason: str) -> str:
+    """A bounded label for a site's Decline reason."""
+    if reason == "privacy budget":
+        return reason
+    words = reason.split()
+    if len(words) >= 2 and words[0] == "policy" and words[1] in POLICY_RULES:
+        return f"policy {words[1]}"
+    return "other"
 
 
 def abort_cause(reason: str) -> str:

@@ -35,7 +35,7 @@ from .events import (
     SiteRefused,
     as_record,
 )
-from .metrics import CoordinatorMetrics, abort_cause
+from .metrics import CoordinatorMetrics, abort_cause, refusal_kind
 from .runlog import append_jsonl
 
 __all__ = ["CHECKPOINT_NAME", "Recorder", "console_line", "model_path"]
@@ -115,7 +115,7 @@ class Recorder:
             log.info("round %d.%d: site %d declined (%s)", event.round, event.attempt, event.site, event.reason)
             # A permanent decline for the budget is the site's budget stop; any other names its policy rule.
             kind = "budget_exhausted" if event.permanent and not event.reason.startswith("policy ") else "site_refused"
-            self.metrics.refused.labels(event.reason[:64]).inc()
+            self.metrics.refused.labels(refusal_kind(event.reason)).inc()
             self._audit(kind, round=event.round, attempt=event.attempt, site=event.site, reason=event.reason,
                         permanent=event.permanent)
         if self.console and (line := console_line(as_record(event), self.rounds)) is not None:

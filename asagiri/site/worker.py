@@ -56,6 +56,7 @@ class SiteWorker:
         ).to(self.device)
         self.dp = spec.dp
         self.ledger: PrivacyLedger | None = None
+        self.last_steps = 0  # optimiser steps of the last round; stays on the site
         if self.dp.enabled:
             self._setup_dp(cfg, spec.rounds)
         self.shared = shared_keys(self.model, fedbn=self.strategy_cfg.fedbn)
@@ -154,7 +155,8 @@ class SiteWorker:
         delta, result = self.train(ins)
         n = 1 if equal_weight else result.num_samples
         update = {k: (n * v).astype(np.float32) for k, v in delta.items()}
-        return FitRes(ins.round, ins.attempt, update, n, {"train_loss": result.loss, "steps": result.steps})
+        self.last_steps = result.steps  # local only: the step count would tell the coordinator the data size
+        return FitRes(ins.round, ins.attempt, update, n, {"train_loss": result.loss})
 
     def evaluate(self, ins: EvaluateIns, report_privacy: bool = False) -> EvaluateRes:
         self._load_global(ins.params)

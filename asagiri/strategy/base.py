@@ -8,6 +8,7 @@ fit config (Li et al. 2020).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -70,12 +71,20 @@ class FedAvg:
         """Sample-weighted means over sites, plus each site's own values."""
         out: dict[str, Any] = {}
         for key in ("auc", "accuracy", "loss"):
-            have = {s: (n, m[key]) for s, (n, m) in results.items() if key in m and n > 0}
+            have = {s: (n, m[key]) for s, (n, m) in results.items() if n > 0 and _plausible(key, m.get(key))}
             if have:
                 total = sum(n for n, _ in have.values())
                 out[key] = sum(n * v for n, v in have.values()) / total
                 out[f"site_{key}"] = {str(s): v for s, (_, v) in sorted(have.items())}
         return out
+
+
+def _plausible(key: str, value: Any) -> bool:
+    """A site's reported metric, if it is one (a hostile site's inf or 1e308 would otherwise
+    break the weighted mean and the records, which refuse non-finite numbers)."""
+    if not isinstance(value, int | float) or not math.isfinite(value):
+        return False
+    return 0.0 <= value <= 1.0 if key in ("auc", "accuracy") else 0.0 <= value < 1e6
 
 
 def build_strategy(cfg: FederationConfig, global_params: Params) -> FedAvg:

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from asagiri.cli.main import main
-from asagiri.signedlog import DOMAIN, SignedLog, read_log, record_hash, verify_log
+from asagiri.signedlog import AUDIT_DOMAIN, RECEIPT_DOMAIN, SignedLog, read_log, record_hash, verify_log
 from asagiri.wire.crypto import Identity
 
 COORDINATOR = Identity.from_seed(bytes(range(32)))
@@ -36,7 +36,7 @@ def resign(rec, identity):
     """What the holder of ``identity`` writes for ``rec``: rehashed and signed."""
     rec["hash"] = record_hash(rec)
     rec["signer"] = identity.public.raw.hex()
-    rec["sig"] = identity.sign(DOMAIN + bytes.fromhex(rec["hash"])).hex()
+    rec["sig"] = identity.sign(AUDIT_DOMAIN + bytes.fromhex(rec["hash"])).hex()
     return json.dumps(rec, sort_keys=True)
 
 
@@ -113,9 +113,46 @@ def test_a_record_moved_with_its_seq_rewritten_breaks_the_link(log_lines):
 
 def test_garbage_lines_are_reported_not_raised(log_lines):
     path, lines = log_lines
-    for bad, reason in (("{not json", "not JSON"), ("[1, 2]", "not a JSON object"), ('{"seq": 2}', "missing prev_hash, hash, sig, kind")):
+    for bad, reason in (("{not json", "not JSON"), ("[1, 2]", "not a JSON object"),
+                        ('{"seq": 2}', "missing prev_hash, hash, sig, kind"), ("[" * 100_000, "not JSON"),
+                        ('{"seq": ' + "9" * 5000 + "}", "not JSON"), ('{"seq": "2"}', "missing prev_hash, hash, sig, kind")):
         write(path, lines[:1] + [bad] + lines[2:])
         assert verdict(path) == (1, (2, reason))
+    path.write_bytes(lines[0].encode() + b"\n\xff\xfe\n")
+    assert verdict(path) == (1, (2, "not UTF-8"))
+    path.write_bytes(lines[0].encode() + b"\n" + b"x" * (2 << 20) + b"\n")
+    assert verdict(path) == (1, (2, "longer than 1048576 bytes"))
+    rec = json.loads(lines[1])
+    rec["seq"] = True  # == 1 in Python, but not an integer
+    write(path, [json.dumps(rec, sort_keys=True)] + lines[1:])
+    assert verdict(path)[1] == (1, "seq is True, expected 1")
+
+
+def test_a_second_spelling_of_a_record_is_refused(log_lines):
+    """A duplicate key in front of the real one parses to the same record in Python, but another
+    reader may take the first value: only the writer's exact form verifies."""
+    path, lines = log_lines
+    lines[2] = '{"round": 99, ' + lines[2][1:]
+    write(path, lines)
+    assert verdict(path) == (2, (3, "not in the canonical form (keys sorted, each once)"))
+
+
+def test_a_receipt_signature_never_stands_for_an_audit_record(tmp_path):
+    path = tmp_path / "receipts.jsonl"
+    SignedLog(path, COORDINATOR, domain=RECEIPT_DOMAIN).append("round_receipt", round=1)
+    assert verify_log(path, COORDINATOR.public, domain=RECEIPT_DOMAIN) == (1, None)
+    assert verdict(path) == (0, (1, "signature does not verify under the given key"))
+
+
+def test_reopening_drops_a_last_line_cut_short_and_refuses_other_damage(log_lines):
+    path, lines = log_lines
+    path.write_text("\n".join(lines) + "\n" + lines[0][:30])  # a crash in the middle of a write
+    log = SignedLog(path, COORDINATOR)
+    log.append("round_completed", round=5)
+    assert verdict(path) == (6, None)
+    write(path, lines[:2] + lines[3:])
+    with pytest.raises(ValueError, match="seq is 4, expected 3"):
+        SignedLog(path, COORDINATOR)
 
 
 def test_the_command_reports_the_first_bad_line_and_fails(log_lines, tmp_path, capsys):

@@ -35,3 +35,13 @@ def test_json_log_lines_are_one_object_each():
     line = JsonLines("coordinator").format(record)
     assert json.loads(line) == {"time": round(record.created, 3), "process": "coordinator", "level": "warning",
                                 "logger": "asagiri.coordinator", "message": "site 3 dropped"}
+
+
+def test_a_sites_free_text_never_becomes_a_new_metric_label():
+    from asagiri.observe.metrics import refusal_kind
+
+    assert refusal_kind("privacy budget") == "privacy budget"
+    assert refusal_kind("policy min_participants") == "policy min_participants"
+    assert {refusal_kind(f"policy x{i}") for i in range(1000)} == {"other"}
+    assert refusal_kind("policy min_participants and whatever else") == "policy min_participants"
+    assert refusal_kind("") == "other"
