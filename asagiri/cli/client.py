@@ -70,7 +70,10 @@ def _run(args: argparse.Namespace) -> int:
         async with anyio.create_task_group() as tg:
 
             async def run() -> None:
-                result["code"] = await run_client(cfg, faults=FaultPlan(kill_at_fit=args.kill_at_fit, kill_after_share=args.kill_after_share))
+                faults = FaultPlan(kill_at_fit=args.kill_at_fit, kill_after_share=args.kill_after_share)
+                # A bar of local training on a terminal; plain log lines elsewhere.
+                progress = sys.stderr.isatty() and args.log_format == "text"
+                result["code"] = await run_client(cfg, faults=faults, progress=progress)
                 tg.cancel_scope.cancel()
 
             tg.start_soon(cancel_on_signal, tg.cancel_scope, lambda name: log.warning("%s: stopping", name))

@@ -33,6 +33,7 @@ from ..secagg.client import ClientStateMachine
 from ..signedlog import RECEIPT_DOMAIN, SignedLog
 from ..site.metrics import SiteMetrics
 from ..site.worker import BudgetExhausted, SiteWorker
+from ..train.loop import OnStep
 from ..wire.channel import SiteRefused
 from ..wire.connection import Connection, connect_handshake
 from ..wire.crypto import AuthenticationFailed, Identity, PublicIdentity
@@ -52,6 +53,7 @@ from ..wire.messages import (
     UnmaskRequest,
     Welcome,
 )
+from .progress import TrainingProgress
 from .state import PersistentReplayGuard
 
 SECAGG_TO_SITE = (SecAggStart, KeyRoster, ShareDelivery, ConsistencyCheck, UnmaskRequest)
@@ -72,6 +74,7 @@ class _Kept:
     # what the coordinator aggregated (observe/audit.py checks a coordinator's log against it).
     receipts: SignedLog
     metrics: SiteMetrics
+    progress: TrainingProgress | None = None  # a bar of local training, on a terminal only
     worker: SiteWorker | None = None
     secagg: ClientStateMachine | None = None
     # One training at a time on the one model: a round refused or aborted early must not start
@@ -222,7 +225,11 @@ class _Session:
             t0 = time.monotonic()
             try:
                 async with self.kept.training:
-                    res = await self._work(worker.fit, msg, self.cfg.policy.equal_weight)
+                    try:
+                        res = await self._work(worker.fit, msg, self.cfg.policy.equal_weight,
+                                               self._progress(msg.round, worker))
+                    finally:
+                        self._progress_done()
             except BudgetExhausted as exc:
                 self.conn.pool.release(msg.params.values())
                 log.warning("%s", exc)
@@ -257,6 +264,14 @@ class _Session:
             self._ended = True
         else:
             raise RemoteProtocolError(f"unexpected {type(msg).__name__} from the coordinator")
+
+    def _progress(self, rnd: int, worker: SiteWorker) -> OnStep | None:
+        bar = self.kept.progress
+        return bar.round(rnd, worker.expected_steps()) if bar is not None else None
+
+    def _progress_done(self) -> None:
+        if self.kept.progress is not None:
+            self.kept.progress.finish()
 
     def _receipt(self, msg: EvaluateIns) -> None:
         """Sign what the coordinator sent as the round's global model (``observe/audit.py``). A
@@ -322,12 +337,14 @@ class _Session:
                 return  # refused, or superseded, while the previous training ran
             t0 = time.monotonic()
             try:
-                delta, result = await self._work(worker.train, ins)
+                delta, result = await self._work(worker.train, ins, self._progress(ins.round, worker))
             except BudgetExhausted as exc:
                 self.conn.pool.release(ins.params.values())
                 log.warning("%s", exc)
                 await self._send_decline(ins.round, ins.attempt, BudgetExhausted.REASON, permanent=True)
                 return
+            finally:
+                self._progress_done()
         self.conn.pool.release(ins.params.values())
         self._trained(ins.round, worker, result.steps, time.monotonic() - t0)
         # The round's SecAggStart follows FitIns; wait for it rather than race it.
@@ -358,7 +375,7 @@ class Site:
     keeps (worker, secure-aggregation machine).  ``session`` serves one connection to the
     coordinator, over TCP or in memory (``asagiri.local``)."""
 
-    def __init__(self, cfg: SiteConfig, *, faults: FaultPlan = NO_FAULTS) -> None:
+    def __init__(self, cfg: SiteConfig, *, faults: FaultPlan = NO_FAULTS, progress: bool = False) -> None:
         self.cfg = cfg
         self.faults = faults
         self.identity = Identity.load(cfg.identity_key)
@@ -366,7 +383,7 @@ class Site:
         peers = {int(k): PublicIdentity.from_hex(v) for k, v in (cfg.peers or {}).items()}
         self.kept = _Kept(SitePolicy(cfg.policy, peers), PersistentReplayGuard(cfg.state_dir / "secagg_rounds.json"),
                           SignedLog(cfg.state_dir / "receipts.jsonl", self.identity, domain=RECEIPT_DOMAIN),
-                          SiteMetrics(CollectorRegistry()))
+                          SiteMetrics(CollectorRegistry()), TrainingProgress() if progress else None)
         if cfg.policy.min_participants < 3:
             log.warning("policy.min_participants=%d: a sum of two sites' updates tells each of them the other's",
                         cfg.policy.min_participants)
@@ -390,7 +407,7 @@ class Site:
         return session.final
 
 
-async def run_client(cfg: SiteConfig, *, faults: FaultPlan = NO_FAULTS) -> int:
+async def run_client(cfg: SiteConfig, *, faults: FaultPlan = NO_FAULTS, progress: bool = False) -> int:
     """Run until the coordinator ends the federation (0), or stays away too long (1).
 
     A ``Reject`` or a failed server proof is logged and retried like a lost connection: both can
@@ -398,7 +415,7 @@ async def run_client(cfg: SiteConfig, *, faults: FaultPlan = NO_FAULTS) -> int:
     the site for good.  ``reconnect.give_up_s`` bounds how long the site keeps trying.
     """
     torch.set_num_threads(cfg.threads)
-    site = Site(cfg, faults=faults)
+    site = Site(cfg, faults=faults, progress=progress)
     if cfg.metrics_port is None:
         return await _serve_sessions(site)
     async with anyio.create_task_group() as tg:

@@ -19,7 +19,7 @@ from opacus.validators import ModuleValidator
 from torch import nn
 
 from ..data.loaders import Split
-from ..train.loop import loss_fn, make_optimizer, resume_optimizer, run_steps
+from ..train.loop import OnStep, loss_fn, make_optimizer, resume_optimizer, run_steps
 
 __all__ = ["DPResult", "dp_compatible", "noise_for_target", "train_dp"]
 
@@ -83,6 +83,7 @@ def train_dp(
     device: torch.device | str = "cpu",
     task: str = "binary",
     optimizer_state: dict | None = None,
+    on_step: OnStep | None = None,
 ) -> DPResult:
     """One round of DP-SGD in place on ``model`` (GroupNorm-only), through the one training loop
     (``train.loop.run_steps``) with a private step.
@@ -118,7 +119,8 @@ def train_dp(
     with warnings.catch_warnings():
         # Opacus' hooks fire on our first layer, whose input needs no gradient: expected, harmless.
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        total, _ = run_steps(private, augment=augment, gen=torch.Generator().manual_seed(seed), device=device)
+        total, _ = run_steps(private, augment=augment, gen=torch.Generator().manual_seed(seed), device=device,
+                             on_step=on_step)
     # make_private wraps in place; unwrap so the plain model (and its state_dict keys) carry on.
     dp_model._close()
     return DPResult(num_samples=n, loss=total / max(private.taken, 1), steps=private.taken, sample_rate=q,

@@ -17,6 +17,7 @@ from ..models import build, prepare_data, shared_keys
 from ..privacy.engine import dp_compatible, noise_for_target, steps_per_round, train_dp
 from ..privacy.ledger import PrivacyLedger
 from ..train import TrainResult, evaluate, train_local
+from ..train.loop import OnStep
 from ..wire.errors import RemoteProtocolError
 from ..wire.messages import EvaluateIns, EvaluateRes, FitIns, FitRes, Welcome
 
@@ -107,25 +108,33 @@ class SiteWorker:
         # Only shared tensors are replaced; FedBN's local normalisation layers stay as they are.
         self.model.load_state_dict({k: torch.from_numpy(params[k]) for k in self.shared}, strict=False)
 
-    def train(self, ins: FitIns) -> tuple[dict[str, np.ndarray], TrainResult]:
+    def expected_steps(self) -> int:
+        """About how many updates a round makes (a progress bar's length): DP-SGD's planned steps,
+        or full batches over the local epochs."""
+        if self.ledger is not None:
+            return self.steps
+        t = self.train_cfg
+        return t.local_epochs * max(1, -(-len(self.data.train) // t.batch_size))
+
+    def train(self, ins: FitIns, on_step: OnStep | None = None) -> tuple[dict[str, np.ndarray], TrainResult]:
         """Train from the global parameters; returns ``local - global`` per shared tensor, in ``ins.params`` order."""
         self._load_global(ins.params)
-        result = self._train_private(ins) if self.ledger is not None else self._train_plain(ins)
+        result = self._train_private(ins, on_step) if self.ledger is not None else self._train_plain(ins, on_step)
         state = self.model.state_dict()
         delta = {k: state[k].detach().cpu().numpy().astype(np.float32) - ins.params[k] for k in ins.params}
         return delta, result
 
-    def _train_plain(self, ins: FitIns) -> TrainResult:
+    def _train_plain(self, ins: FitIns, on_step: OnStep | None) -> TrainResult:
         mu, seed = _fit_config(ins)
         t = self.train_cfg
         return train_local(
             self.model, self.data.train, epochs=t.local_epochs, batch_size=t.batch_size, lr=t.lr,
             optimizer=t.optimizer, momentum=t.momentum, weight_decay=t.weight_decay,
             mu=mu, augment=t.augment, seed=seed,
-            device=self.device, task=self.data.task,
+            device=self.device, task=self.data.task, on_step=on_step,
         )
 
-    def _train_private(self, ins: FitIns) -> TrainResult:
+    def _train_private(self, ins: FitIns, on_step: OnStep | None) -> TrainResult:
         assert self.ledger is not None
         if not self.budget_left():
             raise BudgetExhausted(self.ledger.epsilon(), self.dp.target_epsilon)
@@ -137,7 +146,7 @@ class SiteWorker:
             optimizer=t.optimizer, momentum=t.momentum, weight_decay=t.weight_decay, noise_multiplier=self.sigma,
             max_grad_norm=self.dp.max_grad_norm, mu=mu, anchor=anchor, augment=t.augment,
             multiplicity=self.dp.augmentation_multiplicity,
-            seed=seed, device=self.device, task=self.data.task,
+            seed=seed, device=self.device, task=self.data.task, on_step=on_step,
         )
         eps = self.ledger.record(ins.round, noise_multiplier=r.noise_multiplier, sample_rate=r.sample_rate,
                                  steps=r.steps)
@@ -150,9 +159,9 @@ class SiteWorker:
             return {}
         return {"epsilon": self.ledger.epsilon(), "noise_multiplier": self.sigma}
 
-    def fit(self, ins: FitIns, equal_weight: bool = False) -> FitRes:
+    def fit(self, ins: FitIns, equal_weight: bool = False, on_step: OnStep | None = None) -> FitRes:
         """The plaintext update (secure aggregation off): ``n * delta`` and ``n`` (1 with ``equal_weight``)."""
-        delta, result = self.train(ins)
+        delta, result = self.train(ins, on_step)
         n = 1 if equal_weight else result.num_samples
         update = {k: (n * v).astype(np.float32) for k, v in delta.items()}
         self.last_steps = result.steps  # local only: the step count would tell the coordinator the data size

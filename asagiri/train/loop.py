@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -15,7 +15,7 @@ from ..data.loaders import Split
 from ..scores import accuracy_score, auc_score
 
 __all__ = ["EvalResult", "Steps", "TrainResult", "accuracy_score", "auc_score", "augment_shifts", "evaluate",
-           "loss_fn", "make_optimizer", "resume_optimizer", "run_steps", "train_local"]
+           "loss_fn", "make_optimizer", "OnStep", "resume_optimizer", "run_steps", "train_local"]
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,11 @@ class Steps(Protocol):
     def step(self, x: torch.Tensor, y: torch.Tensor) -> float: ...
 
 
-def run_steps(steps: Steps, *, augment: bool, gen: torch.Generator, device: torch.device | str) -> tuple[float, int]:
+OnStep = Callable[[int], None]  # told the number of updates made so far (a progress bar)
+
+
+def run_steps(steps: Steps, *, augment: bool, gen: torch.Generator, device: torch.device | str,
+              on_step: OnStep | None = None) -> tuple[float, int]:
     """The training loop, whatever the step: (summed loss, updates made).  ``gen`` drives the
     shuffling and the augmentation, in that order, so a seed reproduces a round exactly."""
     total, done = 0.0, 0
@@ -72,6 +76,8 @@ def run_steps(steps: Steps, *, augment: bool, gen: torch.Generator, device: torc
             x = augment_shifts(x, gen)
         total += steps.step(x.to(device), y.to(device))
         done += 1
+        if on_step is not None:
+            on_step(done)
     return total, done
 
 
@@ -132,6 +138,7 @@ def train_local(
     device: torch.device | str = "cpu",
     task: str = "binary",
     optimizer_state: dict | None = None,
+    on_step: OnStep | None = None,
 ) -> TrainResult:
     """Train in place. With ``mu > 0`` adds FedProx's ``mu/2 * ||w - w_global||^2`` (Li et al. 2020).
 
@@ -143,7 +150,8 @@ def train_local(
     opt = make_optimizer(params, optimizer=optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay)
     resume_optimizer(opt, optimizer_state)
     steps = _PlainSteps(model, data, opt, epochs=epochs, batch_size=batch_size, mu=mu, task=task)
-    total, done = run_steps(steps, augment=augment, gen=torch.Generator().manual_seed(seed), device=device)
+    total, done = run_steps(steps, augment=augment, gen=torch.Generator().manual_seed(seed), device=device,
+                            on_step=on_step)
     return TrainResult(num_samples=len(data), loss=total / max(done, 1), steps=done, optimizer_state=opt.state_dict())
 
 

@@ -45,3 +45,35 @@ def test_a_sites_free_text_never_becomes_a_new_metric_label():
     assert {refusal_kind(f"policy x{i}") for i in range(1000)} == {"other"}
     assert refusal_kind("policy min_participants and whatever else") == "policy min_participants"
     assert refusal_kind("") == "other"
+
+
+def test_the_sites_training_bar_is_drawn_by_the_event_loop_from_the_training_thread():
+    from asagiri.client.progress import TrainingProgress
+
+    screen = io.StringIO()
+    bar = TrainingProgress(Console(file=screen, force_terminal=True, color_system=None, width=100))
+
+    async def main():
+        on_step = bar.round(3, 250)
+        await anyio.to_thread.run_sync(lambda: [on_step(i) for i in range(1, 251)])
+        bar.finish()
+
+    anyio.run(main)
+    out = screen.getvalue()
+    assert "round 3: local training" in out and "250/250" in out
+    assert out.count("/250") <= 110  # drawn once per percent, not once per step
+
+
+def test_training_reports_every_step_it_makes():
+    import torch
+
+    from asagiri.data.loaders import Split
+    from asagiri.models import build
+    from asagiri.train import train_local
+
+    torch.manual_seed(0)
+    data = Split(torch.randn(50, 1, 28, 28), torch.randint(0, 2, (50,)))
+    seen = []
+    result = train_local(build("small_cnn", in_channels=1, num_classes=2, width=4, norm="group", groups=2), data,
+                         epochs=2, batch_size=16, lr=1e-3, augment=False, on_step=seen.append)
+    assert seen == list(range(1, result.steps + 1)) and result.steps == 8
