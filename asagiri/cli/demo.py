@@ -96,7 +96,10 @@ def _orchestrate(out: Path, fed_path: Path, cfg: FederationConfig, args: argpars
             for site in range(1, args.sites + 1):
                 site_cfg = write_site_config(out, site, port, pub, settings)
                 procs.append(start_site(site_cfg, site, *level, log=files.enter_context(open(logs / f"site-{site}.log", "ab"))))
+            refused: dict[int, str] = {}
             while (record := status.next(timeout=max(0.0, deadline - time.monotonic()))) is not None:
+                if record["event"] == "SiteRefused" and record["reason"].startswith("policy "):
+                    refused[record["site"]] = record["reason"]
                 line = console_line(record, cfg.rounds)
                 if line is not None:
                     print(line, flush=True)
@@ -104,6 +107,7 @@ def _orchestrate(out: Path, fed_path: Path, cfg: FederationConfig, args: argpars
             for p in procs[1:]:
                 p.wait(timeout=30)
             _report_failed_sites(procs[1:], logs)
+            _report_refusing_sites(refused, logs)
             return {0: EXIT_OK, EXIT_FAILED: EXIT_FAILED}.get(rc, EXIT_RUNTIME)
         except (TimeoutError, subprocess.TimeoutExpired):
             print(f"error: the demo did not finish within {args.timeout:.0f}s", file=sys.stderr)
@@ -114,13 +118,22 @@ def _orchestrate(out: Path, fed_path: Path, cfg: FederationConfig, args: argpars
                 status.close()
 
 
-def last_error_line(log: Path) -> str:
-    """The line a failed process ended its log with: the exception of a traceback, or its error."""
+def last_error_line(log: Path, containing: str = "") -> str:
+    """The last line of a process's log (with ``containing`` in it): the exception of a traceback,
+    or the error it logged."""
     try:
-        lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+        lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip() and containing in ln]
     except OSError:
         return f"(no log at {log})"
-    return lines[-1] if lines else "(its log is empty)"
+    return lines[-1] if lines else "(not in its log)"
+
+
+def _report_refusing_sites(refused: dict[int, str], logs: Path) -> None:
+    """A site that refused the whole run told the coordinator only the rule; its own reason is in
+    its log, which the person running the demo may read."""
+    for site, rule in sorted(refused.items()):
+        log = logs / f"site-{site}.log"
+        print(f"site {site} refused the run ({rule}): {last_error_line(log, 'refused (')}  ({log})", file=sys.stderr)
 
 
 def _report_failed_sites(sites: list[subprocess.Popen], logs: Path) -> None:

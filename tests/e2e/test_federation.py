@@ -191,3 +191,17 @@ def test_a_failed_site_process_is_named_with_its_own_last_error_line(tmp_path, c
     err = capsys.readouterr().err
     assert "site 1" not in err
     assert "site 2 exited with code 2: FileNotFoundError: /data/x.npz: no such file" in err
+
+
+def test_a_site_that_refused_the_run_is_named_with_its_own_reason(tmp_path, capsys):
+    """The coordinator hears only the rule ("policy spec"); the demo shows the site's own reason."""
+    from asagiri.cli.demo import _report_refusing_sites
+
+    (tmp_path / "site-2.log").write_text(
+        "2026-12-06 site-2 ERROR asagiri.client.runtime: SiteWorker failed: FileNotFoundError: /x.npz\n"
+        "2026-12-06 site-2 WARNING asagiri.policy: refused (spec): the run cannot be set up at this site: "
+        "FileNotFoundError: /x.npz\n2026-12-06 site-2 INFO asagiri.client.runtime: heartbeat\n")
+    _report_refusing_sites({2: "policy spec"}, tmp_path)
+    err = capsys.readouterr().err
+    assert "site 2 refused the run (policy spec): " in err and "refused (spec): the run cannot be set up" in err
+    assert "heartbeat" not in err
