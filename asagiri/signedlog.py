@@ -81,12 +81,9 @@ class SignedLog:
             keep = data[: data.rfind(b"\n") + 1]
             log.warning("%s: dropping a last record cut short by a crash (%d bytes)", path, len(data) - len(keep))
             atomic_write_bytes(path, keep)
-        good, error = verify_log(path, identity.public, domain=domain)
+        self._seq, self._last, error = _walk(path, identity.public, domain)
         if error is not None:
             raise ValueError(f"{path}:{error.line}: {error.problem}; move the file aside to start a new log")
-        if good:
-            last = json.loads(path.read_text().splitlines()[-1])
-            self._last, self._seq = last["hash"], last["seq"]
 
     def append(self, kind: str, **fields: Any) -> str:
         """Write one record; returns its hash."""
@@ -158,16 +155,22 @@ def _parse(raw: bytes) -> tuple[Any, str | None]:
 def verify_log(path: Path, key: PublicIdentity, *, domain: bytes = AUDIT_DOMAIN) -> tuple[int, LogError | None]:
     """Check the whole chain: (records read, the first bad record or None).  Checking stops at
     the first bad record, since nothing after it can be trusted to link correctly."""
+    seq, _, error = _walk(path, key, domain)
+    return seq, error
+
+
+def _walk(path: Path, key: PublicIdentity, domain: bytes) -> tuple[int, str, LogError | None]:
+    """One pass over the chain: (records that verified, the last one's hash, the first bad record)."""
     prev, seq = GENESIS, 0
     with open(path, "rb") as fh:
         for line_no, raw in enumerate(fh, start=1):
             raw = raw.rstrip(b"\n")
             if not raw.strip():
-                return seq, LogError(line_no, "empty line")
+                return seq, prev, LogError(line_no, "empty line")
             rec, problem = _parse(raw)
             if problem is None:
                 problem = _check(rec, raw.decode("utf-8"), seq=seq + 1, prev=prev, key=key, domain=domain)
             if problem is not None:
-                return seq, LogError(line_no, problem)
+                return seq, prev, LogError(line_no, problem)
             prev, seq = rec["hash"], seq + 1
-    return seq, None
+    return seq, prev, None

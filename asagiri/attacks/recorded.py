@@ -18,9 +18,10 @@ import torch
 from torch import nn
 
 from ..config import FederationConfig, load_federation
+from ..coordinator.driver import global_norm, initial_params
 from ..data import load_configured_site
 from ..data.loaders import SiteData, Split
-from ..models import build, dp_norm, prepare_data
+from ..models import build, prepare_data
 from ..observe.recorder import model_path
 from .inversion import idlg_label, inverting_gradients
 from .mia import MiaSettings, accuracy, attack_model, balanced, train_like_a_site
@@ -55,9 +56,7 @@ class RecordedRun:
         """The run's model, with ``params`` (a global model) loaded; parameters the sites keep
         (FedBN) stay at their initial values."""
         cfg = self.cfg
-        norm, groups = cfg.model.norm, cfg.model.groups
-        if cfg.dp.enabled:
-            norm, groups = dp_norm(cfg.model.name, norm, groups)
+        norm, groups = global_norm(cfg)
         torch.manual_seed(cfg.selection.seed)
         model = build(cfg.model.name, in_channels=self.sites[0].channels, num_classes=self.sites[0].num_classes,
                       width=cfg.model.width, norm=norm, groups=groups)
@@ -95,8 +94,6 @@ def recorded_round(run_dir: Path, rnd: int, s: Settings) -> InversionResult:
     global models before and after it (``keep_models``), which is the sites' weighted mean update.
     The attacker reconstructs ``s.images`` images, with the label iDLG's rule gives, and each is
     scored against the closest of every site's training images (``best match``)."""
-    from ..coordinator.driver import initial_params
-
     run = RecordedRun.open(run_dir)
     t0 = time.perf_counter()
     _, after = run.global_model(rnd)
@@ -122,15 +119,11 @@ def recorded_round(run_dir: Path, rnd: int, s: Settings) -> InversionResult:
     _, control, _ = closest_image(data, data.mean(0), data_range=DATA_RANGE)
     cfg = run.cfg
     return InversionResult(
-        "recorded", f"{cfg.model.name}/{_norm_of(cfg)}", IG,
+        "recorded", f"{cfg.model.name}/{global_norm(cfg)[0]}", IG,
         f"round {rnd} of run {cfg.run_id}: the aggregate over {len(pool)} training images of {len(run.sites)} sites",
         data[closest], recon, scores, None, time.perf_counter() - t0,
         {"gradient_match": round(inv.match, 5), "training_images": len(pool), "closest": closest,
          "control_mean_image_ssim": round(float(control), 4)})
-
-
-def _norm_of(cfg: FederationConfig) -> str:
-    return dp_norm(cfg.model.name, cfg.model.norm, cfg.model.groups)[0] if cfg.dp.enabled else cfg.model.norm
 
 
 def global_model_attack(run_dir: Path, rnd: int | None = None, *, references: int = 4,

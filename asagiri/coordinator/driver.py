@@ -54,13 +54,19 @@ def _stage(machine: RoundMachine) -> str:
     return "/".join(x for x in machine.stage_key if x)
 
 
+def global_norm(cfg: FederationConfig) -> tuple[str, int]:
+    """The global model's normalisation and groups: the sites convert BatchNorm to GroupNorm for
+    DP-SGD, so the global model (and anything rebuilding it) must too."""
+    if cfg.dp.enabled:
+        return dp_norm(cfg.model.name, cfg.model.norm, cfg.model.groups)
+    return cfg.model.norm, cfg.model.groups
+
+
 def initial_params(cfg: FederationConfig) -> Params:
     """The round-0 global model: built from config with a fixed seed, shared tensors only."""
     channels, classes = dataset_info(cfg.data.dataset, cfg.data.path)
     torch.manual_seed(cfg.selection.seed)
-    norm, groups = cfg.model.norm, cfg.model.groups
-    if cfg.dp.enabled:  # the sites convert BatchNorm to GroupNorm for DP-SGD; so must the global model
-        norm, groups = dp_norm(cfg.model.name, norm, groups)
+    norm, groups = global_norm(cfg)
     model = build(cfg.model.name, in_channels=channels, num_classes=classes, width=cfg.model.width, norm=norm,
                   groups=groups)
     state = model.state_dict()
@@ -209,13 +215,12 @@ class FederationDriver:
         t = self.cfg.timeouts
         timeouts = {"fit": t.fit, "secagg": t.secagg_stage, "evaluate": t.evaluate}
         while not machine.finished:
-            stage, t_stage = machine.stage_key, time.monotonic()
-            self.emit(ev.StageStarted(rnd, attempt, _stage(machine)))
+            stage, name, t_stage = machine.stage_key, _stage(machine), time.monotonic()
+            self.emit(ev.StageStarted(rnd, attempt, name))
             with anyio.move_on_after(timeouts[machine.deadline_kind]) as scope:
                 while machine.stage_key == stage and not machine.finished:
                     site_id, event = await self.sessions.receive()
                     await self.sessions.send(self._step(machine, site_id, event, rnd, attempt))
-            name = "/".join(x for x in stage if x)
             self._stage_s[name] = self._stage_s.get(name, 0.0) + time.monotonic() - t_stage
             if scope.cancelled_caught and machine.stage_key == stage:
                 log.warning("round %d: stage %s timed out", rnd, name)

@@ -50,9 +50,11 @@ class Coordinator:
         self.registry = CollectorRegistry()
         self.metrics = CoordinatorMetrics(self.registry)
         self.sessions = Sessions(cfg.timeouts, self.metrics, capacity=8 * len(cfg.sites))
-        self.recorder = Recorder(self.run_dir, self.metrics, run_id=cfg.run_id, rounds=cfg.rounds, identity=self.identity,
-                                 config_sha256=config_digest(cfg),
-                                 epsilon_target=cfg.dp.target_epsilon if cfg.dp.enabled else None, console=console, keep_models=cfg.keep_models)
+        self.recorder = Recorder(
+            self.run_dir, self.metrics, run_id=cfg.run_id, rounds=cfg.rounds, identity=self.identity,
+            config_sha256=config_digest(cfg), epsilon_target=cfg.dp.target_epsilon if cfg.dp.enabled else None,
+            console=console, keep_models=cfg.keep_models,
+        )
         self.watchers = list(watchers)  # besides the recorder: a status pipe, a test, an attack harness
         self.driver = FederationDriver(cfg, self.sessions, self._emit, checkpoint=self.run_dir / CHECKPOINT_NAME,
                                        resume=resume, faults=faults)

@@ -76,8 +76,8 @@ class Recorder:
     def __init__(self, run_dir: Path, metrics: CoordinatorMetrics, *, run_id: str, rounds: int, identity: Identity,
                  config_sha256: str, epsilon_target: float | None = None, console: bool = True,
                  keep_models: bool = False) -> None:
-        self.epsilon_target = epsilon_target
         self.run_dir = Path(run_dir)
+        self.epsilon_target = epsilon_target
         self.run_id = run_id
         self.config_sha256 = config_sha256
         self.keep_models = keep_models
@@ -127,9 +127,9 @@ class Recorder:
         append_jsonl(self.metrics_path, record)
         self._audit("round_completed", round=record["round"], attempt=record["attempt"],
                     selected=record.get("selected"), participants=record["participants"], dropped=record["dropped"],
-                    declined=record["declined"], survivors=record.get("secagg_stages"), model_sha256=digest, config_sha256=self.config_sha256,
-                    metrics={k: record[k] for k in ("auc", "accuracy") if k in record},
-                    epsilon=record.get("epsilon", {}))
+                    declined=record["declined"], survivors=record.get("secagg_stages"), model_sha256=digest,
+                    config_sha256=self.config_sha256, epsilon=record.get("epsilon", {}),
+                    metrics={k: record[k] for k in ("auc", "accuracy") if k in record})
         t0 = time.monotonic()
         save_checkpoint(self.checkpoint_path, params=event.params, velocity=event.velocity,
                         state={**event.state, "model_sha256": digest})

@@ -12,7 +12,7 @@ import html
 import io
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import matplotlib
 
@@ -22,6 +22,9 @@ import numpy as np  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+if TYPE_CHECKING:
+    from ..config import FederationConfig
 
 __all__ = ["write_report"]
 
@@ -131,16 +134,17 @@ def _participation(records: list[dict[str, Any]], audit: list[dict[str, Any]], s
     return fig
 
 
-def _label_mix(run_dir: Path) -> tuple[Figure, str]:
+def _label_mix(cfg: FederationConfig | None) -> tuple[Figure, str]:
     """Each site's training label mix, when the run's data split can be rebuilt from its config
     (a simulated federation such as ``asagiri demo``); a real site's data never leaves it."""
     fig, ax = plt.subplots(figsize=(7, 3.6))
     ax.set_title("Training label mix per site")
+    if cfg is None:
+        _note(ax, "label mix unavailable: the run has no config/fed.yaml")
+        return fig, "unavailable"
     try:
-        from ..config import load_federation
         from ..data import load_configured_site
 
-        cfg = load_federation(run_dir / "config" / "fed.yaml")
         counts = []
         for i in range(len(cfg.sites)):
             labels = load_configured_site(cfg.data, path=cfg.data.path, site_index=i,
@@ -210,13 +214,14 @@ def write_report(run_dir: Path, out: Path | None = None) -> Path:
     summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
     budget, sites = None, sorted({s for r in records for s in r.get("selected", [])})
     fed = run_dir / "config" / "fed.yaml"
+    cfg = None
     if fed.exists():
         from ..config import load_federation
 
         cfg = load_federation(fed)
         budget = cfg.dp.target_epsilon if cfg.dp.enabled else None
         sites = [s.id for s in cfg.sites]
-    label_fig, label_note = _label_mix(run_dir)
+    label_fig, label_note = _label_mix(cfg)
     plots = [
         ("auc", "AUC per site and global, per round", _auc(records), ""),
         ("epsilon", "Privacy spent per site, against the budget", _epsilon(records, budget), ""),
