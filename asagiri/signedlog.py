@@ -15,8 +15,10 @@ What :func:`verify_log` catches, given the writer's public key:
 - a record re-signed with another key: the signature does not verify under the given key.
 
 A chain cannot show that records were cut off its end, nor stop the key's holder from rewriting
-it whole: the sites' receipts do (``observe/audit.py``), since each site signs, in its own log,
-the digest of every global model it was sent for evaluation.
+it whole: the sites' receipts do (``observe/audit.py``).  The coordinator sends each site its
+signed record of every round (``RoundRecord``); the site checks it against what it saw and keeps
+it in its own signed receipts.  A record's hash fixes every record before it, so one receipt
+pins the coordinator's whole log up to that record.
 """
 
 from __future__ import annotations
@@ -32,8 +34,8 @@ from typing import Any
 from .fsutil import atomic_write_bytes
 from .wire.crypto import AuthenticationFailed, Identity, PublicIdentity
 
-__all__ = ["AUDIT_DOMAIN", "GENESIS", "RECEIPT_DOMAIN", "LogError", "SignedLog", "read_log", "record_hash",
-           "verify_log"]
+__all__ = ["AUDIT_DOMAIN", "GENESIS", "RECEIPT_DOMAIN", "LogError", "SignedLog", "line_of", "read_log",
+           "record_hash", "verify_log", "verify_record"]
 
 GENESIS = "0" * 64
 # One signing domain per log, so a record of one can never stand for a record of the other.
@@ -85,8 +87,8 @@ class SignedLog:
         if error is not None:
             raise ValueError(f"{path}:{error.line}: {error.problem}; move the file aside to start a new log")
 
-    def append(self, kind: str, **fields: Any) -> str:
-        """Write one record; returns its hash."""
+    def append(self, kind: str, **fields: Any) -> dict[str, Any]:
+        """Write one record; returns it as written (``hash`` and ``sig`` included)."""
         body: dict[str, Any] = {"kind": kind, **fields, "seq": self._seq + 1, "prev_hash": self._last}
         digest = record_hash(body)
         body.update(hash=digest, signer=self.identity.public.raw.hex(),
@@ -98,7 +100,7 @@ class SignedLog:
             fh.flush()
             os.fsync(fh.fileno())
         self._last, self._seq = digest, self._seq + 1
-        return digest
+        return body
 
 
 def _line(record: dict[str, Any]) -> str:
@@ -112,7 +114,7 @@ def _is_hex(value: Any, size: int) -> bool:
 
 
 def _check(rec: Any, line: str, *, seq: int, prev: str, key: PublicIdentity, domain: bytes) -> str | None:
-    """Why record number ``seq`` is bad, or None."""
+    """Why record number ``seq`` of a chain is bad, or None."""
     if not isinstance(rec, dict):
         return "not a JSON object"
     missing = [k for k in ("seq", "prev_hash", "hash", "sig", "kind") if k not in rec]
@@ -122,22 +124,53 @@ def _check(rec: Any, line: str, *, seq: int, prev: str, key: PublicIdentity, dom
         return f"seq is {rec['seq']!r}, expected {seq}: a record before it was deleted or inserted, or it was moved"
     if rec["prev_hash"] != prev:
         return "prev_hash is not the previous record's hash: a record before it was replaced, inserted or moved"
+    return _check_signed(rec, line, key=key, domain=domain)
+
+
+def _check_signed(rec: dict[str, Any], line: str, *, key: PublicIdentity, domain: bytes) -> str | None:
+    """Why one record's own hash, form or signature is bad, or None (its place in a chain aside)."""
     try:
         digest = record_hash(rec)
         canonical = _line(rec)
     except (TypeError, ValueError):
         return "contents cannot be hashed"
-    if rec["hash"] != digest:
+    if rec.get("hash") != digest:
         return "hash does not match the contents: the record was edited"
     if line != canonical:
         return "not in the canonical form (keys sorted, each once): the record was edited"
-    if not _is_hex(rec["sig"], 64):
+    if rec.get("signer") != key.raw.hex():
+        return "signer is not the given key (signed by another key)"
+    if not _is_hex(rec.get("sig"), 64):
         return "signature is not 64 bytes of hex"
     try:
         key.verify(domain + bytes.fromhex(digest), bytes.fromhex(rec["sig"]))
     except AuthenticationFailed:
         return "signature does not verify under the given key: re-signed by another key, or rehashed"
     return None
+
+
+def verify_record(raw: bytes, key: PublicIdentity, *, domain: bytes = AUDIT_DOMAIN) -> tuple[dict[str, Any] | None, str | None]:
+    """One record on its own, as a line of its log (a site checking the record the coordinator
+    sends it): (the record, None) if it is well formed and signed by ``key``, else (None, why).
+    Never raises."""
+    rec, problem = _parse(raw)
+    if problem is not None:
+        return None, problem
+    if not isinstance(rec, dict):
+        return None, "not a JSON object"
+    missing = [k for k in ("seq", "prev_hash", "hash", "sig", "kind") if k not in rec]
+    if missing:
+        return None, f"missing {', '.join(missing)}"
+    if type(rec["seq"]) is not int or rec["seq"] < 1 or not _is_hex(rec["prev_hash"], 32) or \
+            not isinstance(rec["kind"], str):
+        return None, "kind, seq or prev_hash malformed"
+    problem = _check_signed(rec, raw.decode("utf-8"), key=key, domain=domain)
+    return (None, problem) if problem is not None else (rec, None)
+
+
+def line_of(record: dict[str, Any]) -> bytes:
+    """A record's one written form, as ``verify_record`` takes it."""
+    return _line(record).encode()
 
 
 def _parse(raw: bytes) -> tuple[Any, str | None]:

@@ -73,9 +73,26 @@ def test_a_record_resigned_with_another_key_is_reported(log_lines):
     rec["model_sha256"] = "f" * 64
     lines[3] = resign(rec, MALLORY)
     write(path, lines)
-    assert verdict(path) == (3, (4, "signature does not verify under the given key"))
+    assert verdict(path) == (3, (4, "signer is not the given key (signed by another key)"))
     # and a whole log written by another key verifies only under that key
-    assert verdict(path, MALLORY.public)[1] == (1, "signature does not verify under the given key")
+    assert verdict(path, MALLORY.public)[1] == (1, "signer is not the given key (signed by another key)")
+    # naming the right signer does not help a signature by another key
+    rec = json.loads(lines[3])
+    rec["signer"] = COORDINATOR.public.raw.hex()
+    lines[3] = json.dumps(rec, sort_keys=True)
+    write(path, lines)
+    assert verdict(path) == (3, (4, "signature does not verify under the given key"))
+
+
+def test_a_record_has_one_spelling_signer_and_signature_included(log_lines):
+    """``signer`` and ``sig`` are outside the hash: another value in either, with the hash and
+    signature still good, would be a second spelling of the record."""
+    path, lines = log_lines
+    rec = json.loads(lines[1])
+    write(path, lines[:1] + [json.dumps({**rec, "signer": rec["signer"].upper()}, sort_keys=True)] + lines[2:])
+    assert verdict(path) == (1, (2, "signer is not the given key (signed by another key)"))
+    write(path, lines[:1] + [json.dumps({**rec, "sig": rec["sig"].upper()}, sort_keys=True)] + lines[2:])
+    assert verdict(path) == (1, (2, "signature is not 64 bytes of hex"))
 
 
 def test_a_deleted_record_is_reported_where_the_gap_is(log_lines):
@@ -89,7 +106,7 @@ def test_an_inserted_record_is_reported(log_lines):
     forged = {"kind": "site_refused", "site": 2, "reason": "policy min_participants", "seq": 3,
               "prev_hash": json.loads(lines[1])["hash"]}
     write(path, lines[:2] + [resign(forged, MALLORY)] + lines[2:])
-    assert verdict(path) == (2, (3, "signature does not verify under the given key"))
+    assert verdict(path) == (2, (3, "signer is not the given key (signed by another key)"))
     # an old record of this same chain replayed at another place
     write(path, lines[:2] + [lines[0]] + lines[2:])
     assert verdict(path) == (2, (3, "seq is 1, expected 3"))
