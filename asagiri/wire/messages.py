@@ -4,7 +4,7 @@ Messages are validated when built, so a decoded message that exists is well-form
 turns a validation failure on received data into ``RemoteProtocolError``.  Tensors travel as
 ``Params`` (an ordered ``dict[str, numpy.ndarray]``), never pickled.  Don't subclass these.
 
-Over 400 lines on purpose: all 23 messages in one module, in the order of protocol/SPEC.md §2.3,
+Over 400 lines on purpose: all 24 messages in one module, in the order of protocol/SPEC.md §2.3,
 so the table and the code can be read side by side.
 """
 
@@ -31,6 +31,7 @@ __all__ = [
     "Message",
     "Reject",
     "RoundAborted",
+    "RoundRecord",
     "ServerHello",
     "Shutdown",
     "Welcome",
@@ -332,6 +333,23 @@ class EvaluateRes(Message):
             _require(sc.ndim == 2 and len(sc) == len(lab) == self.num_examples, "predictions do not match num_examples")
 
 
+MAX_RECORD_BYTES = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class RoundRecord(Message):
+    """The coordinator's signed audit record of a completed round (protocol/SPEC.md §9): one line
+    of its ``audit.jsonl``, byte for byte, which the site checks against what it saw and keeps."""
+
+    TAG: ClassVar[int] = 32
+    round: int
+    record: bytes = field(repr=False)
+
+    def validate(self) -> None:
+        _int(self.round, "round", lo=1)
+        _bytes(self.record, "record", max_size=MAX_RECORD_BYTES)
+
+
 @dataclass(frozen=True, slots=True)
 class RoundAborted(Message):
     TAG: ClassVar[int] = 40
@@ -580,6 +598,7 @@ for _cls in (
     Decline,
     EvaluateIns,
     EvaluateRes,
+    RoundRecord,
     RoundAborted,
     Shutdown,
     SecAggStart,

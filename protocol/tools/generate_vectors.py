@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .record_vectors import record_vectors
 from .secagg_vectors import binding_vector, deterministic_rng, round_vectors, secagg_vectors, shamir_vectors
 from .wire_vectors import aead_vectors, frame_vectors, handshake_vector, keystream_vectors, message_vectors
 
@@ -35,6 +36,7 @@ VECTORS: dict[str, Callable[[], Any]] = {
     "secagg.json": secagg_vectors,
     "binding.json": binding_vector,
     "secagg_round.json": round_vectors,
+    "record.json": record_vectors,
 }
 
 

@@ -41,6 +41,7 @@ from asagiri.wire.messages import (
     Message,
     Reject,
     RoundAborted,
+    RoundRecord,
     SecAggStart,
     ServerHello,
     ShareDelivery,
@@ -117,6 +118,8 @@ def sample_params() -> dict[str, np.ndarray]:
 
 
 def sample_messages() -> list[Message]:
+    from .record_vectors import sample_record  # it builds on this module's samples
+
     spec = RunSpec.of(FederationConfig(run_id="vector-run")).wire()
     plan = QuantPlan.plan(bits=32, clip=4.0, max_samples=100_000, max_sites=3).to_dict()
     sig = _bytes(0x40, 64)
@@ -135,6 +138,7 @@ def sample_messages() -> list[Message]:
         EvaluateIns(3, params, "val"),
         EvaluateRes(3, "test", 2, {"auc": 0.875, "accuracy": 0.5},
                     {"scores": np.array([[0.1, 0.9], [0.8, 0.2]], np.float32), "labels": np.array([1, 0], np.int64)}),
+        RoundRecord(2, sample_record()[1]),
         RoundAborted(2, 1, "2 updates arrived, fewer than min_clients=3; nothing aggregated"),
         Shutdown("federation completed", True),
         SecAggStart(2, 1, [1, 2, 3], 10, plan, "aes128-ctr", 0, 2),

@@ -1,7 +1,8 @@
 """A third party's implementation of the Asagiri wire protocol, version 1, written from
-protocol/SPEC.md alone: encodings, the handshake, frames, Shamir sharing, quantisation, masking
-and the round.  It imports only the standard library, PyNaCl, pyca/cryptography, msgpack and
-NumPy, never the package; ``test_spec_independent.py`` holds it against every vector.
+protocol/SPEC.md alone: encodings, the handshake, frames, Shamir sharing, quantisation, masking,
+the round, and the coordinator's signed round records (§9).  It imports only the standard
+library, PyNaCl, pyca/cryptography, msgpack and NumPy, never the package;
+``test_spec_independent.py`` holds it against every vector.
 
 One file on purpose, over 400 lines: it is read side by side with SPEC.md, section by section.
 """
@@ -24,6 +25,7 @@ import numpy as np
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from nacl.exceptions import BadSignatureError
 
 VECTORS = Path(__file__).resolve().parents[2] / "protocol" / "vectors"
 
@@ -206,6 +208,7 @@ MESSAGES: dict[int, tuple[str, tuple[str, ...]]] = {
     22: ("Decline", ("round", "attempt", "reason", "permanent")),
     30: ("EvaluateIns", ("round", "params", "split")),
     31: ("EvaluateRes", ("round", "split", "num_examples", "metrics", "predictions")),
+    32: ("RoundRecord", ("round", "record")),
     40: ("RoundAborted", ("round", "attempt", "reason")),
     41: ("Shutdown", ("reason", "final")),
     50: (
@@ -260,6 +263,8 @@ FIELD_TYPES: dict[int, dict[str, Any]] = {
         "metrics": ("metrics",),
         "predictions": ("tensors",),
     },
+    # the record is JSON text, but it travels as bin: its bytes are what the site verifies (§9.1)
+    32: {"round": ROUND, "record": ("binle", 1 << 20)},
     40: {"round": ROUND, "attempt": ATTEMPT, "reason": REASON},
     41: {"reason": REASON, "final": ("bool",)},
     50: {
@@ -1123,3 +1128,192 @@ def expected_transcript(c: dict[str, Any], r: dict[str, Any]) -> list[tuple[Any,
     return sorted(flow, key=repr)
 
 
+
+
+# --------------------------------------------------------------------------------------------
+# §9 round records
+# --------------------------------------------------------------------------------------------
+
+AUDIT_DOMAIN = b"asagiri-audit-v1\x00"
+UNHASHED = ("hash", "signer", "sig")  # the keys the hashed form leaves out (§9.1)
+
+
+def shape_text(shape: list[int]) -> str:
+    """A shape as Python writes a tuple (§9.2): a 1-tuple keeps its trailing comma."""
+    if len(shape) == 1:
+        return f"({shape[0]},)"
+    return "(" + ", ".join(str(d) for d in shape) + ")"
+
+
+def model_digest(tensors: list[tuple[str, str, list[int], bytes]]) -> str:
+    """`model_sha256` (§9.2): `name|dtype|shape|` ‖ raw bytes, per tensor in name order."""
+    h = hashlib.sha256()
+    for name, dtype, shape, raw in sorted(tensors, key=lambda t: t[0]):
+        h.update(f"{name}|{dtype}|{shape_text(shape)}|".encode())
+        h.update(raw)
+    return h.hexdigest()
+
+
+JSON_SHORT_ESCAPES = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t", "\b": "\\b", "\f": "\\f"}
+
+
+def json_string(s: str) -> str:
+    out = ['"']
+    for ch in s:
+        c = ord(ch)
+        if ch in JSON_SHORT_ESCAPES:
+            out.append(JSON_SHORT_ESCAPES[ch])
+        elif 0x20 <= c < 0x7F:
+            out.append(ch)
+        elif c > 0xFFFF:
+            # \uXXXX holds 16 bits: a character outside the BMP is written as its UTF-16
+            # surrogate pair (SPEC leaves this, and the hex digits' case, to Python's json)
+            c -= 0x10000
+            out.append(f"\\u{0xD800 | (c >> 10):04x}\\u{0xDC00 | (c & 0x3FF):04x}")
+        else:  # other controls, DEL, and the rest of the BMP beyond ASCII
+            out.append(f"\\u{c:04x}")
+    out.append('"')
+    return "".join(out)
+
+
+def json_float(x: float) -> str:
+    """The shortest decimal that reads back to `x`, laid out as Python's repr lays it out (§9.1).
+
+    The digits come from NumPy's Dragon4 rather than from repr itself, so the layout rule
+    below is this file's own: fixed notation with at least one fractional digit for
+    1e-4 ≤ |x| < 1e16 (and zero), otherwise `d[.ddd]e±XX` with at least two exponent digits.
+    """
+    require(math.isfinite(x), "non-finite float")
+    mantissa, exp_text = np.format_float_scientific(x, unique=True, trim="-").split("e")
+    sign = "-" if mantissa.startswith("-") else ""
+    digits = mantissa.lstrip("-").replace(".", "")
+    e = int(exp_text)
+    if -4 <= e < 16:
+        if e >= 0:
+            whole, frac = digits[: e + 1].ljust(e + 1, "0"), digits[e + 1 :] or "0"
+        else:
+            whole, frac = "0", "0" * (-e - 1) + digits
+        return f"{sign}{whole}.{frac}"
+    rest = f".{digits[1:]}" if len(digits) > 1 else ""
+    return f"{sign}{digits[0]}{rest}e{'-' if e < 0 else '+'}{abs(e):02d}"
+
+
+def json_text(o: Any, item_sep: str, key_sep: str) -> str:
+    """§9.1's serialisation: keys sorted by code point, ASCII only, the given separators."""
+    if o is None:
+        return "null"
+    if o is True:
+        return "true"
+    if o is False:
+        return "false"
+    if isinstance(o, int):
+        return str(o)
+    if isinstance(o, float):
+        return json_float(o)
+    if isinstance(o, str):
+        return json_string(o)
+    if isinstance(o, list):
+        return "[" + item_sep.join(json_text(x, item_sep, key_sep) for x in o) + "]"
+    if isinstance(o, dict):
+        require(all(isinstance(k, str) for k in o), "key not a str")
+        items = (json_string(k) + key_sep + json_text(o[k], item_sep, key_sep) for k in sorted(o))
+        return "{" + item_sep.join(items) + "}"
+    raise ProtocolError("not a JSON value")
+
+
+def hashed_form(record: dict[str, Any]) -> bytes:
+    body = {k: v for k, v in record.items() if k not in UNHASHED}
+    return json_text(body, ",", ":").encode("ascii")
+
+
+def record_hash(record: dict[str, Any]) -> str:
+    return hashlib.sha256(hashed_form(record)).hexdigest()
+
+
+def written_form(record: dict[str, Any]) -> bytes:
+    """The one line of the log that `RoundRecord.record` carries: every key, `, ` and `: `."""
+    return json_text(record, ", ", ": ").encode("ascii")
+
+
+def signed_text(hash_hex: str) -> bytes:
+    return AUDIT_DOMAIN + unhex(hash_hex)
+
+
+def seal_record(fields: dict[str, Any], seed: bytes) -> bytes:
+    """The coordinator's side, for building test records: hash, sign and write `fields`."""
+    record = {k: v for k, v in fields.items() if k not in UNHASHED}
+    record["hash"] = record_hash(record)
+    record["signer"] = identity_public(seed).hex()
+    record["sig"] = sign(seed, signed_text(record["hash"])).hex()
+    return written_form(record)
+
+
+def is_hex(s: Any, nbytes: int) -> bool:
+    # lowercase only: an uppercase sig would be a second spelling of one record (§9.1)
+    return isinstance(s, str) and len(s) == 2 * nbytes and all(c in "0123456789abcdef" for c in s)
+
+
+def parse_record(raw: bytes) -> Any:
+    """RFC 8259 JSON with unique keys and finite numbers; anything else is refused."""
+
+    def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        require(len({k for k, _ in pairs}) == len(pairs), "repeated key")
+        return dict(pairs)
+
+    def finite(text: str) -> float:
+        x = float(text)
+        require(math.isfinite(x), "non-finite float")  # 1e400 reads as inf
+        return x
+
+    def constant(text: str) -> Any:
+        raise ProtocolError("non-finite float")  # NaN, Infinity: Python's json, not RFC 8259
+
+    try:
+        # decoded here, as UTF-8: json.loads on bytes would also guess UTF-16 and UTF-32
+        return json.loads(raw.decode("utf-8"), object_pairs_hook=unique, parse_float=finite, parse_constant=constant)
+    except (ValueError, RecursionError) as exc:  # bad UTF-8, bad JSON, too deep, too many digits
+        raise ProtocolError("not JSON") from exc
+
+
+def verify_record(raw: bytes, coordinator_public: bytes) -> dict[str, Any]:
+    """§9.3 check 1 with §9.1: the record `RoundRecord.record` carries, or ProtocolError.
+
+    Hostile bytes raise nothing but ProtocolError.
+    """
+    record = parse_record(raw)
+    require(isinstance(record, dict), "not an object")
+    try:
+        written = written_form(record)
+    except (ValueError, RecursionError) as exc:
+        raise ProtocolError("not the written form") from exc
+    require(written == raw, "not the written form")
+    # §9.1: what every record has
+    for key in ("kind", "prev_hash", "hash", "signer", "sig"):
+        require(isinstance(record.get(key), str), key)
+    require(is_int(record.get("seq")) and record["seq"] >= 1, "seq")
+    require(is_hex(record["prev_hash"], 32), "prev_hash")
+    require(record["hash"] == record_hash(record), "hash")
+    require(is_hex(record["sig"], 64), "sig")
+    try:
+        # the pinned key, never the one the record names
+        verify(coordinator_public, signed_text(record["hash"]), unhex(record["sig"]))
+    except BadSignatureError as exc:
+        raise ProtocolError("signature") from exc
+    # `signer` is outside the hash and the signature, so nothing above binds it: a record that
+    # names another signer misstates who signed it (SPEC does not say; this file refuses it)
+    require(record["signer"] == coordinator_public.hex(), "signer")
+    return record
+
+
+def check_round_record(record: dict[str, Any], run_id: str, rnd: int) -> None:
+    """§9.3 checks 2 and 4 on a verified record of `RoundRecord(rnd, …)` in run `run_id`."""
+    require(record.get("kind") == "round_completed", "kind")
+    require(isinstance(record.get("run_id"), str) and record["run_id"] == run_id, "run_id")
+    # an int, not 2.0 or true, which compare equal in Python
+    require(is_int(record.get("round")) and record["round"] == rnd, "round")
+    require(is_int(record.get("attempt")), "attempt")
+    for key in ("selected", "participants", "dropped"):
+        value = record.get(key)
+        require(isinstance(value, list) and all(is_int(x) for x in value), key)
+    for key in ("declined", "epsilon", "noise_multiplier"):
+        require(isinstance(record.get(key), dict), key)

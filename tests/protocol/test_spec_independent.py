@@ -8,12 +8,15 @@ the reverse, fails here (``test_vectors_product.py`` checks the package produces
 from __future__ import annotations
 
 import ast
+import hashlib
+import json
 import math
 import struct
 from pathlib import Path
 
 import msgpack
 import nacl.bindings as sodium
+import numpy as np
 import pytest
 
 from tests.protocol.independent import (
@@ -31,6 +34,7 @@ from tests.protocol.independent import (
     canonical,
     canonical_value,
     check_header,
+    check_round_record,
     coeff_hex,
     compute_round,
     decode_header,
@@ -40,11 +44,15 @@ from tests.protocol.independent import (
     frames_keys,
     graph,
     handshake_keys,
+    hashed_form,
+    identity_public,
+    json_text,
     key_text,
     keystream,
     le_words,
     load,
     make_ctx,
+    model_digest,
     noise_words,
     nonce,
     params_digest,
@@ -52,11 +60,14 @@ from tests.protocol.independent import (
     plan,
     prg_words,
     quantise,
+    record_hash,
     round_digest,
     seal_message,
+    seal_record,
     shamir_reconstruct,
     shamir_share,
     sign,
+    signed_text,
     spec_digest,
     spec_tensors,
     survivor_text,
@@ -66,7 +77,9 @@ from tests.protocol.independent import (
     unhex,
     vector_message,
     verify,
+    verify_record,
     words_hex,
+    written_form,
     x25519_pk,
 )
 
@@ -85,7 +98,7 @@ def test_messages_cover_every_type():
     assert sorted(m["tag"] for m in load("messages.json")) == sorted(MESSAGES)
 
 
-@pytest.mark.parametrize("index", range(23))
+@pytest.mark.parametrize("index", range(len(load("messages.json"))))
 def test_message_encoding(index):
     msg = load("messages.json")[index]
     tag, body = vector_message(msg)
@@ -450,6 +463,180 @@ def test_round_transcript_flow(index):
     c = compute_round(index)
     got = sorted(((e["from"], e["to"], e["type"]) for e in r["transcript"]), key=repr)
     assert got == expected_transcript(c, r)
+
+
+# --------------------------------------------------------------------------------------------
+# §9 record.json: round records
+# --------------------------------------------------------------------------------------------
+
+# why each rejected record fails, in this implementation's words
+RECORD_REJECTS = {
+    "edited": "hash",
+    "rehashed": "signature",
+    "other_key": "signature",
+    "not_canonical": "not the written form",
+    "not_json": "not JSON",
+    "other_domain": "signature",
+}
+
+
+def record_vector() -> tuple[dict, bytes, bytes]:
+    """record.json, its record's bytes and the pinned coordinator key (§0: from the seed)."""
+    v = load("record.json")
+    return v, unhex(v["record_hex"]), identity_public(unhex(v["coordinator_seed_hex"]))
+
+
+def test_record_model_digest():
+    v, raw, public = record_vector()
+    model = [(t["name"], t["dtype"], list(t["shape"]), unhex(t["data_hex"])) for t in v["model"]]
+    # the vector's model has a 0-d, a 1-d, a 2-d and an empty tensor, listed out of name order
+    assert sorted(len(s) for _, _, s, _ in model) == [0, 1, 2, 2]
+    assert [n for n, *_ in model] != sorted(n for n, *_ in model)
+    assert model_digest(model) == v["model_sha256"]
+    assert model_digest(model[::-1]) == v["model_sha256"]
+    assert verify_record(raw, public)["model_sha256"] == v["model_sha256"]
+
+
+def test_record_forms_and_signature():
+    v, raw, public = record_vector()
+    seed = unhex(v["coordinator_seed_hex"])
+    record = verify_record(raw, public)
+    assert hashed_form(record).hex() == v["hashed_hex"]
+    assert record_hash(record) == v["hash_hex"] == record["hash"]
+    assert hashlib.sha256(unhex(v["hashed_hex"])).hexdigest() == v["hash_hex"]
+    assert signed_text(record["hash"]).hex() == v["signed_hex"]
+    assert unhex(v["signed_hex"]) == b"asagiri-audit-v1\x00" + unhex(v["hash_hex"])
+    # Ed25519 is deterministic: the coordinator's key from its seed gives the same signature
+    assert sign(seed, unhex(v["signed_hex"])).hex() == v["sig_hex"] == record["sig"]
+    verify(public, unhex(v["signed_hex"]), unhex(v["sig_hex"]))
+    assert record["signer"] == public.hex()
+    # the record is in its written form: re-serialising gives the same bytes
+    assert written_form(record) == raw
+    assert seal_record(record, seed) == raw
+    # §9.1 gives Python's json.dumps as the reference; this serialiser is its own
+    unsigned = {k: x for k, x in record.items() if k not in ("hash", "signer", "sig")}
+    assert json.dumps(unsigned, sort_keys=True, separators=(",", ":")).encode() == hashed_form(record)
+    assert json.dumps(record, sort_keys=True, separators=(", ", ": ")).encode() == raw
+    check_round_record(record, record["run_id"], record["round"])
+
+
+def test_record_in_round_record_message():
+    """messages.json's RoundRecord carries exactly record.json's record, for its round."""
+    v, raw, public = record_vector()
+    (msg,) = [m for m in load("messages.json") if m["tag"] == TAGS["RoundRecord"]]
+    _, body = vector_message(msg)
+    assert body["record"] == raw
+    assert body["round"] == verify_record(body["record"], public)["round"]
+
+
+@pytest.mark.parametrize("index", range(len(load("record.json")["rejected"])))
+def test_record_rejected(index):
+    v, _, public = record_vector()
+    case = v["rejected"][index]
+    with pytest.raises(ProtocolError) as err:
+        verify_record(unhex(case["record_hex"]), public)
+    assert str(err.value) == RECORD_REJECTS[case["name"]], case["why"]
+
+
+def test_record_rejected_other_key_is_signed():
+    """other_key is a well-made record of another key: only the pinned key refuses it (§9.3)."""
+    v, _, public = record_vector()
+    (case,) = [c for c in v["rejected"] if c["name"] == "other_key"]
+    record = json.loads(unhex(case["record_hex"]))
+    assert record["signer"] != public.hex()
+    verify(unhex(record["signer"]), signed_text(record["hash"]), unhex(record["sig"]))
+    assert verify_record(unhex(case["record_hex"]), unhex(record["signer"])) == record
+
+
+def test_record_hostile_bytes():
+    """Whatever the bytes, the verifier refuses with ProtocolError and nothing else."""
+    v, raw, public = record_vector()
+    seed = unhex(v["coordinator_seed_hex"])
+    record = json.loads(raw)
+    text = raw.decode()
+    cases = {
+        b"": "not JSON",
+        b"\xff": "not JSON",
+        raw + b"\n": "not the written form",
+        b" " + raw: "not the written form",
+        b"[" * 200000 + b"]" * 200000: "not JSON",
+        b"[]": "not an object",
+        b"{}": "kind",
+        raw.replace(b'"seq": 3', b'"seq": 3, "seq": 3'): "repeated key",
+        raw.replace(b"1.25", b"NaN"): "non-finite float",
+        raw.replace(b"1.25", b"1e400"): "non-finite float",
+        raw.replace(b"1.25", b"1" * 5000): "not JSON",
+        raw.replace(b"1.25", b"1.250"): "not the written form",
+        raw.replace(b"vector-run", "v\u00e9ctor-run".encode()): "not the written form",
+        text.replace(record["sig"], record["sig"].upper()).encode(): "sig",
+        text.replace(record["hash"], record["hash"].upper()).encode(): "hash",
+        text.replace(record["signer"], "00" * 32).encode(): "signer",
+        seal_record({**record, "seq": "3"}, seed): "seq",
+        seal_record({**record, "seq": 0}, seed): "seq",
+        seal_record({**record, "seq": True}, seed): "seq",
+        seal_record({**record, "prev_hash": "0" * 63}, seed): "prev_hash",
+        seal_record({k: x for k, x in record.items() if k != "kind"}, seed): "kind",
+    }
+    for data, why in cases.items():
+        with pytest.raises(ProtocolError) as err:
+            verify_record(data, public)
+        assert str(err.value) == why, (data[:80], why)
+    # a record with the first hash, a non-ASCII string (escaped) and odd floats verifies
+    first = {**record, "seq": 1, "prev_hash": "0" * 64, "run_id": "r\u00e9\U0001f600\n", "time": 1e16}
+    assert verify_record(seal_record(first, seed), public)["run_id"] == "r\u00e9\U0001f600\n"
+
+
+def test_round_record_checks():
+    """§9.3 checks 2 and 4."""
+    _, raw, public = record_vector()
+    record = verify_record(raw, public)
+    run_id, rnd = record["run_id"], record["round"]
+    check_round_record(record, run_id, rnd)
+    bad = {
+        "kind": {"kind": "site_joined"},
+        "run_id": {"run_id": "another-run"},
+        "round": {"round": 2.0},
+        "attempt": {"attempt": "1"},
+        "participants": {"participants": [1, "3"]},
+        "dropped": {"dropped": {"2": True}},
+        "selected": {"selected": [1, True]},
+        "declined": {"declined": []},
+        "epsilon": {"epsilon": None},
+    }
+    for why, change in bad.items():
+        with pytest.raises(ProtocolError) as err:
+            check_round_record({**record, **change}, run_id, rnd)
+        assert str(err.value) == why
+    for key in ("attempt", "noise_multiplier"):
+        with pytest.raises(ProtocolError):
+            check_round_record({k: x for k, x in record.items() if k != key}, run_id, rnd)
+    with pytest.raises(ProtocolError, match="round"):
+        check_round_record(record, run_id, rnd + 1)
+    with pytest.raises(ProtocolError, match="run_id"):
+        check_round_record(record, "another-run", rnd)
+
+
+def test_json_text_matches_python():
+    """§9.1 defers to json.dumps for escapes and float layout: hold the two together."""
+    rng = np.random.default_rng(9)
+    floats = [0.0, -0.0, 0.5, 1e-05, 0.0001, 1e15, 1e16, 123456789.0, 5e-324, 1.7976931348623157e308]
+    floats += [float(x) for x in rng.standard_normal(500) * 10.0 ** rng.integers(-30, 30, 500)]
+    floats += [x for x in rng.integers(0, 2**64, 500, dtype=np.uint64).view(np.float64).tolist()
+               if math.isfinite(x)]
+    strings = ["".join(map(chr, range(128))), "\u00e9\u2028\ufeff\U0001f600", "\ud800", "/<>&'"]
+    value = {"floats": floats, "strings": strings, "ints": [0, -1, 2**64, -(2**70)], "z": {"b": 1, "a": None}}
+    for seps in ((",", ":"), (", ", ": ")):
+        assert json_text(value, *seps) == json.dumps(value, sort_keys=True, separators=seps)
+
+
+def test_round_record_bound():
+    """RoundRecord.record is bin≤1048576 (§2.3)."""
+    check_header([1, 32, {"round": 1, "record": b"{" * (1 << 20)}], 0)
+    for bad, why in ((b"{" * ((1 << 20) + 1), "bin"), ("{}", "bin")):
+        with pytest.raises(ProtocolError, match=why):
+            check_header([1, 32, {"round": 1, "record": bad}], 0)
+    with pytest.raises(ProtocolError, match="int"):
+        check_header([1, 32, {"round": 0, "record": b"{}"}], 0)
 
 
 @pytest.mark.parametrize("path", [Path(__file__), Path(__file__).with_name("independent.py")], ids=lambda p: p.name)
