@@ -18,7 +18,9 @@ Rules (``docs/secagg.md``, "Site policy"), named after the ``policy:`` keys wher
 - ``quorum``, ``component``: the survivor list is certified, and this site's input is summed
   with enough others';
 - ``spec``, ``stage``, ``signature``, ``shares``, ``survivors``, ``malformed``: protocol checks of
-  the secure-aggregation state machine (``secagg/client.py``).
+  the secure-aggregation state machine (``secagg/client.py``);
+- ``record``: the coordinator's signed record of a round contradicts what this site saw, or never
+  came (``site/receipts.py``).
 """
 
 from __future__ import annotations

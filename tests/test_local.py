@@ -9,7 +9,7 @@ import pytest
 
 from asagiri.local import lay_out, run_local
 from asagiri.observe.checkpoint import load_checkpoint
-from asagiri.signedlog import read_log, verify_log
+from asagiri.signedlog import RECEIPT_DOMAIN, read_log, verify_log
 from asagiri.wire.crypto import PublicIdentity
 
 FAST = ["data.dataset=synthetic", "data.synthetic_samples=192", "data.partition.scheme=iid", "model.width=8",
@@ -87,7 +87,8 @@ def test_resume_in_memory_continues_from_the_checkpoint(tmp_path):
 
 def test_each_sites_receipts_expose_a_coordinator_that_rewrites_its_own_signed_log(tmp_path):
     """The coordinator holds its signing key, so it can rewrite its audit log whole and re-sign it:
-    the chain verifies. Each site's own signed receipts of the models it was sent still show it."""
+    the chain verifies. The records it signed and sent each site, kept in the site's own signed
+    receipts, still show it."""
     from asagiri.observe.audit import check_receipts
     from asagiri.signedlog import SignedLog
     from asagiri.wire.crypto import Identity
@@ -98,15 +99,20 @@ def test_each_sites_receipts_expose_a_coordinator_that_rewrites_its_own_signed_l
     key = PublicIdentity.from_hex((tmp_path / "keys" / "coordinator.pub").read_text())
     site_keys = {s: PublicIdentity.from_hex((tmp_path / "keys" / f"site-{s}.pub").read_text()) for s in (1, 2, 3)}
     receipts = {s: tmp_path / "sites" / f"site-{s}" / "receipts.jsonl" for s in (1, 2, 3)}
+    original = read_log(audit)
+    last_round = max(r["seq"] for r in original if r["kind"] == "round_completed")
     for s in (1, 2, 3):
-        check = check_receipts(audit, receipts[s], site_keys[s])
-        assert (check.checked, check.problems) == (2, [])
-    # the receipts are the models the sites were really sent: round 2's is the final checkpoint
+        check = check_receipts(audit, receipts[s], site_keys[s], key)
+        assert (check.checked, check.problems, check.pinned) == (2, [], last_round)
+        # each receipt is the coordinator's record as its log holds it, checked by the site
+        held = [r["record"] for r in read_log(receipts[s])]
+        assert held == [r for r in original if r["kind"] == "round_completed"]
+        assert all(r["evaluated"] for r in read_log(receipts[s]))
+    # the model in round 2's record is the final checkpoint's
     _, _, state = load_checkpoint(tmp_path / "checkpoint.npz")
-    assert read_log(receipts[1])[-1]["model_sha256"] == state["model_sha256"]
+    assert read_log(receipts[1])[-1]["record"]["model_sha256"] == state["model_sha256"]
 
     coordinator = Identity.load(tmp_path / "keys" / "coordinator.key")
-    original = read_log(audit)
 
     def rewrite(keep):
         """The coordinator's rewrite: the records ``keep`` returns, re-chained and re-signed with its key."""
@@ -118,34 +124,51 @@ def test_each_sites_receipts_expose_a_coordinator_that_rewrites_its_own_signed_l
                 log.append(**{k: v for k, v in r.items() if k not in ("seq", "prev_hash", "hash", "signer", "sig")})
         assert verify_log(audit, key)[1] is None  # the chain alone cannot tell
 
-    def other_model(r):
-        if r["kind"] == "round_completed" and r["round"] == 1:
-            r["model_sha256"] = "ab" * 32
-        return r
+    def edit(field, value, kind="round_completed"):
+        return lambda r: {**r, field: value} if r["kind"] == kind and r.get("round", 1) == 1 else r
 
-    rewrite(other_model)
-    for s in (1, 2, 3):
-        [problem] = check_receipts(audit, receipts[s], site_keys[s]).problems
-        assert "receipt for round 1" in problem and "(rewritten)" in problem
+    # any field of round 1's record: its model, who took part, the privacy spent
+    for change in (edit("model_sha256", "ab" * 32), edit("participants", [1, 2]), edit("epsilon", {"1": 0.1})):
+        rewrite(change)
+        for s in (1, 2, 3):
+            problems = check_receipts(audit, receipts[s], site_keys[s], key).problems
+            assert problems and all("is not the one the coordinator signed and sent this site" in p
+                                    for p in problems), problems
+    # a record before the first round's: one receipt pins everything before it
+    rewrite(lambda r: {**r, "fingerprint": "0" * 16} if r["kind"] == "site_joined" else r)
+    assert len(check_receipts(audit, receipts[1], site_keys[1], key).problems) == 2
     rewrite(lambda r: None if r["kind"] == "round_completed" and r["round"] == 2 else r)  # cut round 2 out
-    [problem] = check_receipts(audit, receipts[1], site_keys[1]).problems
-    assert "no completed round 2" in problem
+    problems = check_receipts(audit, receipts[1], site_keys[1], key).problems
+    assert any("rewritten, or a fork" in p or "(cut short)" in p for p in problems)
+    rewrite(lambda r: r if r["seq"] <= last_round - 1 else None)  # cut off at round 2
+    [problem] = check_receipts(audit, receipts[1], site_keys[1], key).problems
+    assert f"the log has no record {last_round}" in problem and "(cut short)" in problem
     # a log with no run_started, so that no receipt seems to be of this run
     rewrite(lambda r: None if r["kind"] == "run_started" else r)
-    assert "no run_started record names the run" in check_receipts(audit, receipts[1], site_keys[1]).problems[0]
+    assert "no run_started record names the run" in check_receipts(audit, receipts[1], site_keys[1], key).problems[0]
     # or with round 1 recorded twice, once with the sites' model and once with another
-    rewrite(lambda r: [r, other_model(dict(r))] if r["kind"] == "round_completed" and r["round"] == 1 else r)
-    [problem] = check_receipts(audit, receipts[1], site_keys[1]).problems
-    assert "round 1 completed twice with no resume between" in problem
+    rewrite(lambda r: [r, edit("model_sha256", "ab" * 32)(dict(r))]
+            if r["kind"] == "round_completed" and r["round"] == 1 else r)
+    problems = check_receipts(audit, receipts[1], site_keys[1], key).problems
+    assert any("round 1 completed twice with no resume between" in p for p in problems)
     # or naming another run: the operator says which run they mean
     rewrite(lambda r: {**r, "run_id": "another"} if r["kind"] == "run_started" else r)
-    problems = check_receipts(audit, receipts[1], site_keys[1], run_id=cfg.run_id).problems
+    problems = check_receipts(audit, receipts[1], site_keys[1], key, run_id=cfg.run_id).problems
     assert any("no run_started record for run" in p for p in problems)
-    assert "no receipt of run 'another'" in check_receipts(audit, receipts[1], site_keys[1]).problems[0]
+    assert "no receipt of run 'another'" in check_receipts(audit, receipts[1], site_keys[1], key).problems[0]
     # a site's receipts are themselves signed: a receipt forged by the coordinator is caught
+    rewrite(lambda r: r)
     forged = receipts[2].read_text().splitlines()
     rec = json.loads(forged[0])
-    rec["model_sha256"] = "ab" * 32
-    receipts[2].write_text("\n".join([json.dumps(rec), *forged[1:]]) + "\n")
-    [problem] = check_receipts(audit, receipts[2], site_keys[2]).problems
+    rec["record"]["model_sha256"] = "ab" * 32
+    receipts[2].write_text("\n".join([json.dumps(rec, sort_keys=True), *forged[1:]]) + "\n")
+    [problem] = check_receipts(audit, receipts[2], site_keys[2], key).problems
     assert "hash does not match the contents" in problem
+    # and a hostile site cannot make up a record: its receipts verify, the record in them does not
+    site2 = Identity.load(tmp_path / "keys" / "site-2.key")
+    receipts[2].unlink()
+    made_up = {k: v for k, v in rec["record"].items()}
+    SignedLog(receipts[2], site2, domain=RECEIPT_DOMAIN).append(
+        "round_receipt", run_id=cfg.run_id, round=1, site=2, evaluated=True, record=made_up)
+    [problem] = check_receipts(audit, receipts[2], site_keys[2], key).problems
+    assert "not signed by the coordinator's key (the site's claim, no proof)" in problem

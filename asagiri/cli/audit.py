@@ -57,12 +57,13 @@ def run_audit(args: argparse.Namespace) -> int:
         if not receipts.is_file():
             print(f"error: {receipts}: no such file", file=sys.stderr)
             return EXIT_CONFIG
-        check = check_receipts(path, receipts, site_key, run_id=args.run_id)
+        check = check_receipts(path, receipts, site_key, key, run_id=args.run_id)
         for problem in check.problems:
             print(problem)
         failed |= bool(check.problems)
         if not check.problems:
-            print(f"{receipts}: {check.checked} receipt(s) of this run, each matching a completed round of the log")
+            print(f"{receipts}: {check.checked} receipt(s) of this run, each the coordinator's signed record as the "
+                  f"log holds it; the log is pinned up to record {check.pinned}")
     return EXIT_FAILED if failed else EXIT_OK
 
 

@@ -32,6 +32,7 @@ from ..secagg.binding import spec_digest
 from ..secagg.client import ClientStateMachine
 from ..signedlog import RECEIPT_DOMAIN, SignedLog
 from ..site.metrics import SiteMetrics
+from ..site.receipts import RoundWitness
 from ..site.worker import BudgetExhausted, SiteWorker
 from ..train.loop import OnStep
 from ..wire.channel import SiteRefused
@@ -40,13 +41,16 @@ from ..wire.crypto import AuthenticationFailed, Identity, PublicIdentity
 from ..wire.errors import ConnectionLost, RemoteProtocolError
 from ..wire.messages import (
     ConsistencyCheck,
+    ConsistencySig,
     Decline,
     EvaluateIns,
     FitIns,
     Heartbeat,
     KeyRoster,
+    MaskedInput,
     Message,
     RoundAborted,
+    RoundRecord,
     SecAggStart,
     ShareDelivery,
     Shutdown,
@@ -70,9 +74,8 @@ class _Kept:
 
     policy: SitePolicy
     replay: PersistentReplayGuard
-    # A signed receipt of every global model this site is sent for evaluation: its own proof of
-    # what the coordinator aggregated (observe/audit.py checks a coordinator's log against it).
-    receipts: SignedLog
+    # The coordinator's signed record of each round, checked and kept as this site's receipt.
+    witness: RoundWitness
     metrics: SiteMetrics
     progress: TrainingProgress | None = None  # a bar of local training, on a terminal only
     worker: SiteWorker | None = None
@@ -203,7 +206,7 @@ class _Session:
             await self._send_decline(msg.round, msg.attempt, f"policy {self.refusal.rule}", permanent=True)
         elif isinstance(msg, Shutdown):
             self.final, self._ended = msg.final, True
-        elif isinstance(msg, (*SECAGG_TO_SITE, RoundAborted)):
+        elif isinstance(msg, (*SECAGG_TO_SITE, RoundAborted, RoundRecord)):
             pass  # nothing to answer: this site is in no round
         else:
             raise RemoteProtocolError(f"{type(msg).__name__} for a site that refused the run ({self.refusal})")
@@ -213,6 +216,15 @@ class _Session:
     ) -> None:
         if isinstance(msg, FitIns):
             self.faults.reached("fit", msg.round)
+            witness = self.kept.witness
+            try:
+                witness.before_fit(self.run_id, msg.round)
+            except Refusal as exc:
+                self.conn.pool.release(msg.params.values())
+                await self._send_decline(msg.round, msg.attempt, f"policy {exc.rule}",
+                                         permanent=witness.disputed(self.run_id))
+                return
+            witness.asked(self.run_id, msg.round, msg.attempt)
             if secure is not None:
                 # Key set-up messages keep flowing while we train; the update is masked when ready.
                 if await self._secure_step(secure, msg, lambda: secure.receive(msg)):
@@ -238,6 +250,7 @@ class _Session:
             self._trained(msg.round, worker, worker.last_steps, time.monotonic() - t0)
             self.conn.pool.release(msg.params.values())  # copied into the model; reuse for the next round
             await self.conn.send(res)
+            witness.sent_update(self.run_id, msg.round, msg.attempt)
         elif isinstance(msg, SECAGG_TO_SITE):
             if secure is None:
                 raise RemoteProtocolError("secure-aggregation message, but this run has it off")
@@ -252,14 +265,22 @@ class _Session:
         elif isinstance(msg, EvaluateIns):
             async with self.kept.training:  # evaluation loads the global model into the same module
                 res_eval = await self._work(worker.evaluate, msg, self.cfg.policy.report_privacy)
-            if msg.split == "val":  # the round's new global model, which this site has just loaded
-                self._receipt(msg)
+            if msg.split == "val":  # the round's new global model: its record must name this digest
+                self.kept.witness.evaluated(self.run_id, msg.round, params_digest(msg.params), res_eval.metrics)
             self.conn.pool.release(msg.params.values())
             await self.conn.send(res_eval)
+        elif isinstance(msg, RoundRecord):
+            try:
+                self.kept.witness.record(self.run_id, msg)
+            except Refusal:
+                pass  # logged and kept as evidence; every later FitIns of this run is declined for good
         elif isinstance(msg, RoundAborted):
             log.warning("round %d attempt %d aborted: %s", msg.round, msg.attempt, msg.reason)
         elif isinstance(msg, Shutdown):
             log.info("coordinator says: %s", msg.reason)
+            if msg.final and (missing := self.kept.witness.pending_round(self.run_id)) is not None:
+                log.error("the federation ended without the coordinator's signed record of round %d, whose model "
+                          "this site evaluated: this site holds no receipt of it", missing)
             self.final = msg.final
             self._ended = True
         else:
@@ -273,15 +294,6 @@ class _Session:
         if self.kept.progress is not None:
             self.kept.progress.finish()
 
-    def _receipt(self, msg: EvaluateIns) -> None:
-        """Sign what the coordinator sent as the round's global model (``observe/audit.py``). A
-        failed write is this site's loss of evidence, not a reason to leave the federation."""
-        try:
-            self.kept.receipts.append("round_receipt", run_id=self.run_id, round=msg.round, site=self.cfg.site_id,
-                                      model_sha256=params_digest(msg.params), time=round(time.time(), 3))
-        except OSError as exc:
-            log.error("round %d: could not write the model receipt (%s)", msg.round, exc)
-
     def _trained(self, rnd: int, worker: SiteWorker, steps: int, seconds: float) -> None:
         examples = len(worker.data.train) * worker.train_cfg.local_epochs
         log.info("round %d: trained on %d examples in %.1fs", rnd, examples, seconds)
@@ -294,6 +306,7 @@ class _Session:
         if self._declined(rnd, attempt):
             return
         self.kept.declined.add((self.run_id, rnd, attempt))
+        self.kept.witness.declined(self.run_id, rnd, attempt)
         self.kept.metrics.refusals.labels(reason[:64]).inc()
         log.warning("round %d.%d: declining (%s)", rnd, attempt, reason)
         await self.conn.send(Decline(rnd, attempt, reason[:4000], permanent))
@@ -325,6 +338,10 @@ class _Session:
             return False
         for reply in replies:
             await self.conn.send(reply)
+            if isinstance(reply, MaskedInput):
+                self.kept.witness.sent_update(self.run_id, reply.round, reply.attempt)
+            elif isinstance(reply, ConsistencySig) and isinstance(about, ConsistencyCheck):
+                self.kept.witness.signed_survivors(self.run_id, reply.round, reply.attempt, list(about.survivors))
         return True
 
     async def _train_secure(
@@ -381,8 +398,10 @@ class Site:
         self.identity = Identity.load(cfg.identity_key)
         self.coordinator = PublicIdentity.from_hex(cfg.coordinator.public_key)
         peers = {int(k): PublicIdentity.from_hex(v) for k, v in (cfg.peers or {}).items()}
-        self.kept = _Kept(SitePolicy(cfg.policy, peers), PersistentReplayGuard(cfg.state_dir / "secagg_rounds.json"),
-                          SignedLog(cfg.state_dir / "receipts.jsonl", self.identity, domain=RECEIPT_DOMAIN),
+        policy = SitePolicy(cfg.policy, peers)
+        receipts = SignedLog(cfg.state_dir / "receipts.jsonl", self.identity, domain=RECEIPT_DOMAIN)
+        self.kept = _Kept(policy, PersistentReplayGuard(cfg.state_dir / "secagg_rounds.json"),
+                          RoundWitness(receipts, self.coordinator, cfg.site_id, policy),
                           SiteMetrics(CollectorRegistry()), TrainingProgress() if progress else None)
         if cfg.policy.min_participants < 3:
             log.warning("policy.min_participants=%d: a sum of two sites' updates tells each of them the other's",

@@ -33,7 +33,7 @@ from ..secagg.server import ServerStateMachine
 from ..strategy.base import FitPlan, build_strategy
 from ..strategy.selection import NotEnoughSites
 from ..wire.crypto import PublicIdentity
-from ..wire.messages import Decline, EvaluateRes, FitRes, MaskedInput, Message, Welcome
+from ..wire.messages import Decline, EvaluateRes, FitRes, MaskedInput, Message, RoundRecord, Welcome
 from .round import Outbound, ProtocolViolation, RoundMachine, RoundOutcome, SiteLost, TestEvaluation
 from .sessions import Sessions
 
@@ -77,10 +77,13 @@ class FederationDriver:
     """One federation run. ``emit`` receives every event (a :class:`~asagiri.observe.recorder.Recorder`)."""
 
     def __init__(self, cfg: FederationConfig, sessions: Sessions, emit: Callable[[ev.Event], None], *,
-                 checkpoint: Path, resume: bool = False, faults: FaultPlan = NO_FAULTS) -> None:
+                 checkpoint: Path, resume: bool = False, faults: FaultPlan = NO_FAULTS,
+                 round_record: Callable[[], tuple[int, bytes] | None] = lambda: None) -> None:
         self.cfg = cfg
         self.sessions = sessions
         self.emit = emit
+        # The newest round's signed audit record (the recorder's), which every site is sent.
+        self.round_record = round_record
         self.faults = faults
         self.roster = {s.id: PublicIdentity.from_hex(s.public_key) for s in cfg.sites}
         # Every site gets the same spec; its digest is bound into each secure-aggregation round.
@@ -175,6 +178,7 @@ class FederationDriver:
                 self._withdrawn.update({s: outcome.declined.get(s, "") for s in outcome.exhausted})
                 if outcome.abort_reason is None:
                     self._complete_round(outcome, time.monotonic() - t0)
+                    await self._send_round_record()
                     break
                 self.emit(ev.RoundAborted(rnd, attempt, outcome.abort_reason, outcome.selected,
                                           outcome.participants, outcome.dropped))
@@ -320,6 +324,14 @@ class FederationDriver:
         state = {"run_id": self.cfg.run_id, "round": outcome.round, "history": self.history,
                  "exhausted": sorted(self.exhausted)}
         self.emit(ev.RoundCompleted(record, outcome.params, self.strategy.velocity, state))
+
+    async def _send_round_record(self) -> None:
+        """Every site gets the round's signed record before anything of the next round
+        (protocol/SPEC.md §9): the site checks it and keeps it as its receipt."""
+        latest = self.round_record()
+        if latest is not None:
+            msg = RoundRecord(*latest)
+            await self.sessions.send([Outbound(s, msg) for s in sorted(self.sessions.connected())])
 
     def _fail(self, rnd: int, reason: str, t_start: float) -> None:
         log.error("federation stopped at round %d: %s", rnd, reason)

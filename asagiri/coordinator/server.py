@@ -30,6 +30,7 @@ from ..wire.channel import SiteRefused
 from ..wire.connection import accept_handshake
 from ..wire.crypto import Identity
 from ..wire.errors import ConnectionLost, RemoteProtocolError
+from ..wire.messages import RoundRecord
 from ..wire.pool import ArrayPool
 from .driver import FederationDriver, FederationFailed, ResumeError
 from .sessions import Sessions
@@ -57,7 +58,7 @@ class Coordinator:
         )
         self.watchers = list(watchers)  # besides the recorder: a status pipe, a test, an attack harness
         self.driver = FederationDriver(cfg, self.sessions, self._emit, checkpoint=self.run_dir / CHECKPOINT_NAME,
-                                       resume=resume, faults=faults)
+                                       resume=resume, faults=faults, round_record=lambda: self.recorder.latest_record)
         # One receive pool for every session: a few model-sized buffers, however many sites.
         self._pool = ArrayPool(max_bytes=4 * self.driver.model_bytes)
         self.port: int | None = None
@@ -102,6 +103,10 @@ class Coordinator:
                         max_payload_bytes=cfg.max_message_bytes, chunk_bytes=cfg.chunk_bytes, pool=self._pool,
                     )
                     await conn.send(self.driver.welcome(site_id))
+                    # The newest round's record, so a site that missed it (reconnected, or the run
+                    # resumed) holds it before any later round asks it to train (SPEC §9).
+                    if (latest := self.recorder.latest_record) is not None:
+                        await conn.send(RoundRecord(*latest))
             except SiteRefused as exc:
                 self.metrics.refused.labels("handshake").inc()
                 log.warning("refused a connection: %s", exc)

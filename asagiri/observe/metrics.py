@@ -62,7 +62,7 @@ class CoordinatorMetrics:
 # The rules a site's policy names in a Decline (protocol/SPEC.md §7); anything else is "other", so
 # a site's free text can never grow the label set.
 POLICY_RULES = frozenset({"component", "malformed", "max_delta", "max_epsilon", "min_group", "min_participants",
-                          "min_threshold", "pinned_peers", "replay", "require_dp", "require_secagg", "round_params",
+                          "min_threshold", "pinned_peers", "record", "replay", "require_dp", "require_secagg", "round_params",
                           "run_id", "shares", "signature", "spec", "stage"})
 
 

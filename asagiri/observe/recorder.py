@@ -20,7 +20,7 @@ import numpy as np
 
 from ..fsutil import atomic_write_bytes
 from ..params import params_digest
-from ..signedlog import SignedLog
+from ..signedlog import SignedLog, line_of, read_log
 from ..wire.crypto import Identity
 from .checkpoint import save_checkpoint
 from .events import (
@@ -87,6 +87,13 @@ class Recorder:
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.checkpoint_path = self.run_dir / CHECKPOINT_NAME
         self.audit = SignedLog(self.run_dir / "audit.jsonl", identity)
+        # The newest round's signed record, as the sites are sent it (``RoundRecord``): after each
+        # round, and to every site that joins (a resumed run's, read back from the log).
+        self.latest_record: tuple[int, bytes] | None = None
+        if self.audit.path.exists():
+            done = [r for r in read_log(self.audit.path) if r.get("kind") == "round_completed"]
+            if done:
+                self.latest_record = (done[-1]["round"], line_of(done[-1]))
 
     def __call__(self, event: Event) -> None:
         if isinstance(event, RoundCompleted):
@@ -125,11 +132,14 @@ class Recorder:
         record = event.record
         digest = params_digest(event.params)
         append_jsonl(self.metrics_path, record)
-        self._audit("round_completed", round=record["round"], attempt=record["attempt"],
-                    selected=record.get("selected"), participants=record["participants"], dropped=record["dropped"],
-                    declined=record["declined"], survivors=record.get("secagg_stages"), model_sha256=digest,
-                    config_sha256=self.config_sha256, epsilon=record.get("epsilon", {}),
-                    metrics={k: record[k] for k in ("auc", "accuracy") if k in record})
+        sealed = self._audit(
+            "round_completed", run_id=self.run_id, round=record["round"], attempt=record["attempt"],
+            selected=record.get("selected"), participants=record["participants"], dropped=record["dropped"],
+            declined=record["declined"], survivors=record.get("secagg_stages"), model_sha256=digest,
+            config_sha256=self.config_sha256, epsilon=record.get("epsilon", {}),
+            noise_multiplier=record.get("noise_multiplier", {}),
+            metrics={k: record[k] for k in ("auc", "accuracy") if k in record})
+        self.latest_record = (record["round"], line_of(sealed))
         t0 = time.monotonic()
         save_checkpoint(self.checkpoint_path, params=event.params, velocity=event.velocity,
                         state={**event.state, "model_sha256": digest})
@@ -163,5 +173,5 @@ class Recorder:
         self._audit("round_aborted", round=event.round, attempt=event.attempt, selected=event.selected,
                     participants=event.participants, dropped=event.dropped, reason=event.reason)
 
-    def _audit(self, kind: str, **fields: Any) -> None:
-        self.audit.append(kind, **fields, time=round(time.time(), 3))
+    def _audit(self, kind: str, **fields: Any) -> dict[str, Any]:
+        return self.audit.append(kind, **fields, time=round(time.time(), 3))

@@ -11,6 +11,7 @@ same seed, so a test can check that what the attacker unmasked is not that updat
 
 from __future__ import annotations
 
+import itertools
 import socket
 import subprocess
 import sys
@@ -27,20 +28,30 @@ from asagiri.config import FederationConfig, RunSpec, SiteConfig
 from asagiri.params import flatten
 from asagiri.secagg import shamir
 from asagiri.secagg.binding import RoundParams, params_digest, spec_digest
+from asagiri.secagg.graph import graph_seed, neighbours
 from asagiri.secagg.masking import pair_seed, sign
 from asagiri.secagg.prg import expand
+from asagiri.secagg.server import ServerStateMachine
 from asagiri.site import SiteWorker
 from asagiri.wire.channel import SiteRefused
 from asagiri.wire.connection import Connection, accept_handshake
 from asagiri.wire.crypto import EphemeralKey, Identity
 from asagiri.wire.errors import ConnectionLost, RemoteProtocolError
 from asagiri.wire.messages import (
+    AdvertiseKeys,
+    ConsistencyCheck,
+    ConsistencySig,
     Decline,
     FitIns,
     Heartbeat,
+    KeyRoster,
+    MaskedInput,
     Message,
     SecAggStart,
+    ShareDelivery,
+    ShareKeys,
     Shutdown,
+    UnmaskRequest,
     UnmaskResponse,
     Welcome,
 )
@@ -56,6 +67,14 @@ FED = FederationConfig.model_validate({
     "secagg": {"mode": "sparse", "shares": 3, "threshold": 2},
     "timeouts": {"heartbeat_interval": 1, "heartbeat_timeout": 120, "secagg_stage": 30},
 })
+
+
+_rounds = itertools.count(1)
+
+
+def next_round() -> int:
+    """Round numbers only go up across a module's cases: the sites refuse a replayed round."""
+    return next(_rounds)
 
 
 def free_port() -> int:
@@ -95,6 +114,7 @@ class Attacker:
         self.site_keys = {i: Identity.generate() for i in range(1, sites + 1)}
         self.spec = RunSpec.of(FED).wire()
         self.procs: dict[int, subprocess.Popen] = {}
+        self.run_id = RUN  # what Welcome and the round parameters name; a case may name another run
         self._workers: dict[int, SiteWorker] = {}  # for true_update
         (root / "logs").mkdir(parents=True, exist_ok=True)
 
@@ -138,9 +158,14 @@ class Attacker:
     # -- one case ----------------------------------------------------------------------------------
 
     def case(self, script: Callable[[dict[int, Session]], Awaitable[Any]], *, sites: list[int],
-             spec: dict | Callable[[int], dict] | None = None, timeout: float = 90) -> Any:
-        """Accept ``sites``, welcome them (``spec`` may differ per site), run ``script``, end the session."""
-        return anyio.run(self._case, script, sites, spec, timeout)
+             spec: dict | Callable[[int], dict] | None = None, timeout: float = 90, run: str = RUN) -> Any:
+        """Accept ``sites``, welcome them (``spec`` may differ per site) to ``run``, run ``script``,
+        end the session."""
+        self.run_id = run
+        try:
+            return anyio.run(self._case, script, sites, spec, timeout)
+        finally:
+            self.run_id = RUN
 
     async def _case(self, script, sites, spec, timeout):  # type: ignore[no-untyped-def]
         sessions: dict[int, Session] = {}
@@ -161,7 +186,7 @@ class Attacker:
                         except (SiteRefused, ConnectionLost, RemoteProtocolError):
                             return  # a half-open retry; the site comes back
                         body = spec(site) if callable(spec) else (spec or self.spec)
-                        await conn.send(Welcome(RUN, site - 1, SITES, body))
+                        await conn.send(Welcome(self.run_id, site - 1, SITES, body))
                         session = Session(site, conn)
                         sessions[site] = session
                         if set(sites) <= set(sessions):
@@ -220,7 +245,7 @@ class Attacker:
 
     def round_params(self, fit: FitIns, participants: list[int], spec: dict | None = None) -> RoundParams:
         return RoundParams.derive(
-            run_id=RUN, round=fit.round, attempt=fit.attempt, participants=participants,
+            run_id=self.run_id, round=fit.round, attempt=fit.attempt, participants=participants,
             secagg=RunSpec.model_validate(spec or self.spec).secagg, params_digest=params_digest(fit.params),
             fit_config=fit.config, vector_len=sum(v.size for v in fit.params.values()) + 1,
             spec_digest=spec_digest(spec or self.spec),
@@ -282,8 +307,117 @@ def matches(estimate: np.ndarray, true: np.ndarray, p: RoundParams) -> bool:
     return bool(np.max(np.abs(estimate - true)) <= 1 / p.plan.scale + 1e-6 * max(1.0, float(np.max(np.abs(true)))))
 
 
+class Round:
+    """What the attacker collects in one round attempt, stage by stage."""
+
+    def __init__(self, attacker: Attacker, sessions, participants, *, fit: FitIns | None = None):
+        self.a, self.sessions, self.participants = attacker, sessions, list(participants)
+        self.fit = fit or attacker.fit_ins(next_round())
+        self.params = attacker.round_params(self.fit, self.participants)
+        self.declines: dict[int, str] = {}
+        self.keys: dict[int, AdvertiseKeys] = {}
+        self.shares: dict[int, ShareKeys] = {}
+        self.masked: dict[int, np.ndarray] = {}
+        self.sigs: dict[int, ConsistencySig] = {}
+        self.responses: list[UnmaskResponse] = []
+        self.delivered: dict[int, list[int]] = {}
+
+    async def send(self, site, msg):
+        await self.sessions[site].conn.send(msg)
+
+    async def collect(self, sites, kind):
+        got = {}
+        for site in sites:
+            if site in self.declines:
+                continue
+            msg = await self.sessions[site].expect()
+            if isinstance(msg, Decline):
+                self.declines[site] = msg.reason
+            else:
+                assert isinstance(msg, kind), (site, msg)
+                got[site] = msg
+        return got
+
+    async def start(self, starts=None, fits=None):
+        for site in self.participants:
+            await self.send(site, (fits or {}).get(site, self.fit))
+            await self.send(site, (starts or {}).get(site, self.a.start(self.params)))
+        self.keys = await self.collect(self.participants, AdvertiseKeys)
+
+    def graph(self, view=None):
+        view = sorted(view or self.keys)
+        return neighbours(view, self.params.degree or None, graph_seed(self.params.context, view))
+
+    async def roster(self, entries_for=None):
+        graph = self.graph()
+        for site in self.keys:
+            entries = [[v, self.keys[v].c_pk, self.keys[v].s_pk, self.keys[v].signature] for v in graph[site]]
+            if entries_for:
+                entries = entries_for(site, entries)
+            await self.send(site, KeyRoster(self.fit.round, self.fit.attempt, sorted(self.keys), entries))
+        self.shares = await self.collect(list(self.keys), ShareKeys)
+
+    async def deliver(self, allow=lambda recipient, sender: True):
+        for site in self.shares:
+            items = [[v, ct] for v, m in self.shares.items() for r, ct in m.shares if r == site and allow(site, v)]
+            self.delivered[site] = [v for v, _ in items]
+            await self.send(site, ShareDelivery(self.fit.round, self.fit.attempt, items))
+        got = await self.collect(list(self.shares), MaskedInput)
+        self.masked = {s: m.vector["y"] for s, m in got.items()}
+
+    async def consistency(self, lists):
+        for site, survivors in lists.items():
+            await self.send(site, ConsistencyCheck(self.fit.round, self.fit.attempt, survivors))
+        self.sigs = await self.collect(list(lists), ConsistencySig)
+
+    async def unmask(self, requests):
+        for site, (survivors, dropped) in requests.items():
+            if site in self.sigs:
+                proof = [[s, sig.masked_with, sig.signature] for s, sig in self.sigs.items()]
+                await self.send(site, UnmaskRequest(self.fit.round, self.fit.attempt, survivors, dropped, proof))
+        got = await self.collect([s for s in requests if s in self.sigs], UnmaskResponse)
+        self.responses = list(got.values())
+
+    async def honest(self) -> np.ndarray:
+        """Run the round as the real coordinator's machine would; returns the unmasked ring sum."""
+        machine = ServerStateMachine(params=self.params, min_clients=2,
+                                     identities={i: k.public for i, k in self.a.site_keys.items()})
+        for site in self.participants:
+            await self.send(site, self.fit)
+        pending = machine.start()
+        while pending and not machine.finished:
+            for o in pending:
+                await self.send(o.site, o.msg)
+            sites, pending = list(dict.fromkeys(o.site for o in pending)), []
+            for site in sites:
+                msg = await self.sessions[site].expect()
+                assert not isinstance(msg, Decline), msg
+                pending += machine.receive(site, msg)
+                if isinstance(msg, UnmaskResponse):
+                    self.responses.append(msg)
+                if isinstance(msg, MaskedInput):
+                    self.masked[site] = msg.vector["y"]
+                if isinstance(msg, AdvertiseKeys):
+                    self.keys[site] = msg
+        assert machine.result is not None, machine.abort_reason
+        self.delivered = {s: list(machine.delivered_from[s]) for s in self.participants}
+        return machine.result.total
+
+    def estimate(self, site):
+        s_pk = {v: k.s_pk for v, k in self.keys.items()}
+        return unmask_attempt(site, self.masked.get(site), self.params, masked_with=self.delivered.get(site, []),
+                              responses=self.responses, s_pk=s_pk)
+
+
+def rule_of(reason: str) -> str:
+    """The rule a Decline names. It names nothing else: details stay in the site's log."""
+    assert reason.startswith("policy ") and ":" not in reason and " " not in reason[len("policy "):], reason
+    return reason[len("policy "):]
+
+
 def declined(msg: Message) -> str | None:
     return msg.reason if isinstance(msg, Decline) else None
 
 
-__all__ = ["Attacker", "FED", "RUN", "Session", "declined", "matches", "unmask_attempt"]
+__all__ = ["Attacker", "FED", "RUN", "Round", "Session", "declined", "matches", "next_round", "rule_of",
+           "unmask_attempt"]

@@ -11,7 +11,6 @@ succeed: the honest sum matches the true updates to within the quantisation boun
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import signal
 import subprocess
 import sys
@@ -21,34 +20,22 @@ import numpy as np
 import pytest
 
 from asagiri.config import RunSpec
-from asagiri.secagg.graph import graph_seed, neighbours
 from asagiri.secagg.quantize import dequantize
-from asagiri.secagg.server import ServerStateMachine
 from asagiri.wire.crypto import EphemeralKey, Identity
 from asagiri.wire.errors import ConnectionLost
 from asagiri.wire.messages import (
-    AdvertiseKeys,
-    ConsistencyCheck,
-    ConsistencySig,
     Decline,
     EvaluateIns,
     FitIns,
     FitRes,
-    KeyRoster,
-    MaskedInput,
-    ShareDelivery,
-    ShareKeys,
-    UnmaskRequest,
-    UnmaskResponse,
 )
 
-from .malicious import Attacker, matches, unmask_attempt
+from .malicious import Attacker, Round, matches, next_round, rule_of
 
 pytestmark = pytest.mark.e2e
 
 RUNNING = [1, 2, 3, 4, 5]
 DEMO = [1, 2, 3]  # the demo's layout: three sites, complete graph, t = 2
-_rounds = itertools.count(1)
 
 
 @pytest.fixture(scope="module")
@@ -60,118 +47,10 @@ def attacker(tmp_path_factory):
     a.kill_all()
 
 
-class Round:
-    """What the attacker collects in one round attempt, stage by stage."""
-
-    def __init__(self, attacker: Attacker, sessions, participants, *, fit: FitIns | None = None):
-        self.a, self.sessions, self.participants = attacker, sessions, list(participants)
-        self.fit = fit or attacker.fit_ins(next(_rounds))
-        self.params = attacker.round_params(self.fit, self.participants)
-        self.declines: dict[int, str] = {}
-        self.keys: dict[int, AdvertiseKeys] = {}
-        self.shares: dict[int, ShareKeys] = {}
-        self.masked: dict[int, np.ndarray] = {}
-        self.sigs: dict[int, ConsistencySig] = {}
-        self.responses: list[UnmaskResponse] = []
-        self.delivered: dict[int, list[int]] = {}
-
-    async def send(self, site, msg):
-        await self.sessions[site].conn.send(msg)
-
-    async def collect(self, sites, kind):
-        got = {}
-        for site in sites:
-            if site in self.declines:
-                continue
-            msg = await self.sessions[site].expect()
-            if isinstance(msg, Decline):
-                self.declines[site] = msg.reason
-            else:
-                assert isinstance(msg, kind), (site, msg)
-                got[site] = msg
-        return got
-
-    async def start(self, starts=None, fits=None):
-        for site in self.participants:
-            await self.send(site, (fits or {}).get(site, self.fit))
-            await self.send(site, (starts or {}).get(site, self.a.start(self.params)))
-        self.keys = await self.collect(self.participants, AdvertiseKeys)
-
-    def graph(self, view=None):
-        view = sorted(view or self.keys)
-        return neighbours(view, self.params.degree or None, graph_seed(self.params.context, view))
-
-    async def roster(self, entries_for=None):
-        graph = self.graph()
-        for site in self.keys:
-            entries = [[v, self.keys[v].c_pk, self.keys[v].s_pk, self.keys[v].signature] for v in graph[site]]
-            if entries_for:
-                entries = entries_for(site, entries)
-            await self.send(site, KeyRoster(self.fit.round, self.fit.attempt, sorted(self.keys), entries))
-        self.shares = await self.collect(list(self.keys), ShareKeys)
-
-    async def deliver(self, allow=lambda recipient, sender: True):
-        for site in self.shares:
-            items = [[v, ct] for v, m in self.shares.items() for r, ct in m.shares if r == site and allow(site, v)]
-            self.delivered[site] = [v for v, _ in items]
-            await self.send(site, ShareDelivery(self.fit.round, self.fit.attempt, items))
-        got = await self.collect(list(self.shares), MaskedInput)
-        self.masked = {s: m.vector["y"] for s, m in got.items()}
-
-    async def consistency(self, lists):
-        for site, survivors in lists.items():
-            await self.send(site, ConsistencyCheck(self.fit.round, self.fit.attempt, survivors))
-        self.sigs = await self.collect(list(lists), ConsistencySig)
-
-    async def unmask(self, requests):
-        for site, (survivors, dropped) in requests.items():
-            if site in self.sigs:
-                proof = [[s, sig.masked_with, sig.signature] for s, sig in self.sigs.items()]
-                await self.send(site, UnmaskRequest(self.fit.round, self.fit.attempt, survivors, dropped, proof))
-        got = await self.collect([s for s in requests if s in self.sigs], UnmaskResponse)
-        self.responses = list(got.values())
-
-    async def honest(self) -> np.ndarray:
-        """Run the round as the real coordinator's machine would; returns the unmasked ring sum."""
-        machine = ServerStateMachine(params=self.params, min_clients=2,
-                                     identities={i: k.public for i, k in self.a.site_keys.items()})
-        for site in self.participants:
-            await self.send(site, self.fit)
-        pending = machine.start()
-        while pending and not machine.finished:
-            for o in pending:
-                await self.send(o.site, o.msg)
-            sites, pending = list(dict.fromkeys(o.site for o in pending)), []
-            for site in sites:
-                msg = await self.sessions[site].expect()
-                assert not isinstance(msg, Decline), msg
-                pending += machine.receive(site, msg)
-                if isinstance(msg, UnmaskResponse):
-                    self.responses.append(msg)
-                if isinstance(msg, MaskedInput):
-                    self.masked[site] = msg.vector["y"]
-                if isinstance(msg, AdvertiseKeys):
-                    self.keys[site] = msg
-        assert machine.result is not None, machine.abort_reason
-        self.delivered = {s: list(machine.delivered_from[s]) for s in self.participants}
-        return machine.result.total
-
-    def estimate(self, site):
-        s_pk = {v: k.s_pk for v, k in self.keys.items()}
-        return unmask_attempt(site, self.masked.get(site), self.params, masked_with=self.delivered.get(site, []),
-                              responses=self.responses, s_pk=s_pk)
-
-
 def assert_not_recovered(attacker, rnd: Round, site):
     true, _ = attacker.true_update(site, rnd.fit)
     assert np.max(np.abs(true)) > 0
     assert not matches(rnd.estimate(site), true, rnd.params)
-
-
-def rule_of(reason: str) -> str:
-    """The rule a Decline names. It names nothing else: details stay in the site's log."""
-    assert reason.startswith("policy ") and ":" not in reason and " " not in reason[len("policy "):], reason
-    return reason[len("policy "):]
 
 
 # ---- control -------------------------------------------------------------------------------------
@@ -364,7 +243,7 @@ def test_a_weaker_run_is_declined_for_good(attacker, sections, rule):
     spec = _spec(attacker, **sections)
 
     async def script(sessions):
-        fit = attacker.fit_ins(next(_rounds))
+        fit = attacker.fit_ins(next_round())
         await sessions[1].conn.send(fit)
         return await sessions[1].expect(), fit
 
@@ -378,7 +257,7 @@ def test_dp_switched_off_for_a_site_that_requires_it(attacker):
     proc = attacker.start_site(site, policy={"require_dp": True})
     try:
         async def script(sessions):
-            await sessions[site].conn.send(attacker.fit_ins(next(_rounds)))
+            await sessions[site].conn.send(attacker.fit_ins(next_round()))
             return await sessions[site].expect()
 
         reply = attacker.case(script, sites=[*RUNNING, site])
@@ -475,7 +354,7 @@ def test_competing_survivor_lists(attacker):
 
 
 def test_replay_after_a_site_restarts(attacker):
-    fit = attacker.fit_ins(next(_rounds))
+    fit = attacker.fit_ins(next_round())
 
     async def enter(sessions):
         rnd = Round(attacker, sessions, DEMO, fit=fit)
@@ -524,7 +403,7 @@ def test_a_message_larger_than_the_model_closes_the_channel(attacker):
     async def script(sessions):
         huge = {"w": np.zeros(2 << 20, np.float32)}  # 8 MiB; the model is a few hundred KiB
         try:
-            await sessions[1].conn.send(FitIns(next(_rounds), 1, huge, {}))
+            await sessions[1].conn.send(FitIns(next_round(), 1, huge, {}))
         except ConnectionLost:
             pass  # the site hung up on reading the header, before the tensor was through
         with anyio.fail_after(30):
@@ -549,7 +428,7 @@ def test_a_model_that_breaks_evaluation_ends_the_session_not_the_site(attacker):
 
     async def script(sessions):
         params = {k: np.full_like(v, 3e38) for k, v in attacker.fit_ins(1).params.items()}
-        await sessions[1].conn.send(EvaluateIns(next(_rounds), params, "val"))
+        await sessions[1].conn.send(EvaluateIns(next_round(), params, "val"))
         with anyio.fail_after(60):
             await sessions[1].closed.wait()
         return True
@@ -564,7 +443,7 @@ def test_a_spec_the_site_cannot_set_up_is_declined_not_a_crash(attacker):
     spec = _spec(attacker, data={"dataset": "isic"})  # valid, but this site has no ISIC files
 
     async def script(sessions):
-        await sessions[1].conn.send(attacker.fit_ins(next(_rounds)))
+        await sessions[1].conn.send(attacker.fit_ins(next_round()))
         return await sessions[1].expect()
 
     reply = attacker.case(script, sites=RUNNING, spec=spec)
