@@ -302,7 +302,10 @@ class ServerStateMachine:
             shares = list(self._b_shares.get(u, {}).values())
             if len(shares) < t:
                 return self._abort(f"only {len(shares)} shares of site {u}'s mask seed, {t} needed")
-            removals.append((-1, shamir.reconstruct(shares, t)))
+            try:
+                removals.append((-1, shamir.reconstruct(shares, t)))
+            except ValueError:  # no VSS: a site sent a wrong share, and which one cannot be told
+                return self._abort(f"inconsistent shares of site {u}'s mask seed")
         survivors = set(self.u3)
         for v in sorted(set(self.u2) - survivors):
             shares = list(self._s_shares.get(v, {}).values())

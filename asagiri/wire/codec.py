@@ -107,6 +107,8 @@ def decode_header(data: bytes, *, max_payload_bytes: int) -> PendingMessage:
     if cls is None:
         raise RemoteProtocolError(f"unknown message type {tag!r}")
     expected = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+    if not all(type(k) is str for k in body):  # msgpack also allows bin keys
+        raise RemoteProtocolError(f"{cls.__name__} body has a key that is not text")
     if set(body) != expected:
         raise RemoteProtocolError(f"{cls.__name__} fields {sorted(body)} != {sorted(expected)}")
     specs: list[TensorSpec] = []
@@ -134,6 +136,7 @@ def _tensor_spec(fname: str, raw: Any) -> TensorSpec:
         and len(raw) == 3
         and isinstance(raw[0], str)
         and 0 < len(raw[0]) <= 256
+        and isinstance(raw[1], str)
         and raw[1] in ALLOWED_DTYPES
         and isinstance(raw[2], list)
         and len(raw[2]) <= 8

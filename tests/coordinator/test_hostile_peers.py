@@ -4,6 +4,7 @@ Nothing a peer sends may crash it: each case ends with an honest site still able
 """
 
 import anyio
+import msgpack
 import numpy as np
 import pytest
 
@@ -64,10 +65,19 @@ async def test_unknown_site_refused_over_tcp(cfg):
     await with_coordinator(cfg, body)
 
 
+def _hello_frame(body: dict) -> bytes:
+    """A ClientHello frame with this body (plain encoding, SPEC §2.2)."""
+    header = msgpack.packb([1, 1, body], use_bin_type=True)
+    payload = len(header).to_bytes(4, "big") + header
+    return len(payload).to_bytes(4, "big") + payload
+
+
 @pytest.mark.parametrize(
     "garbage",
-    [b"\xff\xff\xff\xff", b"\x00\x00\x00\x05hello", b"GET / HTTP/1.1\r\n\r\n", bytes(range(256)) * 4],
-    ids=["oversized-prefix", "not-msgpack", "http", "noise"],
+    [b"\xff\xff\xff\xff", b"\x00\x00\x00\x05hello", b"GET / HTTP/1.1\r\n\r\n", bytes(range(256)) * 4,
+     # found by fuzzing (tests/fuzz): a body key that is bytes once crashed the whole coordinator
+     _hello_frame({b"version": 1, "site_id": 1, "ephemeral_key": bytes(32), "nonce": bytes(16)})],
+    ids=["oversized-prefix", "not-msgpack", "http", "noise", "bin-key"],
 )
 async def test_garbage_before_handshake_does_not_hurt(cfg, garbage):
     async def body(port, coord):
