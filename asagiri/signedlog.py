@@ -42,6 +42,7 @@ GENESIS = "0" * 64
 AUDIT_DOMAIN = b"asagiri-audit-v1\x00"
 RECEIPT_DOMAIN = b"asagiri-receipt-v1\x00"
 MAX_LINE_BYTES = 1 << 20
+MAX_DEPTH = 100  # objects and lists nested deeper are refused (protocol/SPEC.md §9.3)
 _UNHASHED = ("hash", "signer", "sig")
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,7 @@ class SignedLog:
         self.identity = identity
         self.domain = domain
         self._last, self._seq = GENESIS, 0
+        self.first_hash: str | None = None  # the log's identity: its first record's hash
         if not path.exists():
             return
         data = path.read_bytes()
@@ -86,6 +88,9 @@ class SignedLog:
         self._seq, self._last, error = _walk(path, identity.public, domain)
         if error is not None:
             raise ValueError(f"{path}:{error.line}: {error.problem}; move the file aside to start a new log")
+        if self._seq:
+            with open(path, "rb") as fh:
+                self.first_hash = json.loads(fh.readline())["hash"]
 
     def append(self, kind: str, **fields: Any) -> dict[str, Any]:
         """Write one record; returns it as written (``hash`` and ``sig`` included)."""
@@ -100,6 +105,8 @@ class SignedLog:
             fh.flush()
             os.fsync(fh.fileno())
         self._last, self._seq = digest, self._seq + 1
+        if self.first_hash is None:
+            self.first_hash = digest
         return body
 
 
@@ -132,7 +139,7 @@ def _check_signed(rec: dict[str, Any], line: str, *, key: PublicIdentity, domain
     try:
         digest = record_hash(rec)
         canonical = _line(rec)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RecursionError):
         return "contents cannot be hashed"
     if rec.get("hash") != digest:
         return "hash does not match the contents: the record was edited"
@@ -178,11 +185,22 @@ def _parse(raw: bytes) -> tuple[Any, str | None]:
     if len(raw) > MAX_LINE_BYTES:
         return None, f"longer than {MAX_LINE_BYTES} bytes"
     try:
-        return json.loads(raw.decode("utf-8")), None
+        rec = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:
         return None, "not UTF-8"
     except (ValueError, RecursionError):  # JSONDecodeError, an integer past Python's digit limit, deep nesting
         return None, "not JSON"
+    if _depth(rec) > MAX_DEPTH:
+        return None, f"nested deeper than {MAX_DEPTH}"
+    return rec, None
+
+
+def _depth(value: Any, limit: int = MAX_DEPTH + 1) -> int:
+    """How deep lists and objects nest (0 for a scalar), counted up to ``limit``."""
+    if limit == 0 or not isinstance(value, dict | list):
+        return 0
+    items = value.values() if isinstance(value, dict) else value
+    return 1 + max((_depth(v, limit - 1) for v in items), default=0)
 
 
 def verify_log(path: Path, key: PublicIdentity, *, domain: bytes = AUDIT_DOMAIN) -> tuple[int, LogError | None]:

@@ -171,4 +171,10 @@ def test_each_sites_receipts_expose_a_coordinator_that_rewrites_its_own_signed_l
     SignedLog(receipts[2], site2, domain=RECEIPT_DOMAIN).append(
         "round_receipt", run_id=cfg.run_id, round=1, site=2, evaluated=True, record=made_up)
     [problem] = check_receipts(audit, receipts[2], site_keys[2], key).problems
-    assert "not signed by the coordinator's key (the site's claim, no proof)" in problem
+    assert "not signed by the coordinator for this run and round (the site's word only)" in problem
+    # nor file a genuine record under another round
+    receipts[2].unlink()
+    SignedLog(receipts[2], site2, domain=RECEIPT_DOMAIN).append(
+        "round_receipt", run_id=cfg.run_id, round=2, site=2, evaluated=True, record=read_log(receipts[1])[0]["record"])
+    [problem] = check_receipts(audit, receipts[2], site_keys[2], key).problems
+    assert "(the site's word only)" in problem

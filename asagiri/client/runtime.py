@@ -135,6 +135,7 @@ class _Session:
             log.info("joined run %s as site index %d of %d", first.run_id, first.site_index, first.num_sites)
             assert spec is not None
             self._setup_secagg(first, spec)
+            self.kept.witness.joined(first.run_id)
             self._stage_timeout = spec.secagg_stage_timeout
             interval, idle = spec.heartbeat_interval, spec.heartbeat_timeout
         if self.refusal is not None:
@@ -190,6 +191,8 @@ class _Session:
         secure = self.kept.secagg
         async with anyio.create_task_group() as tg:
             async for msg in recv:
+                if not isinstance(msg, RoundRecord):
+                    self.kept.witness.settle(self.run_id)
                 if worker is None:
                     await self._refuse(msg)
                 else:
@@ -276,6 +279,7 @@ class _Session:
                 pass  # logged and kept as evidence; every later FitIns of this run is declined for good
         elif isinstance(msg, RoundAborted):
             log.warning("round %d attempt %d aborted: %s", msg.round, msg.attempt, msg.reason)
+            self.kept.witness.aborted(self.run_id, msg.round, msg.attempt)
         elif isinstance(msg, Shutdown):
             log.info("coordinator says: %s", msg.reason)
             if msg.final and (missing := self.kept.witness.pending_round(self.run_id)) is not None:

@@ -33,7 +33,16 @@ from ..secagg.server import ServerStateMachine
 from ..strategy.base import FitPlan, build_strategy
 from ..strategy.selection import NotEnoughSites
 from ..wire.crypto import PublicIdentity
-from ..wire.messages import Decline, EvaluateRes, FitRes, MaskedInput, Message, RoundRecord, Welcome
+from ..wire.messages import (
+    Decline,
+    EvaluateRes,
+    FitRes,
+    MaskedInput,
+    Message,
+    MessageError,
+    RoundRecord,
+    Welcome,
+)
 from .round import Outbound, ProtocolViolation, RoundMachine, RoundOutcome, SiteLost, TestEvaluation
 from .sessions import Sessions
 
@@ -329,9 +338,14 @@ class FederationDriver:
         """Every site gets the round's signed record before anything of the next round
         (protocol/SPEC.md §9): the site checks it and keeps it as its receipt."""
         latest = self.round_record()
-        if latest is not None:
+        if latest is None:
+            return
+        try:
             msg = RoundRecord(*latest)
-            await self.sessions.send([Outbound(s, msg) for s in sorted(self.sessions.connected())])
+        except MessageError as exc:  # past the message bound: the sites decline the next round (rule record)
+            log.error("round %d: its record cannot be sent (%s)", latest[0], exc)
+            return
+        await self.sessions.send([Outbound(s, msg) for s in sorted(self.sessions.connected())])
 
     def _fail(self, rnd: int, reason: str, t_start: float) -> None:
         log.error("federation stopped at round %d: %s", rnd, reason)

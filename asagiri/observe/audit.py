@@ -66,36 +66,63 @@ def check_receipts(audit: Path, receipts: Path, site_key: PublicIdentity, coordi
         problems.append(f"{audit}: no run_started record for run {run_id!r} (rewritten, or another run's log)")
     _check_completions(records, problems)
     by_seq = {r["seq"]: r for r in records}
+    log_id = records[0]["hash"] if records else None
     checked = pinned = 0
     for entry in read_log(receipts):
-        if entry.get("run_id") != run_id or entry.get("kind") not in ("round_receipt", "round_dispute"):
+        kind = entry.get("kind")
+        if entry.get("run_id") != run_id or kind not in ("round_receipt", "round_dispute", "round_unrecorded"):
             continue
-        where = f"{receipts}:{entry['seq']}: site {entry.get('site')}'s {entry['kind']} of round {entry.get('round')}"
+        where = f"{receipts}:{entry['seq']}: site {entry.get('site')}'s {kind} of round {entry.get('round')}"
+        if kind == "round_unrecorded":
+            problems += _unrecorded(where, entry, records)
+            continue
         record = entry.get("record")
         signed = isinstance(record, dict) and _signed_by(record, coordinator_key)
-        if entry["kind"] == "round_dispute":
-            proof = ("the coordinator's signed record is attached" if signed else
-                     "no record signed by the coordinator attached: the site's word only")
-            problems.append(f"{where}: the site refused the record: {entry.get('problem')} ({proof})")
-            continue
+        if signed and not (record.get("kind") == "round_completed" and record.get("run_id") == run_id
+                           and record.get("round") == entry.get("round")):
+            signed = False  # a genuine record filed under another run or round proves nothing here
         if not signed:
-            problems.append(f"{where}: its record is not signed by the coordinator's key (the site's claim, no proof)")
+            word = "refused a record" if kind == "round_dispute" else "holds a record"
+            problems.append(f"{where}: the site {word} not signed by the coordinator for this run and round "
+                            f"(the site's word only){': ' + str(entry.get('problem')) if kind == 'round_dispute' else ''}")
             continue
         assert isinstance(record, dict)
-        checked += 1
         seq, ours = record["seq"], by_seq.get(record["seq"])
-        if ours is None:
+        if record.get("log_id") != log_id:
+            problems.append(f"{where}: its signed record is of another log of run {run_id!r} (log id "
+                            f"{str(record.get('log_id'))[:16]}..., this log's {str(log_id)[:16]}...): this log was "
+                            "rewritten from its first record, or the run id was used twice")
+        elif ours is None:
             problems.append(f"{where}: the log has no record {seq}, which the coordinator signed and sent this "
                             "site (cut short)")
         elif ours["hash"] != record["hash"]:
             problems.append(f"{where}: the log's record {seq} is not the one the coordinator signed and sent this "
                             f"site (rewritten, or a fork): it records {_gist(ours)}, the site holds {_gist(record)}")
+        elif kind == "round_dispute":
+            problems.append(f"{where}: the site refused the coordinator's signed record {seq}, as the log holds it: "
+                            f"{entry.get('problem')} (the site's word against the record)")
         else:
+            checked += 1
             pinned = max(pinned, seq)
     if checked == 0 and not problems:
         problems.append(f"{receipts}: no receipt of run {run_id!r}: the site took part in no round of it, or the "
                         "log names another run")
     return ReceiptCheck(checked, problems, pinned)
+
+
+def _unrecorded(where: str, entry: dict[str, Any], records: list[dict[str, Any]]) -> list[str]:
+    """A site's own word that it evaluated a model whose record it never got: the log's record of
+    that round (up to the record the site saw next) should name that model."""
+    rnd, model, seen = entry.get("round"), entry.get("model_sha256"), entry.get("seen_seq")
+    out = []
+    for r in records:
+        if type(seen) is int and r["seq"] > seen:
+            break
+        if r.get("kind") == "round_completed" and r.get("round") == rnd and r.get("model_sha256") != model:
+            out.append(f"{where}: the site says it evaluated model {str(model)[:16]}... and was never sent the record; "
+                       f"the log's record {r['seq']} names {str(r.get('model_sha256'))[:16]}... (the site's word; "
+                       "a resume before that record means the round was redone)")
+    return out
 
 
 def _signed_by(record: dict[str, Any], key: PublicIdentity) -> bool:

@@ -90,6 +90,7 @@ class Recorder:
         # The newest round's signed record, as the sites are sent it (``RoundRecord``): after each
         # round, and to every site that joins (a resumed run's, read back from the log).
         self.latest_record: tuple[int, bytes] | None = None
+        self.started_seq = 0  # this process's run_started record, named in each round record
         if self.audit.path.exists():
             done = [r for r in read_log(self.audit.path) if r.get("kind") == "round_completed"]
             if done:
@@ -105,8 +106,10 @@ class Recorder:
             self._audit("federation_ended", status=event.status, rounds_completed=event.summary["rounds_completed"],
                         model_sha256=event.summary["model_sha256"], reason=event.summary.get("reason"))
         elif isinstance(event, RunStarted):
-            self._audit("run_started", run_id=self.run_id, first_round=event.first_round, resumed=event.resumed,
-                        model_sha256=event.model_sha256, config_sha256=self.config_sha256)
+            started = self._audit("run_started", run_id=self.run_id, first_round=event.first_round,
+                                  resumed=event.resumed, model_sha256=event.model_sha256,
+                                  config_sha256=self.config_sha256)
+            self.started_seq = started["seq"]
         elif isinstance(event, SiteJoined):
             self._audit("site_joined", site=event.site, fingerprint=event.fingerprint)
         elif isinstance(event, RoundStarted):
@@ -133,9 +136,12 @@ class Recorder:
         digest = params_digest(event.params)
         append_jsonl(self.metrics_path, record)
         sealed = self._audit(
-            "round_completed", run_id=self.run_id, round=record["round"], attempt=record["attempt"],
-            selected=record.get("selected"), participants=record["participants"], dropped=record["dropped"],
-            declined=record["declined"], survivors=record.get("secagg_stages"), model_sha256=digest,
+            "round_completed", run_id=self.run_id, log_id=self.audit.first_hash, started=self.started_seq,
+            round=record["round"],
+            attempt=record["attempt"], selected=record.get("selected"), participants=record["participants"],
+            dropped=record["dropped"],
+            # the rule only: a site's free text would grow the record every site is sent
+            declined={site: refusal_kind(reason) for site, reason in record["declined"].items()}, survivors=record.get("secagg_stages"), model_sha256=digest,
             config_sha256=self.config_sha256, epsilon=record.get("epsilon", {}),
             noise_multiplier=record.get("noise_multiplier", {}),
             metrics={k: record[k] for k in ("auc", "accuracy") if k in record})

@@ -2,21 +2,28 @@
 saw, and kept in the site's own signed log (protocol/SPEC.md §9).
 
 After each round the coordinator sends its audit record of it (``RoundRecord``): one line of its
-``audit.jsonl``, signed with its identity key, whose hash fixes every record before it.  The site
-checks the signature against the coordinator key it pinned, then what it can check from its own
-side of the round:
+``audit.jsonl``, signed with its identity key, whose hash fixes every record before it.  It sends
+the newest one again on each join.  The site checks the signature against the coordinator key it
+pinned, then what it can check from its own side of the round:
 
 - the model digest is the digest of the global model it was sent to evaluate;
-- the ε and σ credited to it are what it reported (or absent, if it reported none);
+- the ε and σ credited to it are what it reported (a missing entry is an answer that came late);
 - the participant list is the survivor list it signed (secure aggregation), holds it only if it
-  sent an update in that attempt, and names its refusal if it declined;
-- no record contradicts one it already holds (two records with the same ``seq``).
+  sent an update in that attempt, names its refusal if it declined, and the record is of the
+  attempt it took part in unless that attempt was aborted;
+- no record contradicts one it already holds (two records with the same ``seq`` of one log).
 
 A record that passes goes into ``receipts.jsonl`` whole, so any one site's receipts pin the
 coordinator's log: ``asagiri audit verify --receipts`` finds a rewrite, a cut, or a fork.  A record
-that fails goes in as a ``round_dispute`` with the coordinator's signed record as evidence, and
-the site takes no further part in the run (rule ``record``).  So does a record that never comes:
-the site trains no later round until the coordinator sends it (or a newer one).
+that fails goes in as a ``round_dispute`` with the coordinator's signed record attached, and the
+site takes no further part in the run (rule ``record``), restarted or not.  A record that never
+comes stops the site too: it trains no later round until the coordinator sends it.  Only a new
+session can excuse it (the coordinator restarted, or the site was away): its join record then
+shows where the coordinator's log ends, and the site keeps its own signed word of what it
+evaluated (``round_unrecorded``) for the verifier.
+
+What one session remembers of the rounds it took part in is forgotten past the join record of
+the next: a coordinator that restarted redoes those rounds, legitimately without this site.
 """
 
 from __future__ import annotations
@@ -46,6 +53,10 @@ class _Attempt:
     declined: bool = False
     survivors: list[int] | None = None  # the survivor list it signed
 
+    @property
+    def took_part(self) -> bool:
+        return self.sent or self.survivors is not None
+
 
 @dataclass
 class _Evaluated:
@@ -54,14 +65,18 @@ class _Evaluated:
     round: int
     model_sha256: str
     privacy: dict[str, float]
+    started: int | None  # the coordinator process it came from (``started`` of its records), if known
 
 
 @dataclass
 class _Run:
     attempts: dict[tuple[int, int], _Attempt] = field(default_factory=dict)
+    aborted: set[tuple[int, int]] = field(default_factory=set)
     pending: _Evaluated | None = None
-    kept: dict[int, str] = field(default_factory=dict)  # seq -> hash of every record this site holds
+    kept: dict[tuple[str, int], str] = field(default_factory=dict)  # (log id, seq) -> hash of each record held
     dispute: str | None = None
+    joined: bool = False  # a session began and its join record has not come
+    started: int | None = None  # ``started`` of the newest record of this session: the coordinator process
 
 
 class RoundWitness:
@@ -75,9 +90,11 @@ class RoundWitness:
         self._runs: dict[str, _Run] = {}
         if receipts.path.exists():  # SignedLog verified it on open
             for r in read_log(receipts.path):
-                record = r.get("record")
+                run, record = self._run(str(r.get("run_id"))), r.get("record")
                 if r.get("kind") == "round_receipt" and isinstance(record, dict):
-                    self._run(r.get("run_id", "")).kept[record["seq"]] = record["hash"]
+                    run.kept[(str(record.get("log_id")), record["seq"])] = record["hash"]
+                elif r.get("kind") == "round_dispute":
+                    run.dispute = f"round {r.get('round')}: {r.get('problem')}"
 
     def _run(self, run_id: str) -> _Run:
         return self._runs.setdefault(run_id, _Run())
@@ -86,6 +103,20 @@ class RoundWitness:
         return self._run(run_id).attempts.setdefault((rnd, attempt), _Attempt())
 
     # -- what this site did ------------------------------------------------------------------------
+
+    def joined(self, run_id: str) -> None:
+        """A new session of ``run_id`` began (its Welcome accepted)."""
+        run = self._run(run_id)
+        run.joined, run.started = True, None
+
+    def settle(self, run_id: str) -> None:
+        """A message other than a record arrived: if it is the session's first, no join record came,
+        so the coordinator's log holds no completed round (or it withholds the record, and the
+        site's own word of what it evaluated is all the verifier gets)."""
+        run = self._run(run_id)
+        if run.joined:
+            run.joined = False
+            self._rejoined(run_id, run, None)
 
     def asked(self, run_id: str, rnd: int, attempt: int) -> None:
         self._attempt(run_id, rnd, attempt)
@@ -96,17 +127,25 @@ class RoundWitness:
     def declined(self, run_id: str, rnd: int, attempt: int) -> None:
         self._attempt(run_id, rnd, attempt).declined = True
 
+    def aborted(self, run_id: str, rnd: int, attempt: int) -> None:
+        self._run(run_id).aborted.add((rnd, attempt))
+
     def signed_survivors(self, run_id: str, rnd: int, attempt: int, survivors: list[int]) -> None:
         self._attempt(run_id, rnd, attempt).survivors = sorted(survivors)
 
     def evaluated(self, run_id: str, rnd: int, model_sha256: str, metrics: dict[str, float]) -> None:
+        run = self._run(run_id)
         privacy = {k: metrics[k] for k in PRIVACY_KEYS if k in metrics}
-        self._run(run_id).pending = _Evaluated(rnd, model_sha256, privacy)
+        run.pending = _Evaluated(rnd, model_sha256, privacy, run.started)
 
     # -- the coordinator's side --------------------------------------------------------------------
 
     def disputed(self, run_id: str) -> bool:
         return self._run(run_id).dispute is not None
+
+    def pending_round(self, run_id: str) -> int | None:
+        pending = self._run(run_id).pending
+        return pending.round if pending is not None else None
 
     def before_fit(self, run_id: str, rnd: int) -> None:
         """Refuse (rule ``record``) to train round ``rnd`` of a run whose coordinator signed a false
@@ -114,99 +153,137 @@ class RoundWitness:
         run = self._run(run_id)
         if run.dispute is not None:
             self.policy.refuse("record", f"the coordinator signed a false record earlier in this run: {run.dispute}")
-        pending = run.pending
-        if pending is None:
-            return
-        if rnd == pending.round:  # the round is run again (a coordinator that restarted): its record is moot
-            run.pending = None
-        elif rnd > pending.round:
-            self.policy.refuse("record", f"round {rnd} started, but the coordinator never sent its signed record of "
-                                         f"round {pending.round}, whose model this site evaluated")
-
-    def pending_round(self, run_id: str) -> int | None:
-        pending = self._run(run_id).pending
-        return pending.round if pending is not None else None
+        if run.pending is not None and rnd >= run.pending.round:
+            self.policy.refuse("record", f"round {rnd} was asked for before the coordinator's signed record of round "
+                                         f"{run.pending.round}, whose model this site evaluated")
 
     def record(self, run_id: str, msg: RoundRecord) -> None:
         """Check the coordinator's record of round ``msg.round`` and keep it; a record that fails is
-        kept as evidence and raises :class:`Refusal` (the site leaves the run)."""
+        kept as evidence and raises :class:`~asagiri.policy.Refusal` (the site leaves the run)."""
         run = self._run(run_id)
+        if run.dispute is not None:
+            return  # this site has left the run; nothing more of it is written
         rec, problem = verify_record(msg.record, self.coordinator)
         if rec is None:
             self._dispute(run_id, msg.round, None, f"the record does not verify under the pinned coordinator key: "
                                                    f"{problem}")
-        problem = self._contradiction(run_id, run, msg.round, rec)
+        problem = _malformed(run_id, msg.round, rec)
         if problem is not None:
             self._dispute(run_id, msg.round, rec, problem)
-        if run.kept.get(rec["seq"]) == rec["hash"]:
-            return  # already held (sent again after a reconnect)
+        where = (rec["log_id"], rec["seq"])
+        if run.kept.get(where, rec["hash"]) != rec["hash"]:
+            self._dispute(run_id, msg.round, rec, f"a second, different record {rec['seq']} of the coordinator's log "
+                                                  "(a fork)")
+        if run.joined:  # the first record of a session: the coordinator's log ends there
+            run.joined = False
+            self._rejoined(run_id, run, rec)
+        run.started = rec["started"]
+        if where in run.kept:
+            return  # held already (sent again on joining)
         pending = run.pending
-        evaluated = pending is not None and pending.round == msg.round
-        if pending is not None and msg.round >= pending.round:
+        if pending is not None and msg.round > pending.round:
+            self._dispute(run_id, msg.round, rec, f"a record of round {msg.round}, but none of round {pending.round}, "
+                                                  "whose model this site evaluated")
+        if pending is not None and pending.round != msg.round:
+            pending = None
+        if pending is None and not any(r == msg.round for r, _ in run.attempts):
+            return  # a round this site had no part in: nothing to check, nothing kept
+        problem = self._contradiction(run, rec, pending)
+        if problem is not None:
+            self._dispute(run_id, msg.round, rec, problem)
+        evaluated = pending is not None
+        if evaluated:
             run.pending = None
-        run.kept[rec["seq"]] = rec["hash"]
+        run.kept[where] = rec["hash"]
         for key in [k for k in run.attempts if k[0] <= msg.round]:
             del run.attempts[key]
-        try:
-            self.receipts.append("round_receipt", run_id=run_id, round=msg.round, site=self.site_id,
-                                 evaluated=evaluated, record=rec, time=round(time.time(), 3))
-        except OSError as exc:  # this site's loss of evidence, not a reason to leave the federation
-            log.error("round %d: could not write the receipt (%s)", msg.round, exc)
-            return
+        self._write("round_receipt", run_id, msg.round, evaluated=evaluated, record=rec)
         log.info("round %d: kept the coordinator's signed record (log record %d)", msg.round, rec["seq"])
 
-    def _contradiction(self, run_id: str, run: _Run, rnd: int, rec: dict[str, Any]) -> str | None:
+    # -- checks ------------------------------------------------------------------------------------
+
+    def _contradiction(self, run: _Run, rec: dict[str, Any], pending: _Evaluated | None) -> str | None:
         """What in the record contradicts this site's own view, or None."""
-        if rec["kind"] != "round_completed" or rec.get("run_id") != run_id or type(rec.get("round")) is not int \
-                or rec["round"] != rnd:
-            return (f"a {rec['kind']!r} record of run {rec.get('run_id')!r} round {rec.get('round')!r} sent as the "
-                    f"record of run {run_id!r} round {rnd}")
-        held = run.kept.get(rec["seq"])
-        if held is not None and held != rec["hash"]:
-            return f"a second, different record {rec['seq']} of the coordinator's log (a fork)"
-        fields = {k: rec.get(k) for k in ("attempt", "selected", "participants", "dropped", "declined")}
-        if not (type(fields["attempt"]) is int and all(_ids(fields[k]) for k in ("selected", "participants", "dropped"))
-                and isinstance(fields["declined"], dict)
-                and all(isinstance(rec.get(k, {}), dict) for k in PRIVACY_KEYS)):
-            return "the record's attempt, site lists or privacy maps are malformed"
-        pending = run.pending
-        if pending is not None and pending.round == rnd:
-            if rec.get("model_sha256") != pending.model_sha256:
-                return (f"it records model {str(rec.get('model_sha256'))[:16]}..., but this site was sent "
+        if pending is not None:
+            if rec["model_sha256"] != pending.model_sha256:
+                return (f"it records model {rec['model_sha256'][:16]}..., but this site was sent "
                         f"{pending.model_sha256[:16]}... to evaluate")
             for key in PRIVACY_KEYS:
-                claimed = rec.get(key, {}).get(str(self.site_id))
-                if claimed != pending.privacy.get(key):
-                    return f"it credits this site with {key} {claimed!r}; the site reported {pending.privacy.get(key)!r}"
-        return _participation(self.site_id, run.attempts.get((rnd, fields["attempt"])), fields)
+                claimed = rec[key].get(str(self.site_id))
+                # absent: the answer came after the deadline; a value must be the one reported
+                if claimed is not None and claimed != pending.privacy.get(key):
+                    return (f"it credits this site with {key} {claimed!r}; the site reported "
+                            f"{pending.privacy.get(key)!r}")
+        rnd, attempt = rec["round"], rec["attempt"]
+        for (r, a), seen in run.attempts.items():
+            if r == rnd and a != attempt and seen.took_part and (r, a) not in run.aborted:
+                return f"it records attempt {attempt}, but attempt {a}, in which this site took part, was never aborted"
+        return _participation(self.site_id, run.attempts.get((rnd, attempt)), rec)
+
+    def _rejoined(self, run_id: str, run: _Run, rec: dict[str, Any] | None) -> None:
+        """A new session, whose first record ``rec`` (None: the coordinator's log holds no round)
+        shows where the coordinator's log ends.  What this site remembers of that round and later
+        ones may be of rounds redone after the coordinator restarted, or completed while the site
+        was away: it is forgotten.  The model it evaluated is checked only against a record of
+        the same coordinator process; otherwise the site keeps its own signed word of it."""
+        rnd = 0 if rec is None else rec["round"]
+        pending = run.pending
+        same_process = rec is not None and pending is not None and pending.started == rec["started"]
+        if pending is not None and not (pending.round == rnd and same_process):
+            log.warning("round %d: no record of the model this site evaluated came from that coordinator process "
+                        "(it restarted, or this site was away); keeping the site's own word of it", pending.round)
+            self._write("round_unrecorded", run_id, pending.round, model_sha256=pending.model_sha256,
+                        privacy=pending.privacy, log_id=None if rec is None else rec["log_id"],
+                        seen_seq=None if rec is None else rec["seq"])
+            run.pending = None
+        run.attempts = {k: v for k, v in run.attempts.items() if k[0] < rnd}
+        run.aborted = {k for k in run.aborted if k[0] < rnd}
 
     def _dispute(self, run_id: str, rnd: int, rec: dict[str, Any] | None, problem: str) -> NoReturn:
         self._run(run_id).dispute = f"round {rnd}: {problem}"
         log.error("round %d: the coordinator's record contradicts this site: %s; leaving the run", rnd, problem)
-        try:
-            self.receipts.append("round_dispute", run_id=run_id, round=rnd, site=self.site_id, problem=problem,
-                                 record=rec, time=round(time.time(), 3))
-        except OSError as exc:
-            log.error("round %d: could not write the dispute (%s)", rnd, exc)
+        self._write("round_dispute", run_id, rnd, problem=problem, record=rec)
         self.policy.refuse("record", problem)
+
+    def _write(self, kind: str, run_id: str, rnd: int, **fields: Any) -> None:
+        """A failed write is this site's loss of evidence, not a reason to leave the federation."""
+        try:
+            self.receipts.append(kind, run_id=run_id, round=rnd, site=self.site_id, **fields,
+                                 time=round(time.time(), 3))
+        except (OSError, ValueError, RecursionError) as exc:
+            log.error("round %d: could not write the %s (%s)", rnd, kind, exc)
 
 
 def _ids(value: Any) -> bool:
     return isinstance(value, list) and all(type(v) is int for v in value)
 
 
-def _participation(me: int, seen: _Attempt | None, fields: dict[str, Any]) -> str | None:
+def _malformed(run_id: str, rnd: int, rec: dict[str, Any]) -> str | None:
+    """Why a verified record is not a well-formed record of round ``rnd`` of this run, or None."""
+    if rec["kind"] != "round_completed" or rec.get("run_id") != run_id or type(rec.get("round")) is not int \
+            or rec["round"] != rnd:
+        return (f"a {rec['kind']!r} record of run {rec.get('run_id')!r} round {rec.get('round')!r} sent as the "
+                f"record of run {run_id!r} round {rnd}")
+    if not (type(rec.get("attempt")) is int and all(_ids(rec.get(k)) for k in ("selected", "participants", "dropped"))
+            and all(isinstance(rec.get(k), dict) for k in ("declined", *PRIVACY_KEYS))
+            and isinstance(rec.get("model_sha256"), str) and isinstance(rec.get("log_id"), str)
+            and type(rec.get("started")) is int):
+        return "the record's attempt, site lists, privacy maps, model digest, log id or start are malformed"
+    return None
+
+
+def _participation(me: int, seen: _Attempt | None, rec: dict[str, Any]) -> str | None:
     """Whether the record's lists agree with what this site did in that attempt (nothing to say if
     it holds no memory of the attempt: it restarted, or was not asked)."""
     if seen is None:
         return None
-    listed = me in fields["participants"]
-    if seen.survivors is not None and fields["participants"] != seen.survivors:
-        return f"participants {fields['participants']}, but this site signed survivors {seen.survivors}"
-    if seen.declined and str(me) not in fields["declined"]:
+    participants, listed = rec["participants"], me in rec["participants"]
+    if seen.survivors is not None and participants != seen.survivors:
+        return f"participants {participants}, but this site signed survivors {seen.survivors}"
+    if seen.declined and str(me) not in rec["declined"]:
         return "this site declined that attempt; the record does not say so"
     if listed and not seen.sent:
         return "it lists this site as a participant, but the site sent no update in that attempt"
-    if seen.sent and not listed and me not in fields["dropped"] and str(me) not in fields["declined"]:
+    if seen.sent and not listed and me not in rec["dropped"] and str(me) not in rec["declined"]:
         return "this site sent an update, but the record lists it neither as a participant, nor dropped, nor declined"
     return None

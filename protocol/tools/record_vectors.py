@@ -25,10 +25,11 @@ def sample_record() -> tuple[dict[str, Any], bytes]:
     coordinator = Identity.from_seed(COORDINATOR_SEED)
     with tempfile.TemporaryDirectory() as tmp:
         log = SignedLog(Path(tmp) / "audit.jsonl", coordinator)
-        log.append("run_started", run_id="vector-run", first_round=1, resumed=False, time=1.5)
+        started = log.append("run_started", run_id="vector-run", first_round=1, resumed=False, time=1.5)
         log.append("site_joined", site=3, fingerprint="00" * 8, time=2.25)
         record = log.append(
-            "round_completed", run_id="vector-run", round=2, attempt=1, selected=[1, 2, 3], participants=[1, 3],
+            "round_completed", run_id="vector-run", log_id=started["hash"], started=started["seq"], round=2,
+            attempt=1, selected=[1, 2, 3], participants=[1, 3],
             dropped=[2], declined={}, survivors=None, model_sha256=params_digest(sample_params()),
             config_sha256="cd" * 32, epsilon={"1": 1.25, "3": 0.0625}, noise_multiplier={"1": 1.1, "3": 1e-05},
             metrics={"auc": 0.875, "accuracy": 0.5}, time=1767225600.125,

@@ -50,7 +50,7 @@ def _handshakes() -> list[bytes]:
 def _record() -> bytes:
     with tempfile.TemporaryDirectory() as tmp:
         log = SignedLog(Path(tmp) / "audit.jsonl", COORDINATOR)
-        rec = log.append("round_completed", run_id=RUN, round=1, attempt=1, selected=[1, 2, 3], participants=[2, 3],
+        rec = log.append("round_completed", run_id=RUN, log_id="ab" * 32, started=1, round=1, attempt=1, selected=[1, 2, 3], participants=[2, 3],
                          dropped=[1], declined={}, model_sha256="00" * 32, epsilon={}, noise_multiplier={})
     return line_of(rec)
 

@@ -1312,6 +1312,9 @@ def check_round_record(record: dict[str, Any], run_id: str, rnd: int) -> None:
     # an int, not 2.0 or true, which compare equal in Python
     require(is_int(record.get("round")) and record["round"] == rnd, "round")
     require(is_int(record.get("attempt")), "attempt")
+    require(is_int(record.get("started")), "started")
+    for key in ("model_sha256", "log_id"):
+        require(isinstance(record.get(key), str), key)
     for key in ("selected", "participants", "dropped"):
         value = record.get(key)
         require(isinstance(value, list) and all(is_int(x) for x in value), key)

@@ -1,0 +1,250 @@
+"""A site's checks of the coordinator's round records (``site/receipts.py``) and the verifier that
+holds a log against them (``observe/audit.py``), in process: each case is a way a coordinator
+running modified code could abuse the records, or an honest situation that must not look like one
+(found by a red-team review of the change)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from asagiri.config import PolicyConfig
+from asagiri.observe.audit import check_receipts
+from asagiri.policy import Refusal, SitePolicy
+from asagiri.signedlog import RECEIPT_DOMAIN, SignedLog, line_of, read_log, verify_log
+from asagiri.site.receipts import RoundWitness
+from asagiri.wire.crypto import Identity
+from asagiri.wire.messages import RoundRecord
+
+RUN = "run"
+COORDINATOR, SITE = Identity.from_seed(b"\1" * 32), Identity.from_seed(b"\2" * 32)
+MODEL = "aa" * 32
+
+
+class Log:
+    """A coordinator's audit log, written as the recorder writes it."""
+
+    def __init__(self, path, run=RUN, time=1.0):
+        self.path, self.run = path, run
+        self.log = SignedLog(path, COORDINATOR)
+        self.started = self.log.append("run_started", run_id=run, first_round=1, resumed=False, time=time)["seq"]
+
+    def restart(self):
+        self.started = self.log.append("run_started", run_id=self.run, first_round=1, resumed=True)["seq"]
+
+    def round(self, rnd, attempt=1, **fields):
+        body = {"run_id": self.run, "log_id": self.log.first_hash, "started": self.started, "round": rnd,
+                "attempt": attempt, "selected": [1, 2, 3], "participants": [1, 2, 3], "dropped": [], "declined": {},
+                "model_sha256": MODEL, "epsilon": {}, "noise_multiplier": {}, **fields}
+        return RoundRecord(rnd, line_of(self.log.append("round_completed", **body)))
+
+
+def witness(path):
+    return RoundWitness(SignedLog(path, SITE, domain=RECEIPT_DOMAIN), COORDINATOR.public, 1,
+                        SitePolicy(PolicyConfig()))
+
+
+@pytest.fixture
+def setup(tmp_path):
+    return Log(tmp_path / "audit.jsonl"), witness(tmp_path / "receipts.jsonl"), tmp_path / "receipts.jsonl"
+
+
+def kinds(path):
+    return [r["kind"] for r in read_log(path)]
+
+
+def took_part(w, rnd, attempt=1, survivors=(1, 2, 3)):
+    w.asked(RUN, rnd, attempt)
+    w.sent_update(RUN, rnd, attempt)
+    w.signed_survivors(RUN, rnd, attempt, list(survivors))
+
+
+def kept_round_one(log, w):
+    """A session in which the site evaluated round 1 and kept its record."""
+    w.joined(RUN)
+    w.settle(RUN)
+    w.evaluated(RUN, 1, MODEL, {})
+    w.record(RUN, log.round(1))
+
+
+def check(log, receipts):
+    return check_receipts(log.path, receipts, SITE.public, COORDINATOR.public, run_id=RUN)
+
+
+# ---- a record withheld -------------------------------------------------------------------------------
+
+
+def test_a_withheld_record_cannot_be_skipped_in_the_same_session(setup):
+    log, w, _ = setup
+    w.joined(RUN)
+    w.settle(RUN)
+    w.evaluated(RUN, 1, MODEL, {})
+    for rnd in (1, 2):  # the same round asked again, or the next: both wait for the record
+        with pytest.raises(Refusal, match="record"):
+            w.before_fit(RUN, rnd)
+    assert not w.disputed(RUN)
+    with pytest.raises(Refusal, match="none of round 1"):  # a later round's record, skipping it
+        w.record(RUN, log.round(2))
+    assert w.disputed(RUN)
+
+
+def test_after_a_restart_the_site_keeps_its_own_word_and_the_verifier_compares_it(setup):
+    log, w, receipts = setup
+    w.joined(RUN)
+    w.settle(RUN)
+    w.evaluated(RUN, 1, MODEL, {})
+    # the coordinator restarted: a new process whose log ends before round 1
+    log.restart()
+    w.joined(RUN)
+    w.settle(RUN)  # the FitIns of the redo came first: no join record (no round in the log)
+    w.before_fit(RUN, 1)
+    assert kinds(receipts) == ["round_unrecorded"]
+    w.record(RUN, log.round(1, model_sha256="bb" * 32))  # the redo's model is not the one it saw
+    assert not w.disputed(RUN)
+    # the verifier: a resume lies between, so the claim is reported as the site's word, not proof
+    [problem] = check(log, receipts).problems
+    assert "the site's word" in problem and "a resume before that record" in problem
+
+
+def test_a_join_record_of_the_same_process_is_checked(setup):
+    """Connection lost between evaluating and the record: the same coordinator process's record on
+    joining is checked like any other."""
+    log, w, receipts = setup
+    w.joined(RUN)
+    w.settle(RUN)
+    w.record(RUN, log.round(1))  # the join record of session one
+    w.evaluated(RUN, 2, MODEL, {})
+    w.joined(RUN)  # the join record comes first
+    with pytest.raises(Refusal, match="records model"):
+        w.record(RUN, log.round(2, model_sha256="bb" * 32))
+
+
+def test_a_site_that_returns_after_a_redone_round_does_not_dispute_it(setup):
+    """It sent an update in (2, 1); the coordinator died and redid (2, 1) without it."""
+    log, w, receipts = setup
+    w.joined(RUN)
+    w.settle(RUN)
+    w.record(RUN, log.round(1))
+    took_part(w, 2)
+    log.restart()
+    w.joined(RUN)  # the join record comes first
+    w.record(RUN, log.round(2, participants=[2, 3], selected=[2, 3]))
+    assert not w.disputed(RUN)
+
+
+# ---- honest situations that are not lies ------------------------------------------------------------
+
+
+def test_a_late_evaluation_is_not_a_lie_but_another_epsilon_is(setup):
+    log, w, _ = setup
+    w.joined(RUN)
+    w.settle(RUN)
+    w.evaluated(RUN, 1, MODEL, {"epsilon": 1.5})
+    w.record(RUN, log.round(1))  # no epsilon credited: the answer came after the deadline
+    assert not w.disputed(RUN)
+    w.evaluated(RUN, 2, MODEL, {"epsilon": 2.5})
+    with pytest.raises(Refusal, match="epsilon 0.5"):
+        w.record(RUN, log.round(2, epsilon={"1": 0.5}))
+
+
+def test_a_run_id_used_twice_is_another_log_not_a_fork(setup, tmp_path):
+    log, w, receipts = setup
+    kept_round_one(log, w)
+    again = Log(tmp_path / "audit-2.jsonl", time=2.0)  # a fresh run under the same id: its records restart at seq 1
+    w.joined(RUN)
+    w.settle(RUN)
+    w.evaluated(RUN, 1, MODEL, {})
+    w.record(RUN, again.round(1))
+    assert not w.disputed(RUN) and kinds(receipts) == ["round_receipt", "round_receipt"]
+    # each log is checked against its own receipts; the other's is named as another log
+    [problem] = check(again, receipts).problems
+    assert "another log of run" in problem
+
+
+# ---- lies -------------------------------------------------------------------------------------------
+
+
+def test_a_record_of_another_attempt_than_the_one_the_site_took_part_in(setup):
+    log, w, _ = setup
+    w.joined(RUN)
+    w.settle(RUN)
+    took_part(w, 1, attempt=1)
+    with pytest.raises(Refusal, match="attempt 1, in which this site took part, was never aborted"):
+        w.record(RUN, log.round(1, attempt=7, selected=[2, 3], participants=[2, 3]))
+
+
+def test_an_aborted_attempt_is_no_contradiction(setup):
+    log, w, _ = setup
+    w.joined(RUN)
+    w.settle(RUN)
+    took_part(w, 1, attempt=1)
+    w.aborted(RUN, 1, 1)
+    took_part(w, 1, attempt=2)
+    w.record(RUN, log.round(1, attempt=2))
+    assert not w.disputed(RUN)
+
+
+def test_a_disputed_run_stays_disputed_and_writes_nothing_more(setup, tmp_path):
+    log, w, receipts = setup
+    w.joined(RUN)
+    w.settle(RUN)
+    w.evaluated(RUN, 1, MODEL, {})
+    with pytest.raises(Refusal):
+        w.record(RUN, log.round(1, model_sha256="bb" * 32))
+    for rnd in range(2, 20):  # any number of further records: ignored, the file does not grow
+        w.record(RUN, log.round(rnd))
+    assert kinds(receipts) == ["round_dispute"]
+    restarted = witness(receipts)  # and after the site restarts
+    with pytest.raises(Refusal, match="false record earlier"):
+        restarted.before_fit(RUN, 30)
+
+
+def test_records_of_rounds_the_site_had_no_part_in_are_not_kept(setup):
+    log, w, receipts = setup
+    w.joined(RUN)
+    w.settle(RUN)
+    w.record(RUN, log.round(1))  # the join record: kept only if the site had a part
+    for rnd in range(2, 10):
+        w.record(RUN, log.round(rnd))
+    assert not receipts.exists() or kinds(receipts) == []
+
+
+def test_a_record_nested_deep_is_refused_not_a_crash(setup):
+    _, w, receipts = setup
+    w.joined(RUN)
+    w.settle(RUN)
+    with pytest.raises(Refusal, match="nested deeper than 100|not JSON"):
+        w.record(RUN, RoundRecord(1, b"[" * 900 + b"]" * 900))
+    assert verify_log(receipts, SITE.public, domain=RECEIPT_DOMAIN)[1] is None
+
+
+# ---- what a hostile site can make the verifier say ---------------------------------------------------
+
+
+def test_a_genuine_record_filed_under_another_run_or_round_is_only_the_sites_word(setup, tmp_path):
+    log, w, receipts = setup
+    kept_round_one(log, w)
+    other = Log(tmp_path / "audit-b.jsonl", run="b")
+    genuine = json.loads(other.round(1).record)
+    receipts.unlink()
+    SignedLog(receipts, SITE, domain=RECEIPT_DOMAIN).append("round_receipt", run_id=RUN, round=1, site=1,
+                                                             evaluated=True, record=genuine)
+    [problem] = check(log, receipts).problems
+    assert "(the site's word only)" in problem
+
+
+def test_a_dispute_of_a_record_the_log_holds_is_the_sites_word_against_it(setup):
+    log, w, receipts = setup
+    honest = json.loads(log.round(1).record)
+    SignedLog(receipts, SITE, domain=RECEIPT_DOMAIN).append("round_dispute", run_id=RUN, round=1, site=1,
+                                                             problem="made up", record=honest)
+    [problem] = check(log, receipts).problems
+    assert "as the log holds it: made up (the site's word against the record)" in problem
+
+
+def test_hostile_receipts_never_crash_the_verifier(setup):
+    log, _, receipts = setup
+    receipts.write_bytes(b"[" * 5000 + b"]" * 5000 + b"\n")
+    [problem] = check(log, receipts).problems
+    assert ":1:" in problem
