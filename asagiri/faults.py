@@ -1,8 +1,10 @@
 """Fault injection for tests and soak runs: the one hook through which a process kills itself.
 
-A ``FaultPlan`` names points in a run; reaching one ends the process with SIGKILL, as a power
-cut or an OOM kill would, with no clean-up.  Both runtimes take a plan (empty by default) and
-call :meth:`FaultPlan.reached` at their points; nothing else in the package kills a process.
+A ``FaultPlan`` names one point of one round; reaching it ends the process with SIGKILL, as a
+power cut or an OOM kill would, with no clean-up.  Both runtimes take a plan (empty by default)
+and call :meth:`FaultPlan.reached` at their points; nothing else in the package kills a process.
+The command lines take it as ``POINT:ROUND`` (``asagiri-client --kill-at masked:2``,
+``asagiri-coordinator --crash-at fit/unmask:2``), hidden from their help.
 """
 
 from __future__ import annotations
@@ -11,26 +13,38 @@ import logging
 import os
 import signal
 from dataclasses import dataclass
-from typing import Literal
 
-__all__ = ["NO_FAULTS", "FaultPlan", "FaultPoint"]
+__all__ = ["COORDINATOR_POINTS", "NO_FAULTS", "SITE_POINTS", "FaultPlan"]
 
 log = logging.getLogger(__name__)
 
-# fit: a site received the round's FitIns; share: a site received the round's shares (it has
-# shared its own); round_done: the coordinator recorded the round.
-FaultPoint = Literal["fit", "share", "round_done"]
+# A site: fit, its FitIns arrived; keys, its SecAggStart arrived (before it advertises keys); share,
+# the shares sent to it arrived (it has shared its own); masked, it sent its masked input; unmask,
+# the UnmaskRequest arrived (before it answers).
+SITE_POINTS = ("fit", "keys", "share", "masked", "unmask")
+# The coordinator: the stage a round attempt enters (the driver's stage names; "fit" alone when
+# secure aggregation is off), or round_done, the round recorded and checkpointed.
+COORDINATOR_POINTS = ("fit", "fit/advertise", "fit/share", "fit/masked_input", "fit/consistency", "fit/unmask",
+                      "evaluate", "round_done")
 
 
 @dataclass(frozen=True)
 class FaultPlan:
-    kill_at_fit: int | None = None
-    kill_after_share: int | None = None
-    crash_after_round: int | None = None
+    point: str | None = None
+    round: int | None = None
 
-    def reached(self, point: FaultPoint, rnd: int) -> None:
-        planned = {"fit": self.kill_at_fit, "share": self.kill_after_share, "round_done": self.crash_after_round}
-        if planned[point] == rnd:
+    @classmethod
+    def parse(cls, spec: str | None, points: tuple[str, ...]) -> FaultPlan:
+        """``POINT:ROUND`` (or None: no fault)."""
+        if spec is None:
+            return NO_FAULTS
+        point, _, rnd = spec.rpartition(":")
+        if point not in points or not rnd.isdigit() or int(rnd) < 1:
+            raise ValueError(f"fault {spec!r}: expected POINT:ROUND with POINT one of {', '.join(points)}")
+        return cls(point, int(rnd))
+
+    def reached(self, point: str, rnd: int) -> None:
+        if (point, rnd) == (self.point, self.round):
             log.error("fault injection: killing this process at %s of round %d", point, rnd)
             os.kill(os.getpid(), signal.SIGKILL)
 

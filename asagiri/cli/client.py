@@ -10,7 +10,16 @@ from pathlib import Path
 import anyio
 
 from ..config import load_site
-from .common import EXIT_CONFIG, EXIT_INTERRUPTED, EXIT_RUNTIME, cancel_on_signal, run_main, setup_logging
+from ..faults import NO_FAULTS, SITE_POINTS
+from .common import (
+    EXIT_CONFIG,
+    EXIT_INTERRUPTED,
+    EXIT_RUNTIME,
+    cancel_on_signal,
+    fault_type,
+    run_main,
+    setup_logging,
+)
 
 log = logging.getLogger("asagiri.client")
 
@@ -24,8 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="info")
     p.add_argument("--log-format", choices=["text", "json"], default="text",
                    help="json: one JSON object per log line, for machines")
-    p.add_argument("--kill-at-fit", type=int, default=None, help=argparse.SUPPRESS)  # fault injection (tests)
-    p.add_argument("--kill-after-share", type=int, default=None, help=argparse.SUPPRESS)
+    # fault injection (tests, soak runs): POINT:ROUND, asagiri/faults.py
+    p.add_argument("--kill-at", type=fault_type(SITE_POINTS), default=NO_FAULTS, help=argparse.SUPPRESS)
     return p
 
 
@@ -44,7 +53,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from ..client.runtime import run_client
-    from ..faults import FaultPlan
 
     path = Path(args.config) if args.config else default_config_path(args.site)
     cfg = load_site(path, args.overrides)
@@ -70,7 +78,7 @@ def _run(args: argparse.Namespace) -> int:
         async with anyio.create_task_group() as tg:
 
             async def run() -> None:
-                faults = FaultPlan(kill_at_fit=args.kill_at_fit, kill_after_share=args.kill_after_share)
+                faults = args.kill_at
                 # A bar of local training on a terminal; plain log lines elsewhere.
                 progress = sys.stderr.isatty() and args.log_format == "text"
                 result["code"] = await run_client(cfg, faults=faults, progress=progress)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import signal
@@ -11,6 +12,7 @@ from collections.abc import Callable
 import anyio
 
 from ..config import ConfigError
+from ..faults import FaultPlan
 
 __all__ = ["cancel_on_signal", "EXIT_CONFIG", "EXIT_FAILED", "EXIT_OK", "EXIT_RUNTIME", "run_main", "setup_logging"]
 
@@ -62,3 +64,14 @@ def run_main(fn: Callable[[], int]) -> int:
         return EXIT_CONFIG
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+
+
+def fault_type(points: tuple[str, ...]) -> Callable[[str], FaultPlan]:
+    """An argparse type for a fault-injection flag (``POINT:ROUND``)."""
+    def parse(spec: str) -> FaultPlan:
+        try:
+            return FaultPlan.parse(spec, points)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return parse

@@ -12,7 +12,7 @@ import anyio
 import anyio.abc
 
 from ..config import ConfigError, load_federation
-from ..faults import FaultPlan
+from ..faults import COORDINATOR_POINTS, NO_FAULTS
 from ..observe.events import Event, StatusLines
 from .common import (
     EXIT_CONFIG,
@@ -20,6 +20,7 @@ from .common import (
     EXIT_INTERRUPTED,
     EXIT_OK,
     cancel_on_signal,
+    fault_type,
     run_main,
     setup_logging,
 )
@@ -39,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-live", action="store_true", help="plain progress lines even on a terminal")
     p.add_argument("--status-fd", type=int, default=None, metavar="FD",
                    help="write the bound port, then every round event, as JSON lines to this inherited file descriptor")
-    p.add_argument("--crash-after-round", type=int, default=None, help=argparse.SUPPRESS)  # fault injection (tests)
+    # fault injection (tests, soak runs): POINT:ROUND, asagiri/faults.py
+    p.add_argument("--crash-at", type=fault_type(COORDINATOR_POINTS), default=NO_FAULTS, help=argparse.SUPPRESS)
     return p
 
 
@@ -70,7 +72,7 @@ def _run(args: argparse.Namespace) -> int:
         # Log records print above the live view, not through it.
         logging.getLogger().handlers = [RichHandler(console=live.live.console, show_path=False)]
     try:
-        coordinator = Coordinator(cfg, resume=args.resume, faults=FaultPlan(crash_after_round=args.crash_after_round),
+        coordinator = Coordinator(cfg, resume=args.resume, faults=args.crash_at,
                                   console=live is None, watchers=watchers)
     except ResumeError as exc:
         print(f"error: {exc}", file=sys.stderr)

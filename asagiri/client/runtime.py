@@ -262,6 +262,10 @@ class _Session:
                 return  # this site declined that round attempt: it says nothing more in it
             if isinstance(msg, ShareDelivery):
                 self.faults.reached("share", msg.round)
+            elif isinstance(msg, SecAggStart):
+                self.faults.reached("keys", msg.round)
+            elif isinstance(msg, UnmaskRequest):
+                self.faults.reached("unmask", msg.round)
             await self._secure_step(secure, msg, lambda: secure.receive(msg))
             if isinstance(msg, SecAggStart):
                 self._started_event(msg.round, msg.attempt).set()
@@ -344,6 +348,7 @@ class _Session:
             await self.conn.send(reply)
             if isinstance(reply, MaskedInput):
                 self.kept.witness.sent_update(self.run_id, reply.round, reply.attempt)
+                self.faults.reached("masked", reply.round)
             elif isinstance(reply, ConsistencySig) and isinstance(about, ConsistencyCheck):
                 self.kept.witness.signed_survivors(self.run_id, reply.round, reply.attempt, list(about.survivors))
         return True

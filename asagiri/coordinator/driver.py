@@ -10,6 +10,7 @@ in-memory ones (``asagiri.local``) feed alike.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -23,6 +24,7 @@ import torch
 from ..config import FederationConfig, RunSpec
 from ..data.loaders import dataset_info
 from ..faults import NO_FAULTS, FaultPlan
+from ..fsutil import atomic_write_bytes
 from ..models import build, dp_norm, shared_keys
 from ..observe import events as ev
 from ..observe.checkpoint import load_checkpoint
@@ -107,6 +109,7 @@ class FederationDriver:
         self.model_bytes = sum(v.nbytes for v in params.values()) + 8
         self.strategy = build_strategy(cfg, params)
         self.checkpoint_path = checkpoint
+        self._attempts_path = checkpoint.parent / "attempt.json"  # the newest round attempt begun
         self.resumed = resume
         self._stage_s: dict[str, float] = {}  # the current round attempt's time per stage
         self._load_or_refuse(resume, params)
@@ -115,6 +118,15 @@ class FederationDriver:
         return Welcome(self.cfg.run_id, self.cfg.site_index(site_id), len(self.cfg.sites), self.spec)
 
     # -- resume ----------------------------------------------------------------------------------
+
+    def _attempts_begun(self, rnd: int) -> int:
+        """How many attempts of round ``rnd`` an earlier process of this run began (0 if none)."""
+        try:
+            begun = json.loads(self._attempts_path.read_text())
+        except (OSError, ValueError):
+            return 0
+        ok = isinstance(begun, dict) and begun.get("round") == rnd and type(begun.get("attempt")) is int
+        return begun["attempt"] if ok else 0
 
     def _load_or_refuse(self, resume: bool, fresh: Params) -> None:
         path = self.checkpoint_path
@@ -161,7 +173,10 @@ class FederationDriver:
         await self._wait_for_sites(len(self.roster), cfg.timeouts.wait_for_sites)
         rnd = self.start_round
         while rnd <= cfg.rounds:
-            for attempt in range(1, cfg.max_round_attempts + 1):
+            # A round a crashed coordinator had begun goes on with a new attempt number: the sites
+            # refuse a round attempt they entered before (the replay rule, protocol/SPEC.md §7.2).
+            first = self._attempts_begun(rnd) + 1
+            for attempt in range(first, first + cfg.max_round_attempts):
                 able = len(set(self.roster) - self.exhausted)
                 if able < cfg.min_clients:
                     # Sites leave for good when their privacy budget is spent, or when the run breaks
@@ -222,6 +237,7 @@ class FederationDriver:
             min_clients=self.cfg.min_clients, global_params=self.strategy.params,
             fit_config=plan.config, strategy=self.strategy, secagg=secagg,
         )
+        atomic_write_bytes(self._attempts_path, json.dumps({"round": rnd, "attempt": attempt}).encode())
         self.emit(ev.RoundStarted(rnd, attempt, plan.sites, secagg is not None))
         self._stage_s = {"selection": time.monotonic() - t_stage}
         await self.sessions.send(machine.start())
@@ -230,6 +246,7 @@ class FederationDriver:
         while not machine.finished:
             stage, name, t_stage = machine.stage_key, _stage(machine), time.monotonic()
             self.emit(ev.StageStarted(rnd, attempt, name))
+            self.faults.reached(name, rnd)
             with anyio.move_on_after(timeouts[machine.deadline_kind]) as scope:
                 while machine.stage_key == stage and not machine.finished:
                     site_id, event = await self.sessions.receive()

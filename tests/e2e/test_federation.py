@@ -55,7 +55,7 @@ def test_site_killed_mid_round_round_completes_with_k_survivors(fed_factory):
     fed.start_coordinator()
     fed.start_site(1)
     fed.start_site(2)
-    victim = fed.start_site(3, "--kill-at-fit", "2")
+    victim = fed.start_site(3, "--kill-at", "fit:2")
     fed.events()
     assert fed.coordinator.wait(timeout=120) == 0, fed.logs()
     assert victim.wait(timeout=10) == -signal.SIGKILL
@@ -70,7 +70,7 @@ def test_fewer_than_k_aborts_then_retries_when_the_site_returns(fed_factory):
     fed.start_coordinator()
     fed.start_site(1)
     fed.start_site(2)
-    fed.start_site(3, "--kill-at-fit", "1")
+    fed.start_site(3, "--kill-at", "fit:1")
     aborted = fed.events(until="RoundAborted")[-1]
     assert (aborted["event"], aborted["round"], aborted["attempt"]) == ("RoundAborted", 1, 1), fed.logs()
     assert aborted["selected"] == [1, 2, 3] and "fewer than min_clients=3" in aborted["reason"], aborted
@@ -86,7 +86,7 @@ def test_fewer_than_k_aborts_then_retries_when_the_site_returns(fed_factory):
 
 def test_coordinator_killed_then_resumed_finishes_remaining_rounds(fed_factory):
     fed = fed_factory(sites=2, rounds=3, site_policy=TWO_SITES)
-    fed.start_coordinator("--crash-after-round", "1")
+    fed.start_coordinator("--crash-at", "round_done:1")
     fed.start_site(1)
     fed.start_site(2)
     assert fed.coordinator.wait(timeout=120) == -signal.SIGKILL, fed.logs()
