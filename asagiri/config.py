@@ -421,7 +421,7 @@ class SiteConfig(_Strict):
     reconnect: ReconnectConfig = ReconnectConfig()
     max_frame_bytes: int = Field(4 << 20, ge=64 << 10, le=1 << 30)
     # A hard cap on one message's tensors. Once the site knows the model it accepts nothing larger
-    # than the model's shared parameters plus 1 MiB (client/runtime.py).
+    # than the model's shared parameters plus 1 MiB (client/session.py).
     max_message_bytes: int = Field(256 << 20, ge=1 << 10)
     chunk_bytes: int = Field(1 << 20, ge=1 << 10)
 

@@ -1,7 +1,7 @@
 """A site's learning, with no networking: its data, model, local layers, DP-SGD and ledger.
 
 :class:`SiteWorker` lives as long as the site process does (it survives reconnects); the session
-in ``client/runtime.py`` hands it the coordinator's requests and sends back what it returns.
+in ``client/session.py`` hands it the coordinator's requests and sends back what it returns.
 """
 
 from __future__ import annotations
