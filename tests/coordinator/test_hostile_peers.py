@@ -125,3 +125,19 @@ async def test_out_of_stage_message_closes_channel_and_coordinator_survives(cfg)
         await conn.aclose()
 
     await with_coordinator(cfg, body)
+
+
+async def test_a_second_connection_with_the_same_identity_replaces_the_first(cfg):
+    """Only the holder of the site's key can open one, so the newer is the site itself (say, back
+    after a network cut the coordinator has not noticed): the older session is closed."""
+    async def body(port, coord):
+        first = await honest_join(port)
+        second = await honest_join(port)
+        with anyio.fail_after(10):
+            with pytest.raises(ConnectionLost):
+                while True:
+                    await first.receive()
+        assert coord.sessions.connected() == {1}
+        await second.aclose()
+
+    await with_coordinator(cfg, body)
