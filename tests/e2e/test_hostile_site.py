@@ -1,0 +1,128 @@
+"""A scripted hostile site with a valid enrolled key, against a real coordinator process and three
+honest site processes on loopback (secure aggregation off, so the coordinator's own update checks
+are what stands).  Each misbehaviour gets that connection closed; the coordinator stays up; the
+honest sites' rounds complete with the sum a plain run of the same three sites gives; an
+unenrolled key is refused before any key exchange."""
+
+from __future__ import annotations
+
+import anyio
+import numpy as np
+import pytest
+
+from asagiri.wire.channel import SiteRefused
+from asagiri.wire.connection import connect_handshake
+from asagiri.wire.crypto import Identity, PublicIdentity
+from asagiri.wire.errors import ConnectionLost, RemoteProtocolError
+from asagiri.wire.messages import FitIns, FitRes, Heartbeat, Welcome
+
+from .harness import Federation
+
+pytestmark = pytest.mark.e2e
+
+PLAIN = ["min_clients=3", "keep_models=true", "secagg.enabled=false"]
+ROUNDS = 9  # one per wrong answer, and spare ones in case a reconnect misses a round's start
+LIMITS = dict(max_frame_size=4 << 20, max_payload_bytes=64 << 20, chunk_bytes=1 << 20)
+
+
+def _update(fit: FitIns, change) -> dict[str, np.ndarray]:
+    out = {k: np.zeros_like(v) for k, v in fit.params.items()}
+    return change(out)
+
+
+def first_key(params):
+    return next(iter(params))
+
+
+# Answers to a FitIns, each wrong in one way.
+IN_ROUND = {
+    "wrong_shape": lambda fit: FitRes(fit.round, fit.attempt, _update(
+        fit, lambda u: {**u, first_key(u): np.zeros(u[first_key(u)].size + 1, np.float32)}), 10, {}),
+    "wrong_dtype": lambda fit: FitRes(fit.round, fit.attempt, _update(
+        fit, lambda u: {**u, first_key(u): u[first_key(u)].astype(np.float64)}), 10, {}),
+    "nan": lambda fit: FitRes(fit.round, fit.attempt, _update(
+        fit, lambda u: {**u, first_key(u): np.full_like(u[first_key(u)], np.nan)}), 10, {}),
+    "infinity": lambda fit: FitRes(fit.round, fit.attempt, _update(
+        fit, lambda u: {**u, first_key(u): np.full_like(u[first_key(u)], np.inf)}), 10, {}),
+    "another_round": lambda fit: FitRes(fit.round + 7, fit.attempt, _update(fit, lambda u: u), 10, {}),
+    "missing_tensor": lambda fit: FitRes(fit.round, fit.attempt, dict(list(_update(fit, lambda u: u).items())[1:]),
+                                         10, {}),
+}
+
+
+async def _closed(conn) -> bool:
+    with anyio.fail_after(30):
+        try:
+            while True:
+                await conn.receive()
+        except (ConnectionLost, RemoteProtocolError):
+            return True
+
+
+async def hostile(port: int, key: Identity, coordinator: PublicIdentity) -> dict[str, str]:
+    """Site 4's misbehaviour, one connection each; what happened to each."""
+    outcome: dict[str, str] = {}
+
+    async def connect():
+        stream = await anyio.connect_tcp("127.0.0.1", port)
+        conn = await connect_handshake(stream, key, 4, coordinator, **LIMITS)
+        assert isinstance(await conn.receive(), Welcome)
+        return stream, conn
+
+    for name, answer in IN_ROUND.items():
+        _, conn = await connect()
+        with anyio.fail_after(60):
+            while not isinstance(msg := await conn.receive(), FitIns):
+                pass
+        await conn.send(answer(msg))
+        outcome[name] = "closed" if await _closed(conn) else "open"
+
+    # between rounds and outside them
+    _, conn = await connect()
+    await conn.send(Welcome("x", 0, 1, {}))  # a message only the coordinator sends
+    outcome["wrong_type"] = "closed" if await _closed(conn) else "open"
+    stream, conn = await connect()
+    frames = list(conn._channel.frames(Heartbeat(1)))
+    for frame in frames * 2:  # the second copy is a replay: the frame counter has moved on
+        await stream.send(frame)
+    outcome["replayed_frame"] = "closed" if await _closed(conn) else "open"
+    stream, conn = await connect()
+    await stream.send((64 << 20).to_bytes(4, "big"))  # a frame past the coordinator's limit
+    outcome["oversized_frame"] = "closed" if await _closed(conn) else "open"
+    # an impostor: site 4's id with a key that is not enrolled
+    stream = await anyio.connect_tcp("127.0.0.1", port)
+    try:
+        await connect_handshake(stream, Identity.generate(), 4, coordinator, **LIMITS)
+        outcome["impostor"] = "admitted"
+    except SiteRefused:
+        outcome["impostor"] = "refused"
+    return outcome
+
+
+def test_a_hostile_enrolled_site_is_closed_each_time_and_the_honest_sum_stands(tmp_path, tmp_path_factory):
+    from .test_faults import plain_reference
+
+    fed = Federation(tmp_path / "hostile", sites=4, rounds=ROUNDS, overrides=PLAIN)
+    try:
+        fed.start_coordinator()
+        for s in (1, 2, 3):
+            fed.start_site(s)
+        key = Identity.load(tmp_path / "hostile" / "keys" / "site-4.key")
+        outcome = anyio.run(hostile, fed.port, key, PublicIdentity.from_hex(fed.pub))
+        fed.events()
+        codes = fed.wait_all()
+    finally:
+        fed.kill_all()
+    assert outcome == {**dict.fromkeys(IN_ROUND, "closed"), "wrong_type": "closed", "replayed_frame": "closed",
+                       "oversized_frame": "closed", "impostor": "refused"}, fed.logs()
+    assert codes == {"coordinator": 0, "site-1": 0, "site-2": 0, "site-3": 0}, fed.logs()
+    rounds = fed.metrics()
+    assert [r["round"] for r in rounds] == list(range(1, ROUNDS + 1))
+    assert all(r["participants"] == [1, 2, 3] for r in rounds), rounds
+    dropped = [a for a in fed.audit() if a["kind"] == "site_dropped" and a["site"] == 4]
+    assert len(dropped) >= len(IN_ROUND)  # each wrong answer dropped it from its round
+    # round 1 is exactly the honest sites' plain sum: site 4 changed nothing
+    reference = plain_reference(str(tmp_path_factory.getbasetemp()), (1, 2, 3))
+    with np.load(fed.root / "models" / "round-1.npz") as f:
+        worst = max(float(np.max(np.abs(f[k] - reference[k]))) for k in reference)
+    assert worst <= 1e-6, worst
