@@ -117,7 +117,8 @@ def test_a_killed_site_rejoins_when_restarted(fed_factory, point):
     assert rounds == [*aborted, ("round_completed", 1), ("round_completed", 2)]
 
 
-@pytest.mark.parametrize("stage", ["fit/advertise", "fit/unmask", "evaluate"])
+@pytest.mark.parametrize("stage", ["fit/advertise", "fit/share", "fit/masked_input", "fit/consistency", "fit/unmask",
+                                   "evaluate"])
 def test_the_coordinator_killed_at_each_stage_resumes(fed_factory, stage):
     fed = fed_factory(stage.replace("/", "-"), sites=3, rounds=3)
     fed.start_coordinator("--crash-at", f"{stage}:2")
