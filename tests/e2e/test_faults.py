@@ -25,20 +25,6 @@ pytestmark = pytest.mark.e2e
 FOUR = ["min_clients=3", "keep_models=true"]
 
 
-@pytest.fixture
-def fed_factory(tmp_path):
-    feds = []
-
-    def make(name, **kw):
-        fed = Federation(tmp_path / name, **kw)
-        feds.append(fed)
-        return fed
-
-    yield make
-    for fed in feds:
-        fed.kill_all()
-
-
 def round_one(fed: Federation) -> dict[str, np.ndarray]:
     with np.load(fed.root / "models" / "round-1.npz") as f:
         return {k: f[k] for k in f.files}

@@ -7,26 +7,10 @@ import pytest
 
 import asagiri
 
-from .harness import Federation
-
 pytestmark = pytest.mark.e2e
 
 # Two-site federations: each site's policy must accept a sum over two (its default floor is three).
 TWO_SITES = {"min_participants": 2, "min_group": 2}
-
-
-@pytest.fixture
-def fed_factory(tmp_path):
-    feds = []
-
-    def make(**kw):
-        fed = Federation(tmp_path / f"run{len(feds)}", **kw)
-        feds.append(fed)
-        return fed
-
-    yield make
-    for fed in feds:
-        fed.kill_all()
 
 
 def test_three_sites_two_rounds(fed_factory):

@@ -9,25 +9,9 @@ from asagiri.data import load_site_data
 from asagiri.observe.checkpoint import load_checkpoint
 from asagiri.secagg.quantize import QuantPlan
 
-from .harness import Federation
-
 pytestmark = pytest.mark.e2e
 
 SPARSE_2_OF_3 = ["secagg.mode=sparse", "secagg.shares=3", "secagg.threshold=2", "min_clients=3"]
-
-
-@pytest.fixture
-def fed_factory(tmp_path):
-    feds = []
-
-    def make(name, **kw):
-        fed = Federation(tmp_path / name, **kw)
-        feds.append(fed)
-        return fed
-
-    yield make
-    for fed in feds:
-        fed.kill_all()
 
 
 def run_round(fed, victim_flag):

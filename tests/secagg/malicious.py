@@ -15,7 +15,8 @@ import itertools
 import socket
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +118,18 @@ class Attacker:
         self.run_id = RUN  # what Welcome and the round parameters name; a case may name another run
         self._workers: dict[int, SiteWorker] = {}  # for true_update
         (root / "logs").mkdir(parents=True, exist_ok=True)
+
+    @classmethod
+    @contextmanager
+    def running(cls, root: Path, sites: list[int]) -> Iterator[Attacker]:
+        """An attacker facing ``sites`` as real processes, every one of them killed on leaving."""
+        attacker = cls(root)
+        try:
+            for site in sites:
+                attacker.start_site(site)
+            yield attacker
+        finally:
+            attacker.kill_all()
 
     # -- site processes ----------------------------------------------------------------------------
 

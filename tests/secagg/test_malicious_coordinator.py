@@ -40,11 +40,8 @@ DEMO = [1, 2, 3]  # the demo's layout: three sites, complete graph, t = 2
 
 @pytest.fixture(scope="module")
 def attacker(tmp_path_factory):
-    a = Attacker(tmp_path_factory.mktemp("attack"))
-    for site in RUNNING:
-        a.start_site(site)
-    yield a
-    a.kill_all()
+    with Attacker.running(tmp_path_factory.mktemp("attack"), RUNNING) as a:
+        yield a
 
 
 def assert_not_recovered(attacker, rnd: Round, site):

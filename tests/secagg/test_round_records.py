@@ -31,11 +31,8 @@ _runs = itertools.count(1)
 
 @pytest.fixture(scope="module")
 def attacker(tmp_path_factory):
-    a = Attacker(tmp_path_factory.mktemp("records"))
-    for site in DEMO:
-        a.start_site(site)
-    yield a
-    a.kill_all()
+    with Attacker.running(tmp_path_factory.mktemp("records"), DEMO) as a:
+        yield a
 
 
 class Coordinator:
