@@ -29,7 +29,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from .fsutil import atomic_write_bytes
 from .wire.crypto import AuthenticationFailed, Identity, PublicIdentity
@@ -85,12 +85,10 @@ class SignedLog:
             keep = data[: data.rfind(b"\n") + 1]
             log.warning("%s: dropping a last record cut short by a crash (%d bytes)", path, len(data) - len(keep))
             atomic_write_bytes(path, keep)
-        self._seq, self._last, error = _walk(path, identity.public, domain)
-        if error is not None:
-            raise ValueError(f"{path}:{error.line}: {error.problem}; move the file aside to start a new log")
-        if self._seq:
-            with open(path, "rb") as fh:
-                self.first_hash = json.loads(fh.readline())["hash"]
+        chain = _walk(path, identity.public, domain)
+        if chain.error is not None:
+            raise ValueError(f"{path}:{chain.error.line}: {chain.error.problem}; move the file aside to start a new log")
+        self._seq, self._last, self.first_hash = chain.records, chain.last, chain.first
 
     def append(self, kind: str, **fields: Any) -> dict[str, Any]:
         """Write one record; returns it as written (``hash`` and ``sig`` included)."""
@@ -206,22 +204,30 @@ def _depth(value: Any, limit: int = MAX_DEPTH + 1) -> int:
 def verify_log(path: Path, key: PublicIdentity, *, domain: bytes = AUDIT_DOMAIN) -> tuple[int, LogError | None]:
     """Check the whole chain: (records read, the first bad record or None).  Checking stops at
     the first bad record, since nothing after it can be trusted to link correctly."""
-    seq, _, error = _walk(path, key, domain)
-    return seq, error
+    chain = _walk(path, key, domain)
+    return chain.records, chain.error
 
 
-def _walk(path: Path, key: PublicIdentity, domain: bytes) -> tuple[int, str, LogError | None]:
-    """One pass over the chain: (records that verified, the last one's hash, the first bad record)."""
-    prev, seq = GENESIS, 0
+class _Chain(NamedTuple):
+    records: int  # records that verified
+    first: str | None  # the first one's hash: the log's identity
+    last: str  # the last one's hash (GENESIS if none)
+    error: LogError | None  # the first bad record
+
+
+def _walk(path: Path, key: PublicIdentity, domain: bytes) -> _Chain:
+    """One pass over the chain, stopping at the first bad record."""
+    prev, seq, first = GENESIS, 0, None
     with open(path, "rb") as fh:
         for line_no, raw in enumerate(fh, start=1):
             raw = raw.rstrip(b"\n")
             if not raw.strip():
-                return seq, prev, LogError(line_no, "empty line")
+                return _Chain(seq, first, prev, LogError(line_no, "empty line"))
             rec, problem = _parse(raw)
             if problem is None:
                 problem = _check(rec, raw.decode("utf-8"), seq=seq + 1, prev=prev, key=key, domain=domain)
             if problem is not None:
-                return seq, prev, LogError(line_no, problem)
+                return _Chain(seq, first, prev, LogError(line_no, problem))
             prev, seq = rec["hash"], seq + 1
-    return seq, prev, None
+            first = first or prev
+    return _Chain(seq, first, prev, None)

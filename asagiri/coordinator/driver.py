@@ -173,9 +173,10 @@ class FederationDriver:
         await self._wait_for_sites(len(self.roster), cfg.timeouts.wait_for_sites)
         rnd = self.start_round
         while rnd <= cfg.rounds:
-            # A round a crashed coordinator had begun goes on with a new attempt number: the sites
-            # refuse a round attempt they entered before (the replay rule, protocol/SPEC.md §7.2).
-            first = self._attempts_begun(rnd) + 1
+            # The round a crashed coordinator had begun (only ever the first one this process runs)
+            # goes on with a new attempt number: the sites refuse a round attempt they entered
+            # before (the replay rule, protocol/SPEC.md §7.2).
+            first = 1 + (self._attempts_begun(rnd) if rnd == self.start_round else 0)
             for attempt in range(first, first + cfg.max_round_attempts):
                 able = len(set(self.roster) - self.exhausted)
                 if able < cfg.min_clients:
@@ -351,18 +352,24 @@ class FederationDriver:
                  "exhausted": sorted(self.exhausted)}
         self.emit(ev.RoundCompleted(record, outcome.params, self.strategy.velocity, state))
 
-    async def _send_round_record(self) -> None:
-        """Every site gets the round's signed record before anything of the next round
-        (protocol/SPEC.md §9): the site checks it and keeps it as its receipt."""
+    def round_record_message(self) -> RoundRecord | None:
+        """The newest round's signed record as the sites are sent it (protocol/SPEC.md §9), or None:
+        no round completed yet, or a record past the message bound (the sites then decline the next
+        round, rule record)."""
         latest = self.round_record()
         if latest is None:
-            return
+            return None
         try:
-            msg = RoundRecord(*latest)
-        except MessageError as exc:  # past the message bound: the sites decline the next round (rule record)
+            return RoundRecord(*latest)
+        except MessageError as exc:
             log.error("round %d: its record cannot be sent (%s)", latest[0], exc)
-            return
-        await self.sessions.send([Outbound(s, msg) for s in sorted(self.sessions.connected())])
+            return None
+
+    async def _send_round_record(self) -> None:
+        """Every site gets the round's signed record before anything of the next round: the site
+        checks it and keeps it as its receipt."""
+        if (msg := self.round_record_message()) is not None:
+            await self.sessions.send([Outbound(s, msg) for s in sorted(self.sessions.connected())])
 
     def _fail(self, rnd: int, reason: str, t_start: float) -> None:
         log.error("federation stopped at round %d: %s", rnd, reason)

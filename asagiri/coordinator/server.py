@@ -30,7 +30,6 @@ from ..wire.channel import SiteRefused
 from ..wire.connection import accept_handshake
 from ..wire.crypto import Identity
 from ..wire.errors import ConnectionLost, RemoteProtocolError
-from ..wire.messages import MAX_RECORD_BYTES, RoundRecord
 from ..wire.pool import ArrayPool
 from .driver import FederationDriver, FederationFailed, ResumeError
 from .sessions import Sessions
@@ -105,8 +104,8 @@ class Coordinator:
                     await conn.send(self.driver.welcome(site_id))
                     # The newest round's record, so a site that missed it (reconnected, or the run
                     # resumed) holds it before any later round asks it to train (SPEC §9).
-                    if (latest := self.recorder.latest_record) is not None and len(latest[1]) <= MAX_RECORD_BYTES:
-                        await conn.send(RoundRecord(*latest))
+                    if (record := self.driver.round_record_message()) is not None:
+                        await conn.send(record)
             except SiteRefused as exc:
                 self.metrics.refused.labels("handshake").inc()
                 log.warning("refused a connection: %s", exc)

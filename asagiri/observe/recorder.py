@@ -137,13 +137,12 @@ class Recorder:
         append_jsonl(self.metrics_path, record)
         sealed = self._audit(
             "round_completed", run_id=self.run_id, log_id=self.audit.first_hash, started=self.started_seq,
-            round=record["round"],
-            attempt=record["attempt"], selected=record.get("selected"), participants=record["participants"],
-            dropped=record["dropped"],
+            round=record["round"], attempt=record["attempt"], selected=record.get("selected"),
+            participants=record["participants"], dropped=record["dropped"],
             # the rule only: a site's free text would grow the record every site is sent
-            declined={site: refusal_kind(reason) for site, reason in record["declined"].items()}, survivors=record.get("secagg_stages"), model_sha256=digest,
-            config_sha256=self.config_sha256, epsilon=record.get("epsilon", {}),
-            noise_multiplier=record.get("noise_multiplier", {}),
+            declined={site: refusal_kind(reason) for site, reason in record["declined"].items()},
+            survivors=record.get("secagg_stages"), model_sha256=digest, config_sha256=self.config_sha256,
+            epsilon=record.get("epsilon", {}), noise_multiplier=record.get("noise_multiplier", {}),
             metrics={k: record[k] for k in ("auc", "accuracy") if k in record})
         self.latest_record = (record["round"], line_of(sealed))
         t0 = time.monotonic()
