@@ -232,8 +232,14 @@ class ServerStateMachine:
         return sorted(s for s in sites if s not in self._lost)
 
     def _maybe_advance(self) -> list[Outbound]:
-        if self._waiting or self.finished:
-            return []
+        # A stage can begin with nobody to wait for (each expected site answered the last stage,
+        # then went): it closes at once, not at its deadline.
+        out: list[Outbound] = []
+        while not self._waiting and not self.finished:
+            out += self._advance()
+        return out
+
+    def _advance(self) -> list[Outbound]:
         answered, self._answered = sorted(self._answered), set()
         if self.stage is ServerStage.ADVERTISE:
             u1 = answered
@@ -275,7 +281,7 @@ class ServerStateMachine:
                     f"{len(self.u3)} masked inputs, fewer than min_clients={self.min_clients}; nothing unmasked"
                 )
             self.stage = ServerStage.CONSISTENCY
-            self._waiting = set(self.u3)
+            self._waiting = set(self._alive(self.u3))  # a site gone since its input still counts in U3
             return [Outbound(u, ConsistencyCheck(self.round, self.attempt, self.u3)) for u in self.u3]
         if self.stage is ServerStage.CONSISTENCY:
             self.u4 = answered
@@ -288,7 +294,7 @@ class ServerStateMachine:
             dropped = sorted(set(self.u2) - set(self.u3))
             sigs = [[s, *self._sigs[s]] for s in self.u4]
             self.stage = ServerStage.UNMASK
-            self._waiting = set(self.u4)
+            self._waiting = set(self._alive(self.u4))
             return [Outbound(u, UnmaskRequest(self.round, self.attempt, self.u3, dropped, sigs)) for u in self.u4]
         if self.stage is ServerStage.UNMASK:
             return self._finish()
