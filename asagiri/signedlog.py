@@ -26,12 +26,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from .fsutil import atomic_write_bytes
+from .fsutil import append_durably, atomic_write_bytes
 from .wire.crypto import AuthenticationFailed, Identity, PublicIdentity
 
 __all__ = ["AUDIT_DOMAIN", "GENESIS", "RECEIPT_DOMAIN", "LogError", "SignedLog", "line_of", "read_log",
@@ -96,12 +95,7 @@ class SignedLog:
         digest = record_hash(body)
         body.update(hash=digest, signer=self.identity.public.raw.hex(),
                     sig=self.identity.sign(self.domain + bytes.fromhex(digest)).hex())
-        line = _line(body)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a") as fh:
-            fh.write(line + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
+        append_durably(self.path, (_line(body) + "\n").encode())
         self._last, self._seq = digest, self._seq + 1
         if self.first_hash is None:
             self.first_hash = digest

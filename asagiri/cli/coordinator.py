@@ -19,6 +19,7 @@ from .common import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
     EXIT_OK,
+    EXIT_RUNTIME,
     cancel_on_signal,
     fault_type,
     run_main,
@@ -112,9 +113,16 @@ def _run(args: argparse.Namespace) -> int:
         if live is not None:
             live.close()
         failed, rest = group.split(FederationFailed)
+        unwritable, rest = rest.split(_file_error) if rest is not None else (None, None)
         if rest is not None:
             raise
-        assert failed is not None
+        if unwritable is not None:
+            exc = _leaves(unwritable)[0]
+            log.error("cannot write %s: %s", exc.filename, exc.strerror)
+            print(f"error: cannot write {exc.filename}: {exc.strerror}. The rounds recorded so far are kept (the "
+                  f"checkpoint and the audit log agree); free space or fix the permissions, then continue with "
+                  f"--resume", file=sys.stderr)
+            return EXIT_RUNTIME
         return EXIT_FAILED
     except FederationFailed:
         return EXIT_FAILED
@@ -124,6 +132,15 @@ def _run(args: argparse.Namespace) -> int:
     if outcome["code"] == EXIT_OK:
         print(f"summary: {(cfg.run_dir / 'summary.json').resolve()}", flush=True)
     return outcome["code"]
+
+
+def _file_error(exc: BaseException) -> bool:
+    """A write into the run directory failed (a full disk, a read-only mount, a permission)."""
+    return isinstance(exc, OSError) and exc.filename is not None
+
+
+def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
+    return [leaf for e in group.exceptions for leaf in (_leaves(e) if isinstance(e, BaseExceptionGroup) else [e])]
 
 
 class _Announced:

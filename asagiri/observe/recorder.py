@@ -18,11 +18,11 @@ from typing import Any
 
 import numpy as np
 
-from ..fsutil import atomic_write_bytes
+from ..fsutil import atomic_write_bytes, replace_durably
 from ..params import params_digest
 from ..signedlog import SignedLog, line_of, read_log
 from ..wire.crypto import Identity
-from .checkpoint import save_checkpoint
+from .checkpoint import STAGED_NAME, save_checkpoint, settle_staged
 from .events import (
     Event,
     FederationEnded,
@@ -86,15 +86,17 @@ class Recorder:
         self.console = console
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.checkpoint_path = self.run_dir / CHECKPOINT_NAME
+        self.staged_path = self.run_dir / STAGED_NAME
         self.audit = SignedLog(self.run_dir / "audit.jsonl", identity)
         # The newest round's signed record, as the sites are sent it (``RoundRecord``): after each
         # round, and to every site that joins (a resumed run's, read back from the log).
         self.latest_record: tuple[int, bytes] | None = None
         self.started_seq = 0  # this process's run_started record, named in each round record
-        if self.audit.path.exists():
-            done = [r for r in read_log(self.audit.path) if r.get("kind") == "round_completed"]
-            if done:
-                self.latest_record = (done[-1]["round"], line_of(done[-1]))
+        done = [r for r in read_log(self.audit.path) if r.get("kind") == "round_completed"] \
+            if self.audit.path.exists() else []
+        if done:
+            self.latest_record = (done[-1]["round"], line_of(done[-1]))
+        settle_staged(self.staged_path, self.checkpoint_path, done[-1] if done else None)
 
     def __call__(self, event: Event) -> None:
         if isinstance(event, RoundCompleted):
@@ -134,6 +136,12 @@ class Recorder:
     def _completed(self, event: RoundCompleted) -> None:
         record = event.record
         digest = params_digest(event.params)
+        # The round's audit record is its commit: the checkpoint is staged before it and put in
+        # place after it, so a crash or a failed write at any point leaves the checkpoint and the
+        # audit log agreeing on the last completed round (``settle_staged`` finishes the job).
+        t0 = time.monotonic()
+        save_checkpoint(self.staged_path, params=event.params, velocity=event.velocity,
+                        state={**event.state, "model_sha256": digest})
         append_jsonl(self.metrics_path, record)
         sealed = self._audit(
             "round_completed", run_id=self.run_id, log_id=self.audit.first_hash, started=self.started_seq,
@@ -145,9 +153,7 @@ class Recorder:
             epsilon=record.get("epsilon", {}), noise_multiplier=record.get("noise_multiplier", {}),
             metrics={k: record[k] for k in ("auc", "accuracy") if k in record})
         self.latest_record = (record["round"], line_of(sealed))
-        t0 = time.monotonic()
-        save_checkpoint(self.checkpoint_path, params=event.params, velocity=event.velocity,
-                        state={**event.state, "model_sha256": digest})
+        replace_durably(self.staged_path, self.checkpoint_path)
         self.metrics.stage_seconds.labels("checkpoint").observe(time.monotonic() - t0)
         if self.keep_models:
             buf = io.BytesIO()

@@ -48,6 +48,7 @@ class Federation:
             root, sites=sites, rounds=rounds, overrides=[*FAST, f"listen.port={self.port}", *overrides]
         )
         self.pub = (root / "keys" / "coordinator.pub").read_text().strip()
+        self.run_dir = Path(self.cfg.run_dir)  # root, unless the overrides name another
         self.coordinator: subprocess.Popen | None = None
         self.sites: dict[int, subprocess.Popen] = {}
         self.site_policy = site_policy or {}
@@ -93,18 +94,18 @@ class Federation:
         return codes
 
     def metrics(self) -> list[dict]:
-        path = self.root / "metrics.jsonl"
+        path = self.run_dir / "metrics.jsonl"
         return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
 
     def audit(self) -> list[dict]:
         """The audit records, after checking the chain and every signature against the coordinator's key."""
-        path = self.root / "audit.jsonl"
+        path = self.run_dir / "audit.jsonl"
         _, error = verify_log(path, PublicIdentity.from_hex(self.pub))
         assert error is None, error
         return read_log(path)
 
     def summary(self) -> dict:
-        return json.loads((self.root / "summary.json").read_text())
+        return json.loads((self.run_dir / "summary.json").read_text())
 
     def kill_all(self) -> None:
         for p in [self.coordinator, *self.sites.values()]:
