@@ -61,12 +61,13 @@ class Federation:
         assert port == self.port
         return self.coordinator
 
-    def start_site(self, site: int, *extra: str) -> subprocess.Popen:
+    def start_site(self, site: int, *extra: str, port: int | None = None) -> subprocess.Popen:
+        """``port``: where the site connects (a proxy's), if not straight to the coordinator."""
         settings = pinned_site_settings(self.cfg)
         settings["policy"] = {**settings.get("policy", {}), **self.site_policy}
         settings.update(self.site_settings.get(site, {}))
         cfg = write_site_config(
-            self.root, site, self.port, self.pub, {"reconnect": {"give_up_s": 60, "max_s": 1}, **settings}
+            self.root, site, port or self.port, self.pub, {"reconnect": {"give_up_s": 60, "max_s": 1}, **settings}
         )
         proc = start_site(cfg, site, *extra, log=open(self.root / "logs" / f"site-{site}.log", "ab"))
         self.sites[site] = proc

@@ -1,0 +1,77 @@
+"""A bad network between one site and the coordinator: real processes on loopback, with a proxy
+(``netproxy.py``) on site 4's link that throttles it, stalls it, or cuts it in the middle of a frame.
+
+Under secure aggregation (4 sites, min_clients 3).  Whatever the network does, a round completes
+with exactly the sites whose masked input arrived in time: a late or cut-off input never enters
+the sum (round 1's model is compared with a plain run of the same sites), and the site takes part
+again in the next round.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from .harness import Federation
+from .netproxy import Plan, Proxy
+from .test_faults import FOUR, assert_exactly_the_sum_of
+
+pytestmark = pytest.mark.e2e
+
+BIG = 8192  # bytes: of a site's frames, only its masked input (and its update) is this large
+
+
+def run(fed: Federation, proxied: dict[int, Plan]) -> tuple[list[dict], dict[int, Plan]]:
+    """Start the federation with each site in ``proxied`` behind its own proxy; run to the end."""
+    with Proxy(fed.port, proxied.get(4, Plan())).running() as p4, Proxy(fed.port, proxied.get(1, Plan())).running() as p1:
+        fed.start_coordinator()
+        fed.start_site(1, port=p1.port if 1 in proxied else None)
+        fed.start_site(2)
+        fed.start_site(3)
+        fed.start_site(4, port=p4.port)
+        events = fed.events()
+        codes = fed.wait_all()
+    assert codes == {"coordinator": 0, "site-1": 0, "site-2": 0, "site-3": 0, "site-4": 0}, fed.logs()
+    return events, proxied
+
+
+def test_a_throttled_link_that_also_stalls_only_slows_its_site(fed_factory):
+    """100 kB/s each way, and a 3 s stall as the masked input goes up: both rounds complete with
+    all four sites (under the stage and heartbeat deadlines nobody is dropped)."""
+    fed = fed_factory("slow-link", sites=4, rounds=2, overrides=FOUR)
+    plan = Plan(rate=100_000, big=BIG, stall_s=3.0)
+    events, _ = run(fed, {4: plan})
+    assert plan.fired.is_set() and plan.connections == 1
+    r1, r2 = fed.metrics()
+    assert r1["participants"] == r2["participants"] == [1, 2, 3, 4], fed.logs()
+    assert r1["duration_s"] >= 3.0
+
+
+def test_a_site_slower_than_the_stage_deadline_is_left_out_of_that_round_only(fed_factory, tmp_path_factory):
+    """Site 4's masked input is held 6 s, past the 4 s deadline of the masked-input stage (the
+    training deadline, ``timeouts.fit``): round 1 completes without it and its late input,
+    delivered afterwards, changes nothing; round 2 has it back."""
+    fed = fed_factory("past-deadline", sites=4, rounds=2, overrides=[*FOUR, "timeouts.fit=4"])
+    plan = Plan(big=BIG, stall_s=6.0)
+    run(fed, {4: plan})
+    assert plan.fired.is_set()
+    r1, r2 = fed.metrics()
+    assert r1["participants"] == [1, 2, 3] and r2["participants"] == [1, 2, 3, 4], fed.logs()
+    assert r1["dropped"] == [4] and r1["secagg_stages"]["masked"] == [1, 2, 3], r1
+    assert_exactly_the_sum_of(fed, (1, 2, 3), tmp_path_factory)
+
+
+def test_a_connection_cut_mid_frame_and_the_site_back_within_the_same_round(fed_factory, tmp_path_factory):
+    """Site 4's link is cut half-way through its masked input; it reconnects while round 1 is
+    still open (site 1's input is held 3 s), is not let back into that round, and takes part in
+    round 2."""
+    fed = fed_factory("cut", sites=4, rounds=2, overrides=FOUR)
+    cut, hold = Plan(big=BIG, cut=True), Plan(big=BIG, stall_s=3.0)
+    events, _ = run(fed, {4: cut, 1: hold})
+    assert cut.fired.is_set() and cut.connections >= 2 and hold.fired.is_set()
+    r1, r2 = fed.metrics()
+    assert r1["participants"] == [1, 2, 3] and r2["participants"] == [1, 2, 3, 4], fed.logs()
+    # it was back, authenticated, before round 1 ended
+    kinds = [(e["event"], e.get("round"), e.get("site")) for e in events]
+    back = [i for i, k in enumerate(kinds) if k[0] == "SiteJoined" and k[2] == 4][1]
+    assert kinds.index(("RoundStarted", 1, None)) < back < kinds.index(("RoundCompleted", None, None)), kinds
+    assert_exactly_the_sum_of(fed, (1, 2, 3), tmp_path_factory)
