@@ -123,6 +123,14 @@ class StrategyConfig(_Strict):
 
 
 class TrainConfig(_Strict):
+    """How each site trains locally.
+
+    ``max_update_norm``: each site scales its update (local model minus global model) down to
+    this L2 norm before it leaves the site, so no one site's data moves the model by more; with
+    secure aggregation off the coordinator also refuses an update above it (per sample).  It
+    bounds honest sites only: under secure aggregation nothing can check a malicious site's
+    (docs/threat-model.md, "Poisoning").  None: no bound (DP-SGD bounds each example instead)."""
+
     local_epochs: int = Field(1, ge=1, le=1000)
     batch_size: int = Field(64, ge=1)
     lr: float = Field(1e-3, gt=0)
@@ -130,6 +138,7 @@ class TrainConfig(_Strict):
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     augment: bool = True
+    max_update_norm: float | None = Field(None, gt=0)
 
 
 class PartitionConfig(_Strict):

@@ -8,7 +8,7 @@ import hashlib
 
 import numpy as np
 
-__all__ = ["Params", "flatten", "params_digest", "unflatten"]
+__all__ = ["Params", "flatten", "params_digest", "unflatten", "update_norm"]
 
 # Tensor name -> array, in the model's order (the wire order of FitIns.params).
 Params = dict[str, np.ndarray]
@@ -40,3 +40,9 @@ def params_digest(params: Params) -> str:
         h.update(f"{name}|{arr.dtype.str}|{arr.shape}|".encode())
         h.update(memoryview(arr.reshape(-1).view(np.uint8)))
     return h.hexdigest()
+
+
+def update_norm(params: Params) -> float:
+    """The L2 norm of all tensors together, as one vector (in float64)."""
+    return float(np.sqrt(sum(float(np.dot(v.ravel().astype(np.float64), v.ravel().astype(np.float64)))
+                             for v in params.values())))

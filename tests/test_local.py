@@ -178,3 +178,26 @@ def test_each_sites_receipts_expose_a_coordinator_that_rewrites_its_own_signed_l
         "round_receipt", run_id=cfg.run_id, round=2, site=2, evaluated=True, record=read_log(receipts[1])[0]["record"])
     [problem] = check_receipts(audit, receipts[2], site_keys[2], key).problems
     assert "(the site's word only)" in problem
+
+
+@pytest.mark.parametrize("secure", [True, False])
+def test_max_update_norm_bounds_how_far_one_round_moves_the_model(tmp_path, secure):
+    """Each site scales its update to ``train.max_update_norm``, so the weighted average of the
+    updates (all the coordinator applies) moves the model by at most the bound; without the bound
+    the same round moves it further, so the bound did the work.  Under secure aggregation the
+    coordinator never saw an update, yet the sum is bounded."""
+    from asagiri.coordinator.driver import initial_params
+    from asagiri.params import update_norm
+
+    moves = {}
+    for bound in (None, 0.05):
+        run_dir = tmp_path / str(bound)
+        extra = [] if bound is None else [f"train.max_update_norm={bound}"]
+        cfg, sites = lay_out(run_dir, sites=3, rounds=1,
+                             overrides=[*FAST, f"secagg.enabled={str(secure).lower()}", *extra])
+        anyio.run(run_local, cfg, sites)
+        after, _, _ = load_checkpoint(run_dir / "checkpoint.npz")
+        before = initial_params(cfg)
+        moves[bound] = update_norm({k: after[k] - before[k] for k in before})
+    assert moves[0.05] <= 0.05 * (1 + 1e-3) + 1e-4, moves  # (plus the quantisation error, secure)
+    assert moves[None] > 2 * 0.05, moves

@@ -237,6 +237,7 @@ class FederationDriver:
             rnd=rnd, attempt=attempt, selected=plan.sites, evaluators=evaluators,
             min_clients=self.cfg.min_clients, global_params=self.strategy.params,
             fit_config=plan.config, strategy=self.strategy, secagg=secagg,
+            max_update_norm=self.cfg.train.max_update_norm,
         )
         atomic_write_bytes(self._attempts_path, json.dumps({"round": rnd, "attempt": attempt}).encode())
         self.emit(ev.RoundStarted(rnd, attempt, plan.sites, secagg is not None))

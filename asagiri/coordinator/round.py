@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from ..params import Params, unflatten
+from ..params import Params, unflatten, update_norm
 from ..scores import accuracy_score, auc_score
 from ..secagg.quantize import dequantize
 from ..secagg.server import Outbound, SecAggViolation, ServerStage, ServerStateMachine
@@ -104,6 +104,7 @@ class RoundMachine:
         fit_config: dict[str, Any],
         strategy: Strategy,
         secagg: ServerStateMachine | None = None,
+        max_update_norm: float | None = None,
     ) -> None:
         if len(selected) < min_clients:
             raise ValueError(f"selected {len(selected)} sites, fewer than min_clients={min_clients}")
@@ -121,6 +122,7 @@ class RoundMachine:
         self._eval_results: dict[int, tuple[int, dict[str, float]]] = {}
         self.outcome = RoundOutcome(round=rnd, attempt=attempt, selected=sorted(selected))
         self.secagg = secagg
+        self.max_update_norm = max_update_norm
 
     @property
     def deadline_kind(self) -> str:
@@ -279,6 +281,13 @@ class RoundMachine:
                 raise ProtocolViolation(site, f"update tensor {key!r} has shape {arr.shape} {arr.dtype}")
             if not np.isfinite(arr).all():
                 raise ProtocolViolation(site, f"update tensor {key!r} is not finite")
+        if self.max_update_norm is not None:
+            # the update is num_samples * delta; honest sites scaled delta to the bound (float32
+            # rounding aside), so anything longer was not sent by one
+            norm = update_norm(update) / msg.num_samples
+            if norm > self.max_update_norm * (1 + 1e-4):
+                raise ProtocolViolation(site, f"update norm {norm:.4g} per sample exceeds "
+                                              f"train.max_update_norm={self.max_update_norm:g}")
         self._sum.add(update, msg.num_samples)
         self.outcome.participants.append(site)
         self.outcome.site_metrics[site] = dict(msg.metrics)

@@ -14,6 +14,7 @@ import torch
 from ..config import RunSpec, SiteConfig
 from ..data.loaders import SiteData, load_configured_site
 from ..models import build, prepare_data, shared_keys
+from ..params import update_norm
 from ..privacy.engine import dp_compatible, noise_for_target, steps_per_round, train_dp
 from ..privacy.ledger import PrivacyLedger
 from ..train import TrainResult, evaluate, train_local
@@ -122,7 +123,7 @@ class SiteWorker:
         result = self._train_private(ins, on_step) if self.ledger is not None else self._train_plain(ins, on_step)
         state = self.model.state_dict()
         delta = {k: state[k].detach().cpu().numpy().astype(np.float32) - ins.params[k] for k in ins.params}
-        return delta, result
+        return bound_norm(delta, self.train_cfg.max_update_norm), result
 
     def _train_plain(self, ins: FitIns, on_step: OnStep | None) -> TrainResult:
         mu, seed = _fit_config(ins)
@@ -176,6 +177,18 @@ class SiteWorker:
             predictions = {"scores": res.scores.astype(np.float32), "labels": np.ascontiguousarray(res.labels)}
         metrics = {**res.metrics(), **(self.privacy_metrics() if report_privacy else {})}
         return EvaluateRes(ins.round, ins.split, res.num_examples, metrics, predictions)
+
+
+def bound_norm(delta: dict[str, np.ndarray], bound: float | None) -> dict[str, np.ndarray]:
+    """``delta`` scaled down, as one vector, to L2 norm ``bound`` if it is longer (None: as is)."""
+    if bound is None:
+        return delta
+    norm = update_norm(delta)
+    if norm <= bound:
+        return delta
+    log.info("update norm %.4g scaled down to train.max_update_norm=%g", norm, bound)
+    scale = np.float32(bound / norm)
+    return {k: v * scale for k, v in delta.items()}
 
 
 def _fit_config(ins: FitIns) -> tuple[float, int]:

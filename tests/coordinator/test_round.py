@@ -11,11 +11,12 @@ from asagiri.wire.messages import Decline, EvaluateIns, EvaluateRes, FitIns, Fit
 PARAMS = {"w": np.zeros(3, np.float32), "b": np.zeros(1, np.float32)}
 
 
-def machine(selected=(1, 2, 3), k=2, evaluators=None):
+def machine(selected=(1, 2, 3), k=2, evaluators=None, max_update_norm=None):
     cfg = FederationConfig(min_clients=k)
     return RoundMachine(
         rnd=1, attempt=1, selected=list(selected), evaluators=list(evaluators or selected), min_clients=k,
         global_params=dict(PARAMS), fit_config={}, strategy=FedAvg(cfg, dict(PARAMS)),
+        max_update_norm=max_update_norm,
     )
 
 
@@ -154,3 +155,12 @@ def test_secure_round_aborts_below_k_when_sites_vanish_during_key_setup():
     assert m.phase is Phase.ABORTED and "fewer than min_clients=3" in m.outcome.abort_reason
     assert m.outcome.params is None
     assert all(isinstance(o.msg, RoundAborted) for o in out)
+
+
+def test_an_update_longer_than_max_update_norm_is_refused_in_the_clear():
+    """Per sample: the update is n * delta, and delta is what an honest site bounded."""
+    m = machine(max_update_norm=1.0)
+    m.start()
+    m.receive(1, res(10, 0.5))  # |delta| = 0.5 * sqrt(3) = 0.87
+    with pytest.raises(ProtocolViolation, match="update norm 1.732 per sample exceeds train.max_update_norm=1"):
+        m.receive(2, res(10, 1.0))

@@ -1,6 +1,6 @@
 """A scripted hostile site with a valid enrolled key, against a real coordinator process and three
-honest site processes on loopback (secure aggregation off, so the coordinator's own update checks
-are what stands).  Each misbehaviour gets that connection closed; the coordinator stays up; the
+honest site processes on loopback (secure aggregation off, so the coordinator's own update checks,
+the norm bound among them, are what stands).  Each misbehaviour gets that connection closed; the coordinator stays up; the
 honest sites' rounds complete with the sum a plain run of the same three sites gives; an
 unenrolled key is refused before any key exchange."""
 
@@ -20,8 +20,9 @@ from .harness import Federation
 
 pytestmark = pytest.mark.e2e
 
-PLAIN = ["min_clients=3", "keep_models=true", "secagg.enabled=false"]
-ROUNDS = 9  # one per wrong answer, and spare ones in case a reconnect misses a round's start
+# A norm bound far above an honest update's (about 1 here), so the honest sites are untouched.
+PLAIN = ["min_clients=3", "keep_models=true", "secagg.enabled=false", "train.max_update_norm=100"]
+ROUNDS = 10  # one per wrong answer, and spare ones in case a reconnect misses a round's start
 LIMITS = dict(max_frame_size=4 << 20, max_payload_bytes=64 << 20, chunk_bytes=1 << 20)
 
 
@@ -44,6 +45,8 @@ IN_ROUND = {
         fit, lambda u: {**u, first_key(u): np.full_like(u[first_key(u)], np.nan)}), 10, {}),
     "infinity": lambda fit: FitRes(fit.round, fit.attempt, _update(
         fit, lambda u: {**u, first_key(u): np.full_like(u[first_key(u)], np.inf)}), 10, {}),
+    "too_long": lambda fit: FitRes(fit.round, fit.attempt, _update(
+        fit, lambda u: {**u, first_key(u): np.full_like(u[first_key(u)], 1e4)}), 10, {}),
     "another_round": lambda fit: FitRes(fit.round + 7, fit.attempt, _update(fit, lambda u: u), 10, {}),
     "missing_tensor": lambda fit: FitRes(fit.round, fit.attempt, dict(list(_update(fit, lambda u: u).items())[1:]),
                                          10, {}),
