@@ -78,7 +78,7 @@ def _run(args: argparse.Namespace) -> int:
     except ResumeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    except (FileNotFoundError, PermissionError, ValueError) as exc:
+    except (OSError, ValueError) as exc:  # a missing key, an unreadable or unwritable run directory
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
 

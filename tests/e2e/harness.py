@@ -61,14 +61,17 @@ class Federation:
         assert port == self.port
         return self.coordinator
 
-    def start_site(self, site: int, *extra: str, port: int | None = None) -> subprocess.Popen:
-        """``port``: where the site connects (a proxy's), if not straight to the coordinator."""
+    def site_config(self, site: int, port: int | None = None) -> Path:
+        """Write ``site``'s config; ``port``: where it connects (a proxy's), if not to the coordinator."""
         settings = pinned_site_settings(self.cfg)
         settings["policy"] = {**settings.get("policy", {}), **self.site_policy}
         settings.update(self.site_settings.get(site, {}))
-        cfg = write_site_config(
+        return write_site_config(
             self.root, site, port or self.port, self.pub, {"reconnect": {"give_up_s": 60, "max_s": 1}, **settings}
         )
+
+    def start_site(self, site: int, *extra: str, port: int | None = None) -> subprocess.Popen:
+        cfg = self.site_config(site, port)
         proc = start_site(cfg, site, *extra, log=open(self.root / "logs" / f"site-{site}.log", "ab"))
         self.sites[site] = proc
         return proc

@@ -6,6 +6,8 @@ unenrolled key is refused before any key exchange."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import anyio
 import numpy as np
 import pytest
@@ -129,3 +131,57 @@ def test_a_hostile_enrolled_site_is_closed_each_time_and_the_honest_sum_stands(t
     with np.load(fed.root / "models" / "round-1.npz") as f:
         worst = max(float(np.max(np.abs(f[k] - reference[k]))) for k in reference)
     assert worst <= 1e-6, worst
+
+
+# Masked inputs, each wrong in one way (a valid message: the coordinator's machine must catch it).
+MASKED = {
+    "short": lambda msg, _: replace(msg, vector={"y": msg.vector["y"][:-1]}),
+    "long": lambda msg, _: replace(msg, vector={"y": np.concatenate([msg.vector["y"], msg.vector["y"][:1]])}),
+    "other_dtype": lambda msg, _: replace(msg, vector={"y": msg.vector["y"].astype(np.uint64)}),
+    # an earlier round's masked input, sent again: ignored, so the site counts as silent
+    "replayed": lambda _, earlier: earlier,
+}
+
+
+def test_a_hostile_site_under_secure_aggregation_is_dropped_and_the_sum_stands(fed_factory, monkeypatch,
+                                                                                tmp_path_factory):
+    """Site 4 is a real site (``run_client``) run in this process, its masked input replaced by a
+    wrong one each round (the coordinator's secure-aggregation checks are what stands, since it
+    cannot read the vector); then honest.  Each wrong round completes with sites 1-3 alone and
+    round 1 is exactly their sum; site 4 rejoins each time, and once honest, takes part again."""
+    from asagiri.client.runtime import run_client
+    from asagiri.config import load_site
+    from asagiri.secagg.client import ClientStateMachine
+
+    from .test_faults import FOUR, assert_exactly_the_sum_of
+
+    rounds = 2 * len(MASKED) + 3  # after each drop the site may miss a round while it reconnects
+    fed = fed_factory("hostile-secure", sites=4, rounds=rounds, overrides=[*FOUR, "timeouts.fit=5"])
+    plan, sent = list(MASKED), []
+    honest_mask = ClientStateMachine._maybe_mask
+
+    def hostile_mask(self):
+        out = honest_mask(self)
+        if self.site_id != 4 or not out or len(sent) == len(plan):
+            return out
+        name = plan[len(sent)]
+        wrong = MASKED[name](out[0], sent[-1][2] if sent else out[0])
+        sent.append((out[0].round, name, wrong))
+        return [wrong]
+
+    monkeypatch.setattr(ClientStateMachine, "_maybe_mask", hostile_mask)
+    fed.start_coordinator()
+    for s in (1, 2, 3):
+        fed.start_site(s)
+    code = anyio.run(run_client, load_site(fed.site_config(4)))
+    fed.events()
+    codes = fed.wait_all()
+    assert code == 0 and codes == {"coordinator": 0, "site-1": 0, "site-2": 0, "site-3": 0}, fed.logs()
+    assert [name for _, name, _ in sent] == plan
+    by_round = {r["round"]: r for r in fed.metrics()}
+    assert sorted(by_round) == list(range(1, rounds + 1))
+    for rnd, name, _ in sent:
+        assert by_round[rnd]["participants"] == [1, 2, 3] and 4 in by_round[rnd]["dropped"], (name, by_round[rnd])
+    assert by_round[rounds]["participants"] == [1, 2, 3, 4]  # honest again, and taken back
+    assert sent[0][0] == 1
+    assert_exactly_the_sum_of(fed, (1, 2, 3), tmp_path_factory)
