@@ -7,7 +7,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from sklearn.metrics import roc_auc_score
 
 __all__ = ["accuracy_score", "auc_score"]
 
@@ -21,6 +20,9 @@ def accuracy_score(labels: np.ndarray, probs: np.ndarray) -> float:
 
 
 def auc_score(labels: np.ndarray, probs: np.ndarray) -> float | None:
+    # imported here: scikit-learn costs a second of every process's start-up, and only scoring needs it
+    from sklearn.metrics import roc_auc_score
+
     if labels.ndim == 2:
         per = [roc_auc_score(labels[:, j], probs[:, j]) for j in range(labels.shape[1])
                if 0 < labels[:, j].sum() < len(labels)]

@@ -7,6 +7,7 @@ in ``client/session.py`` hands it the coordinator's requests and sends back what
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -15,12 +16,13 @@ from ..config import RunSpec, SiteConfig
 from ..data.loaders import SiteData, load_configured_site
 from ..models import build, prepare_data, shared_keys
 from ..params import update_norm
-from ..privacy.engine import dp_compatible, noise_for_target, steps_per_round, train_dp
-from ..privacy.ledger import PrivacyLedger
 from ..train import TrainResult, evaluate, train_local
 from ..train.loop import OnStep
 from ..wire.errors import RemoteProtocolError
 from ..wire.messages import EvaluateIns, EvaluateRes, FitIns, FitRes, Welcome
+
+if TYPE_CHECKING:
+    from ..privacy.ledger import PrivacyLedger
 
 __all__ = ["BudgetExhausted", "SiteWorker"]
 
@@ -71,6 +73,10 @@ class SiteWorker:
         )
 
     def _setup_dp(self, cfg: SiteConfig, rounds: int) -> None:
+        # Opacus (and the SciPy it pulls in) costs two seconds of start-up: only DP sites pay it.
+        from ..privacy.engine import dp_compatible, noise_for_target, steps_per_round
+        from ..privacy.ledger import PrivacyLedger
+
         self.model, changed = dp_compatible(self.model)
         self.model.to(self.device)
         if changed:
@@ -139,6 +145,8 @@ class SiteWorker:
         assert self.ledger is not None
         if not self.budget_left():
             raise BudgetExhausted(self.ledger.epsilon(), self.dp.target_epsilon)
+        from ..privacy.engine import train_dp
+
         t = self.train_cfg
         mu, seed = _fit_config(ins)
         anchor = {k: torch.from_numpy(ins.params[k]).to(self.device) for k in ins.params} if mu > 0 else None
