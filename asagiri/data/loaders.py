@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .cache import DEFAULT_DECODE, DecodeSettings, ImageFiles
 from .partition import dirichlet_draw, feature_partition, partition, proportional_partition
 from .sources import RawDataset, dermamnist_archive, isic2020, medmnist_npz, nih_chestxray14, synthetic
 
@@ -82,7 +83,7 @@ def bundled_path(name: str) -> Path:
 
 def open_dataset(
     dataset: str, path: Path | None, *, image_size: int = 28, cache_dir: Path | None = None, seed: int = 0,
-    synthetic_samples: int = 512, val_fraction: float = VAL_FRACTION,
+    synthetic_samples: int = 512, val_fraction: float = VAL_FRACTION, decode: DecodeSettings = DEFAULT_DECODE,
 ) -> RawDataset:
     """The whole data set, split into train / val / test.
 
@@ -108,11 +109,12 @@ def open_dataset(
     if dataset == "isic":
         if path is None:
             raise ValueError("data.dataset=isic needs data.path (the folder holding train.csv)")
-        return isic2020(path, image_size, cache_dir=cache_dir, seed=seed, val_fraction=val_fraction)
+        return isic2020(path, image_size, cache_dir=cache_dir, seed=seed, val_fraction=val_fraction, decode=decode)
     if dataset == "nih":
         if path is None:
             raise ValueError("data.dataset=nih needs data.path (the folder holding Data_Entry_2017.csv)")
-        return nih_chestxray14(path, image_size, cache_dir=cache_dir, seed=seed, val_fraction=val_fraction)
+        return nih_chestxray14(path, image_size, cache_dir=cache_dir, seed=seed, val_fraction=val_fraction,
+                               decode=decode)
     raise ValueError(f"unknown dataset {dataset!r}")
 
 
@@ -140,11 +142,14 @@ def skew_labels(labels: np.ndarray) -> np.ndarray:
 
 
 def to_split(images: np.ndarray, labels: np.ndarray, task: str, profile: tuple | None) -> Split:
-    x = torch.from_numpy(images.astype(np.float32) / 255.0)
-    x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2).contiguous()
+    # one float copy of the (possibly memory-mapped) uint8 images, then in place: at 224 px the
+    # share's float tensor is the site's largest allocation, and a second one would double its peak
+    u8 = images[:, None] if images.ndim == 3 else np.moveaxis(images, -1, 1)  # N x C x H x W views
+    x = torch.from_numpy(u8.astype(np.float32, order="C"))  # the one float copy (the images may be a read-only map)
+    x.div_(255.0)
     if profile is not None:
         x = _acquisition(x, profile)
-    x = x * 2.0 - 1.0
+    x.mul_(2.0).sub_(1.0)
     y = torch.from_numpy(labels.astype(np.float32) if task == "multilabel" else labels.astype(np.int64))
     return Split(x, y)
 
@@ -206,9 +211,12 @@ def load_site_data(
     cache_dir: Path | None = None,
     feature_key: str | None = None,
     val_fraction: float = VAL_FRACTION,
+    decode: DecodeSettings = DEFAULT_DECODE,
 ) -> SiteData:
+    """Site ``site_index``'s share of each split.  The partition is drawn from the labels and
+    metadata alone; only the share's images are then decoded (or read from the cache)."""
     raw = open_dataset(dataset, path, image_size=image_size, cache_dir=cache_dir, seed=seed,
-                       synthetic_samples=synthetic_samples, val_fraction=val_fraction)
+                       synthetic_samples=synthetic_samples, val_fraction=val_fraction, decode=decode)
     simulated = scheme == "feature" and (feature_key or FEATURE_KEYS.get(dataset)) is None
     profile = ACQUISITION_PROFILES[site_index % len(ACQUISITION_PROFILES)] if simulated else None
     splits = {}
@@ -216,20 +224,30 @@ def load_site_data(
         parts = site_indices(raw, dataset, split, num_sites, scheme=scheme, alpha=alpha, seed=seed,
                              feature_key=feature_key)
         idx = parts[site_index]
-        splits[split] = to_split(raw.images[split][idx], raw.labels[split][idx], raw.task, profile)
+        images, kept = take(raw.images[split], idx)
+        splits[split] = to_split(images, raw.labels[split][idx][kept], raw.task, profile)
     return SiteData(
         train=splits["train"], val=splits["val"], test=splits["test"], official_test=raw.official_test,
         channels=raw.channels, num_classes=raw.num_outputs, task=raw.task, label_names=tuple(raw.label_names),
     )
 
 
+def take(images: np.ndarray | ImageFiles, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The images at ``idx``, and which positions of ``idx`` they are (all, unless unreadable
+    files were left out)."""
+    if not isinstance(images, ImageFiles):
+        return images[idx], np.arange(len(idx))
+    decoded = images.take(idx)
+    return decoded.images, decoded.kept
+
+
 def load_configured_site(data: DataConfig, *, path: Path | None, site_index: int, num_sites: int,
-                         cache_dir: Path | None = None) -> SiteData:
+                         cache_dir: Path | None = None, decode: DecodeSettings = DEFAULT_DECODE) -> SiteData:
     """Site ``site_index``'s share as a run's ``data`` config partitions it: what the site trains
     on, and what anything rebuilding a run's data (the attack harness) must load the same way."""
     part = data.partition
     return load_site_data(
         dataset=data.dataset, path=path, site_index=site_index, num_sites=num_sites, scheme=part.scheme,
         alpha=part.alpha, seed=part.seed, synthetic_samples=data.synthetic_samples, image_size=data.image_size,
-        cache_dir=cache_dir, feature_key=part.feature_key, val_fraction=data.val_fraction,
+        cache_dir=cache_dir, feature_key=part.feature_key, val_fraction=data.val_fraction, decode=decode,
     )

@@ -10,6 +10,9 @@ metadata that feature-shift partitions use.
 - ISIC 2020: ``train.csv`` + a JPEG folder; binary melanoma target; patient-grouped splits.
 - NIH ChestX-ray14: ``Data_Entry_2017.csv`` + image folders; 14 labels ("No Finding" = all zero);
   the official ``train_val_list.txt`` / ``test_list.txt`` when present; patient-grouped splits.
+
+ISIC 2020 and ChestX-ray14 hand back their images as :class:`~asagiri.data.cache.ImageFiles`:
+splits and partitions come from the CSV alone, and a site decodes only the files it takes.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .cache import DEFAULT_DECODE, DecodeSettings, ImageFiles
 from .images import decode_all, grouped_split
 
 __all__ = [
@@ -45,7 +49,8 @@ SPLITS = ("train", "val", "test")
 
 @dataclass
 class RawDataset:
-    images: dict[str, np.ndarray]  # split -> N x H x W (x 3) uint8
+    # split -> N x H x W (x 3) uint8, or the image files, decoded only for the rows a site takes
+    images: dict[str, np.ndarray | ImageFiles]
     labels: dict[str, np.ndarray]  # split -> N (class ids) or N x L (0/1)
     task: str  # "binary" | "multiclass" | "multilabel"
     num_outputs: int
@@ -109,7 +114,8 @@ def dermamnist_archive(path: Path, image_size: int, *, cache_dir: Path | None) -
 
 
 def isic2020(
-    root: Path, image_size: int, *, cache_dir: Path | None, seed: int = 0, val_fraction: float
+    root: Path, image_size: int, *, cache_dir: Path | None, seed: int = 0, val_fraction: float,
+    decode: DecodeSettings = DEFAULT_DECODE,
 ) -> RawDataset:
     """``root/train.csv`` and JPEGs in ``root/jpeg/train``, ``root/train`` or ``root``.
 
@@ -131,8 +137,8 @@ def isic2020(
     for k, name in enumerate(SPLITS):
         sel = [r for r, s in zip(rows, split, strict=True) if s == k]
         names = [r["image_name"] for r in sel]
-        images[name] = decode_all(names, lambda n: folder / f"{n}.jpg", size=image_size, channels=3,
-                                  cache_dir=cache_dir)
+        images[name] = ImageFiles([folder / f"{n}.jpg" for n in names], size=image_size, channels=3,
+                                  cache_dir=cache_dir, settings=decode)
         labels[name] = np.array([int(r["target"]) for r in sel], dtype=np.int64)
         meta[name] = {
             "patient": np.array([r["patient_id"] for r in sel]),
@@ -142,7 +148,8 @@ def isic2020(
 
 
 def nih_chestxray14(
-    root: Path, image_size: int, *, cache_dir: Path | None, seed: int = 0, val_fraction: float
+    root: Path, image_size: int, *, cache_dir: Path | None, seed: int = 0, val_fraction: float,
+    decode: DecodeSettings = DEFAULT_DECODE,
 ) -> RawDataset:
     """``root/Data_Entry_2017.csv``; images found under ``root`` (any ``images*/`` folders).
 
@@ -171,8 +178,8 @@ def nih_chestxray14(
     images, labels, meta = {}, {}, {}
     for k, name in enumerate(SPLITS):
         sel = [r for r, s in zip(rows, split, strict=True) if s == k]
-        images[name] = decode_all([r["Image Index"] for r in sel], lambda n: files[n], size=image_size, channels=1,
-                                  cache_dir=cache_dir)
+        images[name] = ImageFiles([files[r["Image Index"]] for r in sel], size=image_size, channels=1,
+                                  cache_dir=cache_dir, settings=decode)
         lab = np.zeros((len(sel), len(NIH_LABELS)), dtype=np.uint8)
         for i, r in enumerate(sel):
             for finding in r["Finding Labels"].split("|"):

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from ..config import RunSpec, SiteConfig
+from ..data.cache import DecodeSettings
 from ..data.loaders import SiteData, load_configured_site
 from ..models import build, prepare_data, shared_keys
 from ..params import update_norm
@@ -51,7 +52,8 @@ class SiteWorker:
         self.device = _pick_device(cfg.device)
         part = self.data_cfg.partition
         self.data: SiteData = load_configured_site(self.data_cfg, path=cfg.data_path, site_index=welcome.site_index,
-                                                   num_sites=welcome.num_sites, cache_dir=cfg.state_dir / "cache")
+                                                   num_sites=welcome.num_sites, cache_dir=cfg.state_dir / "cache",
+                                                   decode=DecodeSettings(cfg.decode_workers, cfg.skip_unreadable_images))
         self.data = prepare_data(self.model_cfg.name, self.data)  # fixed features, for models that take them
         torch.manual_seed(part.seed)
         self.model = build(
