@@ -27,8 +27,10 @@ __all__ = ["StatusPipe", "pinned_site_settings", "site_configs", "start_coordina
            "write_federation", "write_site_config"]
 
 
-def write_federation(out: Path, *, sites: int, rounds: int, overrides: list[str]) -> tuple[Path, FederationConfig]:
-    """Keys, ``config/fed.yaml`` (overrides applied and validated) for a loopback federation."""
+def write_federation(out: Path, *, sites: int, rounds: int, overrides: list[str],
+                     recipe: Mapping[str, Any] | None = None) -> tuple[Path, FederationConfig]:
+    """Keys, ``config/fed.yaml`` (``recipe``'s settings, then the overrides, applied and validated)
+    for a loopback federation."""
     keys = out / "keys"
     coord = Identity.generate()
     coord.save(keys / "coordinator.key")
@@ -49,7 +51,7 @@ def write_federation(out: Path, *, sites: int, rounds: int, overrides: list[str]
         "timeouts": {"wait_for_sites": 120, "fit": 600, "evaluate": 300},
         "sites": roster,
     }
-    data = apply_overrides(data, overrides, source="fed.yaml")
+    data = apply_overrides(_merged(data, dict(recipe or {})), overrides, source="fed.yaml")
     path = data["data"].get("path") if isinstance(data.get("data"), dict) else None
     if path is not None:  # given on the command line: relative to where it was typed, not to config/
         data["data"]["path"] = str(Path(str(path)).resolve())
@@ -57,6 +59,15 @@ def write_federation(out: Path, *, sites: int, rounds: int, overrides: list[str]
     fed_path.parent.mkdir(parents=True, exist_ok=True)
     fed_path.write_text(yaml.safe_dump(data, sort_keys=False))
     return fed_path, load_federation(fed_path)
+
+
+def _merged(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merged(base[key], value)
+        else:
+            base[key] = value
+    return base
 
 
 def pinned_site_settings(cfg: FederationConfig) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from collections.abc import Callable
 import anyio
 import anyio.abc
 
-from ..config import ConfigError, load_federation
+from ..config import ConfigError, dp_advice, load_federation
 from ..faults import COORDINATOR_POINTS, NO_FAULTS
 from ..observe.events import Event, StatusLines
 from .common import (
@@ -60,6 +60,8 @@ def _run(args: argparse.Namespace) -> int:
     cfg = load_federation(Path(args.config), args.overrides)
     if not cfg.sites:
         raise ConfigError(f"{Path(args.config).name}: sites: no site is enrolled")
+    if (advice := dp_advice(cfg)) is not None:
+        log.warning("%s", advice)
     status = StatusLines(os.fdopen(args.status_fd, "w")) if args.status_fd is not None else None
     watchers: list[Callable[[Event], None]] = [status] if status is not None else []
     live = None

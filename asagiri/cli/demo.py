@@ -16,7 +16,7 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
-from ..config import ConfigError, FederationConfig
+from ..config import ConfigError, FederationConfig, dp_advice, load_recipe
 from ..launcher import (
     StatusPipe,
     pinned_site_settings,
@@ -36,15 +36,26 @@ def run_demo(args: argparse.Namespace) -> int:
     if (out / "checkpoint.npz").exists() or (out / "metrics.jsonl").exists():
         print(f"error: {out} already holds a run; choose another --out", file=sys.stderr)
         return EXIT_CONFIG
+    try:
+        recipe = load_recipe(args.config) if args.config is not None else None
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    args.sites = args.sites or (recipe and recipe.sites) or 4
+    args.rounds = args.rounds or (recipe and recipe.settings.get("rounds")) or 3
     if args.sites < 1 or args.rounds < 1:
         print("error: --sites and --rounds must be at least 1", file=sys.stderr)
         return EXIT_CONFIG
     out.mkdir(parents=True, exist_ok=True)
     try:
-        fed_path, cfg = write_federation(out, sites=args.sites, rounds=args.rounds, overrides=args.overrides)
+        fed_path, cfg = write_federation(out, sites=args.sites, rounds=args.rounds, overrides=args.overrides,
+                                         recipe={k: v for k, v in recipe.settings.items() if k != "rounds"}
+                                         if recipe else None)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    if (advice := dp_advice(cfg)) is not None:
+        print(f"warning: {advice}", file=sys.stderr)
     if cfg.secagg.enabled and args.sites < 3:
         print("error: secure aggregation needs at least 3 sites (each site's policy.min_participants is 3); "
               "use --sites 3 or more, or --set secagg.enabled=false", file=sys.stderr)

@@ -36,8 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--out", type=Path, required=True)
 
     d = sub.add_parser("demo", help="run a local federation: coordinator and sites as separate processes")
-    d.add_argument("--sites", type=int, default=4)
-    d.add_argument("--rounds", type=int, default=3)
+    d.add_argument("--config", type=Path, default=None, metavar="RECIPE",
+                   help="a recipe (examples/*.yaml): the federation's settings, before any --set")
+    d.add_argument("--sites", type=int, default=None, help="default: the recipe's demo.sites, else 4")
+    d.add_argument("--rounds", type=int, default=None, help="default: the recipe's rounds, else 3")
     d.add_argument("--out", type=Path, default=Path("runs/demo"), help="run directory")
     d.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a fed.yaml value by its dotted path (repeatable)")
