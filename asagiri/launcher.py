@@ -8,6 +8,7 @@ benchmarks.  The coordinator reports its bound port and its progress as JSON lin
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import select
@@ -51,7 +52,7 @@ def write_federation(out: Path, *, sites: int, rounds: int, overrides: list[str]
         "timeouts": {"wait_for_sites": 120, "fit": 600, "evaluate": 300},
         "sites": roster,
     }
-    data = apply_overrides(_merged(data, dict(recipe or {})), overrides, source="fed.yaml")
+    data = apply_overrides(_merged(data, copy.deepcopy(dict(recipe or {}))), overrides, source="fed.yaml")
     path = data["data"].get("path") if isinstance(data.get("data"), dict) else None
     if path is not None:  # given on the command line: relative to where it was typed, not to config/
         data["data"]["path"] = str(Path(str(path)).resolve())

@@ -110,7 +110,9 @@ def decode_files(files: Sequence[Path], *, size: int, channels: int, cache_dir: 
     else:
         import tempfile
 
-        work = Path(tempfile.mkstemp(suffix=".npy")[1])
+        fd, name = tempfile.mkstemp(suffix=".npy")
+        os.close(fd)
+        work = Path(name)
     try:
         out = np.lib.format.open_memmap(work, mode="w+", dtype=np.uint8, shape=_shape(len(files), size, channels))
         del out
