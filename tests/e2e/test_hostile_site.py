@@ -155,7 +155,10 @@ def test_a_hostile_site_under_secure_aggregation_is_dropped_and_the_sum_stands(f
 
     from .test_faults import FOUR, assert_exactly_the_sum_of
 
-    rounds = 2 * len(MASKED) + 3  # after each drop the site may miss a round while it reconnects
+    # After each drop the site misses rounds while it reconnects (rounds without it take 0.06 s on
+    # CI's machine, so it can miss several): enough rounds that every wrong input, then an honest
+    # round, fit whatever the timing.
+    rounds = 30
     fed = fed_factory("hostile-secure", sites=4, rounds=rounds, overrides=[*FOUR, "timeouts.fit=5"])
     plan, sent = list(MASKED), []
     honest_mask = ClientStateMachine._maybe_mask
@@ -182,6 +185,8 @@ def test_a_hostile_site_under_secure_aggregation_is_dropped_and_the_sum_stands(f
     assert sorted(by_round) == list(range(1, rounds + 1))
     for rnd, name, _ in sent:
         assert by_round[rnd]["participants"] == [1, 2, 3] and 4 in by_round[rnd]["dropped"], (name, by_round[rnd])
-    assert by_round[rounds]["participants"] == [1, 2, 3, 4]  # honest again, and taken back
+    last_wrong = max(rnd for rnd, _, _ in sent)
+    assert any(by_round[r]["participants"] == [1, 2, 3, 4] for r in range(last_wrong + 1, rounds + 1)), \
+        "site 4, honest again, never took part again"
     assert sent[0][0] == 1
     assert_exactly_the_sum_of(fed, (1, 2, 3), tmp_path_factory)
