@@ -484,10 +484,12 @@ _DEMO_OWNED = ("sites", "identity_key", "listen", "run_dir", "run_id")
 @dataclass(frozen=True)
 class Recipe:
     """``examples/NAME.yaml``: a federation's training settings (any fed.yaml keys but the
-    roster, keys, address and folder) and, under ``demo:``, how many sites the demo starts."""
+    roster, keys, address and folder), its ``rounds`` apart (a command line may shorten them)
+    and, under ``demo:``, how many sites the demo starts."""
 
     settings: dict[str, Any]
     sites: int | None
+    rounds: int | None
     description: str
 
 
@@ -507,7 +509,7 @@ def load_recipe(path: Path) -> Recipe:
     sites = demo.get("sites")
     if sites is not None and (type(sites) is not int or sites < 1):
         raise ConfigError(f"{path}: demo.sites must be a whole number of at least 1")
-    return Recipe(data, sites, str(description))
+    return Recipe(data, sites, data.pop("rounds", None), str(description))
 
 
 DP_RECIPE = "examples/dp-chest-xray.yaml"

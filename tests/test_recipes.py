@@ -25,7 +25,7 @@ def test_every_recipe_loads_and_validates(tmp_path):
                                          "isic-2020.yaml"}
     for path in RECIPES:
         recipe = load_recipe(path)
-        assert recipe.description and recipe.sites
+        assert recipe.description and recipe.sites and recipe.rounds
         cfg, _ = lay_out(tmp_path / path.stem, sites=recipe.sites, rounds=1, recipe=recipe.settings,
                          overrides=["data.path=/nonexistent"] if recipe.settings["data"]["dataset"] in ("nih", "isic")
                          else [])
@@ -34,8 +34,7 @@ def test_every_recipe_loads_and_validates(tmp_path):
 
 def run(tmp_path, name: str, sites: int, overrides: list[str]) -> dict:
     recipe = load_recipe(ROOT / "examples" / name)
-    settings = {k: v for k, v in recipe.settings.items() if k != "rounds"}
-    cfg, configs = lay_out(tmp_path / "run", sites=sites, rounds=1, recipe=settings, overrides=overrides)
+    cfg, configs = lay_out(tmp_path / "run", sites=sites, rounds=1, recipe=recipe.settings, overrides=overrides)
     return anyio.run(lambda: run_local(cfg, configs))
 
 

@@ -42,15 +42,14 @@ def run_demo(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     args.sites = args.sites or (recipe and recipe.sites) or 4
-    args.rounds = args.rounds or (recipe and recipe.settings.get("rounds")) or 3
+    args.rounds = args.rounds or (recipe and recipe.rounds) or 3
     if args.sites < 1 or args.rounds < 1:
         print("error: --sites and --rounds must be at least 1", file=sys.stderr)
         return EXIT_CONFIG
     out.mkdir(parents=True, exist_ok=True)
     try:
         fed_path, cfg = write_federation(out, sites=args.sites, rounds=args.rounds, overrides=args.overrides,
-                                         recipe={k: v for k, v in recipe.settings.items() if k != "rounds"}
-                                         if recipe else None)
+                                         recipe=recipe.settings if recipe else None)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
