@@ -39,7 +39,7 @@ def lay_out(run_dir: Path, *, sites: int, rounds: int, overrides: Sequence[str] 
             site_extra: Mapping[int, Mapping[str, Any]] | None = None,
             recipe: Mapping[str, Any] | None = None) -> tuple[FederationConfig, dict[int, SiteConfig]]:
     """Keys and configs for a federation of ``sites`` in ``run_dir`` (as ``asagiri demo`` writes
-    them), from a recipe's settings (``config.load_recipe``) if given, then ``overrides``."""
+    them), from a recipe's settings (``recipes.load_recipe``) if given, then ``overrides``."""
     run_dir.mkdir(parents=True, exist_ok=True)
     _, cfg = write_federation(run_dir, sites=sites, rounds=rounds, overrides=list(overrides), recipe=recipe)
     return cfg, site_configs(run_dir, cfg, extra=site_extra)

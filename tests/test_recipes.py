@@ -10,9 +10,10 @@ from pathlib import Path
 import anyio
 import pytest
 
-from asagiri.config import DP_RECIPE, ConfigError, FederationConfig, dp_advice, load_recipe
+from asagiri.config import ConfigError, FederationConfig
 from asagiri.local import lay_out, run_local
 from asagiri.privacy.ledger import PrivacyLedger
+from asagiri.recipes import DP_RECIPE, dp_advice, load_recipe
 
 from .data.test_cache import make_isic, make_nih
 

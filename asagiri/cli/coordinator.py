@@ -11,9 +11,10 @@ from collections.abc import Callable
 import anyio
 import anyio.abc
 
-from ..config import ConfigError, dp_advice, load_federation
+from ..config import ConfigError, load_federation
 from ..faults import COORDINATOR_POINTS, NO_FAULTS
 from ..observe.events import Event, StatusLines
+from ..recipes import dp_advice
 from .common import (
     EXIT_CONFIG,
     EXIT_FAILED,

@@ -16,7 +16,7 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
-from ..config import ConfigError, FederationConfig, dp_advice, load_recipe
+from ..config import ConfigError, FederationConfig
 from ..launcher import (
     StatusPipe,
     pinned_site_settings,
@@ -26,6 +26,7 @@ from ..launcher import (
     write_site_config,
 )
 from ..observe.recorder import console_line
+from ..recipes import dp_advice, load_recipe
 from .common import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, EXIT_RUNTIME
 
 __all__ = ["run_demo"]
