@@ -20,6 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 __all__ = [
+    "AccelConfig",
     "ConfigError",
     "CoordinatorAddress",
     "DataConfig",
@@ -412,6 +413,20 @@ class ReconnectConfig(_Strict):
     give_up_s: float = Field(600.0, gt=0)
 
 
+class AccelConfig(_Strict):
+    """How this site's hardware runs its training (``train/accel.py``); none of it changes what
+    is trained or sent.  ``auto`` turns on, for a CUDA GPU, mixed precision (bfloat16 where the
+    GPU has it, else float16 with loss scaling) and channels-last images, and leaves a CPU in
+    float32.  DP-SGD trains in float32 and without channels-last whatever is set here, and
+    clips with Opacus' ghost clipping unless ``dp_clipping: hooks``.  ``compile``:
+    ``torch.compile`` for training without DP (minutes of compiling on the first round)."""
+
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    channels_last: Literal["auto", "on", "off"] = "auto"
+    compile: bool = False
+    dp_clipping: Literal["auto", "ghost", "hooks"] = "auto"
+
+
 class SiteConfig(_Strict):
     site_id: int = Field(ge=0, lt=1 << 31)
     identity_key: Path
@@ -424,6 +439,7 @@ class SiteConfig(_Strict):
     policy: PolicyConfig = PolicyConfig()
     state_dir: Path = Path("state")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    accel: AccelConfig = AccelConfig()
     threads: int = Field(1, ge=1, le=256)
     # This site's own Prometheus metrics on 127.0.0.1 (training speed, epsilon, refusals); off by default.
     metrics_port: int | None = Field(None, ge=0, le=65535)

@@ -19,6 +19,7 @@ from opacus.validators import ModuleValidator
 from torch import nn
 
 from ..data.loaders import Split
+from ..train.accel import PLAIN, Accel
 from ..train.loop import OnStep, loss_fn, make_optimizer, resume_optimizer, run_steps
 
 __all__ = ["DPResult", "dp_compatible", "noise_for_target", "train_dp"]
@@ -84,6 +85,7 @@ def train_dp(
     task: str = "binary",
     optimizer_state: dict | None = None,
     on_step: OnStep | None = None,
+    accel: Accel = PLAIN,
 ) -> DPResult:
     """One round of DP-SGD in place on ``model`` (GroupNorm-only), through the one training loop
     (``train.loop.run_steps``) with a private step.
@@ -96,6 +98,13 @@ def train_dp(
     augmented K times and its K per-example gradients are averaged *before* clipping, so it still
     contributes one clipped gradient (the sensitivity, and so epsilon, are unchanged) with less
     augmentation variance.  It costs K times the compute.
+
+    ``accel.ghost_clipping`` clips with Opacus' ghost clipping (Li et al. 2022; Bu et al. 2023):
+    two backward passes, the first for each example's gradient norm, the second for the clipped
+    sum, so per-example gradients are never all held at once (layers without a norm rule have
+    theirs computed and dropped one layer at a time).  The clipped sum, and so the guarantee, is
+    the same.  With ``multiplicity`` > 1 it falls back to per-example gradients ("hooks"), which
+    the averaging of copies needs.
     """
     if multiplicity < 1:
         raise ValueError("multiplicity must be at least 1")
@@ -106,21 +115,30 @@ def train_dp(
     resume_optimizer(opt, optimizer_state)
     dataset = torch.utils.data.TensorDataset(data.images, data.labels)
     loader = torch.utils.data.DataLoader(dataset, batch_size=max(1, int(round(q * n))))
+    multiplicity = multiplicity if augment else 1
+    ghost = accel.ghost_clipping and multiplicity == 1
+    criterion = _Criterion(task)
+    accel.prepare(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # secure_mode off: said once in the site log instead
         engine = PrivacyEngine(accountant="rdp")
-        dp_model, dp_opt, dp_loader = engine.make_private(
+        wrapped = engine.make_private(
             module=model, optimizer=opt, data_loader=loader, noise_multiplier=noise_multiplier,
-            max_grad_norm=max_grad_norm, poisson_sampling=True,
+            max_grad_norm=max_grad_norm, poisson_sampling=True, criterion=criterion,
+            grad_sample_mode="ghost" if ghost else "hooks",
         )
+    if ghost:
+        dp_model, dp_opt, criterion, dp_loader = wrapped
+    else:
+        dp_model, dp_opt, dp_loader = wrapped
     dp_model.train()
-    private = _PrivateSteps(dp_model, dp_opt, dp_loader, model, steps=steps, task=task, lr=lr, mu=mu, anchor=anchor,
-                            multiplicity=multiplicity if augment else 1)
+    private = _PrivateSteps(dp_model, dp_opt, dp_loader, model, criterion, steps=steps, lr=lr, mu=mu, anchor=anchor,
+                            multiplicity=multiplicity)
     with warnings.catch_warnings():
         # Opacus' hooks fire on our first layer, whose input needs no gradient: expected, harmless.
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
         total, _ = run_steps(private, augment=augment, gen=torch.Generator().manual_seed(seed), device=device,
-                             on_step=on_step)
+                             on_step=on_step, accel=accel)
     # make_private wraps in place; unwrap so the plain model (and its state_dict keys) carry on.
     dp_model._close()
     return DPResult(num_samples=n, loss=total / max(private.taken, 1), steps=private.taken, sample_rate=q,
@@ -130,10 +148,11 @@ def train_dp(
 class _PrivateSteps:
     """Poisson batches for a fixed number of steps; per-sample clipping and noise (Opacus)."""
 
-    def __init__(self, dp_model, dp_opt, dp_loader, model, *, steps, task, lr, mu, anchor,  # type: ignore[no-untyped-def]
+    def __init__(self, dp_model, dp_opt, dp_loader, model, criterion, *, steps, lr, mu, anchor,  # type: ignore[no-untyped-def]
                  multiplicity) -> None:
         self.dp_model, self.dp_opt, self.dp_loader, self.model = dp_model, dp_opt, dp_loader, model
-        self.steps, self.task, self.lr, self.mu, self.anchor = steps, task, lr, mu, anchor
+        self.criterion = criterion  # ours, or Opacus' two-pass wrapper of it under ghost clipping
+        self.steps, self.lr, self.mu, self.anchor = steps, lr, mu, anchor
         self.multiplicity = multiplicity
         self.taken = 0  # sampled batches, empty ones included: what the accountant counts
 
@@ -152,7 +171,7 @@ class _PrivateSteps:
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
         self.dp_opt.zero_grad(set_to_none=True)
-        loss = loss_fn(self.dp_model(x), y, self.task)
+        loss = self.criterion(self.dp_model(x), y)
         loss.backward()
         if self.multiplicity > 1:
             _average_copies(self.dp_model, len(y) // self.multiplicity, self.multiplicity)
@@ -162,7 +181,23 @@ class _PrivateSteps:
                 for name, p in self.model.named_parameters():
                     if name in self.anchor:
                         p.sub_(self.lr * self.mu * (p - self.anchor[name]))
-        return float(loss.detach())
+        return float(loss.item())
+
+
+class _Criterion(nn.Module):
+    """``train.loop.loss_fn`` as the loss module Opacus' ghost clipping asks for: with
+    ``reduction="none"`` one loss per example (a multi-label example's is its mean over labels),
+    whose mean is exactly the loss the site trains on."""
+
+    def __init__(self, task: str) -> None:
+        super().__init__()
+        self.task, self.reduction = task, "mean"
+
+    def forward(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        per_example = loss_fn(logits, y, self.task, reduction="none")
+        if per_example.dim() > 1:
+            per_example = per_example.mean(dim=tuple(range(1, per_example.dim())))
+        return per_example if self.reduction == "none" else per_example.mean()
 
 
 def _average_copies(dp_model: nn.Module, batch: int, k: int) -> None:

@@ -18,6 +18,7 @@ from ..data.loaders import SiteData, load_configured_site
 from ..models import build, prepare_data, shared_keys
 from ..params import update_norm
 from ..train import TrainResult, evaluate, train_local
+from ..train.accel import Accel
 from ..train.loop import OnStep
 from ..wire.errors import RemoteProtocolError
 from ..wire.messages import EvaluateIns, EvaluateRes, FitIns, FitRes, Welcome
@@ -61,6 +62,10 @@ class SiteWorker:
             width=self.model_cfg.width, norm=self.model_cfg.norm, groups=self.model_cfg.groups,
         ).to(self.device)
         self.dp = spec.dp
+        a = cfg.accel
+        self.accel = Accel.resolve(precision=a.precision, channels_last=a.channels_last, compile=a.compile,
+                                   dp_clipping=a.dp_clipping, device=self.device, private=self.dp.enabled)
+        log.info("training on %s: %s", self.device, self.accel.describe())
         self.ledger: PrivacyLedger | None = None
         self.last_steps = 0  # optimiser steps of the last round; stays on the site
         if self.dp.enabled:
@@ -140,7 +145,7 @@ class SiteWorker:
             self.model, self.data.train, epochs=t.local_epochs, batch_size=t.batch_size, lr=t.lr,
             optimizer=t.optimizer, momentum=t.momentum, weight_decay=t.weight_decay,
             mu=mu, augment=t.augment, seed=seed,
-            device=self.device, task=self.data.task, on_step=on_step,
+            device=self.device, task=self.data.task, on_step=on_step, accel=self.accel,
         )
 
     def _train_private(self, ins: FitIns, on_step: OnStep | None) -> TrainResult:
@@ -157,7 +162,7 @@ class SiteWorker:
             optimizer=t.optimizer, momentum=t.momentum, weight_decay=t.weight_decay, noise_multiplier=self.sigma,
             max_grad_norm=self.dp.max_grad_norm, mu=mu, anchor=anchor, augment=t.augment,
             multiplicity=self.dp.augmentation_multiplicity,
-            seed=seed, device=self.device, task=self.data.task, on_step=on_step,
+            seed=seed, device=self.device, task=self.data.task, on_step=on_step, accel=self.accel,
         )
         eps = self.ledger.record(ins.round, noise_multiplier=r.noise_multiplier, sample_rate=r.sample_rate,
                                  steps=r.steps)
@@ -181,7 +186,7 @@ class SiteWorker:
     def evaluate(self, ins: EvaluateIns, report_privacy: bool = False) -> EvaluateRes:
         self._load_global(ins.params)
         split = self.data.val if ins.split == "val" else self.data.test
-        res = evaluate(self.model, split, device=self.device, task=self.data.task)
+        res = evaluate(self.model, split, device=self.device, task=self.data.task, accel=self.accel)
         predictions = {}
         if ins.split == "test":
             predictions = {"scores": res.scores.astype(np.float32), "labels": np.ascontiguousarray(res.labels)}

@@ -13,6 +13,7 @@ from torch import nn
 
 from ..data.loaders import Split
 from ..scores import accuracy_score, auc_score
+from .accel import PLAIN, Accel
 
 __all__ = ["EvalResult", "Steps", "TrainResult", "accuracy_score", "auc_score", "augment_shifts", "evaluate",
            "loss_fn", "make_optimizer", "OnStep", "resume_optimizer", "run_steps", "train_local"]
@@ -46,12 +47,13 @@ def augment_shifts(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Random translation by up to 2 pixels (reflection padding), the light augmentation we use."""
     n, _, h, w = x.shape
     padded = F.pad(x, (2, 2, 2, 2), mode="reflect")
-    dx = torch.randint(0, 5, (n,), generator=generator)
-    dy = torch.randint(0, 5, (n,), generator=generator)
-    rows = (torch.arange(h).view(1, h) + dy.view(n, 1)).view(n, 1, h, 1).expand(n, x.shape[1], h, w + 4)
-    out = padded.gather(2, rows)
-    cols = (torch.arange(w).view(1, w) + dx.view(n, 1)).view(n, 1, 1, w).expand(n, x.shape[1], h, w)
-    return out.gather(3, cols)
+    # Drawn on the CPU generator and moved: the same seed shifts the same way on any device.
+    dx = torch.randint(0, 5, (n,), generator=generator).to(x.device)
+    dy = torch.randint(0, 5, (n,), generator=generator).to(x.device)
+    rows = torch.arange(h, device=x.device).view(1, h) + dy.view(n, 1)
+    out = padded.gather(2, rows.view(n, 1, h, 1).expand(n, x.shape[1], h, w + 4))
+    cols = torch.arange(w, device=x.device).view(1, w) + dx.view(n, 1)
+    return out.gather(3, cols.view(n, 1, 1, w).expand(n, x.shape[1], h, w))
 
 
 class Steps(Protocol):
@@ -67,14 +69,17 @@ OnStep = Callable[[int], None]  # told the number of updates made so far (a prog
 
 
 def run_steps(steps: Steps, *, augment: bool, gen: torch.Generator, device: torch.device | str,
-              on_step: OnStep | None = None) -> tuple[float, int]:
+              on_step: OnStep | None = None, accel: Accel = PLAIN) -> tuple[float, int]:
     """The training loop, whatever the step: (summed loss, updates made).  ``gen`` drives the
-    shuffling and the augmentation, in that order, so a seed reproduces a round exactly."""
+    shuffling and the augmentation, in that order, so a seed reproduces a round exactly.  Batches
+    are augmented where they train (on a GPU, on the GPU), after the copy."""
+    device = torch.device(device)
     total, done = 0.0, 0
     for x, y in steps.batches(gen):
+        x, y = accel.to_device(x, device), accel.to_device(y, device)
         if augment:
             x = augment_shifts(x, gen)
-        total += steps.step(x.to(device), y.to(device))
+        total += steps.step(accel.layout(x), y)
         done += 1
         if on_step is not None:
             on_step(done)
@@ -94,8 +99,10 @@ class _PlainSteps:
     """Shuffled minibatches, ``epochs`` passes; FedProx's term in the loss."""
 
     def __init__(self, model: nn.Module, data: Split, opt: torch.optim.Optimizer, *, epochs: int, batch_size: int,
-                 mu: float, task: str) -> None:
+                 mu: float, task: str, accel: Accel, device: torch.device) -> None:
         self.model, self.data, self.opt = model, data, opt
+        self.forward, self.accel, self.device = accel.forward_of(model), accel, device
+        self.scaler = accel.scaler(device)
         self.epochs, self.batch_size, self.task = epochs, batch_size, task
         self.params = [p for group in opt.param_groups for p in group["params"]]
         self.mu = mu
@@ -112,13 +119,20 @@ class _PlainSteps:
                 yield self.data.images[idx], self.data.labels[idx]
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
-        loss = loss_fn(self.model(x), y, self.task)
+        with self.accel.autocast(self.device):
+            logits = self.forward(x)
+        loss = loss_fn(logits.float(), y, self.task)
         if self.anchor is not None:
             prox = sum(((p - a) ** 2).sum() for p, a in zip(self.params, self.anchor, strict=True))
             loss = loss + 0.5 * self.mu * prox
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
+        if self.scaler is None:
+            loss.backward()
+            self.opt.step()
+        else:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.opt)
+            self.scaler.update()
         return float(loss.detach())
 
 
@@ -139,19 +153,24 @@ def train_local(
     task: str = "binary",
     optimizer_state: dict | None = None,
     on_step: OnStep | None = None,
+    accel: Accel = PLAIN,
 ) -> TrainResult:
     """Train in place. With ``mu > 0`` adds FedProx's ``mu/2 * ||w - w_global||^2`` (Li et al. 2020).
 
     ``optimizer_state`` (a previous result's) resumes the optimizer's moments instead of starting
-    them from zero; the learning rate and weight decay given here still apply.
+    them from zero; the learning rate and weight decay given here still apply.  ``accel``: how
+    this hardware runs it (``train/accel.py``), which does not change what is trained.
     """
     model.train()
+    accel.prepare(model)
+    device = torch.device(device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(params, optimizer=optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay)
     resume_optimizer(opt, optimizer_state)
-    steps = _PlainSteps(model, data, opt, epochs=epochs, batch_size=batch_size, mu=mu, task=task)
+    steps = _PlainSteps(model, data, opt, epochs=epochs, batch_size=batch_size, mu=mu, task=task, accel=accel,
+                        device=device)
     total, done = run_steps(steps, augment=augment, gen=torch.Generator().manual_seed(seed), device=device,
-                            on_step=on_step)
+                            on_step=on_step, accel=accel)
     return TrainResult(num_samples=len(data), loss=total / max(done, 1), steps=done, optimizer_state=opt.state_dict())
 
 
@@ -175,17 +194,21 @@ def scores_of(logits: torch.Tensor, task: str) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, data: Split, *, batch_size: int = 512, device: torch.device | str = "cpu", task: str = "binary"
+    model: nn.Module, data: Split, *, batch_size: int = 512, device: torch.device | str = "cpu", task: str = "binary",
+    accel: Accel = PLAIN,
 ) -> EvalResult:
     """Loss, accuracy and AUC: binary, the positive class's score; multi-class, macro one-vs-rest;
     multi-label, the mean over labels that have both values present (accuracy: per label at 0.5)."""
     was_training = model.training
     model.eval()
+    device = torch.device(device)
     probs, losses = [], 0.0
     for start in range(0, len(data), batch_size):
-        x = data.images[start : start + batch_size].to(device)
-        y = data.labels[start : start + batch_size].to(device)
-        logits = model(x)
+        x = accel.layout(accel.to_device(data.images[start : start + batch_size], device))
+        y = accel.to_device(data.labels[start : start + batch_size], device)
+        with accel.autocast(device):
+            logits = model(x)
+        logits = logits.float()
         losses += float(loss_fn(logits, y, task, reduction="sum"))
         probs.append(scores_of(logits, task).cpu())
     model.train(was_training)
