@@ -29,7 +29,7 @@ import numpy as np
 from ..fsutil import atomic_write_bytes, replace_durably
 from .images import decode_image
 
-__all__ = ["DEFAULT_DECODE", "DecodeSettings", "ImageFiles", "UnreadableImage", "decode_files"]
+__all__ = ["DEFAULT_DECODE", "DecodeSettings", "ImageFiles", "UnreadableImage", "decode_files", "npz_images"]
 
 log = logging.getLogger(__name__)
 
@@ -184,6 +184,51 @@ def _store(decoded: Decoded, work: Path, array: Path, meta: Path, cache_dir: Pat
         if stale.name not in (array.name, meta.name):
             stale.unlink(missing_ok=True)
     return Decoded(np.load(array, mmap_mode="r"), decoded.kept, decoded.skipped)
+
+
+def npz_images(path: Path, member: str, *, size: int, cache_dir: Path,
+               resize: Callable[[np.ndarray, int], np.ndarray]) -> np.ndarray:
+    """``member`` (a uint8 image array) of the ``.npz`` at ``path``, resized to ``size`` by
+    ``resize``, as a memory-mapped array in ``cache_dir``: built once, streamed from the
+    (compressed) archive in blocks, so neither building nor reading it holds the whole array.
+    The key covers the file's path, size and modification time, the member and the size."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    key = hashlib.sha256(json.dumps([FORMAT, str(path), stat.st_size, stat.st_mtime_ns, member, size]).encode())
+    array = cache_dir / f"npz-{key.hexdigest()[:24]}.npy"
+    if array.exists():
+        return np.load(array, mmap_mode="r")
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    work = cache_dir / f".{array.stem}.{os.getpid()}.tmp.npy"
+    import zipfile
+    import zlib
+
+    try:
+        with zipfile.ZipFile(path) as archive, archive.open(f"{member}.npy") as stream:
+            version = np.lib.format.read_magic(stream)
+            header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = header(stream)
+            if fortran or dtype != np.uint8 or len(shape) not in (3, 4):
+                raise ValueError(f"{path}: {member} is not an array of uint8 images ({dtype}, {shape})")
+            out = np.lib.format.open_memmap(work, mode="w+", dtype=np.uint8, shape=(shape[0], size, size, *shape[3:]))
+            row = int(np.prod(shape[1:]))
+            block = max(1, (32 << 20) // row)
+            for start in range(0, shape[0], block):
+                n = min(block, shape[0] - start)
+                raw = stream.read(n * row)
+                if len(raw) != n * row:
+                    raise ValueError(f"{path}: {member} ends after {start} of {shape[0]} images")
+                out[start : start + n] = resize(np.frombuffer(raw, np.uint8).reshape(n, *shape[1:]), size)
+            out.flush()
+            del out
+        with open(work, "rb") as fh:
+            os.fsync(fh.fileno())
+        replace_durably(work, array)
+    except (zipfile.BadZipFile, EOFError, zlib.error, KeyError) as exc:
+        raise ValueError(f"{path}: not a readable .npz ({exc})") from None
+    finally:
+        work.unlink(missing_ok=True)
+    return np.load(array, mmap_mode="r")
 
 
 def _progress(total: int, show: bool | None) -> Callable[..., None]:

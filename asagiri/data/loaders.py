@@ -97,14 +97,14 @@ def open_dataset(
     if dataset in ("pneumoniamnist", "medmnist"):
         if path is None and dataset == "medmnist":
             raise ValueError("data.dataset=medmnist needs data.path (a MedMNIST .npz file)")
-        raw = medmnist_npz(path or bundled_path(BUNDLED["pneumoniamnist"]), image_size)
+        raw = medmnist_npz(path or bundled_path(BUNDLED["pneumoniamnist"]), image_size, cache_dir=cache_dir)
         if dataset == "pneumoniamnist":
             raw.label_names = ["normal", "pneumonia"]
         return raw
     if dataset == "dermamnist":
         target = path or bundled_path(BUNDLED["dermamnist"])
         if target.suffix == ".npz":
-            return medmnist_npz(target, image_size)
+            return medmnist_npz(target, image_size, cache_dir=cache_dir)
         return dermamnist_archive(target, image_size, cache_dir=cache_dir)
     if dataset == "isic":
         if path is None:

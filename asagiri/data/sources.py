@@ -20,12 +20,14 @@ from __future__ import annotations
 import csv
 import io
 import tarfile
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from .cache import DEFAULT_DECODE, DecodeSettings, ImageFiles
+from .cache import DEFAULT_DECODE, DecodeSettings, ImageFiles, npz_images
 from .images import decode_all, grouped_split
 
 __all__ = [
@@ -82,12 +84,25 @@ def _resize(images: np.ndarray, size: int) -> np.ndarray:
     )
 
 
-def medmnist_npz(path: Path, image_size: int) -> RawDataset:
+def medmnist_npz(path: Path, image_size: int, *, cache_dir: Path | None = None) -> RawDataset:
+    """A MedMNIST file.  With a ``cache_dir`` its images are memory-mapped from there (extracted
+    and resized once, ``cache.npz_images``), so a site holds only the rows of its share."""
+    try:
+        return _medmnist_npz(path, image_size, cache_dir)
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        raise ValueError(f"{path}: not a readable MedMNIST .npz ({exc})") from None
+
+
+def _medmnist_npz(path: Path, image_size: int, cache_dir: Path | None) -> RawDataset:
     with np.load(path, allow_pickle=False) as npz:
         missing = {f"{s}_{k}" for s in SPLITS for k in ("images", "labels")} - set(npz.files)
         if missing:
             raise ValueError(f"{path}: not a MedMNIST file (missing {sorted(missing)})")
-        images = {s: _resize(npz[f"{s}_images"], image_size) for s in SPLITS}
+        if cache_dir is None:
+            images = {s: _resize(npz[f"{s}_images"], image_size) for s in SPLITS}
+        else:
+            images = {s: npz_images(path, f"{s}_images", size=image_size, cache_dir=cache_dir, resize=_resize)
+                      for s in SPLITS}
         raw = {s: npz[f"{s}_labels"] for s in SPLITS}
     task, outputs = task_of(np.concatenate([raw[s] for s in SPLITS]))
     labels = {s: (raw[s].astype(np.uint8) if task == "multilabel" else raw[s].reshape(-1).astype(np.int64))

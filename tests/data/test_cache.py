@@ -181,3 +181,64 @@ def test_a_sites_memory_is_its_share_not_the_whole_set(nih, tmp_path):
         grown[sites], images = map(int, out.stdout.split())
         assert grown[sites] > images * 224 * 224 * 4  # at least its float tensor: the measure sees the load
     assert grown[4] < 0.6 * grown[1], grown
+
+
+def make_medmnist(path, n=300, size=64, seed=0):
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for split, count in (("train", n), ("val", n // 5), ("test", n // 5)):
+        arrays[f"{split}_images"] = rng.integers(0, 256, (count, size, size), dtype=np.uint8)
+        arrays[f"{split}_labels"] = rng.integers(0, 2, (count, 1), dtype=np.uint8)
+    np.savez_compressed(path, **arrays)
+    return arrays
+
+
+def test_a_medmnist_file_is_extracted_once_and_memory_mapped(tmp_path, monkeypatch):
+    arrays = make_medmnist(tmp_path / "big.npz")
+    cache = tmp_path / "cache"
+    args = dict(dataset="medmnist", path=tmp_path / "big.npz", num_sites=3, scheme="iid", alpha=1.0, seed=0,
+                image_size=64)
+    cached = load_site_data(site_index=1, cache_dir=cache, **args)
+    in_memory = load_site_data(site_index=1, cache_dir=None, **args)
+    assert len(list(cache.glob("npz-*.npy"))) == 3  # one per split
+    for split in ("train", "val", "test"):
+        assert np.array_equal(getattr(cached, split).images.numpy(), getattr(in_memory, split).images.numpy())
+    raw = open_dataset("medmnist", tmp_path / "big.npz", image_size=64, cache_dir=cache)
+    assert isinstance(raw.images["train"], np.memmap)
+    assert np.array_equal(raw.images["train"], arrays["train_images"])
+    # a second site reads the cache: no archive member is opened again
+    import zipfile
+
+    opened = []
+    real_open = zipfile.ZipFile.open
+    monkeypatch.setattr(zipfile.ZipFile, "open", lambda self, name, *a, **k: opened.append(name) or real_open(
+        self, name, *a, **k))
+    load_site_data(site_index=2, cache_dir=cache, **args)
+    assert not [name for name in opened if name.endswith("_images.npy")]
+    monkeypatch.undo()
+    # resized once, in blocks, to the configured size
+    small = open_dataset("medmnist", tmp_path / "big.npz", image_size=28, cache_dir=cache)
+    assert small.images["val"].shape == (60, 28, 28) and len(list(cache.glob("npz-*.npy"))) == 6
+    # a changed file is extracted again
+    changed = make_medmnist(tmp_path / "big.npz", seed=1)
+    again = open_dataset("medmnist", tmp_path / "big.npz", image_size=64, cache_dir=cache)
+    assert np.array_equal(again.images["test"], changed["test_images"])
+
+
+def test_a_broken_medmnist_file_is_a_clear_error(tmp_path):
+    make_medmnist(tmp_path / "big.npz")
+    data = (tmp_path / "big.npz").read_bytes()
+    (tmp_path / "cut.npz").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="cut.npz"):
+        open_dataset("medmnist", tmp_path / "cut.npz", image_size=64, cache_dir=tmp_path / "cache")
+    # a member that ends early: the error names the file and no cache entry is left behind
+    arrays = dict(np.load(tmp_path / "big.npz"))
+    arrays["train_images"] = arrays["train_images"][:10]
+    np.savez(tmp_path / "short.npz", **arrays)
+    raw = bytearray((tmp_path / "short.npz").read_bytes())
+    at = raw.index(b"(10, 64, 64)")
+    raw[at : at + 12] = b"(99, 64, 64)"  # the header promises more images than the member holds
+    (tmp_path / "short.npz").write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="short.npz"):
+        open_dataset("medmnist", tmp_path / "short.npz", image_size=64, cache_dir=tmp_path / "cache")
+    assert list((tmp_path / "cache").iterdir()) == []
