@@ -417,8 +417,9 @@ class AccelConfig(_Strict):
     """How this site's hardware runs its training (``train/accel.py``); none of it changes what
     is trained or sent.  ``auto`` turns on, for a CUDA GPU, mixed precision (bfloat16 where the
     GPU has it, else float16 with loss scaling) and channels-last images, and leaves a CPU in
-    float32.  DP-SGD trains in float32 and without channels-last whatever is set here, and
-    clips with Opacus' ghost clipping unless ``dp_clipping: hooks``.  ``compile``:
+    float32.  DP-SGD trains in float32 and without channels-last whatever is set here; it clips
+    with Opacus' ghost clipping on a GPU (``auto``) or where ``dp_clipping: ghost`` asks, and
+    with per-example gradients (``hooks``) otherwise.  ``compile``:
     ``torch.compile`` for training without DP (minutes of compiling on the first round)."""
 
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"

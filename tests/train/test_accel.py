@@ -129,7 +129,9 @@ def test_dp_trains_in_float32_without_channels_last_or_compile(caplog: pytest.Lo
     assert caplog.text.count("not used under DP-SGD") == 3
     plain = Accel.resolve(**asked, device=CPU, private=False)
     assert (plain.amp, plain.channels_last, plain.compile, plain.ghost_clipping) == (torch.bfloat16, True, True, False)
-    assert Accel.resolve(dp_clipping="hooks", device=CPU, private=True).ghost_clipping is False
+    assert Accel.resolve(dp_clipping="hooks", device=torch.device("cuda"), private=True).ghost_clipping is False
+    assert Accel.resolve(dp_clipping="auto", device=CPU, private=True).ghost_clipping is False
+    assert Accel.resolve(dp_clipping="ghost", device=CPU, private=True).ghost_clipping is True
 
 
 def test_auto_leaves_a_cpu_as_it_was_and_speeds_up_a_gpu() -> None:
