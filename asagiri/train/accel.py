@@ -64,8 +64,8 @@ class Accel:
                 log.warning("accel.channels_last is not used under DP-SGD: Opacus' per-example gradients of "
                             "a channels-last convolution are wrong")
             nhwc = False
-        # Ghost clipping saves memory (ResNet-18 at 224 px: 3.5 GB against 5.5 GB) but on a CPU
-        # no time, and costs small models 15-20% (docs/benchmarks.md): auto uses it on a GPU.
+        # Ghost clipping needs a third to a half less memory (docs/benchmarks.md), what limits a
+        # GPU's batch; on a CPU it makes small models 17-27% slower: auto uses it on a GPU.
         ghost = dp_clipping == "ghost" or (dp_clipping == "auto" and cuda)
         return cls(amp=amp, channels_last=nhwc, compile=compile and not private, ghost_clipping=private and ghost)
 

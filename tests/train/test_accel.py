@@ -185,3 +185,46 @@ def test_compiled_forward_is_built_once_and_trains_the_same(monkeypatch: pytest.
     assert (flat(plain) - flat(start)).abs().max() > 1e-2
     assert torch.allclose(flat(plain), flat(compiled), atol=1e-5)
     assert list(compiled.state_dict()) == list(start.state_dict())
+
+
+def site_worker(tmp_path, *, accel: dict, dp: dict | None = None, augment: bool = False):
+    from asagiri.config import FederationConfig, RunSpec, SiteConfig
+    from asagiri.site.worker import SiteWorker
+    from asagiri.wire.crypto import Identity
+    from asagiri.wire.messages import Welcome
+
+    key = Identity.generate()
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    key.save(tmp_path / "k.key")
+    cfg = SiteConfig(site_id=1, identity_key=tmp_path / "k.key", state_dir=tmp_path / "state", device="cpu",
+                     coordinator={"public_key": key.public.hex()}, peers={1: key.public.hex()}, accel=accel)
+    fed = FederationConfig.model_validate({
+        "model": {"name": "small_cnn", "norm": "group", "width": 8, "groups": 4},
+        "train": {"local_epochs": 1, "batch_size": 16, "lr": 0.1, "optimizer": "sgd", "augment": augment},
+        "data": {"dataset": "synthetic", "synthetic_samples": 64, "image_size": 28,
+                 "partition": {"scheme": "iid", "alpha": 1.0, "seed": 0}},
+        "dp": dp or {"enabled": False},
+    })
+    spec = RunSpec.of(fed)
+    return SiteWorker(cfg, Welcome("r", 0, 1, spec.wire()), spec)
+
+
+def test_a_site_trains_with_its_accel_settings(tmp_path, caplog):
+    import numpy as np
+
+    from asagiri.wire.messages import FitIns
+
+    caplog.set_level("INFO")
+    plain = site_worker(tmp_path / "plain", accel={"precision": "bf16", "channels_last": "on"})
+    assert plain.accel == Accel(amp=torch.bfloat16, channels_last=True)
+    assert "training on cpu: bfloat16 autocast, channels-last" in caplog.text
+    params = {k: v.detach().numpy().copy() for k, v in plain.model.state_dict().items() if k in plain.shared}
+    res = plain.fit(FitIns(1, 1, params, {"seed": 1}))
+    assert all(np.isfinite(v).all() for v in res.update.values()) and any(np.abs(v).max() > 0 for v in res.update.values())
+
+    dp = {"enabled": True, "noise_multiplier": 1.0, "augmentation_multiplicity": 2}
+    averaged = site_worker(tmp_path / "k2", accel={"dp_clipping": "ghost", "precision": "bf16"}, dp=dp, augment=True)
+    assert averaged.accel == PLAIN  # float32, and hooks: the K copies' gradients are averaged per example
+    assert "clipping with Opacus' hooks instead" in caplog.text
+    ghost = site_worker(tmp_path / "k1", accel={"dp_clipping": "ghost"}, dp={**dp, "augmentation_multiplicity": 1})
+    assert ghost.accel == Accel(ghost_clipping=True)
