@@ -108,6 +108,9 @@ def train_dp(
     """
     if multiplicity < 1:
         raise ValueError("multiplicity must be at least 1")
+    if accel.amp is not None or accel.channels_last or accel.compile:
+        # Accel.resolve never builds one for DP: these would void the clipping bound (train/accel.py).
+        raise ValueError(f"DP-SGD runs in float32, channels-first and uncompiled, not with {accel.describe()}")
     n = len(data)
     q, steps = steps_per_round(n, expected_batch, epochs)
     params = [p for p in model.parameters() if p.requires_grad]

@@ -134,6 +134,16 @@ def test_dp_trains_in_float32_without_channels_last_or_compile(caplog: pytest.Lo
     assert Accel.resolve(dp_clipping="ghost", device=CPU, private=True).ghost_clipping is True
 
 
+@pytest.mark.parametrize("unsafe", [Accel(amp=torch.bfloat16), Accel(channels_last=True), Accel(compile=True)])
+def test_dp_training_refuses_settings_that_void_its_bound(unsafe: Accel) -> None:
+    model = small_model()
+    before = flat(model)
+    with pytest.raises(ValueError, match="DP-SGD runs in float32"):
+        train_dp(model, toy(), epochs=1, expected_batch=8, lr=0.1, optimizer="sgd", momentum=0.0,
+                 noise_multiplier=1.0, max_grad_norm=1.0, accel=unsafe)
+    assert torch.equal(flat(model), before)
+
+
 def test_auto_leaves_a_cpu_as_it_was_and_speeds_up_a_gpu() -> None:
     assert Accel.resolve(device=CPU, private=False) == PLAIN
     gpu = Accel.resolve(device=torch.device("cuda"), private=False)
