@@ -34,6 +34,7 @@ __all__ = [
     "BUNDLED",
     "SiteData",
     "Split",
+    "as_float",
     "dataset_info",
     "load_site_data",
     "open_dataset",
@@ -58,11 +59,22 @@ FEATURE_KEYS = {"nih": "view", "isic": "site"}
 
 @dataclass(frozen=True)
 class Split:
-    images: torch.Tensor  # N x C x H x W, float32 in [-1, 1]
+    # N x C x H x W: float32 in [-1, 1], or the uint8 pixels of a compact split (``as_float``
+    # turns a batch of either into the float form, where it trains: on a GPU, after the copy)
+    images: torch.Tensor
     labels: torch.Tensor  # N int64 (binary, multi-class) or N x L float32 (multi-label)
 
     def __len__(self) -> int:
         return len(self.labels)
+
+
+def as_float(x: torch.Tensor) -> torch.Tensor:
+    """A batch of a split's images as float32 in [-1, 1]: uint8 pixels are scaled by the same
+    operations, in the same order, as ``to_split`` uses, so a compact split trains bit for bit
+    as its float form."""
+    if x.dtype != torch.uint8:
+        return x
+    return x.float().div_(255.0).mul_(2.0).sub_(1.0)
 
 
 @dataclass(frozen=True)
@@ -141,16 +153,22 @@ def skew_labels(labels: np.ndarray) -> np.ndarray:
     return labels
 
 
-def to_split(images: np.ndarray, labels: np.ndarray, task: str, profile: tuple | None) -> Split:
+def to_split(images: np.ndarray, labels: np.ndarray, task: str, profile: tuple | None,
+             compact: bool = False) -> Split:
+    """Tensors of a share.  ``compact`` keeps the images as uint8 (a quarter of the memory; each
+    batch is scaled by ``as_float`` where it trains), unless a simulated acquisition profile
+    has to change the pixels."""
+    u8 = images[:, None] if images.ndim == 3 else np.moveaxis(images, -1, 1)  # N x C x H x W views
+    y = torch.from_numpy(labels.astype(np.float32) if task == "multilabel" else labels.astype(np.int64))
+    if compact and profile is None:
+        return Split(torch.from_numpy(np.ascontiguousarray(u8)), y)
     # one float copy of the (possibly memory-mapped) uint8 images, then in place: at 224 px the
     # share's float tensor is the site's largest allocation, and a second one would double its peak
-    u8 = images[:, None] if images.ndim == 3 else np.moveaxis(images, -1, 1)  # N x C x H x W views
     x = torch.from_numpy(u8.astype(np.float32, order="C"))  # the one float copy (the images may be a read-only map)
     x.div_(255.0)
     if profile is not None:
         x = _acquisition(x, profile)
     x.mul_(2.0).sub_(1.0)
-    y = torch.from_numpy(labels.astype(np.float32) if task == "multilabel" else labels.astype(np.int64))
     return Split(x, y)
 
 
@@ -212,9 +230,11 @@ def load_site_data(
     feature_key: str | None = None,
     val_fraction: float = VAL_FRACTION,
     decode: DecodeSettings = DEFAULT_DECODE,
+    compact: bool = False,
 ) -> SiteData:
     """Site ``site_index``'s share of each split.  The partition is drawn from the labels and
-    metadata alone; only the share's images are then decoded (or read from the cache)."""
+    metadata alone; only the share's images are then decoded (or read from the cache).
+    ``compact``: the images stay uint8 (``to_split``)."""
     raw = open_dataset(dataset, path, image_size=image_size, cache_dir=cache_dir, seed=seed,
                        synthetic_samples=synthetic_samples, val_fraction=val_fraction, decode=decode)
     simulated = scheme == "feature" and (feature_key or FEATURE_KEYS.get(dataset)) is None
@@ -225,7 +245,7 @@ def load_site_data(
                              feature_key=feature_key)
         idx = parts[site_index]
         images, kept = take(raw.images[split], idx)
-        splits[split] = to_split(images, raw.labels[split][idx][kept], raw.task, profile)
+        splits[split] = to_split(images, raw.labels[split][idx][kept], raw.task, profile, compact=compact)
     return SiteData(
         train=splits["train"], val=splits["val"], test=splits["test"], official_test=raw.official_test,
         channels=raw.channels, num_classes=raw.num_outputs, task=raw.task, label_names=tuple(raw.label_names),
@@ -242,7 +262,8 @@ def take(images: np.ndarray | ImageFiles, idx: np.ndarray) -> tuple[np.ndarray, 
 
 
 def load_configured_site(data: DataConfig, *, path: Path | None, site_index: int, num_sites: int,
-                         cache_dir: Path | None = None, decode: DecodeSettings = DEFAULT_DECODE) -> SiteData:
+                         cache_dir: Path | None = None, decode: DecodeSettings = DEFAULT_DECODE,
+                         compact: bool = False) -> SiteData:
     """Site ``site_index``'s share as a run's ``data`` config partitions it: what the site trains
     on, and what anything rebuilding a run's data (the attack harness) must load the same way."""
     part = data.partition
@@ -250,4 +271,5 @@ def load_configured_site(data: DataConfig, *, path: Path | None, site_index: int
         dataset=data.dataset, path=path, site_index=site_index, num_sites=num_sites, scheme=part.scheme,
         alpha=part.alpha, seed=part.seed, synthetic_samples=data.synthetic_samples, image_size=data.image_size,
         cache_dir=cache_dir, feature_key=part.feature_key, val_fraction=data.val_fraction, decode=decode,
+        compact=compact,
     )

@@ -21,7 +21,7 @@ from functools import cache
 import torch
 from torch import nn
 
-from ..data.loaders import SiteData, Split
+from ..data.loaders import SiteData, Split, as_float
 from .registry import _norm
 
 __all__ = ["SCATTER_CHANNELS", "ScatterLinear", "featurise", "featurise_split", "scatter_features", "scattering"]
@@ -55,7 +55,7 @@ def scatter_features(images: torch.Tensor) -> torch.Tensor:
     out = []
     with torch.no_grad():
         for start in range(0, n, _BATCH):
-            coeffs = transform(images[start : start + _BATCH].float().cpu())  # B x C x 81 x H/4 x W/4
+            coeffs = transform(as_float(images[start : start + _BATCH]).float().cpu())  # B x C x 81 x H/4 x W/4
             coeffs = coeffs.flatten(1, 2)
             if coeffs.shape[-2:] != (_GRID, _GRID):
                 coeffs = nn.functional.adaptive_avg_pool2d(coeffs, _GRID)

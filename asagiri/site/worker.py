@@ -55,7 +55,8 @@ class SiteWorker:
         part = self.data_cfg.partition
         self.data: SiteData = load_configured_site(self.data_cfg, path=cfg.data_path, site_index=welcome.site_index,
                                                    num_sites=welcome.num_sites, cache_dir=cfg.state_dir / "cache",
-                                                   decode=DecodeSettings(cfg.decode_workers, cfg.skip_unreadable_images))
+                                                   decode=DecodeSettings(cfg.decode_workers, cfg.skip_unreadable_images),
+                                                   compact=True)  # uint8: a quarter of the float share
         self.data = prepare_data(self.model_cfg.name, self.data)  # fixed features, for models that take them
         torch.manual_seed(part.seed)
         self.model = build(

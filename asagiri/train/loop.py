@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.loaders import Split
+from ..data.loaders import Split, as_float
 from ..scores import accuracy_score, auc_score
 from .accel import PLAIN, Accel
 
@@ -72,11 +72,12 @@ def run_steps(steps: Steps, *, augment: bool, gen: torch.Generator, device: torc
               on_step: OnStep | None = None, accel: Accel = PLAIN) -> tuple[float, int]:
     """The training loop, whatever the step: (summed loss, updates made).  ``gen`` drives the
     shuffling and the augmentation, in that order, so a seed reproduces a round exactly.  Batches
-    are augmented where they train (on a GPU, on the GPU), after the copy."""
+    are scaled to float (a compact split's) and augmented where they train (on a GPU, on the
+    GPU), after the copy."""
     device = torch.device(device)
     total, done = 0.0, 0
     for x, y in steps.batches(gen):
-        x, y = accel.to_device(x, device), accel.to_device(y, device)
+        x, y = as_float(accel.to_device(x, device)), accel.to_device(y, device)
         if augment:
             x = augment_shifts(x, gen)
         total += steps.step(accel.layout(x), y)
@@ -204,7 +205,7 @@ def evaluate(
     device = torch.device(device)
     probs, losses = [], 0.0
     for start in range(0, len(data), batch_size):
-        x = accel.layout(accel.to_device(data.images[start : start + batch_size], device))
+        x = accel.layout(as_float(accel.to_device(data.images[start : start + batch_size], device)))
         y = accel.to_device(data.labels[start : start + batch_size], device)
         with accel.autocast(device):
             logits = model(x)

@@ -228,6 +228,7 @@ def test_a_site_trains_with_its_accel_settings(tmp_path, caplog):
     plain = site_worker(tmp_path / "plain", accel={"precision": "bf16", "channels_last": "on"})
     assert plain.accel == Accel(amp=torch.bfloat16, channels_last=True)
     assert "training on cpu: bfloat16 autocast, channels-last" in caplog.text
+    assert plain.data.train.images.dtype == torch.uint8  # the share is held compact, scaled per batch
     params = {k: v.detach().numpy().copy() for k, v in plain.model.state_dict().items() if k in plain.shared}
     res = plain.fit(FitIns(1, 1, params, {"seed": 1}))
     assert all(np.isfinite(v).all() for v in res.update.values()) and any(np.abs(v).max() > 0 for v in res.update.values())
