@@ -10,7 +10,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["append_durably", "atomic_write_bytes", "replace_durably"]
+__all__ = ["append_durably", "atomic_write_bytes", "commit_durably", "replace_durably"]
 
 
 @contextlib.contextmanager
@@ -47,6 +47,14 @@ def replace_durably(src: Path, dst: Path) -> None:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+def commit_durably(src: Path, dst: Path) -> None:
+    """A file written in place under a temporary name (a memory-mapped array): its contents
+    fsynced, then renamed over ``dst`` as :func:`replace_durably` does."""
+    with _naming(dst), open(src, "rb") as fh:
+        os.fsync(fh.fileno())
+    replace_durably(src, dst)
 
 
 def append_durably(path: Path, data: bytes) -> None:

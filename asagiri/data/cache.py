@@ -19,6 +19,8 @@ import logging
 import multiprocessing
 import os
 import sys
+import zipfile
+import zlib
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -26,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..fsutil import atomic_write_bytes, replace_durably
+from ..fsutil import atomic_write_bytes, commit_durably
 from .images import decode_image
 
 __all__ = ["DEFAULT_DECODE", "DecodeSettings", "ImageFiles", "UnreadableImage", "decode_files", "npz_images"]
@@ -176,9 +178,7 @@ def _finish(work: Path, files: list[Path], failed: list[tuple[int, str]], size: 
 
 
 def _store(decoded: Decoded, work: Path, array: Path, meta: Path, cache_dir: Path, listed: str) -> Decoded:
-    with open(work, "rb") as fh:
-        os.fsync(fh.fileno())
-    replace_durably(work, array)
+    commit_durably(work, array)
     atomic_write_bytes(meta, json.dumps({"kept": decoded.kept.tolist(), "skipped": decoded.skipped}).encode())
     for stale in cache_dir.glob(f"images-{listed}-*"):  # entries of the same files before they changed
         if stale.name not in (array.name, meta.name):
@@ -200,9 +200,6 @@ def npz_images(path: Path, member: str, *, size: int, cache_dir: Path,
         return np.load(array, mmap_mode="r")
     cache_dir.mkdir(parents=True, exist_ok=True)
     work = cache_dir / f".{array.stem}.{os.getpid()}.tmp.npy"
-    import zipfile
-    import zlib
-
     try:
         with zipfile.ZipFile(path) as archive, archive.open(f"{member}.npy") as stream:
             version = np.lib.format.read_magic(stream)
@@ -221,9 +218,7 @@ def npz_images(path: Path, member: str, *, size: int, cache_dir: Path,
                 out[start : start + n] = resize(np.frombuffer(raw, np.uint8).reshape(n, *shape[1:]), size)
             out.flush()
             del out
-        with open(work, "rb") as fh:
-            os.fsync(fh.fileno())
-        replace_durably(work, array)
+        commit_durably(work, array)
     except (zipfile.BadZipFile, EOFError, zlib.error, KeyError) as exc:
         raise ValueError(f"{path}: not a readable .npz ({exc})") from None
     finally:
