@@ -6,7 +6,6 @@ in ``client/session.py`` hands it the coordinator's requests and sends back what
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from typing import TYPE_CHECKING
 
@@ -66,11 +65,8 @@ class SiteWorker:
         self.dp = spec.dp
         a = cfg.accel
         self.accel = Accel.resolve(precision=a.precision, channels_last=a.channels_last, compile=a.compile,
-                                   dp_clipping=a.dp_clipping, device=self.device, private=self.dp.enabled)
-        if self.accel.ghost_clipping and spec.train.augment and self.dp.augmentation_multiplicity > 1:
-            log.info("DP-SGD: augmentation multiplicity averages per-example gradients, which ghost clipping "
-                     "never holds: clipping with Opacus' hooks instead")
-            self.accel = dataclasses.replace(self.accel, ghost_clipping=False)
+                                   dp_clipping=a.dp_clipping, device=self.device, private=self.dp.enabled,
+                                   averaged_copies=spec.train.augment and self.dp.augmentation_multiplicity > 1)
         log.info("training on %s: %s", self.device, self.accel.describe())
         self.ledger: PrivacyLedger | None = None
         self.last_steps = 0  # optimiser steps of the last round; stays on the site

@@ -38,14 +38,17 @@ class Accel:
 
     @classmethod
     def resolve(cls, *, precision: str = "auto", channels_last: str = "auto", compile: bool = False,
-                dp_clipping: str = "auto", device: torch.device, private: bool) -> Accel:
+                dp_clipping: str = "auto", device: torch.device, private: bool,
+                averaged_copies: bool = False) -> Accel:
         """Decisions for ``device``.  Under DP-SGD (``private``) precision is float32 whatever was
         asked: Opacus clips each example's gradient to norm C from norms computed in the
         activations' dtype, and in bfloat16 a norm rounds by up to 1 part in 256, so a clipped
         gradient could exceed C and the noise would no longer cover it.  Channels-last is off too:
         Opacus 1.6 computes wrong per-example gradients for a convolution whose input is
         channels-last (``tests/train/test_accel.py`` shows it), so both its clipping and its sum
-        would be wrong.  ``compile`` is for plain training only (Opacus' hooks do not trace)."""
+        would be wrong.  ``compile`` is for plain training only (Opacus' hooks do not trace).
+        ``averaged_copies`` (augmentation multiplicity under DP) needs per-example gradients, so
+        no ghost clipping."""
         cuda = device.type == "cuda"
         if precision == "auto":
             amp = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else None
@@ -66,8 +69,12 @@ class Accel:
             nhwc = False
         # Ghost clipping needs a third to a half less memory (docs/benchmarks.md), what limits a
         # GPU's batch; on a CPU it makes small models 17-27% slower: auto uses it on a GPU.
-        ghost = dp_clipping == "ghost" or (dp_clipping == "auto" and cuda)
-        return cls(amp=amp, channels_last=nhwc, compile=compile and not private, ghost_clipping=private and ghost)
+        ghost = private and (dp_clipping == "ghost" or (dp_clipping == "auto" and cuda))
+        if ghost and averaged_copies:
+            log.info("DP-SGD: augmentation multiplicity averages per-example gradients, which ghost clipping "
+                     "never holds: clipping with Opacus' hooks instead")
+            ghost = False
+        return cls(amp=amp, channels_last=nhwc, compile=compile and not private, ghost_clipping=ghost)
 
     def describe(self) -> str:
         parts = [{None: "float32", torch.bfloat16: "bfloat16 autocast", torch.float16: "float16 autocast"}[self.amp]]
