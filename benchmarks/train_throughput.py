@@ -73,9 +73,6 @@ def ours(model, data: Split, batch: int, dp: bool, device: str, accel: Accel) ->
                     augment=False, device=device, accel=accel)
 
 
-_BARE_COMPILED: dict[int, torch.nn.Module] = {}
-
-
 def bare(model, data: Split, batch: int, dp: bool, device: str, accel: Accel) -> None:
     if accel.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -93,13 +90,12 @@ def bare(model, data: Split, batch: int, dp: bool, device: str, accel: Accel) ->
         model, opt, loss_of, loader = out if accel.ghost_clipping else (out[0], out[1], loss_of, out[2])
         batches = ((x.to(device, non_blocking=True), y.to(device, non_blocking=True)) for x, y in loader)
     else:
-        if accel.compile:  # compiled once per model, as a site does, outside the timing's warm-up
-            model = _BARE_COMPILED.setdefault(id(model), torch.compile(model))
         order = torch.randperm(len(y_all))
         pin = (lambda t: t.pin_memory()) if device == "cuda" else (lambda t: t)
         batches = ((pin(x_all[order[i : i + batch]]).to(device, non_blocking=True),
                     pin(y_all[order[i : i + batch]]).to(device, non_blocking=True))
                    for i in range(0, len(y_all), batch))
+    forward = accel.forward_of(model)  # compiled once per model (in the warm-up), as a site's is
     model.train()
     for x, y in batches:
         if len(y) == 0:
@@ -108,7 +104,7 @@ def bare(model, data: Split, batch: int, dp: bool, device: str, accel: Accel) ->
             x = x.contiguous(memory_format=torch.channels_last)
         opt.zero_grad(set_to_none=True)
         with accel.autocast(torch.device(device)):
-            logits = model(x)
+            logits = forward(x)
         loss_of(logits.float(), y).backward()
         opt.step()
     if dp:
