@@ -6,7 +6,8 @@ the rule, logs it, counts it, and raises :class:`Refusal`.  The runtime answers 
 ``Decline`` (permanent when the whole run is unacceptable), so the rest of the federation goes on
 and nothing more leaves the site for that round.
 
-Rules (``docs/secagg.md``, "Site policy"), named after the ``policy:`` keys where there is one:
+Rules (:class:`~asagiri.causes.Rule`; ``docs/secagg.md``, "Site policy"), named after the
+``policy:`` keys where there is one:
 
 - ``run_id``, ``require_secagg``, ``pinned_peers``, ``require_dp``, ``max_epsilon``, ``max_delta``:
   the run as a whole (checked on ``Welcome``);
@@ -20,7 +21,8 @@ Rules (``docs/secagg.md``, "Site policy"), named after the ``policy:`` keys wher
 - ``spec``, ``stage``, ``signature``, ``shares``, ``survivors``, ``malformed``: protocol checks of
   the secure-aggregation state machine (``secagg/client.py``);
 - ``record``: the coordinator's signed record of a round contradicts what this site saw, or never
-  came (``site/receipts.py``).
+  came (``site/receipts.py``);
+- ``setup``: the run's spec is well formed but cannot be set up at this site (its data, its model).
 """
 
 from __future__ import annotations
@@ -32,7 +34,9 @@ from typing import Any, NoReturn
 
 from pydantic import ValidationError
 
+from .causes import Rule
 from .config import PolicyConfig, RunSpec
+from .errors import Refusal
 from .secagg.binding import quorum
 from .wire.crypto import PublicIdentity
 
@@ -41,31 +45,23 @@ __all__ = ["Refusal", "SitePolicy"]
 log = logging.getLogger(__name__)
 
 
-class Refusal(Exception):
-    """This site will not do what was asked. ``rule`` says which check failed."""
-
-    def __init__(self, rule: str, detail: str) -> None:
-        super().__init__(f"{rule}: {detail}")
-        self.rule = rule
-        self.detail = detail
-
-
 class SitePolicy:
     """A site's policy (``policy:`` in site.yaml) and its pinned peers, applied to what arrives."""
 
     def __init__(self, cfg: PolicyConfig, peers: Mapping[int, PublicIdentity] | None = None) -> None:
         self.cfg = cfg
         self.peers: dict[int, PublicIdentity] = dict(peers or {})
-        self.refusals: Counter[str] = Counter()
+        self.refusals: Counter[Rule] = Counter()
 
     # -- the one exit ----------------------------------------------------------------------------
 
-    def refuse(self, rule: str, detail: str) -> NoReturn:
-        self.refusals[rule] += 1
-        log.warning("refused (%s): %s", rule, detail)
-        raise Refusal(rule, detail)
+    def refuse(self, rule: Rule | str, detail: str) -> NoReturn:
+        refusal = Refusal(rule, detail)  # an unknown rule is a bug here, not a new cause on the wire
+        self.refusals[refusal.rule] += 1
+        log.warning("refused (%s): %s", refusal.rule, detail)
+        raise refusal
 
-    def require(self, ok: bool, rule: str, detail: str) -> None:
+    def require(self, ok: bool, rule: Rule | str, detail: str) -> None:
         if not ok:
             self.refuse(rule, detail)
 

@@ -16,6 +16,7 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
+from ..causes import Rule
 from ..config import ConfigError, FederationConfig
 from ..launcher import (
     StatusPipe,
@@ -109,8 +110,8 @@ def _orchestrate(out: Path, fed_path: Path, cfg: FederationConfig, args: argpars
                 procs.append(start_site(site_cfg, site, *level, log=files.enter_context(open(logs / f"site-{site}.log", "ab"))))
             refused: dict[int, str] = {}
             while (record := status.next(timeout=max(0.0, deadline - time.monotonic()))) is not None:
-                if record["event"] == "SiteRefused" and record["reason"].startswith("policy "):
-                    refused[record["site"]] = record["reason"]
+                if record["event"] == "SiteRefused" and Rule(record["rule"]).is_policy:
+                    refused[record["site"]] = record["rule"]
                 line = console_line(record, cfg.rounds)
                 if line is not None:
                     print(line, flush=True)

@@ -1,8 +1,9 @@
 """A site across its sessions: connect (with backoff), authenticate, serve one session
 (``session.py``), and again after the coordinator goes away, until the federation is over.
 
-What the site keeps across sessions (its worker, secure-aggregation machine, policy, replay guard
-and receipts) lives in :class:`~asagiri.client.session.Kept`; a refused connection or a failed
+What the site keeps across sessions (its round machine, with the secure-aggregation machine,
+policy, replay guard and receipts it drives, and its worker) lives in
+:class:`~asagiri.client.session.Kept`; a refused connection or a failed
 coordinator proof is retried like a lost connection.
 """
 
@@ -29,6 +30,7 @@ from ..wire.channel import SiteRefused
 from ..wire.connection import connect_handshake
 from ..wire.crypto import AuthenticationFailed, Identity, PublicIdentity
 from ..wire.errors import ConnectionLost, RemoteProtocolError
+from .machine import SiteMachine
 from .progress import TrainingProgress
 from .session import Kept, Session
 from .state import PersistentReplayGuard
@@ -51,9 +53,12 @@ class Site:
         peers = {int(k): PublicIdentity.from_hex(v) for k, v in (cfg.peers or {}).items()}
         policy = SitePolicy(cfg.policy, peers)
         receipts = SignedLog(cfg.state_dir / "receipts.jsonl", self.identity, domain=RECEIPT_DOMAIN)
-        self.kept = Kept(policy, PersistentReplayGuard(cfg.state_dir / "secagg_rounds.json"),
-                          RoundWitness(receipts, self.coordinator, cfg.site_id, policy),
-                          SiteMetrics(CollectorRegistry()), TrainingProgress() if progress else None)
+        witness = RoundWitness(receipts, self.coordinator, cfg.site_id, policy)
+        machine = SiteMachine(site_id=cfg.site_id, identity=self.identity, policy=policy,
+                              replay=PersistentReplayGuard(cfg.state_dir / "secagg_rounds.json"), witness=witness,
+                              equal_weight=cfg.policy.equal_weight)
+        self.kept = Kept(policy, machine, witness, SiteMetrics(CollectorRegistry()),
+                         TrainingProgress() if progress else None)
         if cfg.policy.min_participants < 3:
             log.warning("policy.min_participants=%d: a sum of two sites' updates tells each of them the other's",
                         cfg.policy.min_participants)
@@ -72,7 +77,7 @@ class Site:
                 max_payload_bytes=cfg.max_message_bytes, chunk_bytes=cfg.chunk_bytes,
             )
         log.info("connected to coordinator %s (key %s)", conn.peer, self.coordinator.fingerprint())
-        session = Session(cfg, conn, self.kept, self.faults, self.identity)
+        session = Session(cfg, conn, self.kept, self.faults)
         await session.run()
         return session.final
 

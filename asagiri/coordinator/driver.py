@@ -21,6 +21,7 @@ import anyio
 import numpy as np
 import torch
 
+from ..causes import Rule
 from ..config import FederationConfig, RunSpec
 from ..data.loaders import dataset_info
 from ..faults import NO_FAULTS, FaultPlan
@@ -102,7 +103,7 @@ class FederationDriver:
         self.spec_digest = binding.spec_digest(self.spec)
         self.history: list[dict[str, Any]] = []
         self.exhausted: set[int] = set()  # sites that declined for good
-        self._withdrawn: dict[int, str] = {}  # ... and why
+        self._withdrawn: dict[int, Rule] = {}  # ... and the rule each named
         self._test: dict[str, Any] = {}
         self.start_round = 1
         params = initial_params(cfg)
@@ -181,8 +182,8 @@ class FederationDriver:
                 able = len(set(self.roster) - self.exhausted)
                 if able < cfg.min_clients:
                     # Sites leave for good when their privacy budget is spent, or when the run breaks
-                    # their policy (a Decline whose reason starts with "policy ", protocol/SPEC.md §7).
-                    refused = {s: r for s, r in self._withdrawn.items() if r.startswith("policy ")}
+                    # their policy (a permanent Decline naming a policy rule, protocol/SPEC.md §7).
+                    refused = {s: str(r) for s, r in self._withdrawn.items() if r.is_policy}
                     log.warning("only %d sites can still train, min_clients=%d; ending (policy refusals: %s)",
                                 able, cfg.min_clients, refused or "none")
                     why = "refused the run by their policy or spent their privacy budget" if refused else \
@@ -200,12 +201,13 @@ class FederationDriver:
                 except NotEnoughSites as exc:
                     self._fail(rnd, str(exc), t_start)
                 self.exhausted.update(outcome.exhausted)
-                self._withdrawn.update({s: outcome.declined.get(s, "") for s in outcome.exhausted})
+                self._withdrawn.update({s: outcome.declined[s] for s in outcome.exhausted})
                 if outcome.abort_reason is None:
                     self._complete_round(outcome, time.monotonic() - t0)
                     await self._send_round_record()
                     break
-                self.emit(ev.RoundAborted(rnd, attempt, outcome.abort_reason, outcome.selected,
+                assert outcome.abort_cause is not None
+                self.emit(ev.RoundAborted(rnd, attempt, outcome.abort_cause, outcome.abort_reason, outcome.selected,
                                           outcome.participants, outcome.dropped))
             else:
                 self._fail(rnd, f"aborted {cfg.max_round_attempts} times", t_start)
@@ -271,7 +273,7 @@ class FederationDriver:
             if isinstance(event, FitRes | MaskedInput) and (event.round, event.attempt) == (rnd, attempt):
                 self.emit(ev.UpdateReceived(rnd, attempt, site_id))
             elif isinstance(event, Decline) and (event.round, event.attempt) == (rnd, attempt):
-                self.emit(ev.SiteRefused(rnd, attempt, site_id, event.reason, event.permanent))
+                self.emit(ev.SiteRefused(rnd, attempt, site_id, event.rule, event.permanent))
         except ProtocolViolation as exc:
             self.sessions.metrics.protocol_violations.labels("round").inc()
             log.warning("%s; closing its channel", exc)

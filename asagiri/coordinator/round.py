@@ -25,10 +25,12 @@ from typing import Any
 
 import numpy as np
 
+from ..causes import AbortCause, Rule
+from ..errors import ProtocolViolation
 from ..params import Params, unflatten, update_norm
 from ..scores import accuracy_score, auc_score
 from ..secagg.quantize import dequantize
-from ..secagg.server import Outbound, SecAggViolation, ServerStage, ServerStateMachine
+from ..secagg.server import Outbound, ServerStage, ServerStateMachine
 from ..strategy.aggregate import RunningSum
 from ..strategy.base import Strategy
 from ..wire.messages import (
@@ -58,15 +60,6 @@ class Phase(enum.Enum):
     ABORTED = "aborted"
 
 
-class ProtocolViolation(Exception):
-    """A site sent something the round does not allow; the runtime closes that site's channel."""
-
-    def __init__(self, site: int, reason: str) -> None:
-        super().__init__(f"site {site}: {reason}")
-        self.site = site
-        self.reason = reason
-
-
 @dataclass(frozen=True, slots=True)
 class SiteLost:
     """A site vanished: its connection closed or failed, it went silent, or it declined."""
@@ -81,12 +74,13 @@ class RoundOutcome:
     selected: list[int]
     participants: list[int] = field(default_factory=list)
     dropped: list[int] = field(default_factory=list)
-    declined: dict[int, str] = field(default_factory=dict)
+    declined: dict[int, Rule] = field(default_factory=dict)  # the rule each site named
     exhausted: list[int] = field(default_factory=list)
     params: Params | None = None
     evaluation: dict[str, Any] = field(default_factory=dict)
     site_metrics: dict[int, dict[str, float]] = field(default_factory=dict)
-    abort_reason: str | None = None
+    abort_cause: AbortCause | None = None
+    abort_reason: str | None = None  # the detail, for people
     secagg_stages: dict[str, list[int]] | None = None  # who completed each secure-aggregation stage
     site_eval: dict[int, dict[str, float]] = field(default_factory=dict)  # each site's evaluation metrics
 
@@ -156,20 +150,17 @@ class RoundMachine:
         """Feed the secure-aggregation machine (a message, a loss, or a timeout); finish FIT when it does."""
         sa = self.secagg
         assert sa is not None
-        try:
-            if event is None:
-                outs = sa.stage_timed_out()
-            elif isinstance(event, SiteLost):
-                outs = sa.site_lost(site)
-            else:
-                outs = sa.receive(site, event)
-        except SecAggViolation as exc:
-            raise ProtocolViolation(exc.site, exc.reason) from None
-        out = list(outs)
+        if event is None:
+            out = list(sa.stage_timed_out())
+        elif isinstance(event, SiteLost):
+            out = list(sa.site_lost(site))
+        else:
+            out = list(sa.receive(site, event))
         if sa.stage is ServerStage.DONE:
             return out + self._finish_secure_fit()
         if sa.stage is ServerStage.ABORTED:
-            return out + self._abort(sa.abort_reason or "secure aggregation aborted")
+            assert sa.abort_cause is not None
+            return out + self._abort(sa.abort_cause, sa.abort_reason or "secure aggregation aborted")
         return out
 
     def _finish_secure_fit(self) -> list[Outbound]:
@@ -266,7 +257,7 @@ class RoundMachine:
     # -- internals -------------------------------------------------------------------------------
 
     def _declined(self, site: int, msg: Decline) -> None:
-        self.outcome.declined[site] = msg.reason
+        self.outcome.declined[site] = msg.rule
         if msg.permanent:  # out of the run for good (budget spent, or the run breaks its policy)
             self.outcome.exhausted.append(site)
             self._evaluators.discard(site)
@@ -292,11 +283,11 @@ class RoundMachine:
         self.outcome.participants.append(site)
         self.outcome.site_metrics[site] = dict(msg.metrics)
 
-    def _abort(self, reason: str) -> list[Outbound]:
+    def _abort(self, cause: AbortCause, detail: str) -> list[Outbound]:
         self.phase = Phase.ABORTED
-        self.outcome.abort_reason = reason
+        self.outcome.abort_cause, self.outcome.abort_reason = cause, detail
         survivors = sorted(set(self.outcome.selected) - self._lost)
-        return [Outbound(s, RoundAborted(self.round, self.attempt, reason)) for s in survivors]
+        return [Outbound(s, RoundAborted(self.round, self.attempt, cause, detail)) for s in survivors]
 
     def _maybe_finish_fit(self) -> list[Outbound]:
         if self._waiting:
@@ -305,6 +296,7 @@ class RoundMachine:
         self.outcome.dropped.sort()
         if self._sum.count < self.min_clients:
             return self._abort(
+                AbortCause.TOO_FEW_SITES,
                 f"{self._sum.count} updates arrived, fewer than min_clients={self.min_clients}; nothing aggregated"
             )
         new_params = self._strategy.aggregate_fit(

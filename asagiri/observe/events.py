@@ -9,6 +9,7 @@ import json
 from dataclasses import dataclass, field, fields
 from typing import IO, Any
 
+from ..causes import AbortCause, Rule
 from ..params import Params
 
 __all__ = [
@@ -87,12 +88,12 @@ class SiteDropped:
 
 @dataclass(frozen=True)
 class SiteRefused:
-    """A site declined (``reason`` is what it said: ``policy <rule>`` or ``privacy budget``)."""
+    """A site declined, naming the rule that refused (``privacy_budget`` when its budget is spent)."""
 
     round: int
     attempt: int
     site: int
-    reason: str
+    rule: Rule
     permanent: bool
 
 
@@ -100,7 +101,8 @@ class SiteRefused:
 class RoundAborted:
     round: int
     attempt: int
-    reason: str
+    cause: AbortCause
+    reason: str  # the detail, for people
     selected: list[int]
     participants: list[int]
     dropped: list[int]

@@ -71,7 +71,7 @@ class LiveView:
             if r.get("epsilon"):
                 self.latest["max ε"] = max(r["epsilon"].values())
         elif isinstance(event, RoundAborted):
-            self.stage = f"aborted: {event.reason}"
+            self.stage = f"aborted: {event.cause}"
         line = console_line(as_record(event), self.rounds)
         if line is not None:
             self.live.console.print(line)

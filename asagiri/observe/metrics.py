@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-__all__ = ["CoordinatorMetrics", "abort_cause", "refusal_kind"]
+from ..causes import AbortCause, Rule
+
+__all__ = ["CoordinatorMetrics"]
 
 
 # Round stages, as the histogram labels them: selection, the training wait ("fit") or the
@@ -54,34 +56,8 @@ class CoordinatorMetrics:
             self.stage_seconds.labels(stage)
         for kind in ("handshake", "session", "round", "out_of_round"):
             self.protocol_violations.labels(kind)
-        self.rounds_aborted.labels("below_min_clients")
+        for cause in AbortCause:  # closed sets: a site cannot grow the label set
+            self.rounds_aborted.labels(cause)
         self.dropped.labels("fit")
-        self.refused.labels("handshake")
-
-
-# The rules a site's policy names in a Decline (protocol/SPEC.md §7); anything else is "other", so
-# a site's free text can never grow the label set.
-POLICY_RULES = frozenset({"component", "malformed", "max_delta", "max_epsilon", "min_group", "min_participants",
-                          "min_threshold", "pinned_peers", "record", "replay", "require_dp", "require_secagg", "round_params",
-                          "run_id", "shares", "signature", "spec", "stage"})
-
-
-def refusal_kind(reason: str) -> str:
-    """A bounded label for a site's Decline reason."""
-    if reason == "privacy budget":
-        return reason
-    words = reason.split()
-    if len(words) >= 2 and words[0] == "policy" and words[1] in POLICY_RULES:
-        return f"policy {words[1]}"
-    return "other"
-
-
-def abort_cause(reason: str) -> str:
-    """A bounded label for an abort reason (the full reason is in the audit log)."""
-    if "min_clients" in reason:
-        return "below_min_clients"
-    if "secure aggregation" in reason or "secagg" in reason:
-        return "secure_aggregation"
-    if "declined" in reason:
-        return "declined"
-    return "other"
+        for label in ("handshake", *Rule):
+            self.refused.labels(label)

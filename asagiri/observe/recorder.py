@@ -35,7 +35,7 @@ from .events import (
     SiteRefused,
     as_record,
 )
-from .metrics import CoordinatorMetrics, abort_cause, refusal_kind
+from .metrics import CoordinatorMetrics
 from .runlog import append_jsonl
 
 __all__ = ["CHECKPOINT_NAME", "Recorder", "console_line", "model_path"]
@@ -124,11 +124,11 @@ class Recorder:
             self._audit("site_dropped", round=event.round, attempt=event.attempt, site=event.site,
                         stage=event.stage, reason=event.reason)
         elif isinstance(event, SiteRefused):
-            log.info("round %d.%d: site %d declined (%s)", event.round, event.attempt, event.site, event.reason)
-            # A permanent decline for the budget is the site's budget stop; any other names its policy rule.
-            kind = "budget_exhausted" if event.permanent and not event.reason.startswith("policy ") else "site_refused"
-            self.metrics.refused.labels(refusal_kind(event.reason)).inc()
-            self._audit(kind, round=event.round, attempt=event.attempt, site=event.site, reason=event.reason,
+            log.info("round %d.%d: site %d declined (%s)", event.round, event.attempt, event.site, event.rule)
+            # A decline for the budget is the site's budget stop; any other names its policy rule.
+            kind = "site_refused" if event.rule.is_policy else "budget_exhausted"
+            self.metrics.refused.labels(event.rule).inc()
+            self._audit(kind, round=event.round, attempt=event.attempt, site=event.site, rule=event.rule,
                         permanent=event.permanent)
         if self.console and (line := console_line(as_record(event), self.rounds)) is not None:
             print(line, flush=True)
@@ -147,8 +147,7 @@ class Recorder:
             "round_completed", run_id=self.run_id, log_id=self.audit.first_hash, started=self.started_seq,
             round=record["round"], attempt=record["attempt"], selected=record.get("selected"),
             participants=record["participants"], dropped=record["dropped"],
-            # the rule only: a site's free text would grow the record every site is sent
-            declined={site: refusal_kind(reason) for site, reason in record["declined"].items()},
+            declined=record["declined"],  # site -> the rule it named (a closed set, never free text)
             survivors=record.get("secagg_stages"), model_sha256=digest, config_sha256=self.config_sha256,
             epsilon=record.get("epsilon", {}), noise_multiplier=record.get("noise_multiplier", {}),
             metrics={k: record[k] for k in ("auc", "accuracy") if k in record})
@@ -179,10 +178,10 @@ class Recorder:
                 m.epsilon_left.labels(site).set(max(0.0, self.epsilon_target - eps))
 
     def _aborted(self, event: RoundAborted) -> None:
-        self.metrics.rounds_aborted.labels(abort_cause(event.reason)).inc()
-        log.warning("round %d attempt %d aborted: %s", event.round, event.attempt, event.reason)
+        self.metrics.rounds_aborted.labels(event.cause).inc()
+        log.warning("round %d attempt %d aborted (%s): %s", event.round, event.attempt, event.cause, event.reason)
         self._audit("round_aborted", round=event.round, attempt=event.attempt, selected=event.selected,
-                    participants=event.participants, dropped=event.dropped, reason=event.reason)
+                    participants=event.participants, dropped=event.dropped, cause=event.cause, reason=event.reason)
 
     def _audit(self, kind: str, **fields: Any) -> dict[str, Any]:
         return self.audit.append(kind, **fields, time=round(time.time(), 3))

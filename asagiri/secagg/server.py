@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..causes import AbortCause
+from ..errors import ProtocolViolation
 from ..wire.crypto import AuthenticationFailed, EphemeralKey, PublicIdentity
 from ..wire.messages import (
     AdvertiseKeys,
@@ -40,14 +42,7 @@ from .graph import graph_seed, neighbours
 from .masking import add_masks, pair_seed, sign
 from .prg import PRGS, Prg
 
-__all__ = ["SecAggViolation", "ServerStage", "ServerStateMachine"]
-
-
-class SecAggViolation(Exception):
-    def __init__(self, site: int, reason: str) -> None:
-        super().__init__(f"site {site}: {reason}")
-        self.site = site
-        self.reason = reason
+__all__ = ["ProtocolViolation", "ServerStage", "ServerStateMachine"]
 
 
 class ServerStage(enum.Enum):
@@ -121,7 +116,8 @@ class ServerStateMachine:
         self._b_shares: dict[int, dict[int, tuple[int, int]]] = {}
         self._s_shares: dict[int, dict[int, tuple[int, int]]] = {}
         self.result: SecAggResult | None = None
-        self.abort_reason: str | None = None
+        self.abort_cause: AbortCause | None = None
+        self.abort_reason: str | None = None  # the detail, for people
         self.stage_sites: dict[str, list[int]] = {}
 
     @property
@@ -139,14 +135,14 @@ class ServerStateMachine:
         if (msg.round, msg.attempt) != (self.round, self.attempt):  # type: ignore[attr-defined]
             if (msg.round, msg.attempt) < (self.round, self.attempt):  # type: ignore[attr-defined]
                 return []
-            raise SecAggViolation(site, "secure-aggregation message for a round never started")
+            raise ProtocolViolation(site, "secure-aggregation message for a round never started")
         if site in self._lost:
             return []  # dropped earlier (timeout or disconnect): its late words change nothing
         expected = _EXPECTED.get(self.stage)
         if expected is None or not isinstance(msg, expected):
-            raise SecAggViolation(site, f"{type(msg).__name__} out of stage ({self.stage.value})")
+            raise ProtocolViolation(site, f"{type(msg).__name__} out of stage ({self.stage.value})")
         if site not in self._waiting:
-            raise SecAggViolation(site, f"second or unasked-for {type(msg).__name__}")
+            raise ProtocolViolation(site, f"second or unasked-for {type(msg).__name__}")
         handler = {
             ServerStage.ADVERTISE: self._on_keys,
             ServerStage.SHARE: self._on_shares,
@@ -179,42 +175,42 @@ class ServerStateMachine:
     def _on_keys(self, site: int, msg: AdvertiseKeys) -> None:
         ident = self.identities.get(site)
         if ident is None:
-            raise SecAggViolation(site, "no identity key on record")
+            raise ProtocolViolation(site, "no identity key on record")
         try:
             ident.verify(keys_message(self.ctx, site, msg.c_pk, msg.s_pk), msg.signature)
         except AuthenticationFailed:
-            raise SecAggViolation(site, "key advertisement signature does not verify") from None
+            raise ProtocolViolation(site, "key advertisement signature does not verify") from None
         self.keys[site] = _Keys(msg.c_pk, msg.s_pk, msg.signature)
 
     def _on_shares(self, site: int, msg: ShareKeys) -> None:
         recipients = {r for r, _ in msg.shares}
         if recipients != set(self.nbrs[site]):
-            raise SecAggViolation(site, "shares are not addressed to exactly its neighbours")
+            raise ProtocolViolation(site, "shares are not addressed to exactly its neighbours")
         for recipient, ct in msg.shares:
             self._outbox.setdefault(recipient, []).append([site, ct])
 
     def _on_masked(self, site: int, msg: MaskedInput) -> None:
         y = msg.vector["y"]
         if y.shape != (self.vector_len,) or y.dtype != self.plan.dtype:
-            raise SecAggViolation(site, f"masked input of shape {y.shape} {y.dtype}")
+            raise ProtocolViolation(site, f"masked input of shape {y.shape} {y.dtype}")
         self.sum += y  # wraps mod 2**bits, as the protocol needs
 
     def _on_sig(self, site: int, msg: ConsistencySig) -> None:
         try:
             self.identities[site].verify(survivors_message(self.ctx, self.u3, msg.masked_with), msg.signature)
         except AuthenticationFailed:
-            raise SecAggViolation(site, "survivor-list signature does not verify") from None
+            raise ProtocolViolation(site, "survivor-list signature does not verify") from None
         self._sigs[site] = (list(msg.masked_with), msg.signature)
 
     def _on_unmask(self, site: int, msg: UnmaskResponse) -> None:
         dropped = set(self.u2) - set(self.u3)
         for owner, raw in msg.b_shares:
             if owner not in self.u3 or site not in self._group(owner):
-                raise SecAggViolation(site, f"b share of site {owner} it should not hold or reveal")
+                raise ProtocolViolation(site, f"b share of site {owner} it should not hold or reveal")
             self._b_shares.setdefault(owner, {})[site] = _decode(site, raw)
         for owner, raw in msg.s_shares:
             if owner not in dropped or site not in self._group(owner):
-                raise SecAggViolation(site, f"key share of site {owner} it should not hold or reveal")
+                raise ProtocolViolation(site, f"key share of site {owner} it should not hold or reveal")
             self._s_shares.setdefault(owner, {})[site] = _decode(site, raw)
 
     def _group(self, owner: int) -> list[int]:
@@ -222,9 +218,9 @@ class ServerStateMachine:
 
     # -- stage transitions -----------------------------------------------------------------------
 
-    def _abort(self, reason: str) -> list[Outbound]:
+    def _abort(self, cause: AbortCause, reason: str) -> list[Outbound]:
         self.stage = ServerStage.ABORTED
-        self.abort_reason = reason
+        self.abort_cause, self.abort_reason = cause, reason
         self.sum = np.zeros(0, dtype=self.plan.dtype)  # nothing of the masked sum outlives an abort
         return []
 
@@ -245,11 +241,11 @@ class ServerStateMachine:
             u1 = answered
             self.stage_sites["advertised"] = u1
             if len(u1) < self.min_clients:
-                return self._abort(f"{len(u1)} sites advertised keys, fewer than min_clients={self.min_clients}")
+                return self._abort(AbortCause.TOO_FEW_SITES, f"{len(u1)} sites advertised keys, fewer than min_clients={self.min_clients}")
             self.nbrs = neighbours(u1, self.degree, graph_seed(self.ctx, u1))
             group = 1 + (len(u1) - 1 if self.degree is None else min(self.degree, len(u1) - 1))
             if group < self.threshold:
-                return self._abort(f"{len(u1)} sites advertised keys: groups of {group} cannot meet threshold "
+                return self._abort(AbortCause.THRESHOLD, f"{len(u1)} sites advertised keys: groups of {group} cannot meet threshold "
                                    f"{self.threshold}")
             out = []
             for u in u1:
@@ -262,7 +258,7 @@ class ServerStateMachine:
             self.u2 = self._alive(answered)
             self.stage_sites["shared"] = self.u2
             if len(self.u2) < self.min_clients:
-                return self._abort(f"{len(self.u2)} sites shared keys, fewer than min_clients={self.min_clients}")
+                return self._abort(AbortCause.TOO_FEW_SITES, f"{len(self.u2)} sites shared keys, fewer than min_clients={self.min_clients}")
             out = []
             u2 = set(self.u2)
             for u in self.u2:
@@ -277,9 +273,8 @@ class ServerStateMachine:
             self.u3 = answered
             self.stage_sites["masked"] = self.u3
             if len(self.u3) < self.min_clients:
-                return self._abort(
-                    f"{len(self.u3)} masked inputs, fewer than min_clients={self.min_clients}; nothing unmasked"
-                )
+                return self._abort(AbortCause.TOO_FEW_SITES, f"{len(self.u3)} masked inputs, fewer than "
+                                   f"min_clients={self.min_clients}; nothing unmasked")
             self.stage = ServerStage.CONSISTENCY
             self._waiting = set(self._alive(self.u3))  # a site gone since its input still counts in U3
             return [Outbound(u, ConsistencyCheck(self.round, self.attempt, self.u3)) for u in self.u3]
@@ -287,9 +282,9 @@ class ServerStateMachine:
             self.u4 = answered
             self.stage_sites["signed"] = self.u4
             if len(self.u4) < self.min_clients:
-                return self._abort(f"{len(self.u4)} survivor signatures, fewer than min_clients={self.min_clients}")
+                return self._abort(AbortCause.TOO_FEW_SITES, f"{len(self.u4)} survivor signatures, fewer than min_clients={self.min_clients}")
             if len(self.u4) < self.params.quorum:
-                return self._abort(f"{len(self.u4)} survivor signatures; the sites need a majority of the "
+                return self._abort(AbortCause.NO_QUORUM, f"{len(self.u4)} survivor signatures; the sites need a majority of the "
                                    f"{len(self.participants)} participants ({self.params.quorum})")
             dropped = sorted(set(self.u2) - set(self.u3))
             sigs = [[s, *self._sigs[s]] for s in self.u4]
@@ -307,23 +302,23 @@ class ServerStateMachine:
         for u in self.u3:
             shares = list(self._b_shares.get(u, {}).values())
             if len(shares) < t:
-                return self._abort(f"only {len(shares)} shares of site {u}'s mask seed, {t} needed")
+                return self._abort(AbortCause.UNMASK_FAILED, f"only {len(shares)} shares of site {u}'s mask seed, {t} needed")
             try:
                 removals.append((-1, shamir.reconstruct(shares, t)))
             except ValueError:  # no VSS: a site sent a wrong share, and which one cannot be told
-                return self._abort(f"inconsistent shares of site {u}'s mask seed")
+                return self._abort(AbortCause.UNMASK_FAILED, f"inconsistent shares of site {u}'s mask seed")
         survivors = set(self.u3)
         for v in sorted(set(self.u2) - survivors):
             shares = list(self._s_shares.get(v, {}).values())
             if len(shares) < t:
-                return self._abort(f"only {len(shares)} shares of dropped site {v}'s key, {t} needed")
+                return self._abort(AbortCause.UNMASK_FAILED, f"only {len(shares)} shares of dropped site {v}'s key, {t} needed")
             try:
                 secret = shamir.reconstruct(shares, t)
             except ValueError:
-                return self._abort(f"inconsistent key shares for dropped site {v}")
+                return self._abort(AbortCause.UNMASK_FAILED, f"inconsistent key shares for dropped site {v}")
             key = EphemeralKey(secret)
             if key.public != self.keys[v].s_pk:
-                return self._abort(f"reconstructed key of dropped site {v} does not match its advertisement")
+                return self._abort(AbortCause.UNMASK_FAILED, f"reconstructed key of dropped site {v} does not match its advertisement")
             for u in self.nbrs[v]:
                 # u masked with v iff v's shares were delivered to u (v in U2 ∩ N(u)).
                 if u in survivors and v in self.delivered_from.get(u, []):
@@ -339,4 +334,4 @@ def _decode(site: int, raw: bytes) -> tuple[int, int]:
     try:
         return shamir.decode_share(raw)
     except ValueError:
-        raise SecAggViolation(site, "malformed share") from None
+        raise ProtocolViolation(site, "malformed share") from None

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from ..causes import Rule
+
 __all__ = ["SiteMetrics"]
 
 
@@ -21,7 +23,8 @@ class SiteMetrics:
         self.epsilon = Gauge("asagiri_site_epsilon_spent", "Privacy spent so far (DP-SGD runs)", registry=r)
         self.refusals = Counter("asagiri_site_refusals", "Rounds or runs this site refused, by policy rule",
                                 ["rule"], registry=r)
-        self.refusals.labels("privacy budget")
+        for rule in Rule:
+            self.refusals.labels(rule)
 
     def trained(self, *, examples: int, steps: int, seconds: float, epsilon: float | None) -> None:
         self.rounds_trained.inc()

@@ -20,7 +20,6 @@ from ..params import update_norm
 from ..train import TrainResult, evaluate, train_local
 from ..train.accel import Accel
 from ..train.loop import OnStep
-from ..wire.errors import RemoteProtocolError
 from ..wire.messages import EvaluateIns, EvaluateRes, FitIns, FitRes, Welcome
 
 if TYPE_CHECKING:
@@ -31,10 +30,14 @@ __all__ = ["BudgetExhausted", "SiteWorker"]
 log = logging.getLogger(__name__)
 
 
-class BudgetExhausted(Exception):
-    """One more round would spend more privacy than the site's target: it declines, permanently."""
+class UnusableInstruction(ValueError):
+    """What the coordinator sent cannot be trained or evaluated here (wrong tensors, a bad config).
+    The learning layer knows nothing of the wire: the session turns this into a closed session."""
 
-    REASON = "privacy budget"  # what the Decline says; the amounts stay in the site's log
+
+class BudgetExhausted(Exception):
+    """One more round would spend more privacy than the site's target: it declines, permanently
+    (``Rule.PRIVACY_BUDGET``; the amounts stay in the site's log)."""
 
     def __init__(self, spent: float, target: float) -> None:
         super().__init__(f"privacy budget: epsilon {spent:.3f} of {target:g} spent; one more round would exceed it")
@@ -114,13 +117,13 @@ class SiteWorker:
 
     def _load_global(self, params: dict[str, np.ndarray]) -> None:
         if set(params) != set(self.shared):
-            raise RemoteProtocolError("coordinator sent parameters that are not this model's shared set")
+            raise UnusableInstruction("coordinator sent parameters that are not this model's shared set")
         state = self.model.state_dict()
         for k in self.shared:
             if tuple(params[k].shape) != tuple(state[k].shape) or params[k].dtype != np.float32:
-                raise RemoteProtocolError(f"coordinator sent {k} as {params[k].dtype} {params[k].shape}")
+                raise UnusableInstruction(f"coordinator sent {k} as {params[k].dtype} {params[k].shape}")
             if not np.isfinite(params[k]).all():
-                raise RemoteProtocolError(f"coordinator sent {k} with non-finite values")
+                raise UnusableInstruction(f"coordinator sent {k} with non-finite values")
         # Only shared tensors are replaced; FedBN's local normalisation layers stay as they are.
         self.model.load_state_dict({k: torch.from_numpy(params[k]) for k in self.shared}, strict=False)
 
@@ -212,7 +215,7 @@ def _fit_config(ins: FitIns) -> tuple[float, int]:
     """FitIns.config's proximal weight and seed, checked: anything else is the coordinator's error."""
     mu, seed = ins.config.get("mu", 0.0), ins.config.get("seed", 0)
     if type(mu) not in (int, float) or not 0 <= mu < float("inf") or type(seed) is not int or not 0 <= seed < 2**63:
-        raise RemoteProtocolError(f"FitIns config mu={mu!r}, seed={seed!r}: not a proximal weight and a seed")
+        raise UnusableInstruction(f"FitIns config mu={mu!r}, seed={seed!r}: not a proximal weight and a seed")
     return float(mu), seed
 
 

@@ -7,10 +7,12 @@
 
 from __future__ import annotations
 
+from ..errors import ProtocolError
+
 __all__ = ["ConnectionLost", "LocalProtocolError", "RemoteProtocolError", "WireError"]
 
 
-class WireError(Exception):
+class WireError(ProtocolError):
     """Base of every error the wire layer raises."""
 
 

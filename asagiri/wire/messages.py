@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from ..causes import AbortCause, Rule
 from ..params import Params
 
 __all__ = [
@@ -82,6 +83,14 @@ def _bytes(value: Any, name: str, *, size: int | None = None, max_size: int = 1 
 
 def _text(value: Any, name: str, *, max_len: int = _MAX_TEXT) -> None:
     _require(isinstance(value, str) and len(value) <= max_len, f"{name} must be a string of <= {max_len}")
+
+
+def _cause(msg: Any, name: str, kind: type[Rule] | type[AbortCause]) -> None:
+    """A cause from its closed set, stored as the enum member (it travels as its string value)."""
+    value = getattr(msg, name)
+    _require(isinstance(value, str) and value in kind._value2member_map_,
+             f"{name} must be one of {sorted(kind._value2member_map_)}")
+    object.__setattr__(msg, name, kind(value))
 
 
 def _scalar_map(value: Any, name: str, *, depth: int = 0) -> None:
@@ -275,18 +284,19 @@ class FitRes(Message):
 
 @dataclass(frozen=True, slots=True)
 class Decline(Message):
-    """A site will not train this round (for example its privacy budget would be exceeded)."""
+    """A site will not take part in this round attempt: ``rule`` names the check that refused it
+    (or ``privacy_budget``), never a detail, which could describe the site's data."""
 
     TAG: ClassVar[int] = 22
     round: int
     attempt: int
-    reason: str
+    rule: Rule
     permanent: bool
 
     def validate(self) -> None:
         _int(self.round, "round", lo=1)
         _int(self.attempt, "attempt", lo=1, hi=1 << 16)
-        _text(self.reason, "reason")
+        _cause(self, "rule", Rule)
         _require(isinstance(self.permanent, bool), "permanent must be a bool")
 
 
@@ -352,15 +362,19 @@ class RoundRecord(Message):
 
 @dataclass(frozen=True, slots=True)
 class RoundAborted(Message):
+    """The round attempt ended without an aggregate: ``cause`` from a closed set, ``detail`` for people."""
+
     TAG: ClassVar[int] = 40
     round: int
     attempt: int
-    reason: str
+    cause: AbortCause
+    detail: str
 
     def validate(self) -> None:
         _int(self.round, "round", lo=1)
         _int(self.attempt, "attempt", lo=1, hi=1 << 16)
-        _text(self.reason, "reason")
+        _cause(self, "cause", AbortCause)
+        _text(self.detail, "detail")
 
 
 @dataclass(frozen=True, slots=True)

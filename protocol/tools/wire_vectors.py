@@ -10,6 +10,7 @@ import msgpack
 import nacl.bindings as sodium
 import numpy as np
 
+from asagiri.causes import AbortCause, Rule
 from asagiri.config import FederationConfig, RunSpec
 from asagiri.secagg.quantize import QuantPlan
 from asagiri.wire import codec
@@ -134,12 +135,12 @@ def sample_messages() -> list[Message]:
         Heartbeat(70000),
         FitIns(2, 1, params, {"mu": 0.01, "seed": 2**40 + 7}),
         FitRes(2, 1, {k: np.asarray(v * 3, v.dtype) for k, v in params.items()}, 58, {"train_loss": 0.25, "steps": 3, "delta": -3}),
-        Decline(2, 1, "policy quorum", False),
+        Decline(2, 1, Rule.QUORUM, False),
         EvaluateIns(3, params, "val"),
         EvaluateRes(3, "test", 2, {"auc": 0.875, "accuracy": 0.5},
                     {"scores": np.array([[0.1, 0.9], [0.8, 0.2]], np.float32), "labels": np.array([1, 0], np.int64)}),
         RoundRecord(2, sample_record()[1]),
-        RoundAborted(2, 1, "2 updates arrived, fewer than min_clients=3; nothing aggregated"),
+        RoundAborted(2, 1, AbortCause.TOO_FEW_SITES, "2 updates arrived, fewer than min_clients=3; nothing aggregated"),
         Shutdown("federation completed", True),
         SecAggStart(2, 1, [1, 2, 3], 10, plan, "aes128-ctr", 0, 2),
         AdvertiseKeys(2, 1, _bytes(3, 32), _bytes(4, 32), sig),
@@ -291,8 +292,12 @@ def frame_vectors() -> dict:
         ("an extra field", [_seal(k, 0, FRAME_HEADER, _header(11, {"seq": 1, "extra": 0}))], 0),
         ("str where an integer is due", [_seal(k, 0, FRAME_HEADER, _header(11, {"seq": "1"}))], 0),
         ("float where an integer is due", [_seal(k, 0, FRAME_HEADER, _header(11, {"seq": 1.0}))], 0),
-        ("bin where str is due", [_seal(k, 0, FRAME_HEADER, _header(40, {"round": 1, "attempt": 1, "reason": b"x"}))], 0),
-        ("an attempt out of range", [_seal(k, 0, FRAME_HEADER, _header(40, {"round": 1, "attempt": 0, "reason": ""}))], 0),
+        ("bin where str is due",
+         [_seal(k, 0, FRAME_HEADER, _header(40, {"round": 1, "attempt": 1, "cause": "no_quorum", "detail": b"x"}))], 0),
+        ("an attempt out of range",
+         [_seal(k, 0, FRAME_HEADER, _header(40, {"round": 1, "attempt": 0, "cause": "no_quorum", "detail": ""}))], 0),
+        ("a cause outside its set",
+         [_seal(k, 0, FRAME_HEADER, _header(40, {"round": 1, "attempt": 1, "cause": "declined", "detail": ""}))], 0),
         ("a repeated id", [_seal(k, 0, FRAME_HEADER, _header(56, {"round": 1, "attempt": 1, "survivors": [1, 1]}))], 0),
         ("tensors above max_message_bytes",
          [_seal(k, 0, FRAME_HEADER, _header(20, {**fit_body, "params": [["w", "<f4", [257]]]}))], 0),

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from asagiri.causes import Rule
 from asagiri.config import FederationConfig
 from asagiri.coordinator.round import Phase, ProtocolViolation, RoundMachine
 from asagiri.strategy.base import FedAvg
@@ -82,7 +83,7 @@ def test_timeout_drops_the_silent():
 def test_decline_counts_as_absent():
     m = machine(k=2)
     m.start()
-    m.receive(1, Decline(1, 1, "privacy budget", True))
+    m.receive(1, Decline(1, 1, Rule.PRIVACY_BUDGET, True))
     m.receive(2, res(10, 1.0))
     m.receive(3, res(10, 1.0))
     assert m.phase is Phase.EVALUATE and m.outcome.exhausted == [1]

@@ -57,7 +57,8 @@ def test_fewer_than_k_aborts_then_retries_when_the_site_returns(fed_factory):
     fed.start_site(3, "--kill-at", "fit:1")
     aborted = fed.events(until="RoundAborted")[-1]
     assert (aborted["event"], aborted["round"], aborted["attempt"]) == ("RoundAborted", 1, 1), fed.logs()
-    assert aborted["selected"] == [1, 2, 3] and "fewer than min_clients=3" in aborted["reason"], aborted
+    assert aborted["selected"] == [1, 2, 3] and aborted["cause"] == "too_few_sites", aborted
+    assert "fewer than min_clients=3" in aborted["reason"], aborted
     assert fed.metrics() == []  # nothing was aggregated below k
     fed.start_site(3)  # the site comes back; the round is retried with all three
     fed.events()
@@ -180,14 +181,14 @@ def test_a_failed_site_process_is_named_with_its_own_last_error_line(tmp_path, c
 
 
 def test_a_site_that_refused_the_run_is_named_with_its_own_reason(tmp_path, capsys):
-    """The coordinator hears only the rule ("policy spec"); the demo shows the site's own reason."""
+    """The coordinator hears only the rule (``setup``); the demo shows the site's own reason."""
     from asagiri.cli.demo import _report_refusing_sites
 
     (tmp_path / "site-2.log").write_text(
         "2026-12-06 site-2 ERROR asagiri.client.runtime: SiteWorker failed: FileNotFoundError: /x.npz\n"
-        "2026-12-06 site-2 WARNING asagiri.policy: refused (spec): the run cannot be set up at this site: "
+        "2026-12-06 site-2 WARNING asagiri.policy: refused (setup): the run cannot be set up at this site: "
         "FileNotFoundError: /x.npz\n2026-12-06 site-2 INFO asagiri.client.runtime: heartbeat\n")
-    _report_refusing_sites({2: "policy spec"}, tmp_path)
+    _report_refusing_sites({2: "setup"}, tmp_path)
     err = capsys.readouterr().err
-    assert "site 2 refused the run (policy spec): " in err and "refused (spec): the run cannot be set up" in err
+    assert "site 2 refused the run (setup): " in err and "refused (setup): the run cannot be set up" in err
     assert "heartbeat" not in err

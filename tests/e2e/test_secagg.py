@@ -69,7 +69,7 @@ def test_a_run_with_secure_aggregation_off_is_refused_by_every_site(fed_factory)
     [ended] = [e for e in events if e["event"] == "FederationEnded"]
     assert ended["status"] == "refused_by_sites" and "refused the run by their policy" in ended["message"], events
     refusals = [e for e in events if e["event"] == "SiteRefused"]
-    assert {e["site"] for e in refusals} == {1, 2, 3} and all(e["reason"] == "policy require_secagg" for e in refusals)
+    assert {e["site"] for e in refusals} == {1, 2, 3} and all(e["rule"] == "require_secagg" for e in refusals)
     assert fed.summary()["status"] == "refused_by_sites" and fed.metrics() == []
     for s in (1, 2, 3):
         log = (fed.root / "logs" / f"site-{s}.log").read_text()

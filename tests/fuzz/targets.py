@@ -2,7 +2,7 @@
 
 A target returns quietly when its input is handled, whether accepted or refused with the error
 the code documents for a peer's fault (``RemoteProtocolError``, ``SiteRefused``, ``Refusal``,
-``SecAggViolation``); any other exception is a bug the fuzzer reports.  The same functions run
+``ProtocolViolation``); any other exception is a bug the fuzzer reports.  The same functions run
 under atheris (``tests/fuzz/run.py``, coverage-guided) and over the kept corpus in pytest
 (``tests/fuzz/test_fuzz.py``), so a crash once found stays a regression test.
 
@@ -26,7 +26,7 @@ from asagiri.config import PolicyConfig, SecAggConfig
 from asagiri.policy import Refusal, SitePolicy
 from asagiri.secagg.client import ClientStateMachine
 from asagiri.secagg.inmemory import LocalRound
-from asagiri.secagg.server import SecAggViolation, ServerStateMachine
+from asagiri.secagg.server import ProtocolViolation, ServerStateMachine
 from asagiri.signedlog import RECEIPT_DOMAIN, SignedLog
 from asagiri.site.receipts import RoundWitness
 from asagiri.wire import codec
@@ -234,7 +234,7 @@ def secagg_server(data: bytes) -> None:
                 server.site_lost(who - LOST)
             elif msg is not None:
                 server.receive(who, msg)
-        except SecAggViolation:
+        except ProtocolViolation:
             server.site_lost(who)  # the runtime closes a violating site's channel
 
 

@@ -1,6 +1,6 @@
 """Well-typed but wrong messages (hypothesis): every field valid on its own, the message wrong for
 the round, at every stage of an honest round.  A site's machine may only refuse (``Refusal``), the
-coordinator's only blame the sender (``SecAggViolation``); nothing else may escape either."""
+coordinator's only blame the sender (``ProtocolViolation``); nothing else may escape either."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from asagiri.policy import Refusal
-from asagiri.secagg.server import SecAggViolation
+from asagiri.secagg.server import ProtocolViolation
 from asagiri.wire.messages import (
     AdvertiseKeys,
     ConsistencyCheck,
@@ -103,5 +103,5 @@ def test_the_coordinator_only_blames_the_sender_of_a_wrong_message(upto, sender,
         return
     try:
         server.receive(sender, msg)
-    except SecAggViolation as exc:
+    except ProtocolViolation as exc:
         assert exc.site == sender

@@ -103,7 +103,7 @@ def test_a_deleted_record_is_reported_where_the_gap_is(log_lines):
 
 def test_an_inserted_record_is_reported(log_lines):
     path, lines = log_lines
-    forged = {"kind": "site_refused", "site": 2, "reason": "policy min_participants", "seq": 3,
+    forged = {"kind": "site_refused", "site": 2, "rule": "min_participants", "seq": 3,
               "prev_hash": json.loads(lines[1])["hash"]}
     write(path, lines[:2] + [resign(forged, MALLORY)] + lines[2:])
     assert verdict(path) == (2, (3, "signer is not the given key (signed by another key)"))

@@ -6,11 +6,14 @@ import json
 import logging
 
 import anyio
+import pytest
+from prometheus_client import CollectorRegistry
 from rich.console import Console
 
 from asagiri.cli.common import JsonLines
 from asagiri.local import lay_out, run_local
 from asagiri.observe.live import LiveView
+from asagiri.observe.metrics import CoordinatorMetrics
 
 FAST = ["data.dataset=synthetic", "data.synthetic_samples=192", "data.partition.scheme=iid", "model.width=8",
         "timeouts.heartbeat_timeout=10"]
@@ -38,13 +41,27 @@ def test_json_log_lines_are_one_object_each():
 
 
 def test_a_sites_free_text_never_becomes_a_new_metric_label():
-    from asagiri.observe.metrics import refusal_kind
+    """A Decline's rule and an abort's cause come from closed sets: a site cannot grow the label set."""
+    from asagiri.causes import AbortCause, Rule
+    from asagiri.wire.codec import decode, encode
+    from asagiri.wire.errors import RemoteProtocolError
+    from asagiri.wire.messages import Decline, MessageError
 
-    assert refusal_kind("privacy budget") == "privacy budget"
-    assert refusal_kind("policy min_participants") == "policy min_participants"
-    assert {refusal_kind(f"policy x{i}") for i in range(1000)} == {"other"}
-    assert refusal_kind("policy min_participants and whatever else") == "policy min_participants"
-    assert refusal_kind("") == "other"
+    body = encode(Decline(1, 1, Rule.MIN_PARTICIPANTS, False))
+    assert decode(body, max_payload_bytes=0).rule is Rule.MIN_PARTICIPANTS
+    forged = body.replace(b"min_participants", b"min_participantz")
+    with pytest.raises(RemoteProtocolError, match="rule must be one of"):
+        decode(forged, max_payload_bytes=0)
+    with pytest.raises(MessageError):
+        Decline(1, 1, "policy min_participants", False)  # the old prose form is not a rule
+    registry = CollectorRegistry()
+    metrics = CoordinatorMetrics(registry)
+    labels = {s.labels.get("kind") for m in registry.collect() if m.name == "asagiri_refusals" for s in m.samples}
+    assert labels >= {str(r) for r in Rule}
+    aborted = {s.labels.get("cause") for m in registry.collect() if m.name == "asagiri_rounds_aborted"
+               for s in m.samples}
+    assert aborted >= {str(c) for c in AbortCause}
+    del metrics
 
 
 def test_the_sites_training_bar_is_drawn_by_the_event_loop_from_the_training_thread():

@@ -109,7 +109,7 @@ def test_prometheus_scrapes_a_running_federation_and_every_dashboard_query_has_d
         assert float(site_eps["value"][1]) >= float(reported["value"][1]) * (1 - 1e-9) > 0
         assert float(query(prom_port, "asagiri_site_train_samples_per_second")[0]["value"][1]) > 0
         assert query(prom_port, "asagiri_site_train_step_seconds_count")[0]["value"][1] in ("2", "3")
-        assert query(prom_port, 'asagiri_site_refusals_total{rule="privacy budget"}')
+        assert query(prom_port, 'asagiri_site_refusals_total{rule="privacy_budget"}')
     finally:
         if paused is not None:
             os.kill(paused.pid, signal.SIGCONT)

@@ -167,7 +167,7 @@ def test_dp_federation_with_secure_aggregation_stops_when_budgets_run_out(tmp_pa
     [ended] = [e for e in events if e["event"] == "FederationEnded"]
     assert ended["status"] == "budget_exhausted" and "spent their privacy budget" in ended["message"]
     refused = [e for e in events if e["event"] == "SiteRefused"]
-    assert {e["site"] for e in refused} == {1, 2, 3} and all(e["reason"] == "privacy budget" and e["permanent"]
+    assert {e["site"] for e in refused} == {1, 2, 3} and all(e["rule"] == "privacy_budget" and e["permanent"]
                                                              for e in refused)
     audit = fed.audit()
     completed = [a for a in audit if a["kind"] == "round_completed"]

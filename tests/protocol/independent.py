@@ -205,11 +205,11 @@ MESSAGES: dict[int, tuple[str, tuple[str, ...]]] = {
     11: ("Heartbeat", ("seq",)),
     20: ("FitIns", ("round", "attempt", "params", "config")),
     21: ("FitRes", ("round", "attempt", "update", "num_samples", "metrics")),
-    22: ("Decline", ("round", "attempt", "reason", "permanent")),
+    22: ("Decline", ("round", "attempt", "rule", "permanent")),
     30: ("EvaluateIns", ("round", "params", "split")),
     31: ("EvaluateRes", ("round", "split", "num_examples", "metrics", "predictions")),
     32: ("RoundRecord", ("round", "record")),
-    40: ("RoundAborted", ("round", "attempt", "reason")),
+    40: ("RoundAborted", ("round", "attempt", "cause", "detail")),
     41: ("Shutdown", ("reason", "final")),
     50: (
         "SecAggStart",
@@ -232,6 +232,11 @@ ATTEMPT = ("int", 1, 65536)
 ID = ("int", 0, 2**31 - 1)
 REASON = ("str", 4096)
 SPLIT = ("enum", ("val", "test"))
+# §7: the rules a Decline may name; §4: the causes of an aborted round attempt
+RULE = ("enum", ("run_id", "require_secagg", "pinned_peers", "require_dp", "max_epsilon", "max_delta", "spec",
+                 "setup", "min_participants", "min_group", "min_threshold", "round_params", "replay", "quorum",
+                 "component", "stage", "signature", "shares", "survivors", "malformed", "record", "privacy_budget"))
+CAUSE = ("enum", ("too_few_sites", "no_quorum", "threshold", "unmask_failed"))
 
 # field -> type, per tag (§2.3); compound types are tuples interpreted by check_value()
 FIELD_TYPES: dict[int, dict[str, Any]] = {
@@ -254,7 +259,7 @@ FIELD_TYPES: dict[int, dict[str, Any]] = {
         "num_samples": ("int", 1, 2**40),
         "metrics": ("metrics",),
     },
-    22: {"round": ROUND, "attempt": ATTEMPT, "reason": REASON, "permanent": ("bool",)},
+    22: {"round": ROUND, "attempt": ATTEMPT, "rule": RULE, "permanent": ("bool",)},
     30: {"round": ("int", 0, 2**63 - 1), "params": ("tensors",), "split": SPLIT},
     31: {
         "round": ("int", 0, 2**63 - 1),
@@ -265,7 +270,7 @@ FIELD_TYPES: dict[int, dict[str, Any]] = {
     },
     # the record is JSON text, but it travels as bin: its bytes are what the site verifies (§9.1)
     32: {"round": ROUND, "record": ("binle", 1 << 20)},
-    40: {"round": ROUND, "attempt": ATTEMPT, "reason": REASON},
+    40: {"round": ROUND, "attempt": ATTEMPT, "cause": CAUSE, "detail": REASON},
     41: {"reason": REASON, "final": ("bool",)},
     50: {
         "round": ROUND,
@@ -675,6 +680,7 @@ REJECT_REASONS = {
     "float where an integer is due": "int",
     "bin where str is due": "str",
     "an attempt out of range": "int",
+    "a cause outside its set": "enum",
     "a repeated id": "repeated id",
     "tensors above max_message_bytes": "max_message_bytes",
     "a big-endian dtype": "dtype",

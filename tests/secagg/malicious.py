@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import yaml
 
+from asagiri.causes import Rule
 from asagiri.config import FederationConfig, RunSpec, SiteConfig
 from asagiri.params import flatten
 from asagiri.secagg import shamir
@@ -345,7 +346,7 @@ class Round:
                 continue
             msg = await self.sessions[site].expect()
             if isinstance(msg, Decline):
-                self.declines[site] = msg.reason
+                self.declines[site] = msg.rule
             else:
                 assert isinstance(msg, kind), (site, msg)
                 got[site] = msg
@@ -422,14 +423,14 @@ class Round:
                               responses=self.responses, s_pk=s_pk)
 
 
-def rule_of(reason: str) -> str:
-    """The rule a Decline names. It names nothing else: details stay in the site's log."""
-    assert reason.startswith("policy ") and ":" not in reason and " " not in reason[len("policy "):], reason
-    return reason[len("policy "):]
+def rule_of(rule: Rule) -> str:
+    """The rule a Decline names. It names nothing else (a typed cause): details stay in the site's log."""
+    assert isinstance(rule, Rule), rule
+    return str(rule)
 
 
 def declined(msg: Message) -> str | None:
-    return msg.reason if isinstance(msg, Decline) else None
+    return msg.rule if isinstance(msg, Decline) else None
 
 
 __all__ = ["Attacker", "FED", "RUN", "Round", "Session", "declined", "matches", "next_round", "rule_of",

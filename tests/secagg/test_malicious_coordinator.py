@@ -245,7 +245,7 @@ def test_a_weaker_run_is_declined_for_good(attacker, sections, rule):
         return await sessions[1].expect(), fit
 
     reply, fit = attacker.case(script, sites=RUNNING, spec=spec)
-    assert isinstance(reply, Decline) and reply.permanent and rule_of(reply.reason) == rule
+    assert isinstance(reply, Decline) and reply.permanent and reply.rule == rule
     assert not isinstance(reply, FitRes)
 
 
@@ -258,7 +258,7 @@ def test_dp_switched_off_for_a_site_that_requires_it(attacker):
             return await sessions[site].expect()
 
         reply = attacker.case(script, sites=[*RUNNING, site])
-        assert isinstance(reply, Decline) and reply.permanent and rule_of(reply.reason) == "require_dp"
+        assert isinstance(reply, Decline) and reply.permanent and reply.rule == "require_dp"
     finally:
         proc.kill()
         proc.wait()
@@ -444,7 +444,7 @@ def test_a_spec_the_site_cannot_set_up_is_declined_not_a_crash(attacker):
         return await sessions[1].expect()
 
     reply = attacker.case(script, sites=RUNNING, spec=spec)
-    assert isinstance(reply, Decline) and reply.permanent and rule_of(reply.reason) == "spec"
+    assert isinstance(reply, Decline) and reply.permanent and reply.rule == "setup"
     assert attacker.procs[1].poll() is None
 
 

@@ -5,6 +5,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from asagiri.causes import Rule
 from asagiri.wire import codec
 from asagiri.wire.errors import RemoteProtocolError
 from asagiri.wire.messages import (
@@ -51,7 +52,7 @@ def test_fit_messages_round_trip(p, rnd, attempt, metrics):
     [
         Heartbeat(0),
         Shutdown("done", True),
-        Decline(3, 1, "budget", True),
+        Decline(3, 1, Rule.PRIVACY_BUDGET, True),
         EvaluateRes(1, "test", 10, {"auc": 0.5}),
         Welcome("run", 0, 4, {"model": {"name": "small_cnn"}, "x": [1, 2.5, None]}),
         ClientHello(1, 2, b"\1" * 32, b"\2" * 16),

@@ -1,0 +1,60 @@
+"""Why a site declines and why a round attempt aborts: the two closed sets of causes that travel
+on the wire (``Decline.rule``, ``RoundAborted.cause``; protocol/SPEC.md §4 and §7).
+
+Both are string enums so that a message, a log line, a Prometheus label and the audit log all
+spell a cause the same way, and nothing ever parses prose to find it.  A leaf module: it imports
+nothing of ours, so the wire, the policy, the coordinator and the observers can all share it.
+"""
+
+from __future__ import annotations
+
+import enum
+
+__all__ = ["AbortCause", "Rule"]
+
+
+class Rule(enum.StrEnum):
+    """The rule behind a site's refusal.  Every policy rule is named after its ``policy:`` key
+    where it has one (docs/secagg.md, "Site policy")."""
+
+    # the run as a whole (checked on Welcome)
+    RUN_ID = "run_id"
+    REQUIRE_SECAGG = "require_secagg"
+    PINNED_PEERS = "pinned_peers"
+    REQUIRE_DP = "require_dp"
+    MAX_EPSILON = "max_epsilon"
+    MAX_DELTA = "max_delta"
+    SPEC = "spec"  # the run's spec is malformed
+    SETUP = "setup"  # the spec is well formed, but the run cannot be set up here (data, model)
+    # the size of what is summed and shared
+    MIN_PARTICIPANTS = "min_participants"
+    MIN_GROUP = "min_group"
+    MIN_THRESHOLD = "min_threshold"
+    # one secure-aggregation round
+    ROUND_PARAMS = "round_params"
+    REPLAY = "replay"
+    QUORUM = "quorum"
+    COMPONENT = "component"
+    STAGE = "stage"
+    SIGNATURE = "signature"
+    SHARES = "shares"
+    SURVIVORS = "survivors"
+    MALFORMED = "malformed"
+    # the coordinator's signed round records
+    RECORD = "record"
+    # not a policy rule: the site's privacy budget is spent (always permanent)
+    PRIVACY_BUDGET = "privacy_budget"
+
+    @property
+    def is_policy(self) -> bool:
+        """A refusal of what the coordinator asked, as opposed to the site having nothing left to give."""
+        return self is not Rule.PRIVACY_BUDGET
+
+
+class AbortCause(enum.StrEnum):
+    """Why a round attempt ended without an aggregate (the detail is in ``RoundAborted.detail``)."""
+
+    TOO_FEW_SITES = "too_few_sites"  # a stage ended with fewer than min_clients sites
+    NO_QUORUM = "no_quorum"  # fewer survivor signatures than the sites require
+    THRESHOLD = "threshold"  # the sharing groups cannot meet the threshold
+    UNMASK_FAILED = "unmask_failed"  # too few or inconsistent shares to remove the masks
