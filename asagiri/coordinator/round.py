@@ -340,7 +340,7 @@ class TestEvaluation:
             self._waiting.discard(site)
             self.results[site] = msg
             return []
-        if isinstance(msg, FitRes | EvaluateRes | Decline | SECAGG_MESSAGES):
+        if isinstance(msg, (FitRes, EvaluateRes, Decline, *SECAGG_MESSAGES)):
             return []  # stragglers from the last round
         raise ProtocolViolation(site, f"{type(msg).__name__} during the final test evaluation")
 
