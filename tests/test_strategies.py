@@ -151,3 +151,25 @@ def test_a_sites_impossible_metric_never_reaches_the_weighted_mean():
                                           3: (10, {"auc": 0.6, "loss": 0.7})})
     assert out["auc"] == pytest.approx(0.7) and out["site_auc"] == {"2": 0.8, "3": 0.6}
     assert out["loss"] == pytest.approx((2 * 0.5 + 10 * 0.7) / 12)
+
+
+def test_a_strategy_hands_over_and_takes_back_its_state():
+    """What the driver checkpoints and restores goes through the declared state()/load_state()."""
+    import numpy as np
+
+    from asagiri.config import FederationConfig
+    from asagiri.strategy.aggregate import RunningSum
+    from asagiri.strategy.base import StrategyState, build_strategy
+
+    cfg = FederationConfig(min_clients=2, strategy={"name": "fedavgm", "server_momentum": 0.9})
+    strategy = build_strategy(cfg, {"w": np.zeros(2, np.float32)})
+    assert strategy.state().velocity is None
+    strategy.aggregate_fit(1, RunningSum.from_totals({"w": np.array([2.0, 4.0])}, 2, 2), [1, 2], [])
+    saved = strategy.state()
+    assert saved.velocity is not None
+    fresh = build_strategy(cfg, {"w": np.zeros(2, np.float32)})
+    fresh.load_state(StrategyState(saved.params, saved.velocity))
+    for s in (strategy, fresh):
+        s.aggregate_fit(2, RunningSum.from_totals({"w": np.array([2.0, 4.0])}, 2, 2), [1, 2], [])
+    np.testing.assert_array_equal(fresh.state().params["w"], strategy.state().params["w"])
+    np.testing.assert_array_equal(fresh.state().velocity["w"], strategy.state().velocity["w"])

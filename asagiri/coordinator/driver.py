@@ -33,7 +33,7 @@ from ..observe.runlog import trim_jsonl
 from ..params import Params, params_digest
 from ..secagg import binding
 from ..secagg.server import ServerStateMachine
-from ..strategy.base import FitPlan, build_strategy
+from ..strategy.base import FitPlan, StrategyState, build_strategy
 from ..strategy.selection import NotEnoughSites
 from ..wire.crypto import PublicIdentity
 from ..wire.messages import (
@@ -142,8 +142,7 @@ class FederationDriver:
             raise ResumeError(f"{path}: its model does not match the configured model")
         if state.get("run_id") != self.cfg.run_id:
             raise ResumeError(f"{path}: belongs to run {state.get('run_id')!r}, not {self.cfg.run_id!r}")
-        self.strategy.params = params
-        self.strategy.velocity = velocity
+        self.strategy.load_state(StrategyState(params, velocity))
         self.history = state["history"]
         self.exhausted = set(state.get("exhausted", []))
         self.start_round = int(state["round"]) + 1
@@ -153,6 +152,11 @@ class FederationDriver:
         log.info("resuming after round %d from %s", state["round"], path)
 
     # -- the run -----------------------------------------------------------------------------------
+
+    @property
+    def _model(self) -> Params:
+        """The global model as the strategy holds it now."""
+        return self.strategy.state().params
 
     def eligible(self) -> list[int]:
         return sorted(s for s in self.sessions.connected() if s not in self.exhausted)
@@ -169,7 +173,7 @@ class FederationDriver:
         t_start = time.monotonic()
         if self.start_round > cfg.rounds:
             return self._end("completed", t_start)
-        self.emit(ev.RunStarted(self.start_round, self.resumed, params_digest(self.strategy.params)))
+        self.emit(ev.RunStarted(self.start_round, self.resumed, params_digest(self._model)))
         # At start-up give every enrolled site a chance to join; later rounds go with whoever is there.
         await self._wait_for_sites(len(self.roster), cfg.timeouts.wait_for_sites)
         rnd = self.start_round
@@ -237,7 +241,7 @@ class FederationDriver:
         secagg = self._secagg_machine(rnd, attempt, plan)
         machine = RoundMachine(
             rnd=rnd, attempt=attempt, selected=plan.sites, evaluators=evaluators,
-            min_clients=self.cfg.min_clients, global_params=self.strategy.params,
+            min_clients=self.cfg.min_clients, global_params=self._model,
             fit_config=plan.config, strategy=self.strategy, secagg=secagg,
             max_update_norm=self.cfg.train.max_update_norm,
         )
@@ -289,8 +293,8 @@ class FederationDriver:
             return None
         params = binding.RoundParams.derive(
             run_id=self.cfg.run_id, round=rnd, attempt=attempt, participants=plan.sites, secagg=sa,
-            params_digest=binding.params_digest(self.strategy.params), fit_config=plan.config,
-            vector_len=sum(v.size for v in self.strategy.params.values()) + 1, spec_digest=self.spec_digest,
+            params_digest=binding.params_digest(self._model), fit_config=plan.config,
+            vector_len=sum(v.size for v in self._model.values()) + 1, spec_digest=self.spec_digest,
         )
         return ServerStateMachine(params=params, min_clients=self.cfg.min_clients, identities=self.roster)
 
@@ -299,7 +303,7 @@ class FederationDriver:
         sites = self.eligible()
         if not sites:
             return {}
-        machine = TestEvaluation(rnd=rnd, sites=sites, params=self.strategy.params)
+        machine = TestEvaluation(rnd=rnd, sites=sites, params=self._model)
         self._drain_idle_events()
         await self.sessions.send(machine.start())
         with anyio.move_on_after(self.cfg.timeouts.evaluate):
@@ -353,7 +357,7 @@ class FederationDriver:
         self.history.append(record)
         state = {"run_id": self.cfg.run_id, "round": outcome.round, "history": self.history,
                  "exhausted": sorted(self.exhausted)}
-        self.emit(ev.RoundCompleted(record, outcome.params, self.strategy.velocity, state))
+        self.emit(ev.RoundCompleted(record, outcome.params, self.strategy.state().velocity, state))
 
     def round_record_message(self) -> RoundRecord | None:
         """The newest round's signed record as the sites are sent it (protocol/SPEC.md §9), or None:
@@ -400,7 +404,7 @@ class FederationDriver:
             "wall_s": round(time.monotonic() - t_start, 3),
             "mean_round_s": round(sum(h["duration_s"] for h in self.history) / len(self.history), 3)
             if self.history else None,
-            "model_sha256": params_digest(self.strategy.params),
+            "model_sha256": params_digest(self._model),
             **self._test,
         }
         if reason:

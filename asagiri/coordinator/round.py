@@ -5,11 +5,9 @@ No sockets, no clocks.  The anyio runtime feeds it ``receive(site, msg)``, ``sit
 ``min_clients`` sites contributed to the sum; otherwise the round is ``ABORTED`` and nothing is
 aggregated (``RoundAborted`` goes to the survivors).
 
-Transitions::
-
-    FIT --all selected answered or lost / fit timeout--> EVALUATE  (if >= k updates)
-    FIT --... with < k updates-------------------------> ABORTED
-    EVALUATE --all evaluators answered or lost / timeout--> DONE
+Phases FIT -> EVALUATE -> DONE, or FIT -> ABORTED with fewer than ``min_clients`` updates.  The
+transitions are ``PLAIN_ROUND`` and ``SECURE_ROUND`` in ``_states.py`` (drawn in protocol/SPEC.md
+§5); a message the round's table does not take in the current phase is a violation.
 
 With secure aggregation (``secagg`` given), FIT runs the coordinator's secure-aggregation
 machine instead of collecting plaintext updates: its key set-up starts together with ``FitIns``,
@@ -19,7 +17,6 @@ aggregated) or ABORTED.  A plaintext ``FitRes`` is then a protocol violation.
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,31 +30,12 @@ from ..secagg.quantize import dequantize
 from ..secagg.server import Outbound, ServerStage, ServerStateMachine
 from ..strategy.aggregate import RunningSum
 from ..strategy.base import Strategy
-from ..wire.messages import (
-    AdvertiseKeys,
-    ConsistencySig,
-    Decline,
-    EvaluateIns,
-    EvaluateRes,
-    FitIns,
-    FitRes,
-    MaskedInput,
-    Message,
-    RoundAborted,
-    ShareKeys,
-    UnmaskResponse,
-)
-
-_SECAGG_MESSAGES = (AdvertiseKeys, ShareKeys, MaskedInput, ConsistencySig, UnmaskResponse)
+from ..wire.messages import Decline, EvaluateIns, EvaluateRes, FitIns, FitRes, Message, RoundAborted
+from ._states import PLAIN_ROUND, SECAGG_MESSAGES, SECURE_ROUND, EvaluationClosed, FitClosed, FitFailed, Phase
 
 __all__ = ["Outbound", "Phase", "ProtocolViolation", "RoundMachine", "RoundOutcome", "SiteLost"]
 
 
-class Phase(enum.Enum):
-    FIT = "fit"
-    EVALUATE = "evaluate"
-    DONE = "done"
-    ABORTED = "aborted"
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +95,7 @@ class RoundMachine:
         self.outcome = RoundOutcome(round=rnd, attempt=attempt, selected=sorted(selected))
         self.secagg = secagg
         self.max_update_norm = max_update_norm
+        self._table = PLAIN_ROUND if secagg is None else SECURE_ROUND
 
     @property
     def deadline_kind(self) -> str:
@@ -178,50 +157,59 @@ class RoundMachine:
     # -- events ----------------------------------------------------------------------------------
 
     def receive(self, site: int, msg: Message) -> list[Outbound]:
-        if self.secagg is not None and self.phase is Phase.FIT:
-            if isinstance(msg, _SECAGG_MESSAGES):
+        kind = type(msg)
+        accepted = (self.phase, kind) in self._table
+        if self.secagg is not None and kind in SECAGG_MESSAGES:
+            if accepted:
                 return self._secagg_step(site, msg)
+            if (msg.round, msg.attempt) <= (self.round, self.attempt):  # type: ignore[attr-defined]
+                return []  # a straggler's late secure-aggregation message
+            raise ProtocolViolation(site, f"{kind.__name__} out of stage")
+        if kind is FitRes or kind is Decline:
+            return self._fit_answer(site, msg, accepted)  # type: ignore[arg-type]
+        if kind is EvaluateRes:
+            return self._evaluation(site, msg, accepted)  # type: ignore[arg-type]
+        raise ProtocolViolation(site, f"{kind.__name__} is not allowed during a round")
+
+    def _fit_answer(self, site: int, msg: FitRes | Decline, accepted: bool) -> list[Outbound]:
+        current = (msg.round, msg.attempt) == (self.round, self.attempt)
+        if self.secagg is not None and self.phase is Phase.FIT:
             if isinstance(msg, FitRes):
                 raise ProtocolViolation(site, "plaintext update while secure aggregation is on")
-            if isinstance(msg, Decline) and (msg.round, msg.attempt) == (self.round, self.attempt):
+            if current:
                 if site not in self._waiting:
                     raise ProtocolViolation(site, "second answer in the same round")
                 self._declined(site, msg)
                 self._waiting.discard(site)
                 return self._secagg_step(site, SiteLost())
-        if self.secagg is not None and isinstance(msg, _SECAGG_MESSAGES):
-            if (msg.round, msg.attempt) <= (self.round, self.attempt):  # type: ignore[attr-defined]
-                return []  # a straggler's late secure-aggregation message
-            raise ProtocolViolation(site, f"{type(msg).__name__} out of stage")
-        if isinstance(msg, FitRes | Decline):
-            if (msg.round, msg.attempt) != (self.round, self.attempt):
-                if (msg.round, msg.attempt) < (self.round, self.attempt):
-                    return []  # a late answer to an earlier round or attempt: harmless, ignored
-                raise ProtocolViolation(site, f"answer for round {msg.round}.{msg.attempt} that was never asked")
-            if self.phase is not Phase.FIT or site not in self._waiting:
-                if site in self.outcome.selected and site not in self._waiting:
-                    if site in self.outcome.dropped:
-                        return []  # answered after its fit deadline: already dropped
-                    raise ProtocolViolation(site, "second answer in the same round")
-                raise ProtocolViolation(site, "fit answer from a site that was not selected")
-            self._waiting.discard(site)
-            if isinstance(msg, Decline):
-                self._declined(site, msg)
-            else:
-                self._accept_update(site, msg)
-            return self._maybe_finish_fit()
-        if isinstance(msg, EvaluateRes):
-            if msg.round != self.round or self.phase is not Phase.EVALUATE:
-                if msg.round < self.round:
-                    return []
-                raise ProtocolViolation(site, "evaluation result out of stage")
-            if site not in self._evaluators:
-                raise ProtocolViolation(site, "evaluation result from a site that was not asked")
-            self._evaluators.discard(site)
-            self._eval_results[site] = (msg.num_examples, dict(msg.metrics))
-            self.outcome.site_eval[site] = dict(msg.metrics)
-            return self._maybe_finish_evaluate()
-        raise ProtocolViolation(site, f"{type(msg).__name__} is not allowed during a round")
+        if not current:
+            if (msg.round, msg.attempt) < (self.round, self.attempt):
+                return []  # a late answer to an earlier round or attempt: harmless, ignored
+            raise ProtocolViolation(site, f"answer for round {msg.round}.{msg.attempt} that was never asked")
+        if not accepted or site not in self._waiting:
+            if site in self.outcome.selected and site not in self._waiting:
+                if site in self.outcome.dropped:
+                    return []  # answered after its fit deadline: already dropped
+                raise ProtocolViolation(site, "second answer in the same round")
+            raise ProtocolViolation(site, "fit answer from a site that was not selected")
+        self._waiting.discard(site)
+        if isinstance(msg, Decline):
+            self._declined(site, msg)
+        else:
+            self._accept_update(site, msg)
+        return self._maybe_finish_fit()
+
+    def _evaluation(self, site: int, msg: EvaluateRes, accepted: bool) -> list[Outbound]:
+        if msg.round != self.round or not accepted:
+            if msg.round < self.round:
+                return []
+            raise ProtocolViolation(site, "evaluation result out of stage")
+        if site not in self._evaluators:
+            raise ProtocolViolation(site, "evaluation result from a site that was not asked")
+        self._evaluators.discard(site)
+        self._eval_results[site] = (msg.num_examples, dict(msg.metrics))
+        self.outcome.site_eval[site] = dict(msg.metrics)
+        return self._maybe_finish_evaluate()
 
     def site_lost(self, site: int) -> list[Outbound]:
         self._lost.add(site)
@@ -283,8 +271,11 @@ class RoundMachine:
         self.outcome.participants.append(site)
         self.outcome.site_metrics[site] = dict(msg.metrics)
 
+    def _enter(self, event: type) -> None:
+        self.phase = self._table[(self.phase, event)]  # a KeyError here is a bug: see _states.py
+
     def _abort(self, cause: AbortCause, detail: str) -> list[Outbound]:
-        self.phase = Phase.ABORTED
+        self._enter(FitFailed)
         self.outcome.abort_cause, self.outcome.abort_reason = cause, detail
         survivors = sorted(set(self.outcome.selected) - self._lost)
         return [Outbound(s, RoundAborted(self.round, self.attempt, cause, detail)) for s in survivors]
@@ -305,7 +296,7 @@ class RoundMachine:
         if new_params is not None:
             self._params = new_params
         self.outcome.params = self._params
-        self.phase = Phase.EVALUATE
+        self._enter(FitClosed)
         self._evaluators -= self._lost
         if not self._evaluators:
             return self._maybe_finish_evaluate()
@@ -315,7 +306,7 @@ class RoundMachine:
         if self._evaluators:
             return []
         self.outcome.evaluation = self._strategy.aggregate_evaluate(self.round, self._eval_results)
-        self.phase = Phase.DONE
+        self._enter(EvaluationClosed)
         return []
 
 
@@ -343,7 +334,7 @@ class TestEvaluation:
             self._waiting.discard(site)
             self.results[site] = msg
             return []
-        if isinstance(msg, FitRes | EvaluateRes | Decline | _SECAGG_MESSAGES):
+        if isinstance(msg, (FitRes, EvaluateRes, Decline, *SECAGG_MESSAGES)):
             return []  # stragglers from the last round
         raise ProtocolViolation(site, f"{type(msg).__name__} during the final test evaluation")
 

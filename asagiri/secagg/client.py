@@ -1,9 +1,8 @@
 """The site's side of secure aggregation: a sans-IO state machine (messages in, messages out).
 
-Stages (one round attempt at a time)::
-
-    IDLE --FitIns, SecAggStart--> ADVERTISED --KeyRoster--> SHARED --ShareDelivery--> READY
-    READY + input --> MASKED --ConsistencyCheck--> SIGNED --UnmaskRequest--> DONE
+Stages, one round attempt at a time: IDLE -> ADVERTISED -> SHARED -> READY -> MASKED -> SIGNED ->
+DONE, or ABORTED on any refusal.  The transitions are ``CLIENT_TRANSITIONS`` in ``_states.py``
+(drawn in protocol/SPEC.md §7); a message the table does not take in the current stage is refused.
 
 The site decides; the coordinator only proposes.  Every check goes through the site's
 :class:`~asagiri.policy.SitePolicy`; a failed one raises :class:`~asagiri.policy.Refusal` (also
@@ -24,16 +23,16 @@ cannot get past (docs/secagg.md has the argument):
 - **No small sums.**  The survivors joined to this site by masks both sides added (its
   *component*) must number at least ``policy.min_participants``: any sum the coordinator can
   unmask that contains this site's input contains theirs too.
-- One unmask per round, and each peer's b share *or* its masking-key share, never both.
+- One unmask per round, and each peer's b share *or* its masking-key share, never both
+  (``sharing.HeldShares.reveal`` keeps that one itself).
 
 Over 400 lines on purpose: one state machine, whose stages read top to bottom in the order of
-protocol/SPEC.md §6.4 and §7.2; its pieces (binding, graph, component, replay, masking) live in
-their own modules already.
+protocol/SPEC.md §6.4 and §7.2; its pieces (stage table, binding, graph, component, replay,
+masking, sharing) live in their own modules.
 """
 
 from __future__ import annotations
 
-import enum
 import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -60,6 +59,7 @@ from ..wire.messages import (
     UnmaskResponse,
 )
 from . import shamir
+from ._states import CLIENT_MESSAGES, CLIENT_TRANSITIONS, ClientStage, LocalUpdate, Refused
 from .binding import RoundParams, keys_message, params_digest, survivors_message
 from .component import component_survives, mutual_masks
 from .graph import graph_seed, neighbours
@@ -67,6 +67,7 @@ from .masking import add_masks, pair_seed, sign
 from .prg import PRGS
 from .quantize import QuantisationError, quantize
 from .replay import ReplayGuard
+from .sharing import BothShares, HeldShares
 
 __all__ = ["ClientStage", "ClientStateMachine", "ReplayGuard", "SecAggRefused"]
 
@@ -74,17 +75,6 @@ SecAggRefused = Refusal  # the name the runtime and the tests know this refusal 
 
 # What a malformed field surfaces as inside the checks; each becomes a ``malformed`` refusal.
 _MALFORMED = (TypeError, ValueError, KeyError, IndexError, OverflowError, msgpack.UnpackException)
-
-
-class ClientStage(enum.Enum):
-    IDLE = "idle"
-    ADVERTISED = "advertised"
-    SHARED = "shared"
-    READY = "ready"
-    MASKED = "masked"
-    SIGNED = "signed"
-    DONE = "done"
-    ABORTED = "aborted"
 
 
 def share_key(my_c: EphemeralKey, peer_c_pk: bytes, sender: int, recipient: int, ctx: bytes) -> bytes:
@@ -110,7 +100,7 @@ class _Round:
     advertised: list[int] = field(default_factory=list)  # U1 as this site was told
     group: list[int] = field(default_factory=list)  # [me] + neighbours, the Shamir x order
     peer_keys: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)  # id -> (c_pk, s_pk)
-    held: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)  # owner -> (b share, s share)
+    held: HeldShares = field(default_factory=HeldShares)  # owner -> (b share, s share), and what left
     masked_with: list[int] = field(default_factory=list)  # neighbours whose shares arrived
     survivors: list[int] | None = None
     input: tuple[np.ndarray, int] | None = None
@@ -153,8 +143,11 @@ class ClientStateMachine:
         self._fit: _Fit | None = None
         self._newest_fit: tuple[int, int] = (0, 0)  # the newest FitIns seen, accepted or not
         self._round: _Round | None = None
-        self._revealed: dict[int, str] = {}
         self.clipped = 0
+        self._handlers: dict[type, Callable] = {
+            FitIns: self._fit_ins, SecAggStart: self._start, KeyRoster: self._roster, ShareDelivery: self._deliver,
+            ConsistencyCheck: self._consistency, UnmaskRequest: self._unmask,
+        }
 
     @property
     def peers(self) -> dict:
@@ -213,10 +206,10 @@ class ClientStateMachine:
         try:
             return step()
         except Refusal:
-            self.stage = ClientStage.ABORTED
+            self._enter(Refused)
             raise
         except _MALFORMED as exc:
-            self.stage = ClientStage.ABORTED
+            self._enter(Refused)
             self.policy.refuse("malformed", f"{what}: {type(exc).__name__}: {exc}")
 
     # -- helpers ---------------------------------------------------------------------------------
@@ -236,25 +229,19 @@ class ClientStateMachine:
                     f"{type(msg).__name__} for round {got[0]}.{got[1]}, this site is in {r.rnd}.{r.attempt}")
         return r
 
-    def _expect(self, *stages: ClientStage) -> None:
-        self._check(self.stage in stages, "stage", f"message out of order in stage {self.stage.value}")
+    def _enter(self, event: type) -> None:
+        """Take the table's transition for ``event`` (its handler's checks all passed)."""
+        self.stage = CLIENT_TRANSITIONS[(self.stage, event)]
 
     def _receive(self, msg: Message) -> list[Message]:
-        if isinstance(msg, FitIns):
-            return self._fit_ins(msg)
-        if isinstance(msg, SecAggStart):
-            return self._start(msg)
-        if self.stage is ClientStage.ABORTED:
-            self.policy.refuse("stage", "this site already left the round")
-        if isinstance(msg, KeyRoster):
-            return self._roster(msg)
-        if isinstance(msg, ShareDelivery):
-            return self._deliver(msg)
-        if isinstance(msg, ConsistencyCheck):
-            return self._consistency(msg)
-        if isinstance(msg, UnmaskRequest):
-            return self._unmask(msg)
-        self.policy.refuse("stage", f"{type(msg).__name__} is not a secure-aggregation message")
+        kind = type(msg)
+        if (self.stage, kind) not in CLIENT_TRANSITIONS:
+            if self.stage is ClientStage.ABORTED:
+                self.policy.refuse("stage", "this site already left the round")
+            if kind in CLIENT_MESSAGES:
+                self.policy.refuse("stage", f"message out of order in stage {self.stage.value}")
+            self.policy.refuse("stage", f"{kind.__name__} is not a secure-aggregation message")
+        return self._handlers[kind](msg)
 
     # -- stages ----------------------------------------------------------------------------------
 
@@ -272,6 +259,7 @@ class ClientStateMachine:
                                          f"{last[0]}.{last[1]}")
         length = sum(int(a.size) for a in msg.params.values()) + 1
         self._fit = _Fit(msg.round, msg.attempt, params_digest(msg.params), dict(msg.config), length)
+        self._enter(FitIns)
         return []
 
     def _start(self, msg: SecAggStart) -> list[Message]:
@@ -309,13 +297,11 @@ class ClientStateMachine:
                     f"round {msg.round}.{msg.attempt} was entered before")
         c, s = EphemeralKey(self._random(32)), EphemeralKey(self._random(32))
         self._round = _Round(params, c, s, self._random(32))
-        self._revealed = {}
-        self.stage = ClientStage.ADVERTISED
+        self._enter(SecAggStart)
         sig = self.identity.sign(keys_message(params.context, self.site_id, c.public, s.public))
         return [AdvertiseKeys(msg.round, msg.attempt, c.public, s.public, sig)]
 
     def _roster(self, msg: KeyRoster) -> list[Message]:
-        self._expect(ClientStage.ADVERTISED)
         r = self._check_round(msg)
         p = r.params
         advertised = sorted(msg.advertised)
@@ -351,11 +337,10 @@ class ClientStateMachine:
             plain = msgpack.packb([self.run_id, r.rnd, r.attempt, self.site_id, v, b, s], use_bin_type=True)
             key = share_key(r.c, r.peer_keys[v][0], self.site_id, v, r.ctx)
             out.append([v, StreamCipher(key).seal(0, plain, r.ctx)])
-        self.stage = ClientStage.SHARED
+        self._enter(KeyRoster)
         return [ShareKeys(r.rnd, r.attempt, out)]
 
     def _deliver(self, msg: ShareDelivery) -> list[Message]:
-        self._expect(ClientStage.SHARED)
         r = self._check_round(msg)
         for sender, ct in msg.shares:
             self._check(sender in r.peer_keys, "shares", f"a share from site {sender}, which is not a neighbour")
@@ -372,13 +357,13 @@ class ClientStateMachine:
         r.masked_with = sorted(int(sender) for sender, _ in msg.shares)
         self._check(len(r.masked_with) + 1 >= r.params.threshold, "shares",
                     f"only {len(r.masked_with)} neighbours shared keys; threshold {r.params.threshold}")
-        self.stage = ClientStage.READY
+        self._enter(ShareDelivery)
         return self._maybe_mask()
 
     def _maybe_mask(self) -> list[Message]:
         r = self._current()
-        if self.stage is not ClientStage.READY or r.input is None:
-            return []
+        if r.input is None or (self.stage, LocalUpdate) not in CLIENT_TRANSITIONS:
+            return []  # the update waits for the shares (READY), or there is none yet
         delta, n = r.input
         plan, prg = r.params.plan, r.params.prg
         masks = [(1, r.b_seed)] + [
@@ -393,11 +378,10 @@ class ClientStateMachine:
             except QuantisationError as exc:
                 self.policy.refuse("malformed", str(exc))
         r.input = None
-        self.stage = ClientStage.MASKED
+        self._enter(LocalUpdate)
         return [MaskedInput(r.rnd, r.attempt, {"y": q})]
 
     def _consistency(self, msg: ConsistencyCheck) -> list[Message]:
-        self._expect(ClientStage.MASKED)
         r = self._check_round(msg)
         survivors = sorted(msg.survivors)
         self._check(self.site_id in survivors, "survivors", "the survivor list leaves this site out")
@@ -410,12 +394,11 @@ class ClientStateMachine:
         self._check(len(in_group) >= r.params.threshold, "survivors",
                     "fewer survivors in this site's group than the threshold")
         r.survivors = survivors
-        self.stage = ClientStage.SIGNED
+        self._enter(ConsistencyCheck)
         sig = self.identity.sign(survivors_message(r.ctx, survivors, r.masked_with))
         return [ConsistencySig(r.rnd, r.attempt, list(r.masked_with), sig)]
 
     def _unmask(self, msg: UnmaskRequest) -> list[Message]:
-        self._expect(ClientStage.SIGNED)
         r = self._check_round(msg)
         survivors, dropped = sorted(msg.survivors), sorted(msg.dropped)
         self._check(survivors == r.survivors, "survivors", "the survivor list differs from the one this site signed")
@@ -442,18 +425,11 @@ class ClientStateMachine:
             self.site_id, mutual_masks(survivors, claims), needed=policy.min_participants,
             colluders=policy.colluders,
         ))
-        b_out, s_out = [], []
-        for owner, (b, s) in sorted(r.held.items()):
-            if owner in survivors:
-                kind, out, share = "b", b_out, b
-            elif owner in dropped:
-                kind, out, share = "s", s_out, s
-            else:
-                continue
-            if self._revealed.setdefault(owner, kind) != kind:  # the invariant, checked where it matters
-                self.policy.refuse("stage", f"asked for both kinds of share of site {owner}")
-            out.append([owner, share])
-        self.stage = ClientStage.DONE
+        try:
+            b_out, s_out = r.held.reveal(survivors, dropped)
+        except BothShares as exc:
+            self.policy.refuse("stage", str(exc))
+        self._enter(UnmaskRequest)
         return [UnmaskResponse(r.rnd, r.attempt, b_out, s_out)]
 
 

@@ -1,9 +1,9 @@
 """The coordinator's side of secure aggregation: a sans-IO state machine.
 
-Stages, each closed when every expected site answered, was lost, or the stage timed out::
-
-    ADVERTISE --U1--> SHARE --U2--> MASKED_INPUT --U3--> CONSISTENCY --U4--> UNMASK --> DONE
-                                         any U_i below min_clients --> ABORTED (nothing unmasked)
+Stages ADVERTISE (U1) -> SHARE (U2) -> MASKED_INPUT (U3) -> CONSISTENCY (U4) -> UNMASK -> DONE, each
+closed when every expected site answered, was lost, or the stage timed out; too few, and the round
+is ABORTED with nothing unmasked.  The transitions are ``SERVER_TRANSITIONS`` in ``_states.py``
+(drawn in protocol/SPEC.md §6.6).
 
 Masked inputs are added into one running ring sum as they arrive (memory O(d), not O(n d)).
 Unmasking removes each survivor's self mask (b_u rebuilt from t shares) and, for each site that
@@ -15,7 +15,6 @@ sites enforce that anyway (``client.py``).
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -37,31 +36,13 @@ from ..wire.messages import (
     UnmaskResponse,
 )
 from . import shamir
+from ._states import SERVER_TRANSITIONS, ServerStage, StageClosed, StageFailed
 from .binding import RoundParams, keys_message, survivors_message
 from .graph import graph_seed, neighbours
 from .masking import add_masks, pair_seed, sign
 from .prg import PRGS, Prg
 
 __all__ = ["ProtocolViolation", "ServerStage", "ServerStateMachine"]
-
-
-class ServerStage(enum.Enum):
-    ADVERTISE = "advertise"
-    SHARE = "share"
-    MASKED_INPUT = "masked_input"
-    CONSISTENCY = "consistency"
-    UNMASK = "unmask"
-    DONE = "done"
-    ABORTED = "aborted"
-
-
-_EXPECTED = {
-    ServerStage.ADVERTISE: AdvertiseKeys,
-    ServerStage.SHARE: ShareKeys,
-    ServerStage.MASKED_INPUT: MaskedInput,
-    ServerStage.CONSISTENCY: ConsistencySig,
-    ServerStage.UNMASK: UnmaskResponse,
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +100,13 @@ class ServerStateMachine:
         self.abort_cause: AbortCause | None = None
         self.abort_reason: str | None = None  # the detail, for people
         self.stage_sites: dict[str, list[int]] = {}
+        # validate, then record: one handler per message type the table takes
+        self._handlers = {AdvertiseKeys: self._on_keys, ShareKeys: self._on_shares, MaskedInput: self._on_masked,
+                          ConsistencySig: self._on_sig, UnmaskResponse: self._on_unmask}
+        # what closes each stage: it fires StageClosed or StageFailed
+        self._closers = {ServerStage.ADVERTISE: self._close_advertise, ServerStage.SHARE: self._close_share,
+                         ServerStage.MASKED_INPUT: self._close_masked, ServerStage.CONSISTENCY: self._close_consistency,
+                         ServerStage.UNMASK: self._finish}
 
     @property
     def finished(self) -> bool:
@@ -138,19 +126,13 @@ class ServerStateMachine:
             raise ProtocolViolation(site, "secure-aggregation message for a round never started")
         if site in self._lost:
             return []  # dropped earlier (timeout or disconnect): its late words change nothing
-        expected = _EXPECTED.get(self.stage)
-        if expected is None or not isinstance(msg, expected):
+        after = SERVER_TRANSITIONS.get((self.stage, type(msg)))
+        if after is None:
             raise ProtocolViolation(site, f"{type(msg).__name__} out of stage ({self.stage.value})")
         if site not in self._waiting:
             raise ProtocolViolation(site, f"second or unasked-for {type(msg).__name__}")
-        handler = {
-            ServerStage.ADVERTISE: self._on_keys,
-            ServerStage.SHARE: self._on_shares,
-            ServerStage.MASKED_INPUT: self._on_masked,
-            ServerStage.CONSISTENCY: self._on_sig,
-            ServerStage.UNMASK: self._on_unmask,
-        }[self.stage]
-        handler(site, msg)
+        self._handlers[type(msg)](site, msg)
+        self.stage = after
         self._waiting.discard(site)
         self._answered.add(site)
         return self._maybe_advance()
@@ -216,10 +198,13 @@ class ServerStateMachine:
     def _group(self, owner: int) -> list[int]:
         return [owner, *self.nbrs.get(owner, [])]
 
-    # -- stage transitions -----------------------------------------------------------------------
+    # -- stage transitions (the table in _states.py; each closer fires StageClosed or StageFailed) ---
+
+    def _enter(self, event: type) -> None:
+        self.stage = SERVER_TRANSITIONS[(self.stage, event)]  # a KeyError here is a bug: see _states.py
 
     def _abort(self, cause: AbortCause, reason: str) -> list[Outbound]:
-        self.stage = ServerStage.ABORTED
+        self._enter(StageFailed)
         self.abort_cause, self.abort_reason = cause, reason
         self.sum = np.zeros(0, dtype=self.plan.dtype)  # nothing of the masked sum outlives an abort
         return []
@@ -232,70 +217,69 @@ class ServerStateMachine:
         # then went): it closes at once, not at its deadline.
         out: list[Outbound] = []
         while not self._waiting and not self.finished:
-            out += self._advance()
+            answered, self._answered = sorted(self._answered), set()
+            out += self._closers[self.stage](answered)
         return out
 
-    def _advance(self) -> list[Outbound]:
-        answered, self._answered = sorted(self._answered), set()
-        if self.stage is ServerStage.ADVERTISE:
-            u1 = answered
-            self.stage_sites["advertised"] = u1
-            if len(u1) < self.min_clients:
-                return self._abort(AbortCause.TOO_FEW_SITES, f"{len(u1)} sites advertised keys, fewer than min_clients={self.min_clients}")
-            self.nbrs = neighbours(u1, self.degree, graph_seed(self.ctx, u1))
-            group = 1 + (len(u1) - 1 if self.degree is None else min(self.degree, len(u1) - 1))
-            if group < self.threshold:
-                return self._abort(AbortCause.THRESHOLD, f"{len(u1)} sites advertised keys: groups of {group} cannot meet threshold "
-                                   f"{self.threshold}")
-            out = []
-            for u in u1:
-                entries = [[v, self.keys[v].c_pk, self.keys[v].s_pk, self.keys[v].signature] for v in self.nbrs[u]]
-                out.append(Outbound(u, KeyRoster(self.round, self.attempt, u1, entries)))
-            self.stage = ServerStage.SHARE
-            self._waiting = set(self._alive(u1))
-            return out
-        if self.stage is ServerStage.SHARE:
-            self.u2 = self._alive(answered)
-            self.stage_sites["shared"] = self.u2
-            if len(self.u2) < self.min_clients:
-                return self._abort(AbortCause.TOO_FEW_SITES, f"{len(self.u2)} sites shared keys, fewer than min_clients={self.min_clients}")
-            out = []
-            u2 = set(self.u2)
-            for u in self.u2:
-                items = sorted((it for it in self._outbox.get(u, []) if it[0] in u2), key=lambda it: it[0])  # senders ascending (SPEC §6)
-                self.delivered_from[u] = sorted(it[0] for it in items)
-                out.append(Outbound(u, ShareDelivery(self.round, self.attempt, items)))
-            self._outbox = {}
-            self.stage = ServerStage.MASKED_INPUT
-            self._waiting = set(self.u2)
-            return out
-        if self.stage is ServerStage.MASKED_INPUT:
-            self.u3 = answered
-            self.stage_sites["masked"] = self.u3
-            if len(self.u3) < self.min_clients:
-                return self._abort(AbortCause.TOO_FEW_SITES, f"{len(self.u3)} masked inputs, fewer than "
-                                   f"min_clients={self.min_clients}; nothing unmasked")
-            self.stage = ServerStage.CONSISTENCY
-            self._waiting = set(self._alive(self.u3))  # a site gone since its input still counts in U3
-            return [Outbound(u, ConsistencyCheck(self.round, self.attempt, self.u3)) for u in self.u3]
-        if self.stage is ServerStage.CONSISTENCY:
-            self.u4 = answered
-            self.stage_sites["signed"] = self.u4
-            if len(self.u4) < self.min_clients:
-                return self._abort(AbortCause.TOO_FEW_SITES, f"{len(self.u4)} survivor signatures, fewer than min_clients={self.min_clients}")
-            if len(self.u4) < self.params.quorum:
-                return self._abort(AbortCause.NO_QUORUM, f"{len(self.u4)} survivor signatures; the sites need a majority of the "
-                                   f"{len(self.participants)} participants ({self.params.quorum})")
-            dropped = sorted(set(self.u2) - set(self.u3))
-            sigs = [[s, *self._sigs[s]] for s in self.u4]
-            self.stage = ServerStage.UNMASK
-            self._waiting = set(self._alive(self.u4))
-            return [Outbound(u, UnmaskRequest(self.round, self.attempt, self.u3, dropped, sigs)) for u in self.u4]
-        if self.stage is ServerStage.UNMASK:
-            return self._finish()
-        return []
+    def _close_advertise(self, u1: list[int]) -> list[Outbound]:
+        self.stage_sites["advertised"] = u1
+        if len(u1) < self.min_clients:
+            return self._abort(AbortCause.TOO_FEW_SITES, f"{len(u1)} sites advertised keys, fewer than min_clients={self.min_clients}")
+        self.nbrs = neighbours(u1, self.degree, graph_seed(self.ctx, u1))
+        group = 1 + (len(u1) - 1 if self.degree is None else min(self.degree, len(u1) - 1))
+        if group < self.threshold:
+            return self._abort(AbortCause.THRESHOLD, f"{len(u1)} sites advertised keys: groups of {group} cannot meet threshold "
+                               f"{self.threshold}")
+        out = []
+        for u in u1:
+            entries = [[v, self.keys[v].c_pk, self.keys[v].s_pk, self.keys[v].signature] for v in self.nbrs[u]]
+            out.append(Outbound(u, KeyRoster(self.round, self.attempt, u1, entries)))
+        self._enter(StageClosed)
+        self._waiting = set(self._alive(u1))
+        return out
 
-    def _finish(self) -> list[Outbound]:
+    def _close_share(self, answered: list[int]) -> list[Outbound]:
+        self.u2 = self._alive(answered)
+        self.stage_sites["shared"] = self.u2
+        if len(self.u2) < self.min_clients:
+            return self._abort(AbortCause.TOO_FEW_SITES, f"{len(self.u2)} sites shared keys, fewer than min_clients={self.min_clients}")
+        out = []
+        u2 = set(self.u2)
+        for u in self.u2:
+            items = sorted((it for it in self._outbox.get(u, []) if it[0] in u2), key=lambda it: it[0])  # senders ascending (SPEC §6)
+            self.delivered_from[u] = sorted(it[0] for it in items)
+            out.append(Outbound(u, ShareDelivery(self.round, self.attempt, items)))
+        self._outbox = {}
+        self._enter(StageClosed)
+        self._waiting = set(self.u2)
+        return out
+
+    def _close_masked(self, answered: list[int]) -> list[Outbound]:
+        self.u3 = answered
+        self.stage_sites["masked"] = self.u3
+        if len(self.u3) < self.min_clients:
+            return self._abort(AbortCause.TOO_FEW_SITES, f"{len(self.u3)} masked inputs, fewer than "
+                               f"min_clients={self.min_clients}; nothing unmasked")
+        self._enter(StageClosed)
+        self._waiting = set(self._alive(self.u3))  # a site gone since its input still counts in U3
+        return [Outbound(u, ConsistencyCheck(self.round, self.attempt, self.u3)) for u in self.u3]
+
+    def _close_consistency(self, answered: list[int]) -> list[Outbound]:
+        self.u4 = answered
+        self.stage_sites["signed"] = self.u4
+        if len(self.u4) < self.min_clients:
+            return self._abort(AbortCause.TOO_FEW_SITES, f"{len(self.u4)} survivor signatures, fewer than min_clients={self.min_clients}")
+        if len(self.u4) < self.params.quorum:
+            return self._abort(AbortCause.NO_QUORUM, f"{len(self.u4)} survivor signatures; the sites need a majority of the "
+                               f"{len(self.participants)} participants ({self.params.quorum})")
+        dropped = sorted(set(self.u2) - set(self.u3))
+        sigs = [[s, *self._sigs[s]] for s in self.u4]
+        self._enter(StageClosed)
+        self._waiting = set(self._alive(self.u4))
+        return [Outbound(u, UnmaskRequest(self.round, self.attempt, self.u3, dropped, sigs)) for u in self.u4]
+
+    def _finish(self, _answered: list[int]) -> list[Outbound]:
+        """UNMASK closed: rebuild what the shares allow and remove the masks from the sum."""
         t = self.threshold
         total = self.sum
         removals: list[tuple[int, bytes]] = []
@@ -325,7 +309,7 @@ class ServerStateMachine:
                     removals.append((-sign(u, v), pair_seed(key, self.keys[u].s_pk, u, v, self.ctx)))
         # Self masks are removed like pair masks with sign -1 (PRG(b_u) was added).
         add_masks(total, None, removals, prg=self.prg)
-        self.stage = ServerStage.DONE
+        self._enter(StageClosed)
         self.result = SecAggResult(total, list(self.u3), sorted(set(self.participants) - survivors), self.stage_sites)
         return []
 

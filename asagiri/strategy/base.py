@@ -17,7 +17,7 @@ from ..params import Params
 from .aggregate import RunningSum, apply_weighted_delta
 from .selection import select_clients
 
-__all__ = ["FedAvg", "FitPlan", "Strategy", "build_strategy"]
+__all__ = ["FedAvg", "FitPlan", "Strategy", "StrategyState", "build_strategy"]
 
 
 @dataclass(frozen=True)
@@ -26,7 +26,23 @@ class FitPlan:
     config: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class StrategyState:
+    """What the coordinator keeps of a strategy across rounds and restarts (the checkpoint): the
+    global model, and the server optimiser's state (FedAvgM's momentum; None for the others)."""
+
+    params: Params
+    velocity: Params | None = None
+
+
 class Strategy(Protocol):
+    """The hooks the round calls, and ``state``/``load_state``, all the driver touches besides:
+    the global model it sends and records, and what a checkpoint saves and ``--resume`` restores."""
+
+    def state(self) -> StrategyState: ...
+
+    def load_state(self, state: StrategyState) -> None: ...
+
     def configure_fit(self, rnd: int, attempt: int, available: list[int]) -> FitPlan: ...
 
     def aggregate_fit(self, rnd: int, summed: RunningSum, survivors: list[int], dropped: list[int]) -> Params | None: ...
@@ -43,6 +59,12 @@ class FedAvg:
         self.cfg = cfg
         self.params = global_params
         self.velocity: Params | None = None
+
+    def state(self) -> StrategyState:
+        return StrategyState(self.params, self.velocity)
+
+    def load_state(self, state: StrategyState) -> None:
+        self.params, self.velocity = state.params, state.velocity
 
     def configure_fit(self, rnd: int, attempt: int, available: list[int]) -> FitPlan:
         sel = self.cfg.selection
@@ -87,7 +109,7 @@ def _plausible(key: str, value: Any) -> bool:
     return 0.0 <= value <= 1.0 if key in ("auc", "accuracy") else 0.0 <= value < 1e6
 
 
-def build_strategy(cfg: FederationConfig, global_params: Params) -> FedAvg:
+def build_strategy(cfg: FederationConfig, global_params: Params) -> Strategy:
     """FedAvg (and FedProx / FedAvgM through its config), or ``strategy.custom``'s class."""
     if cfg.strategy.custom:
         import importlib

@@ -165,3 +165,17 @@ def test_an_update_longer_than_max_update_norm_is_refused_in_the_clear():
     m.receive(1, res(10, 0.5))  # |delta| = 0.5 * sqrt(3) = 0.87
     with pytest.raises(ProtocolViolation, match="update norm 1.732 per sample exceeds train.max_update_norm=1"):
         m.receive(2, res(10, 1.0))
+
+
+def test_the_final_test_evaluation_ignores_stragglers_and_refuses_anything_else():
+    """A late FitRes or validation result during the test evaluation is ignored (it once raised a
+    TypeError: a union type joined to a tuple of message classes)."""
+    from asagiri.coordinator.round import TestEvaluation
+
+    m = TestEvaluation(rnd=3, sites=[1, 2], params=dict(PARAMS))
+    assert m.receive(1, res(5, 0.1, site_round=3)) == []
+    assert m.receive(2, EvaluateRes(3, "val", 10, {"auc": 0.5})) == []
+    assert m.receive(2, Decline(3, 1, Rule.STAGE, False)) == []
+    with pytest.raises(ProtocolViolation, match="Heartbeat during the final test evaluation"):
+        m.receive(1, Heartbeat(1))
+    assert not m.finished
