@@ -37,12 +37,12 @@ import torch
 from torch import nn
 
 from ..config import SecAggConfig
-from ..data.loaders import Split
 from ..models import build
 from ..models.scatter import scattering
 from ..privacy.engine import noise_for_target, steps_per_round, train_dp
 from ..secagg.inmemory import LocalRound
 from ..secagg.quantize import dequantize
+from ..splits import Split
 from ..train.loop import train_local
 from .inversion import (
     Gradient,
