@@ -33,21 +33,13 @@ from typing import Any, NoReturn
 from pydantic import ValidationError
 
 from .config import PolicyConfig, RunSpec
-from .secagg.binding import quorum
+from .refusal import Refusal
+from .secagg.rules import quorum
 from .wire.crypto import PublicIdentity
 
 __all__ = ["Refusal", "SitePolicy"]
 
 log = logging.getLogger(__name__)
-
-
-class Refusal(Exception):
-    """This site will not do what was asked. ``rule`` says which check failed."""
-
-    def __init__(self, rule: str, detail: str) -> None:
-        super().__init__(f"{rule}: {detail}")
-        self.rule = rule
-        self.detail = detail
 
 
 class SitePolicy:
@@ -109,7 +101,7 @@ class SitePolicy:
         self.require(not unknown, "pinned_peers", f"sites {unknown} have no pinned identity key here")
 
     def quorum(self, participants: int) -> int:
-        """Survivor-list signatures this site needs (``secagg.binding.quorum`` with its colluders)."""
+        """Survivor-list signatures this site needs (``secagg.rules.quorum`` with its colluders)."""
         return quorum(participants, self.cfg.colluders)
 
     def check_component(self, ok: bool, detail: str) -> None:
