@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -201,21 +200,6 @@ class SecAggConfig(_Strict):
                 )
         return self
 
-    def group(self, n: int) -> tuple[int | None, int]:
-        """(degree, or None for the complete graph; threshold) for a round of ``n`` participants.
-
-        The coordinator announces both in ``SecAggStart`` and every site recomputes them from the
-        same (signed-over) spec, so neither is the coordinator's choice at round time.  A
-        configured threshold outside [majority, group] is moved to the nearest end.
-        """
-        degree: int | None = None
-        if self.mode == "sparse":
-            shares = self.shares or max(3, 2 * math.ceil(math.log2(max(n, 2))) + 1)
-            degree = shares - 1 if shares < n else None
-        size = n if degree is None else degree + 1
-        majority = size // 2 + 1
-        return degree, min(size, max(majority, self.threshold or majority))
-
 
 class DPConfig(_Strict):
     """Record-level DP-SGD on every site (docs/privacy.md). With ``noise_multiplier: auto`` each
@@ -376,14 +360,6 @@ class FederationConfig(_Strict):
         m = self.selection.max_per_round
         if m is not None and m < self.min_clients:
             raise ValueError(f"selection.max_per_round={m} is below min_clients={self.min_clients}")
-        if self.secagg.enabled and self.sites:
-            from .secagg.plan import QuantisationError, QuantPlan
-
-            try:
-                QuantPlan.plan(bits=self.secagg.bits, clip=self.secagg.clip,
-                               max_samples=self.secagg.max_samples_per_site, max_sites=len(self.sites))
-            except QuantisationError as exc:
-                raise ValueError(str(exc)) from None
         if self.model.name == "scatter_linear" and (self.train.augment or self.dp.augmentation_multiplicity > 1):
             raise ValueError("model.name=scatter_linear trains on fixed ScatterNet features, which cannot be shifted "
                              "like images: set train.augment=false and dp.augmentation_multiplicity=1")

@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from ..config import FederationConfig, load_federation
-from ..coordinator.driver import global_norm, initial_params
 from ..data import load_configured_site
+from ..initial import global_norm, initial_params
 from ..models import build, prepare_data
 from ..observe.recorder import model_path
 from ..splits import SiteData, Split
