@@ -6,8 +6,7 @@ Stages (one round attempt at a time)::
     READY + input --> MASKED --ConsistencyCheck--> SIGNED --UnmaskRequest--> DONE
 
 The site decides; the coordinator only proposes.  Every check goes through the site's
-:class:`~asagiri.policy.SitePolicy` (passed in as :class:`~asagiri.secagg.checks.SiteChecks`); a failed
-one raises :class:`~asagiri.refusal.Refusal` (also
+:class:`~asagiri.policy.SitePolicy` (a ``checks.SiteChecks``); a failed one raises ``Refusal`` (also
 exported here as ``SecAggRefused``) and leaves the machine ``ABORTED`` for that round: the site
 says nothing more, so nothing it holds can be extracted.  What a coordinator running modified code
 cannot get past (docs/secagg.md has the argument):
