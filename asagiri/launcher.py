@@ -22,6 +22,7 @@ from typing import IO, Any
 import yaml
 
 from .config import FederationConfig, SiteConfig, apply_overrides, load_federation, load_site
+from .coordinator.checks import check_federation
 from .wire.crypto import Identity
 
 __all__ = ["StatusPipe", "pinned_site_settings", "site_configs", "start_coordinator", "start_site",
@@ -59,7 +60,9 @@ def write_federation(out: Path, *, sites: int, rounds: int, overrides: list[str]
     fed_path = out / "config" / "fed.yaml"
     fed_path.parent.mkdir(parents=True, exist_ok=True)
     fed_path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return fed_path, load_federation(fed_path)
+    cfg = load_federation(fed_path)
+    check_federation(cfg, fed_path.name)
+    return fed_path, cfg
 
 
 def _merged(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:

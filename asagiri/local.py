@@ -25,6 +25,7 @@ from .client.runtime import Site
 from .config import FederationConfig, SiteConfig
 from .coordinator.server import Coordinator
 from .faults import NO_FAULTS, FaultPlan
+from .initial import initial_params
 from .launcher import site_configs, write_federation
 from .observe.events import Event
 from .wire.errors import ConnectionLost, RemoteProtocolError
@@ -51,7 +52,7 @@ async def run_local(cfg: FederationConfig, sites: Mapping[int, SiteConfig], *, r
     """Run the federation to its end with ``sites`` in this process; returns the summary.
     ``faults`` apply to the coordinator; a site of ``sites`` that is left out never connects."""
     torch.set_num_threads(max(1, min((s.threads for s in sites.values()), default=1)))
-    coordinator = Coordinator(cfg, resume=resume, faults=faults, console=console, watchers=watchers)
+    coordinator = Coordinator(cfg, initial=initial_params(cfg), resume=resume, faults=faults, console=console, watchers=watchers)
     async with anyio.create_task_group() as tg:
         for site_cfg in sites.values():
             near, far = memory_stream_pair()

@@ -37,7 +37,7 @@ from pydantic import ValidationError
 from .causes import Rule
 from .config import PolicyConfig, RunSpec
 from .errors import Refusal
-from .secagg.binding import quorum
+from .secagg.rules import quorum
 from .wire.crypto import PublicIdentity
 
 __all__ = ["Refusal", "SitePolicy"]
@@ -105,7 +105,7 @@ class SitePolicy:
         self.require(not unknown, "pinned_peers", f"sites {unknown} have no pinned identity key here")
 
     def quorum(self, participants: int) -> int:
-        """Survivor-list signatures this site needs (``secagg.binding.quorum`` with its colluders)."""
+        """Survivor-list signatures this site needs (``secagg.rules.quorum`` with its colluders)."""
         return quorum(participants, self.cfg.colluders)
 
     def check_component(self, ok: bool, detail: str) -> None:

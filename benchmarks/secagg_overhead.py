@@ -32,15 +32,17 @@ import statistics
 import time
 import tracemalloc
 from collections import defaultdict
+from functools import partial
 
 import numpy as np
 
 from asagiri.config import PolicyConfig, SecAggConfig
-from asagiri.policy import Refusal
+from asagiri.policy import Refusal, SitePolicy
 from asagiri.secagg.binding import params_digest
 from asagiri.secagg.inmemory import LocalRound
 from asagiri.secagg.prg import DEFAULT_PRG, PRGS, expand_into
 from asagiri.secagg.quantize import QuantPlan
+from asagiri.secagg.rules import sharing_group
 from asagiri.secagg.server import ServerStage
 from asagiri.wire import codec
 from asagiri.wire.crypto import Identity
@@ -81,7 +83,7 @@ def secure_round(updates, identities, *, secagg, dropout, repeat_index, trace=Fa
     # Set-up outside the timed round: the machines, and each site hashing the global model it was
     # sent into the round digest (measured on its own as "bind_s" in run()).
     local = LocalRound(ids, dim=d, secagg=secagg, identities=identities, run_id=RUN, rnd=1 + repeat_index,
-                       policy=PolicyConfig(min_participants=2, min_group=2))
+                       policy=partial(SitePolicy, PolicyConfig(min_participants=2, min_group=2)))
     server, clients, plan = local.server, local.clients, local.plan
     n_drop = int(round(dropout * n))
     rng = np.random.default_rng(repeat_index)
@@ -200,7 +202,7 @@ def tcp_round_times(clients: int, width: int, rounds: int, secure: bool, root) -
 
 
 def _initial(cfg):  # type: ignore[no-untyped-def]
-    from asagiri.coordinator.driver import initial_params
+    from asagiri.initial import initial_params
 
     return initial_params(cfg)
 
@@ -253,7 +255,7 @@ def run(clients: int, dim: int, dropout: float, graph: str, repeat: int, shares:
     # The runtime's own policy: shares None picks about 2 log2 n, threshold None a majority.
     secagg = SecAggConfig(mode=graph, shares=shares, threshold=threshold, clip=2.0, max_samples_per_site=20_000,
                           prg=prg)
-    degree, thr = secagg.group(clients)
+    degree, thr = sharing_group(secagg, clients)
     plan = QuantPlan.plan(bits=32, clip=2.0, max_samples=20_000, max_sites=clients)
     plain, secure, stage_runs, floors, uploads = [], [], [], [], []
     plain_up = 0
@@ -373,7 +375,7 @@ def main() -> None:
                         if graph == "sparse" and dropout >= 0.3 and clients > 10:
                             # 30% random dropout exceeds a default group's tolerance (group - t) now
                             # and then; a group about twice as large holds.
-                            default_group = SecAggConfig().group(clients)[0] or clients - 1
+                            default_group = sharing_group(SecAggConfig(), clients)[0] or clients - 1
                             bigger = min(clients, 2 * (default_group + 1) + 1)
                             print(json.dumps(run(clients, dim, dropout, graph, repeat, bigger, None, args.prg)),
                                   flush=True)

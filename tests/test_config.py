@@ -97,3 +97,17 @@ def test_validation_share_defaults_agree_and_out_of_range_is_refused(tmp_path):
     assert DataConfig().val_fraction == VAL_FRACTION == args.val_fraction
     assert main(["partition", "--dataset", "pneumoniamnist", "--sites", "2", "--val-fraction", "0.9",
                  "--out", str(tmp_path)]) == 2
+
+
+def test_a_ring_that_could_wrap_is_refused_where_the_federation_is_loaded(tmp_path):
+    from asagiri.coordinator.checks import check_federation
+
+    p = tmp_path / "fed.yaml"
+    sites = [{"id": i, "public_key": "ab" * 32} for i in (1, 2, 3)]
+    p.write_text(yaml.safe_dump({"sites": sites, "secagg": {"clip": 1e6}}))
+    cfg = load_federation(p)  # plain data: the rule is secure aggregation's
+    with pytest.raises(ConfigError) as err:
+        check_federation(cfg, p.name)
+    assert str(err.value) == ("fed.yaml: secagg: 3 sites x 100000 samples x clip 1000000.0 overflow 32-bit masks "
+                              "(scale would be below 1); use bits: 64, a smaller clip or max_samples_per_site")
+    check_federation(load_federation(p, ["secagg.bits=64"]), p.name)

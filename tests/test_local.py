@@ -186,7 +186,7 @@ def test_max_update_norm_bounds_how_far_one_round_moves_the_model(tmp_path, secu
     updates (all the coordinator applies) moves the model by at most the bound; without the bound
     the same round moves it further, so the bound did the work.  Under secure aggregation the
     coordinator never saw an update, yet the sum is bounded."""
-    from asagiri.coordinator.driver import initial_params
+    from asagiri.initial import initial_params
     from asagiri.params import update_norm
 
     moves = {}

@@ -2,12 +2,13 @@
 
 import dataclasses
 import json
+from functools import partial
 
 import numpy as np
 import pytest
 
 from asagiri.client.state import PersistentReplayGuard, StateError
-from asagiri.config import FederationConfig, PolicyConfig, RunSpec, SiteConfig
+from asagiri.config import FederationConfig, PolicyConfig, RunSpec, SecAggConfig, SiteConfig
 from asagiri.policy import Refusal, SitePolicy
 from asagiri.secagg.binding import RoundParams, canonical, params_digest, spec_digest
 from asagiri.secagg.inmemory import LocalRound
@@ -99,11 +100,12 @@ def test_the_replay_guard_survives_a_restart_and_refuses_a_damaged_file(tmp_path
 
 def test_a_restarted_site_machine_refuses_a_round_it_entered(tmp_path):
     guard_path = tmp_path / "rounds.json"
-    first = LocalRound([1, 2, 3], dim=4, policy=PolicyConfig(min_group=2))
+    first = LocalRound([1, 2, 3], dim=4, secagg=SecAggConfig(), policy=partial(SitePolicy, PolicyConfig(min_group=2)))
     c1 = first.clients[1]
     c1.replay = PersistentReplayGuard(guard_path)
     c1.receive(first.server.start()[0].msg)
-    again = LocalRound([1, 2, 3], dim=4, identities=first.identities, policy=PolicyConfig(min_group=2))
+    again = LocalRound([1, 2, 3], dim=4, secagg=SecAggConfig(), identities=first.identities,
+                       policy=partial(SitePolicy, PolicyConfig(min_group=2)))
     again.clients[1].replay = PersistentReplayGuard(guard_path)
     with pytest.raises(Refusal, match="^replay: "):
         again.clients[1].receive(again.server.start()[0].msg)

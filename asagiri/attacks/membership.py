@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..data.loaders import Split
+from ..splits import Split
 from ..train.loop import loss_fn, scores_of
 
 __all__ = ["confidence", "lira_offline", "loss_threshold"]

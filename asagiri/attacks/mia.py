@@ -20,9 +20,9 @@ import torch
 from torch import nn
 
 from ..data import load_site_data
-from ..data.loaders import SiteData, Split
 from ..models import build, prepare_data
 from ..privacy.engine import dp_compatible, noise_for_target, steps_per_round, train_dp
+from ..splits import SiteData, Split
 from ..train.loop import train_local
 from .membership import lira_offline, loss_threshold
 from .scores import membership_scores

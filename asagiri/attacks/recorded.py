@@ -18,11 +18,11 @@ import torch
 from torch import nn
 
 from ..config import FederationConfig, load_federation
-from ..coordinator.driver import global_norm, initial_params
 from ..data import load_configured_site
-from ..data.loaders import SiteData, Split
+from ..initial import global_norm, initial_params
 from ..models import build, prepare_data
 from ..observe.recorder import model_path
+from ..splits import SiteData, Split
 from .inversion import idlg_label, inverting_gradients
 from .mia import MiaSettings, accuracy, attack_model, balanced, train_like_a_site
 from .scenarios import BOUNDS, DATA_RANGE, IG, InversionResult, Settings

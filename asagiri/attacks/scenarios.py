@@ -30,19 +30,21 @@ import copy
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..config import SecAggConfig
-from ..data.loaders import Split
+from ..config import PolicyConfig, SecAggConfig
 from ..models import build
 from ..models.scatter import scattering
+from ..policy import SitePolicy
 from ..privacy.engine import noise_for_target, steps_per_round, train_dp
 from ..secagg.inmemory import LocalRound
 from ..secagg.quantize import dequantize
+from ..splits import Split
 from ..train.loop import train_local
 from .inversion import (
     Gradient,
@@ -123,7 +125,8 @@ def _secure_sum(updates: list[Gradient], s: Settings) -> Gradient:
     bound = float(max(np.abs(f).max() for f in flat)) * 1.01 + 1e-12
     secagg = SecAggConfig(mode="complete", bits=64, clip=bound, max_samples_per_site=1)
     ids = list(range(1, len(updates) + 1))
-    round_ = LocalRound(ids, dim=flat[0].size, secagg=secagg, min_clients=len(ids))
+    round_ = LocalRound(ids, dim=flat[0].size, secagg=secagg, min_clients=len(ids),
+                        policy=partial(SitePolicy, PolicyConfig(min_participants=len(ids), min_group=2)))
     server = round_.deliver({i: (f, 1) for i, f in zip(ids, flat, strict=True)})
     assert server.result is not None and set(server.result.survivors) == set(ids), server.abort_reason
     weighted, count = dequantize(server.result.total, round_.plan)

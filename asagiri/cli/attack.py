@@ -61,8 +61,15 @@ def add_parser(sub: Any) -> None:
 
 def _config(args: argparse.Namespace) -> FederationConfig:
     from ..config import default_federation, load_federation
+    from ..coordinator.checks import check_federation
 
-    return load_federation(args.config, args.overrides) if args.config else default_federation(args.overrides)
+    if args.config:
+        cfg = load_federation(args.config, args.overrides)
+        check_federation(cfg, Path(args.config).name)
+    else:
+        cfg = default_federation(args.overrides)
+        check_federation(cfg, "--set")
+    return cfg
 
 
 def run_attack(args: argparse.Namespace) -> int:

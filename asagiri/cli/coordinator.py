@@ -56,9 +56,12 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from ..coordinator.checks import check_federation
     from ..coordinator.server import Coordinator, FederationFailed, ResumeError
+    from ..initial import initial_params
 
     cfg = load_federation(Path(args.config), args.overrides)
+    check_federation(cfg, Path(args.config).name)
     if not cfg.sites:
         raise ConfigError(f"{Path(args.config).name}: sites: no site is enrolled")
     if (advice := dp_advice(cfg)) is not None:
@@ -76,7 +79,7 @@ def _run(args: argparse.Namespace) -> int:
         # Log records print above the live view, not through it.
         logging.getLogger().handlers = [RichHandler(console=live.live.console, show_path=False)]
     try:
-        coordinator = Coordinator(cfg, resume=args.resume, faults=args.crash_at,
+        coordinator = Coordinator(cfg, initial=initial_params(cfg), resume=args.resume, faults=args.crash_at,
                                   console=live is None, watchers=watchers)
     except ResumeError as exc:
         print(f"error: {exc}", file=sys.stderr)

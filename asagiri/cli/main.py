@@ -85,6 +85,15 @@ def main(argv: list[str] | None = None) -> int:
 def _report(args: argparse.Namespace) -> int:
     from ..observe.report import write_report
 
+    run = Path(args.run_dir)
+    fed = run / "config" / "fed.yaml"
+    ran = (run / "summary.json").exists() or (run / "metrics.jsonl").exists()
+    if ran and fed.exists():  # a simulated run: its label mix, rebuilt from its data split, for the report
+        from ..config import load_federation
+        from ..data.report import write_label_mix
+
+        cfg = load_federation(fed)
+        write_label_mix(run, cfg.data, [s.id for s in cfg.sites])
     try:
         path = write_report(args.run_dir, args.out)
     except FileNotFoundError as exc:

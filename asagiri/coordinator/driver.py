@@ -18,15 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import numpy as np
-import torch
 
 from ..causes import Rule
 from ..config import FederationConfig, RunSpec
-from ..data.loaders import dataset_info
 from ..faults import NO_FAULTS, FaultPlan
 from ..fsutil import atomic_write_bytes
-from ..models import build, dp_norm, shared_keys
 from ..observe import events as ev
 from ..observe.checkpoint import load_checkpoint
 from ..observe.runlog import trim_jsonl
@@ -46,10 +42,11 @@ from ..wire.messages import (
     RoundRecord,
     Welcome,
 )
+from .checks import check_federation
 from .round import Outbound, ProtocolViolation, RoundMachine, RoundOutcome, SiteLost, TestEvaluation
 from .sessions import Sessions
 
-__all__ = ["FederationDriver", "FederationFailed", "ResumeError", "initial_params"]
+__all__ = ["FederationDriver", "FederationFailed", "ResumeError"]
 
 log = logging.getLogger(__name__)
 
@@ -66,31 +63,16 @@ def _stage(machine: RoundMachine) -> str:
     return "/".join(x for x in machine.stage_key if x)
 
 
-def global_norm(cfg: FederationConfig) -> tuple[str, int]:
-    """The global model's normalisation and groups: the sites convert BatchNorm to GroupNorm for
-    DP-SGD, so the global model (and anything rebuilding it) must too."""
-    if cfg.dp.enabled:
-        return dp_norm(cfg.model.name, cfg.model.norm, cfg.model.groups)
-    return cfg.model.norm, cfg.model.groups
-
-
-def initial_params(cfg: FederationConfig) -> Params:
-    """The round-0 global model: built from config with a fixed seed, shared tensors only."""
-    channels, classes = dataset_info(cfg.data.dataset, cfg.data.path)
-    torch.manual_seed(cfg.selection.seed)
-    norm, groups = global_norm(cfg)
-    model = build(cfg.model.name, in_channels=channels, num_classes=classes, width=cfg.model.width, norm=norm,
-                  groups=groups)
-    state = model.state_dict()
-    return {k: state[k].detach().cpu().numpy().astype(np.float32) for k in shared_keys(model, fedbn=cfg.strategy.fedbn)}
-
-
 class FederationDriver:
-    """One federation run. ``emit`` receives every event (a :class:`~asagiri.observe.recorder.Recorder`)."""
+    """One federation run. ``emit`` receives every event (a :class:`~asagiri.observe.recorder.Recorder`).
+
+    ``initial``: the round-0 global model (``asagiri.initial.initial_params``), built by the caller:
+    the coordinator never loads model code."""
 
     def __init__(self, cfg: FederationConfig, sessions: Sessions, emit: Callable[[ev.Event], None], *,
-                 checkpoint: Path, resume: bool = False, faults: FaultPlan = NO_FAULTS,
+                 initial: Params, checkpoint: Path, resume: bool = False, faults: FaultPlan = NO_FAULTS,
                  round_record: Callable[[], tuple[int, bytes] | None] = lambda: None) -> None:
+        check_federation(cfg)
         self.cfg = cfg
         self.sessions = sessions
         self.emit = emit
@@ -106,7 +88,7 @@ class FederationDriver:
         self._withdrawn: dict[int, Rule] = {}  # ... and the rule each named
         self._test: dict[str, Any] = {}
         self.start_round = 1
-        params = initial_params(cfg)
+        params = {k: v.copy() for k, v in initial.items()}  # the caller's arrays stay as they were
         self.model_bytes = sum(v.nbytes for v in params.values()) + 8
         self.strategy = build_strategy(cfg, params)
         self.checkpoint_path = checkpoint

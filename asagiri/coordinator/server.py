@@ -25,6 +25,7 @@ from ..faults import NO_FAULTS, FaultPlan
 from ..observe.events import Event, SiteJoined
 from ..observe.metrics import CoordinatorMetrics
 from ..observe.recorder import CHECKPOINT_NAME, Recorder
+from ..params import Params
 from ..promhttp import serve_metrics
 from ..wire.channel import SiteRefused
 from ..wire.connection import accept_handshake
@@ -40,9 +41,10 @@ log = logging.getLogger(__name__)
 
 
 class Coordinator:
-    """``run`` serves the federation described by ``cfg``; ``console`` prints progress lines."""
+    """``run`` serves the federation described by ``cfg``, from the round-0 model ``initial``
+    (``asagiri.initial.initial_params``); ``console`` prints progress lines."""
 
-    def __init__(self, cfg: FederationConfig, *, resume: bool = False, faults: FaultPlan = NO_FAULTS,
+    def __init__(self, cfg: FederationConfig, *, initial: Params, resume: bool = False, faults: FaultPlan = NO_FAULTS,
                  console: bool = True, watchers: Sequence[Callable[[Event], None]] = ()) -> None:
         self.cfg = cfg
         self.identity = Identity.load(cfg.identity_key)
@@ -56,7 +58,8 @@ class Coordinator:
             console=console, keep_models=cfg.keep_models,
         )
         self.watchers = list(watchers)  # besides the recorder: a status pipe, a test, an attack harness
-        self.driver = FederationDriver(cfg, self.sessions, self._emit, checkpoint=self.run_dir / CHECKPOINT_NAME,
+        self.driver = FederationDriver(cfg, self.sessions, self._emit, initial=initial,
+                                       checkpoint=self.run_dir / CHECKPOINT_NAME,
                                        resume=resume, faults=faults, round_record=lambda: self.recorder.latest_record)
         # One receive pool for every session: a few model-sized buffers, however many sites.
         self._pool = ArrayPool(max_bytes=4 * self.driver.model_bytes)

@@ -13,7 +13,6 @@ sites; MedMNIST-style sets have no such metadata, so each site gets an IID share
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..splits import SiteData, Split, as_float
 from .cache import DEFAULT_DECODE, DecodeSettings, ImageFiles
 from .partition import dirichlet_draw, feature_partition, partition, proportional_partition
 from .sources import RawDataset, dermamnist_archive, isic2020, medmnist_npz, nih_chestxray14, synthetic
@@ -55,38 +55,6 @@ VAL_FRACTION = 0.15
 ACQUISITION_PROFILES = ((0.0, 1.0, 1.0, 0.0), (0.10, 0.75, 1.3, 0.0), (-0.10, 1.25, 0.8, 0.0), (0.0, 0.9, 1.0, 1.0))
 
 FEATURE_KEYS = {"nih": "view", "isic": "site"}
-
-
-@dataclass(frozen=True)
-class Split:
-    # N x C x H x W: float32 in [-1, 1], or the uint8 pixels of a compact split (``as_float``
-    # turns a batch of either into the float form, where it trains: on a GPU, after the copy)
-    images: torch.Tensor
-    labels: torch.Tensor  # N int64 (binary, multi-class) or N x L float32 (multi-label)
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-
-def as_float(x: torch.Tensor) -> torch.Tensor:
-    """A batch of a split's images as float32 in [-1, 1]: uint8 pixels are scaled by the same
-    operations, in the same order, as ``to_split`` uses, so a compact split trains bit for bit
-    as its float form."""
-    if x.dtype != torch.uint8:
-        return x
-    return x.float().div_(255.0).mul_(2.0).sub_(1.0)
-
-
-@dataclass(frozen=True)
-class SiteData:
-    train: Split
-    val: Split
-    test: Split
-    official_test: bool  # test is the data set's official test split (else a held-out patient split)
-    channels: int
-    num_classes: int  # model outputs: classes, or labels for multi-label
-    task: str
-    label_names: tuple[str, ...]
 
 
 def bundled_path(name: str) -> Path:

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .loaders import VAL_FRACTION, open_dataset, site_indices
 from .sources import RawDataset
 
-__all__ = ["partition_report"]
+if TYPE_CHECKING:
+    from ..config import DataConfig
+
+__all__ = ["LABEL_MIX_NAME", "label_mix", "partition_report", "write_label_mix"]
 
 SPLITS = ("train", "val", "test")
 
@@ -106,3 +109,42 @@ def _chart(stats: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+# ---- a simulated run's label mix, for its report ---------------------------------------------------
+
+LABEL_MIX_NAME = "label_mix.json"
+
+
+def label_mix(data: DataConfig, site_ids: list[int]) -> dict[str, Any]:
+    """Each site's training label counts, rebuilt from the run's data config (a simulated federation
+    such as ``asagiri demo``, where every site takes its share of one file; a real site's data never
+    leaves it): ``{"sites": ids, "counts": [[...] per site]}``, or ``{"unavailable": reason}``."""
+    from .loaders import load_configured_site
+
+    try:
+        counts = []
+        for i in range(len(site_ids)):
+            site = load_configured_site(data, path=data.path, site_index=i, num_sites=len(site_ids))
+            labels = site.train.labels.numpy()
+            counts.append(np.bincount(labels.astype(int).reshape(-1), minlength=2) if labels.ndim == 1
+                          else labels.reshape(len(labels), -1).sum(0))
+    except Exception as exc:  # noqa: BLE001  (the report is still written; the reason is shown)
+        return {"unavailable": f"{type(exc).__name__}: {exc}"}
+    return {"sites": list(site_ids), "counts": [[float(x) for x in c] for c in counts]}
+
+
+def write_label_mix(run_dir: Path, data: DataConfig, site_ids: list[int]) -> dict[str, Any]:
+    """Write ``RUN_DIR/label_mix.json`` (what ``observe/report.py`` draws the label mix from) unless
+    it already holds the counts; returns what the file holds."""
+    path = run_dir / LABEL_MIX_NAME
+    if path.exists():
+        try:
+            held = json.loads(path.read_text())
+        except ValueError:
+            held = {}
+        if isinstance(held, dict) and "counts" in held:
+            return held
+    mix = label_mix(data, site_ids)
+    path.write_text(json.dumps(mix))
+    return mix

@@ -8,7 +8,7 @@ from typing import get_args
 from torch import nn
 
 from ..config import ModelName
-from ..data.loaders import SiteData, Split
+from ..splits import SiteData, Split
 
 __all__ = ["MODEL_NAMES", "ResNet18", "SmallCNN", "build", "dp_norm", "is_norm_key", "prepare_data",
            "prepare_split", "shared_keys", "trains_on_features"]

@@ -21,7 +21,7 @@ from functools import cache
 import torch
 from torch import nn
 
-from ..data.loaders import SiteData, Split, as_float
+from ..splits import SiteData, Split, as_float
 from .registry import _norm
 
 __all__ = ["SCATTER_CHANNELS", "ScatterLinear", "featurise", "featurise_split", "scatter_features", "scattering"]

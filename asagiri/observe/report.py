@@ -2,7 +2,9 @@
 
 Everything comes from the run directory: ``metrics.jsonl`` (per-round AUC, epsilon, stage times,
 participation), ``audit.jsonl`` (aborted attempts), ``summary.json``, ``config/fed.yaml`` (the
-privacy budget, and the data split for the label mix), and any ``attack_report.json`` under it.
+privacy budget and the sites), ``label_mix.json`` (each site's training label counts, which
+``asagiri report`` writes from the data split of a simulated run: ``data.report.write_label_mix``),
+and any ``attack_report.json`` under it.  Nothing here opens a data set.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 if TYPE_CHECKING:
     from ..config import FederationConfig
 
+LABEL_MIX_NAME = "label_mix.json"  # data.report.LABEL_MIX_NAME
 __all__ = ["write_report"]
 
 # Participation grid: one colour per state of a site in a round.
@@ -134,31 +137,26 @@ def _participation(records: list[dict[str, Any]], audit: list[dict[str, Any]], s
     return fig
 
 
-def _label_mix(cfg: FederationConfig | None) -> tuple[Figure, str]:
-    """Each site's training label mix, when the run's data split can be rebuilt from its config
-    (a simulated federation such as ``asagiri demo``); a real site's data never leaves it."""
+def _label_mix(cfg: FederationConfig | None, run_dir: Path) -> tuple[Figure, str]:
+    """Each site's training label mix, as ``label_mix.json`` records it (a simulated federation such
+    as ``asagiri demo``, whose split ``asagiri report`` rebuilds; a real site's data never leaves it)."""
     fig, ax = plt.subplots(figsize=(7, 3.6))
     ax.set_title("Training label mix per site")
     if cfg is None:
         _note(ax, "label mix unavailable: the run has no config/fed.yaml")
         return fig, "unavailable"
-    try:
-        from ..data import load_configured_site
-
-        counts = []
-        for i in range(len(cfg.sites)):
-            labels = load_configured_site(cfg.data, path=cfg.data.path, site_index=i,
-                                          num_sites=len(cfg.sites)).train.labels.numpy()
-            counts.append(np.bincount(labels.astype(int).reshape(-1), minlength=2) if labels.ndim == 1
-                          else labels.reshape(len(labels), -1).sum(0))
-    except Exception as exc:  # noqa: BLE001  (a report must still be written; the reason is shown)
-        _note(ax, f"label mix unavailable: {type(exc).__name__}: {exc}"[:200])
+    path = run_dir / LABEL_MIX_NAME
+    mix = json.loads(path.read_text()) if path.exists() else {
+        "unavailable": f"FileNotFoundError: no {LABEL_MIX_NAME} in the run (`asagiri report` writes it)"}
+    if "counts" not in mix:
+        _note(ax, f"label mix unavailable: {mix.get('unavailable')}"[:200])
         return fig, "unavailable"
+    counts = [np.asarray(c, dtype=float) for c in mix["counts"]]
     width = max(len(c) for c in counts)
     table = np.array([np.pad(c, (0, width - len(c))) for c in counts], dtype=float)
     bottom = np.zeros(len(counts))
     for k in range(width):
-        ax.bar([f"site {s.id}" for s in cfg.sites], table[:, k], bottom=bottom, label=f"class {k}")
+        ax.bar([f"site {s}" for s in mix["sites"]], table[:, k], bottom=bottom, label=f"class {k}")
         bottom += table[:, k]
     ax.set_ylabel("training images")
     ax.legend(fontsize=7, ncol=min(width, 5))
@@ -221,7 +219,7 @@ def write_report(run_dir: Path, out: Path | None = None) -> Path:
         cfg = load_federation(fed)
         budget = cfg.dp.target_epsilon if cfg.dp.enabled else None
         sites = [s.id for s in cfg.sites]
-    label_fig, label_note = _label_mix(cfg)
+    label_fig, label_note = _label_mix(cfg, run_dir)
     plots = [
         ("auc", "AUC per site and global, per round", _auc(records), ""),
         ("epsilon", "Privacy spent per site, against the budget", _epsilon(records, budget), ""),

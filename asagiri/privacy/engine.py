@@ -18,7 +18,7 @@ from opacus.accountants.utils import get_noise_multiplier
 from opacus.validators import ModuleValidator
 from torch import nn
 
-from ..data.loaders import Split
+from ..splits import Split
 from ..train.accel import PLAIN, Accel
 from ..train.loop import OnStep, loss_fn, make_optimizer, resume_optimizer, run_steps
 

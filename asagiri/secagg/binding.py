@@ -23,9 +23,9 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from ..config import SecAggConfig
 from ..wire.crypto import blake2b, blake2b_chunks
 from .plan import QuantPlan
+from .rules import SecAggSettings, quorum, ring_plan, sharing_group
 
 __all__ = [
     "RoundParams",
@@ -105,14 +105,14 @@ class RoundParams:
 
     @classmethod
     def derive(
-        cls, *, run_id: str, round: int, attempt: int, participants: Sequence[int], secagg: SecAggConfig,
+        cls, *, run_id: str, round: int, attempt: int, participants: Sequence[int], secagg: SecAggSettings,
         params_digest: bytes, fit_config: Mapping[str, Any], vector_len: int, spec_digest: bytes,
     ) -> RoundParams:
         """The round every party derives from the spec's ``secagg`` and the participant count
         (protocol/SPEC.md §6.2).  Raises :class:`QuantisationError` where no plan fits."""
         n = len(participants)
-        plan = QuantPlan.plan(bits=secagg.bits, clip=secagg.clip, max_samples=secagg.max_samples_per_site, max_sites=n)
-        degree, threshold = secagg.group(n)
+        plan = ring_plan(secagg, n)
+        degree, threshold = sharing_group(secagg, n)
         return cls(
             run_id=run_id, round=round, attempt=attempt, participants=tuple(participants), vector_len=vector_len,
             plan=plan, prg=secagg.prg, degree=degree or 0, threshold=threshold, params_digest=params_digest,
@@ -128,12 +128,6 @@ class RoundParams:
     def quorum(self) -> int:
         """Survivor-list signatures a site assuming no colluders needs."""
         return quorum(len(self.participants))
-
-
-def quorum(participants: int, colluders: int = 0) -> int:
-    """Survivor-list signatures needed so that no two lists can both be certified: more than half
-    of the participants, counting every assumed colluder as signing both."""
-    return (participants + colluders) // 2 + 1
 
 
 def _ids(ids: Sequence[int]) -> bytes:

@@ -5,7 +5,7 @@ DONE, or ABORTED on any refusal.  The transitions are ``CLIENT_TRANSITIONS`` in 
 (drawn in protocol/SPEC.md §7); a message the table does not take in the current stage is refused.
 
 The site decides; the coordinator only proposes.  Every check goes through the site's
-:class:`~asagiri.policy.SitePolicy`; a failed one raises :class:`~asagiri.policy.Refusal` (also
+:class:`~asagiri.policy.SitePolicy` (a ``checks.SiteChecks``); a failed one raises ``Refusal`` (also
 exported here as ``SecAggRefused``) and leaves the machine ``ABORTED`` for that round: the site
 says nothing more, so nothing it holds can be extracted.  What a coordinator running modified code
 cannot get past (docs/secagg.md has the argument):
@@ -40,8 +40,7 @@ from dataclasses import dataclass, field
 import msgpack
 import numpy as np
 
-from ..config import SecAggConfig
-from ..policy import Refusal, SitePolicy
+from ..errors import Refusal
 from ..wire.crypto import AuthenticationFailed, EphemeralKey, Identity, StreamCipher, blake2b
 from ..wire.crypto import random_bytes as _csprng
 from ..wire.messages import (
@@ -61,12 +60,14 @@ from ..wire.messages import (
 from . import shamir
 from ._states import CLIENT_MESSAGES, CLIENT_TRANSITIONS, ClientStage, LocalUpdate, Refused
 from .binding import RoundParams, keys_message, params_digest, survivors_message
+from .checks import SiteChecks
 from .component import component_survives, mutual_masks
 from .graph import graph_seed, neighbours
 from .masking import add_masks, pair_seed, sign
 from .prg import PRGS
 from .quantize import QuantisationError, quantize
 from .replay import ReplayGuard
+from .rules import SecAggSettings
 from .sharing import BothShares, HeldShares
 
 __all__ = ["ClientStage", "ClientStateMachine", "ReplayGuard", "SecAggRefused"]
@@ -125,9 +126,9 @@ class ClientStateMachine:
         site_id: int,
         identity: Identity,
         run_id: str,
-        secagg: SecAggConfig,
+        secagg: SecAggSettings,
         spec_digest: bytes,
-        policy: SitePolicy,
+        policy: SiteChecks,
         replay: ReplayGuard | None = None,
         random_bytes: Callable[[int], bytes] = _csprng,
     ) -> None:

@@ -1,20 +1,25 @@
 """One secure-aggregation round in memory: the sites' machines and the coordinator's, linked by a
 queue instead of a network.  The same state machines the runtime drives, for tests, property
-checks and benchmarks (as h11's ``ConnectionPair``)."""
+checks and benchmarks (as h11's ``ConnectionPair``).
+
+Each site's policy comes from the caller (``policy``: the pinned keys in, a :class:`~asagiri.secagg.checks.SiteChecks`
+out, e.g. ``functools.partial(SitePolicy, PolicyConfig(...))``), as do the ``secagg`` settings
+(``config.SecAggConfig``): ``secagg`` imports neither."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import numpy as np
 
-from ..config import PolicyConfig, SecAggConfig
-from ..policy import Refusal, SitePolicy
-from ..wire.crypto import Identity
+from ..errors import Refusal
+from ..wire.crypto import Identity, PublicIdentity
 from ..wire.messages import FitIns, Message
 from .binding import RoundParams, params_digest, spec_digest
+from .checks import SiteChecks
 from .client import ClientStateMachine
+from .rules import SecAggSettings, spec_of
 from .server import Outbound, ServerStage, ServerStateMachine
 
 __all__ = ["LocalRound", "STAGES"]
@@ -32,13 +37,14 @@ class LocalRound:
 
     ids: list[int]
     dim: int
-    secagg: SecAggConfig = field(default_factory=SecAggConfig)
+    secagg: SecAggSettings
     identities: Mapping[int, Identity] | None = None
     run_id: str = "local"
     rnd: int = 1
     attempt: int = 1
     min_clients: int = 2
-    policy: PolicyConfig | None = None
+    # One site's policy, made from every site's pinned key (unused where ``clients`` is given).
+    policy: Callable[[Mapping[int, PublicIdentity]], SiteChecks] | None = None
     clients: dict[int, ClientStateMachine] | None = None
     fit_for: Mapping[int, FitIns] | None = None  # a different FitIns for some sites (an attack)
 
@@ -48,7 +54,7 @@ class LocalRound:
             self.identities = {i: Identity.generate() for i in self.ids}
         pubs = {i: k.public for i, k in self.identities.items()}
         sa = self.secagg
-        spec = {"secagg": sa.model_dump()}
+        spec = {"secagg": spec_of(sa)}
         self.spec_digest = spec_digest(spec)
         self.fit = FitIns(self.rnd, self.attempt, {"w": np.zeros(self.dim, np.float32)}, {})
         self.params = RoundParams.derive(
@@ -58,11 +64,12 @@ class LocalRound:
         )
         self.plan = self.params.plan
         self.server = ServerStateMachine(params=self.params, min_clients=self.min_clients, identities=pubs)
-        policy = self.policy or PolicyConfig(min_participants=self.min_clients, min_group=2)
         if self.clients is None:
+            if self.policy is None:
+                raise TypeError("LocalRound: pass policy (pinned keys -> one site's policy) or clients")
             self.clients = {
                 i: ClientStateMachine(site_id=i, identity=self.identities[i], run_id=self.run_id, secagg=sa,
-                                      spec_digest=self.spec_digest, policy=SitePolicy(policy, pubs))
+                                      spec_digest=self.spec_digest, policy=self.policy(pubs))
                 for i in self.ids
             }
         for site, client in self.clients.items():

@@ -14,16 +14,16 @@ those are predictable.
 
 from __future__ import annotations
 
-from typing import get_args
+from typing import Literal, get_args
 
 import numpy as np
 
-from ..config import PrgName
 from ..wire.crypto import Keystream, blake2b
 
 __all__ = ["BLOCK", "DEFAULT_PRG", "PRGS", "Prg", "expand", "expand_into", "prg_key", "stream"]
 
-Prg = PrgName
+# The names fed.yaml's ``secagg.prg`` takes (tests/test_config.py holds the two lists together).
+Prg = Literal["aes128-ctr", "chacha20"]
 PRGS: tuple[Prg, ...] = get_args(Prg)
 DEFAULT_PRG: Prg = "aes128-ctr"
 

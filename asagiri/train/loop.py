@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.loaders import Split, as_float
 from ..scores import accuracy_score, auc_score
+from ..splits import Split, as_float
 from .accel import PLAIN, Accel
 
 __all__ = ["EvalResult", "Steps", "TrainResult", "accuracy_score", "auc_score", "augment_shifts", "evaluate",

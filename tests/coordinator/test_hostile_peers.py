@@ -10,6 +10,7 @@ import pytest
 
 from asagiri.config import FederationConfig, SiteEntry
 from asagiri.coordinator.server import Coordinator
+from asagiri.initial import initial_params
 from asagiri.wire.channel import SiteRefused
 from asagiri.wire.connection import connect_handshake
 from asagiri.wire.crypto import Identity
@@ -42,7 +43,7 @@ async def honest_join(port):
 
 
 async def with_coordinator(cfg, body):
-    coord = Coordinator(cfg)
+    coord = Coordinator(cfg, initial=initial_params(cfg))
     with anyio.fail_after(30):
         async with anyio.create_task_group() as tg:
             port = await tg.start(coord.run)

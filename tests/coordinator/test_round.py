@@ -1,11 +1,14 @@
 """The round state machine, driven in-process: no sockets, no clocks."""
 
+from functools import partial
+
 import numpy as np
 import pytest
 
 from asagiri.causes import Rule
-from asagiri.config import FederationConfig
+from asagiri.config import FederationConfig, PolicyConfig, SecAggConfig
 from asagiri.coordinator.round import Phase, ProtocolViolation, RoundMachine
+from asagiri.policy import SitePolicy
 from asagiri.strategy.base import FedAvg
 from asagiri.wire.messages import Decline, EvaluateIns, EvaluateRes, FitIns, FitRes, Heartbeat, RoundAborted
 
@@ -122,7 +125,8 @@ def secure_machine(n=3, k=2):
     from asagiri.secagg.inmemory import LocalRound
 
     cfg = FederationConfig(min_clients=k)
-    local = LocalRound(list(range(1, n + 1)), dim=4, min_clients=k)
+    local = LocalRound(list(range(1, n + 1)), dim=4, secagg=SecAggConfig(), min_clients=k,
+                       policy=partial(SitePolicy, PolicyConfig(min_participants=k, min_group=2)))
     m = RoundMachine(rnd=1, attempt=1, selected=local.ids, evaluators=local.ids, min_clients=k,
                      global_params=dict(PARAMS), fit_config={}, strategy=FedAvg(cfg, dict(PARAMS)),
                      secagg=local.server)

@@ -93,7 +93,7 @@ def _client(site: int) -> ClientStateMachine:
 @functools.cache
 def _round() -> LocalRound:
     return LocalRound(ids=list(SITES), dim=6, secagg=SECAGG, identities=IDENTITIES, run_id=RUN, rnd=1,
-                      min_clients=2, policy=POLICY, clients={})
+                      min_clients=2, policy=functools.partial(SitePolicy, POLICY), clients={})
 
 
 def _inputs() -> dict[int, tuple[np.ndarray, int]]:
@@ -105,7 +105,7 @@ def honest_round() -> tuple[list[tuple[int, Message]], list[tuple[int, Message]]
     """(what the coordinator sent site 1, what every site sent the coordinator) in an honest round."""
     base = _round()
     fed = LocalRound(ids=list(SITES), dim=6, secagg=SECAGG, identities=IDENTITIES, run_id=RUN, rnd=1,
-                     min_clients=2, policy=POLICY, clients={i: _client(i) for i in SITES})
+                     min_clients=2, policy=functools.partial(SitePolicy, POLICY), clients={i: _client(i) for i in SITES})
     assert fed.spec_digest == base.spec_digest
     to_site: list[tuple[int, Message]] = []
     original = fed._step

@@ -3,9 +3,12 @@ with the knobs the tests turn by name."""
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 
 from asagiri.config import PolicyConfig, SecAggConfig
+from asagiri.policy import SitePolicy
 from asagiri.secagg.inmemory import STAGES, LocalRound
 from asagiri.secagg.prg import DEFAULT_PRG, Prg
 from asagiri.wire.crypto import Identity
@@ -26,7 +29,8 @@ class Federation(LocalRound):
             threshold=threshold, bits=bits, clip=clip, max_samples_per_site=max_samples, prg=prg,
         )
         super().__init__(ids=list(range(1, n + 1)), dim=dim, secagg=secagg, identities=identities, run_id=RUN,
-                         rnd=rnd, attempt=attempt, min_clients=min_clients, policy=policy, clients=clients,
+                         rnd=rnd, attempt=attempt, min_clients=min_clients, clients=clients,
+                         policy=partial(SitePolicy, policy or PolicyConfig(min_participants=min_clients, min_group=2)),
                          fit_for=fit_for)
 
     def run(self, inputs, drops=None):

@@ -252,7 +252,7 @@ class Attacker:
     def fit_ins(self, rnd: int, attempt: int = 1, *, params: dict | None = None, config: dict | None = None) -> FitIns:
         if params is None:
             torch.manual_seed(rnd)
-            from asagiri.coordinator.driver import initial_params
+            from asagiri.initial import initial_params
 
             params = initial_params(FED)
         return FitIns(rnd, attempt, params, config if config is not None else {"mu": 0.0, "seed": rnd})

@@ -1,11 +1,15 @@
 """Hypothesis properties of the whole protocol, run in-process through the harness."""
 
+from functools import partial
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scipy.stats import chisquare
 
+from asagiri.config import PolicyConfig, SecAggConfig
+from asagiri.policy import SitePolicy
 from asagiri.secagg.prg import PRGS
 from asagiri.secagg.quantize import dequantize
 from asagiri.secagg.server import ServerStage
@@ -102,7 +106,8 @@ def test_a_site_gone_after_answering_is_not_waited_for_in_the_next_stage(stage):
     (It used to wait for site 1 until the stage timed out: a minute per round in a real run.)"""
     from asagiri.secagg.inmemory import LocalRound
 
-    fed = LocalRound(ids=[1, 2, 3, 4], dim=6, min_clients=3)
+    fed = LocalRound(ids=[1, 2, 3, 4], dim=6, secagg=SecAggConfig(), min_clients=3,
+                     policy=partial(SitePolicy, PolicyConfig(min_participants=3, min_group=2)))
     ring = {i: np.full(7, i, dtype=np.uint32) for i in fed.ids}
     queue, pending, gone = list(fed.server.start()), dict(ring), False
     while not fed.server.finished:

@@ -1,0 +1,131 @@
+"""``site.yaml``: one site (``SiteConfig``), and the policy it holds every run to (``PolicyConfig``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from .base import _Strict
+from .federation import SiteEntry
+
+__all__ = ["AccelConfig", "CoordinatorAddress", "PolicyConfig", "ReconnectConfig", "SiteConfig"]
+
+
+class PolicyConfig(_Strict):
+    """What this site takes part in (docs/secagg.md, "Site policy"). The coordinator cannot lower it:
+    a Welcome, a FitIns or a round that asks for less is refused, and the site declines.
+
+    ``min_participants``: the fewest sites whose inputs must be summed with this site's before the
+    coordinator may unmask anything (checked on the participants, the advertised sites, the
+    survivors, and the connected group of sites this site's masks tie it to).  ``min_group`` and
+    ``min_threshold``: the smallest secret-sharing group (this site included) and threshold
+    accepted.  ``max_epsilon`` / ``max_delta``: the most DP budget a run may ask for; with
+    ``require_dp`` a run without DP-SGD is refused.  ``run_id``: only this run is joined.
+    ``colluders``: how many other participants this site assumes may be working with the
+    coordinator; the survivor-list quorum rises by a half for each, the threshold floor by one,
+    and this site's masking component must keep ``min_participants`` members whichever
+    ``colluders`` of its other members are removed (docs/secagg.md, "What is guaranteed").
+    ``report_privacy``: send epsilon and sigma with evaluation results.  ``equal_weight``: count
+    as one sample in every sum, so the site's sample count never leaves it.
+    """
+
+    require_secagg: bool = True
+    min_participants: int = Field(3, ge=2)
+    min_group: int = Field(3, ge=2)
+    min_threshold: int = Field(2, ge=2)
+    colluders: int = Field(0, ge=0, le=1 << 16)
+    # Send epsilon and sigma with evaluation results. Off by default: under noise_multiplier auto
+    # they are functions of this site's sample rate, so together they give away its data size.
+    report_privacy: bool = False
+    # Weigh this site's update as one sample instead of its sample count. The count is summed
+    # exactly, so two rounds whose participants differ by this site give it away by subtraction;
+    # with equal_weight it never leaves the site, at the cost of FedAvg's sample weighting.
+    equal_weight: bool = False
+    require_dp: bool = False
+    max_epsilon: float = Field(8.0, gt=0)
+    max_delta: float = Field(1e-5, gt=0, lt=1)
+    run_id: str | None = Field(None, min_length=1, max_length=128)
+
+
+class CoordinatorAddress(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(7740, ge=1, le=65535)
+    public_key: str
+
+    @field_validator("public_key")
+    @classmethod
+    def _hex_key(cls, v: str) -> str:
+        return SiteEntry._hex_key(v)
+
+
+class ReconnectConfig(_Strict):
+    connect_s: float = Field(30.0, gt=0)  # one TCP connect, and then one handshake
+    initial_s: float = Field(0.2, gt=0)
+    max_s: float = Field(5.0, gt=0)
+    give_up_s: float = Field(600.0, gt=0)
+
+
+class AccelConfig(_Strict):
+    """How this site's hardware runs its training (``train/accel.py``); none of it changes what
+    is trained or sent.  ``auto`` turns on, for a CUDA GPU, mixed precision (bfloat16 where the
+    GPU has it, else float16 with loss scaling) and channels-last images, and leaves a CPU in
+    float32.  DP-SGD trains in float32 and without channels-last whatever is set here; it clips
+    with Opacus' ghost clipping on a GPU (``auto``) or where ``dp_clipping: ghost`` asks, and
+    with per-example gradients (``hooks``) otherwise.  ``compile``:
+    ``torch.compile`` for training without DP (minutes of compiling on the first round)."""
+
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    channels_last: Literal["auto", "on", "off"] = "auto"
+    compile: bool = False
+    dp_clipping: Literal["auto", "ghost", "hooks"] = "auto"
+
+
+class SiteConfig(_Strict):
+    site_id: int = Field(ge=0, lt=1 << 31)
+    identity_key: Path
+    coordinator: CoordinatorAddress
+    data_path: Path | None = None
+    # Pinned identity keys of every site of the federation (id -> hex), checked on their
+    # secure-aggregation keys and survivor-list signatures. Required for secure aggregation:
+    # keys that came from the coordinator would let it stand in for the other sites.
+    peers: dict[int, str] | None = None
+    policy: PolicyConfig = PolicyConfig()
+    state_dir: Path = Path("state")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    accel: AccelConfig = AccelConfig()
+    threads: int = Field(1, ge=1, le=256)
+    # This site's own Prometheus metrics on 127.0.0.1 (training speed, epsilon, refusals); off by default.
+    metrics_port: int | None = Field(None, ge=0, le=65535)
+    reconnect: ReconnectConfig = ReconnectConfig()
+    max_frame_bytes: int = Field(4 << 20, ge=64 << 10, le=1 << 30)
+    # A hard cap on one message's tensors. Once the site knows the model it accepts nothing larger
+    # than the model's shared parameters plus 1 MiB (client/session.py).
+    max_message_bytes: int = Field(256 << 20, ge=1 << 10)
+    chunk_bytes: int = Field(1 << 20, ge=1 << 10)
+    # Image folders (ChestX-ray14, ISIC 2020) are decoded once into state_dir/cache, by this many
+    # worker processes (None: one per core, at most 8). An image that cannot be decoded stops
+    # the site with an error naming the file, unless skip_unreadable_images leaves it out (counted).
+    decode_workers: int | None = Field(None, ge=1, le=64)
+    skip_unreadable_images: bool = False
+
+    @field_validator("peers")
+    @classmethod
+    def _peer_keys(cls, v: dict[int, str] | None) -> dict[int, str] | None:
+        if v is None:
+            return v
+        for site, key in v.items():
+            if not 0 <= site < 1 << 31:
+                raise ValueError(f"site id {site} out of range")
+            v[site] = SiteEntry._hex_key(key)
+        return v
+
+    @model_validator(mode="after")
+    def _pinned(self) -> SiteConfig:
+        if self.policy.require_secagg and not self.peers:
+            raise ValueError(
+                "peers: required while policy.require_secagg is true; pin every site's identity key "
+                "(id: hex, as `asagiri keygen` prints them; docs/deployment.md)"
+            )
+        return self
