@@ -132,7 +132,8 @@ class SiteMachine:
         self.spec: RunSpec | None = None
         self.refusal: Refusal | None = None  # set when this site refuses the whole run
         self.secagg: ClientStateMachine | None = None
-        self._ready = False  # the run accepted, and the site set up for it, this session
+        self._ready = False  # the run accepted this session
+        self._untrained: tuple[int, int] | None = None  # the round attempt agreed to and not yet trained
         self._latest_fit: tuple[int, int] = (0, 0)  # only the newest accepted FitIns is trained on
         self._latest_binding: tuple[bytes, dict] | None = None  # what the machine bound of it on accepting it
         self._declined: set[tuple[str, int, int]] = set()
@@ -142,28 +143,33 @@ class SiteMachine:
     # -- a session begins ------------------------------------------------------------------------
 
     def welcome(self, msg: Welcome) -> list[Action]:
-        """A new session's Welcome: accept the run and set up for it (the pump keeps a worker that
-        was built for the same run), or refuse it."""
+        """A new session's Welcome: accept the run, or refuse it.  An accepted run is set up in the
+        training thread (the pump keeps a worker built for the same run) while the machine goes on:
+        the protocol's own steps (key set-up, records) need no data, only training waits for it."""
         self.run_id, self.refusal, self.spec, self._ready = msg.run_id, None, None, False
         self._started.clear()
         self._held = None
+        self._untrained = None
         try:
             self.spec = self.policy.check_run(msg.run_id, msg.spec)
         except Refusal as exc:
             return self._refuse_run(exc)
+        self._ready = True
+        self._joined(msg)
         return [SetUp(msg, self.spec)]
 
     def set_up(self, welcome: Welcome, problem: str | None) -> list[Action]:
-        """The worker for ``welcome`` is built, or could not be (``problem``: why, for the log)."""
-        if problem is not None:
-            try:
-                self.policy.refuse(Rule.SETUP, f"the run cannot be set up at this site: {problem}")
-            except Refusal as exc:
-                return self._refuse_run(exc)
-        self._ready = True
-        return self._joined(welcome)
+        """The worker for ``welcome`` is built, or could not be (``problem``: why, for the log); then
+        the site leaves the run for good, declining the round it had already agreed to train."""
+        if problem is None:
+            return []
+        try:
+            self.policy.refuse(Rule.SETUP, f"the run cannot be set up at this site: {problem}")
+        except Refusal as exc:
+            out = [] if self._untrained is None else self._decline(*self._untrained, exc.rule, permanent=True)
+            return out + self._refuse_run(exc)
 
-    def _joined(self, welcome: Welcome) -> list[Action]:
+    def _joined(self, welcome: Welcome) -> None:
         spec = self.spec
         assert spec is not None
         log.info("joined run %s as site index %d of %d", welcome.run_id, welcome.site_index, welcome.num_sites)
@@ -178,16 +184,15 @@ class SiteMachine:
                     spec_digest=digest, policy=self.policy, replay=self.replay,
                 )
         self.witness.joined(welcome.run_id)
-        return []
 
     def _refuse_run(self, exc: Refusal) -> list[Action]:
-        self.refusal, self.spec = exc, None
+        self.refusal, self.spec, self._ready = exc, None, False
         log.error("this site will not take part in run %s: %s", self.run_id, exc)
         return []
 
     @property
     def ready(self) -> bool:
-        """The run is accepted and set up: rounds can be trained."""
+        """The run is accepted (its set-up may still be running: a training waits for it)."""
         return self._ready
 
     # -- what the coordinator sends --------------------------------------------------------------
@@ -244,6 +249,7 @@ class SiteMachine:
         self.witness.asked(self.run_id, msg.round, msg.attempt)
         secure = self.secagg
         if secure is None:
+            self._untrained = (msg.round, msg.attempt)
             return [Train(msg, secure=False)]
         # Key set-up messages keep flowing while the site trains; the update is masked when ready.
         try:
@@ -252,6 +258,7 @@ class SiteMachine:
             return self._decline(msg.round, msg.attempt, exc.rule, permanent=False)
         self._latest_fit, self._latest_binding = (msg.round, msg.attempt), secure.fit_binding
         self._held = None
+        self._untrained = (msg.round, msg.attempt)
         return [*self._sent(replies, msg), Train(msg, secure=True)]
 
     def _secagg(self, msg: Message) -> list[Action]:
@@ -292,6 +299,8 @@ class SiteMachine:
 
     def trained(self, ins: FitIns, result: FitRes | tuple[np.ndarray, int]) -> list[Action]:
         """Training on ``ins`` finished: a plaintext update, or (secure) the flat delta and the sample count."""
+        if self._untrained == (ins.round, ins.attempt):
+            self._untrained = None
         if isinstance(result, FitRes):
             self.witness.sent_update(self.run_id, ins.round, ins.attempt)
             return [Send(result)]

@@ -91,6 +91,7 @@ class Session:
         self.faults = faults
         self.final = False
         self._ended = False
+        self._set_up = anyio.Event()  # the worker for this session's run is built (or failed)
 
     async def run(self) -> None:
         first = await self.conn.receive()
@@ -156,7 +157,8 @@ class Session:
             if isinstance(action, Send):
                 await self._send(action.msg)
             elif isinstance(action, SetUp):
-                await self._act(await self._set_up(action), tg)
+                assert tg is not None, "only a Welcome sets up"
+                tg.start_soon(self._build, action)
             elif isinstance(action, Train):
                 assert tg is not None, "only a message starts a training"
                 tg.start_soon(self._train, action)
@@ -172,23 +174,31 @@ class Session:
         elif isinstance(msg, MaskedInput):
             self.faults.reached("masked", msg.round)
 
-    async def _set_up(self, action: SetUp) -> list[Action]:
-        """Build the site's worker in the training thread while the session keeps answering."""
-        worker = self.kept.worker
-        if worker is None or not worker.matches(action.welcome):  # a new run: its data and model
-            self.kept.worker = None
-            try:
-                worker = await self._work(SiteWorker, self.cfg, action.welcome, action.spec)
-            except RemoteProtocolError as exc:  # a spec that validates but cannot be set up here
-                return self.machine.set_up(action.welcome, str(exc))
-            self.kept.worker = worker
-        self.conn.limit_payload(min(self.cfg.max_message_bytes, worker.shared_bytes + PAYLOAD_MARGIN))
-        return self.machine.set_up(action.welcome, None)
+    async def _build(self, action: SetUp) -> None:
+        """Build the site's worker in the training thread while the session goes on: heartbeats and
+        the protocol's own steps (key set-up, records) need no data; a training waits for this."""
+        problem = None
+        try:
+            worker = self.kept.worker
+            if worker is None or not worker.matches(action.welcome):  # a new run: its data and model
+                self.kept.worker = None
+                try:
+                    worker = self.kept.worker = await self._work(SiteWorker, self.cfg, action.welcome, action.spec)
+                except RemoteProtocolError as exc:  # a spec that validates but cannot be set up here
+                    problem = str(exc)
+            if worker is not None and problem is None:
+                self.conn.limit_payload(min(self.cfg.max_message_bytes, worker.shared_bytes + PAYLOAD_MARGIN))
+        finally:
+            self._set_up.set()
+        await self._act(self.machine.set_up(action.welcome, problem))
 
     async def _train(self, action: Train) -> None:
-        ins, worker = action.ins, self.kept.worker
-        assert worker is not None
+        ins = action.ins
         try:
+            await self._set_up.wait()
+            worker = self.kept.worker
+            if worker is None:
+                return  # it could not be set up: the machine declines the round
             async with self.kept.training:
                 if not self.machine.wants(ins):
                     return  # refused, or superseded, while the previous training ran
@@ -213,9 +223,11 @@ class Session:
         await self._act(self.machine.trained(ins, outcome))
 
     async def _evaluate(self, ins: EvaluateIns) -> None:
-        worker = self.kept.worker
-        assert worker is not None
         try:
+            await self._set_up.wait()
+            worker = self.kept.worker
+            if worker is None:
+                raise RemoteProtocolError("EvaluateIns for a run this site could not set up")
             async with self.kept.training:  # evaluation loads the global model into the same module
                 res = await self._work(worker.evaluate, ins, self.cfg.policy.report_privacy)
         finally:

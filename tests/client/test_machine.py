@@ -78,9 +78,13 @@ def test_a_run_the_site_cannot_set_up_is_declined_as_setup(tmp_path):
     m = machine(tmp_path, require_secagg=False)
     w = welcome(secagg=False)
     assert isinstance(m.welcome(w)[0], SetUp)
-    assert m.set_up(w, "FileNotFoundError: /data/x.npz") == [] and not m.ready
-    assert m.refusal is not None and m.refusal.rule is Rule.SETUP
-    assert sent(m.receive(FitIns(1, 1, PARAMS, {}))) == [Decline(1, 1, Rule.SETUP, True)]
+    assert m.ready  # the protocol goes on while the site sets up; a training waits for it
+    ins = FitIns(1, 1, PARAMS, {})
+    assert m.receive(ins) == [Train(ins, secure=False)]
+    # the set-up fails: the round it agreed to train is declined, and so is every later one
+    assert sent(m.set_up(w, "FileNotFoundError: /data/x.npz")) == [Decline(1, 1, Rule.SETUP, True)]
+    assert not m.ready and m.refusal is not None and m.refusal.rule is Rule.SETUP
+    assert sent(m.receive(FitIns(2, 1, PARAMS, {}))) == [Decline(2, 1, Rule.SETUP, True)]
 
 
 def test_a_plain_round_trains_sends_and_evaluates(tmp_path):
