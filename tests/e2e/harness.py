@@ -6,6 +6,7 @@ import json
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +90,26 @@ class Federation:
         first of kind ``until``, or to its exit."""
         status: StatusPipe = self.status
         return status.read(until, timeout)
+
+    def events_until(self, done: Callable[[dict[str, Any]], bool], timeout: float = 180) -> list[dict[str, Any]]:
+        """The coordinator's status events from here on, up to and including the first for which
+        ``done`` is true, or to its exit."""
+        out = []
+        deadline = time.monotonic() + timeout
+        while (record := self.status.next(max(0.0, deadline - time.monotonic()))) is not None:
+            out.append(record)
+            if done(record):
+                break
+        return out
+
+    def wait_for_log(self, site: int, text: str, timeout: float = 180) -> None:
+        """Return once ``site``'s log holds ``text`` (what it logs when it reaches a point, an event)."""
+        path = self.root / "logs" / f"site-{site}.log"
+        deadline = time.monotonic() + timeout
+        while text not in (path.read_text() if path.exists() else ""):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"site {site} did not log {text!r} within {timeout:.0f}s")
+            time.sleep(0.05)
 
     def wait_all(self, timeout: float = 180) -> dict[str, int]:
         deadline = time.monotonic() + timeout
