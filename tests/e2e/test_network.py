@@ -67,8 +67,9 @@ def masked_stage_over(rnd: int) -> Callable[[dict], bool]:
 
 def test_a_throttled_link_that_also_stalls_only_slows_its_site(fed_factory):
     """100 kB/s each way, and a 3 s stall as the masked input goes up: both rounds complete with
-    all four sites (under the stage and heartbeat deadlines nobody is dropped)."""
-    fed = fed_factory("slow-link", sites=4, rounds=2, overrides=FOUR)
+    all four sites (under the stage and heartbeat deadlines nobody is dropped: the heartbeat
+    timeout is 30 s, ten times the stall, so that a busy machine's delays cannot add up to it)."""
+    fed = fed_factory("slow-link", sites=4, rounds=2, overrides=[*FOUR, "timeouts.heartbeat_timeout=30"])
     plan = Plan(rate=100_000, big=BIG, stall_s=3.0)
     events, _ = run(fed, {4: plan})
     assert plan.fired.is_set() and plan.connections == 1
@@ -116,16 +117,27 @@ def test_a_site_slower_than_the_stage_deadline_is_left_out_of_that_round_only(fe
 
 def test_a_connection_cut_mid_frame_and_the_site_back_within_the_same_round(fed_factory, tmp_path_factory):
     """Site 4's link is cut half-way through its masked input; it reconnects while round 1 is
-    still open (site 1's input is held 3 s), is not let back into that round, and takes part in
-    round 2."""
-    fed = fed_factory("cut", sites=4, rounds=2, overrides=FOUR)
-    cut, hold = Plan(big=BIG, cut=True), Plan(big=BIG, stall_s=3.0)
-    events, _ = run(fed, {4: cut, 1: hold})
+    still open (site 1's input is held until the coordinator reports site 4 back), is not let back
+    into that round, and takes part in round 2."""
+    fed = fed_factory("cut", sites=4, rounds=2, overrides=[*FOUR, "timeouts.heartbeat_timeout=60"])
+    cut, hold = Plan(big=BIG, cut=True), Plan(big=BIG, hold=threading.Event())
+
+    def back(fed: Federation) -> list[dict]:
+        joined = 0
+
+        def second_join(e: dict) -> bool:
+            nonlocal joined
+            joined += e["event"] == "SiteJoined" and e["site"] == 4
+            return joined == 2 or e["event"] == "FederationEnded"
+
+        return fed.events_until(second_join)  # then run() lets site 1's input go
+
+    events, _ = run(fed, {4: cut, 1: hold}, back)
     assert cut.fired.is_set() and cut.connections >= 2 and hold.fired.is_set()
     r1, r2 = fed.metrics()
     assert r1["participants"] == [1, 2, 3] and r2["participants"] == [1, 2, 3, 4], fed.logs()
     # it was back, authenticated, before round 1 ended
     kinds = [(e["event"], e.get("round"), e.get("site")) for e in events]
-    back = [i for i, k in enumerate(kinds) if k[0] == "SiteJoined" and k[2] == 4][1]
-    assert kinds.index(("RoundStarted", 1, None)) < back < kinds.index(("RoundCompleted", None, None)), kinds
+    back_at = [i for i, k in enumerate(kinds) if k[0] == "SiteJoined" and k[2] == 4][1]
+    assert kinds.index(("RoundStarted", 1, None)) < back_at < kinds.index(("RoundCompleted", None, None)), kinds
     assert_exactly_the_sum_of(fed, (1, 2, 3), tmp_path_factory)
