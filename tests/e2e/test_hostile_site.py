@@ -165,13 +165,15 @@ def test_a_hostile_site_under_secure_aggregation_is_dropped_and_the_sum_stands(f
     # round, fit; and it reconnects at once (no back-off sleep, whose seconds a fast machine's
     # rounds would outrun), so that a round's remaining work races only its handshake.
     rounds = 30
-    # The masked-input stage's deadline (``timeouts.fit``, short: the replayed input leaves site 4
-    # silent until it) must not race round 1's training (seconds, far more on a busy machine):
-    # site 4 goes through a proxy that holds back its keys (``gate``) until every site has logged
-    # its round-1 training done, so that stage begins only then.  The key stages and heartbeats
-    # wait that long (their deadlines are minutes).
+    # The masked-input stage's deadline (``timeouts.fit``: the replayed input leaves site 4 silent
+    # until it, so the test waits it out once) must not race round 1's training (seconds, far
+    # more on a busy machine): site 4 goes through a proxy that holds back its keys (``gate``)
+    # until every site has logged its round-1 training done, so that stage begins only then.  The
+    # key stages and heartbeats wait that long (their deadlines are minutes).  Within the stage
+    # is then only the first masking (it loads the numba kernels: a second or two of CPU a site,
+    # 4.4 s in all at a load average of 8, when this deadline was 5 s).
     fed = fed_factory("hostile-secure", sites=4, rounds=rounds, overrides=[
-        *FOUR, "timeouts.fit=5", "timeouts.secagg_stage=300", "timeouts.heartbeat_timeout=300"],
+        *FOUR, "timeouts.fit=30", "timeouts.secagg_stage=300", "timeouts.heartbeat_timeout=300"],
         site_settings={4: {"reconnect": {"give_up_s": 60, "initial_s": 0.001, "max_s": 0.01}}})
     plan, sent = list(MASKED), []
     honest_mask = ClientStateMachine._maybe_mask
