@@ -6,6 +6,7 @@ import json
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,10 @@ from asagiri.launcher import (
 from asagiri.signedlog import read_log, verify_log
 from asagiri.wire.crypto import PublicIdentity
 
+# The deadlines a round's stages get: far past what a first round takes on a busy machine (its
+# training and the first masking, which warm up: 16 s at a load average of 8 on two cores), and
+# never waited out by a test that does not set its own (a killed site's link closes at once).
+# The harness's own bounds (``events``, ``wait_all``) only tell a hang, and are longer still.
 FAST = [
     "data.dataset=synthetic",
     "data.synthetic_samples=256",
@@ -27,8 +32,8 @@ FAST = [
     "model.width=8",
     "timeouts.heartbeat_interval=1",
     "timeouts.heartbeat_timeout=10",
-    "timeouts.fit=60",
-    "timeouts.evaluate=60",
+    "timeouts.fit=120",
+    "timeouts.evaluate=120",
     "timeouts.wait_for_sites=60",
 ]
 
@@ -84,13 +89,33 @@ class Federation:
         events = self.events()
         return events, self.wait_all()
 
-    def events(self, until: str | None = None, timeout: float = 180) -> list[dict[str, Any]]:
+    def events(self, until: str | None = None, timeout: float = 600) -> list[dict[str, Any]]:
         """The coordinator's status events (``observe.events``) from here on: up to and including the
         first of kind ``until``, or to its exit."""
         status: StatusPipe = self.status
         return status.read(until, timeout)
 
-    def wait_all(self, timeout: float = 180) -> dict[str, int]:
+    def events_until(self, done: Callable[[dict[str, Any]], bool], timeout: float = 600) -> list[dict[str, Any]]:
+        """The coordinator's status events from here on, up to and including the first for which
+        ``done`` is true, or to its exit."""
+        out = []
+        deadline = time.monotonic() + timeout
+        while (record := self.status.next(max(0.0, deadline - time.monotonic()))) is not None:
+            out.append(record)
+            if done(record):
+                break
+        return out
+
+    def wait_for_log(self, site: int, text: str, timeout: float = 600) -> None:
+        """Return once ``site``'s log holds ``text`` (what it logs when it reaches a point, an event)."""
+        path = self.root / "logs" / f"site-{site}.log"
+        deadline = time.monotonic() + timeout
+        while text not in (path.read_text() if path.exists() else ""):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"site {site} did not log {text!r} within {timeout:.0f}s")
+            time.sleep(0.05)
+
+    def wait_all(self, timeout: float = 600) -> dict[str, int]:
         deadline = time.monotonic() + timeout
         codes = {"coordinator": self.coordinator.wait(timeout=timeout)}
         for site, p in self.sites.items():

@@ -3,8 +3,11 @@
 It runs its own anyio event loop in a thread (a blocking portal), so a test drives real site and
 coordinator processes through it as a bad network would.  It reads the u32 length prefix of the
 frames a site sends (``asagiri/wire/framing.py``), so it can act at the first frame of at least
-``big`` bytes (a site's update, or its masked input): hold it back for a while, or pass on half of
-it and drop both connections.
+``big`` bytes (a site's update, or its masked input): hold it back for a while, or until the test
+says so (``Plan.hold``: an event, so that a test need not guess how long a stage takes), or pass on
+half of it and drop both connections.  It reads the coordinator's frames too: from the first big
+one (the model, in a FitIns) it can hold back all the site sends until the test says so
+(``Plan.gate``).
 """
 
 from __future__ import annotations
@@ -26,18 +29,29 @@ from asagiri.wire.framing import LENGTH_BYTES
 class Plan:
     """What the proxy does. ``rate``: bytes per second each way (None: as fast as it can).
     At the first upstream frame of at least ``big`` bytes: ``stall_s`` seconds of holding every
-    byte back (both ways), or, with ``cut``, half the frame passed on and both connections dropped."""
+    byte back (both ways), then, with ``hold``, holding them on until the test sets it; or, with
+    ``cut``, half the frame passed on and both connections dropped.  With ``gate``: from the first
+    downstream frame of at least ``big`` bytes (a FitIns: the model) every byte the site sends
+    waits until the test sets it (the site gets the round, but the round gets nothing from it)."""
 
     rate: float | None = None
     big: int = 1 << 62
     stall_s: float = 0.0
+    hold: threading.Event | None = None
+    gate: threading.Event | None = None
     cut: bool = False
     fired: threading.Event = field(default_factory=threading.Event)  # the big frame was seen
     connections: int = 0
 
 
-class _Upstream:
-    """Frame boundaries of the site's byte stream: how far into the stream the next big frame starts."""
+async def _until(event: threading.Event | None) -> None:
+    """Return once ``event`` (set by the test's thread, not this event loop's) is set; at once if None."""
+    while event is not None and not event.is_set():
+        await anyio.sleep(0.05)
+
+
+class _Frames:
+    """Frame boundaries of one direction's byte stream: how far into it the next big frame starts."""
 
     def __init__(self) -> None:
         self.prefix = bytearray()
@@ -72,6 +86,7 @@ class Proxy:
         self.plan = plan
         self.port = 0
         self._stalled: anyio.Event | None = None  # set when a stall ends
+        self._gate_armed = False  # the site has been sent its first big frame: its answers wait for the gate
 
     @contextlib.contextmanager
     def running(self) -> Iterator[Proxy]:
@@ -93,16 +108,21 @@ class Proxy:
             await site.aclose()
             return
         async with site, coordinator, anyio.create_task_group() as tg:
-            tg.start_soon(self._pump, site, coordinator, _Upstream(), tg.cancel_scope)
-            tg.start_soon(self._pump, coordinator, site, None, tg.cancel_scope)
+            tg.start_soon(self._pump, site, coordinator, _Frames(), True, tg.cancel_scope)
+            tg.start_soon(self._pump, coordinator, site, _Frames(), False, tg.cancel_scope)
 
-    async def _pump(self, src: anyio.abc.SocketStream, dst: anyio.abc.SocketStream, frames: _Upstream | None,
+    async def _pump(self, src: anyio.abc.SocketStream, dst: anyio.abc.SocketStream, frames: _Frames, upstream: bool,
                     scope: anyio.CancelScope) -> None:
         plan = self.plan
         try:
             while True:
                 data = await src.receive(1 << 16)
-                if frames is not None and not plan.fired.is_set():
+                if not upstream and plan.gate is not None and not self._gate_armed:
+                    # armed before the model reaches the site: nothing it sends in answer gets through
+                    self._gate_armed = frames.big_frame_at(data, plan.big) is not None
+                if upstream and self._gate_armed:
+                    await _until(plan.gate)
+                if upstream and not plan.fired.is_set():
                     hit = frames.big_frame_at(data, plan.big)
                     if hit is not None:
                         plan.fired.set()
@@ -113,6 +133,7 @@ class Proxy:
                             return
                         self._stalled = anyio.Event()
                         await anyio.sleep(plan.stall_s)
+                        await _until(plan.hold)
                         self._stalled.set()
                 if self._stalled is not None:
                     await self._stalled.wait()

@@ -95,7 +95,7 @@ def test_a_killed_site_rejoins_when_restarted(fed_factory, point):
     for s in (1, 2, 3):
         fed.start_site(s)
     victim = fed.start_site(4, "--kill-at", f"{point}:1")
-    assert victim.wait(timeout=60) == -signal.SIGKILL
+    assert victim.wait(timeout=300) == -signal.SIGKILL
     fed.start_site(4)
     fed.events()
     codes = fed.wait_all()
@@ -121,7 +121,7 @@ def test_the_coordinator_killed_at_each_stage_resumes(fed_factory):
         if k == 1:
             for s in (1, 2, 3):
                 fed.start_site(s)
-        assert fed.coordinator.wait(timeout=120) == -signal.SIGKILL, (stage, fed.logs())
+        assert fed.coordinator.wait(timeout=300) == -signal.SIGKILL, (stage, fed.logs())
         assert [r["round"] for r in fed.metrics()] == list(range(1, k + 1)), stage
         assert all(p.poll() is None for p in fed.sites.values()), "a site gave up on the coordinator"
     fed.start_coordinator("--resume")

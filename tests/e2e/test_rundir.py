@@ -50,7 +50,7 @@ def fill(disk) -> None:
 
 
 def remount(disk, mode: str) -> None:
-    for _ in range(50):  # EBUSY while the coordinator has a file open for writing
+    for _ in range(600):  # EBUSY while the coordinator has a file open for writing (a minute at most)
         if _mount("-o", f"remount,{mode}", str(disk)).returncode == 0:
             return
         time.sleep(0.1)
