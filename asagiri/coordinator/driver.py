@@ -88,6 +88,7 @@ class FederationDriver:
         self._withdrawn: dict[int, Rule] = {}  # ... and the rule each named
         self._test: dict[str, Any] = {}
         self.start_round = 1
+        self._asked: tuple[int, int] = (0, 0)  # the newest round attempt begun: answers up to it may come late
         params = {k: v.copy() for k, v in initial.items()}  # the caller's arrays stay as they were
         self.model_bytes = sum(v.nbytes for v in params.values()) + 8
         self.strategy = build_strategy(cfg, params)
@@ -146,9 +147,21 @@ class FederationDriver:
     async def _wait_for_sites(self, needed: int, timeout: float) -> bool:
         with anyio.move_on_after(timeout):
             while len(self.eligible()) < needed:
-                await self.sessions.changed()
+                await self._idle_until_changed()
             return True
         return len(self.eligible()) >= needed
+
+    async def _idle_until_changed(self) -> None:
+        """Answer what the sites send between rounds (a violation closes its channel at once)
+        until a site joins or leaves."""
+        async with anyio.create_task_group() as tg:
+            async def changed() -> None:
+                await self.sessions.changed()
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(changed)
+            while True:
+                self._handle_idle(*await self.sessions.receive())
 
     async def run(self) -> dict[str, Any]:
         cfg = self.cfg
@@ -205,8 +218,13 @@ class FederationDriver:
     # -- one round attempt -----------------------------------------------------------------------
 
     def _handle_idle(self, site_id: int, event: Message | SiteLost) -> None:
-        """Between rounds only late answers are acceptable; anything else is a violation."""
-        if isinstance(event, SiteLost | FitRes | EvaluateRes | Decline):
+        """Between rounds only late answers (to a round attempt already begun) are acceptable;
+        anything else, an answer to a round never asked included, is a violation."""
+        if isinstance(event, SiteLost):
+            return
+        if isinstance(event, FitRes | Decline) and (event.round, event.attempt) <= self._asked:
+            return
+        if isinstance(event, EvaluateRes) and event.round <= self._asked[0]:
             return
         self.sessions.metrics.protocol_violations.labels("out_of_round").inc()
         log.warning("site %d: %s outside a round, closing its channel", site_id, type(event).__name__)
@@ -228,6 +246,7 @@ class FederationDriver:
             max_update_norm=self.cfg.train.max_update_norm,
         )
         atomic_write_bytes(self._attempts_path, json.dumps({"round": rnd, "attempt": attempt}).encode())
+        self._asked = max(self._asked, (rnd, attempt))
         self.emit(ev.RoundStarted(rnd, attempt, plan.sites, secagg is not None))
         self._stage_s = {"selection": time.monotonic() - t_stage}
         await self.sessions.send(machine.start())

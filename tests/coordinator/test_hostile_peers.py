@@ -30,7 +30,7 @@ def cfg(tmp_path):
         identity_key=tmp_path / "coord.key", run_dir=tmp_path / "run", min_clients=1, rounds=1,
         listen={"host": "127.0.0.1", "port": 0}, data={"dataset": "synthetic"}, model={"width": 4},
         max_frame_bytes=1 << 20, chunk_bytes=1 << 16,
-        timeouts={"wait_for_sites": 30, "handshake": 2, "heartbeat_interval": 1, "heartbeat_timeout": 5},
+        timeouts={"wait_for_sites": 30, "handshake": 2, "heartbeat_interval": 1, "heartbeat_timeout": 300},
         sites=[SiteEntry(id=1, public_key=SITE.public.hex()), SiteEntry(id=2, public_key=STRANGER.public.hex()[::-1])],
     )
 
