@@ -30,6 +30,7 @@ from ..config import SiteConfig, TimeoutsConfig
 from ..faults import FaultPlan
 from ..params import flatten
 from ..policy import SitePolicy
+from ..secagg.kernels import warm as warm_kernels
 from ..site.metrics import SiteMetrics
 from ..site.receipts import RoundWitness
 from ..site.worker import BudgetExhausted, SiteWorker
@@ -188,6 +189,8 @@ class Session:
                     problem = str(exc)
             if worker is not None and problem is None:
                 self.conn.limit_payload(min(self.cfg.max_message_bytes, worker.shared_bytes + PAYLOAD_MARGIN))
+                if action.spec.secagg.enabled:
+                    await anyio.to_thread.run_sync(warm_kernels, action.spec.secagg.bits)
         finally:
             self._set_up.set()
         await self._act(self.machine.set_up(action.welcome, problem))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-__all__ = ["add_streams", "quantize_block"]
+__all__ = ["add_streams", "quantize_block", "warm"]
 
 
 @njit(cache=True, nogil=True, boundscheck=False)
@@ -54,3 +54,13 @@ def add_streams(out, words, nplus):  # type: ignore[no-untyped-def]  # pragma: n
         else:
             for i in range(n):
                 out[i] -= w[i]
+
+
+def warm(bits: int) -> None:
+    """Load (or compile) both kernels for a ring of ``bits`` before a round needs them.  The first
+    call costs about a second of CPU; a site makes it while it sets up, so it never falls inside
+    a stage's deadline."""
+    ring = np.uint32 if bits == 32 else np.uint64
+    out = np.zeros(1, dtype=ring)
+    quantize_block(np.zeros(1, np.float32), np.float32(1.0), 1.0, np.zeros(1, np.uint16), out)
+    add_streams(out, np.zeros((1, 1), dtype=ring), 1)
