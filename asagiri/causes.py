@@ -30,6 +30,7 @@ class Rule(enum.StrEnum):
     MIN_PARTICIPANTS = "min_participants"
     MIN_GROUP = "min_group"
     MIN_THRESHOLD = "min_threshold"
+    MIN_EXAMPLES = "min_examples"  # the site's training set is smaller than its policy's floor
     # one secure-aggregation round
     ROUND_PARAMS = "round_params"
     REPLAY = "replay"

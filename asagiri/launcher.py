@@ -74,11 +74,14 @@ def _merged(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return base
 
 
-def pinned_site_settings(cfg: FederationConfig) -> dict[str, Any]:
+def pinned_site_settings(cfg: FederationConfig, site: int | None = None) -> dict[str, Any]:
     """What a demo site's config adds: every site's identity key pinned (as a real deployment
-    exchanges them out of band), and, for a run with secure aggregation off, a policy that lets
-    the site send its update in the clear (the default refuses to)."""
+    exchanges them out of band), its simulated share of the federation's one file (``site``'s
+    place in the roster, of as many shares as sites), and, for a run with secure aggregation off,
+    a policy that lets the site send its update in the clear (the default refuses to)."""
     out: dict[str, Any] = {"peers": {entry.id: entry.public_key for entry in cfg.sites}}
+    if site is not None:
+        out["simulation"] = {"share": cfg.site_index(site), "shares": len(cfg.sites)}
     if cfg.data.path is not None:  # the file the federation's data config names, for every site
         out["data_path"] = str(cfg.data.path)
     if not cfg.secagg.enabled:
@@ -106,9 +109,9 @@ def site_configs(out: Path, cfg: FederationConfig, *, port: int = 1,
                  extra: Mapping[int, Mapping[str, Any]] | None = None) -> dict[int, SiteConfig]:
     """Every site's config for the federation laid out in ``out`` (``port`` only matters over TCP)."""
     pub = (out / "keys" / "coordinator.pub").read_text().strip()
-    settings = pinned_site_settings(cfg)
     configs = {}
     for entry in cfg.sites:
+        settings = pinned_site_settings(cfg, entry.id)
         mine = {**settings, **(extra or {}).get(entry.id, {})}
         mine["policy"] = {**settings.get("policy", {}), **mine.get("policy", {})}
         configs[entry.id] = load_site(write_site_config(out, entry.id, port, pub, mine))

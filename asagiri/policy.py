@@ -100,6 +100,11 @@ class SitePolicy:
         self.require(len(ids) >= self.cfg.min_participants, "min_participants",
                      f"{len(ids)} {what}, fewer than this site's {self.cfg.min_participants}")
 
+    def check_examples(self, examples: int) -> None:
+        """An update from fewer examples than the floor is too close to the examples themselves."""
+        self.require(examples >= self.cfg.min_examples, Rule.MIN_EXAMPLES,
+                     f"{examples} training examples, fewer than this site's min_examples={self.cfg.min_examples}")
+
     def check_pinned(self, ids: list[int] | tuple[int, ...]) -> None:
         unknown = sorted(set(ids) - set(self.peers))
         self.require(not unknown, "pinned_peers", f"sites {unknown} have no pinned identity key here")

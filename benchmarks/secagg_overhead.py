@@ -188,7 +188,7 @@ def tcp_round_times(clients: int, width: int, rounds: int, secure: bool, root) -
     fed_path, cfg = write_federation(root, sites=clients, rounds=rounds, overrides=overrides)
     pub = (root / "keys" / "coordinator.pub").read_text().strip()
     coord, status, port = start_coordinator(fed_path, "--log-level", "warning", stdout=subprocess.DEVNULL, stderr=None)
-    sites = [start_site(write_site_config(root, i, port, pub, pinned_site_settings(cfg)), i, "--log-level", "warning",
+    sites = [start_site(write_site_config(root, i, port, pub, pinned_site_settings(cfg, i)), i, "--log-level", "warning",
                         log=None)
              for i in range(1, clients + 1)]
     status.until("FederationEnded", timeout=600)

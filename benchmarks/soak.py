@@ -97,7 +97,7 @@ class Soak:
         self.killed = 0
 
     def start_site(self, site: int, port: int) -> None:
-        settings = pinned_site_settings(self.cfg)
+        settings = pinned_site_settings(self.cfg, site)
         cfg = write_site_config(self.out, site, port, self.pub,
                                 {"reconnect": {"give_up_s": 300, "max_s": 1, "initial_s": 0.2}, **settings})
         self.procs[site] = start_site(cfg, site, log=open(self.out / "logs" / f"site-{site}.log", "ab"))

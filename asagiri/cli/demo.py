@@ -104,9 +104,8 @@ def _orchestrate(out: Path, fed_path: Path, cfg: FederationConfig, args: argpars
             procs.append(coordinator)
             print(f"listening on 127.0.0.1:{port}", flush=True)
             pub = (out / "keys" / "coordinator.pub").read_text().strip()
-            settings = pinned_site_settings(cfg)
             for site in range(1, args.sites + 1):
-                site_cfg = write_site_config(out, site, port, pub, settings)
+                site_cfg = write_site_config(out, site, port, pub, pinned_site_settings(cfg, site))
                 procs.append(start_site(site_cfg, site, *level, log=files.enter_context(open(logs / f"site-{site}.log", "ab"))))
             refused: dict[int, str] = {}
             while (record := status.next(timeout=max(0.0, deadline - time.monotonic()))) is not None:

@@ -158,13 +158,16 @@ class SiteMachine:
         self._joined(msg)
         return [SetUp(msg, self.spec)]
 
-    def set_up(self, welcome: Welcome, problem: str | None) -> list[Action]:
-        """The worker for ``welcome`` is built, or could not be (``problem``: why, for the log); then
-        the site leaves the run for good, declining the round it had already agreed to train."""
-        if problem is None:
-            return []
+    def set_up(self, welcome: Welcome, problem: str | None, *, examples: int = 0) -> list[Action]:
+        """The worker for ``welcome`` is built with ``examples`` training examples, or could not be
+        (``problem``: why, for the log).  A set-up that failed, or a training set below the
+        policy's floor, takes the site out of the run for good, declining the round it had
+        already agreed to train."""
         try:
-            self.policy.refuse(Rule.SETUP, f"the run cannot be set up at this site: {problem}")
+            if problem is not None:
+                self.policy.refuse(Rule.SETUP, f"the run cannot be set up at this site: {problem}")
+            self.policy.check_examples(examples)
+            return []
         except Refusal as exc:
             out = [] if self._untrained is None else self._decline(*self._untrained, exc.rule, permanent=True)
             return out + self._refuse_run(exc)

@@ -193,7 +193,8 @@ class Session:
                     await anyio.to_thread.run_sync(warm_kernels, action.spec.secagg.bits)
         finally:
             self._set_up.set()
-        await self._act(self.machine.set_up(action.welcome, problem))
+        examples = 0 if self.kept.worker is None else len(self.kept.worker.data.train)
+        await self._act(self.machine.set_up(action.welcome, problem, examples=examples))
 
     async def _train(self, action: Train) -> None:
         ins = action.ins

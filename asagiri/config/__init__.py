@@ -30,7 +30,7 @@ from .federation import (
     TrainConfig,
 )
 from .loading import apply_overrides, config_digest, default_federation, load_federation, load_site
-from .site import AccelConfig, CoordinatorAddress, PolicyConfig, ReconnectConfig, SiteConfig
+from .site import AccelConfig, CoordinatorAddress, PolicyConfig, ReconnectConfig, SimulationConfig, SiteConfig
 from .spec import RunSpec, SpecStrategy
 
 __all__ = [
@@ -50,6 +50,7 @@ __all__ = [
     "RunSpec",
     "SecAggConfig",
     "SelectionConfig",
+    "SimulationConfig",
     "SiteConfig",
     "SiteEntry",
     "SpecStrategy",

@@ -10,7 +10,7 @@ from pydantic import Field, field_validator, model_validator
 from .base import _Strict
 from .federation import SiteEntry
 
-__all__ = ["AccelConfig", "CoordinatorAddress", "PolicyConfig", "ReconnectConfig", "SiteConfig"]
+__all__ = ["AccelConfig", "CoordinatorAddress", "PolicyConfig", "ReconnectConfig", "SimulationConfig", "SiteConfig"]
 
 
 class PolicyConfig(_Strict):
@@ -44,6 +44,9 @@ class PolicyConfig(_Strict):
     # with equal_weight it never leaves the site, at the cost of FedAvg's sample weighting.
     equal_weight: bool = False
     require_dp: bool = False
+    # The fewest training examples one update may come from: a share the size of a few images
+    # would make the site's update (even inside a secure sum) a picture of those images.
+    min_examples: int = Field(32, ge=1)
     max_epsilon: float = Field(8.0, gt=0)
     max_delta: float = Field(1e-5, gt=0, lt=1)
     run_id: str | None = Field(None, min_length=1, max_length=128)
@@ -58,6 +61,21 @@ class CoordinatorAddress(_Strict):
     @classmethod
     def _hex_key(cls, v: str) -> str:
         return SiteEntry._hex_key(v)
+
+
+class SimulationConfig(_Strict):
+    """A simulated site (``asagiri demo``, ``asagiri.local``, the benchmarks and tests): it takes
+    share ``share`` of ``shares`` of a shared file, as the run's ``data.partition`` splits it.  The
+    share is the site's own setting; nothing the coordinator sends changes it."""
+
+    share: int = Field(ge=0, lt=1 << 20)
+    shares: int = Field(ge=1, le=1 << 20)
+
+    @model_validator(mode="after")
+    def _within(self) -> SimulationConfig:
+        if self.share >= self.shares:
+            raise ValueError(f"share {self.share} of {self.shares}: shares are numbered from 0")
+        return self
 
 
 class ReconnectConfig(_Strict):
@@ -87,6 +105,9 @@ class SiteConfig(_Strict):
     identity_key: Path
     coordinator: CoordinatorAddress
     data_path: Path | None = None
+    # A real site trains on the whole of its data; only a simulated one takes a share of a shared
+    # file (a partition is a simulation device, never the coordinator's choice).
+    simulation: SimulationConfig | None = None
     # Pinned identity keys of every site of the federation (id -> hex), checked on their
     # secure-aggregation keys and survivor-list signatures. Required for secure aggregation:
     # keys that came from the coordinator would let it stand in for the other sites.

@@ -55,10 +55,17 @@ class SiteWorker:
         self.spec = welcome.spec
         self.device = _pick_device(cfg.device)
         part = self.data_cfg.partition
-        self.data: SiteData = load_configured_site(self.data_cfg, path=cfg.data_path, site_index=welcome.site_index,
-                                                   num_sites=welcome.num_sites, cache_dir=cfg.state_dir / "cache",
-                                                   decode=DecodeSettings(cfg.decode_workers, cfg.skip_unreadable_images),
-                                                   compact=True)  # uint8: a quarter of the float share
+        # The site's data is its own: all of it, or (a simulation) the share its own config names.
+        # Welcome's site_index and num_sites are the coordinator's words and change nothing here.
+        sim = cfg.simulation
+        data_cfg = self.data_cfg if sim is not None else \
+            self.data_cfg.model_copy(update={"partition": part.model_copy(update={"scheme": "iid"})})
+        self.data: SiteData = load_configured_site(
+            data_cfg, path=cfg.data_path, site_index=0 if sim is None else sim.share,
+            num_sites=1 if sim is None else sim.shares, cache_dir=cfg.state_dir / "cache",
+            decode=DecodeSettings(cfg.decode_workers, cfg.skip_unreadable_images),
+            compact=True)  # uint8: a quarter of the float share
+        where = "its own data, whole" if sim is None else f"simulated share {sim.share} of {sim.shares}"
         self.data = prepare_data(self.model_cfg.name, self.data)  # fixed features, for models that take them
         torch.manual_seed(part.seed)
         self.model = build(
@@ -80,8 +87,8 @@ class SiteWorker:
         # The largest thing the coordinator may send this site: the shared parameters (FitIns, EvaluateIns).
         self.shared_bytes = sum(state[k].numel() * 4 for k in self.shared)
         log.info(
-            "site data: %d train / %d val / %s test images, device %s",
-            len(self.data.train), len(self.data.val), len(self.data.test), self.device,
+            "site data: %d train / %d val / %s test images (%s), device %s",
+            len(self.data.train), len(self.data.val), len(self.data.test), where, self.device,
         )
 
     def _setup_dp(self, cfg: SiteConfig, rounds: int) -> None:

@@ -55,7 +55,7 @@ def joined(tmp_path, *, secagg: bool, **policy) -> SiteMachine:
     w = welcome(secagg=secagg)
     [setup] = m.welcome(w)
     assert isinstance(setup, SetUp) and setup.welcome is w
-    assert m.set_up(w, None) == [] and m.ready
+    assert m.set_up(w, None, examples=100) == [] and m.ready
     return m
 
 

@@ -68,7 +68,7 @@ class Federation:
 
     def site_config(self, site: int, port: int | None = None) -> Path:
         """Write ``site``'s config; ``port``: where it connects (a proxy's), if not to the coordinator."""
-        settings = pinned_site_settings(self.cfg)
+        settings = pinned_site_settings(self.cfg, site)
         settings["policy"] = {**settings.get("policy", {}), **self.site_policy}
         settings.update(self.site_settings.get(site, {}))
         return write_site_config(

@@ -149,6 +149,7 @@ class Attacker:
             "peers": {i: k.public.hex() for i, k in self.site_keys.items()},
             "state_dir": str(self.root / f"site-{site}"), "threads": 1,
             "reconnect": {"initial_s": 0.1, "max_s": 0.3, "give_up_s": 300},
+            "simulation": {"share": site - 1, "shares": SITES},
             **extra,
         }
 
