@@ -117,6 +117,8 @@ class Attacker:
         self.spec = RunSpec.of(FED).wire()
         self.procs: dict[int, subprocess.Popen] = {}
         self.run_id = RUN  # what Welcome and the round parameters name; a case may name another run
+        # (site_index, num_sites) that Welcome claims for a site; a case may claim anything
+        self.welcome_indices: Callable[[int], tuple[int, int]] = lambda site: (site - 1, SITES)
         self._workers: dict[int, SiteWorker] = {}  # for true_update
         (root / "logs").mkdir(parents=True, exist_ok=True)
 
@@ -201,7 +203,7 @@ class Attacker:
                         except (SiteRefused, ConnectionLost, RemoteProtocolError):
                             return  # a half-open retry; the site comes back
                         body = spec(site) if callable(spec) else (spec or self.spec)
-                        await conn.send(Welcome(self.run_id, site - 1, SITES, body))
+                        await conn.send(Welcome(self.run_id, *self.welcome_indices(site), body))
                         session = Session(site, conn)
                         sessions[site] = session
                         if set(sites) <= set(sessions):
