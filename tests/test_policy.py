@@ -146,9 +146,14 @@ def test_the_digest_does_not_depend_on_order_or_ids_listing():
     assert spec_digest({"x": 1}) != spec_digest({"x": 1.0})
 
 
-def test_the_quorum_is_a_majority_of_the_participants():
-    assert [dataclasses.replace(round_params(), participants=tuple(range(1, n + 1))).quorum for n in (2, 3, 4, 5)] \
-        == [2, 2, 3, 3]
+def test_the_quorum_counts_one_colluding_signer_even_when_the_policy_assumes_none():
+    """More than half of the participants with one of them counted as signing both lists: two
+    certified lists always share an honest signer (issue 26, attack 4)."""
+    assert [dataclasses.replace(round_params(), participants=tuple(range(1, n + 1))).quorum for n in (2, 3, 4, 5, 10)] \
+        == [2, 3, 3, 4, 6]
+    for n in range(2, 40):
+        q = dataclasses.replace(round_params(), participants=tuple(range(1, n + 1))).quorum
+        assert 2 * q - n >= 2 and q <= n  # the overlap of two quorums holds the colluder and an honest site
 
 
 def test_evaluation_results_carry_epsilon_and_sigma_only_if_the_policy_says_so(tmp_path):

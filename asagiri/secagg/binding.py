@@ -126,7 +126,7 @@ class RoundParams:
 
     @property
     def quorum(self) -> int:
-        """Survivor-list signatures a site assuming no colluders needs."""
+        """Survivor-list signatures a site assuming the fewest colluders needs (``rules.quorum``)."""
         return quorum(len(self.participants))
 
 

@@ -78,7 +78,14 @@ def sharing_group(settings: SecAggSettings, n: int) -> tuple[int | None, int]:
     return degree, min(size, max(majority, settings.threshold or majority))
 
 
+# The survivor-list quorum counts at least this many participants as colluders, whatever a site's
+# policy says: one compromised site that signs two different lists must not get both certified
+# (that handed the coordinator another site's seed and masking key: issue 26, attack 4).
+SIGNING_COLLUDERS = 1
+
+
 def quorum(participants: int, colluders: int = 0) -> int:
     """Survivor-list signatures needed so that no two lists can both be certified: more than half
-    of the participants, counting every assumed colluder as signing both."""
-    return (participants + colluders) // 2 + 1
+    of the participants, counting every assumed colluder (at least ``SIGNING_COLLUDERS``) as
+    signing both.  Two certified lists then share an honest signer, who signs one list only."""
+    return (participants + max(colluders, SIGNING_COLLUDERS)) // 2 + 1

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from asagiri.config import PolicyConfig
 from asagiri.policy import Refusal
-from asagiri.secagg import shamir
+from asagiri.secagg import rules, shamir
 from asagiri.secagg.binding import params_digest, survivors_message
 from asagiri.secagg.client import ClientStage
 from asagiri.secagg.graph import graph_seed, neighbours
@@ -358,9 +358,11 @@ def colluding_split(colluders: int):
     return fed, inputs, b, s, refusals
 
 
-def test_a_colluding_site_that_signs_two_lists_breaks_a_policy_that_assumes_none():
-    """The limit of ``colluders: 0``, shown rather than claimed: with one colluder both lists get a
-    majority, and the coordinator gets site 1's seed *and* its masking key."""
+def test_control_a_colluding_site_that_signs_two_lists_breaks_a_quorum_that_assumes_none(monkeypatch):
+    """The attack, shown to work where the rule allows it: with a plain majority quorum one
+    colluder gets both lists certified, and the coordinator gets site 1's seed *and* its masking
+    key, so site 1's input comes out exactly."""
+    monkeypatch.setattr(rules, "SIGNING_COLLUDERS", 0)
     fed, inputs, b, s, refusals = colluding_split(colluders=0)
     t = fed.params.threshold
     assert refusals == {} and len(b) >= t and len(s) >= t
@@ -371,6 +373,15 @@ def test_a_colluding_site_that_signs_two_lists_breaks_a_policy_that_assumes_none
         mask = expand(pair_seed(key, fed.clients[v]._round.s.public, 1, v, fed.params.context), DIM + 1)
         x1 = x1 - mask if sign(1, v) > 0 else x1 + mask
     assert np.array_equal(x1, inputs[1])
+
+
+def test_the_default_quorum_survives_one_colluder():
+    """The default policy (``colluders: 0``) still counts one colluding signer in the quorum
+    (issue 26, attack 4): both lists are refused, and the coordinator holds only the colluder's
+    own shares of site 1's secrets, fewer than the threshold."""
+    fed, _, b, s, refusals = colluding_split(colluders=0)
+    assert refusals == {1: "quorum", 2: "quorum", 3: "quorum", 4: "quorum"}  # 3 signatures, 4 needed
+    assert len(b) == len(s) == 1 < fed.params.threshold
 
 
 def test_a_site_that_assumes_one_colluder_refuses_both_lists():
