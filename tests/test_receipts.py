@@ -82,11 +82,33 @@ def test_a_withheld_record_cannot_be_skipped_in_the_same_session(setup):
     w.evaluated(RUN, 1, MODEL, {})
     for rnd in (1, 2):  # the same round asked again, or the next: both wait for the record
         with pytest.raises(Refusal, match="record"):
-            w.before_fit(RUN, rnd)
+            w.before_fit(RUN, rnd, 1)
     assert not w.disputed(RUN)
     with pytest.raises(Refusal, match="none of round 1"):  # a later round's record, skipping it
         w.record(RUN, log.round(2))
     assert w.disputed(RUN)
+
+
+def test_a_site_that_contributed_enters_no_later_round_until_that_rounds_record_or_abort(setup):
+    """Issue 26, attack 5: a coordinator that never sends a record of a round the site sent an
+    update in (it need not ask for an evaluation) gets no further update from it."""
+    log, w, _ = setup
+    w.joined(RUN)
+    w.settle(RUN)
+    w.asked(RUN, 1, 1)
+    w.sent_update(RUN, 1, 1)
+    for rnd, attempt in ((1, 2), (2, 1), (33, 1)):
+        with pytest.raises(Refusal, match=r"record \(or abort\) of round 1.1"):
+            w.before_fit(RUN, rnd, attempt)
+    w.aborted(RUN, 1, 1)  # the abort of that attempt frees the retry ...
+    w.before_fit(RUN, 1, 2)
+    w.asked(RUN, 1, 2)
+    w.sent_update(RUN, 1, 2)
+    with pytest.raises(Refusal, match="record"):  # ... but not the next round: attempt 2 is unrecorded
+        w.before_fit(RUN, 2, 1)
+    w.record(RUN, log.round(1, attempt=2))  # site 1 is among its participants
+    w.before_fit(RUN, 2, 1)  # its record came: the site goes on
+    assert not w.disputed(RUN)
 
 
 def test_after_a_restart_the_site_keeps_its_own_word_and_the_verifier_compares_it(setup):
@@ -98,7 +120,7 @@ def test_after_a_restart_the_site_keeps_its_own_word_and_the_verifier_compares_i
     log.restart()
     w.joined(RUN)
     w.settle(RUN)  # the FitIns of the redo came first: no join record (no round in the log)
-    w.before_fit(RUN, 1)
+    w.before_fit(RUN, 1, 1)
     assert kinds(receipts) == ["round_unrecorded"]
     w.record(RUN, log.round(1, model_sha256="bb" * 32))  # the redo's model is not the one it saw
     assert not w.disputed(RUN)
@@ -197,7 +219,7 @@ def test_a_disputed_run_stays_disputed_and_writes_nothing_more(setup, tmp_path):
     assert kinds(receipts) == ["round_dispute"]
     restarted = witness(receipts)  # and after the site restarts
     with pytest.raises(Refusal, match="false record earlier"):
-        restarted.before_fit(RUN, 30)
+        restarted.before_fit(RUN, 30, 1)
 
 
 def test_records_of_rounds_the_site_had_no_part_in_are_not_kept(setup):

@@ -246,7 +246,7 @@ class SiteMachine:
 
     def _fit(self, msg: FitIns) -> list[Action]:
         try:
-            self.witness.before_fit(self.run_id, msg.round)
+            self.witness.before_fit(self.run_id, msg.round, msg.attempt)
         except Refusal as exc:
             return self._decline(msg.round, msg.attempt, exc.rule, permanent=self.witness.disputed(self.run_id))
         self.witness.asked(self.run_id, msg.round, msg.attempt)

@@ -147,15 +147,21 @@ class RoundWitness:
         pending = self._run(run_id).pending
         return pending.round if pending is not None else None
 
-    def before_fit(self, run_id: str, rnd: int) -> None:
-        """Refuse (rule ``record``) to train round ``rnd`` of a run whose coordinator signed a false
-        record, or that moved on without sending the record of the last round this site evaluated."""
+    def before_fit(self, run_id: str, rnd: int, attempt: int) -> None:
+        """Refuse (rule ``record``) to train round ``rnd`` (attempt ``attempt``) of a run whose
+        coordinator signed a false record, or that moved on without sending the record of a round
+        this site contributed to: the last one whose model it evaluated, and any attempt in which
+        it sent an update or signed survivors, until that attempt's record or its abort came."""
         run = self._run(run_id)
         if run.dispute is not None:
             self.policy.refuse("record", f"the coordinator signed a false record earlier in this run: {run.dispute}")
         if run.pending is not None and rnd >= run.pending.round:
             self.policy.refuse("record", f"round {rnd} was asked for before the coordinator's signed record of round "
                                          f"{run.pending.round}, whose model this site evaluated")
+        for (r, a), seen in run.attempts.items():
+            if seen.took_part and (r, a) < (rnd, attempt) and (r, a) not in run.aborted:
+                self.policy.refuse("record", f"round {rnd}.{attempt} was asked for before the coordinator's signed "
+                                             f"record (or abort) of round {r}.{a}, to which this site contributed")
 
     def record(self, run_id: str, msg: RoundRecord) -> None:
         """Check the coordinator's record of round ``msg.round`` and keep it; a record that fails is
