@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +20,7 @@ from torch import nn
 
 from ..splits import Split
 from ..train.accel import PLAIN, Accel
-from ..train.loop import OnStep, loss_fn, make_optimizer, resume_optimizer, run_steps
+from ..train.loop import OnStep, Proximal, loss_fn, make_optimizer, resume_optimizer, run_steps
 
 __all__ = ["DPResult", "dp_compatible", "noise_for_target", "train_dp"]
 
@@ -77,7 +77,7 @@ def train_dp(
     max_grad_norm: float,
     weight_decay: float = 0.0,
     mu: float = 0.0,
-    anchor: dict[str, torch.Tensor] | None = None,
+    anchor: Mapping[str, torch.Tensor] | None = None,
     augment: bool = True,
     multiplicity: int = 1,
     seed: int = 0,
@@ -90,9 +90,10 @@ def train_dp(
     """One round of DP-SGD in place on ``model`` (GroupNorm-only), through the one training loop
     (``train.loop.run_steps``) with a private step.
 
-    FedProx's proximal step is applied after each noisy step (``w -= lr*mu*(w - w_global)``), and
-    weight decay inside the optimizer after the noise: both are post-processing of a DP output,
-    so they cost no privacy.
+    FedProx's gradient ``mu*(w - w_global)``, over the parameters named in ``anchor`` only
+    (``train.loop.Proximal``, the same term as ``train_local``'s), is added to the private
+    gradient after Opacus' clipping, noise and averaging, and weight decay inside the optimizer
+    after that: both are post-processing of a DP output, so they cost no privacy.
 
     ``multiplicity`` K > 1 is augmentation multiplicity (De et al. 2022): each sampled example is
     augmented K times and its K per-example gradients are averaged *before* clipping, so it still
@@ -114,6 +115,7 @@ def train_dp(
     n = len(data)
     q, steps = steps_per_round(n, expected_batch, epochs)
     params = [p for p in model.parameters() if p.requires_grad]
+    proximal = Proximal(model, mu, anchor)  # by the plain model's names, before Opacus wraps it
     opt = make_optimizer(params, optimizer=optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay)
     resume_optimizer(opt, optimizer_state)
     dataset = torch.utils.data.TensorDataset(data.images, data.labels)
@@ -135,7 +137,7 @@ def train_dp(
     else:
         dp_model, dp_opt, dp_loader = wrapped
     dp_model.train()
-    private = _PrivateSteps(dp_model, dp_opt, dp_loader, model, criterion, steps=steps, lr=lr, mu=mu, anchor=anchor,
+    private = _PrivateSteps(dp_model, dp_opt, dp_loader, criterion, steps=steps, proximal=proximal,
                             multiplicity=multiplicity)
     with warnings.catch_warnings():
         # Opacus' hooks fire on our first layer, whose input needs no gradient: expected, harmless.
@@ -151,11 +153,11 @@ def train_dp(
 class _PrivateSteps:
     """Poisson batches for a fixed number of steps; per-sample clipping and noise (Opacus)."""
 
-    def __init__(self, dp_model, dp_opt, dp_loader, model, criterion, *, steps, lr, mu, anchor,  # type: ignore[no-untyped-def]
+    def __init__(self, dp_model, dp_opt, dp_loader, criterion, *, steps, proximal,  # type: ignore[no-untyped-def]
                  multiplicity) -> None:
-        self.dp_model, self.dp_opt, self.dp_loader, self.model = dp_model, dp_opt, dp_loader, model
+        self.dp_model, self.dp_opt, self.dp_loader = dp_model, dp_opt, dp_loader
         self.criterion = criterion  # ours, or Opacus' two-pass wrapper of it under ghost clipping
-        self.steps, self.lr, self.mu, self.anchor = steps, lr, mu, anchor
+        self.steps, self.proximal = steps, proximal
         self.multiplicity = multiplicity
         self.taken = 0  # sampled batches, empty ones included: what the accountant counts
 
@@ -178,12 +180,11 @@ class _PrivateSteps:
         loss.backward()
         if self.multiplicity > 1:
             _average_copies(self.dp_model, len(y) // self.multiplicity, self.multiplicity)
-        self.dp_opt.step()
-        if self.mu > 0 and self.anchor is not None:
-            with torch.no_grad():
-                for name, p in self.model.named_parameters():
-                    if name in self.anchor:
-                        p.sub_(self.lr * self.mu * (p - self.anchor[name]))
+        # DPOptimizer.step() is pre_step() (clip, noise, divide by the expected batch) and then the
+        # wrapped optimizer's step; FedProx's data-free gradient goes in between.
+        if self.dp_opt.pre_step():
+            self.proximal.add_gradient()
+            self.dp_opt.original_optimizer.step()
         return float(loss.item())
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -16,7 +16,7 @@ from ..splits import Split, as_float
 from .accel import PLAIN, Accel
 
 __all__ = ["EvalResult", "Steps", "TrainResult", "accuracy_score", "auc_score", "augment_shifts", "evaluate",
-           "loss_fn", "make_optimizer", "OnStep", "resume_optimizer", "run_steps", "train_local"]
+           "loss_fn", "make_optimizer", "OnStep", "Proximal", "resume_optimizer", "run_steps", "train_local"]
 
 
 @dataclass(frozen=True)
@@ -96,18 +96,60 @@ def make_optimizer(params: list[nn.Parameter], *, optimizer: str, lr: float, mom
     return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
+class Proximal:
+    """FedProx's term ``mu/2 * ||w - w_global||^2`` (Li et al. 2020), one meaning for plain and
+    private training: over the parameters named in ``anchor`` (the global model's shared tensors)
+    and no others, so FedBN's local norm layers are never pulled towards anything.  Its gradient
+    ``mu * (w - w_global)`` is added to each such parameter's gradient just before the optimizer
+    updates it, where it meets momentum, Adam's moments and weight decay as any gradient does.
+
+    Under DP-SGD it is added after Opacus' clipping, noise and averaging: it depends on no
+    example (only on the weights, themselves a DP output, and the public global model), so it
+    is post-processing and costs no privacy; clipping or noising it would only distort it.
+
+    ``anchor=None`` anchors every trainable parameter at its value now (right for a caller
+    that has just loaded the global model and keeps no layer local).  Anchor entries that are
+    buffers, not parameters, are not pulled.
+    """
+
+    def __init__(self, model: nn.Module, mu: float, anchor: Mapping[str, torch.Tensor] | None) -> None:
+        self.mu = float(mu)
+        self.pairs: list[tuple[nn.Parameter, torch.Tensor]] = []
+        if self.mu <= 0:
+            return
+        named = {k: p for k, p in model.named_parameters() if p.requires_grad}
+        if anchor is None:
+            self.pairs = [(p, p.detach().clone()) for p in named.values()]
+            return
+        buffers = {k for k, _ in model.named_buffers()}
+        for key, value in anchor.items():
+            if key in named:
+                p = named[key]
+                self.pairs.append((p, value.detach().to(device=p.device, dtype=p.dtype)))
+            elif key not in buffers:
+                raise KeyError(f"FedProx anchor {key!r} is not a tensor of this model")
+
+    def add_gradient(self) -> None:
+        """``p.grad += mu * (p - anchor)`` for each anchored parameter."""
+        with torch.no_grad():
+            for p, a in self.pairs:
+                pull = (p - a).mul_(self.mu)
+                if p.grad is None:
+                    p.grad = pull
+                else:
+                    p.grad.add_(pull)
+
+
 class _PlainSteps:
-    """Shuffled minibatches, ``epochs`` passes; FedProx's term in the loss."""
+    """Shuffled minibatches, ``epochs`` passes; FedProx's gradient added before each update."""
 
     def __init__(self, model: nn.Module, data: Split, opt: torch.optim.Optimizer, *, epochs: int, batch_size: int,
-                 mu: float, task: str, accel: Accel, device: torch.device) -> None:
+                 proximal: Proximal, task: str, accel: Accel, device: torch.device) -> None:
         self.model, self.data, self.opt = model, data, opt
         self.forward, self.accel, self.device = accel.forward_of(model), accel, device
         self.scaler = accel.scaler(device)
         self.epochs, self.batch_size, self.task = epochs, batch_size, task
-        self.params = [p for group in opt.param_groups for p in group["params"]]
-        self.mu = mu
-        self.anchor = [p.detach().clone() for p in self.params] if mu > 0 else None
+        self.proximal = proximal
 
     def batches(self, gen: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = len(self.data)
@@ -123,15 +165,15 @@ class _PlainSteps:
         with self.accel.autocast(self.device):
             logits = self.forward(x)
         loss = loss_fn(logits.float(), y, self.task)
-        if self.anchor is not None:
-            prox = sum(((p - a) ** 2).sum() for p, a in zip(self.params, self.anchor, strict=True))
-            loss = loss + 0.5 * self.mu * prox
         self.opt.zero_grad(set_to_none=True)
         if self.scaler is None:
             loss.backward()
+            self.proximal.add_gradient()
             self.opt.step()
         else:
             self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.opt)  # the proximal gradient joins the true, unscaled one
+            self.proximal.add_gradient()
             self.scaler.step(self.opt)
             self.scaler.update()
         return float(loss.detach())
@@ -148,6 +190,7 @@ def train_local(
     momentum: float = 0.9,
     weight_decay: float = 0.0,
     mu: float = 0.0,
+    anchor: Mapping[str, torch.Tensor] | None = None,
     augment: bool = True,
     seed: int = 0,
     device: torch.device | str = "cpu",
@@ -156,7 +199,9 @@ def train_local(
     on_step: OnStep | None = None,
     accel: Accel = PLAIN,
 ) -> TrainResult:
-    """Train in place. With ``mu > 0`` adds FedProx's ``mu/2 * ||w - w_global||^2`` (Li et al. 2020).
+    """Train in place. With ``mu > 0`` adds FedProx's ``mu/2 * ||w - w_global||^2`` over the
+    parameters named in ``anchor`` (the global shared tensors; ``None``: all, at their start),
+    as :class:`Proximal` says, the same as ``privacy.engine.train_dp`` does.
 
     ``optimizer_state`` (a previous result's) resumes the optimizer's moments instead of starting
     them from zero; the learning rate and weight decay given here still apply.  ``accel``: how
@@ -168,8 +213,8 @@ def train_local(
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(params, optimizer=optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay)
     resume_optimizer(opt, optimizer_state)
-    steps = _PlainSteps(model, data, opt, epochs=epochs, batch_size=batch_size, mu=mu, task=task, accel=accel,
-                        device=device)
+    steps = _PlainSteps(model, data, opt, epochs=epochs, batch_size=batch_size, proximal=Proximal(model, mu, anchor),
+                        task=task, accel=accel, device=device)
     total, done = run_steps(steps, augment=augment, gen=torch.Generator().manual_seed(seed), device=device,
                             on_step=on_step, accel=accel)
     return TrainResult(num_samples=len(data), loss=total / max(done, 1), steps=done, optimizer_state=opt.state_dict())
