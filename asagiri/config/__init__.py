@@ -30,7 +30,7 @@ from .federation import (
     TrainConfig,
 )
 from .loading import apply_overrides, config_digest, default_federation, load_federation, load_site
-from .site import AccelConfig, CoordinatorAddress, PolicyConfig, ReconnectConfig, SiteConfig
+from .site import AccelConfig, CoordinatorAddress, PolicyConfig, ReconnectConfig, SiteConfig, TrainingBounds
 from .spec import RunSpec, SpecStrategy
 
 __all__ = [
@@ -57,6 +57,7 @@ __all__ = [
     "StrategyName",
     "TimeoutsConfig",
     "TrainConfig",
+    "TrainingBounds",
     "apply_overrides",
     "config_digest",
     "default_federation",

@@ -65,7 +65,7 @@ SITES = 6  # enrolled; the module's fixture runs five, a sixth starts with its o
 FED = FederationConfig.model_validate({
     "run_id": RUN, "rounds": 100, "min_clients": 2,
     "data": {"dataset": "synthetic", "synthetic_samples": 320, "partition": {"scheme": "iid"}},
-    "model": {"width": 8}, "train": {"augment": False},
+    "model": {"width": 8},
     "secagg": {"mode": "sparse", "shares": 3, "threshold": 2},
     "timeouts": {"heartbeat_interval": 1, "heartbeat_timeout": 120, "secagg_stage": 30},
 })
