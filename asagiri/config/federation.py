@@ -107,7 +107,9 @@ class TrainConfig(_Strict):
     this L2 norm before it leaves the site, so no one site's data moves the model by more; with
     secure aggregation off the coordinator also refuses an update above it (per sample).  It
     bounds honest sites only: under secure aggregation nothing can check a malicious site's
-    (docs/threat-model.md, "Poisoning").  None: no bound (DP-SGD bounds each example instead)."""
+    (docs/threat-model.md, "Poisoning").  None: no bound from the run (DP-SGD bounds each example
+    instead); each site still applies its own ceiling, ``policy.bounds.max_update_norm``, and
+    refuses settings outside its ``policy.bounds`` (``config/site.py``)."""
 
     local_epochs: int = Field(1, ge=1, le=1000)
     batch_size: int = Field(64, ge=1)
