@@ -26,6 +26,12 @@ class Rule(enum.StrEnum):
     MAX_DELTA = "max_delta"
     SPEC = "spec"  # the run's spec is malformed
     SETUP = "setup"  # the spec is well formed, but the run cannot be set up here (data, model)
+    SPEC_CHANGED = "spec_changed"  # another spec (or site layout) than the one this run_id was joined with
+    # the run's training settings against the site's bounds (``policy.bounds``)
+    MODEL = "model"  # model name, normalisation or width
+    TRAIN_BOUNDS = "train_bounds"  # lr, local epochs, batch size, optimiser, momentum, weight decay, augmentation
+    SECAGG_BOUNDS = "secagg_bounds"  # ring bits, clip, max_samples_per_site
+    DP_BOUNDS = "dp_bounds"  # DP-SGD's per-example clip, a fixed noise multiplier
     # the size of what is summed and shared
     MIN_PARTICIPANTS = "min_participants"
     MIN_GROUP = "min_group"

@@ -77,9 +77,12 @@ def _merged(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 def pinned_site_settings(cfg: FederationConfig, site: int | None = None) -> dict[str, Any]:
     """What a demo site's config adds: every site's identity key pinned (as a real deployment
     exchanges them out of band), its simulated share of the federation's one file (``site``'s
-    place in the roster, of as many shares as sites), and, for a run with secure aggregation off,
-    a policy that lets the site send its update in the clear (the default refuses to)."""
-    out: dict[str, Any] = {"peers": {entry.id: entry.public_key for entry in cfg.sites}}
+    place in the roster, of as many shares as sites), a training seed (``train_seed``: the demo
+    lays out every site, so it makes the run reproducible from ``selection.seed``, as recorded
+    results need; a deployed site draws its own), and, for a run with secure aggregation off, a
+    policy that lets the site send its update in the clear (the default refuses to)."""
+    out: dict[str, Any] = {"peers": {entry.id: entry.public_key for entry in cfg.sites},
+                           "train_seed": cfg.selection.seed % (1 << 62)}
     if site is not None:
         out["simulation"] = {"share": cfg.site_index(site), "shares": len(cfg.sites)}
     if cfg.data.path is not None:  # the file the federation's data config names, for every site

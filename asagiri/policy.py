@@ -11,6 +11,10 @@ Rules (:class:`~asagiri.causes.Rule`; ``docs/secagg.md``, "Site policy"), named 
 
 - ``run_id``, ``require_secagg``, ``pinned_peers``, ``require_dp``, ``max_epsilon``, ``max_delta``:
   the run as a whole (checked on ``Welcome``);
+- ``model``, ``train_bounds``, ``secagg_bounds``, ``dp_bounds``: the run's training settings
+  against the site's ``policy.bounds`` (checked on ``Welcome``, after the spec validates);
+- ``spec_changed``: a Welcome whose spec (or site layout) differs from the one this site joined
+  the same ``run_id`` with, across restarts (:class:`JoinedRuns`);
 - ``min_participants``, ``min_group``, ``min_threshold``: the size of what is summed and shared
   (``colluders`` raises each);
 - ``round_params``: a plan, graph, threshold, PRG or vector length other than the one the site
@@ -30,6 +34,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from pydantic import ValidationError
@@ -37,20 +42,54 @@ from pydantic import ValidationError
 from .causes import Rule
 from .config import PolicyConfig, RunSpec
 from .errors import Refusal
+from .secagg.binding import spec_digest
 from .secagg.rules import quorum
 from .wire.crypto import PublicIdentity
 
-__all__ = ["Refusal", "SitePolicy"]
+__all__ = ["JoinedRun", "JoinedRuns", "Refusal", "SitePolicy"]
 
 log = logging.getLogger(__name__)
 
 
-class SitePolicy:
-    """A site's policy (``policy:`` in site.yaml) and its pinned peers, applied to what arrives."""
+@dataclass(frozen=True)
+class JoinedRun:
+    """What a site joined a run with: the digest of its Welcome spec (``secagg.binding.spec_digest``,
+    hex) and, where the caller passed them, the site's place in it."""
 
-    def __init__(self, cfg: PolicyConfig, peers: Mapping[int, PublicIdentity] | None = None) -> None:
+    spec: str
+    num_sites: int | None = None
+    site_index: int | None = None
+
+
+class JoinedRuns:
+    """The run each ``run_id`` was joined with, in memory (a fresh site, a test);
+    ``client.state.PersistentJoinedRuns`` keeps it across restarts."""
+
+    def __init__(self, runs: Mapping[str, JoinedRun] | None = None) -> None:
+        self.runs: dict[str, JoinedRun] = dict(runs or {})
+
+    def get(self, run_id: str) -> JoinedRun | None:
+        return self.runs.get(run_id)
+
+    def record(self, run_id: str, joined: JoinedRun) -> None:
+        """Remember ``joined`` for ``run_id`` (durably, in a subclass) before the site acts on the run."""
+        self.runs[run_id] = joined
+        self.save()
+
+    def save(self) -> None:
+        """Nothing to keep in memory; ``PersistentJoinedRuns`` writes its file."""
+
+
+class SitePolicy:
+    """A site's policy (``policy:`` in site.yaml) and its pinned peers, applied to what arrives.
+    ``joined``: the runs this site has joined (in memory unless the runtime passes its persistent
+    store), against which a changed spec under the same ``run_id`` is refused."""
+
+    def __init__(self, cfg: PolicyConfig, peers: Mapping[int, PublicIdentity] | None = None,
+                 joined: JoinedRuns | None = None) -> None:
         self.cfg = cfg
         self.peers: dict[int, PublicIdentity] = dict(peers or {})
+        self.joined = joined if joined is not None else JoinedRuns()
         self.refusals: Counter[Rule] = Counter()
 
     # -- the one exit ----------------------------------------------------------------------------
@@ -67,8 +106,11 @@ class SitePolicy:
 
     # -- the run ---------------------------------------------------------------------------------
 
-    def check_run(self, run_id: str, spec: Mapping[str, Any]) -> RunSpec:
-        """Validate Welcome's spec whole, then hold it against the policy. Returns it typed."""
+    def check_run(self, run_id: str, spec: Mapping[str, Any], *, num_sites: int | None = None,
+                  site_index: int | None = None) -> RunSpec:
+        """Validate Welcome's spec whole, then hold it against the policy and the bounds, and
+        against the spec (and, when given, the site layout) this ``run_id`` was first joined with.
+        An accepted run is recorded before it is returned. Returns it typed."""
         try:
             parsed = RunSpec.model_validate(spec)
         except ValidationError as exc:
@@ -78,6 +120,7 @@ class SitePolicy:
         p = self.cfg
         if p.run_id is not None:
             self.require(run_id == p.run_id, "run_id", f"run {run_id!r} is not the run {p.run_id!r} this site joins")
+        joined = self._check_same_run(run_id, JoinedRun(spec_digest(spec).hex(), num_sites, site_index))
         if parsed.secagg.enabled:
             self.require(bool(self.peers), "pinned_peers",
                          "the run uses secure aggregation but this site pins no peer keys (`peers` in site.yaml)")
@@ -92,7 +135,67 @@ class SitePolicy:
                          f"the run asks for epsilon {dp.target_epsilon:g}, above this site's {p.max_epsilon:g}")
             self.require(dp.target_delta <= p.max_delta, "max_delta",
                          f"the run asks for delta {dp.target_delta:g}, above this site's {p.max_delta:g}")
+        self.check_bounds(parsed)
+        if joined != self.joined.get(run_id):
+            self.joined.record(run_id, joined)
         return parsed
+
+    def _check_same_run(self, run_id: str, now: JoinedRun) -> JoinedRun:
+        """A run's spec is fixed for its ``run_id``: a new Welcome (a reconnect, a restart) must
+        carry the spec it was joined with, and the same site layout. Returns what to record: the
+        layout filled in where the first Welcome's was not known."""
+        first = self.joined.get(run_id)
+        if first is None:
+            return now
+        self.require(now.spec == first.spec, Rule.SPEC_CHANGED,
+                     f"run {run_id!r} was joined with spec {first.spec[:16]}..., this Welcome carries "
+                     f"{now.spec[:16]}...; a run's spec cannot change")
+        for field in ("num_sites", "site_index"):
+            old, new = getattr(first, field), getattr(now, field)
+            self.require(old is None or new is None or old == new, Rule.SPEC_CHANGED,
+                         f"run {run_id!r} was joined with {field}={old}, this Welcome says {new}")
+        return JoinedRun(first.spec, first.num_sites if now.num_sites is None else now.num_sites,
+                         first.site_index if now.site_index is None else now.site_index)
+
+    def check_bounds(self, s: RunSpec) -> None:
+        """Every training setting the spec chooses, against ``policy.bounds`` (one rule per family)."""
+        b = self.cfg.bounds
+        m, t = s.model, s.train
+        self.require(m.name in b.models, Rule.MODEL, f"model {m.name!r} is not one this site trains {b.models}")
+        self.require(m.norm in b.norms, Rule.MODEL, f"normalisation {m.norm!r} is not one of this site's {b.norms}")
+        self.require(b.min_width <= m.width <= b.max_width, Rule.MODEL,
+                     f"model width {m.width} outside this site's {b.min_width}..{b.max_width}")
+        self.require(b.min_lr <= t.lr <= b.max_lr, Rule.TRAIN_BOUNDS,
+                     f"learning rate {t.lr:g} outside this site's {b.min_lr:g}..{b.max_lr:g}")
+        self.require(t.local_epochs <= b.max_local_epochs, Rule.TRAIN_BOUNDS,
+                     f"{t.local_epochs} local epochs, more than this site's {b.max_local_epochs}")
+        self.require(b.min_batch_size <= t.batch_size <= b.max_batch_size, Rule.TRAIN_BOUNDS,
+                     f"batch size {t.batch_size} outside this site's {b.min_batch_size}..{b.max_batch_size}")
+        self.require(t.optimizer in b.optimizers, Rule.TRAIN_BOUNDS,
+                     f"optimiser {t.optimizer!r} is not one of this site's {b.optimizers}")
+        if t.optimizer == "sgd":  # Adam takes no momentum
+            self.require(t.momentum <= b.max_momentum, Rule.TRAIN_BOUNDS,
+                         f"momentum {t.momentum:g}, above this site's {b.max_momentum:g}")
+        self.require(t.weight_decay <= b.max_weight_decay, Rule.TRAIN_BOUNDS,
+                     f"weight decay {t.weight_decay:g}, above this site's {b.max_weight_decay:g}")
+        needs_augment = b.require_augment == "always" or (b.require_augment == "without_dp" and not s.dp.enabled)
+        self.require(t.augment or not needs_augment, Rule.TRAIN_BOUNDS,
+                     f"augmentation off; this site requires it ({b.require_augment})")
+        if s.secagg.enabled:
+            q = s.secagg
+            self.require(q.bits in b.secagg_bits, Rule.SECAGG_BOUNDS,
+                         f"a {q.bits}-bit ring; this site allows {b.secagg_bits}")
+            self.require(q.clip >= b.min_clip, Rule.SECAGG_BOUNDS, f"clip {q.clip:g}, below this site's {b.min_clip:g}")
+            self.require(q.max_samples_per_site >= b.min_max_samples_per_site, Rule.SECAGG_BOUNDS,
+                         f"max_samples_per_site {q.max_samples_per_site}, below this site's "
+                         f"{b.min_max_samples_per_site}")
+        if s.dp.enabled:
+            d = s.dp
+            self.require(b.min_grad_norm <= d.max_grad_norm <= b.max_grad_norm, Rule.DP_BOUNDS,
+                         f"DP-SGD clip {d.max_grad_norm:g} outside this site's {b.min_grad_norm:g}..{b.max_grad_norm:g}")
+            self.require(d.noise_multiplier == "auto" or float(d.noise_multiplier) >= b.min_noise_multiplier,
+                         Rule.DP_BOUNDS, f"noise multiplier {d.noise_multiplier}, below this site's "
+                         f"{b.min_noise_multiplier:g}")
 
     # -- one round -------------------------------------------------------------------------------
 

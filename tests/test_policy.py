@@ -3,13 +3,15 @@
 import dataclasses
 import json
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from asagiri.client.state import PersistentReplayGuard, StateError
+from asagiri.client.state import PersistentJoinedRuns, PersistentReplayGuard, StateError
 from asagiri.config import FederationConfig, PolicyConfig, RunSpec, SecAggConfig, SiteConfig
 from asagiri.policy import Refusal, SitePolicy
+from asagiri.recipes import load_recipe
 from asagiri.secagg.binding import RoundParams, canonical, params_digest, spec_digest
 from asagiri.secagg.inmemory import LocalRound
 from asagiri.secagg.quantize import QuantPlan
@@ -178,3 +180,164 @@ def test_evaluation_results_carry_epsilon_and_sigma_only_if_the_policy_says_so(t
     told = worker.evaluate(EvaluateIns(1, params, "val"), report_privacy=True)
     assert "noise_multiplier" not in quiet.metrics and "epsilon" not in quiet.metrics
     assert told.metrics["noise_multiplier"] > 0 and "epsilon" in told.metrics
+
+
+# ---- the site's bounds on training (policy.bounds) ---------------------------------------------
+
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yaml"))
+
+
+def test_the_default_bounds_accept_the_default_run_and_every_shipped_recipe():
+    assert RECIPES
+    runs = {"defaults": FederationConfig()}
+    for path in RECIPES:
+        recipe = load_recipe(path)
+        runs[path.name] = FederationConfig.model_validate({**recipe.settings, "rounds": recipe.rounds})
+    for name, fed in runs.items():
+        policy = SitePolicy(PolicyConfig(), {1: KEY})
+        assert policy.check_run("r", RunSpec.of(fed).wire()) == RunSpec.of(fed), name
+        assert not policy.refusals, name
+
+
+@pytest.mark.parametrize("bounds, sections, rule", [
+    ({"models": ["small_cnn"]}, {"model": {"name": "resnet18"}}, "model"),
+    ({"norms": ["group"]}, {}, "model"),
+    ({}, {"model": {"width": 256}}, "model"),
+    ({"min_width": 16}, {"model": {"width": 8}}, "model"),
+    ({}, {"train": {"lr": 50.0}}, "train_bounds"),
+    ({}, {"train": {"lr": 1e-7}}, "train_bounds"),
+    ({}, {"train": {"local_epochs": 20}}, "train_bounds"),
+    ({}, {"train": {"batch_size": 1}}, "train_bounds"),
+    ({}, {"train": {"batch_size": 100_000}}, "train_bounds"),  # full batch: deterministic training
+    ({"optimizers": ["sgd"]}, {}, "train_bounds"),
+    ({}, {"train": {"optimizer": "sgd", "momentum": 0.99}}, "train_bounds"),
+    ({}, {"train": {"weight_decay": 1.0}}, "train_bounds"),
+    ({}, {"train": {"augment": False}}, "train_bounds"),
+    ({"require_augment": "always"}, {"train": {"augment": False}, "dp": {"enabled": True}}, "train_bounds"),
+    ({"secagg_bits": [32]}, {"secagg": {"bits": 64}}, "secagg_bounds"),
+    ({}, {"secagg": {"clip": 0.01}}, "secagg_bounds"),
+    ({}, {"secagg": {"max_samples_per_site": 1}}, "secagg_bounds"),
+    ({}, {"dp": {"enabled": True, "max_grad_norm": 100.0}}, "dp_bounds"),
+    ({}, {"dp": {"enabled": True, "max_grad_norm": 1e-4}}, "dp_bounds"),
+    ({}, {"dp": {"enabled": True, "noise_multiplier": 0.1}}, "dp_bounds"),
+])
+def test_a_training_setting_outside_the_bounds_is_refused_with_its_rule(bounds, sections, rule):
+    policy = SitePolicy(PolicyConfig(bounds=bounds), {1: KEY})
+    with pytest.raises(Refusal) as info:
+        policy.check_run("r", spec(**sections))
+    assert info.value.rule == rule and policy.refusals == {rule: 1}
+    assert not policy.joined.runs  # a refused run is not recorded as joined
+
+
+@pytest.mark.parametrize("sections", [
+    {"train": {"augment": False}, "dp": {"enabled": True}},  # DP-SGD randomises training itself
+    {"train": {"optimizer": "adam", "momentum": 0.99}},  # Adam takes no momentum
+    {"secagg": {"enabled": False, "bits": 64, "clip": 0.01}},  # no ring, nothing to bound
+    {"dp": {"enabled": True, "noise_multiplier": 0.8, "max_grad_norm": 0.1}},
+    {"train": {"lr": 1.0, "local_epochs": 5, "batch_size": 16, "weight_decay": 0.01}},  # the edges are inside
+])
+def test_settings_within_the_bounds_are_accepted(sections):
+    check(PolicyConfig(require_secagg=False), **sections)
+
+
+def test_bounds_whose_range_is_empty_are_a_config_error():
+    with pytest.raises(ValueError, match="min_lr"):
+        PolicyConfig(bounds={"min_lr": 0.5, "max_lr": 0.1})
+    with pytest.raises(ValueError):
+        PolicyConfig(bounds={"models": []})
+
+
+# ---- a run's spec is fixed for its run_id -------------------------------------------------------
+
+
+def test_a_changed_spec_under_the_same_run_id_is_refused_also_after_a_restart(tmp_path):
+    path = tmp_path / "state" / "run_specs.json"
+    policy = SitePolicy(PolicyConfig(), {1: KEY}, PersistentJoinedRuns(path))
+    policy.check_run("r", spec(), num_sites=4, site_index=1)
+    policy.check_run("r", spec(), num_sites=4, site_index=1)  # a reconnect: the same Welcome again
+    policy.check_run("other", spec(train={"lr": 0.01}))  # another run may have another spec
+    with pytest.raises(Refusal, match="^spec_changed: "):
+        policy.check_run("r", spec(train={"lr": 0.01}), num_sites=4, site_index=1)
+    restarted = SitePolicy(PolicyConfig(), {1: KEY}, PersistentJoinedRuns(path))  # what a restarted site loads
+    restarted.check_run("r", spec(), num_sites=4, site_index=1)
+    for changed, layout in [(spec(train={"lr": 0.01}), {}), (spec(), {"num_sites": 3, "site_index": 1}),
+                            (spec(), {"num_sites": 4, "site_index": 2})]:
+        with pytest.raises(Refusal, match="^spec_changed: "):
+            restarted.check_run("r", changed, **layout)
+    assert restarted.refusals == {"spec_changed": 3}
+    restarted.check_run("r", spec())  # no layout given: the spec alone is held to
+
+
+def test_the_first_layout_given_is_kept_and_an_in_memory_policy_holds_the_spec_too():
+    policy = SitePolicy(PolicyConfig(), {1: KEY})
+    policy.check_run("r", spec())
+    policy.check_run("r", spec(), num_sites=4, site_index=0)
+    assert policy.joined.get("r").num_sites == 4
+    with pytest.raises(Refusal, match="^spec_changed: "):
+        policy.check_run("r", spec(), num_sites=5, site_index=0)
+    with pytest.raises(Refusal, match="^spec_changed: "):
+        policy.check_run("r", spec(model={"width": 16}))
+
+
+@pytest.mark.parametrize("damage", [
+    "{not json", "[]", json.dumps({"r": {"spec": "ab", "num_sites": None, "site_index": None}}),
+    json.dumps({"r": {"spec": "0" * 64, "num_sites": "4", "site_index": None}}),
+    json.dumps({"r": {"spec": "0" * 64}}),
+])
+def test_a_damaged_record_of_joined_runs_stops_the_site(tmp_path, damage):
+    path = tmp_path / "run_specs.json"
+    path.write_text(damage)
+    with pytest.raises(StateError, match="unreadable record of joined runs"):
+        PersistentJoinedRuns(path)
+
+
+# ---- what the site applies itself: the update ceiling and its own training seed -----------------
+
+
+def site_worker(tmp_path, *, ceiling=100.0, train_seed=None, max_update_norm=None):
+    from asagiri.site import SiteWorker
+    from asagiri.wire.messages import Welcome
+
+    key = Identity.generate()
+    key.save(tmp_path / "k.key")
+    cfg = SiteConfig(site_id=1, identity_key=tmp_path / "k.key", state_dir=tmp_path / "state",
+                     coordinator={"public_key": key.public.hex()}, peers={1: key.public.hex()},
+                     policy={"bounds": {"max_update_norm": ceiling}}, train_seed=train_seed)
+    fed = FederationConfig.model_validate({
+        "model": {"width": 8, "norm": "group"}, "train": {"batch_size": 16, "max_update_norm": max_update_norm},
+        "data": {"dataset": "synthetic", "synthetic_samples": 64, "partition": {"scheme": "iid"}},
+    })
+    run = RunSpec.of(fed)
+    worker = SiteWorker(cfg, Welcome("r", 0, 1, run.wire()), run)
+    params = {k: v.detach().numpy().copy() for k, v in worker.model.state_dict().items() if k in worker.shared}
+    return worker, params
+
+
+def test_the_site_applies_its_update_ceiling_even_when_the_spec_sets_none(tmp_path):
+    from asagiri.params import update_norm
+
+    free, params = site_worker(tmp_path / "a", train_seed=1)
+    delta, _ = free.train(FitIns(1, 1, params, {"mu": 0.0, "seed": 0}))
+    norm = update_norm(delta)
+    assert 0 < norm < 100.0  # the default ceiling does not bind an ordinary round
+    for ceiling, asked in [(norm / 10, None), (norm / 10, norm / 2), (norm / 2, norm / 10)]:
+        worker, _ = site_worker(tmp_path / f"{ceiling}-{asked}", ceiling=ceiling, train_seed=1, max_update_norm=asked)
+        assert worker.update_bound == min(ceiling, asked or ceiling)
+        bounded, _ = worker.train(FitIns(1, 1, params, {"mu": 0.0, "seed": 0}))
+        assert update_norm(bounded) == pytest.approx(min(ceiling, asked or ceiling), rel=1e-4)
+
+
+def test_the_coordinators_seed_does_not_choose_the_sites_training(tmp_path):
+    worker, params = site_worker(tmp_path / "fixed", train_seed=7)
+    one, _ = worker.train(FitIns(1, 1, params, {"mu": 0.0, "seed": 1}))
+    two, _ = worker.train(FitIns(1, 1, params, {"mu": 0.0, "seed": 2**62}))
+    assert all(np.array_equal(one[k], two[k]) for k in one)  # the site's seed, not the coordinator's
+    other, _ = site_worker(tmp_path / "other", train_seed=8)
+    three, _ = other.train(FitIns(1, 1, params, {"mu": 0.0, "seed": 1}))
+    assert not all(np.array_equal(one[k], three[k]) for k in one)  # the coordinator's seed alone is not it
+    fresh, _ = site_worker(tmp_path / "fresh")  # no train_seed: the OS draws one every round
+    ins = FitIns(1, 1, params, {"mu": 0.0, "seed": 1})
+    assert len({fresh.round_seed(ins) for _ in range(4)}) == 4
+    assert worker.round_seed(ins) == worker.round_seed(FitIns(1, 1, params, {"seed": 5})) != worker.round_seed(
+        FitIns(2, 1, params, {}))

@@ -33,7 +33,7 @@ from ..wire.errors import ConnectionLost, RemoteProtocolError
 from .machine import SiteMachine
 from .progress import TrainingProgress
 from .session import Kept, Session
-from .state import PersistentReplayGuard
+from .state import PersistentJoinedRuns, PersistentReplayGuard
 
 __all__ = ["Site", "SiteWorker", "run_client"]  # SiteWorker re-exported from asagiri.site
 
@@ -51,7 +51,7 @@ class Site:
         self.identity = Identity.load(cfg.identity_key)
         self.coordinator = PublicIdentity.from_hex(cfg.coordinator.public_key)
         peers = {int(k): PublicIdentity.from_hex(v) for k, v in (cfg.peers or {}).items()}
-        policy = SitePolicy(cfg.policy, peers)
+        policy = SitePolicy(cfg.policy, peers, PersistentJoinedRuns(cfg.state_dir / "run_specs.json"))
         receipts = SignedLog(cfg.state_dir / "receipts.jsonl", self.identity, domain=RECEIPT_DOMAIN)
         witness = RoundWitness(receipts, self.coordinator, cfg.site_id, policy)
         machine = SiteMachine(site_id=cfg.site_id, identity=self.identity, policy=policy,

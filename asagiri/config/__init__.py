@@ -30,7 +30,15 @@ from .federation import (
     TrainConfig,
 )
 from .loading import apply_overrides, config_digest, default_federation, load_federation, load_site
-from .site import AccelConfig, CoordinatorAddress, PolicyConfig, ReconnectConfig, SimulationConfig, SiteConfig
+from .site import (
+    AccelConfig,
+    CoordinatorAddress,
+    PolicyConfig,
+    ReconnectConfig,
+    SimulationConfig,
+    SiteConfig,
+    TrainingBounds,
+)
 from .spec import RunSpec, SpecStrategy
 
 __all__ = [
@@ -58,6 +66,7 @@ __all__ = [
     "StrategyName",
     "TimeoutsConfig",
     "TrainConfig",
+    "TrainingBounds",
     "apply_overrides",
     "config_digest",
     "default_federation",

@@ -16,6 +16,8 @@ __all__ = [
     "ListenConfig",
     "ModelConfig",
     "ModelName",
+    "NormName",
+    "OptimizerName",
     "PartitionConfig",
     "PrgName",
     "SecAggConfig",
@@ -71,11 +73,13 @@ class SelectionConfig(_Strict):
 
 # scatter_linear: a linear model on fixed ScatterNet features, the DP-SGD choice (docs/privacy.md)
 ModelName = Literal["small_cnn", "resnet18", "scatter_linear"]
+NormName = Literal["batch", "group"]
+OptimizerName = Literal["adam", "sgd"]
 
 
 class ModelConfig(_Strict):
     name: ModelName = "small_cnn"
-    norm: Literal["batch", "group"] = "batch"
+    norm: NormName = "batch"
     width: int = Field(32, ge=4, le=512)
     # GroupNorm groups (capped at the channel count): 32, as Opacus uses when it converts BatchNorm.
     # On the label-skew split, FedAvg with GroupNorm scored 0.917 test AUC over three seeds with 32
@@ -103,12 +107,14 @@ class TrainConfig(_Strict):
     this L2 norm before it leaves the site, so no one site's data moves the model by more; with
     secure aggregation off the coordinator also refuses an update above it (per sample).  It
     bounds honest sites only: under secure aggregation nothing can check a malicious site's
-    (docs/threat-model.md, "Poisoning").  None: no bound (DP-SGD bounds each example instead)."""
+    (docs/threat-model.md, "Poisoning").  None: no bound from the run (DP-SGD bounds each example
+    instead); each site still applies its own ceiling, ``policy.bounds.max_update_norm``, and
+    refuses settings outside its ``policy.bounds`` (``config/site.py``)."""
 
     local_epochs: int = Field(1, ge=1, le=1000)
     batch_size: int = Field(64, ge=1)
     lr: float = Field(1e-3, gt=0)
-    optimizer: Literal["adam", "sgd"] = "adam"
+    optimizer: OptimizerName = "adam"
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     augment: bool = True

@@ -8,9 +8,65 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from .base import _Strict
-from .federation import SiteEntry
+from .federation import ModelName, NormName, OptimizerName, SiteEntry
 
-__all__ = ["AccelConfig", "CoordinatorAddress", "PolicyConfig", "ReconnectConfig", "SimulationConfig", "SiteConfig"]
+__all__ = ["AccelConfig", "CoordinatorAddress", "PolicyConfig", "ReconnectConfig", "SimulationConfig", "SiteConfig",
+           "TrainingBounds"]
+
+
+class TrainingBounds(_Strict):
+    """``policy.bounds``: the range of every training setting a run's spec may choose, held by the
+    site (docs/secagg.md, "Site policy"; each family refused under its own rule).  A coordinator
+    that chooses them freely can make one site's update readable out of a secure sum (a huge
+    learning rate or many epochs so that update dwarfs the others; a full or tiny batch with no
+    augmentation so that training is deterministic and the update is a gradient to invert; a
+    fine fixed-point ring so the sum is exact).  The defaults admit every shipped recipe.
+
+    ``model`` rule: ``models``, ``norms``, ``min_width``..``max_width``.
+    ``train_bounds`` rule: ``min_lr``..``max_lr``, ``max_local_epochs``,
+    ``min_batch_size``..``max_batch_size``, ``optimizers``, ``max_momentum``,
+    ``max_weight_decay``, ``require_augment`` (``without_dp``: a run without DP-SGD must augment;
+    DP-SGD's Poisson sampling and noise randomise training on their own).
+    ``max_update_norm``: not a refusal; the site scales every update it sends down to this L2
+    norm, or to the spec's ``train.max_update_norm`` if smaller, even when the spec sets none.
+    ``secagg_bounds`` rule: ``secagg_bits``, ``min_clip``, ``min_max_samples_per_site``.
+    ``dp_bounds`` rule: ``min_grad_norm``..``max_grad_norm`` (DP-SGD's per-example clip) and
+    ``min_noise_multiplier`` (when the spec gives a number rather than ``auto``).
+    """
+
+    # model
+    models: tuple[ModelName, ...] = Field(("small_cnn", "resnet18", "scatter_linear"), min_length=1)
+    norms: tuple[NormName, ...] = Field(("batch", "group"), min_length=1)
+    min_width: int = Field(4, ge=1)
+    max_width: int = Field(128, ge=1)
+    # train_bounds
+    min_lr: float = Field(1e-5, gt=0)
+    max_lr: float = Field(1.0, gt=0)
+    max_local_epochs: int = Field(5, ge=1)
+    min_batch_size: int = Field(16, ge=1)
+    max_batch_size: int = Field(512, ge=1)
+    optimizers: tuple[OptimizerName, ...] = Field(("adam", "sgd"), min_length=1)
+    max_momentum: float = Field(0.95, ge=0, lt=1)
+    max_weight_decay: float = Field(0.01, ge=0)
+    require_augment: Literal["always", "without_dp", "never"] = "without_dp"
+    # applied, never refused
+    max_update_norm: float = Field(100.0, gt=0)
+    # secagg_bounds
+    secagg_bits: tuple[Literal[32, 64], ...] = Field((32, 64), min_length=1)
+    min_clip: float = Field(1.0, gt=0)
+    min_max_samples_per_site: int = Field(1000, ge=1)
+    # dp_bounds
+    min_grad_norm: float = Field(0.01, gt=0)
+    max_grad_norm: float = Field(10.0, gt=0)
+    min_noise_multiplier: float = Field(0.5, ge=0)
+
+    @model_validator(mode="after")
+    def _ranges(self) -> TrainingBounds:
+        for lo, hi in (("min_width", "max_width"), ("min_lr", "max_lr"), ("min_batch_size", "max_batch_size"),
+                       ("min_grad_norm", "max_grad_norm")):
+            if getattr(self, lo) > getattr(self, hi):
+                raise ValueError(f"{lo}={getattr(self, lo)} is above {hi}={getattr(self, hi)}")
+        return self
 
 
 class PolicyConfig(_Strict):
@@ -28,7 +84,10 @@ class PolicyConfig(_Strict):
     and this site's masking component must keep ``min_participants`` members whichever
     ``colluders`` of its other members are removed (docs/secagg.md, "What is guaranteed").
     ``report_privacy``: send epsilon and sigma with evaluation results.  ``equal_weight``: count
-    as one sample in every sum, so the site's sample count never leaves it.
+    as one sample in every sum, so the site's sample count never leaves it.  ``bounds``: the
+    range of every training setting a run may choose (:class:`TrainingBounds`).  A run's spec
+    is fixed for its ``run_id``: a Welcome with another spec under the same ``run_id`` is refused
+    (``spec_changed``), across restarts (``state_dir/run_specs.json``).
     """
 
     require_secagg: bool = True
@@ -50,6 +109,7 @@ class PolicyConfig(_Strict):
     max_epsilon: float = Field(8.0, gt=0)
     max_delta: float = Field(1e-5, gt=0, lt=1)
     run_id: str | None = Field(None, min_length=1, max_length=128)
+    bounds: TrainingBounds = TrainingBounds()
 
 
 class CoordinatorAddress(_Strict):
@@ -130,6 +190,11 @@ class SiteConfig(_Strict):
     # the site with an error naming the file, unless skip_unreadable_images leaves it out (counted).
     decode_workers: int | None = Field(None, ge=1, le=64)
     skip_unreadable_images: bool = False
+    # The seed of this site's training randomness (batch order, augmentation, DP-SGD's sampling
+    # and noise), drawn by the site, never taken from the coordinator. None: a fresh one from
+    # the OS every round. A number makes a simulation reproducible (the demo's site configs set
+    # one); a deployed site should leave it None.
+    train_seed: int | None = Field(None, ge=0, lt=1 << 62)
 
     @field_validator("peers")
     @classmethod

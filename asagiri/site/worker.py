@@ -7,6 +7,7 @@ in ``client/session.py`` hands it the coordinator's requests and sends back what
 from __future__ import annotations
 
 import logging
+import secrets
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -53,6 +54,9 @@ class SiteWorker:
         self.strategy_cfg = spec.strategy
         self.data_cfg = spec.data
         self.spec = welcome.spec
+        # What leaves the site is never longer than the site's own ceiling, whatever the spec says.
+        self.update_bound = update_ceiling(spec.train.max_update_norm, cfg.policy.bounds.max_update_norm)
+        self.train_seed = cfg.train_seed  # None: a fresh seed from the OS each round
         self.device = _pick_device(cfg.device)
         part = self.data_cfg.partition
         # The site's data is its own: all of it, or (a simulation) the share its own config names.
@@ -148,15 +152,27 @@ class SiteWorker:
         result = self._train_private(ins, on_step) if self.ledger is not None else self._train_plain(ins, on_step)
         state = self.model.state_dict()
         delta = {k: state[k].detach().cpu().numpy().astype(np.float32) - ins.params[k] for k in ins.params}
-        return bound_norm(delta, self.train_cfg.max_update_norm), result
+        return bound_norm(delta, self.update_bound), result
+
+    def round_seed(self, ins: FitIns) -> int:
+        """The seed of this round's training (batch order, augmentation, DP-SGD's sampling), drawn
+        by the site: FitIns.config's ``seed`` is the coordinator's and is ignored, so it can
+        neither make two rounds train alike nor know the randomness it would have to subtract.
+        With ``train_seed`` set (a simulation) it is derived from it, the round and the attempt,
+        as the demo's coordinator derived its own from ``selection.seed`` (recorded runs replay)."""
+        if self.train_seed is None:
+            return secrets.randbits(63)
+        return (self.train_seed * 1_000_003 + ins.round * 101 + ins.attempt) % (1 << 63)
 
     def _train_plain(self, ins: FitIns, on_step: OnStep | None) -> TrainResult:
-        mu, seed = _fit_config(ins)
+        mu, seed = _fit_config(ins), self.round_seed(ins)
         t = self.train_cfg
+        # FedProx pulls the shared parameters only: FedBN's local layers are the site's own
+        anchor = {k: torch.from_numpy(ins.params[k]).to(self.device) for k in ins.params} if mu > 0 else None
         return train_local(
             self.model, self.data.train, epochs=t.local_epochs, batch_size=t.batch_size, lr=t.lr,
             optimizer=t.optimizer, momentum=t.momentum, weight_decay=t.weight_decay,
-            mu=mu, augment=t.augment, seed=seed,
+            mu=mu, anchor=anchor, augment=t.augment, seed=seed,
             device=self.device, task=self.data.task, on_step=on_step, accel=self.accel,
         )
 
@@ -167,7 +183,7 @@ class SiteWorker:
         from ..privacy.engine import train_dp
 
         t = self.train_cfg
-        mu, seed = _fit_config(ins)
+        mu, seed = _fit_config(ins), self.round_seed(ins)
         anchor = {k: torch.from_numpy(ins.params[k]).to(self.device) for k in ins.params} if mu > 0 else None
         r = train_dp(
             self.model, self.data.train, epochs=t.local_epochs, expected_batch=t.batch_size, lr=t.lr,
@@ -206,6 +222,12 @@ class SiteWorker:
         return EvaluateRes(ins.round, ins.split, res.num_examples, metrics, predictions)
 
 
+def update_ceiling(asked: float | None, ceiling: float) -> float:
+    """The norm a site scales its update to: the spec's ``train.max_update_norm`` or the site's
+    ``policy.bounds.max_update_norm``, whichever is smaller (the site's when the spec sets none)."""
+    return ceiling if asked is None else min(asked, ceiling)
+
+
 def bound_norm(delta: dict[str, np.ndarray], bound: float | None) -> dict[str, np.ndarray]:
     """``delta`` scaled down, as one vector, to L2 norm ``bound`` if it is longer (None: as is)."""
     if bound is None:
@@ -213,17 +235,19 @@ def bound_norm(delta: dict[str, np.ndarray], bound: float | None) -> dict[str, n
     norm = update_norm(delta)
     if norm <= bound:
         return delta
-    log.info("update norm %.4g scaled down to train.max_update_norm=%g", norm, bound)
+    log.info("update norm %.4g scaled down to %g (the smaller of train.max_update_norm and the site's "
+             "policy.bounds.max_update_norm)", norm, bound)
     scale = np.float32(bound / norm)
     return {k: v * scale for k, v in delta.items()}
 
 
-def _fit_config(ins: FitIns) -> tuple[float, int]:
-    """FitIns.config's proximal weight and seed, checked: anything else is the coordinator's error."""
+def _fit_config(ins: FitIns) -> float:
+    """FitIns.config's proximal weight, checked, and its ``seed`` checked and then ignored (the site
+    draws its own, :meth:`SiteWorker.round_seed`): a malformed value is the coordinator's error."""
     mu, seed = ins.config.get("mu", 0.0), ins.config.get("seed", 0)
     if type(mu) not in (int, float) or not 0 <= mu < float("inf") or type(seed) is not int or not 0 <= seed < 2**63:
         raise UnusableInstruction(f"FitIns config mu={mu!r}, seed={seed!r}: not a proximal weight and a seed")
-    return float(mu), seed
+    return float(mu)
 
 
 def _pick_device(choice: str) -> torch.device:

@@ -234,7 +234,8 @@ REASON = ("str", 4096)
 SPLIT = ("enum", ("val", "test"))
 # §7: the rules a Decline may name; §4: the causes of an aborted round attempt
 RULE = ("enum", ("run_id", "require_secagg", "pinned_peers", "require_dp", "max_epsilon", "max_delta", "spec",
-                 "setup", "min_participants", "min_group", "min_threshold", "min_examples", "round_params", "replay", "quorum",
+                 "setup", "spec_changed", "model", "train_bounds", "secagg_bounds", "dp_bounds", "min_participants",
+                 "min_group", "min_threshold", "min_examples", "round_params", "replay", "quorum",
                  "component", "stage", "signature", "shares", "survivors", "malformed", "record", "privacy_budget"))
 CAUSE = ("enum", ("too_few_sites", "no_quorum", "threshold", "unmask_failed"))
 

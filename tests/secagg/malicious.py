@@ -65,7 +65,7 @@ SITES = 6  # enrolled; the module's fixture runs five, a sixth starts with its o
 FED = FederationConfig.model_validate({
     "run_id": RUN, "rounds": 100, "min_clients": 2,
     "data": {"dataset": "synthetic", "synthetic_samples": 320, "partition": {"scheme": "iid"}},
-    "model": {"width": 8}, "train": {"augment": False},
+    "model": {"width": 8},
     "secagg": {"mode": "sparse", "shares": 3, "threshold": 2},
     "timeouts": {"heartbeat_interval": 1, "heartbeat_timeout": 120, "secagg_stage": 30},
 })
@@ -152,6 +152,7 @@ class Attacker:
             "state_dir": str(self.root / f"site-{site}"), "threads": 1,
             "reconnect": {"initial_s": 0.1, "max_s": 0.3, "give_up_s": 300},
             "simulation": {"share": site - 1, "shares": SITES},
+            "train_seed": 7,  # so that true_update, computed here, trains as the site does
             **extra,
         }
 
