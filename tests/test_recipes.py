@@ -33,9 +33,13 @@ def test_every_recipe_loads_and_validates(tmp_path):
         assert cfg.data.dataset == recipe.settings["data"]["dataset"]
 
 
-def run(tmp_path, name: str, sites: int, overrides: list[str]) -> dict:
+def run(tmp_path, name: str, sites: int, overrides: list[str], min_examples: int | None = None) -> dict:
     recipe = load_recipe(ROOT / "examples" / name)
-    cfg, configs = lay_out(tmp_path / "run", sites=sites, rounds=1, recipe=recipe.settings, overrides=overrides)
+    # the shortened image-folder runs hold a few dozen images a site: their sites allow that
+    extra = None if min_examples is None else {s: {"policy": {"min_examples": min_examples}}
+                                               for s in range(1, sites + 1)}
+    cfg, configs = lay_out(tmp_path / "run", sites=sites, rounds=1, recipe=recipe.settings, overrides=overrides,
+                           site_extra=extra)
     return anyio.run(lambda: run_local(cfg, configs))
 
 
@@ -52,7 +56,8 @@ def test_the_nih_recipe_runs_on_a_chestxray14_folder(tmp_path):
     make_nih(tmp_path / "nih", n=72)
     # shortened: 64 px and a narrow ResNet-18, the rest as the recipe says
     summary = run(tmp_path, "nih-chestxray14-224.yaml", 3,
-                  [f"data.path={tmp_path / 'nih'}", "data.image_size=64", "model.width=8", "train.batch_size=16"])
+                  [f"data.path={tmp_path / 'nih'}", "data.image_size=64", "model.width=8", "train.batch_size=16"],
+                  min_examples=16)
     assert summary["status"] == "completed" and summary["rounds_completed"] == 1
     assert "accuracy" in summary["final"] and len(summary["final"]["site_accuracy"]) == 3
 
@@ -61,7 +66,7 @@ def test_the_isic_recipe_runs_on_an_isic2020_folder(tmp_path):
     make_isic(tmp_path / "isic", n=96)
     summary = run(tmp_path, "isic-2020.yaml", 3,
                   [f"data.path={tmp_path / 'isic'}", "data.image_size=64", "model.width=8", "train.batch_size=16",
-                   "data.partition.scheme=iid"])
+                   "data.partition.scheme=iid"], min_examples=16)
     assert summary["status"] == "completed" and summary["rounds_completed"] == 1
 
 

@@ -12,6 +12,7 @@ from asagiri.config import PolicyConfig, SecAggConfig
 from asagiri.policy import SitePolicy
 from asagiri.secagg.prg import PRGS
 from asagiri.secagg.quantize import dequantize
+from asagiri.secagg.rules import quorum
 from asagiri.secagg.server import ServerStage
 
 from .harness import STAGES, Federation, masked_vectors
@@ -28,8 +29,10 @@ def scenarios(draw):
     threshold = draw(st.integers(group // 2 + 1, group))
     k = draw(st.integers(2, max(2, n // 2)))
     # Dropouts the protocol must tolerate: every group keeps >= threshold members alive at
-    # unmasking, and >= k survive to masked input. Draw a set, then check tolerance.
-    dropped = draw(st.sets(st.sampled_from(range(1, n + 1)), max_size=max(0, min(n - k, group - threshold))))
+    # unmasking, >= k survive to masked input, and the survivor list keeps its quorum (which
+    # counts one colluding signer). Draw a set, then check tolerance.
+    tolerated = min(n - k, group - threshold, n - quorum(n))
+    dropped = draw(st.sets(st.sampled_from(range(1, n + 1)), max_size=max(0, tolerated)))
     at = {s: draw(st.sampled_from(STAGES)) for s in dropped}
     dim = draw(st.integers(1, 40))
     return n, degree, threshold, k, at, dim
