@@ -235,6 +235,15 @@ def _spec(attacker, **sections):
     ({"secagg": {"enabled": False}}, "require_secagg"),
     ({"dp": {"enabled": True, "target_epsilon": 50.0}}, "max_epsilon"),
     ({"dp": {"enabled": True, "target_delta": 0.1}}, "max_delta"),
+    # issue 26, attack 2: the training settings a coordinator used to read one site's update
+    ({"train": {"lr": 50.0}}, "train_bounds"),
+    ({"train": {"local_epochs": 20}}, "train_bounds"),
+    ({"train": {"batch_size": 1}}, "train_bounds"),
+    ({"train": {"optimizer": "sgd", "momentum": 0.99}}, "train_bounds"),
+    ({"train": {"augment": False}}, "train_bounds"),
+    ({"model": {"width": 512}}, "model"),
+    ({"secagg": {"max_samples_per_site": 1}}, "secagg_bounds"),
+    ({"secagg": {"clip": 0.01}}, "secagg_bounds"),
 ])
 def test_a_weaker_run_is_declined_for_good(attacker, sections, rule):
     spec = _spec(attacker, **sections)
@@ -469,3 +478,20 @@ def test_equal_weight_keeps_the_sample_count_out_of_every_sum(attacker):
 
 async def _ids(sessions):
     return sorted(sessions)
+
+
+def test_a_second_welcome_with_another_spec_in_the_same_run_is_declined(attacker):
+    """Issue 26: the sites took seven re-Welcomes in one run. The run's spec is fixed for its
+    run_id: the same site, welcomed again to the same run with a changed (but in-bounds) spec,
+    declines for good, and the first spec still works."""
+    async def joined(sessions):
+        return sorted(sessions)
+
+    async def script(sessions):
+        await sessions[1].conn.send(attacker.fit_ins(next_round()))
+        return await sessions[1].expect()
+
+    assert attacker.case(joined, sites=RUNNING, run="respec-run") == RUNNING  # the first spec, accepted
+    changed = _spec(attacker, train={"lr": 2e-3})
+    reply = attacker.case(script, sites=RUNNING, spec=changed, run="respec-run")
+    assert isinstance(reply, Decline) and reply.permanent and reply.rule == "spec_changed", reply
