@@ -41,6 +41,7 @@ from pydantic import ValidationError
 
 from .causes import Rule
 from .config import PolicyConfig, RunSpec
+from .config.federation import UNAUGMENTABLE
 from .errors import Refusal
 from .secagg.binding import spec_digest
 from .secagg.rules import quorum
@@ -178,7 +179,8 @@ class SitePolicy:
                          f"momentum {t.momentum:g}, above this site's {b.max_momentum:g}")
         self.require(t.weight_decay <= b.max_weight_decay, Rule.TRAIN_BOUNDS,
                      f"weight decay {t.weight_decay:g}, above this site's {b.max_weight_decay:g}")
-        needs_augment = b.require_augment == "always" or (b.require_augment == "without_dp" and not s.dp.enabled)
+        needs_augment = b.require_augment == "always" or (
+            b.require_augment == "without_dp" and not s.dp.enabled and s.model.name not in UNAUGMENTABLE)
         self.require(t.augment or not needs_augment, Rule.TRAIN_BOUNDS,
                      f"augmentation off; this site requires it ({b.require_augment})")
         if s.secagg.enabled:

@@ -100,6 +100,11 @@ class Session:
             raise RemoteProtocolError(f"expected Welcome, got {type(first).__name__}")
         actions = self.machine.welcome(first)
         spec = self.machine.spec
+        known = self.kept.worker
+        if spec is not None and known is not None and known.matches(first):
+            # the model is known already: cap what the coordinator may send before reading more
+            # (a new run's cap comes when its set-up is done; until then the configured one holds)
+            self.conn.limit_payload(min(self.cfg.max_message_bytes, known.shared_bytes + PAYLOAD_MARGIN))
         # Until the run is accepted (and for a run this site refuses): the config's defaults.
         timeouts = TimeoutsConfig()
         interval, idle = (timeouts.heartbeat_interval, timeouts.heartbeat_timeout) if spec is None else \

@@ -77,6 +77,11 @@ NormName = Literal["batch", "group"]
 OptimizerName = Literal["adam", "sgd"]
 
 
+# Models that train on fixed features of the images (ScatterNet coefficients), which cannot be
+# shifted like images: a run of one has augmentation off, and a site's policy does not ask for it.
+UNAUGMENTABLE = frozenset({"scatter_linear"})
+
+
 class ModelConfig(_Strict):
     name: ModelName = "small_cnn"
     norm: NormName = "batch"
@@ -260,7 +265,7 @@ class FederationConfig(_Strict):
         m = self.selection.max_per_round
         if m is not None and m < self.min_clients:
             raise ValueError(f"selection.max_per_round={m} is below min_clients={self.min_clients}")
-        if self.model.name == "scatter_linear" and (self.train.augment or self.dp.augmentation_multiplicity > 1):
+        if self.model.name in UNAUGMENTABLE and (self.train.augment or self.dp.augmentation_multiplicity > 1):
             raise ValueError("model.name=scatter_linear trains on fixed ScatterNet features, which cannot be shifted "
                              "like images: set train.augment=false and dp.augmentation_multiplicity=1")
         if self.chunk_bytes + 64 > self.max_frame_bytes:

@@ -25,7 +25,8 @@ class TrainingBounds(_Strict):
     ``model`` rule: ``models``, ``norms``, ``min_width``..``max_width``.
     ``train_bounds`` rule: ``min_lr``..``max_lr``, ``max_local_epochs``,
     ``min_batch_size``..``max_batch_size``, ``optimizers``, ``max_momentum``,
-    ``max_weight_decay``, ``require_augment`` (``without_dp``: a run without DP-SGD must augment;
+    ``max_weight_decay``, ``require_augment`` (``without_dp``: a run without DP-SGD must augment,
+    unless its model trains on fixed features that cannot be shifted (``scatter_linear``);
     DP-SGD's Poisson sampling and noise randomise training on their own).
     ``max_update_norm``: not a refusal; the site scales every update it sends down to this L2
     norm, or to the spec's ``train.max_update_norm`` if smaller, even when the spec sets none.

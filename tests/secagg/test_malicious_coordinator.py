@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from asagiri.config import RunSpec
+from asagiri.secagg.binding import spec_digest
 from asagiri.secagg.quantize import dequantize
 from asagiri.wire.crypto import EphemeralKey, Identity
 from asagiri.wire.errors import ConnectionLost
@@ -177,7 +178,9 @@ def test_a_different_training_spec_for_one_site(attacker):
         await rnd.roster()
         return rnd
 
-    rnd = attacker.case(script, sites=RUNNING, spec=lambda site: other if site == 3 else attacker.spec)
+    # a run of its own: a run's spec is fixed for its run_id, so RUN's earlier spec would be refused first
+    rnd = attacker.case(script, sites=RUNNING, spec=lambda site: other if site == 3 else attacker.spec,
+                        run="one-site-respec")
     assert set(rnd.declines) == set(DEMO) and {rule_of(r) for r in rnd.declines.values()} == {"signature"}
     assert_not_recovered(attacker, rnd, 1)
 
@@ -226,6 +229,10 @@ def test_the_coordinator_cannot_pick_the_group_or_threshold(attacker):
 # ---- attack 4: downgrade -------------------------------------------------------------------------------
 
 
+def canonical_hash(spec: dict) -> str:
+    return spec_digest(spec).hex()[:12]
+
+
 def _spec(attacker, **sections):
     spec = RunSpec.model_validate(attacker.spec)
     return spec.model_copy(update={k: getattr(spec, k).model_copy(update=v) for k, v in sections.items()}).wire()
@@ -253,7 +260,8 @@ def test_a_weaker_run_is_declined_for_good(attacker, sections, rule):
         await sessions[1].conn.send(fit)
         return await sessions[1].expect(), fit
 
-    reply, fit = attacker.case(script, sites=RUNNING, spec=spec)
+    # a run of its own: under RUN, whose spec the sites hold already, they would refuse the change first
+    reply, fit = attacker.case(script, sites=RUNNING, spec=spec, run=f"weaker-{rule}-{canonical_hash(spec)}")
     assert isinstance(reply, Decline) and reply.permanent and reply.rule == rule
     assert not isinstance(reply, FitRes)
 
@@ -452,7 +460,7 @@ def test_a_spec_the_site_cannot_set_up_is_declined_not_a_crash(attacker):
         await sessions[1].conn.send(attacker.fit_ins(next_round()))
         return await sessions[1].expect()
 
-    reply = attacker.case(script, sites=RUNNING, spec=spec)
+    reply = attacker.case(script, sites=RUNNING, spec=spec, run="cannot-set-up")
     assert isinstance(reply, Decline) and reply.permanent and reply.rule == "setup"
     assert attacker.procs[1].poll() is None
 

@@ -15,11 +15,12 @@ import itertools
 
 import pytest
 
+from asagiri.causes import AbortCause
 from asagiri.observe.audit import check_receipts
 from asagiri.params import params_digest
 from asagiri.signedlog import SignedLog, line_of, read_log
 from asagiri.wire.crypto import Identity
-from asagiri.wire.messages import EvaluateIns, EvaluateRes, RoundRecord
+from asagiri.wire.messages import EvaluateIns, EvaluateRes, RoundAborted, RoundRecord
 
 from .malicious import Attacker, Round, rule_of
 
@@ -56,9 +57,13 @@ class Coordinator:
 
 
 async def evaluated_round(attacker: Attacker, sessions) -> tuple[Round, dict, EvaluateRes]:
-    """One honest secure round, then site 1 evaluates the new global model (the attacker's choice)."""
+    """One honest secure round, then site 1 evaluates the new global model (the attacker's choice).
+    Sites 2 and 3 are bystanders: they are told the attempt aborted, since a site that sent an
+    update takes no later round until it holds that attempt's record or abort."""
     rnd = Round(attacker, sessions, DEMO)
     await rnd.honest()
+    for bystander in (2, 3):
+        await rnd.send(bystander, RoundAborted(rnd.fit.round, rnd.fit.attempt, AbortCause.TOO_FEW_SITES, "test"))
     model = {k: v * 0.5 for k, v in rnd.fit.params.items()}
     await rnd.send(1, EvaluateIns(rnd.fit.round, model, "val"))
     res = await sessions[1].expect(60)
