@@ -220,3 +220,26 @@ def test_a_record_message_never_crashes_the_site(attacker):
     [dispute] = [r for r in read_log(receipts(attacker, 2)) if r.get("run_id") == run]
     assert dispute["kind"] == "round_dispute" and dispute["record"] is None
     assert "nested deeper than 100" in dispute["problem"]
+
+
+def test_a_round_without_its_record_stops_every_site_that_sent_an_update(attacker):
+    """Issue 26, attack 5: the coordinator sums a round, asks no site to evaluate it and never
+    sends its record, so no receipt would hold it. Every site that sent a masked input declines
+    the next round (rule ``record``) until the record comes, and then goes on."""
+    run = f"record-{next(_runs)}"
+
+    async def script(sessions):
+        coordinator = Coordinator(attacker, run)
+        rnd = Round(attacker, sessions, DEMO)
+        await rnd.honest()  # every site's masked input summed; no EvaluateIns, no RoundRecord
+        withheld = await next_round(attacker, sessions)
+        record = coordinator.sign(coordinator.honest(rnd, rnd.fit.params))
+        for site in DEMO:
+            await rnd.send(site, RoundRecord(rnd.fit.round, line_of(record)))
+        resumed = await next_round(attacker, sessions)
+        return withheld, resumed
+
+    withheld, resumed = attacker.case(script, sites=DEMO, run=run)
+    assert {s: rule_of(r) for s, r in withheld.declines.items()} == {s: "record" for s in DEMO}
+    assert withheld.keys == {}  # not one key advertised: nothing of the next round began
+    assert resumed.declines == {} and sorted(resumed.keys) == DEMO  # the control: with the record, on they go
