@@ -205,6 +205,13 @@ class SitePolicy:
         self.require(len(ids) >= self.cfg.min_participants, "min_participants",
                      f"{len(ids)} {what}, fewer than this site's {self.cfg.min_participants}")
 
+    def check_fit_config(self, config: Mapping[str, Any]) -> None:
+        """A FitIns's training config within this site's bounds (FedProx's ``mu``; the ``seed`` is
+        ignored, the site draws its own)."""
+        mu, cap = config.get("mu", 0.0), self.cfg.bounds.max_mu
+        self.require(type(mu) in (int, float) and 0 <= mu <= cap, Rule.TRAIN_BOUNDS,
+                     f"FedProx mu {mu!r}, outside this site's 0..{cap:g}")
+
     def check_examples(self, examples: int) -> None:
         """An update from fewer examples than the floor is too close to the examples themselves."""
         self.require(examples >= self.cfg.min_examples, Rule.MIN_EXAMPLES,

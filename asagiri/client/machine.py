@@ -246,6 +246,7 @@ class SiteMachine:
 
     def _fit(self, msg: FitIns) -> list[Action]:
         try:
+            self.policy.check_fit_config(msg.config)
             self.witness.before_fit(self.run_id, msg.round, msg.attempt)
         except Refusal as exc:
             return self._decline(msg.round, msg.attempt, exc.rule, permanent=self.witness.disputed(self.run_id))

@@ -192,6 +192,9 @@ class Session:
                     worker = self.kept.worker = await self._work(SiteWorker, self.cfg, action.welcome, action.spec)
                 except RemoteProtocolError as exc:  # a spec that validates but cannot be set up here
                     problem = str(exc)
+                except Exception as exc:  # noqa: BLE001 - whatever a spec breaks in set-up, the site declines
+                    log.exception("set-up failed on the run's spec")
+                    problem = f"{type(exc).__name__}: {exc}"
             if worker is not None and problem is None:
                 self.conn.limit_payload(min(self.cfg.max_message_bytes, worker.shared_bytes + PAYLOAD_MARGIN))
                 if action.spec.secagg.enabled:

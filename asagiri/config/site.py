@@ -25,7 +25,7 @@ class TrainingBounds(_Strict):
     ``model`` rule: ``models``, ``norms``, ``min_width``..``max_width``.
     ``train_bounds`` rule: ``min_lr``..``max_lr``, ``max_local_epochs``,
     ``min_batch_size``..``max_batch_size``, ``optimizers``, ``max_momentum``,
-    ``max_weight_decay``, ``require_augment`` (``without_dp``: a run without DP-SGD must augment,
+    ``max_weight_decay``, ``max_mu`` (FedProx's weight in each FitIns), ``require_augment`` (``without_dp``: a run without DP-SGD must augment,
     unless its model trains on fixed features that cannot be shifted (``scatter_linear``);
     DP-SGD's Poisson sampling and noise randomise training on their own).
     ``max_update_norm``: not a refusal; the site scales every update it sends down to this L2
@@ -49,6 +49,9 @@ class TrainingBounds(_Strict):
     optimizers: tuple[OptimizerName, ...] = Field(("adam", "sgd"), min_length=1)
     max_momentum: float = Field(0.95, ge=0, lt=1)
     max_weight_decay: float = Field(0.01, ge=0)
+    # FedProx's proximal weight, as each FitIns carries it: with lr * mu near 1 every local step
+    # restarts from the global model, and the update is close to one minibatch's gradient.
+    max_mu: float = Field(0.1, ge=0)
     require_augment: Literal["always", "without_dp", "never"] = "without_dp"
     # applied, never refused
     max_update_norm: float = Field(100.0, gt=0)

@@ -143,3 +143,12 @@ def test_a_record_before_set_up_or_an_unknown_message_is_a_protocol_error(tmp_pa
     m = joined(tmp_path / "b", secagg=False, require_secagg=False)
     with pytest.raises(RemoteProtocolError):
         m.receive(welcome(secagg=False))
+
+
+def test_a_fedprox_weight_above_the_bound_is_declined(tmp_path):
+    """With lr * mu near 1 each step restarts from the global model: the update is close to one
+    minibatch's gradient. Each FitIns's mu is held to the site's bounds (issue 26, review)."""
+    m = joined(tmp_path, secagg=False, require_secagg=False)
+    assert sent(m.receive(FitIns(1, 1, PARAMS, {"mu": 5.0}))) == [Decline(1, 1, Rule.TRAIN_BOUNDS, False)]
+    ins = FitIns(1, 2, PARAMS, {"mu": 0.01})
+    assert m.receive(ins) == [Train(ins, secure=False)]
