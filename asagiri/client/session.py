@@ -104,7 +104,7 @@ class Session:
         if spec is not None and known is not None and known.matches(first):
             # the model is known already: cap what the coordinator may send before reading more
             # (a new run's cap comes when its set-up is done; until then the configured one holds)
-            self.conn.limit_payload(min(self.cfg.max_message_bytes, known.shared_bytes + PAYLOAD_MARGIN))
+            self._cap_payload(known)
         # Until the run is accepted (and for a run this site refuses): the config's defaults.
         timeouts = TimeoutsConfig()
         interval, idle = (timeouts.heartbeat_interval, timeouts.heartbeat_timeout) if spec is None else \
@@ -180,6 +180,10 @@ class Session:
         elif isinstance(msg, MaskedInput):
             self.faults.reached("masked", msg.round)
 
+    def _cap_payload(self, worker: SiteWorker) -> None:
+        """Nothing the coordinator sends may be larger than the model's shared parameters and a margin."""
+        self.conn.limit_payload(min(self.cfg.max_message_bytes, worker.shared_bytes + PAYLOAD_MARGIN))
+
     async def _build(self, action: SetUp) -> None:
         """Build the site's worker in the training thread while the session goes on: heartbeats and
         the protocol's own steps (key set-up, records) need no data; a training waits for this."""
@@ -196,7 +200,7 @@ class Session:
                     log.exception("set-up failed on the run's spec")
                     problem = f"{type(exc).__name__}: {exc}"
             if worker is not None and problem is None:
-                self.conn.limit_payload(min(self.cfg.max_message_bytes, worker.shared_bytes + PAYLOAD_MARGIN))
+                self._cap_payload(worker)
                 if action.spec.secagg.enabled:
                     await anyio.to_thread.run_sync(warm_kernels, action.spec.secagg.bits)
         finally:
