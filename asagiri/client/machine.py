@@ -132,7 +132,6 @@ class SiteMachine:
         self.spec: RunSpec | None = None
         self.refusal: Refusal | None = None  # set when this site refuses the whole run
         self.secagg: ClientStateMachine | None = None
-        self._ready = False  # the run accepted this session
         self._untrained: tuple[int, int] | None = None  # the round attempt agreed to and not yet trained
         self._latest_fit: tuple[int, int] = (0, 0)  # only the newest accepted FitIns is trained on
         self._latest_binding: tuple[bytes, dict] | None = None  # what the machine bound of it on accepting it
@@ -146,7 +145,7 @@ class SiteMachine:
         """A new session's Welcome: accept the run, or refuse it.  An accepted run is set up in the
         training thread (the pump keeps a worker built for the same run) while the machine goes on:
         the protocol's own steps (key set-up, records) need no data, only training waits for it."""
-        self.run_id, self.refusal, self.spec, self._ready = msg.run_id, None, None, False
+        self.run_id, self.refusal, self.spec = msg.run_id, None, None
         self._started.clear()
         self._held = None
         self._untrained = None
@@ -154,7 +153,6 @@ class SiteMachine:
             self.spec = self.policy.check_run(msg.run_id, msg.spec)
         except Refusal as exc:
             return self._refuse_run(exc)
-        self._ready = True
         self._joined(msg)
         return [SetUp(msg, self.spec)]
 
@@ -175,7 +173,7 @@ class SiteMachine:
     def _joined(self, welcome: Welcome) -> None:
         spec = self.spec
         assert spec is not None
-        log.info("joined run %s as site index %d of %d", welcome.run_id, welcome.site_index, welcome.num_sites)
+        log.info("joined run %s", welcome.run_id)  # Welcome's site_index and num_sites change nothing here
         if not spec.secagg.enabled:
             self.secagg = None
         else:  # one machine per run, kept across sessions: it remembers the rounds it entered
@@ -189,14 +187,14 @@ class SiteMachine:
         self.witness.joined(welcome.run_id)
 
     def _refuse_run(self, exc: Refusal) -> list[Action]:
-        self.refusal, self.spec, self._ready = exc, None, False
+        self.refusal, self.spec = exc, None
         log.error("this site will not take part in run %s: %s", self.run_id, exc)
         return []
 
     @property
     def ready(self) -> bool:
-        """The run is accepted (its set-up may still be running: a training waits for it)."""
-        return self._ready
+        """The run is accepted this session (its set-up may still be running: a training waits for it)."""
+        return self.spec is not None
 
     # -- what the coordinator sends --------------------------------------------------------------
 
@@ -230,7 +228,7 @@ class SiteMachine:
     def _receive_refused(self, msg: Message) -> list[Action]:
         """The run breaks this site's policy: decline every round for good, and do nothing else."""
         if self.refusal is None:
-            raise RemoteProtocolError(f"{type(msg).__name__} before the site set up for the run")
+            raise RemoteProtocolError(f"{type(msg).__name__} before a Welcome")
         if isinstance(msg, FitIns):
             return self._decline(msg.round, msg.attempt, self.refusal.rule, permanent=True)
         if isinstance(msg, (*SECAGG_TO_SITE, RoundAborted, RoundRecord)):
