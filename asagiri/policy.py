@@ -168,8 +168,15 @@ class SitePolicy:
                      f"model width {m.width} outside this site's {b.min_width}..{b.max_width}")
         self.require(b.min_lr <= t.lr <= b.max_lr, Rule.TRAIN_BOUNDS,
                      f"learning rate {t.lr:g} outside this site's {b.min_lr:g}..{b.max_lr:g}")
-        self.require(t.local_epochs <= b.max_local_epochs, Rule.TRAIN_BOUNDS,
-                     f"{t.local_epochs} local epochs, more than this site's {b.max_local_epochs}")
+        if t.local_steps is not None:
+            self.require(t.local_steps <= b.max_local_steps, Rule.TRAIN_BOUNDS,
+                         f"{t.local_steps} local steps, more than this site's {b.max_local_steps}")
+        else:
+            self.require(b.allow_epochs, Rule.TRAIN_BOUNDS,
+                         "local training in epochs: the step count would follow this site's data size "
+                         "(this site trains a fixed train.local_steps; policy.bounds.allow_epochs)")
+            self.require(t.local_epochs is not None and t.local_epochs <= b.max_local_epochs, Rule.TRAIN_BOUNDS,
+                         f"{t.local_epochs} local epochs, more than this site's {b.max_local_epochs}")
         self.require(b.min_batch_size <= t.batch_size <= b.max_batch_size, Rule.TRAIN_BOUNDS,
                      f"batch size {t.batch_size} outside this site's {b.min_batch_size}..{b.max_batch_size}")
         self.require(t.optimizer in b.optimizers, Rule.TRAIN_BOUNDS,
@@ -216,6 +223,13 @@ class SitePolicy:
         """An update from fewer examples than the floor is too close to the examples themselves."""
         self.require(examples >= self.cfg.min_examples, Rule.MIN_EXAMPLES,
                      f"{examples} training examples, fewer than this site's min_examples={self.cfg.min_examples}")
+
+    def count_sent(self, n: int) -> int:
+        """The sample count this site puts in a sum or a validation result for ``n`` examples
+        (``policy.count``): 1, ``n`` rounded down to a power of two, or ``n``."""
+        if self.cfg.count == "exact" or n < 1:
+            return n
+        return 1 if self.cfg.count == "one" else 1 << (n.bit_length() - 1)
 
     def check_pinned(self, ids: list[int] | tuple[int, ...]) -> None:
         unknown = sorted(set(ids) - set(self.peers))

@@ -1,7 +1,7 @@
 """Non-IID learning experiments on the bundled data, through the product's own code path.
 
     python benchmarks/experiments.py --dataset pneumoniamnist --scheme dirichlet --rounds 15 --seeds 0
-    python benchmarks/experiments.py --model scatter_linear --optimizer sgd --lr 0.01 --local-epochs 2 \\
+    python benchmarks/experiments.py --model scatter_linear --optimizer sgd --lr 0.01 --local-steps 40 \\
         --methods fedavg --seeds 0
 
 Federated methods run as a whole federation in one process (``asagiri.local.run_local``): the
@@ -34,7 +34,7 @@ import anyio
 import numpy as np
 import torch
 
-from asagiri.config import ModelConfig
+from asagiri.config import DEFAULT_LOCAL_STEPS, ModelConfig
 from asagiri.data import load_site_data
 from asagiri.data.loaders import Split
 from asagiri.local import lay_out, run_local
@@ -58,7 +58,7 @@ def federation_overrides(method: str, args: argparse.Namespace, seed: int) -> li
         f"data.dataset={args.dataset}", f"data.partition.scheme={args.scheme}", f"data.partition.alpha={args.alpha}",
         f"data.partition.seed={split_seed(args, seed)}", f"selection.seed={seed}",
         f"model.name={args.model}", f"model.norm={args.norm}", f"model.width={args.width}", f"model.groups={args.groups}",
-        f"train.local_epochs={args.local_epochs}", f"train.batch_size={args.batch_size}", f"train.lr={args.lr}",
+        *schedule(args), f"train.batch_size={args.batch_size}", f"train.lr={args.lr}",
         f"train.optimizer={args.optimizer}", f"train.weight_decay={args.weight_decay}",
         f"train.augment={str(augments(args)).lower()}",
         f"strategy.name={strategy}", f"strategy.mu={args.mu if 'fedprox' in method else 0.0}",
@@ -73,12 +73,20 @@ def federation_overrides(method: str, args: argparse.Namespace, seed: int) -> li
     return out
 
 
+def schedule(args: argparse.Namespace) -> list[str]:
+    """The local-training keys: ``--local-epochs`` or ``--local-steps``, else the spec's default."""
+    if args.local_epochs is not None:
+        return [f"train.local_epochs={args.local_epochs}"]
+    return [f"train.local_steps={args.local_steps}"] if args.local_steps is not None else []
+
+
 def federated(method: str, args: argparse.Namespace, seed: int) -> dict:
     overrides = federation_overrides(method, args, seed)
     with tempfile.TemporaryDirectory() as tmp:
         # Sites' policy floors follow the federation's size; everything else is the default policy.
         policy = {"min_participants": min(3, args.sites), "min_group": min(3, args.sites),
-                  "report_privacy": bool(args.dp_epsilon)}
+                  "report_privacy": bool(args.dp_epsilon), "count": args.count,
+                  "bounds": {"allow_epochs": args.local_epochs is not None}}
         cfg, sites = lay_out(Path(tmp), sites=args.sites, rounds=args.rounds, overrides=overrides,
                              site_extra={i: {"policy": policy, "threads": args.threads}
                                          for i in range(1, args.sites + 1)})
@@ -113,8 +121,9 @@ def baseline(method: str, args: argparse.Namespace, seed: int) -> dict:
                      norm=args.norm, groups=args.groups)
 
     def fit(m: torch.nn.Module, data: Split, seed_of: Callable[[int], int]) -> None:
-        for rnd in range(args.rounds):  # as many passes of local_epochs as a federation's rounds
-            train_local(m, data, epochs=args.local_epochs, batch_size=args.batch_size, lr=args.lr,
+        steps = None if args.local_epochs is not None else (args.local_steps or DEFAULT_LOCAL_STEPS)
+        for rnd in range(args.rounds):  # as much local training as a federation's rounds
+            train_local(m, data, epochs=args.local_epochs, steps=steps, batch_size=args.batch_size, lr=args.lr,
                         optimizer=args.optimizer, weight_decay=args.weight_decay, augment=augments(args),
                         seed=seed_of(rnd), task=task)
 
@@ -143,7 +152,7 @@ def run(method: str, args: argparse.Namespace, seed: int) -> dict:
     t0 = time.perf_counter()
     result = baseline(method, args, seed) if method in ("central", "local") else federated(method, args, seed)
     return {"method": method, "dataset": args.dataset, "scheme": args.scheme, "alpha": args.alpha, "seed": seed,
-            "split_seed": split_seed(args, seed), "rounds": args.rounds, "model": args.model,
+            "split_seed": split_seed(args, seed), "rounds": args.rounds, "model": args.model, "count": args.count,
             "wall_s": round(time.perf_counter() - t0, 1), **result}
 
 
@@ -153,8 +162,14 @@ def main() -> None:
     p.add_argument("--scheme", default="dirichlet", choices=["iid", "dirichlet", "quantity", "feature"])
     p.add_argument("--alpha", type=float, default=0.3)
     p.add_argument("--sites", type=int, default=4)
-    p.add_argument("--rounds", type=int, default=15, help="rounds of --local-epochs each (central/local: as many epochs)")
-    p.add_argument("--local-epochs", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=15, help="federated rounds (central/local: as much training)")
+    schedule_args = p.add_mutually_exclusive_group()
+    schedule_args.add_argument("--local-steps", type=int, default=None,
+                               help=f"minibatch steps per round (default {DEFAULT_LOCAL_STEPS}, the spec's)")
+    schedule_args.add_argument("--local-epochs", type=int, default=None,
+                               help="passes over each site's data per round instead (sites allow it: allow_epochs)")
+    p.add_argument("--count", default="one", choices=["one", "pow2", "exact"],
+                   help="the sample count each site sends (policy.count; FedAvg's weights)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="selection.seed: initial model and local shuffling")
     p.add_argument("--split-seed", type=int, default=None,
                    help="data.partition.seed for every run (default: each run's own seed)")

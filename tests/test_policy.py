@@ -176,8 +176,8 @@ def test_evaluation_results_carry_epsilon_and_sigma_only_if_the_policy_says_so(t
     spec = RunSpec.of(fed)
     worker = SiteWorker(cfg, Welcome("r", 0, 1, spec.wire()), spec)
     params = {k: v.detach().numpy().copy() for k, v in worker.model.state_dict().items() if k in worker.shared}
-    quiet = worker.evaluate(EvaluateIns(1, params, "val"))
-    told = worker.evaluate(EvaluateIns(1, params, "val"), report_privacy=True)
+    quiet = worker.evaluate(EvaluateIns(1, params, "val"), int)
+    told = worker.evaluate(EvaluateIns(1, params, "val"), int, report_privacy=True)
     assert "noise_multiplier" not in quiet.metrics and "epsilon" not in quiet.metrics
     assert told.metrics["noise_multiplier"] > 0 and "epsilon" in told.metrics
 
@@ -207,7 +207,10 @@ def test_the_default_bounds_accept_the_default_run_and_every_shipped_recipe():
     ({"min_width": 16}, {"model": {"width": 8}}, "model"),
     ({}, {"train": {"lr": 50.0}}, "train_bounds"),
     ({}, {"train": {"lr": 1e-7}}, "train_bounds"),
-    ({}, {"train": {"local_epochs": 20}}, "train_bounds"),
+    ({}, {"train": {"local_steps": 5000}}, "train_bounds"),
+    # epochs: the step count would follow the data size
+    ({}, {"train": {"local_epochs": 1, "local_steps": None}}, "train_bounds"),
+    ({"allow_epochs": True}, {"train": {"local_epochs": 20, "local_steps": None}}, "train_bounds"),
     ({}, {"train": {"batch_size": 1}}, "train_bounds"),
     ({}, {"train": {"batch_size": 100_000}}, "train_bounds"),  # full batch: deterministic training
     ({"optimizers": ["sgd"]}, {}, "train_bounds"),
@@ -235,10 +238,15 @@ def test_a_training_setting_outside_the_bounds_is_refused_with_its_rule(bounds, 
     {"train": {"optimizer": "adam", "momentum": 0.99}},  # Adam takes no momentum
     {"secagg": {"enabled": False, "bits": 64, "clip": 0.01}},  # no ring, nothing to bound
     {"dp": {"enabled": True, "noise_multiplier": 0.8, "max_grad_norm": 0.1}},
-    {"train": {"lr": 1.0, "local_epochs": 5, "batch_size": 16, "weight_decay": 0.01}},  # the edges are inside
+    {"train": {"lr": 1.0, "local_steps": 500, "batch_size": 16, "weight_decay": 0.01}},  # the edges are inside
 ])
 def test_settings_within_the_bounds_are_accepted(sections):
     check(PolicyConfig(require_secagg=False), **sections)
+
+
+def test_epochs_are_accepted_only_where_the_site_allows_them():
+    check(PolicyConfig(require_secagg=False, bounds={"allow_epochs": True}),
+          train={"local_epochs": 5, "local_steps": None})
 
 
 def test_bounds_whose_range_is_empty_are_a_config_error():

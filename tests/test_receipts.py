@@ -51,7 +51,8 @@ def setup(tmp_path):
 
 
 def kinds(path):
-    return [r["kind"] for r in read_log(path)]
+    """The receipts and disputes a site kept (its notes of the attempts it contributed to aside)."""
+    return [r["kind"] for r in read_log(path) if r["kind"] not in ("round_contributed", "round_aborted")]
 
 
 def took_part(w, rnd, attempt=1, survivors=(1, 2, 3)):
@@ -109,6 +110,72 @@ def test_a_site_that_contributed_enters_no_later_round_until_that_rounds_record_
     w.record(RUN, log.round(1, attempt=2))  # site 1 is among its participants
     w.before_fit(RUN, 2, 1)  # its record came: the site goes on
     assert not w.disputed(RUN)
+
+
+def witness_with(path, **policy):
+    return RoundWitness(SignedLog(path, SITE, domain=RECEIPT_DOMAIN), COORDINATOR.public, 1,
+                        SitePolicy(PolicyConfig(**policy)))
+
+
+def dodge(w, rnd):
+    """A session in which the site contributes to round ``rnd``, then a new session whose log ends
+    before it (no join record): the coordinator reconnected instead of sending the record."""
+    w.joined(RUN)
+    w.settle(RUN)
+    w.before_fit(RUN, rnd, 1)
+    took_part(w, rnd)
+    w.joined(RUN)
+    w.settle(RUN)
+
+
+def test_reconnecting_instead_of_recording_is_excused_only_max_unrecorded_times(tmp_path):
+    """Red-team finding: a new session used to forget the attempts a site contributed to, so a
+    coordinator that reconnected after every round never had to send a record.  Each one is now
+    the site's signed word (``round_unrecorded``), and past ``max_unrecorded`` the site leaves."""
+    path = tmp_path / "receipts.jsonl"
+    w = witness_with(path, max_unrecorded=2)
+    for rnd in (1, 2):
+        dodge(w, rnd)
+    w.before_fit(RUN, 3, 1)  # two excused
+    took_part(w, 3)
+    w.joined(RUN)
+    w.settle(RUN)
+    with pytest.raises(Refusal, match="3 rounds of this run went unrecorded"):
+        w.before_fit(RUN, 4, 1)
+    owed = [(r["round"], r["attempt"]) for r in read_log(path) if r["kind"] == "round_unrecorded"]
+    assert owed == [(1, 1), (2, 1), (3, 1)]
+    # the verifier reads them as the site's word: notes for a reader, not contradictions
+    log = Log(tmp_path / "audit.jsonl")
+    result = check(log, path)
+    assert len(result.notes) == 3 and "contributed to round 1 attempt 1" in result.notes[0]
+    assert all("no receipt of run" in p for p in result.problems)
+    # ... restarted or not: the count is read back from its receipts
+    with pytest.raises(Refusal, match="3 rounds of this run went unrecorded"):
+        witness_with(path, max_unrecorded=2).before_fit(RUN, 4, 1)
+
+
+def test_a_site_restart_does_not_forget_an_attempt_it_contributed_to(tmp_path):
+    path = tmp_path / "receipts.jsonl"
+    w = witness_with(path)
+    w.joined(RUN)
+    w.settle(RUN)
+    took_part(w, 1)
+    again = witness_with(path)  # the site process restarted, the same session's coordinator goes on
+    with pytest.raises(Refusal, match=r"record \(or abort\) of round 1.1"):
+        again.before_fit(RUN, 2, 1)
+    again.aborted(RUN, 1, 1)  # its abort came: written, and so read back too
+    again.before_fit(RUN, 1, 2)
+    witness_with(path).before_fit(RUN, 1, 2)
+    assert [r["kind"] for r in read_log(path)] == ["round_contributed", "round_aborted"]
+
+
+def test_a_record_settles_a_contributed_attempt_across_a_restart(setup, tmp_path):
+    log, w, path = setup
+    w.joined(RUN)
+    w.settle(RUN)
+    took_part(w, 1)
+    w.record(RUN, log.round(1))
+    witness(path).before_fit(RUN, 2, 1)  # restarted: the receipt of round 1 settles its attempt
 
 
 def test_after_a_restart_the_site_keeps_its_own_word_and_the_verifier_compares_it(setup):

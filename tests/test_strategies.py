@@ -35,7 +35,7 @@ def test_fedbn_norm_layers_never_reach_the_wire(tmp_path, norm):
     norm_keys = [k for k in w.model.state_dict() if is_norm_key(w.model, k)]
     assert norm_keys, "the model has normalisation layers"
     params = {k: w.model.state_dict()[k].numpy().copy() for k in w.shared}
-    res = w.fit(FitIns(1, 1, params, {}))
+    res = w.fit(FitIns(1, 1, params, {}), count=int)
     header, arrays = codec.encode_header(res)
     sent = [spec.name for spec in codec.decode_header(header, max_payload_bytes=1 << 30).specs]
     assert sent and not set(sent) & set(norm_keys)

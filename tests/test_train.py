@@ -1,5 +1,7 @@
-"""The local training loop's optimizer state carried from one round to the next."""
+"""The local training loop: how much it trains, and the optimizer state carried from one round
+to the next."""
 
+import pytest
 import torch
 
 from asagiri.data.loaders import Split
@@ -8,9 +10,35 @@ from asagiri.privacy.engine import train_dp
 from asagiri.train import train_local
 
 
-def _data() -> Split:
+def _data(n: int = 32) -> Split:
     g = torch.Generator().manual_seed(0)
-    return Split(torch.rand(32, 1, 28, 28, generator=g) * 2 - 1, torch.randint(0, 2, (32,), generator=g))
+    return Split(torch.rand(n, 1, 28, 28, generator=g) * 2 - 1, torch.randint(0, 2, (n,), generator=g))
+
+
+@pytest.mark.parametrize("n", [20, 33, 400])
+def test_a_fixed_step_count_is_taken_whatever_the_data_size(n):
+    """Issue 26, attack 3: with ``steps`` the work of a round (and so the update's shape in time
+    and magnitude) no longer grows with the site's size; with ``epochs`` it does."""
+    model = build("small_cnn", in_channels=1, num_classes=2, width=4, norm="group", groups=2)
+    fixed = train_local(model, _data(n), steps=7, batch_size=16, lr=1e-3, augment=False)
+    assert fixed.steps == 7 and fixed.optimizer_state["state"][0]["step"].item() == 7
+    by_epoch = train_local(model, _data(n), epochs=1, batch_size=16, lr=1e-3, augment=False)
+    assert by_epoch.steps == -(-n // 16) - (1 if n % 16 == 1 else 0)  # a last batch of one is skipped
+    private = train_dp(model, _data(n), steps=7, expected_batch=16, lr=0.1, optimizer="sgd", momentum=0.0,
+                       noise_multiplier=1.0, max_grad_norm=1.0, augment=False)
+    assert private.steps == 7 and private.sample_rate == min(1.0, 16 / n)
+
+
+def test_steps_or_epochs_one_of_the_two():
+    model = build("small_cnn", in_channels=1, num_classes=2, width=4, norm="group", groups=2)
+    for both in ({}, {"epochs": 1, "steps": 3}):
+        with pytest.raises(ValueError, match="one of the two"):
+            train_local(model, _data(), batch_size=8, lr=1e-3, **both)
+
+
+def test_batches_of_one_end_a_fixed_step_run_instead_of_spinning():
+    model = build("small_cnn", in_channels=1, num_classes=2, width=4, norm="group", groups=2)
+    assert train_local(model, _data(8), steps=5, batch_size=1, lr=1e-3, augment=False).steps == 0
 
 
 def test_optimizer_state_resumes_its_moments_with_the_new_learning_rate():

@@ -132,7 +132,8 @@ def global_model_attack(run_dir: Path, rnd: int | None = None, *, references: in
     then the smallest and the largest site's alone.  Non-members: half of the held-out images,
     drawn in the members' label mix.  The other half trains the offline-LiRA reference models,
     with the run's model, training settings and DP, for as many epochs as the run trained
-    (rounds x local epochs), so neither the target nor a reference saw a non-member."""
+    (rounds x the average site's passes per round), so neither the target nor a reference saw a
+    non-member."""
     run = RecordedRun.open(run_dir)
     cfg = run.cfg
     rnd, params = run.global_model(rnd)
@@ -144,13 +145,16 @@ def global_model_attack(run_dir: Path, rnd: int | None = None, *, references: in
     candidates = Split(held_out.images[order[:half]], held_out.labels[order[:half]])
     population = Split(held_out.images[order[half:]], held_out.labels[order[half:]])
     task = run.sites[0].task
-    train = MiaSettings(dataset=cfg.data.dataset, model=cfg.model.name, epochs=rnd * cfg.train.local_epochs,
+    sizes = [len(d.train) for d in run.sites]
+    mean_size = max(1, int(np.mean(sizes)))
+    # as many passes over its data as the average site made in ``rnd`` rounds
+    passes = rnd * cfg.train.steps_per_round(mean_size) * cfg.train.batch_size / mean_size
+    train = MiaSettings(dataset=cfg.data.dataset, model=cfg.model.name, epochs=max(1, round(passes)),
                         batch_size=cfg.train.batch_size, lr=cfg.train.lr, optimizer=cfg.train.optimizer,
                         epsilon=cfg.dp.target_epsilon, delta=cfg.dp.target_delta,
                         max_grad_norm=cfg.dp.max_grad_norm, seed=seed)
     refs = [train_like_a_site(run.model(), population, train, private=cfg.dp.enabled, seed=seed + 100 + r,
                               task=task).eval() for r in range(references)]
-    sizes = [len(d.train) for d in run.sites]
     groups = {"all_sites": run.train_pool(), "smallest_site": run.sites[int(np.argmin(sizes))].train,
               "largest_site": run.sites[int(np.argmax(sizes))].train}
     out: dict[str, dict[str, Any]] = {}

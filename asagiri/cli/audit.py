@@ -60,6 +60,8 @@ def run_audit(args: argparse.Namespace) -> int:
         check = check_receipts(path, receipts, site_key, key, run_id=args.run_id)
         for problem in check.problems:
             print(problem)
+        for note in check.notes:
+            print(f"note: {note}")
         failed |= bool(check.problems)
         if not check.problems:
             print(f"{receipts}: {check.checked} receipt(s) of this run, each the coordinator's signed record as the "

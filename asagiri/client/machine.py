@@ -121,13 +121,12 @@ class SiteMachine:
     """One site's side of the rounds, across its sessions and runs."""
 
     def __init__(self, *, site_id: int, identity: Identity, policy: SitePolicy, replay: ReplayGuard,
-                 witness: RoundWitness, equal_weight: bool) -> None:
+                 witness: RoundWitness) -> None:
         self.site_id = site_id
         self.identity = identity
         self.policy = policy
         self.replay = replay
         self.witness = witness
-        self.equal_weight = equal_weight  # the site counts as one sample: its size never enters a sum
         self.run_id = ""
         self.spec: RunSpec | None = None
         self.refusal: Refusal | None = None  # set when this site refuses the whole run
@@ -310,7 +309,7 @@ class SiteMachine:
         key = (ins.round, ins.attempt)
         if self._is_declined(*key) or key != self._latest_fit:
             return []
-        held = _Held(ins, delta, 1 if self.equal_weight else num_samples)
+        held = _Held(ins, delta, self.policy.count_sent(num_samples))
         if key not in self._started:
             self._held = held  # the round's SecAggStart follows FitIns: mask when it comes
             return []

@@ -225,7 +225,7 @@ class Session:
                         delta, result = await self._work(worker.train, ins, on_step)
                         steps, outcome = result.steps, (flatten(delta), result.num_samples)
                     else:
-                        res = await self._work(worker.fit, ins, self.cfg.policy.equal_weight, on_step)
+                        res = await self._work(worker.fit, ins, self.kept.policy.count_sent, on_step)
                         steps, outcome = worker.last_steps, res
                 except BudgetExhausted as exc:
                     log.warning("%s", exc)
@@ -245,7 +245,7 @@ class Session:
             if worker is None:
                 raise RemoteProtocolError("EvaluateIns for a run this site could not set up")
             async with self.kept.training:  # evaluation loads the global model into the same module
-                res = await self._work(worker.evaluate, ins, self.cfg.policy.report_privacy)
+                res = await self._work(worker.evaluate, ins, self.kept.policy.count_sent, self.cfg.policy.report_privacy)
         finally:
             self.conn.pool.release(ins.params.values())
         await self._act(self.machine.evaluated(ins, res))
@@ -259,8 +259,8 @@ class Session:
             self.kept.progress.finish()
 
     def _trained(self, rnd: int, worker: SiteWorker, steps: int, seconds: float) -> None:
-        examples = len(worker.data.train) * worker.train_cfg.local_epochs
-        log.info("round %d: trained on %d examples in %.1fs", rnd, examples, seconds)
+        examples = min(steps * worker.train_cfg.batch_size, len(worker.data.train) * max(1, steps))
+        log.info("round %d: %d steps (about %d examples) in %.1fs", rnd, steps, examples, seconds)
         self.kept.metrics.trained(examples=examples, steps=steps, seconds=seconds,
                                   epsilon=worker.ledger.epsilon() if worker.ledger is not None else None)
 

@@ -13,6 +13,7 @@ from ``asagiri.config`` as before.
 
 from .base import ConfigError
 from .federation import (
+    DEFAULT_LOCAL_STEPS,
     DataConfig,
     DPConfig,
     FederationConfig,
@@ -42,6 +43,7 @@ from .site import (
 from .spec import RunSpec, SpecStrategy
 
 __all__ = [
+    "DEFAULT_LOCAL_STEPS",
     "AccelConfig",
     "ConfigError",
     "CoordinatorAddress",

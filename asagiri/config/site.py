@@ -23,7 +23,9 @@ class TrainingBounds(_Strict):
     fine fixed-point ring so the sum is exact).  The defaults admit every shipped recipe.
 
     ``model`` rule: ``models``, ``norms``, ``min_width``..``max_width``.
-    ``train_bounds`` rule: ``min_lr``..``max_lr``, ``max_local_epochs``,
+    ``train_bounds`` rule: ``min_lr``..``max_lr``, ``max_local_steps``, ``allow_epochs`` (a
+    run that trains in ``local_epochs`` takes a number of steps that grows with this site's data
+    size, and with it the update and the round's time: refused by default), ``max_local_epochs``,
     ``min_batch_size``..``max_batch_size``, ``optimizers``, ``max_momentum``,
     ``max_weight_decay``, ``max_mu`` (FedProx's weight in each FitIns), ``require_augment`` (``without_dp``: a run without DP-SGD must augment,
     unless its model trains on fixed features that cannot be shifted (``scatter_linear``);
@@ -43,6 +45,8 @@ class TrainingBounds(_Strict):
     # train_bounds
     min_lr: float = Field(1e-5, gt=0)
     max_lr: float = Field(1.0, gt=0)
+    max_local_steps: int = Field(500, ge=1)
+    allow_epochs: bool = False
     max_local_epochs: int = Field(5, ge=1)
     min_batch_size: int = Field(16, ge=1)
     max_batch_size: int = Field(512, ge=1)
@@ -87,8 +91,11 @@ class PolicyConfig(_Strict):
     coordinator; the survivor-list quorum rises by a half for each, the threshold floor by one,
     and this site's masking component must keep ``min_participants`` members whichever
     ``colluders`` of its other members are removed (docs/secagg.md, "What is guaranteed").
-    ``report_privacy``: send epsilon and sigma with evaluation results.  ``equal_weight``: count
-    as one sample in every sum, so the site's sample count never leaves it.  ``bounds``: the
+    ``report_privacy``: send epsilon and sigma with evaluation results.  ``count``: the sample
+    count this site puts in every sum and validation result: ``one`` (its update weighs as much
+    as any other site's; its size never leaves it), ``pow2`` (its size rounded down to a power of
+    two), ``exact`` (FedAvg's sample weighting, and the size readable by differencing two rounds
+    or from one plaintext one).  ``bounds``: the
     range of every training setting a run may choose (:class:`TrainingBounds`).  A run's spec
     is fixed for its ``run_id``: a Welcome with another spec under the same ``run_id`` is refused
     (``spec_changed``), across restarts (``state_dir/run_specs.json``).
@@ -102,18 +109,28 @@ class PolicyConfig(_Strict):
     # Send epsilon and sigma with evaluation results. Off by default: under noise_multiplier auto
     # they are functions of this site's sample rate, so together they give away its data size.
     report_privacy: bool = False
-    # Weigh this site's update as one sample instead of its sample count. The count is summed
-    # exactly, so two rounds whose participants differ by this site give it away by subtraction;
-    # with equal_weight it never leaves the site, at the cost of FedAvg's sample weighting.
-    equal_weight: bool = False
+    # The count is summed exactly inside the secure sum, so two rounds whose participants differ by
+    # this site give away whatever it sends here: by default that is 1 (docs/secagg.md, "Counts").
+    count: Literal["one", "pow2", "exact"] = "one"
     require_dp: bool = False
     # The fewest training examples one update may come from: a share the size of a few images
     # would make the site's update (even inside a secure sum) a picture of those images.
     min_examples: int = Field(32, ge=1)
+    # Rounds of a run this site contributed to (or whose model it evaluated) whose signed record
+    # never came, excused by a new session (the coordinator restarted); past this many it leaves.
+    max_unrecorded: int = Field(2, ge=0)
     max_epsilon: float = Field(8.0, gt=0)
     max_delta: float = Field(1e-5, gt=0, lt=1)
     run_id: str | None = Field(None, min_length=1, max_length=128)
     bounds: TrainingBounds = TrainingBounds()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: object) -> object:
+        if isinstance(data, dict) and "equal_weight" in data:
+            raise ValueError("policy.equal_weight was replaced by policy.count: `count: one` is what "
+                             "`equal_weight: true` did, and is now the default; `count: exact` sends the sample count")
+        return data
 
 
 class CoordinatorAddress(_Strict):
@@ -172,6 +189,11 @@ class SiteConfig(_Strict):
     # A real site trains on the whole of its data; only a simulated one takes a share of a shared
     # file (a partition is a simulation device, never the coordinator's choice).
     simulation: SimulationConfig | None = None
+    # Where this site's files have no validation split of their own (ISIC 2020, ChestX-ray14): the
+    # fraction of its patients it holds out, and the seed of that draw. The site's, not the
+    # run's: a run's data.val_fraction and data.partition.seed apply to simulated sites only.
+    val_fraction: float = Field(0.15, gt=0, lt=0.8)
+    split_seed: int = 0
     # Pinned identity keys of every site of the federation (id -> hex), checked on their
     # secure-aggregation keys and survivor-list signatures. Required for secure aggregation:
     # keys that came from the coordinator would let it stand in for the other sites.

@@ -13,7 +13,7 @@ a record keeps a ``round_dispute`` instead, with the signed record as its eviden
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,9 @@ class ReceiptCheck:
     checked: int  # receipts of this run compared with the log
     problems: list[str]
     pinned: int = 0  # the log is fixed up to this record by the site's receipts
+    # the site's word of attempts it contributed to that the log does not record: not a
+    # contradiction (a coordinator that restarted mid-round lost them too), but a reader's question
+    notes: list[str] = field(default_factory=list)
 
 
 def _check_completions(records: list[dict[str, Any]], problems: list[str]) -> None:
@@ -68,11 +71,15 @@ def check_receipts(audit: Path, receipts: Path, site_key: PublicIdentity, coordi
     by_seq = {r["seq"]: r for r in records}
     log_id = records[0]["hash"] if records else None
     checked = pinned = 0
+    notes: list[str] = []
     for entry in read_log(receipts):
         kind = entry.get("kind")
         if entry.get("run_id") != run_id or kind not in ("round_receipt", "round_dispute", "round_unrecorded"):
             continue
         where = f"{receipts}:{entry['seq']}: site {entry.get('site')}'s {kind} of round {entry.get('round')}"
+        if kind == "round_unrecorded" and entry.get("contributed") is True:
+            notes += _unrecorded_attempt(where, entry, records)
+            continue
         if kind == "round_unrecorded":
             problems += _unrecorded(where, entry, records)
             continue
@@ -107,7 +114,7 @@ def check_receipts(audit: Path, receipts: Path, site_key: PublicIdentity, coordi
     if checked == 0 and not problems:
         problems.append(f"{receipts}: no receipt of run {run_id!r}: the site took part in no round of it, or the "
                         "log names another run")
-    return ReceiptCheck(checked, problems, pinned)
+    return ReceiptCheck(checked, problems, pinned, notes)
 
 
 def _unrecorded(where: str, entry: dict[str, Any], records: list[dict[str, Any]]) -> list[str]:
@@ -123,6 +130,18 @@ def _unrecorded(where: str, entry: dict[str, Any], records: list[dict[str, Any]]
                        f"the log's record {r['seq']} names {str(r.get('model_sha256'))[:16]}... (the site's word; "
                        "a resume before that record means the round was redone)")
     return out
+
+
+def _unrecorded_attempt(where: str, entry: dict[str, Any], records: list[dict[str, Any]]) -> list[str]:
+    """A site's own word that it contributed to a round attempt whose record (or abort) it never
+    got before a new session: fine if the log records that attempt, a note if it does not."""
+    rnd, attempt = entry.get("round"), entry.get("attempt")
+    if any(r.get("kind") == "round_completed" and r.get("round") == rnd and r.get("attempt") == attempt
+           for r in records):
+        return []
+    return [f"{where}: the site says it contributed to round {rnd} attempt {attempt} and no record of that attempt "
+            "came; the log holds none (the coordinator restarted before completing it, or took the sum without "
+            "recording it)"]
 
 
 def _signed_by(record: dict[str, Any], key: PublicIdentity) -> bool:

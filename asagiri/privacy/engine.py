@@ -58,17 +58,22 @@ class DPResult:
     optimizer_state: dict | None = None  # moments built from noisy gradients: post-processing, no privacy cost
 
 
-def steps_per_round(n: int, expected_batch: int, epochs: int) -> tuple[float, int]:
-    """(sample rate q, steps): Poisson batches of expected size ``expected_batch``, ``epochs`` passes."""
+def steps_per_round(n: int, expected_batch: int, epochs: int | None = None,
+                    steps: int | None = None) -> tuple[float, int]:
+    """(sample rate q, steps): Poisson batches of expected size ``expected_batch``, for ``steps``
+    batches or as many as ``epochs`` expected passes take (one of the two)."""
+    if (epochs is None) == (steps is None):
+        raise ValueError("train for a number of epochs or a number of steps, one of the two")
     q = min(1.0, expected_batch / max(n, 1))
-    return q, max(1, int(math.ceil(epochs / q)))
+    return q, steps if steps is not None else max(1, int(math.ceil(epochs / q)))
 
 
 def train_dp(
     model: nn.Module,
     data: Split,
     *,
-    epochs: int,
+    epochs: int | None = None,
+    steps: int | None = None,
     expected_batch: int,
     lr: float,
     optimizer: str,
@@ -88,7 +93,8 @@ def train_dp(
     accel: Accel = PLAIN,
 ) -> DPResult:
     """One round of DP-SGD in place on ``model`` (GroupNorm-only), through the one training loop
-    (``train.loop.run_steps``) with a private step.
+    (``train.loop.run_steps``) with a private step: ``steps`` Poisson batches, or as many as
+    ``epochs`` expected passes take (one of the two).
 
     FedProx's gradient ``mu*(w - w_global)``, over the parameters named in ``anchor`` only
     (``train.loop.Proximal``, the same term as ``train_local``'s), is added to the private
@@ -113,7 +119,7 @@ def train_dp(
         # Accel.resolve never builds one for DP: these would void the clipping bound (train/accel.py).
         raise ValueError(f"DP-SGD runs in float32, channels-first and uncompiled, not with {accel.describe()}")
     n = len(data)
-    q, steps = steps_per_round(n, expected_batch, epochs)
+    q, steps = steps_per_round(n, expected_batch, epochs, steps)
     params = [p for p in model.parameters() if p.requires_grad]
     proximal = Proximal(model, mu, anchor)  # by the plain model's names, before Opacus wraps it
     opt = make_optimizer(params, optimizer=optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay)

@@ -20,7 +20,11 @@ site takes no further part in the run (rule ``record``), restarted or not.  A re
 comes stops the site too: it trains no later round until the coordinator sends it.  Only a new
 session can excuse it (the coordinator restarted, or the site was away): its join record then
 shows where the coordinator's log ends, and the site keeps its own signed word of what it
-evaluated (``round_unrecorded``) for the verifier.
+evaluated, and of each attempt it contributed to (``round_unrecorded``), for the verifier.  It
+excuses at most ``policy.max_unrecorded`` of them in a run: a coordinator that reconnects instead
+of sending records would otherwise take sums that no log holds.  The attempts a site contributed
+to are in its receipts as they happen (``round_contributed``, ``round_aborted``), so a restart of
+the site excuses nothing either.
 
 What one session remembers of the rounds it took part in is forgotten past the join record of
 the next: a coordinator that restarted redoes those rounds, legitimately without this site.
@@ -71,6 +75,7 @@ class _Evaluated:
 @dataclass
 class _Run:
     attempts: dict[tuple[int, int], _Attempt] = field(default_factory=dict)
+    unrecorded: int = 0  # contributed rounds (or evaluated models) whose record a new session excused
     aborted: set[tuple[int, int]] = field(default_factory=set)
     pending: _Evaluated | None = None
     kept: dict[tuple[str, int], str] = field(default_factory=dict)  # (log id, seq) -> hash of each record held
@@ -90,11 +95,27 @@ class RoundWitness:
         self._runs: dict[str, _Run] = {}
         if receipts.path.exists():  # SignedLog verified it on open
             for r in read_log(receipts.path):
-                run, record = self._run(str(r.get("run_id"))), r.get("record")
-                if r.get("kind") == "round_receipt" and isinstance(record, dict):
-                    run.kept[(str(record.get("log_id")), record["seq"])] = record["hash"]
-                elif r.get("kind") == "round_dispute":
-                    run.dispute = f"round {r.get('round')}: {r.get('problem')}"
+                self._reload(r)
+
+    def _reload(self, r: dict[str, Any]) -> None:
+        """One line of this site's own receipts, read back after a restart: what it holds, what it
+        disputed, and the attempts it contributed to whose record or abort has not come (they
+        stay owed, as if the site had never stopped)."""
+        run, record, kind = self._run(str(r.get("run_id"))), r.get("record"), r.get("kind")
+        key = (r.get("round"), r.get("attempt"))
+        if kind == "round_receipt" and isinstance(record, dict):
+            run.kept[(str(record.get("log_id")), record["seq"])] = record["hash"]
+            run.attempts = {k: v for k, v in run.attempts.items() if k[0] > record["round"]}
+        elif kind == "round_dispute":
+            run.dispute = f"round {r.get('round')}: {r.get('problem')}"
+        elif kind == "round_contributed" and type(key[0]) is int and type(key[1]) is int:
+            run.attempts[key] = _Attempt(sent=True)
+        elif kind == "round_aborted":
+            run.attempts.pop(key, None)
+        elif kind == "round_unrecorded":
+            run.unrecorded += 1
+            if r.get("attempt") is not None:
+                run.attempts.pop(key, None)
 
     def _run(self, run_id: str) -> _Run:
         return self._runs.setdefault(run_id, _Run())
@@ -122,15 +143,27 @@ class RoundWitness:
         self._attempt(run_id, rnd, attempt)
 
     def sent_update(self, run_id: str, rnd: int, attempt: int) -> None:
+        self._contributed(run_id, rnd, attempt)
         self._attempt(run_id, rnd, attempt).sent = True
+
+    def _contributed(self, run_id: str, rnd: int, attempt: int) -> None:
+        """The first time this site contributes to an attempt, its own signed word of it: a restart
+        of the site does not excuse the coordinator from that attempt's record."""
+        if not self._attempt(run_id, rnd, attempt).took_part:
+            self._write("round_contributed", run_id, rnd, attempt=attempt)
 
     def declined(self, run_id: str, rnd: int, attempt: int) -> None:
         self._attempt(run_id, rnd, attempt).declined = True
 
     def aborted(self, run_id: str, rnd: int, attempt: int) -> None:
-        self._run(run_id).aborted.add((rnd, attempt))
+        run = self._run(run_id)
+        seen = run.attempts.get((rnd, attempt))
+        if seen is not None and seen.took_part and (rnd, attempt) not in run.aborted:
+            self._write("round_aborted", run_id, rnd, attempt=attempt)
+        run.aborted.add((rnd, attempt))
 
     def signed_survivors(self, run_id: str, rnd: int, attempt: int, survivors: list[int]) -> None:
+        self._contributed(run_id, rnd, attempt)
         self._attempt(run_id, rnd, attempt).survivors = sorted(survivors)
 
     def evaluated(self, run_id: str, rnd: int, model_sha256: str, metrics: dict[str, float]) -> None:
@@ -155,6 +188,11 @@ class RoundWitness:
         run = self._run(run_id)
         if run.dispute is not None:
             self.policy.refuse("record", f"the coordinator signed a false record earlier in this run: {run.dispute}")
+        cap = self.policy.cfg.max_unrecorded
+        if run.unrecorded > cap:
+            self.policy.refuse("record", f"{run.unrecorded} rounds of this run went unrecorded across new sessions "
+                                         f"(this site accepts {cap}): a coordinator that reconnects instead of "
+                                         "sending its record would take sums no log holds")
         if run.pending is not None and rnd >= run.pending.round:
             self.policy.refuse("record", f"round {rnd} was asked for before the coordinator's signed record of round "
                                          f"{run.pending.round}, whose model this site evaluated")
@@ -242,6 +280,14 @@ class RoundWitness:
                         privacy=pending.privacy, log_id=None if rec is None else rec["log_id"],
                         seen_seq=None if rec is None else rec["seq"])
             run.pending = None
+            run.unrecorded += 1
+        for (r, a), seen in sorted(run.attempts.items()):
+            if r >= rnd and seen.took_part and (r, a) not in run.aborted:
+                log.warning("round %d.%d: this site contributed to it and no record or abort of it came from that "
+                            "coordinator process; keeping the site's own word of it", r, a)
+                self._write("round_unrecorded", run_id, r, attempt=a, contributed=True,
+                            log_id=None if rec is None else rec["log_id"], seen_seq=None if rec is None else rec["seq"])
+                run.unrecorded += 1
         run.attempts = {k: v for k, v in run.attempts.items() if k[0] < rnd}
         run.aborted = {k for k in run.aborted if k[0] < rnd}
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -62,8 +63,9 @@ class SiteWorker:
         # The site's data is its own: all of it, or (a simulation) the share its own config names.
         # Welcome's site_index and num_sites are the coordinator's words and change nothing here.
         sim = cfg.simulation
-        data_cfg = self.data_cfg if sim is not None else \
-            self.data_cfg.model_copy(update={"partition": part.model_copy(update={"scheme": "iid"})})
+        data_cfg = self.data_cfg if sim is not None else self.data_cfg.model_copy(update={
+            "partition": part.model_copy(update={"scheme": "iid", "seed": cfg.split_seed}),
+            "val_fraction": cfg.val_fraction})
         self.data: SiteData = load_configured_site(
             data_cfg, path=cfg.data_path, site_index=0 if sim is None else sim.share,
             num_sites=1 if sim is None else sim.shares, cache_dir=cfg.state_dir / "cache",
@@ -108,7 +110,8 @@ class SiteWorker:
                     "not a cryptographic one")
         self.ledger = PrivacyLedger(cfg.state_dir / "privacy_ledger.json", delta=self.dp.target_delta)
         t = self.train_cfg
-        self.sample_rate, self.steps = steps_per_round(len(self.data.train), t.batch_size, t.local_epochs)
+        self.sample_rate, self.steps = steps_per_round(len(self.data.train), t.batch_size, t.local_epochs,
+                                                       t.local_steps)
         if self.dp.noise_multiplier == "auto":
             self.sigma = noise_for_target(target_epsilon=self.dp.target_epsilon, delta=self.dp.target_delta,
                                           sample_rate=self.sample_rate, steps=self.steps * rounds)
@@ -140,11 +143,10 @@ class SiteWorker:
 
     def expected_steps(self) -> int:
         """About how many updates a round makes (a progress bar's length): DP-SGD's planned steps,
-        or full batches over the local epochs."""
+        or the spec's (``TrainConfig.steps_per_round``)."""
         if self.ledger is not None:
             return self.steps
-        t = self.train_cfg
-        return t.local_epochs * max(1, -(-len(self.data.train) // t.batch_size))
+        return self.train_cfg.steps_per_round(len(self.data.train))
 
     def train(self, ins: FitIns, on_step: OnStep | None = None) -> tuple[dict[str, np.ndarray], TrainResult]:
         """Train from the global parameters; returns ``local - global`` per shared tensor, in ``ins.params`` order."""
@@ -170,7 +172,7 @@ class SiteWorker:
         # FedProx pulls the shared parameters only: FedBN's local layers are the site's own
         anchor = {k: torch.from_numpy(ins.params[k]).to(self.device) for k in ins.params} if mu > 0 else None
         return train_local(
-            self.model, self.data.train, epochs=t.local_epochs, batch_size=t.batch_size, lr=t.lr,
+            self.model, self.data.train, epochs=t.local_epochs, steps=t.local_steps, batch_size=t.batch_size, lr=t.lr,
             optimizer=t.optimizer, momentum=t.momentum, weight_decay=t.weight_decay,
             mu=mu, anchor=anchor, augment=t.augment, seed=seed,
             device=self.device, task=self.data.task, on_step=on_step, accel=self.accel,
@@ -186,7 +188,8 @@ class SiteWorker:
         mu, seed = _fit_config(ins), self.round_seed(ins)
         anchor = {k: torch.from_numpy(ins.params[k]).to(self.device) for k in ins.params} if mu > 0 else None
         r = train_dp(
-            self.model, self.data.train, epochs=t.local_epochs, expected_batch=t.batch_size, lr=t.lr,
+            self.model, self.data.train, epochs=t.local_epochs, steps=t.local_steps, expected_batch=t.batch_size,
+            lr=t.lr,
             optimizer=t.optimizer, momentum=t.momentum, weight_decay=t.weight_decay, noise_multiplier=self.sigma,
             max_grad_norm=self.dp.max_grad_norm, mu=mu, anchor=anchor, augment=t.augment,
             multiplicity=self.dp.augmentation_multiplicity,
@@ -203,15 +206,18 @@ class SiteWorker:
             return {}
         return {"epsilon": self.ledger.epsilon(), "noise_multiplier": self.sigma}
 
-    def fit(self, ins: FitIns, equal_weight: bool = False, on_step: OnStep | None = None) -> FitRes:
-        """The plaintext update (secure aggregation off): ``n * delta`` and ``n`` (1 with ``equal_weight``)."""
+    def fit(self, ins: FitIns, count: Callable[[int], int], on_step: OnStep | None = None) -> FitRes:
+        """The plaintext update (secure aggregation off): ``c * delta`` and ``c``, where ``c`` is
+        what ``count`` (the site policy's) makes of the number of training examples."""
         delta, result = self.train(ins, on_step)
-        n = 1 if equal_weight else result.num_samples
+        n = count(result.num_samples)
         update = {k: (n * v).astype(np.float32) for k, v in delta.items()}
         self.last_steps = result.steps  # local only: the step count would tell the coordinator the data size
         return FitRes(ins.round, ins.attempt, update, n, {"train_loss": result.loss})
 
-    def evaluate(self, ins: EvaluateIns, report_privacy: bool = False) -> EvaluateRes:
+    def evaluate(self, ins: EvaluateIns, count: Callable[[int], int], report_privacy: bool = False) -> EvaluateRes:
+        """Score the global model on the validation or test split.  A validation result carries the
+        count ``count`` makes of the split's size; a test result's predictions are one per example."""
         self._load_global(ins.params)
         split = self.data.val if ins.split == "val" else self.data.test
         res = evaluate(self.model, split, device=self.device, task=self.data.task, accel=self.accel)
@@ -219,7 +225,8 @@ class SiteWorker:
         if ins.split == "test":
             predictions = {"scores": res.scores.astype(np.float32), "labels": np.ascontiguousarray(res.labels)}
         metrics = {**res.metrics(), **(self.privacy_metrics() if report_privacy else {})}
-        return EvaluateRes(ins.round, ins.split, res.num_examples, metrics, predictions)
+        num_examples = res.num_examples if predictions else count(res.num_examples)
+        return EvaluateRes(ins.round, ins.split, num_examples, metrics, predictions)
 
 
 def update_ceiling(asked: float | None, ceiling: float) -> float:

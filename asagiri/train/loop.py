@@ -141,25 +141,35 @@ class Proximal:
 
 
 class _PlainSteps:
-    """Shuffled minibatches, ``epochs`` passes; FedProx's gradient added before each update."""
+    """Shuffled minibatches, ``epochs`` passes, or passes until ``steps`` minibatches (the last
+    pass cut short); FedProx's gradient added before each update."""
 
-    def __init__(self, model: nn.Module, data: Split, opt: torch.optim.Optimizer, *, epochs: int, batch_size: int,
-                 proximal: Proximal, task: str, accel: Accel, device: torch.device) -> None:
+    def __init__(self, model: nn.Module, data: Split, opt: torch.optim.Optimizer, *, epochs: int | None,
+                 steps: int | None, batch_size: int, proximal: Proximal, task: str, accel: Accel,
+                 device: torch.device) -> None:
+        if (epochs is None) == (steps is None):
+            raise ValueError("train for a number of epochs or a number of steps, one of the two")
         self.model, self.data, self.opt = model, data, opt
         self.forward, self.accel, self.device = accel.forward_of(model), accel, device
         self.scaler = accel.scaler(device)
-        self.epochs, self.batch_size, self.task = epochs, batch_size, task
+        self.epochs, self.steps, self.batch_size, self.task = epochs, steps, batch_size, task
         self.proximal = proximal
 
     def batches(self, gen: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        n = len(self.data)
-        for _ in range(self.epochs):
+        n, taken, passes = len(self.data), 0, 0
+        while (self.epochs is None or passes < self.epochs) and n > 0:
             order = torch.randperm(n, generator=gen)
+            passes, before = passes + 1, taken
             for start in range(0, n, self.batch_size):
                 idx = order[start : start + self.batch_size]
                 if len(idx) < 2 and n >= 2:
                     continue  # BatchNorm cannot train on a batch of one
+                if self.steps is not None and taken >= self.steps:
+                    return
+                taken += 1
                 yield self.data.images[idx], self.data.labels[idx]
+            if taken == before:
+                return  # batches of one only: nothing to train on, however many passes
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
         with self.accel.autocast(self.device):
@@ -183,7 +193,8 @@ def train_local(
     model: nn.Module,
     data: Split,
     *,
-    epochs: int,
+    epochs: int | None = None,
+    steps: int | None = None,
     batch_size: int,
     lr: float,
     optimizer: str = "adam",
@@ -199,7 +210,8 @@ def train_local(
     on_step: OnStep | None = None,
     accel: Accel = PLAIN,
 ) -> TrainResult:
-    """Train in place. With ``mu > 0`` adds FedProx's ``mu/2 * ||w - w_global||^2`` over the
+    """Train in place, for ``epochs`` passes over ``data`` or for ``steps`` minibatches (one of
+    the two; a fixed step count takes the same work whatever the data size). With ``mu > 0`` adds FedProx's ``mu/2 * ||w - w_global||^2`` over the
     parameters named in ``anchor`` (the global shared tensors; ``None``: all, at their start),
     as :class:`Proximal` says, the same as ``privacy.engine.train_dp`` does.
 
@@ -213,9 +225,9 @@ def train_local(
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(params, optimizer=optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay)
     resume_optimizer(opt, optimizer_state)
-    steps = _PlainSteps(model, data, opt, epochs=epochs, batch_size=batch_size, proximal=Proximal(model, mu, anchor),
-                        task=task, accel=accel, device=device)
-    total, done = run_steps(steps, augment=augment, gen=torch.Generator().manual_seed(seed), device=device,
+    plain = _PlainSteps(model, data, opt, epochs=epochs, steps=steps, batch_size=batch_size,
+                        proximal=Proximal(model, mu, anchor), task=task, accel=accel, device=device)
+    total, done = run_steps(plain, augment=augment, gen=torch.Generator().manual_seed(seed), device=device,
                             on_step=on_step, accel=accel)
     return TrainResult(num_samples=len(data), loss=total / max(done, 1), steps=done, optimizer_state=opt.state_dict())
 

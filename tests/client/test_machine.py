@@ -46,8 +46,7 @@ def machine(tmp_path, **policy) -> SiteMachine:
     site_policy = SitePolicy(PolicyConfig(**policy), peers)
     witness = RoundWitness(SignedLog(tmp_path / "receipts.jsonl", me, domain=RECEIPT_DOMAIN), COORDINATOR.public,
                            SITE, site_policy)
-    return SiteMachine(site_id=SITE, identity=me, policy=site_policy, replay=ReplayGuard(), witness=witness,
-                       equal_weight=False)
+    return SiteMachine(site_id=SITE, identity=me, policy=site_policy, replay=ReplayGuard(), witness=witness)
 
 
 def joined(tmp_path, *, secagg: bool, **policy) -> SiteMachine:

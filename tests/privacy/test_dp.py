@@ -4,6 +4,7 @@ import pytest
 import torch
 from opacus.accountants import RDPAccountant
 
+from asagiri.config import DEFAULT_LOCAL_STEPS
 from asagiri.data import load_site_data
 from asagiri.data.loaders import Split
 from asagiri.models import MODEL_NAMES, build, dp_norm
@@ -141,7 +142,8 @@ def test_dp_federation_with_secure_aggregation_stops_when_budgets_run_out(tmp_pa
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
     from tests.e2e.harness import Federation
 
-    q, steps = steps_per_round(171, 64, 1)  # synthetic 512 / 3 sites: 171 or 170 images each
+    # synthetic 512 / 3 sites: 171 or 170 images each, the spec's fixed steps a round
+    q, steps = steps_per_round(171, 64, steps=DEFAULT_LOCAL_STEPS)
     sigma = noise_for_target(target_epsilon=4.0, delta=1e-5, sample_rate=q, steps=2 * steps)
     fed = Federation(tmp_path / "run", sites=3, rounds=5, overrides=[
         "data.synthetic_samples=512", "dp.enabled=true", "dp.target_epsilon=4.0", f"dp.noise_multiplier={sigma}",

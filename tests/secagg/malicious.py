@@ -26,10 +26,12 @@ import torch
 import yaml
 
 from asagiri.causes import Rule
-from asagiri.config import FederationConfig, RunSpec, SiteConfig
+from asagiri.config import FederationConfig, PolicyConfig, RunSpec, SiteConfig
 from asagiri.params import flatten
+from asagiri.policy import SitePolicy
 from asagiri.secagg import shamir
-from asagiri.secagg.binding import RoundParams, params_digest, spec_digest
+from asagiri.secagg.binding import RoundParams, params_digest, spec_digest, survivors_message
+from asagiri.secagg.client import ClientStateMachine
 from asagiri.secagg.graph import graph_seed, neighbours
 from asagiri.secagg.masking import pair_seed, sign
 from asagiri.secagg.prg import expand
@@ -108,6 +110,42 @@ class Session:
             return await self.recv_q.receive()
 
 
+class ColludingSite:
+    """An enrolled site that works with the coordinator: the attacker holds its identity key and
+    everything it holds.  It runs the honest client machine in this process, so what it sends the
+    honest sites is what a site sends; it stands in for a session (``conn.send``, ``expect``)."""
+
+    def __init__(self, attacker: Attacker, site: int, spec: dict) -> None:
+        self.site = site
+        self.identity = attacker.site_keys[site]
+        peers = {i: k.public for i, k in attacker.site_keys.items()}
+        self.machine = ClientStateMachine(
+            site_id=site, identity=self.identity, run_id=attacker.run_id,
+            secagg=RunSpec.model_validate(spec).secagg, spec_digest=spec_digest(spec),
+            policy=SitePolicy(PolicyConfig(), peers))
+        self.conn = self
+        self._out: list[Message] = []
+
+    async def send(self, msg: Message) -> None:
+        self._out += self.machine.receive(msg)
+        if isinstance(msg, SecAggStart):  # its update: zeros, which it knows, as it knows its own
+            binding = self.machine.fit_binding
+            assert binding is not None
+            self._out += self.machine.set_input(np.zeros(msg.vector_len - 1, np.float32), 1, trained_on=binding)
+
+    async def expect(self, timeout: float = 30) -> Message:
+        return self._out.pop(0)
+
+    def sign_survivors(self, context: bytes, survivors: list[int]) -> list:
+        """A survivor-list signature for any list: a proof entry ``[site, masked_with, signature]``."""
+        masked_with = list(self.machine._round.masked_with)
+        return [self.site, masked_with, self.identity.sign(survivors_message(context, survivors, masked_with))]
+
+    def held_shares(self, owner: int) -> tuple[bytes, bytes]:
+        """Its shares of ``owner``'s self-mask seed and masking key."""
+        return self.machine._round.held[owner]
+
+
 class Attacker:
     def __init__(self, root: Path, sites: int = SITES) -> None:
         self.root = root
@@ -119,7 +157,7 @@ class Attacker:
         self.run_id = RUN  # what Welcome and the round parameters name; a case may name another run
         # (site_index, num_sites) that Welcome claims for a site; a case may claim anything
         self.welcome_indices: Callable[[int], tuple[int, int]] = lambda site: (site - 1, SITES)
-        self._workers: dict[int, SiteWorker] = {}  # for true_update
+        self._workers: dict[tuple[int, str], SiteWorker] = {}  # for true_update
         (root / "logs").mkdir(parents=True, exist_ok=True)
 
     @classmethod
@@ -276,22 +314,33 @@ class Attacker:
 
     # -- the site's true update, computed here -------------------------------------------------------
 
-    def true_update(self, site: int, fit: FitIns) -> tuple[np.ndarray, int]:
-        """``n * clip(delta)`` and ``n`` as the site computes them from this FitIns."""
+    def worker(self, site: int, spec: dict | None = None) -> SiteWorker:
+        """The site's worker as its process builds it (its own data share), for ``spec`` or the
+        attacker's; its data are loaded once, and ``train`` starts from the FitIns every time."""
+        spec = spec or self.spec
+        key = (site, canonical_hash(spec))
+        if key not in self._workers:
+            cfg = SiteConfig.model_validate(self._site_settings(site))
+            self._workers[key] = SiteWorker(cfg, Welcome(RUN, site - 1, SITES, spec), RunSpec.model_validate(spec))
+        return self._workers[key]
+
+    def true_update(self, site: int, fit: FitIns, count: str = "one") -> tuple[np.ndarray, int]:
+        """``c * clip(delta)`` and ``c`` as the site computes them from this FitIns, where ``c`` is
+        what its ``policy.count`` (the default's unless given) makes of its sample count."""
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            worker = self._workers.get(site)
-            if worker is None:  # its data loaded once; train() starts from fit.params every time
-                cfg = SiteConfig.model_validate(self._site_settings(site))
-                spec = RunSpec.model_validate(self.spec)
-                worker = self._workers[site] = SiteWorker(cfg, Welcome(RUN, site - 1, SITES, self.spec), spec)
-            delta, result = worker.train(fit)
+            delta, result = self.worker(site).train(fit)
         finally:
             torch.set_num_threads(threads)
         clip = FED.secagg.clip
-        n = result.num_samples
-        return n * np.clip(flatten(delta).astype(np.float64), -clip, clip), n
+        c = SitePolicy(PolicyConfig(count=count)).count_sent(result.num_samples)
+        return c * np.clip(flatten(delta).astype(np.float64), -clip, clip), c
+
+
+def canonical_hash(spec: dict) -> str:
+    """A short name for a spec (a run id per changed spec: a site holds a run's spec fixed)."""
+    return spec_digest(spec).hex()[:12]
 
 
 def unmask_attempt(site: int, y: np.ndarray | None, p: RoundParams, *, masked_with: list[int],
@@ -328,10 +377,11 @@ def matches(estimate: np.ndarray, true: np.ndarray, p: RoundParams) -> bool:
 class Round:
     """What the attacker collects in one round attempt, stage by stage."""
 
-    def __init__(self, attacker: Attacker, sessions, participants, *, fit: FitIns | None = None):
+    def __init__(self, attacker: Attacker, sessions, participants, *, fit: FitIns | None = None,
+                 spec: dict | None = None):
         self.a, self.sessions, self.participants = attacker, sessions, list(participants)
         self.fit = fit or attacker.fit_ins(next_round())
-        self.params = attacker.round_params(self.fit, self.participants)
+        self.params = attacker.round_params(self.fit, self.participants, spec)
         self.declines: dict[int, str] = {}
         self.keys: dict[int, AdvertiseKeys] = {}
         self.shares: dict[int, ShareKeys] = {}
@@ -437,5 +487,5 @@ def declined(msg: Message) -> str | None:
     return msg.rule if isinstance(msg, Decline) else None
 
 
-__all__ = ["Attacker", "FED", "RUN", "Round", "Session", "declined", "matches", "next_round", "rule_of",
+__all__ = ["Attacker", "ColludingSite", "FED", "RUN", "Round", "Session", "canonical_hash", "declined", "matches", "next_round", "rule_of",
            "unmask_attempt"]

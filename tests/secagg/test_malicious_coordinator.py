@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from asagiri.config import RunSpec
-from asagiri.secagg.binding import spec_digest
+from asagiri.params import flatten
 from asagiri.secagg.quantize import dequantize
 from asagiri.wire.crypto import EphemeralKey, Identity
 from asagiri.wire.errors import ConnectionLost
@@ -29,9 +29,21 @@ from asagiri.wire.messages import (
     EvaluateIns,
     FitIns,
     FitRes,
+    UnmaskRequest,
+    UnmaskResponse,
 )
 
-from .malicious import Attacker, Round, matches, next_round, rule_of
+from .malicious import (
+    RUN,
+    Attacker,
+    ColludingSite,
+    Round,
+    canonical_hash,
+    declined,
+    matches,
+    next_round,
+    rule_of,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -229,10 +241,6 @@ def test_the_coordinator_cannot_pick_the_group_or_threshold(attacker):
 # ---- attack 4: downgrade -------------------------------------------------------------------------------
 
 
-def canonical_hash(spec: dict) -> str:
-    return spec_digest(spec).hex()[:12]
-
-
 def _spec(attacker, **sections):
     spec = RunSpec.model_validate(attacker.spec)
     return spec.model_copy(update={k: getattr(spec, k).model_copy(update=v) for k, v in sections.items()}).wire()
@@ -244,7 +252,8 @@ def _spec(attacker, **sections):
     ({"dp": {"enabled": True, "target_delta": 0.1}}, "max_delta"),
     # issue 26, attack 2: the training settings a coordinator used to read one site's update
     ({"train": {"lr": 50.0}}, "train_bounds"),
-    ({"train": {"local_epochs": 20}}, "train_bounds"),
+    ({"train": {"local_steps": 5000}}, "train_bounds"),
+    ({"train": {"local_epochs": 1, "local_steps": None}}, "train_bounds"),  # attack 3: a step count that follows the data size
     ({"train": {"batch_size": 1}}, "train_bounds"),
     ({"train": {"optimizer": "sgd", "momentum": 0.99}}, "train_bounds"),
     ({"train": {"augment": False}}, "train_bounds"),
@@ -465,23 +474,133 @@ def test_a_spec_the_site_cannot_set_up_is_declined_not_a_crash(attacker):
     assert attacker.procs[1].poll() is None
 
 
-def test_equal_weight_keeps_the_sample_count_out_of_every_sum(attacker):
-    """A site with policy.equal_weight counts as one sample: a differencing coordinator that
-    subtracts two rounds' counts learns 1, not its size."""
-    site = 6
-    proc = attacker.start_site(site, policy={"equal_weight": True})
-    try:
-        async def script(sessions):
-            rnd = Round(attacker, sessions, [1, 2, site])
+# ---- issue 26, attack 3: the sample count, by differencing and through the step count -----------------
+
+
+def _difference(attacker, with_site: list[int], without: list[int], *, spec=None, run=RUN, fit=None):
+    """Two honest rounds on the same global model whose participants differ by one site: the
+    difference of their sums is that site's input, weighted update and count slot."""
+    fit = fit or attacker.fit_ins(next_round())
+    totals = []
+    for participants in (with_site, without):
+        async def script(sessions, participants=participants):
+            rnd = Round(attacker, sessions, participants, fit=attacker.fit_ins(next_round(), params=fit.params,
+                                                                               config=fit.config), spec=spec)
             return rnd, await rnd.honest()
 
-        rnd, total = attacker.case(script, sites=[*RUNNING, site], timeout=120)
+        rnd, total = attacker.case(script, sites=with_site, spec=spec, run=run, timeout=120)
+        totals.append(dequantize(total, rnd.params.plan))
+    (w1, c1), (w0, c0) = totals
+    return w1 - w0, c1 - c0, rnd.params
+
+
+def test_differencing_two_rounds_reads_one_not_the_sample_count(attacker):
+    """Under the default policy (``count: one``) the count slot says 1 for every site, so the
+    difference of two rounds that differ by site 4 says 1; the control, site 6 with
+    ``count: exact``, gives its size away exactly, as every site did before issue 26."""
+    _, count, _ = _difference(attacker, [1, 2, 3, 4], [1, 2, 3])
+    size = len(attacker.worker(4).data.train)
+    assert count == 1 and size >= 32  # the site's size (computed here) is not what the difference says
+
+    site = 6
+    proc = attacker.start_site(site, policy={"count": "exact"})
+    try:
+        _, count, _ = _difference(attacker, [1, 2, 3, site], [1, 2, 3])
     finally:
         proc.kill()
         proc.wait()
-    _, count = dequantize(total, rnd.params.plan)
-    n1, n2 = (attacker.true_update(s, rnd.fit)[1] for s in (1, 2))
-    assert count == n1 + n2 + 1
+    assert count == len(attacker.worker(site).data.train)
+
+
+def _dead_features(params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A crafted small_cnn: the last block's normalisation outputs -1 for every input, so its ReLU
+    is dead, and the head reads nothing; no example's gradient reaches any convolution, and
+    weight decay alone moves the first one, by a factor of (1 - lr * wd) per local step."""
+    out = {k: v.copy() for k, v in params.items()}
+    out["features.9.weight"][:] = 0.0
+    out["features.9.bias"][:] = -1.0
+    out["head.weight"][:] = 0.0
+    out["features.0.weight"][:] = 1.0
+    return out
+
+
+def _steps_read_off(delta: np.ndarray, params: dict[str, np.ndarray], lr: float, wd: float) -> float:
+    """The attacker's estimate of the local steps from the first convolution of one site's update."""
+    first = next(iter(params))
+    assert first == "features.0.weight"
+    d = np.median(delta[: params[first].size])
+    return float(np.log1p(d) / np.log1p(-lr * wd))
+
+
+WEIGHT_DECAY_PROBE = {"optimizer": "sgd", "lr": 1.0, "momentum": 0.0, "weight_decay": 0.01, "batch_size": 16}
+
+
+def test_the_step_count_is_the_specs_not_the_sites_size(attacker):
+    """The issue's weight-decay probe, within the default bounds: site 4's update, differenced out
+    of two rounds (issue 27 closes that), shows how many local steps it took.  Under the default
+    policy that is the spec's ``local_steps`` (20), whatever the site's size; the control, the
+    same probe on the same site training in epochs (which the default policy refuses, see
+    ``test_a_weaker_run_is_declined_for_good``), reads its size to within a batch."""
+    spec = _spec(attacker, train=WEIGHT_DECAY_PROBE)
+    fit = attacker.fit_ins(next_round())
+    fit = attacker.fit_ins(fit.round, params=_dead_features(fit.params), config=fit.config)
+    delta, count, params = _difference(attacker, [1, 2, 3, 4], [1, 2, 3], spec=spec, fit=fit,
+                                       run=f"probe-{canonical_hash(spec)}")
+    assert count == 1
+    steps = _steps_read_off(delta, fit.params, lr=1.0, wd=0.01)
+    assert abs(steps - 20) < 0.5, steps
+    size = len(attacker.worker(4).data.train)
+    assert abs(steps - size / 16) > 2  # what an epoch would have taken: not what the update shows
+
+    # control: the same probe where the site trains one epoch (computed here, as the site would)
+    by_epoch = _spec(attacker, train={**WEIGHT_DECAY_PROBE, "local_steps": None, "local_epochs": 1})
+    worker = attacker.worker(4, by_epoch)
+    d, result = worker.train(fit)
+    read = _steps_read_off(np.clip(flatten(d), -1, 1), fit.params, lr=1.0, wd=0.01)
+    assert round(read) == result.steps == -(-size // 16) - (1 if size % 16 == 1 else 0)
+
+
+# ---- issue 26, attack 4: one colluding site signs two survivor lists -----------------------------------
+
+
+def test_one_colluding_site_cannot_certify_two_survivor_lists(attacker):
+    """Site 5 colludes (the attacker holds its key and what it holds).  Sites 1-2 are told that
+    everyone survived, sites 3-4 that site 1 dropped, and site 5 signs both lists: with a plain
+    majority quorum (3 of 5) both would be certified, site 1's self-mask seed would come from the
+    first list and its masking key from the second (``test_adversarial``'s control shows that
+    recovers site 1's input exactly).  The default quorum counts one colluder (4 of 5): every
+    honest site refuses its list, and the attacker, holding only the colluder's shares, below the
+    threshold, does not get site 1's true update out."""
+    spec = _spec(attacker, secagg={"mode": "complete", "shares": None, "threshold": None})
+    run = f"collude-{canonical_hash(spec)}"
+    honest = [1, 2, 3, 4]
+
+    async def script(sessions):
+        attacker.run_id = run
+        colluder = ColludingSite(attacker, 5, spec)
+        everyone = {**sessions, 5: colluder}
+        rnd = Round(attacker, everyone, [*honest, 5], spec=spec)
+        await rnd.start()
+        await rnd.roster()
+        await rnd.deliver()
+        assert set(rnd.masked) == {1, 2, 3, 4, 5}
+        lists = {1: [1, 2, 3, 4, 5], 2: [1, 2, 3, 4, 5], 3: [2, 3, 4, 5], 4: [2, 3, 4, 5]}
+        await rnd.consistency(lists)
+        for site, survivors in lists.items():
+            proof = [[v, rnd.sigs[v].masked_with, rnd.sigs[v].signature] for v in lists if lists[v] == survivors]
+            proof.append(colluder.sign_survivors(rnd.params.context, survivors))
+            dropped = sorted({1, 2, 3, 4, 5} - set(survivors))
+            await rnd.send(site, UnmaskRequest(rnd.fit.round, rnd.fit.attempt, survivors, dropped, proof))
+        replies = {site: await sessions[site].expect() for site in honest}
+        return rnd, replies, colluder.held_shares(1)
+
+    rnd, replies, (b_share, s_share) = attacker.case(script, sites=RUNNING, spec=spec, run=run, timeout=120)
+    assert {site: declined(msg) for site, msg in replies.items()} == {site: "quorum" for site in honest}
+    assert rnd.params.threshold == 3  # the colluder's one share of each of site 1's secrets is not enough
+    rnd.responses = [UnmaskResponse(rnd.fit.round, rnd.fit.attempt, [[1, b_share]], []),
+                     UnmaskResponse(rnd.fit.round, rnd.fit.attempt, [], [[1, s_share]])]
+    true, _ = attacker.true_update(1, rnd.fit)
+    assert np.max(np.abs(true)) > 0 and not matches(rnd.estimate(1), true, rnd.params)
 
 
 async def _ids(sessions):

@@ -103,7 +103,7 @@ def test_control_the_honest_record_is_kept_and_pins_the_coordinators_log(attacke
 
     coordinator, record, later = attacker.case(script, sites=DEMO, run=run)
     assert later.declines == {} and sorted(later.keys) == DEMO
-    [kept] = [r for r in read_log(receipts(attacker)) if r.get("run_id") == run]
+    [kept] = [r for r in read_log(receipts(attacker)) if r.get("run_id") == run and r["kind"] == "round_receipt"]
     assert kept["kind"] == "round_receipt" and kept["evaluated"] is True and kept["record"] == record
     check = check_receipts(coordinator.path, receipts(attacker), site_key(attacker), attacker.identity.public,
                            run_id=run)
@@ -217,7 +217,7 @@ def test_a_record_message_never_crashes_the_site(attacker):
     later = attacker.case(script, sites=DEMO, run=run)
     assert rule_of(later.declines[2]) == "record" and sorted(later.keys) == [1, 3]
     assert attacker.procs[2].poll() is None
-    [dispute] = [r for r in read_log(receipts(attacker, 2)) if r.get("run_id") == run]
+    [dispute] = [r for r in read_log(receipts(attacker, 2)) if r.get("run_id") == run and r["kind"] == "round_dispute"]
     assert dispute["kind"] == "round_dispute" and dispute["record"] is None
     assert "nested deeper than 100" in dispute["problem"]
 
@@ -243,3 +243,27 @@ def test_a_round_without_its_record_stops_every_site_that_sent_an_update(attacke
     assert {s: rule_of(r) for s, r in withheld.declines.items()} == {s: "record" for s in DEMO}
     assert withheld.keys == {}  # not one key advertised: nothing of the next round began
     assert resumed.declines == {} and sorted(resumed.keys) == DEMO  # the control: with the record, on they go
+
+
+def test_reconnecting_instead_of_sending_records_is_excused_only_max_unrecorded_times(attacker):
+    """The red-team's bypass of attack 5: a coordinator that sums a round and then opens a new
+    session instead of sending the record.  A new session can be an honest restart, so the site
+    excuses it, keeping its own signed word of the attempt (``round_unrecorded``), but only
+    ``policy.max_unrecorded`` (2) times in a run: the fourth round is declined by every site."""
+    run = f"record-{next(_runs)}"
+
+    async def summed_without_record(sessions):
+        await Round(attacker, sessions, DEMO).honest()
+
+    async def ask(sessions):
+        return await next_round(attacker, sessions)
+
+    for _ in range(3):
+        attacker.case(summed_without_record, sites=DEMO, run=run)
+    refused = attacker.case(ask, sites=DEMO, run=run)
+    assert {s: rule_of(r) for s, r in refused.declines.items()} == {s: "record" for s in DEMO}
+    assert refused.keys == {}
+    for site in DEMO:
+        owed = [r for r in read_log(receipts(attacker, site)) if r.get("run_id") == run
+                and r["kind"] == "round_unrecorded"]
+        assert len(owed) == 3 and all(r["contributed"] for r in owed)
