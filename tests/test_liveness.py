@@ -11,6 +11,7 @@ fast machine, and the heartbeats come from the event loop, which the held thread
 
 from __future__ import annotations
 
+import itertools
 import threading
 from typing import Any
 
@@ -18,6 +19,7 @@ import anyio
 import pytest
 
 import asagiri.client.session as session_module
+from asagiri.client.runtime import Site
 from asagiri.local import lay_out, run_local
 from asagiri.site.worker import SiteWorker
 
@@ -102,3 +104,71 @@ def test_a_site_whose_worker_is_busy_past_the_heartbeat_timeout_is_not_dropped(t
     assert summary["status"] == "completed" and [r["participants"] for r in completed] == [[1, 2, 3]] * 2
     # the hold really outlasted the coordinator's patience for silence
     assert completed[0]["duration_s"] >= HEARTBEAT_TIMEOUT or at == "setup"
+
+
+def test_fitins_sent_while_the_site_sets_up_do_not_pile_up_in_its_memory(tmp_path, monkeypatch):
+    """A red-team finding: each FitIns that arrived during set-up held its tensors until its
+    training task woke after set-up, so a coordinator could fill a site's memory with models.
+    With site 1's set-up held, a scripted coordinator (the real key and wire) sends five FitIns
+    of newer and newer rounds: the four superseded ones give their tensors back at once."""
+    from asagiri.config import RunSpec
+    from asagiri.initial import initial_params
+    from asagiri.wire.connection import accept_handshake
+    from asagiri.wire.crypto import Identity, PublicIdentity
+    from asagiri.wire.memory import memory_stream_pair
+    from asagiri.wire.messages import FitIns, Heartbeat, Welcome
+    from asagiri.wire.pool import ArrayPool
+
+    held, release = threading.Event(), threading.Event()
+    monkeypatch.setattr(HeldWorker, "held", held, raising=False)
+    monkeypatch.setattr(HeldWorker, "release", release, raising=False)
+    monkeypatch.setattr(HeldWorker, "at", "setup", raising=False)
+    monkeypatch.setattr(session_module, "SiteWorker", HeldWorker)
+    cfg, sites = lay_out(tmp_path, sites=3, rounds=5, overrides=FAST)
+    coordinator = Identity.load(tmp_path / "keys" / "coordinator.key")
+    roster = {s.id: PublicIdentity.from_hex(s.public_key) for s in cfg.sites}
+    params = initial_params(cfg)
+    returned: list[int] = []  # one entry per FitIns whose tensors went back to the pool
+    four_back = anyio.Event()
+    keep = ArrayPool.release
+
+    def counting(pool: ArrayPool, arrays: Any) -> None:
+        arrays = list(arrays)
+        if len(arrays) == len(params):  # one FitIns's tensors
+            returned.append(len(returned) + 1)
+            if len(returned) == 4:
+                four_back.set()
+        keep(pool, arrays)
+
+    monkeypatch.setattr(ArrayPool, "release", counting)
+
+    async def main() -> None:
+        near, far = memory_stream_pair()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(Site(sites[1]).session, far)
+            _, conn = await accept_handshake(near, coordinator, roster, max_frame_size=cfg.max_frame_bytes,
+                                             max_payload_bytes=cfg.max_message_bytes, chunk_bytes=cfg.chunk_bytes)
+            await conn.send(Welcome(cfg.run_id, 0, 3, RunSpec.of(cfg).wire()))
+
+            async def heartbeats() -> None:  # as the coordinator sends them: the site stays in session
+                for seq in itertools.count(1):
+                    await conn.send(Heartbeat(seq))
+                    await anyio.sleep(0.5)
+
+            tg.start_soon(heartbeats)
+            await anyio.to_thread.run_sync(held.wait)
+            for rnd in range(1, 6):
+                await conn.send(FitIns(rnd, 1, params, {"mu": 0.0}))
+            try:
+                with anyio.fail_after(30):
+                    await four_back.wait()
+                # all four while set-up was still held, and the newest still waits to be trained
+                assert len(returned) == 4 and held.is_set() and not release.is_set()
+            finally:
+                release.set()  # the set-up thread cannot be cancelled: let it end
+                tg.cancel_scope.cancel()
+
+    try:
+        anyio.run(main)
+    finally:
+        release.set()

@@ -93,6 +93,9 @@ class Session:
         self.final = False
         self._ended = False
         self._set_up = anyio.Event()  # the worker for this session's run is built (or failed)
+        # FitIns whose training task waits (for set-up, or for the training before it), by id; the
+        # one who takes an entry out gives its tensors back to the pool
+        self._waiting: dict[int, FitIns] = {}
 
     async def run(self) -> None:
         first = await self.conn.receive()
@@ -167,6 +170,8 @@ class Session:
                 tg.start_soon(self._build, action)
             elif isinstance(action, Train):
                 assert tg is not None, "only a message starts a training"
+                self._drop_superseded()
+                self._waiting[id(action.ins)] = action.ins
                 tg.start_soon(self._train, action)
             elif isinstance(action, Evaluate):
                 await self._evaluate(action.ins)
@@ -208,16 +213,26 @@ class Session:
         examples = 0 if self.kept.worker is None else len(self.kept.worker.data.train)
         await self._act(self.machine.set_up(action.welcome, problem, examples=examples))
 
+    def _drop_superseded(self) -> None:
+        """A waiting FitIns that a newer one superseded gives its tensors back now, not when its
+        task wakes: a coordinator that sends FitIns after FitIns while this site sets up (or
+        trains) cannot pile models up in its memory.  One waits at a time."""
+        for key, ins in list(self._waiting.items()):
+            if not self.machine.wants(ins):
+                del self._waiting[key]
+                self.conn.pool.release(ins.params.values())
+
     async def _train(self, action: Train) -> None:
-        ins = action.ins
+        ins, owned = action.ins, False
         try:
             await self._set_up.wait()
             worker = self.kept.worker
             if worker is None:
                 return  # it could not be set up: the machine declines the round
             async with self.kept.training:
-                if not self.machine.wants(ins):
-                    return  # refused, or superseded, while the previous training ran
+                owned = self._waiting.pop(id(ins), None) is not None
+                if not owned or not self.machine.wants(ins):
+                    return  # refused, or superseded, while it waited
                 t0 = time.monotonic()
                 try:
                     on_step = self._progress(ins.round, worker)
@@ -234,7 +249,8 @@ class Session:
                 finally:
                     self._progress_done()
         finally:
-            self.conn.pool.release(ins.params.values())  # copied into the model; reuse for the next round
+            if owned or self._waiting.pop(id(ins), None) is not None:
+                self.conn.pool.release(ins.params.values())  # copied into the model; reuse for the next round
         self._trained(ins.round, worker, steps, time.monotonic() - t0)
         await self._act(self.machine.trained(ins, outcome))
 
