@@ -10,7 +10,7 @@ on the bundled chest X-rays resized to ``--size`` px.  For each round:
 - ``wall``: from the coordinator's RoundStarted to the next round's (the last round: to its
   RoundCompleted), as its status pipe reports them: selection, training, every secure-aggregation stage, evaluation, the
   checkpoint, the signed records and the round record sent to the sites;
-- ``train``: the longest local training of the round, from each site's log ("trained on N examples
+- ``train``: the longest local training of the round, from each site's log ("trained on about N examples (K steps)
   in S s"; the sites train at once, so the slowest is what the round waits for);
 - ``evaluate``: the evaluation stage, from ``metrics.jsonl``;
 - ``other`` = wall - train - evaluate: selection, key set-up, masking, transport, unmasking,
@@ -38,7 +38,7 @@ from asagiri.launcher import (
     write_site_config,
 )
 
-TRAINED = re.compile(r"round (\d+): trained on \d+ examples in ([\d.]+)s")
+TRAINED = re.compile(r"round (\d+): trained on about \d+ examples \(\d+ steps\) in ([\d.]+)s")
 
 
 def run(out: Path, *, secure: bool, sites: int, rounds: int, size: int, width: int) -> list[dict]:

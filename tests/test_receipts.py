@@ -154,6 +154,25 @@ def test_reconnecting_instead_of_recording_is_excused_only_max_unrecorded_times(
         witness_with(path, max_unrecorded=2).before_fit(RUN, 4, 1)
 
 
+def test_an_attempt_the_log_has_passed_is_not_excused_but_checked_in_the_log(tmp_path):
+    """The site contributed to round 2 and was away; it rejoins when the log has reached round 3.
+    It does not count that against ``max_unrecorded`` (the log claims to have moved past it), and
+    the verifier requires the log to hold round 2's record or abort: here it holds neither."""
+    path = tmp_path / "receipts.jsonl"
+    log, w = Log(tmp_path / "audit.jsonl"), witness_with(path, max_unrecorded=0)
+    w.joined(RUN)
+    w.settle(RUN)
+    w.record(RUN, log.round(1))
+    took_part(w, 2)
+    w.joined(RUN)
+    w.record(RUN, log.round(3))  # the join record: the log passed round 2 without a record of it
+    w.before_fit(RUN, 4, 1)  # not excused against the cap
+    [owed] = [r for r in read_log(path) if r["kind"] == "round_unrecorded"]
+    assert owed["log_passed"] is True and owed["attempt"] == 1
+    [problem] = check(log, path).problems
+    assert "holds no record or abort of that attempt (the log had passed that round" in problem
+
+
 def test_a_site_restart_does_not_forget_an_attempt_it_contributed_to(tmp_path):
     path = tmp_path / "receipts.jsonl"
     w = witness_with(path)

@@ -275,8 +275,8 @@ class Session:
             self.kept.progress.finish()
 
     def _trained(self, rnd: int, worker: SiteWorker, steps: int, seconds: float) -> None:
-        examples = min(steps * worker.train_cfg.batch_size, len(worker.data.train) * max(1, steps))
-        log.info("round %d: %d steps (about %d examples) in %.1fs", rnd, steps, examples, seconds)
+        examples = steps * min(worker.train_cfg.batch_size, len(worker.data.train))  # DP-SGD's: expected
+        log.info("round %d: trained on about %d examples (%d steps) in %.1fs", rnd, examples, steps, seconds)
         self.kept.metrics.trained(examples=examples, steps=steps, seconds=seconds,
                                   epsilon=worker.ledger.epsilon() if worker.ledger is not None else None)
 

@@ -78,7 +78,7 @@ def check_receipts(audit: Path, receipts: Path, site_key: PublicIdentity, coordi
             continue
         where = f"{receipts}:{entry['seq']}: site {entry.get('site')}'s {kind} of round {entry.get('round')}"
         if kind == "round_unrecorded" and entry.get("contributed") is True:
-            notes += _unrecorded_attempt(where, entry, records)
+            (problems if entry.get("log_passed") is True else notes).extend(_unrecorded_attempt(where, entry, records))
             continue
         if kind == "round_unrecorded":
             problems += _unrecorded(where, entry, records)
@@ -133,15 +133,19 @@ def _unrecorded(where: str, entry: dict[str, Any], records: list[dict[str, Any]]
 
 
 def _unrecorded_attempt(where: str, entry: dict[str, Any], records: list[dict[str, Any]]) -> list[str]:
-    """A site's own word that it contributed to a round attempt whose record (or abort) it never
-    got before a new session: fine if the log records that attempt, a note if it does not."""
+    """A site's own word that it contributed to a round attempt whose record or abort it never got
+    before a new session: fine if the log holds either.  If not, a problem when the log had passed
+    that round as the site rejoined (``log_passed``: the log should hold it), a note otherwise (a
+    coordinator that restarted before recording it lost it too)."""
     rnd, attempt = entry.get("round"), entry.get("attempt")
-    if any(r.get("kind") == "round_completed" and r.get("round") == rnd and r.get("attempt") == attempt
-           for r in records):
+    if any(r.get("kind") in ("round_completed", "round_aborted") and r.get("round") == rnd
+           and r.get("attempt") == attempt for r in records):
         return []
-    return [f"{where}: the site says it contributed to round {rnd} attempt {attempt} and no record of that attempt "
-            "came; the log holds none (the coordinator restarted before completing it, or took the sum without "
-            "recording it)"]
+    return [f"{where}: the site says it contributed to round {rnd} attempt {attempt}; the log holds no record or abort "
+            "of that attempt (" + ("the log had passed that round: it took the sum without recording it, or was cut"
+                                   if entry.get("log_passed") is True else
+                                   "the coordinator restarted before recording it, or took the sum without recording "
+                                   "it") + ")"]
 
 
 def _signed_by(record: dict[str, Any], key: PublicIdentity) -> bool:

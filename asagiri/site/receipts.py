@@ -113,7 +113,7 @@ class RoundWitness:
         elif kind == "round_aborted":
             run.attempts.pop(key, None)
         elif kind == "round_unrecorded":
-            run.unrecorded += 1
+            run.unrecorded += 0 if r.get("log_passed") is True else 1
             if r.get("attempt") is not None:
                 run.attempts.pop(key, None)
 
@@ -282,12 +282,19 @@ class RoundWitness:
             run.pending = None
             run.unrecorded += 1
         for (r, a), seen in sorted(run.attempts.items()):
-            if r >= rnd and seen.took_part and (r, a) not in run.aborted:
-                log.warning("round %d.%d: this site contributed to it and no record or abort of it came from that "
-                            "coordinator process; keeping the site's own word of it", r, a)
-                self._write("round_unrecorded", run_id, r, attempt=a, contributed=True,
-                            log_id=None if rec is None else rec["log_id"], seen_seq=None if rec is None else rec["seq"])
-                run.unrecorded += 1
+            if not seen.took_part or (r, a) in run.aborted:
+                continue
+            # The log ends before r: no coordinator process recorded the attempt, and none will
+            # (a restart, or a coordinator that reconnects instead of recording): excused, counted.
+            # The log passed r: it should hold the attempt's record or abort, which this site was
+            # not there to receive; the verifier checks that the log does.
+            passed = r <= rnd and rec is not None
+            log.warning("round %d.%d: this site contributed to it and no record or abort of it came; keeping "
+                        "the site's own word of it", r, a)
+            self._write("round_unrecorded", run_id, r, attempt=a, contributed=True, log_passed=passed,
+                        log_id=None if rec is None else rec["log_id"], seen_seq=None if rec is None else rec["seq"])
+            run.unrecorded += 0 if passed else 1
+            del run.attempts[(r, a)]
         run.attempts = {k: v for k, v in run.attempts.items() if k[0] < rnd}
         run.aborted = {k for k in run.aborted if k[0] < rnd}
 

@@ -147,8 +147,9 @@ class ColludingSite:
 
 
 class Attacker:
-    def __init__(self, root: Path, sites: int = SITES) -> None:
+    def __init__(self, root: Path, sites: int = SITES, policy: dict[str, Any] | None = None) -> None:
         self.root = root
+        self.policy = dict(policy or {})  # every site's, under what a case's own policy adds
         self.port = free_port()
         self.identity = Identity.generate()
         self.site_keys = {i: Identity.generate() for i in range(1, sites + 1)}
@@ -162,9 +163,9 @@ class Attacker:
 
     @classmethod
     @contextmanager
-    def running(cls, root: Path, sites: list[int]) -> Iterator[Attacker]:
+    def running(cls, root: Path, sites: list[int], policy: dict[str, Any] | None = None) -> Iterator[Attacker]:
         """An attacker facing ``sites`` as real processes, every one of them killed on leaving."""
-        attacker = cls(root)
+        attacker = cls(root, policy=policy)
         try:
             for site in sites:
                 attacker.start_site(site)
@@ -192,6 +193,7 @@ class Attacker:
             "simulation": {"share": site - 1, "shares": SITES},
             "train_seed": 7,  # so that true_update, computed here, trains as the site does
             **extra,
+            "policy": {**self.policy, **extra.get("policy", {})},
         }
 
     def start_site(self, site: int, **extra: Any) -> subprocess.Popen:
