@@ -170,7 +170,7 @@ def test_an_attempt_the_log_has_passed_is_not_excused_but_checked_in_the_log(tmp
     [owed] = [r for r in read_log(path) if r["kind"] == "round_unrecorded"]
     assert owed["log_passed"] is True and owed["attempt"] == 1
     [problem] = check(log, path).problems
-    assert "holds no record or abort of that attempt (the log had passed that round" in problem
+    assert "holds no record or abort of that attempt (the log had passed that round with no resume" in problem
 
 
 def test_a_site_restart_does_not_forget_an_attempt_it_contributed_to(tmp_path):

@@ -110,7 +110,7 @@ class PolicyConfig(_Strict):
     # they are functions of this site's sample rate, so together they give away its data size.
     report_privacy: bool = False
     # The count is summed exactly inside the secure sum, so two rounds whose participants differ by
-    # this site give away whatever it sends here: by default that is 1 (docs/secagg.md, "Counts").
+    # this site give away whatever it sends here: by default that is 1 (docs/secagg.md, "Sample counts").
     count: Literal["one", "pow2", "exact"] = "one"
     require_dp: bool = False
     # The fewest training examples one update may come from: a share the size of a few images

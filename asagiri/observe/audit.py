@@ -28,8 +28,8 @@ class ReceiptCheck:
     checked: int  # receipts of this run compared with the log
     problems: list[str]
     pinned: int = 0  # the log is fixed up to this record by the site's receipts
-    # the site's word of attempts it contributed to that the log does not record: not a
-    # contradiction (a coordinator that restarted mid-round lost them too), but a reader's question
+    # the site's word of attempts it contributed to that the log does not record, where a restart of
+    # the coordinator explains it (a process that died mid-round lost them too): a reader's question
     notes: list[str] = field(default_factory=list)
 
 
@@ -78,7 +78,9 @@ def check_receipts(audit: Path, receipts: Path, site_key: PublicIdentity, coordi
             continue
         where = f"{receipts}:{entry['seq']}: site {entry.get('site')}'s {kind} of round {entry.get('round')}"
         if kind == "round_unrecorded" and entry.get("contributed") is True:
-            (problems if entry.get("log_passed") is True else notes).extend(_unrecorded_attempt(where, entry, records))
+            found = _unrecorded_attempt(where, entry, records)
+            if found is not None:
+                (problems if found[0] else notes).append(found[1])
             continue
         if kind == "round_unrecorded":
             problems += _unrecorded(where, entry, records)
@@ -132,20 +134,24 @@ def _unrecorded(where: str, entry: dict[str, Any], records: list[dict[str, Any]]
     return out
 
 
-def _unrecorded_attempt(where: str, entry: dict[str, Any], records: list[dict[str, Any]]) -> list[str]:
+def _unrecorded_attempt(where: str, entry: dict[str, Any], records: list[dict[str, Any]]) -> tuple[bool, str] | None:
     """A site's own word that it contributed to a round attempt whose record or abort it never got
-    before a new session: fine if the log holds either.  If not, a problem when the log had passed
-    that round as the site rejoined (``log_passed``: the log should hold it), a note otherwise (a
-    coordinator that restarted before recording it lost it too)."""
+    before a new session: None if the log holds either.  If not, (True, why) when the log had
+    passed that round as the site rejoined (``log_passed``) with no resume that redid it: the log
+    should hold it; (False, why) otherwise, a note (a coordinator that died mid-round lost it)."""
     rnd, attempt = entry.get("round"), entry.get("attempt")
     if any(r.get("kind") in ("round_completed", "round_aborted") and r.get("round") == rnd
            and r.get("attempt") == attempt for r in records):
-        return []
-    return [f"{where}: the site says it contributed to round {rnd} attempt {attempt}; the log holds no record or abort "
-            "of that attempt (" + ("the log had passed that round: it took the sum without recording it, or was cut"
-                                   if entry.get("log_passed") is True else
-                                   "the coordinator restarted before recording it, or took the sum without recording "
-                                   "it") + ")"]
+        return None
+    # a resumed process redoes the rounds from its first_round under new attempts, unrecorded ones lost
+    redone = type(rnd) is int and any(r.get("kind") == "run_started" and r.get("resumed") is True
+                                      and type(r.get("first_round")) is int and r["first_round"] <= rnd
+                                      for r in records)
+    problem = entry.get("log_passed") is True and not redone
+    why = ("the log had passed that round with no resume between: it took the sum without recording it, or was cut"
+           if problem else "the coordinator restarted before recording it, or took the sum without recording it")
+    return problem, (f"{where}: the site says it contributed to round {rnd} attempt {attempt}; the log holds no "
+                     f"record or abort of that attempt ({why})")
 
 
 def _signed_by(record: dict[str, Any], key: PublicIdentity) -> bool:
