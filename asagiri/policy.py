@@ -169,8 +169,8 @@ class SitePolicy:
         self.require(b.min_lr <= t.lr <= b.max_lr, Rule.TRAIN_BOUNDS,
                      f"learning rate {t.lr:g} outside this site's {b.min_lr:g}..{b.max_lr:g}")
         if t.local_steps is not None:
-            self.require(t.local_steps <= b.max_local_steps, Rule.TRAIN_BOUNDS,
-                         f"{t.local_steps} local steps, more than this site's {b.max_local_steps}")
+            self.require(b.min_local_steps <= t.local_steps <= b.max_local_steps, Rule.TRAIN_BOUNDS,
+                         f"{t.local_steps} local steps, outside this site's {b.min_local_steps}..{b.max_local_steps}")
         else:
             self.require(b.allow_epochs, Rule.TRAIN_BOUNDS,
                          "local training in epochs: the step count would follow this site's data size "

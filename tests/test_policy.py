@@ -208,6 +208,7 @@ def test_the_default_bounds_accept_the_default_run_and_every_shipped_recipe():
     ({}, {"train": {"lr": 50.0}}, "train_bounds"),
     ({}, {"train": {"lr": 1e-7}}, "train_bounds"),
     ({}, {"train": {"local_steps": 5000}}, "train_bounds"),
+    ({}, {"train": {"local_steps": 1}}, "train_bounds"),  # one minibatch's gradient
     # epochs: the step count would follow the data size
     ({}, {"train": {"local_epochs": 1, "local_steps": None}}, "train_bounds"),
     ({"allow_epochs": True}, {"train": {"local_epochs": 20, "local_steps": None}}, "train_bounds"),

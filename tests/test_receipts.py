@@ -173,6 +173,48 @@ def test_an_attempt_the_log_has_passed_is_not_excused_but_checked_in_the_log(tmp
     assert "holds no record or abort of that attempt (the log had passed that round with no resume" in problem
 
 
+def test_an_abort_after_the_site_revealed_its_shares_counts_as_unrecorded(tmp_path):
+    """Red-team finding: the coordinator ran the whole round, took the unmask shares, then said
+    the attempt aborted (``unmask_failed`` is a real cause), which used to excuse it for free."""
+    path = tmp_path / "receipts.jsonl"
+    w = witness_with(path, max_unrecorded=1)
+    w.joined(RUN)
+    w.settle(RUN)
+    for rnd in (1, 2):
+        w.before_fit(RUN, rnd, 1)
+        took_part(w, rnd)
+        w.unmasked(RUN, rnd, 1)
+        w.aborted(RUN, rnd, 1)
+    with pytest.raises(Refusal, match="2 rounds of this run went unrecorded"):
+        w.before_fit(RUN, 3, 1)
+    with pytest.raises(Refusal, match="2 rounds of this run went unrecorded"):  # restarted too
+        witness_with(path, max_unrecorded=1).before_fit(RUN, 3, 1)
+    # an abort before the site revealed anything is free, as before
+    fresh = witness_with(tmp_path / "other.jsonl", max_unrecorded=0)
+    fresh.joined(RUN)
+    fresh.settle(RUN)
+    took_part(fresh, 1)
+    fresh.aborted(RUN, 1, 1)
+    fresh.before_fit(RUN, 1, 2)
+
+
+def test_a_made_up_join_record_that_passes_an_owed_round_is_caught_by_the_verifier(tmp_path):
+    """Red-team finding: after taking round 2's sum, the coordinator reconnects with a freshly
+    signed record of round 10**9, so the owed attempt looks passed and is not counted.  The site
+    keeps that record whole; the verifier finds it is not the log's."""
+    path = tmp_path / "receipts.jsonl"
+    log, w = Log(tmp_path / "audit.jsonl"), witness_with(path)
+    w.joined(RUN)
+    w.settle(RUN)
+    w.record(RUN, log.round(1))
+    took_part(w, 2)
+    forged = Log(tmp_path / "forged.jsonl")  # the coordinator's key, a log nobody else sees
+    w.joined(RUN)
+    w.record(RUN, forged.round(10**9))
+    problems = check(log, path).problems
+    assert any("is not the log's record at that seq: made up" in p for p in problems), problems
+
+
 def test_a_site_restart_does_not_forget_an_attempt_it_contributed_to(tmp_path):
     path = tmp_path / "receipts.jsonl"
     w = witness_with(path)

@@ -57,7 +57,7 @@ def test_the_nih_recipe_runs_on_a_chestxray14_folder(tmp_path):
     # shortened: 64 px and a narrow ResNet-18, the rest as the recipe says
     summary = run(tmp_path, "nih-chestxray14-224.yaml", 3,
                   [f"data.path={tmp_path / 'nih'}", "data.image_size=64", "model.width=8", "train.batch_size=16",
-                   "train.local_steps=2"],
+                   "train.local_steps=5"],
                   min_examples=16)
     assert summary["status"] == "completed" and summary["rounds_completed"] == 1
     assert "accuracy" in summary["final"] and len(summary["final"]["site_accuracy"]) == 3
@@ -67,7 +67,7 @@ def test_the_isic_recipe_runs_on_an_isic2020_folder(tmp_path):
     make_isic(tmp_path / "isic", n=96)
     summary = run(tmp_path, "isic-2020.yaml", 3,
                   [f"data.path={tmp_path / 'isic'}", "data.image_size=64", "model.width=8", "train.batch_size=16",
-                   "train.local_steps=2", "data.partition.scheme=iid"], min_examples=16)
+                   "train.local_steps=5", "data.partition.scheme=iid"], min_examples=16)
     assert summary["status"] == "completed" and summary["rounds_completed"] == 1
 
 

@@ -61,6 +61,7 @@ from ..wire.messages import (
     ShareDelivery,
     Shutdown,
     UnmaskRequest,
+    UnmaskResponse,
     Welcome,
 )
 
@@ -288,6 +289,8 @@ class SiteMachine:
                 self.witness.sent_update(self.run_id, reply.round, reply.attempt)
             elif isinstance(reply, ConsistencySig) and isinstance(about, ConsistencyCheck):
                 self.witness.signed_survivors(self.run_id, reply.round, reply.attempt, list(about.survivors))
+            elif isinstance(reply, UnmaskResponse):
+                self.witness.unmasked(self.run_id, reply.round, reply.attempt)
         return [Send(r) for r in replies]
 
     # -- what the training thread finishes -------------------------------------------------------

@@ -23,9 +23,10 @@ class TrainingBounds(_Strict):
     fine fixed-point ring so the sum is exact).  The defaults admit every shipped recipe.
 
     ``model`` rule: ``models``, ``norms``, ``min_width``..``max_width``.
-    ``train_bounds`` rule: ``min_lr``..``max_lr``, ``max_local_steps``, ``allow_epochs`` (a
-    run that trains in ``local_epochs`` takes a number of steps that grows with this site's data
-    size, and with it the update and the round's time: refused by default), ``max_local_epochs``,
+    ``train_bounds`` rule: ``min_lr``..``max_lr``, ``min_local_steps``..``max_local_steps``,
+    ``allow_epochs`` (a run that trains in ``local_epochs`` takes a number of steps that grows
+    with this site's data size, and with it the update and the round's time: refused by
+    default), ``max_local_epochs``,
     ``min_batch_size``..``max_batch_size``, ``optimizers``, ``max_momentum``,
     ``max_weight_decay``, ``max_mu`` (FedProx's weight in each FitIns), ``require_augment`` (``without_dp``: a run without DP-SGD must augment,
     unless its model trains on fixed features that cannot be shifted (``scatter_linear``);
@@ -45,6 +46,8 @@ class TrainingBounds(_Strict):
     # train_bounds
     min_lr: float = Field(1e-5, gt=0)
     max_lr: float = Field(1.0, gt=0)
+    # a floor too: one step of a small batch makes the update a single minibatch's gradient
+    min_local_steps: int = Field(5, ge=1)
     max_local_steps: int = Field(500, ge=1)
     allow_epochs: bool = False
     max_local_epochs: int = Field(5, ge=1)
@@ -71,6 +74,7 @@ class TrainingBounds(_Strict):
     @model_validator(mode="after")
     def _ranges(self) -> TrainingBounds:
         for lo, hi in (("min_width", "max_width"), ("min_lr", "max_lr"), ("min_batch_size", "max_batch_size"),
+                       ("min_local_steps", "max_local_steps"),
                        ("min_grad_norm", "max_grad_norm")):
             if getattr(self, lo) > getattr(self, hi):
                 raise ValueError(f"{lo}={getattr(self, lo)} is above {hi}={getattr(self, hi)}")

@@ -78,7 +78,7 @@ def check_receipts(audit: Path, receipts: Path, site_key: PublicIdentity, coordi
             continue
         where = f"{receipts}:{entry['seq']}: site {entry.get('site')}'s {kind} of round {entry.get('round')}"
         if kind == "round_unrecorded" and entry.get("contributed") is True:
-            found = _unrecorded_attempt(where, entry, records)
+            found = _unrecorded_attempt(where, entry, records, by_seq)
             if found is not None:
                 (problems if found[0] else notes).append(found[1])
             continue
@@ -134,18 +134,26 @@ def _unrecorded(where: str, entry: dict[str, Any], records: list[dict[str, Any]]
     return out
 
 
-def _unrecorded_attempt(where: str, entry: dict[str, Any], records: list[dict[str, Any]]) -> tuple[bool, str] | None:
+def _unrecorded_attempt(where: str, entry: dict[str, Any], records: list[dict[str, Any]],
+                        by_seq: dict[int, dict[str, Any]]) -> tuple[bool, str] | None:
     """A site's own word that it contributed to a round attempt whose record or abort it never got
     before a new session: None if the log holds either.  If not, (True, why) when the log had
-    passed that round as the site rejoined (``log_passed``) with no resume that redid it: the log
-    should hold it; (False, why) otherwise, a note (a coordinator that died mid-round lost it)."""
-    rnd, attempt = entry.get("round"), entry.get("attempt")
+    passed that round as the site rejoined (``log_passed``) with no resume that redid it before
+    the record the site saw then, or when that record is not the log's: the log should hold it;
+    (False, why) otherwise, a note (a coordinator that died mid-round lost it)."""
+    rnd, attempt, seen = entry.get("round"), entry.get("attempt"), entry.get("seen_seq")
+    shown = entry.get("seen_record")
+    if isinstance(shown, dict) and type(seen) is int and by_seq.get(seen, {}).get("hash") != shown.get("hash"):
+        return True, (f"{where}: the record that showed this site the log had passed round {rnd} (seq {seen}) is not "
+                      "the log's record at that seq: made up, or the log was cut or rewritten")
     if any(r.get("kind") in ("round_completed", "round_aborted") and r.get("round") == rnd
            and r.get("attempt") == attempt for r in records):
         return None
-    # a resumed process redoes the rounds from its first_round under new attempts, unrecorded ones lost
+    # a resumed process redoes the rounds from its first_round under new attempts, unrecorded ones
+    # lost: a resume counts if it came before the record the site saw on rejoining
     redone = type(rnd) is int and any(r.get("kind") == "run_started" and r.get("resumed") is True
                                       and type(r.get("first_round")) is int and r["first_round"] <= rnd
+                                      and (type(seen) is not int or r["seq"] <= seen)
                                       for r in records)
     problem = entry.get("log_passed") is True and not redone
     why = ("the log had passed that round with no resume between: it took the sum without recording it, or was cut"

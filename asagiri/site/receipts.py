@@ -54,6 +54,7 @@ class _Attempt:
     """What this site did in one round attempt."""
 
     sent: bool = False  # an update (FitRes, or MaskedInput under secure aggregation)
+    unmasked: bool = False  # it answered the attempt's UnmaskRequest: the sum may be the coordinator's
     declined: bool = False
     survivors: list[int] | None = None  # the survivor list it signed
 
@@ -110,8 +111,11 @@ class RoundWitness:
             run.dispute = f"round {r.get('round')}: {r.get('problem')}"
         elif kind == "round_contributed" and type(key[0]) is int and type(key[1]) is int:
             run.attempts[key] = _Attempt(sent=True)
+        elif kind == "round_unmasked" and key in run.attempts:
+            run.attempts[key].unmasked = True
         elif kind == "round_aborted":
             run.attempts.pop(key, None)
+            run.unrecorded += 1 if r.get("after_unmask") is True else 0
         elif kind == "round_unrecorded":
             run.unrecorded += 0 if r.get("log_passed") is True else 1
             if r.get("attempt") is not None:
@@ -155,11 +159,24 @@ class RoundWitness:
     def declined(self, run_id: str, rnd: int, attempt: int) -> None:
         self._attempt(run_id, rnd, attempt).declined = True
 
+    def unmasked(self, run_id: str, rnd: int, attempt: int) -> None:
+        seen = self._attempt(run_id, rnd, attempt)
+        if not seen.unmasked:
+            seen.unmasked = True
+            self._write("round_unmasked", run_id, rnd, attempt=attempt)
+
     def aborted(self, run_id: str, rnd: int, attempt: int) -> None:
+        """The coordinator says the attempt was aborted.  After this site answered its UnmaskRequest
+        the coordinator may hold the sum all the same, so such an abort is excused like a missing
+        record: it counts against ``max_unrecorded``."""
         run = self._run(run_id)
         seen = run.attempts.get((rnd, attempt))
         if seen is not None and seen.took_part and (rnd, attempt) not in run.aborted:
-            self._write("round_aborted", run_id, rnd, attempt=attempt)
+            self._write("round_aborted", run_id, rnd, attempt=attempt, after_unmask=seen.unmasked)
+            if seen.unmasked:
+                log.warning("round %d.%d: aborted after this site revealed its shares; counted as unrecorded",
+                            rnd, attempt)
+                run.unrecorded += 1
         run.aborted.add((rnd, attempt))
 
     def signed_survivors(self, run_id: str, rnd: int, attempt: int, survivors: list[int]) -> None:
@@ -291,8 +308,10 @@ class RoundWitness:
             passed = r <= rnd and rec is not None
             log.warning("round %d.%d: this site contributed to it and no record or abort of it came; keeping "
                         "the site's own word of it", r, a)
+            # the join record whole: a record made up to look as if the log passed r is then evidence
             self._write("round_unrecorded", run_id, r, attempt=a, contributed=True, log_passed=passed,
-                        log_id=None if rec is None else rec["log_id"], seen_seq=None if rec is None else rec["seq"])
+                        log_id=None if rec is None else rec["log_id"], seen_seq=None if rec is None else rec["seq"],
+                        seen_record=rec)
             run.unrecorded += 0 if passed else 1
             del run.attempts[(r, a)]
         run.attempts = {k: v for k, v in run.attempts.items() if k[0] < rnd}
