@@ -271,7 +271,8 @@ def test_a_join_record_of_the_same_process_is_checked(setup):
 
 
 def test_a_site_that_returns_after_a_redone_round_does_not_dispute_it(setup):
-    """It sent an update in (2, 1); the coordinator died and redid (2, 1) without it."""
+    """It sent an update in (2, 1); the coordinator died and redid round 2 without it, under a new
+    attempt (a resumed coordinator never reuses an attempt number it began)."""
     log, w, receipts = setup
     w.joined(RUN)
     w.settle(RUN)
@@ -279,8 +280,22 @@ def test_a_site_that_returns_after_a_redone_round_does_not_dispute_it(setup):
     took_part(w, 2)
     log.restart()
     w.joined(RUN)  # the join record comes first
-    w.record(RUN, log.round(2, participants=[2, 3], selected=[2, 3]))
+    w.record(RUN, log.round(2, attempt=2, participants=[2, 3], selected=[2, 3]))
     assert not w.disputed(RUN)
+
+
+def test_a_join_record_of_the_attempt_the_site_took_part_in_is_checked_like_any(setup):
+    """Red-team finding: the record of (2, 1) leaving out a site that sent its update in (2, 1),
+    sent as the first record of a new session, used to pass unchecked."""
+    log, w, receipts = setup
+    w.joined(RUN)
+    w.settle(RUN)
+    w.record(RUN, log.round(1))
+    took_part(w, 2)
+    w.joined(RUN)
+    with pytest.raises(Refusal, match="participants"):
+        w.record(RUN, log.round(2, participants=[2, 3], selected=[1, 2, 3]))
+    assert w.disputed(RUN)
 
 
 # ---- honest situations that are not lies ------------------------------------------------------------

@@ -301,6 +301,9 @@ class RoundWitness:
         for (r, a), seen in sorted(run.attempts.items()):
             if not seen.took_part or (r, a) in run.aborted:
                 continue
+            if rec is not None and (r, a) == (rnd, rec["attempt"]):
+                continue  # this very record is of it: checked as any record is (a resumed
+                # coordinator redoes a round under a new attempt, never the same one)
             # The log ends before r: no coordinator process recorded the attempt, and none will
             # (a restart, or a coordinator that reconnects instead of recording): excused, counted.
             # The log passed r: it should hold the attempt's record or abort, which this site was
@@ -314,7 +317,8 @@ class RoundWitness:
                         seen_record=rec)
             run.unrecorded += 0 if passed else 1
             del run.attempts[(r, a)]
-        run.attempts = {k: v for k, v in run.attempts.items() if k[0] < rnd}
+        run.attempts = {k: v for k, v in run.attempts.items()
+                        if k[0] < rnd or (rec is not None and k == (rnd, rec["attempt"]))}
         run.aborted = {k for k in run.aborted if k[0] < rnd}
 
     def _dispute(self, run_id: str, rnd: int, rec: dict[str, Any] | None, problem: str) -> NoReturn:
