@@ -215,6 +215,20 @@ def test_a_made_up_join_record_that_passes_an_owed_round_is_caught_by_the_verifi
     assert any("is not the log's record at that seq: made up" in p for p in problems), problems
 
 
+def test_an_attempt_left_behind_by_a_new_run_id_is_written_down(tmp_path):
+    """Red-team finding: reconnecting the site to another run id orphaned the owed attempt, and
+    the verifier of the first run saw nothing."""
+    path = tmp_path / "receipts.jsonl"
+    log, w = Log(tmp_path / "audit.jsonl"), witness_with(path)
+    w.joined(RUN)
+    w.settle(RUN)
+    took_part(w, 1)
+    w.joined("run-b")
+    [owed] = [r for r in read_log(path) if r["kind"] == "round_unrecorded"]
+    assert (owed["run_id"], owed["round"], owed["left_for"]) == (RUN, 1, "run-b")
+    assert any("contributed to round 1 attempt 1" in n for n in check(log, path).notes)
+
+
 def test_a_site_restart_does_not_forget_an_attempt_it_contributed_to(tmp_path):
     path = tmp_path / "receipts.jsonl"
     w = witness_with(path)

@@ -130,7 +130,18 @@ class RoundWitness:
     # -- what this site did ------------------------------------------------------------------------
 
     def joined(self, run_id: str) -> None:
-        """A new session of ``run_id`` began (its Welcome accepted)."""
+        """A new session of ``run_id`` began (its Welcome accepted).  Attempts of other runs still
+        owed a record are written down as unrecorded now: a coordinator that moves the site to
+        another run id leaves them visible in that run's receipts."""
+        for other_id, other in self._runs.items():
+            if other_id != run_id:
+                for (r, a), seen in sorted(other.attempts.items()):
+                    if seen.took_part and (r, a) not in other.aborted:
+                        log.warning("run %s round %d.%d: left for run %s with no record of it", other_id, r, a, run_id)
+                        self._write("round_unrecorded", other_id, r, attempt=a, contributed=True, log_passed=False,
+                                    log_id=None, seen_seq=None, seen_record=None, left_for=run_id)
+                        other.unrecorded += 1
+                other.attempts = {k: v for k, v in other.attempts.items() if not v.took_part}
         run = self._run(run_id)
         run.joined, run.started = True, None
 
