@@ -231,6 +231,13 @@ class SitePolicy:
             return n
         return 1 if self.cfg.count == "one" else 1 << (n.bit_length() - 1)
 
+    def metrics_sent(self, metrics: Mapping[str, float]) -> dict[str, float]:
+        """Evaluation metrics as this site sends them: to ``metric_decimals`` unless ``count:
+        exact``.  An exact accuracy is k/n, and a few rounds of them give the split's size away."""
+        if self.cfg.count == "exact":
+            return dict(metrics)
+        return {k: round(float(v), self.cfg.metric_decimals) for k, v in metrics.items()}
+
     def check_pinned(self, ids: list[int] | tuple[int, ...]) -> None:
         unknown = sorted(set(ids) - set(self.peers))
         self.require(not unknown, "pinned_peers", f"sites {unknown} have no pinned identity key here")

@@ -176,10 +176,16 @@ def test_evaluation_results_carry_epsilon_and_sigma_only_if_the_policy_says_so(t
     spec = RunSpec.of(fed)
     worker = SiteWorker(cfg, Welcome("r", 0, 1, spec.wire()), spec)
     params = {k: v.detach().numpy().copy() for k, v in worker.model.state_dict().items() if k in worker.shared}
-    quiet = worker.evaluate(EvaluateIns(1, params, "val"), int)
-    told = worker.evaluate(EvaluateIns(1, params, "val"), int, report_privacy=True)
+    quiet = worker.evaluate(EvaluateIns(1, params, "val"), SitePolicy(PolicyConfig()))
+    told = worker.evaluate(EvaluateIns(1, params, "val"), SitePolicy(PolicyConfig(report_privacy=True)))
     assert "noise_multiplier" not in quiet.metrics and "epsilon" not in quiet.metrics
     assert told.metrics["noise_multiplier"] > 0 and "epsilon" in told.metrics
+    # and the count and the metrics, as the policy shows them (a red-team finding: an exact
+    # accuracy k/n over a few rounds gives the validation split's size n away)
+    exact = worker.evaluate(EvaluateIns(1, params, "val"), SitePolicy(PolicyConfig(count="exact")))
+    assert exact.num_examples == len(worker.data.val) > 1 and quiet.num_examples == 1
+    assert quiet.metrics == {k: round(v, 2) for k, v in exact.metrics.items()}
+    assert any(round(v, 2) != v for v in exact.metrics.values())  # the rounding did something
 
 
 # ---- the site's bounds on training (policy.bounds) ---------------------------------------------

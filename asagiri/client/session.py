@@ -261,7 +261,7 @@ class Session:
             if worker is None:
                 raise RemoteProtocolError("EvaluateIns for a run this site could not set up")
             async with self.kept.training:  # evaluation loads the global model into the same module
-                res = await self._work(worker.evaluate, ins, self.kept.policy.count_sent, self.cfg.policy.report_privacy)
+                res = await self._work(worker.evaluate, ins, self.kept.policy)
         finally:
             self.conn.pool.release(ins.params.values())
         await self._act(self.machine.evaluated(ins, res))

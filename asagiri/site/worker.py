@@ -19,6 +19,7 @@ from ..data.cache import DecodeSettings
 from ..data.loaders import SiteData, load_configured_site
 from ..models import build, prepare_data, shared_keys
 from ..params import update_norm
+from ..policy import SitePolicy
 from ..train import TrainResult, evaluate, train_local
 from ..train.accel import Accel
 from ..train.loop import OnStep
@@ -215,17 +216,19 @@ class SiteWorker:
         self.last_steps = result.steps  # local only: the step count would tell the coordinator the data size
         return FitRes(ins.round, ins.attempt, update, n, {"train_loss": result.loss})
 
-    def evaluate(self, ins: EvaluateIns, count: Callable[[int], int], report_privacy: bool = False) -> EvaluateRes:
+    def evaluate(self, ins: EvaluateIns, policy: SitePolicy) -> EvaluateRes:
         """Score the global model on the validation or test split.  A validation result carries the
-        count ``count`` makes of the split's size; a test result's predictions are one per example."""
+        count and the metrics as the site's policy shows them (``count_sent``, ``metrics_sent``);
+        a test result's predictions are one per example."""
         self._load_global(ins.params)
         split = self.data.val if ins.split == "val" else self.data.test
         res = evaluate(self.model, split, device=self.device, task=self.data.task, accel=self.accel)
         predictions = {}
         if ins.split == "test":
             predictions = {"scores": res.scores.astype(np.float32), "labels": np.ascontiguousarray(res.labels)}
-        metrics = {**res.metrics(), **(self.privacy_metrics() if report_privacy else {})}
-        num_examples = res.num_examples if predictions else count(res.num_examples)
+        privacy = self.privacy_metrics() if policy.cfg.report_privacy else {}
+        metrics = {**policy.metrics_sent(res.metrics()), **privacy}
+        num_examples = res.num_examples if predictions else policy.count_sent(res.num_examples)
         return EvaluateRes(ins.round, ins.split, num_examples, metrics, predictions)
 
 
