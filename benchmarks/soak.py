@@ -79,13 +79,15 @@ def percentiles(values: list[float]) -> dict[str, float]:
 
 
 class Soak:
-    def __init__(self, out: Path, *, sites: int, rounds: int, dropout: float, seed: int, samples: int) -> None:
+    def __init__(self, out: Path, *, sites: int, rounds: int, dropout: float, seed: int, samples: int,
+                 local_steps: int = 5) -> None:
         self.out = out
         self.rng = random.Random(seed)
         self.dropout = dropout
         self.fed_path, self.cfg = write_federation(out, sites=sites, rounds=rounds, overrides=[
             "data.dataset=synthetic", f"data.synthetic_samples={samples}", "data.partition.scheme=iid",
-            "model.width=4", f"min_clients={max(3, sites // 2)}", "max_round_attempts=10",
+            "model.width=4", f"train.local_steps={local_steps}", f"min_clients={max(3, sites // 2)}",
+            "max_round_attempts=10",
             "timeouts.heartbeat_interval=2", "timeouts.heartbeat_timeout=20", "timeouts.fit=120",
             "timeouts.secagg_stage=60", "timeouts.evaluate=60", "timeouts.wait_for_sites=120",
         ])
@@ -191,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=100)
     p.add_argument("--dropout", type=float, default=0.2, help="chance that a selected site dies in a round")
     p.add_argument("--samples", type=int, default=4000, help="synthetic training images in all")
+    p.add_argument("--local-steps", type=int, default=5,
+                   help="local steps a round (5, the site policy's floor: about one pass over 200 images)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="run directory (default: a temporary one)")
     p.add_argument("--json", action="store_true", help="print only the JSON result")
@@ -198,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="asagiri-soak-") as tmp:
         out = args.out or Path(tmp)
         soak = Soak(out, sites=args.sites, rounds=args.rounds, dropout=args.dropout, seed=args.seed,
-                    samples=args.samples)
+                    samples=args.samples, local_steps=args.local_steps)
         try:
             result = soak.run()
         finally:

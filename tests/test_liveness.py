@@ -26,7 +26,7 @@ from asagiri.site.worker import SiteWorker
 HEARTBEAT_TIMEOUT = 5.0
 HELD_FOR = 1.6 * HEARTBEAT_TIMEOUT
 FAST = ["data.dataset=synthetic", "data.synthetic_samples=192", "data.partition.scheme=iid", "model.width=8",
-        "timeouts.heartbeat_interval=0.5", f"timeouts.heartbeat_timeout={HEARTBEAT_TIMEOUT}",
+        "train.local_steps=5", "timeouts.heartbeat_interval=0.5", f"timeouts.heartbeat_timeout={HEARTBEAT_TIMEOUT}",
         # only the heartbeat may drop a site here: the round deadlines are far away
         "timeouts.fit=600", "timeouts.evaluate=600", "timeouts.secagg_stage=600", "timeouts.wait_for_sites=600"]
 

@@ -15,7 +15,7 @@ from asagiri.signedlog import RECEIPT_DOMAIN, read_log, verify_log
 from asagiri.wire.crypto import PublicIdentity
 
 FAST = ["data.dataset=synthetic", "data.synthetic_samples=192", "data.partition.scheme=iid", "model.width=8",
-        "timeouts.heartbeat_interval=1", "timeouts.heartbeat_timeout=10"]
+        "train.local_steps=5", "timeouts.heartbeat_interval=1", "timeouts.heartbeat_timeout=10"]
 
 
 def test_a_secure_federation_runs_in_memory_and_reports_typed_events(tmp_path):

@@ -132,7 +132,7 @@ def test_a_recorded_run_is_attacked_through_the_models_it_kept(tmp_path):
     run = tmp_path / "run"
     cfg, sites = lay_out(run, sites=3, rounds=2, overrides=[
         "data.dataset=synthetic", "data.synthetic_samples=96", "data.partition.scheme=iid", "model.width=4",
-        "model.norm=group", "model.groups=2", "keep_models=true", "timeouts.heartbeat_timeout=10"])
+        "train.local_steps=5", "model.norm=group", "model.groups=2", "keep_models=true", "timeouts.heartbeat_timeout=10"])
     anyio.run(run_local, cfg, sites)
     assert (run / "models" / "round-1.npz").exists() and (run / "models" / "round-2.npz").exists()
     out = tmp_path / "attack"

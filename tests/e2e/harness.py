@@ -25,11 +25,14 @@ from asagiri.wire.crypto import PublicIdentity
 # training and the first masking, which warm up: 16 s at a load average of 8 on two cores), and
 # never waited out by a test that does not set its own (a killed site's link closes at once).
 # The harness's own bounds (``events``, ``wait_all``) only tell a hang, and are longer still.
+# The site policy's floor: the fewest local steps a round may ask for, and enough for these tests.
+LOCAL_STEPS = 5
 FAST = [
     "data.dataset=synthetic",
     "data.synthetic_samples=256",
     "data.partition.scheme=iid",
     "model.width=8",
+    f"train.local_steps={LOCAL_STEPS}",
     "timeouts.heartbeat_interval=1",
     "timeouts.heartbeat_timeout=10",
     "timeouts.fit=120",

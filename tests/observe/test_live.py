@@ -16,7 +16,7 @@ from asagiri.observe.live import LiveView
 from asagiri.observe.metrics import CoordinatorMetrics
 
 FAST = ["data.dataset=synthetic", "data.synthetic_samples=192", "data.partition.scheme=iid", "model.width=8",
-        "timeouts.heartbeat_timeout=10"]
+        "train.local_steps=5", "timeouts.heartbeat_timeout=10"]
 
 
 def test_the_live_view_follows_rounds_stages_sites_and_metrics(tmp_path):

@@ -32,7 +32,7 @@ def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("run")
     cfg, sites = lay_out(root, sites=3, rounds=2, site_extra={s: {"policy": {"report_privacy": True}} for s in (1, 2, 3)},
                          overrides=["data.dataset=synthetic", "data.synthetic_samples=192", "model.width=8",
-                                    "dp.enabled=true", "timeouts.heartbeat_timeout=10"])
+                                    "train.local_steps=5", "dp.enabled=true", "timeouts.heartbeat_timeout=10"])
     anyio.run(lambda: run_local(cfg, sites))
     assert main(["attack", "mia", "--run", str(root), "--references", "2", "--out", str(root / "attacks")]) == 0
     return root

@@ -4,7 +4,6 @@ import pytest
 import torch
 from opacus.accountants import RDPAccountant
 
-from asagiri.config import DEFAULT_LOCAL_STEPS
 from asagiri.data import load_site_data
 from asagiri.data.loaders import Split
 from asagiri.models import MODEL_NAMES, build, dp_norm
@@ -140,10 +139,10 @@ def test_dp_training_with_multiplicity_runs_and_keeps_the_sample_rate():
 def test_dp_federation_with_secure_aggregation_stops_when_budgets_run_out(tmp_path):
     """3 sites over TCP, secure aggregation on, DP-SGD with a fixed sigma and a budget for 2 rounds of 5."""
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
-    from tests.e2e.harness import Federation
+    from tests.e2e.harness import LOCAL_STEPS, Federation
 
-    # synthetic 512 / 3 sites: 171 or 170 images each, the spec's fixed steps a round
-    q, steps = steps_per_round(171, 64, steps=DEFAULT_LOCAL_STEPS)
+    # synthetic 512 / 3 sites: 171 or 170 images each, the harness's fixed steps a round
+    q, steps = steps_per_round(171, 64, steps=LOCAL_STEPS)
     sigma = noise_for_target(target_epsilon=4.0, delta=1e-5, sample_rate=q, steps=2 * steps)
     fed = Federation(tmp_path / "run", sites=3, rounds=5, overrides=[
         "data.synthetic_samples=512", "dp.enabled=true", "dp.target_epsilon=4.0", f"dp.noise_multiplier={sigma}",
