@@ -251,6 +251,9 @@ class SiteMachine:
         self.witness.asked(self.run_id, msg.round, msg.attempt)
         secure = self.secagg
         if secure is None:
+            # in the clear too, only the newest FitIns is trained on: an older one still waiting
+            # gives its tensors back (a coordinator cannot pile models up in the site's memory)
+            self._latest_fit = max(self._latest_fit, (msg.round, msg.attempt))
             self._untrained = (msg.round, msg.attempt)
             return [Train(msg, secure=False)]
         # Key set-up messages keep flowing while the site trains; the update is masked when ready.
@@ -299,7 +302,7 @@ class SiteMachine:
         """Whether ``ins`` is still to be trained (not declined, and not superseded by a newer one)."""
         if self._is_declined(ins.round, ins.attempt):
             return False
-        return self.secagg is None or (ins.round, ins.attempt) == self._latest_fit
+        return (ins.round, ins.attempt) == self._latest_fit
 
     def trained(self, ins: FitIns, result: FitRes | tuple[np.ndarray, int]) -> list[Action]:
         """Training on ``ins`` finished: a plaintext update, or (secure) the flat delta and the sample count."""

@@ -97,6 +97,17 @@ def test_a_plain_round_trains_sends_and_evaluates(tmp_path):
     assert m.receive(ev) == [Evaluate(ev)]
 
 
+def test_in_the_clear_too_only_the_newest_fitins_is_wanted(tmp_path):
+    """A red-team finding: in the clear every FitIns was wanted, so FitIns sent while the site set
+    up each held a model until set-up ended.  The newest supersedes the others (the session then
+    gives their tensors back), and an older one arriving late does not displace it."""
+    m = joined(tmp_path, secagg=False, require_secagg=False)
+    first, second, late = FitIns(1, 1, PARAMS, {}), FitIns(2, 1, PARAMS, {}), FitIns(1, 2, PARAMS, {})
+    for ins in (first, second, late):
+        m.receive(ins)
+    assert [m.wants(i) for i in (first, second, late)] == [False, True, False]
+
+
 def test_a_spent_budget_declines_once_and_for_good(tmp_path):
     m = joined(tmp_path, secagg=False, require_secagg=False)
     ins = FitIns(1, 1, PARAMS, {})
