@@ -221,6 +221,7 @@ class Session:
             if not self.machine.wants(ins):
                 del self._waiting[key]
                 self.conn.pool.release(ins.params.values())
+                ins.params.clear()  # its waiting task holds the message, not the tensors
 
     async def _train(self, action: Train) -> None:
         ins, owned = action.ins, False
