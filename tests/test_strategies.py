@@ -3,9 +3,10 @@
 import pytest
 import torch
 
-from asagiri.config import FederationConfig, RunSpec, SiteConfig
+from asagiri.config import FederationConfig, PolicyConfig, RunSpec, SiteConfig
 from asagiri.models import build, is_norm_key, shared_keys
 from asagiri.params import flatten
+from asagiri.policy import SitePolicy
 from asagiri.site import SiteWorker
 from asagiri.train import train_local
 from asagiri.wire import codec
@@ -35,7 +36,7 @@ def test_fedbn_norm_layers_never_reach_the_wire(tmp_path, norm):
     norm_keys = [k for k in w.model.state_dict() if is_norm_key(w.model, k)]
     assert norm_keys, "the model has normalisation layers"
     params = {k: w.model.state_dict()[k].numpy().copy() for k in w.shared}
-    res = w.fit(FitIns(1, 1, params, {}), count=int)
+    res = w.fit(FitIns(1, 1, params, {}), SitePolicy(PolicyConfig(count="exact")))
     header, arrays = codec.encode_header(res)
     sent = [spec.name for spec in codec.decode_header(header, max_payload_bytes=1 << 30).specs]
     assert sent and not set(sent) & set(norm_keys)

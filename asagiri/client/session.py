@@ -241,7 +241,7 @@ class Session:
                         delta, result = await self._work(worker.train, ins, on_step)
                         steps, outcome = result.steps, (flatten(delta), result.num_samples)
                     else:
-                        res = await self._work(worker.fit, ins, self.kept.policy.count_sent, on_step)
+                        res = await self._work(worker.fit, ins, self.kept.policy, on_step)
                         steps, outcome = worker.last_steps, res
                 except BudgetExhausted as exc:
                     log.warning("%s", exc)

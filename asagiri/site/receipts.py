@@ -137,10 +137,7 @@ class RoundWitness:
             if other_id != run_id:
                 for (r, a), seen in sorted(other.attempts.items()):
                     if seen.took_part and (r, a) not in other.aborted:
-                        log.warning("run %s round %d.%d: left for run %s with no record of it", other_id, r, a, run_id)
-                        self._write("round_unrecorded", other_id, r, attempt=a, contributed=True, log_passed=False,
-                                    log_id=None, seen_seq=None, seen_record=None, left_for=run_id)
-                        other.unrecorded += 1
+                        self._excuse(other_id, (r, a), None, passed=False, left_for=run_id)
                 other.attempts = {k: v for k, v in other.attempts.items() if not v.took_part}
         run = self._run(run_id)
         run.joined, run.started = True, None
@@ -319,18 +316,25 @@ class RoundWitness:
             # (a restart, or a coordinator that reconnects instead of recording): excused, counted.
             # The log passed r: it should hold the attempt's record or abort, which this site was
             # not there to receive; the verifier checks that the log does.
-            passed = r <= rnd and rec is not None
-            log.warning("round %d.%d: this site contributed to it and no record or abort of it came; keeping "
-                        "the site's own word of it", r, a)
-            # the join record whole: a record made up to look as if the log passed r is then evidence
-            self._write("round_unrecorded", run_id, r, attempt=a, contributed=True, log_passed=passed,
-                        log_id=None if rec is None else rec["log_id"], seen_seq=None if rec is None else rec["seq"],
-                        seen_record=rec)
-            run.unrecorded += 0 if passed else 1
+            self._excuse(run_id, (r, a), rec, passed=r <= rnd and rec is not None)
             del run.attempts[(r, a)]
         run.attempts = {k: v for k, v in run.attempts.items()
                         if k[0] < rnd or (rec is not None and k == (rnd, rec["attempt"]))}
         run.aborted = {k for k in run.aborted if k[0] < rnd}
+
+    def _excuse(self, run_id: str, key: tuple[int, int], rec: dict[str, Any] | None, *, passed: bool,
+                **why: Any) -> None:
+        """An attempt this site contributed to, owed a record that will not come: its own signed
+        word of it (``round_unrecorded``), with the record that showed the log's end kept whole (a
+        record made up to look as if the log passed the round is then evidence), counted against
+        ``max_unrecorded`` unless the log passed it (the verifier checks those)."""
+        r, a = key
+        log.warning("run %s round %d.%d: this site contributed to it and no record or abort of it came; keeping "
+                    "the site's own word of it", run_id, r, a)
+        self._write("round_unrecorded", run_id, r, attempt=a, contributed=True, log_passed=passed,
+                    log_id=None if rec is None else rec["log_id"], seen_seq=None if rec is None else rec["seq"],
+                    seen_record=rec, **why)
+        self._run(run_id).unrecorded += 0 if passed else 1
 
     def _dispute(self, run_id: str, rnd: int, rec: dict[str, Any] | None, problem: str) -> NoReturn:
         self._run(run_id).dispute = f"round {rnd}: {problem}"

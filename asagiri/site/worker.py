@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -207,11 +206,11 @@ class SiteWorker:
             return {}
         return {"epsilon": self.ledger.epsilon(), "noise_multiplier": self.sigma}
 
-    def fit(self, ins: FitIns, count: Callable[[int], int], on_step: OnStep | None = None) -> FitRes:
+    def fit(self, ins: FitIns, policy: SitePolicy, on_step: OnStep | None = None) -> FitRes:
         """The plaintext update (secure aggregation off): ``c * delta`` and ``c``, where ``c`` is
-        what ``count`` (the site policy's) makes of the number of training examples."""
+        what the site's policy makes of the number of training examples (``count_sent``)."""
         delta, result = self.train(ins, on_step)
-        n = count(result.num_samples)
+        n = policy.count_sent(result.num_samples)
         update = {k: (n * v).astype(np.float32) for k, v in delta.items()}
         self.last_steps = result.steps  # local only: the step count would tell the coordinator the data size
         return FitRes(ins.round, ins.attempt, update, n, {"train_loss": result.loss})

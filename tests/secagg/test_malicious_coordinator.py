@@ -35,6 +35,7 @@ from asagiri.wire.messages import (
 
 from .malicious import (
     RUN,
+    UNRECORDED_OK,
     Attacker,
     ColludingSite,
     Round,
@@ -48,7 +49,6 @@ from .malicious import (
 pytestmark = pytest.mark.e2e
 
 RUNNING = [1, 2, 3, 4, 5]
-UNRECORDED_OK = {"max_unrecorded": 1 << 20}
 DEMO = [1, 2, 3]  # the demo's layout: three sites, complete graph, t = 2
 
 

@@ -20,7 +20,7 @@ from asagiri.params import flatten
 from asagiri.site.worker import SiteWorker
 from asagiri.wire.messages import Decline, FitRes, Welcome
 
-from .malicious import RUN, SITES, Attacker, next_round
+from .malicious import RUN, SITES, UNRECORDED_OK, Attacker, next_round
 
 pytestmark = pytest.mark.e2e
 
@@ -33,7 +33,7 @@ PLAIN = {"require_secagg": False, "count": "exact"}
 @pytest.fixture(scope="module")
 def attacker(tmp_path_factory):
     # every case is a new session of the same run, none sends a record: records are not the subject
-    with Attacker.running(tmp_path_factory.mktemp("owned"), [], policy={"max_unrecorded": 1 << 20}) as a:
+    with Attacker.running(tmp_path_factory.mktemp("owned"), [], policy=UNRECORDED_OK) as a:
         a.spec = _plain(a)
         yield a
 

@@ -222,6 +222,8 @@ def site_worker(tmp_path, *, accel: dict, dp: dict | None = None, augment: bool 
 def test_a_site_trains_with_its_accel_settings(tmp_path, caplog):
     import numpy as np
 
+    from asagiri.config import PolicyConfig
+    from asagiri.policy import SitePolicy
     from asagiri.wire.messages import FitIns
 
     caplog.set_level("INFO")
@@ -230,7 +232,7 @@ def test_a_site_trains_with_its_accel_settings(tmp_path, caplog):
     assert "training on cpu: bfloat16 autocast, channels-last" in caplog.text
     assert plain.data.train.images.dtype == torch.uint8  # the share is held compact, scaled per batch
     params = {k: v.detach().numpy().copy() for k, v in plain.model.state_dict().items() if k in plain.shared}
-    res = plain.fit(FitIns(1, 1, params, {"seed": 1}), count=int)
+    res = plain.fit(FitIns(1, 1, params, {"seed": 1}), SitePolicy(PolicyConfig(count="exact")))
     assert all(np.isfinite(v).all() for v in res.update.values()) and any(np.abs(v).max() > 0 for v in res.update.values())
 
     dp = {"enabled": True, "noise_multiplier": 1.0, "augmentation_multiplicity": 2}
