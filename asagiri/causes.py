@@ -37,6 +37,7 @@ class Rule(enum.StrEnum):
     MIN_GROUP = "min_group"
     MIN_THRESHOLD = "min_threshold"
     MIN_EXAMPLES = "min_examples"  # the site's training set is smaller than its policy's floor
+    BATCHES = "batches"  # participation batches missing, too small, or a sum that is not of whole batches
     # one secure-aggregation round
     ROUND_PARAMS = "round_params"
     REPLAY = "replay"

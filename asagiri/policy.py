@@ -17,6 +17,8 @@ Rules (:class:`~asagiri.causes.Rule`; ``docs/secagg.md``, "Site policy"), named 
   the same ``run_id`` with, across restarts (:class:`JoinedRuns`);
 - ``min_participants``, ``min_group``, ``min_threshold``: the size of what is summed and shared
   (``colluders`` raises each);
+- ``batches``: the run's participation batches (``require_batches``), and every sum made of
+  whole batches (checked on ``Welcome`` and at each secure-aggregation stage);
 - ``round_params``: a plan, graph, threshold, PRG or vector length other than the one the site
   derives itself from the spec it signed over;
 - ``replay``: a round that is not newer than the last one this site entered, across restarts;
@@ -44,7 +46,7 @@ from .config import PolicyConfig, RunSpec
 from .config.federation import UNAUGMENTABLE
 from .errors import Refusal
 from .secagg.binding import spec_digest
-from .secagg.rules import quorum
+from .secagg.rules import batch_map, is_union_of_batches, quorum
 from .wire.crypto import PublicIdentity
 
 __all__ = ["JoinedRun", "JoinedRuns", "Refusal", "SitePolicy"]
@@ -207,6 +209,39 @@ class SitePolicy:
                          f"{b.min_noise_multiplier:g}")
 
     # -- one round -------------------------------------------------------------------------------
+
+    def check_batches(self, spec: RunSpec, site: int) -> None:
+        """The run's participation batches (``secagg.batches``), against this site's policy: each
+        batch big enough that, with ``colluders`` of its members working for the coordinator,
+        ``min_participants`` honest ones are left; every member pinned; this site in one."""
+        sa = spec.secagg
+        if not sa.enabled:
+            return
+        if sa.batches is None:
+            self.require(not self.cfg.require_batches, Rule.BATCHES,
+                         "the run cuts its sites into no participation batches (secagg.batches), so two of its "
+                         "sums could differ by one site's input (policy.require_batches)")
+            return
+        try:
+            batches = batch_map(sa.batches)
+        except ValueError as exc:
+            self.refuse(Rule.BATCHES, f"the run's participation batches: {exc}")
+        assert batches is not None
+        self.require(site in batches, Rule.BATCHES, f"site {site} is in none of the run's participation batches")
+        smallest = min(len(b) for b in batches.values())
+        needed = self.cfg.min_participants + self.cfg.colluders
+        self.require(smallest >= needed, Rule.BATCHES,
+                     f"a participation batch of {smallest} sites; this site needs {needed} (min_participants "
+                     f"{self.cfg.min_participants} + colluders {self.cfg.colluders})")
+        self.check_pinned(sorted(batches))
+
+    def check_whole_batches(self, what: str, ids: list[int] | tuple[int, ...],
+                            batches: dict[int, frozenset[int]] | None) -> None:
+        """``ids`` (a round's participants, advertised sites or survivors) holds whole batches only."""
+        if not is_union_of_batches(ids, batches):
+            assert batches is not None
+            split = sorted({min(batches.get(v, {v})) for v in ids if not batches.get(v, frozenset()) <= set(ids)})
+            self.refuse(Rule.BATCHES, f"the {what} hold part of a participation batch (the batches of sites {split})")
 
     def check_participants(self, what: str, ids: list[int] | tuple[int, ...]) -> None:
         self.require(len(ids) >= self.cfg.min_participants, "min_participants",

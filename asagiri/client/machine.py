@@ -151,6 +151,7 @@ class SiteMachine:
         self._untrained = None
         try:
             self.spec = self.policy.check_run(msg.run_id, msg.spec)
+            self.policy.check_batches(self.spec, self.site_id)
         except Refusal as exc:
             return self._refuse_run(exc)
         self._joined(msg)

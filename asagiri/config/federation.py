@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -193,6 +193,14 @@ class SecAggConfig(_Strict):
     (``coordinator/checks.py`` applies ``secagg/rules.py``, which also derives the group and
     threshold).  ``prg``: the mask PRG (AES-128-CTR, or ChaCha20 for hardware without AES
     instructions).
+
+    ``batch_size``: the enrolled sites are cut into fixed participation batches of at least this
+    many (``FederationConfig.participation_batches``); every round sums whole batches only, and a
+    batch with a site missing is left out of the round whole, so two sums the coordinator holds
+    differ by whole batches or not at all (docs/secagg.md, "Participation batches").  The sites'
+    default policy requires batches of at least its ``min_participants``.  ``batches``: the cut,
+    given explicitly instead (a partition of the enrolled site ids); the coordinator fills it in
+    from ``batch_size`` for the run's spec.  ``batch_size: null`` and no ``batches``: none.
     """
 
     enabled: bool = True
@@ -203,6 +211,8 @@ class SecAggConfig(_Strict):
     clip: float = Field(4.0, gt=0)
     max_samples_per_site: int = Field(100_000, ge=1)
     prg: PrgName = "aes128-ctr"
+    batch_size: int | None = Field(3, ge=1)
+    batches: list[list[Annotated[int, Field(ge=0, lt=1 << 31)]]] | None = Field(None, max_length=1 << 16)
 
     @model_validator(mode="after")
     def _threshold(self) -> SecAggConfig:
@@ -212,6 +222,10 @@ class SecAggConfig(_Strict):
                     f"threshold={self.threshold} must be a majority of shares={self.shares} "
                     f"(between {self.shares // 2 + 1} and {self.shares})"
                 )
+        if self.batches is not None:
+            ids = [v for batch in self.batches for v in batch]
+            if not all(self.batches) or len(set(ids)) != len(ids):
+                raise ValueError("batches: each site in exactly one batch, and no batch empty")
         return self
 
 
@@ -295,9 +309,31 @@ class FederationConfig(_Strict):
         if self.model.name in UNAUGMENTABLE and (self.train.augment or self.dp.augmentation_multiplicity > 1):
             raise ValueError("model.name=scatter_linear trains on fixed ScatterNet features, which cannot be shifted "
                              "like images: set train.augment=false and dp.augmentation_multiplicity=1")
+        batches = self.secagg.batches
+        if batches is not None and self.sites and {v for b in batches for v in b} != set(ids):
+            raise ValueError("secagg.batches must hold every enrolled site (sites:) exactly once")
         if self.chunk_bytes + 64 > self.max_frame_bytes:
             raise ValueError(f"chunk_bytes={self.chunk_bytes} does not fit in max_frame_bytes={self.max_frame_bytes}")
         return self
+
+    def participation_batches(self) -> list[list[int]] | None:
+        """The run's participation batches: ``secagg.batches`` as given, or the enrolled sites,
+        ascending, cut into ``len(sites) // batch_size`` contiguous batches (one, with fewer sites)
+        whose sizes differ by at most one.  None: secure aggregation off, no sites, or no batches."""
+        sa = self.secagg
+        if not sa.enabled or sa.batches is not None:
+            return sa.batches if sa.enabled else None
+        ids = sorted(s.id for s in self.sites)
+        if sa.batch_size is None or not ids:
+            return None
+        count = max(1, len(ids) // sa.batch_size)
+        base, extra = divmod(len(ids), count)
+        out, pos = [], 0
+        for i in range(count):
+            take = base + (1 if i < extra else 0)
+            out.append(ids[pos:pos + take])
+            pos += take
+        return out
 
     def site_index(self, site_id: int) -> int:
         return [s.id for s in self.sites].index(site_id)

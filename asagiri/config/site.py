@@ -95,7 +95,12 @@ class PolicyConfig(_Strict):
     coordinator; the survivor-list quorum rises by a half for each, the threshold floor by one,
     and this site's masking component must keep ``min_participants`` members whichever
     ``colluders`` of its other members are removed (docs/secagg.md, "What is guaranteed").
-    ``report_privacy``: send epsilon and sigma with evaluation results.  ``count``: the sample
+    ``require_batches``: a run with secure aggregation must cut its sites into participation
+    batches of at least ``min_participants + colluders`` (``secagg.batches`` in its spec), and every
+    round sums whole batches only, so that no two sums the coordinator obtains, in one round or
+    across rounds and attempts, differ by fewer than ``min_participants`` honest sites' inputs
+    (docs/secagg.md, "Participation batches").  When a spec has batches, the site keeps to them
+    whatever this says.  ``report_privacy``: send epsilon and sigma with evaluation results.  ``count``: the sample
     count this site puts in every sum and validation result: ``one`` (its update weighs as much
     as any other site's; its size never leaves it), ``pow2`` (its size rounded down to a power of
     two), ``exact`` (FedAvg's sample weighting, and the size readable by differencing two rounds
@@ -110,6 +115,7 @@ class PolicyConfig(_Strict):
     min_group: int = Field(3, ge=2)
     min_threshold: int = Field(2, ge=2)
     colluders: int = Field(0, ge=0, le=1 << 16)
+    require_batches: bool = True
     # Send epsilon and sigma with evaluation results. Off by default: under noise_multiplier auto
     # they are functions of this site's sample rate, so together they give away its data size.
     report_privacy: bool = False

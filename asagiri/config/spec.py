@@ -56,7 +56,8 @@ class RunSpec(_Strict):
             strategy=SpecStrategy(name=cfg.strategy.name, mu=cfg.strategy.mu, fedbn=cfg.strategy.fedbn),
             data=cfg.data.model_copy(update={"path": None}), rounds=cfg.rounds,
             heartbeat_interval=t.heartbeat_interval, heartbeat_timeout=t.heartbeat_timeout,
-            min_clients=cfg.min_clients, secagg_stage_timeout=t.secagg_stage, secagg=cfg.secagg, dp=cfg.dp,
+            min_clients=cfg.min_clients, secagg_stage_timeout=t.secagg_stage,
+            secagg=cfg.secagg.model_copy(update={"batches": cfg.participation_batches()}), dp=cfg.dp,
         )
 
     def wire(self) -> dict[str, Any]:

@@ -28,9 +28,10 @@ from ..observe.checkpoint import load_checkpoint
 from ..observe.runlog import trim_jsonl
 from ..params import Params, params_digest
 from ..secagg import binding
+from ..secagg.rules import batch_map
 from ..secagg.server import ServerStateMachine
 from ..strategy.base import FitPlan, StrategyState, build_strategy
-from ..strategy.selection import NotEnoughSites
+from ..strategy.selection import NotEnoughSites, usable_sites
 from ..wire.crypto import PublicIdentity
 from ..wire.messages import (
     Decline,
@@ -83,6 +84,7 @@ class FederationDriver:
         # Every site gets the same spec; its digest is bound into each secure-aggregation round.
         self.spec = RunSpec.of(cfg).wire()
         self.spec_digest = binding.spec_digest(self.spec)
+        self.batches = cfg.participation_batches()  # the spec's secagg.batches
         self.history: list[dict[str, Any]] = []
         self.exhausted: set[int] = set()  # sites that declined for good
         self._withdrawn: dict[int, Rule] = {}  # ... and the rule each named
@@ -144,12 +146,16 @@ class FederationDriver:
     def eligible(self) -> list[int]:
         return sorted(s for s in self.sessions.connected() if s not in self.exhausted)
 
+    def trainable(self) -> list[int]:
+        """The eligible sites a round can sum: with participation batches, whole batches only."""
+        return usable_sites(self.eligible(), self.batches)
+
     async def _wait_for_sites(self, needed: int, timeout: float) -> bool:
         with anyio.move_on_after(timeout):
-            while len(self.eligible()) < needed:
+            while len(self.trainable()) < needed:
                 await self._idle_until_changed()
             return True
-        return len(self.eligible()) >= needed
+        return len(self.trainable()) >= needed
 
     async def _idle_until_changed(self) -> None:
         """Answer what the sites send between rounds (a violation closes its channel at once)
@@ -191,8 +197,8 @@ class FederationDriver:
                         f"federation ends before round {rnd}: sites {sorted(self.exhausted)} {why}; fewer than "
                         f"min_clients={cfg.min_clients} can train"))
                 if not await self._wait_for_sites(cfg.min_clients, cfg.timeouts.wait_for_sites):
-                    self._fail(rnd, f"only {len(self.eligible())} eligible sites connected, "
-                                    f"min_clients={cfg.min_clients}", t_start)
+                    self._fail(rnd, f"only {len(self.trainable())} eligible sites connected in whole participation "
+                                    f"batches, min_clients={cfg.min_clients}", t_start)
                 self._drain_idle_events()
                 t0 = time.monotonic()
                 try:
@@ -297,7 +303,8 @@ class FederationDriver:
             params_digest=binding.params_digest(self._model), fit_config=plan.config,
             vector_len=sum(v.size for v in self._model.values()) + 1, spec_digest=self.spec_digest,
         )
-        return ServerStateMachine(params=params, min_clients=self.cfg.min_clients, identities=self.roster)
+        return ServerStateMachine(params=params, min_clients=self.cfg.min_clients, identities=self.roster,
+                                  batches=batch_map(self.batches))
 
     async def _final_test(self, rnd: int) -> dict[str, Any]:
         """Score the final model on the official test split, predictions pooled over the sites."""

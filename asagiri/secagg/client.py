@@ -23,6 +23,10 @@ cannot get past (docs/secagg.md has the argument):
 - **No small sums.**  The survivors joined to this site by masks both sides added (its
   *component*) must number at least ``policy.min_participants``: any sum the coordinator can
   unmask that contains this site's input contains theirs too.
+- **No sum it can be subtracted out of.**  With the run's participation batches, the
+  participants, the advertised sites and the survivors must each be whole batches, and the site
+  masks with its whole batch (``graph.neighbours``), so every sum the coordinator can unmask, in
+  any round or attempt, holds whole batches (docs/secagg.md, "Participation batches").
 - One unmask per round, and each peer's b share *or* its masking-key share, never both
   (``sharing.HeldShares.reveal`` keeps that one itself).
 
@@ -67,7 +71,7 @@ from .masking import add_masks, pair_seed, sign
 from .prg import PRGS
 from .quantize import QuantisationError, quantize
 from .replay import ReplayGuard
-from .rules import SecAggSettings
+from .rules import SecAggSettings, batch_map, group_threshold
 from .sharing import BothShares, HeldShares
 
 __all__ = ["ClientStage", "ClientStateMachine", "ReplayGuard", "SecAggRefused"]
@@ -100,6 +104,7 @@ class _Round:
     b_seed: bytes
     advertised: list[int] = field(default_factory=list)  # U1 as this site was told
     group: list[int] = field(default_factory=list)  # [me] + neighbours, the Shamir x order
+    threshold: int = 0  # of this site's group (rules.group_threshold)
     peer_keys: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)  # id -> (c_pk, s_pk)
     held: HeldShares = field(default_factory=HeldShares)  # owner -> (b share, s share), and what left
     masked_with: list[int] = field(default_factory=list)  # neighbours whose shares arrived
@@ -138,6 +143,7 @@ class ClientStateMachine:
         self.secagg = secagg
         self.spec_digest = spec_digest
         self.policy = policy
+        self.batches = batch_map(getattr(secagg, "batches", None))  # the site's policy checked them on Welcome
         self.replay = replay if replay is not None else ReplayGuard()
         self._random = random_bytes
         self.stage = ClientStage.IDLE
@@ -275,6 +281,7 @@ class ClientStateMachine:
         self._check(self.site_id in participants, "stage", "this site is not among the round's participants")
         self.policy.check_participants("participants", participants)
         self.policy.check_pinned(participants)
+        self.policy.check_whole_batches("participants", participants, self.batches)
         # The site's own derivation, from the spec every participant signs over.
         try:
             params = RoundParams.derive(
@@ -310,9 +317,11 @@ class ClientStateMachine:
         self._check(set(advertised) <= set(p.participants), "round_params",
                     f"sites {sorted(set(advertised) - set(p.participants))} advertised but are not participants")
         self.policy.check_participants("sites advertised keys", advertised)
-        nbrs = neighbours(advertised, p.degree or None, graph_seed(p.context, advertised))[self.site_id]
+        self.policy.check_whole_batches("sites that advertised keys", advertised, self.batches)
+        nbrs = neighbours(advertised, p.degree or None, graph_seed(p.context, advertised), self.batches)[self.site_id]
         group = [self.site_id, *nbrs]
-        self.policy.check_group(len(group), p.threshold)
+        threshold = group_threshold(p.threshold, len(group))
+        self.policy.check_group(len(group), threshold)
         entries = {e[0]: e for e in msg.entries}
         self._check(set(entries) == set(nbrs), "stage", "the roster's keys are not exactly this site's neighbours")
         own = (r.c.public, r.s.public)
@@ -326,9 +335,9 @@ class ClientStateMachine:
                 self.policy.refuse("signature", f"site {v}'s key advertisement does not verify for this round")
             self._check(c_pk not in own and s_pk not in own, "signature", "a neighbour advertises this site's own key")
             r.peer_keys[v] = (c_pk, s_pk)
-        r.advertised, r.group = advertised, group
-        b_shares = shamir.split(r.b_seed, len(group), p.threshold, rng=self._random)
-        s_shares = shamir.split(r.s.secret_bytes(), len(group), p.threshold, rng=self._random)
+        r.advertised, r.group, r.threshold = advertised, group, threshold
+        b_shares = shamir.split(r.b_seed, len(group), threshold, rng=self._random)
+        s_shares = shamir.split(r.s.secret_bytes(), len(group), threshold, rng=self._random)
         out = []
         for i, v in enumerate(group):
             b, s = shamir.encode_share(b_shares[i]), shamir.encode_share(s_shares[i])
@@ -356,8 +365,11 @@ class ClientStateMachine:
                 self.policy.refuse("shares", f"the share from site {sender} does not verify")
             r.held[sender] = (b, s)
         r.masked_with = sorted(int(sender) for sender, _ in msg.shares)
-        self._check(len(r.masked_with) + 1 >= r.params.threshold, "shares",
-                    f"only {len(r.masked_with)} neighbours shared keys; threshold {r.params.threshold}")
+        self._check(len(r.masked_with) + 1 >= r.threshold, "shares",
+                    f"only {len(r.masked_with)} neighbours shared keys; threshold {r.threshold}")
+        if self.batches is not None:  # masks with the whole batch, or no input leaves
+            missing = sorted(self.batches.get(self.site_id, frozenset()) - {self.site_id} - set(r.masked_with))
+            self._check(not missing, "batches", f"no shares from sites {missing} of this site's participation batch")
         self._enter(ShareDelivery)
         return self._maybe_mask()
 
@@ -389,10 +401,11 @@ class ClientStateMachine:
         strangers = sorted(set(survivors) - set(r.advertised))
         self._check(not strangers, "survivors", f"survivors {strangers} never advertised keys in this round")
         self.policy.check_participants("survivors", survivors)
+        self.policy.check_whole_batches("survivors", survivors, self.batches)
         in_group = [v for v in r.group if v in survivors]
         unmasked = sorted(set(in_group) - set(r.masked_with) - {self.site_id})
         self._check(not unmasked, "survivors", f"neighbours {unmasked} are listed as survivors but never shared keys")
-        self._check(len(in_group) >= r.params.threshold, "survivors",
+        self._check(len(in_group) >= r.threshold, "survivors",
                     "fewer survivors in this site's group than the threshold")
         r.survivors = survivors
         self._enter(ConsistencyCheck)

@@ -7,11 +7,16 @@ each joined to the ``k/2`` nearest on either side (for odd ``k`` with an even co
 diametrically opposite site).  The seed is derived, never chosen: ``BLAKE2b(ctx, sorted
 U1)``, where the round context ``ctx`` carries the round digest (``binding.py``), so every site
 computes the same graph and the coordinator cannot pick one.
+
+With participation batches (``rules.batch_map``), every site is also joined to each member of its
+own batch: a site masks with its whole batch, so no sum the coordinator can unmask holds part of
+a batch (docs/secagg.md, "Participation batches").
 """
 
 from __future__ import annotations
 
 import struct
+from collections.abc import Mapping
 
 from ..wire.crypto import blake2b
 
@@ -30,12 +35,24 @@ def ring_order(ids: list[int], seed: bytes) -> list[int]:
     return sorted(ids, key=lambda u: blake2b(seed + struct.pack(">I", u), person=b"asagiri-ring"))
 
 
-def neighbours(participants: list[int], degree: int | None, seed: bytes) -> dict[int, list[int]]:
-    """Each participant's neighbours (never itself). ``degree`` None means the complete graph."""
+def neighbours(participants: list[int], degree: int | None, seed: bytes,
+               batches: Mapping[int, frozenset[int]] | None = None) -> dict[int, list[int]]:
+    """Each participant's neighbours (never itself). ``degree`` None means the complete graph.
+    ``batches``: each site's participation batch; its members among ``participants`` are added."""
     ids = sorted(set(participants))
     n = len(ids)
     if degree is None or degree >= n - 1:
         return {u: [v for v in ids if v != u] for u in ids}
+    out = _harary(ids, degree, seed)
+    if batches is not None:
+        present = set(ids)
+        for u in ids:
+            out[u] |= (batches.get(u, frozenset()) & present) - {u}
+    return {u: sorted(vs) for u, vs in out.items()}
+
+
+def _harary(ids: list[int], degree: int, seed: bytes) -> dict[int, set[int]]:
+    n = len(ids)
     if degree < 1:
         raise ValueError("degree must be at least 1")
     ring = ring_order(ids, seed)
@@ -55,4 +72,4 @@ def neighbours(participants: list[int], degree: int | None, seed: bytes) -> dict
             if v != u:
                 out[u].add(v)
                 out[v].add(u)
-    return {u: sorted(vs) for u, vs in out.items()}
+    return out

@@ -19,7 +19,7 @@ from ..wire.messages import FitIns, Message
 from .binding import RoundParams, params_digest, spec_digest
 from .checks import SiteChecks
 from .client import ClientStateMachine
-from .rules import SecAggSettings, spec_of
+from .rules import SecAggSettings, batch_map, spec_of
 from .server import Outbound, ServerStage, ServerStateMachine
 
 __all__ = ["LocalRound", "STAGES"]
@@ -63,7 +63,8 @@ class LocalRound:
             spec_digest=self.spec_digest,
         )
         self.plan = self.params.plan
-        self.server = ServerStateMachine(params=self.params, min_clients=self.min_clients, identities=pubs)
+        self.server = ServerStateMachine(params=self.params, min_clients=self.min_clients, identities=pubs,
+                                         batches=batch_map(getattr(sa, "batches", None)))
         if self.clients is None:
             if self.policy is None:
                 raise TypeError("LocalRound: pass policy (pinned keys -> one site's policy) or clients")

@@ -10,11 +10,16 @@ the configuration.  Whoever loads a fed.yaml checks it with :func:`ring_plan` (`
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 from .plan import QuantPlan
 
-__all__ = ["SecAggSettings", "quorum", "ring_plan", "sharing_group", "spec_of"]
+__all__ = ["Batches", "SecAggSettings", "batch_map", "complete_batches", "group_threshold", "is_union_of_batches", "quorum",
+           "ring_plan", "sharing_group", "spec_of"]
+
+# Each site's participation batch (the whole batch, the site included), by site id.
+Batches = Mapping[int, frozenset[int]]
 
 
 class SecAggSettings(Protocol):
@@ -44,14 +49,18 @@ class SecAggSettings(Protocol):
     @property
     def prg(self) -> str: ...
 
+    @property
+    def batches(self) -> Sequence[Sequence[int]] | None: ...
+
 
 def spec_of(settings: SecAggSettings) -> dict[str, Any]:
     """The settings as Welcome's spec carries them under ``secagg`` (what ``SecAggConfig.model_dump``
     gives), for an in-memory round's spec digest."""
-    return {k: getattr(settings, k) for k in _FIELDS}
+    return {k: getattr(settings, k, None) for k in _FIELDS}
 
 
-_FIELDS = ("enabled", "mode", "shares", "threshold", "bits", "clip", "max_samples_per_site", "prg")
+_FIELDS = ("enabled", "mode", "shares", "threshold", "bits", "clip", "max_samples_per_site", "prg", "batch_size",
+           "batches")
 
 
 def ring_plan(settings: SecAggSettings, sites: int) -> QuantPlan:
@@ -89,3 +98,45 @@ def quorum(participants: int, colluders: int = 0) -> int:
     of the participants, counting every assumed colluder (at least ``SIGNING_COLLUDERS``) as
     signing both.  Two certified lists then share an honest signer, who signs one list only."""
     return (participants + max(colluders, SIGNING_COLLUDERS)) // 2 + 1
+
+
+# -- participation batches (So et al., AAAI 2023; docs/secagg.md, "Participation batches") ---------------
+
+
+def batch_map(batches: Sequence[Sequence[int]] | None) -> dict[int, frozenset[int]] | None:
+    """Each site's batch by site id, or None for a run without batches.  Raises ``ValueError``
+    where a site is in two batches (the policy checks the rest: ``SitePolicy.check_batches``)."""
+    if batches is None:
+        return None
+    out: dict[int, frozenset[int]] = {}
+    for batch in batches:
+        members = frozenset(int(v) for v in batch)
+        for v in members:
+            if v in out:
+                raise ValueError(f"site {v} is in two participation batches")
+            out[v] = members
+    return out
+
+
+def is_union_of_batches(ids: Iterable[int], batches: Batches | None) -> bool:
+    """Whether ``ids`` holds every batch it touches whole (always, without batches)."""
+    if batches is None:
+        return True
+    have = set(ids)
+    return all(v in batches and batches[v] <= have for v in have)
+
+
+def complete_batches(ids: Iterable[int], batches: Batches | None) -> list[int]:
+    """The members of ``ids`` whose whole batch is in ``ids``, ascending: what a stage keeps when
+    some site of a batch went missing (the batch is left out whole)."""
+    have = set(ids)
+    if batches is None:
+        return sorted(have)
+    return sorted(v for v in have if v in batches and batches[v] <= have)
+
+
+def group_threshold(threshold: int, size: int) -> int:
+    """The Shamir threshold of one site's sharing group of ``size`` (the site included): the
+    round's, raised to a majority of the group where its batch made the group larger than the
+    graph's degree (without batches every group is within the round's threshold already)."""
+    return max(threshold, size // 2 + 1)

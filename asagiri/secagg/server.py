@@ -11,6 +11,11 @@ shared keys but sent no input, the pairwise masks it left behind in its survivin
 inputs (its masking key rebuilt from t shares and checked against its advertised public key).
 The machine sees only the sum; it never asks a site for two kinds of share of one peer, and the
 sites enforce that anyway (``client.py``).
+
+With participation batches, each stage keeps whole batches only: a batch with a member that did
+not advertise, share or send its masked input is left out of the round whole (its members are
+then dropped sites, as any other).  Masked inputs are held per batch until the batch is complete,
+then added into the running sum, so an incomplete batch's inputs never touch it.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from .binding import RoundParams, keys_message, survivors_message
 from .graph import graph_seed, neighbours
 from .masking import add_masks, pair_seed, sign
 from .prg import PRGS, Prg
+from .rules import Batches, complete_batches, group_threshold
 
 __all__ = ["ProtocolViolation", "ServerStage", "ServerStateMachine"]
 
@@ -67,7 +73,8 @@ class SecAggResult:
 
 
 class ServerStateMachine:
-    def __init__(self, *, params: RoundParams, min_clients: int, identities: dict[int, PublicIdentity]) -> None:
+    def __init__(self, *, params: RoundParams, min_clients: int, identities: dict[int, PublicIdentity],
+                 batches: Batches | None = None) -> None:
         if params.prg not in PRGS:
             raise ValueError(f"unknown PRG {params.prg!r}")
         self.params = params
@@ -77,6 +84,8 @@ class ServerStateMachine:
         self.plan = params.plan
         self.vector_len = params.vector_len
         self.identities = identities
+        self.batches = batches
+        self._incomplete: dict[frozenset[int], tuple[np.ndarray, set[int]]] = {}  # a batch's inputs so far
         self.degree = params.degree or None
         self.threshold = params.threshold
         self.prg: Prg = params.prg  # type: ignore[assignment]
@@ -175,7 +184,18 @@ class ServerStateMachine:
         y = msg.vector["y"]
         if y.shape != (self.vector_len,) or y.dtype != self.plan.dtype:
             raise ProtocolViolation(site, f"masked input of shape {y.shape} {y.dtype}")
-        self.sum += y  # wraps mod 2**bits, as the protocol needs
+        if self.batches is None:
+            self.sum += y  # wraps mod 2**bits, as the protocol needs
+            return
+        batch = self.batches.get(site, frozenset({site})) & set(self.u2)
+        held, senders = self._incomplete.get(batch) or (np.zeros_like(self.sum), set())
+        held += y
+        senders.add(site)
+        if senders == batch:
+            self.sum += held
+            self._incomplete.pop(batch, None)
+        else:
+            self._incomplete[batch] = (held, senders)
 
     def _on_sig(self, site: int, msg: ConsistencySig) -> None:
         try:
@@ -221,11 +241,12 @@ class ServerStateMachine:
             out += self._closers[self.stage](answered)
         return out
 
-    def _close_advertise(self, u1: list[int]) -> list[Outbound]:
+    def _close_advertise(self, answered: list[int]) -> list[Outbound]:
+        u1 = complete_batches(answered, self.batches)
         self.stage_sites["advertised"] = u1
         if len(u1) < self.min_clients:
             return self._abort(AbortCause.TOO_FEW_SITES, f"{len(u1)} sites advertised keys, fewer than min_clients={self.min_clients}")
-        self.nbrs = neighbours(u1, self.degree, graph_seed(self.ctx, u1))
+        self.nbrs = neighbours(u1, self.degree, graph_seed(self.ctx, u1), self.batches)
         group = 1 + (len(u1) - 1 if self.degree is None else min(self.degree, len(u1) - 1))
         if group < self.threshold:
             return self._abort(AbortCause.THRESHOLD, f"{len(u1)} sites advertised keys: groups of {group} cannot meet threshold "
@@ -239,7 +260,7 @@ class ServerStateMachine:
         return out
 
     def _close_share(self, answered: list[int]) -> list[Outbound]:
-        self.u2 = self._alive(answered)
+        self.u2 = complete_batches(self._alive(answered), self.batches)
         self.stage_sites["shared"] = self.u2
         if len(self.u2) < self.min_clients:
             return self._abort(AbortCause.TOO_FEW_SITES, f"{len(self.u2)} sites shared keys, fewer than min_clients={self.min_clients}")
@@ -255,7 +276,8 @@ class ServerStateMachine:
         return out
 
     def _close_masked(self, answered: list[int]) -> list[Outbound]:
-        self.u3 = answered
+        self.u3 = complete_batches(answered, self.batches)  # an incomplete batch's inputs never reached the sum
+        self._incomplete.clear()
         self.stage_sites["masked"] = self.u3
         if len(self.u3) < self.min_clients:
             return self._abort(AbortCause.TOO_FEW_SITES, f"{len(self.u3)} masked inputs, fewer than "
@@ -280,10 +302,10 @@ class ServerStateMachine:
 
     def _finish(self, _answered: list[int]) -> list[Outbound]:
         """UNMASK closed: rebuild what the shares allow and remove the masks from the sum."""
-        t = self.threshold
         total = self.sum
         removals: list[tuple[int, bytes]] = []
         for u in self.u3:
+            t = group_threshold(self.threshold, len(self._group(u)))
             shares = list(self._b_shares.get(u, {}).values())
             if len(shares) < t:
                 return self._abort(AbortCause.UNMASK_FAILED, f"only {len(shares)} shares of site {u}'s mask seed, {t} needed")
@@ -293,6 +315,7 @@ class ServerStateMachine:
                 return self._abort(AbortCause.UNMASK_FAILED, f"inconsistent shares of site {u}'s mask seed")
         survivors = set(self.u3)
         for v in sorted(set(self.u2) - survivors):
+            t = group_threshold(self.threshold, len(self._group(v)))
             shares = list(self._s_shares.get(v, {}).values())
             if len(shares) < t:
                 return self._abort(AbortCause.UNMASK_FAILED, f"only {len(shares)} shares of dropped site {v}'s key, {t} needed")

@@ -71,6 +71,7 @@ class FedAvg:
         sites = select_clients(
             available, rnd=rnd, attempt=attempt, policy=sel.policy, min_clients=self.cfg.min_clients,
             fraction=sel.fraction, max_per_round=sel.max_per_round, seed=sel.seed,
+            batches=self.cfg.participation_batches(),
         )
         mu = self.cfg.strategy.mu if self.cfg.strategy.name == "fedprox" else 0.0
         return FitPlan(sites=sites, config={"mu": mu, "seed": sel.seed * 1_000_003 + rnd * 101 + attempt})

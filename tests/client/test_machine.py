@@ -36,7 +36,7 @@ PARAMS = {"w": np.zeros(3, np.float32)}
 
 
 def welcome(*, secagg: bool) -> Welcome:
-    fed = FederationConfig.model_validate({"secagg": {"enabled": secagg}})
+    fed = FederationConfig.model_validate({"secagg": {"enabled": secagg, "batches": [[1, 2, 3]]}})
     return Welcome("run-1", 1, 3, RunSpec.of(fed).wire())
 
 

@@ -23,10 +23,11 @@ class Federation(LocalRound):
     def __init__(self, n: int, *, dim: int, degree: int | None = None, threshold: int | None = None,
                  min_clients: int = 2, bits: int = 32, clip: float = 1.0, max_samples: int = 1000,
                  rnd: int = 1, attempt: int = 1, identities: dict[int, Identity] | None = None,
-                 prg: Prg = DEFAULT_PRG, policy: PolicyConfig | None = None, clients=None, fit_for=None):
+                 prg: Prg = DEFAULT_PRG, policy: PolicyConfig | None = None, clients=None, fit_for=None,
+                 batches: list[list[int]] | None = None):
         secagg = SecAggConfig(
             mode="complete" if degree is None else "sparse", shares=None if degree is None else degree + 1,
-            threshold=threshold, bits=bits, clip=clip, max_samples_per_site=max_samples, prg=prg,
+            threshold=threshold, bits=bits, clip=clip, max_samples_per_site=max_samples, prg=prg, batches=batches,
         )
         super().__init__(ids=list(range(1, n + 1)), dim=dim, secagg=secagg, identities=identities, run_id=RUN,
                          rnd=rnd, attempt=attempt, min_clients=min_clients, clients=clients,

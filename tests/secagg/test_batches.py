@@ -1,0 +1,221 @@
+"""Participation batches (So et al., AAAI 2023): every sum is of whole batches, in process.
+
+The property the batches are for: any two sums the coordinator can unmask differ by whole
+batches or not at all.  Here: the pure rules, the graph, the coordinator's trimming, the sites'
+refusals, and a property test that a completed round sums exactly the whole batches that were
+alive through the masked-input stage, whatever drops out where.
+"""
+
+from __future__ import annotations
+
+import secrets
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from asagiri.config import FederationConfig, PolicyConfig, RunSpec, SecAggConfig
+from asagiri.errors import Refusal
+from asagiri.policy import SitePolicy
+from asagiri.secagg.graph import graph_seed, neighbours
+from asagiri.secagg.rules import batch_map, complete_batches, is_union_of_batches
+from asagiri.secagg.server import ServerStage
+from asagiri.wire.crypto import Identity
+
+from .harness import STAGES, Federation
+
+POLICY2 = PolicyConfig(min_participants=2, min_group=2)
+
+
+def sites(n: int) -> list[dict]:
+    return [{"id": i, "public_key": secrets.token_hex(32)} for i in range(1, n + 1)]
+
+
+# -- the rules ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("n", "size", "sizes"), [(3, 3, [3]), (5, 3, [5]), (7, 3, [4, 3]), (10, 3, [4, 3, 3]),
+                                                  (2, 3, [2]), (12, 4, [4, 4, 4]), (9, 2, [3, 2, 2, 2])])
+def test_the_enrolled_sites_are_cut_into_batches_of_at_least_batch_size(n, size, sizes):
+    cfg = FederationConfig.model_validate({"sites": sites(n), "min_clients": 1, "secagg": {"batch_size": size}})
+    batches = cfg.participation_batches()
+    assert [len(b) for b in batches] == sizes
+    assert sorted(v for b in batches for v in b) == list(range(1, n + 1))
+    assert RunSpec.of(cfg).wire()["secagg"]["batches"] == batches  # the spec carries the cut, so it is signed
+
+
+def test_explicit_batches_must_partition_the_enrolled_sites():
+    ok = FederationConfig.model_validate({"sites": sites(4), "secagg": {"batches": [[1, 4], [2, 3]]}})
+    assert ok.participation_batches() == [[1, 4], [2, 3]]
+    with pytest.raises(ValueError, match="exactly one batch"):
+        SecAggConfig(batches=[[1, 2], [2, 3]])
+    with pytest.raises(ValueError, match="every enrolled site"):
+        FederationConfig.model_validate({"sites": sites(4), "secagg": {"batches": [[1, 2], [3]]}})
+    off = FederationConfig.model_validate({"sites": sites(4), "secagg": {"batch_size": None}})
+    assert off.participation_batches() is None
+
+
+def test_whole_batches():
+    b = batch_map([[1, 2], [3, 4, 5]])
+    assert is_union_of_batches([1, 2], b) and is_union_of_batches([1, 2, 3, 4, 5], b)
+    assert not is_union_of_batches([1, 2, 3], b) and not is_union_of_batches([6], b)
+    assert complete_batches([1, 2, 3, 4], b) == [1, 2]
+    assert complete_batches([1, 3, 4], None) == [1, 3, 4]
+    with pytest.raises(ValueError, match="two participation batches"):
+        batch_map([[1, 2], [2]])
+
+
+def test_a_sparse_graph_joins_every_site_to_its_whole_batch():
+    ids = list(range(1, 21))
+    b = batch_map([ids[i:i + 4] for i in range(0, 20, 4)])
+    seed = graph_seed(b"ctx", ids)
+    plain, batched = neighbours(ids, 2, seed), neighbours(ids, 2, seed, b)
+    for u in ids:
+        assert set(plain[u]) <= set(batched[u])
+        assert b[u] - {u} <= set(batched[u])
+        assert all(u in batched[v] for v in batched[u])  # still symmetric
+    assert neighbours(ids, None, seed, b) == neighbours(ids, None, seed)  # the complete graph has them all
+
+
+# -- the site's policy -------------------------------------------------------------------------------
+
+
+def spec_with(batches, **secagg) -> RunSpec:
+    cfg = FederationConfig.model_validate({"sites": sites(6), "min_clients": 2, "secagg": {"batches": batches,
+                                                                                           **secagg}})
+    return RunSpec.model_validate(RunSpec.of(cfg).wire())
+
+
+def policy(**cfg) -> SitePolicy:
+    return SitePolicy(PolicyConfig(**cfg), {i: Identity.generate().public for i in range(1, 7)})
+
+
+def test_the_default_policy_refuses_a_run_without_batches_or_with_small_ones():
+    with pytest.raises(Refusal, match="batches: the run cuts its sites into no participation batches"):
+        policy().check_batches(spec_with(None, batch_size=None), 1)
+    policy(require_batches=False).check_batches(spec_with(None, batch_size=None), 1)  # the site's own choice
+    with pytest.raises(Refusal, match="a participation batch of 2 sites; this site needs 3"):
+        policy().check_batches(spec_with([[1, 2], [3, 4, 5, 6]]), 1)
+    with pytest.raises(Refusal, match="needs 4 .min_participants 3 . colluders 1"):
+        policy(colluders=1).check_batches(spec_with([[1, 2, 3], [4, 5, 6]]), 1)
+    policy().check_batches(spec_with([[1, 2, 3], [4, 5, 6]]), 1)
+    with pytest.raises(Refusal, match="no pinned identity key"):
+        SitePolicy(PolicyConfig(), {1: Identity.generate().public}).check_batches(spec_with([[1, 2, 3], [4, 5, 6]]), 1)
+
+
+# -- one round, in process ---------------------------------------------------------------------------
+
+
+def inputs(fed: Federation, rng) -> dict[int, np.ndarray]:
+    return {i: rng.integers(0, 2**32, size=fed.dim + 1, dtype=np.uint64).astype(np.uint32) for i in fed.ids}
+
+
+def expected_sum(ring, ids, dim):
+    total = np.zeros(dim + 1, dtype=np.uint32)
+    for i in ids:
+        total += ring[i]
+    return total
+
+
+@pytest.mark.parametrize("stage", ["advertise", "share", "masked_input"])
+def test_a_batch_with_a_site_gone_before_its_input_is_left_out_whole(stage):
+    fed = Federation(6, dim=5, min_clients=2, policy=POLICY2, batches=[[1, 2], [3, 4], [5, 6]])
+    ring = inputs(fed, np.random.default_rng(0))
+    server = fed.run(ring, {stage: {4}})
+    assert server.stage is ServerStage.DONE, server.abort_reason
+    assert server.result.survivors == [1, 2, 5, 6]
+    assert np.array_equal(server.result.total, expected_sum(ring, [1, 2, 5, 6], 5))
+    assert fed.refusals == {}
+
+
+@pytest.mark.parametrize("stage", ["consistency", "unmask"])
+def test_a_site_gone_after_its_input_keeps_its_batch_in(stage):
+    fed = Federation(6, dim=5, min_clients=2, policy=POLICY2, batches=[[1, 2], [3, 4], [5, 6]])
+    ring = inputs(fed, np.random.default_rng(1))
+    server = fed.run(ring, {stage: {4}})
+    assert server.stage is ServerStage.DONE, server.abort_reason
+    assert server.result.survivors == [1, 2, 3, 4, 5, 6]
+    assert np.array_equal(server.result.total, expected_sum(ring, fed.ids, 5))
+
+
+@st.composite
+def batched_rounds(draw):
+    n = draw(st.integers(4, 16))
+    cuts = sorted(draw(st.sets(st.integers(2, n - 2), max_size=n // 2)))
+    edges = [0, *[c for i, c in enumerate(cuts) if c - ([0, *cuts][i]) >= 2], n]
+    batches = [list(range(a + 1, b + 1)) for a, b in zip(edges, edges[1:], strict=False) if b > a]
+    if len(batches[-1]) < 2 and len(batches) > 1:
+        batches[-2] += batches.pop()
+    degree = draw(st.sampled_from([None, 2, 3])) if n >= 6 else None
+    dropped = draw(st.sets(st.integers(1, n), max_size=3))
+    at = {s: draw(st.sampled_from(STAGES)) for s in dropped}
+    return n, batches, degree, at, draw(st.integers(1, 12))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(batched_rounds(), st.integers(0, 2**32 - 1))
+def test_a_completed_round_sums_exactly_the_whole_batches_alive_through_the_masked_input(scenario, seed):
+    n, batches, degree, at, dim = scenario
+    fed = Federation(n, dim=dim, degree=degree, min_clients=2, policy=POLICY2, batches=batches)
+    ring = inputs(fed, np.random.default_rng(seed))
+    drops: dict[str, set[int]] = {}
+    for s, stage in at.items():
+        drops.setdefault(stage, set()).add(s)
+    server = fed.run(ring, drops)
+    # An honest coordinator never asks for part of a batch; a group that a left-out batch took
+    # below its threshold is refused as it would be after any drop.
+    assert all(not r.startswith("batches") for r in fed.refusals.values()), fed.refusals
+    before_input = {s for s, stage in at.items() if stage in ("advertise", "share", "masked_input")}
+    expected = complete_batches(set(fed.ids) - before_input, batch_map(batches))
+    if not at:
+        assert server.stage is ServerStage.DONE, server.abort_reason
+    if server.stage is ServerStage.DONE:  # a drop may abort it (a group below its threshold), never bend it
+        assert server.result.survivors == expected
+        assert np.array_equal(server.result.total, expected_sum(ring, expected, dim))
+
+
+def test_sites_refuse_part_of_a_batch_at_every_stage():
+    """A coordinator running modified code asks for part of a batch: each stage's check refuses."""
+    b = [[1, 2, 3], [4, 5, 6]]
+    # participants
+    fed = Federation(6, dim=3, min_clients=2, policy=POLICY2, batches=b)
+    from asagiri.secagg.binding import RoundParams  # a round over part of batch {4, 5, 6}
+
+    p = RoundParams.derive(run_id=fed.run_id, round=1, attempt=1, participants=[1, 2, 3, 4], secagg=fed.secagg,
+                           params_digest=fed.params.params_digest, fit_config={}, vector_len=4,
+                           spec_digest=fed.spec_digest)
+    from asagiri.wire.messages import ConsistencyCheck, SecAggStart
+
+    start = SecAggStart(1, 1, [1, 2, 3, 4], 4, p.plan.to_dict(), p.prg, p.degree, p.threshold)
+    with pytest.raises(Refusal, match="batches: the participants hold part of a participation batch"):
+        fed.clients[1].receive(start)
+    # survivors: an honest start, then a survivor list that cuts batch {4, 5, 6}
+    fed = Federation(6, dim=3, min_clients=2, policy=POLICY2, batches=b)
+    ring = inputs(fed, np.random.default_rng(2))
+    fed.advance(ring, ServerStage.CONSISTENCY)
+    with pytest.raises(Refusal, match="batches: the survivors hold part"):
+        fed.clients[1].receive(ConsistencyCheck(1, 1, [1, 2, 3, 4, 5]))
+
+
+def test_a_site_whose_batch_mate_shared_nothing_sends_no_input():
+    from asagiri.wire.messages import ShareDelivery
+
+    fed = Federation(4, dim=3, min_clients=2, policy=POLICY2, batches=[[1, 2], [3, 4]])
+    ring = inputs(fed, np.random.default_rng(3))
+    pending = fed.advance(ring, ServerStage.MASKED_INPUT)
+    delivery = next(o.msg for o in pending if o.site == 1)
+    assert isinstance(delivery, ShareDelivery)
+    without_2 = ShareDelivery(1, 1, [item for item in delivery.shares if item[0] != 2])
+    with pytest.raises(Refusal, match="batches: no shares from sites .2. of this site's participation batch"):
+        fed.clients[1].receive(without_2)
+
+
+def test_batches_cost_nothing_without_drops():
+    """With every site present the batched round is the plain one: same survivors, same sum."""
+    rng = np.random.default_rng(4)
+    plain = Federation(6, dim=7, degree=2, min_clients=2, policy=POLICY2)
+    batched = Federation(6, dim=7, degree=2, min_clients=2, policy=POLICY2, batches=[[1, 2, 3], [4, 5, 6]])
+    ring = inputs(plain, rng)
+    a, b = plain.run(ring), batched.run(ring)
+    assert a.result.survivors == b.result.survivors == list(range(1, 7))
+    assert np.array_equal(a.result.total, b.result.total)
