@@ -25,8 +25,9 @@ cannot get past (docs/secagg.md has the argument):
   unmask that contains this site's input contains theirs too.
 - **No sum it can be subtracted out of.**  With the run's participation batches, the
   participants, the advertised sites and the survivors must each be whole batches, and the site
-  masks with its whole batch (``graph.neighbours``), so every sum the coordinator can unmask, in
-  any round or attempt, holds whole batches (docs/secagg.md, "Participation batches").
+  masks with its whole batch (``graph.batch_mates``) besides its graph neighbours, so every sum
+  the coordinator can unmask, in any round or attempt, holds whole batches (docs/secagg.md,
+  "Participation batches").
 - One unmask per round, and each peer's b share *or* its masking-key share, never both
   (``sharing.HeldShares.reveal`` keeps that one itself).
 
@@ -66,12 +67,12 @@ from ._states import CLIENT_MESSAGES, CLIENT_TRANSITIONS, ClientStage, LocalUpda
 from .binding import RoundParams, keys_message, params_digest, survivors_message
 from .checks import SiteChecks
 from .component import component_survives, mutual_masks
-from .graph import graph_seed, neighbours
+from .graph import batch_mates, graph_seed, mask_peers, neighbours
 from .masking import add_masks, pair_seed, sign
 from .prg import PRGS
 from .quantize import QuantisationError, quantize
 from .replay import ReplayGuard
-from .rules import SecAggSettings, batch_map, group_threshold
+from .rules import SecAggSettings, batch_map
 from .sharing import BothShares, HeldShares
 
 __all__ = ["ClientStage", "ClientStateMachine", "ReplayGuard", "SecAggRefused"]
@@ -104,7 +105,6 @@ class _Round:
     b_seed: bytes
     advertised: list[int] = field(default_factory=list)  # U1 as this site was told
     group: list[int] = field(default_factory=list)  # [me] + neighbours, the Shamir x order
-    threshold: int = 0  # of this site's group (rules.group_threshold)
     peer_keys: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)  # id -> (c_pk, s_pk)
     held: HeldShares = field(default_factory=HeldShares)  # owner -> (b share, s share), and what left
     masked_with: list[int] = field(default_factory=list)  # neighbours whose shares arrived
@@ -318,14 +318,15 @@ class ClientStateMachine:
                     f"sites {sorted(set(advertised) - set(p.participants))} advertised but are not participants")
         self.policy.check_participants("sites advertised keys", advertised)
         self.policy.check_whole_batches("sites that advertised keys", advertised, self.batches)
-        nbrs = neighbours(advertised, p.degree or None, graph_seed(p.context, advertised), self.batches)[self.site_id]
+        nbrs = neighbours(advertised, p.degree or None, graph_seed(p.context, advertised))[self.site_id]
         group = [self.site_id, *nbrs]
-        threshold = group_threshold(p.threshold, len(group))
-        self.policy.check_group(len(group), threshold)
+        self.policy.check_group(len(group), p.threshold)
+        peers = mask_peers(self.site_id, nbrs, advertised, self.batches)
         entries = {e[0]: e for e in msg.entries}
-        self._check(set(entries) == set(nbrs), "stage", "the roster's keys are not exactly this site's neighbours")
+        self._check(set(entries) == set(peers), "stage",
+                    "the roster's keys are not exactly this site's neighbours and batch-mates")
         own = (r.c.public, r.s.public)
-        for v in nbrs:
+        for v in peers:
             _, c_pk, s_pk, sig = entries[v]
             peer = self.peers.get(v)
             self._check(peer is not None, "pinned_peers", f"site {v} has no pinned identity key")
@@ -335,9 +336,9 @@ class ClientStateMachine:
                 self.policy.refuse("signature", f"site {v}'s key advertisement does not verify for this round")
             self._check(c_pk not in own and s_pk not in own, "signature", "a neighbour advertises this site's own key")
             r.peer_keys[v] = (c_pk, s_pk)
-        r.advertised, r.group, r.threshold = advertised, group, threshold
-        b_shares = shamir.split(r.b_seed, len(group), threshold, rng=self._random)
-        s_shares = shamir.split(r.s.secret_bytes(), len(group), threshold, rng=self._random)
+        r.advertised, r.group = advertised, group
+        b_shares = shamir.split(r.b_seed, len(group), p.threshold, rng=self._random)
+        s_shares = shamir.split(r.s.secret_bytes(), len(group), p.threshold, rng=self._random)
         out = []
         for i, v in enumerate(group):
             b, s = shamir.encode_share(b_shares[i]), shamir.encode_share(s_shares[i])
@@ -353,7 +354,7 @@ class ClientStateMachine:
     def _deliver(self, msg: ShareDelivery) -> list[Message]:
         r = self._check_round(msg)
         for sender, ct in msg.shares:
-            self._check(sender in r.peer_keys, "shares", f"a share from site {sender}, which is not a neighbour")
+            self._check(sender in r.group[1:], "shares", f"a share from site {sender}, which is not a neighbour")
             key = share_key(r.c, r.peer_keys[sender][0], sender, self.site_id, r.ctx)
             try:
                 plain = StreamCipher(key).open(0, ct, r.ctx)
@@ -365,11 +366,10 @@ class ClientStateMachine:
                 self.policy.refuse("shares", f"the share from site {sender} does not verify")
             r.held[sender] = (b, s)
         r.masked_with = sorted(int(sender) for sender, _ in msg.shares)
-        self._check(len(r.masked_with) + 1 >= r.threshold, "shares",
-                    f"only {len(r.masked_with)} neighbours shared keys; threshold {r.threshold}")
-        if self.batches is not None:  # masks with the whole batch, or no input leaves
-            missing = sorted(self.batches.get(self.site_id, frozenset()) - {self.site_id} - set(r.masked_with))
-            self._check(not missing, "batches", f"no shares from sites {missing} of this site's participation batch")
+        self._check(len(r.masked_with) + 1 >= r.params.threshold, "shares",
+                    f"only {len(r.masked_with)} neighbours shared keys; threshold {r.params.threshold}")
+        # Its whole batch too, shares or not: a batch is summed whole, so those masks never need removing.
+        r.masked_with = sorted(set(r.masked_with) | set(batch_mates(self.site_id, r.advertised, self.batches)))
         self._enter(ShareDelivery)
         return self._maybe_mask()
 
@@ -405,7 +405,7 @@ class ClientStateMachine:
         in_group = [v for v in r.group if v in survivors]
         unmasked = sorted(set(in_group) - set(r.masked_with) - {self.site_id})
         self._check(not unmasked, "survivors", f"neighbours {unmasked} are listed as survivors but never shared keys")
-        self._check(len(in_group) >= r.threshold, "survivors",
+        self._check(len(in_group) >= r.params.threshold, "survivors",
                     "fewer survivors in this site's group than the threshold")
         r.survivors = survivors
         self._enter(ConsistencyCheck)

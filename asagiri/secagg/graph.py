@@ -8,19 +8,19 @@ diametrically opposite site).  The seed is derived, never chosen: ``BLAKE2b(ctx,
 U1)``, where the round context ``ctx`` carries the round digest (``binding.py``), so every site
 computes the same graph and the coordinator cannot pick one.
 
-With participation batches (``rules.batch_map``), every site is also joined to each member of its
-own batch: a site masks with its whole batch, so no sum the coordinator can unmask holds part of
-a batch (docs/secagg.md, "Participation batches").
+With participation batches a site also masks with every other member of its batch
+(:func:`batch_mates`), whether or not the graph joins them: those masks never need removing,
+since a batch is summed whole or not at all, so they need no shares (protocol/SPEC.md §6.7).
 """
 
 from __future__ import annotations
 
 import struct
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 from ..wire.crypto import blake2b
 
-__all__ = ["graph_seed", "neighbours", "ring_order"]
+__all__ = ["batch_mates", "graph_seed", "mask_peers", "neighbours", "ring_order"]
 
 
 def graph_seed(ctx: bytes, advertised: list[int]) -> bytes:
@@ -35,24 +35,12 @@ def ring_order(ids: list[int], seed: bytes) -> list[int]:
     return sorted(ids, key=lambda u: blake2b(seed + struct.pack(">I", u), person=b"asagiri-ring"))
 
 
-def neighbours(participants: list[int], degree: int | None, seed: bytes,
-               batches: Mapping[int, frozenset[int]] | None = None) -> dict[int, list[int]]:
-    """Each participant's neighbours (never itself). ``degree`` None means the complete graph.
-    ``batches``: each site's participation batch; its members among ``participants`` are added."""
+def neighbours(participants: list[int], degree: int | None, seed: bytes) -> dict[int, list[int]]:
+    """Each participant's neighbours (never itself). ``degree`` None means the complete graph."""
     ids = sorted(set(participants))
     n = len(ids)
     if degree is None or degree >= n - 1:
         return {u: [v for v in ids if v != u] for u in ids}
-    out = _harary(ids, degree, seed)
-    if batches is not None:
-        present = set(ids)
-        for u in ids:
-            out[u] |= (batches.get(u, frozenset()) & present) - {u}
-    return {u: sorted(vs) for u, vs in out.items()}
-
-
-def _harary(ids: list[int], degree: int, seed: bytes) -> dict[int, set[int]]:
-    n = len(ids)
     if degree < 1:
         raise ValueError("degree must be at least 1")
     ring = ring_order(ids, seed)
@@ -72,4 +60,17 @@ def _harary(ids: list[int], degree: int, seed: bytes) -> dict[int, set[int]]:
             if v != u:
                 out[u].add(v)
                 out[v].add(u)
-    return out
+    return {u: sorted(vs) for u, vs in out.items()}
+
+
+def batch_mates(site: int, present: Iterable[int], batches: Mapping[int, frozenset[int]] | None) -> list[int]:
+    """The other members of ``site``'s participation batch among ``present`` (none without batches)."""
+    if batches is None:
+        return []
+    return sorted((batches.get(site, frozenset()) & set(present)) - {site})
+
+
+def mask_peers(site: int, nbrs: list[int], present: Iterable[int],
+               batches: Mapping[int, frozenset[int]] | None) -> list[int]:
+    """Whose keys ``site`` gets in its KeyRoster: its graph neighbours and its batch-mates."""
+    return sorted(set(nbrs) | set(batch_mates(site, present, batches)))

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 from .plan import QuantPlan
 
-__all__ = ["Batches", "SecAggSettings", "batch_map", "complete_batches", "group_threshold", "is_union_of_batches", "quorum",
+__all__ = ["Batches", "SecAggSettings", "batch_map", "complete_batches", "is_union_of_batches", "quorum",
            "ring_plan", "sharing_group", "spec_of"]
 
 # Each site's participation batch (the whole batch, the site included), by site id.
@@ -134,9 +134,3 @@ def complete_batches(ids: Iterable[int], batches: Batches | None) -> list[int]:
         return sorted(have)
     return sorted(v for v in have if v in batches and batches[v] <= have)
 
-
-def group_threshold(threshold: int, size: int) -> int:
-    """The Shamir threshold of one site's sharing group of ``size`` (the site included): the
-    round's, raised to a majority of the group where its batch made the group larger than the
-    graph's degree (without batches every group is within the round's threshold already)."""
-    return max(threshold, size // 2 + 1)

@@ -14,7 +14,8 @@ sites enforce that anyway (``client.py``).
 
 With participation batches, each stage keeps whole batches only: a batch with a member that did
 not advertise, share or send its masked input is left out of the round whole (its members are
-then dropped sites, as any other).  Masked inputs are held per batch until the batch is complete,
+then dropped sites, as any other).  A site also gets its batch-mates' keys and masks with them;
+those masks are never removed, since no batch-mate of a survivor is ever dropped.  Masked inputs are held per batch until the batch is complete,
 then added into the running sum, so an incomplete batch's inputs never touch it.
 """
 
@@ -43,10 +44,10 @@ from ..wire.messages import (
 from . import shamir
 from ._states import SERVER_TRANSITIONS, ServerStage, StageClosed, StageFailed
 from .binding import RoundParams, keys_message, survivors_message
-from .graph import graph_seed, neighbours
+from .graph import graph_seed, mask_peers, neighbours
 from .masking import add_masks, pair_seed, sign
 from .prg import PRGS, Prg
-from .rules import Batches, complete_batches, group_threshold
+from .rules import Batches, complete_batches
 
 __all__ = ["ProtocolViolation", "ServerStage", "ServerStateMachine"]
 
@@ -246,14 +247,15 @@ class ServerStateMachine:
         self.stage_sites["advertised"] = u1
         if len(u1) < self.min_clients:
             return self._abort(AbortCause.TOO_FEW_SITES, f"{len(u1)} sites advertised keys, fewer than min_clients={self.min_clients}")
-        self.nbrs = neighbours(u1, self.degree, graph_seed(self.ctx, u1), self.batches)
+        self.nbrs = neighbours(u1, self.degree, graph_seed(self.ctx, u1))
         group = 1 + (len(u1) - 1 if self.degree is None else min(self.degree, len(u1) - 1))
         if group < self.threshold:
             return self._abort(AbortCause.THRESHOLD, f"{len(u1)} sites advertised keys: groups of {group} cannot meet threshold "
                                f"{self.threshold}")
         out = []
         for u in u1:
-            entries = [[v, self.keys[v].c_pk, self.keys[v].s_pk, self.keys[v].signature] for v in self.nbrs[u]]
+            entries = [[v, self.keys[v].c_pk, self.keys[v].s_pk, self.keys[v].signature]
+                       for v in mask_peers(u, self.nbrs[u], u1, self.batches)]
             out.append(Outbound(u, KeyRoster(self.round, self.attempt, u1, entries)))
         self._enter(StageClosed)
         self._waiting = set(self._alive(u1))
@@ -302,10 +304,10 @@ class ServerStateMachine:
 
     def _finish(self, _answered: list[int]) -> list[Outbound]:
         """UNMASK closed: rebuild what the shares allow and remove the masks from the sum."""
+        t = self.threshold
         total = self.sum
         removals: list[tuple[int, bytes]] = []
         for u in self.u3:
-            t = group_threshold(self.threshold, len(self._group(u)))
             shares = list(self._b_shares.get(u, {}).values())
             if len(shares) < t:
                 return self._abort(AbortCause.UNMASK_FAILED, f"only {len(shares)} shares of site {u}'s mask seed, {t} needed")
@@ -315,7 +317,6 @@ class ServerStateMachine:
                 return self._abort(AbortCause.UNMASK_FAILED, f"inconsistent shares of site {u}'s mask seed")
         survivors = set(self.u3)
         for v in sorted(set(self.u2) - survivors):
-            t = group_threshold(self.threshold, len(self._group(v)))
             shares = list(self._s_shares.get(v, {}).values())
             if len(shares) < t:
                 return self._abort(AbortCause.UNMASK_FAILED, f"only {len(shares)} shares of dropped site {v}'s key, {t} needed")

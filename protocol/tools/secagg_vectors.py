@@ -21,10 +21,11 @@ from asagiri.secagg.binding import (
     survivors_message,
 )
 from asagiri.secagg.client import ClientStage, ClientStateMachine, share_key
-from asagiri.secagg.graph import graph_seed, neighbours, ring_order
+from asagiri.secagg.graph import batch_mates, graph_seed, neighbours, ring_order
 from asagiri.secagg.masking import add_masks, pair_seed
 from asagiri.secagg.prg import PRGS, Prg, expand, stream
 from asagiri.secagg.quantize import QuantisationError, QuantPlan, dequantize, quantize
+from asagiri.secagg.rules import batch_map
 from asagiri.secagg.server import ServerStateMachine
 from asagiri.wire import codec
 from asagiri.wire.crypto import EphemeralKey, Identity, Keystream, StreamCipher, blake2b
@@ -212,7 +213,8 @@ def _round(*, run_id: str, rnd: int, attempt: int, sites: dict[int, tuple[list[f
     params = RoundParams.derive(run_id=run_id, round=rnd, attempt=attempt, participants=ids, secagg=parsed.secagg,
                                 params_digest=params_digest(fit.params), fit_config=fit.config,
                                 vector_len=sum(a.size for a in global_params.values()) + 1, spec_digest=s_digest)
-    server = ServerStateMachine(params=params, min_clients=parsed.min_clients, identities=pubs)
+    batches = batch_map(parsed.secagg.batches)
+    server = ServerStateMachine(params=params, min_clients=parsed.min_clients, identities=pubs, batches=batches)
     transcript: list[dict] = []
     sent: dict[tuple[int, type], Message] = {}
 
@@ -295,7 +297,7 @@ def _round(*, run_id: str, rnd: int, attempt: int, sites: dict[int, tuple[list[f
             continue
         masked = sent[(u, MaskedInput)]
         assert isinstance(masked, MaskedInput)
-        masked_with = server.delivered_from[u]
+        masked_with = sorted(set(server.delivered_from[u]) | set(batch_mates(u, u1, batches)))
         noise_seed = reads[-1]
         delta = np.array(sites[u][0], np.float32)
         q, clipped = quantize(delta, entry["n"], plan, noise_seed=noise_seed, prg=prg)  # type: ignore[arg-type]
@@ -383,4 +385,10 @@ def round_vectors() -> list[dict]:
                                    prg="aes128-ctr")),
         _round(run_id="vector-round-64", rnd=5, attempt=2, sites=_f32(b), drop_after_share=set(),
                secagg=SecAggConfig(mode="complete", bits=64, clip=4.0, max_samples_per_site=65536, prg="chacha20")),
+        # participation batches (§6.7): every site masks with its batch-mates too (keys in its
+        # roster, no shares), and site 5's drop cuts its batch [5, 8] (8 sent its input)
+        _round(run_id="vector-round-batches", rnd=3, attempt=1, sites=_f32({**a, 1: b[1], 2: b[2]}),
+               drop_after_share={5},
+               secagg=SecAggConfig(mode="sparse", shares=3, bits=32, clip=0.5, max_samples_per_site=1000,
+                                   prg="aes128-ctr", batches=[[1, 2, 3], [5, 8], [11, 14]])),
     ]

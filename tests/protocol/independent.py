@@ -235,7 +235,7 @@ SPLIT = ("enum", ("val", "test"))
 # §7: the rules a Decline may name; §4: the causes of an aborted round attempt
 RULE = ("enum", ("run_id", "require_secagg", "pinned_peers", "require_dp", "max_epsilon", "max_delta", "spec",
                  "setup", "spec_changed", "model", "train_bounds", "secagg_bounds", "dp_bounds", "min_participants",
-                 "min_group", "min_threshold", "min_examples", "round_params", "replay", "quorum",
+                 "min_group", "min_threshold", "min_examples", "batches", "round_params", "replay", "quorum",
                  "component", "stage", "signature", "shares", "survivors", "malformed", "record", "privacy_budget"))
 CAUSE = ("enum", ("too_few_sites", "no_quorum", "threshold", "unmask_failed"))
 
@@ -880,6 +880,16 @@ def graph(ctx: bytes, advertised: list[int], degree: int):
     return seed, ring_keys, ring, {u: sorted(v) for u, v in nb.items()}
 
 
+def whole_batches(ids: list[int], batch_of: dict[int, set[int]] | None) -> list[int]:
+    """The members of `ids` whose whole batch is in `ids` (§6.7); all of them without batches."""
+    return sorted(u for u in ids if batch_of is None or batch_of.get(u, {u, -1}) <= set(ids))
+
+
+def mates(u: int, present: list[int], batch_of: dict[int, set[int]] | None) -> set[int]:
+    """The other members of `u`'s batch among `present` (§6.7)."""
+    return set() if batch_of is None else (batch_of.get(u, set()) & set(present)) - {u}
+
+
 def derive_round(secagg: dict[str, Any], n: int) -> tuple[int, int]:
     """(degree, threshold) of §6.2."""
     if secagg["mode"] == "complete":
@@ -943,13 +953,18 @@ def compute_round(index: int) -> dict[str, Any]:
         s_digest,
     )
     out["ctx"] = ctx = make_ctx(run_id, rnd, attempt, digest)
-    # the scenario: everyone advertises and shares; drop_after_share never sends its masked input
-    u1 = u2 = sorted(participants)
-    u3 = u4 = sorted(set(u2) - set(r["drop_after_share"]))
+    # the scenario: everyone advertises and shares; drop_after_share never sends its masked input,
+    # and with batches (§6.7) its batch is cut from U3 though the others sent theirs
+    batches = secagg.get("batches")
+    batch_of = None if batches is None else {u: set(b) for b in batches for u in b}
+    u1 = u2 = whole_batches(participants, batch_of)
+    senders = sorted(set(u2) - set(r["drop_after_share"]))
+    u3 = u4 = whole_batches(senders, batch_of)
     assert [u1, u2, u3, u4] == [sorted(r[k]) for k in ("advertised", "shared", "survivors", "signed")]
     dropped = sorted(set(u2) - set(u3))
-    out.update(U1=u1, U2=u2, U3=u3, U4=u4, dropped=dropped)
+    out.update(U1=u1, U2=u2, U3=u3, U4=u4, dropped=dropped, senders=senders)
     gseed, ring_keys, ring, nb = graph(ctx, u1, degree)
+    out["roster"] = {u: sorted(set(nb[u]) | mates(u, u1, batch_of)) for u in u1}
     out.update(graph_seed=gseed, ring_keys=ring_keys, ring=ring, neighbours=nb)
     d = vector_len - 1
     sites: dict[int, dict[str, Any]] = {}
@@ -982,13 +997,14 @@ def compute_round(index: int) -> dict[str, Any]:
     # Deliver and Mask
     for u in u2:
         s = sites[u]
-        s["masked_with"] = [v for v in nb[u] if v in u2]
-        for v in s["masked_with"]:  # the receiver opens what it was sent
+        s["share_senders"] = [v for v in nb[u] if v in u2]
+        s["masked_with"] = sorted(set(s["share_senders"]) | mates(u, u1, batch_of))  # §6.7: its whole batch
+        for v in s["share_senders"]:  # the receiver opens what it was sent
             st = sites[v]["shares_to"][u]
             assert aead_open(st["share_key"], 0, st["ciphertext"], ctx) == st["plaintext"]
             decoded = msgpack.unpackb(st["plaintext"], raw=False)
             assert decoded[:5] == [run_id, rnd, attempt, v, u]
-    for u in u3:
+    for u in senders:
         s = sites[u]
         sv = r["sites"][str(u)]
         s["noise_seed"] = s["rng"].read(32)
@@ -1010,13 +1026,15 @@ def compute_round(index: int) -> dict[str, Any]:
             m = prg_words(seed, prg_name, vector_len, bits)
             y = [(a + sigma * b) % mod for a, b in zip(y, m, strict=True)]
         s["y"] = y
+        if u not in u3:
+            continue  # its batch was cut (§6.7): it is asked for nothing more
         s["survivors_text"] = survivor_text(ctx, u3, s["masked_with"])
         s["survivors_signature"] = sign(s["identity_seed"], s["survivors_text"])
     out["sites"] = sites
     # Unmask: each signer reveals what it holds
     for u in u4:
         s = sites[u]
-        held = [o for o in s["group"] if o == u or o in s["masked_with"]]
+        held = [o for o in s["group"] if o == u or o in s["share_senders"]]
 
         def share_of(o: int, which: str, holder: int = u) -> bytes:
             return sites[o][which][sites[o]["group"].index(holder)]
@@ -1082,13 +1100,13 @@ def transcript_message(c: dict[str, Any], r: dict[str, Any], sender, recipient, 
         if name == "KeyRoster":
             entries = [
                 [v, sites[v]["c_pk"], sites[v]["s_pk"], sites[v]["keys_signature"]]
-                for v in c["neighbours"][u]
+                for v in c["roster"][u]
             ]
             return {**head, "advertised": c["U1"], "entries": entries}
         if name == "ShareDelivery":
             return {
                 **head,
-                "shares": [[v, sites[v]["shares_to"][u]["ciphertext"]] for v in sites[u]["masked_with"]],
+                "shares": [[v, sites[v]["shares_to"][u]["ciphertext"]] for v in sites[u]["share_senders"]],
             }
         if name == "ConsistencyCheck":
             return {**head, "survivors": c["U3"]}
@@ -1124,8 +1142,10 @@ def expected_transcript(c: dict[str, Any], r: dict[str, Any]) -> list[tuple[Any,
         flow += [(u, "coordinator", "AdvertiseKeys"), ("coordinator", u, "KeyRoster")]
     for u in c["U2"]:
         flow += [(u, "coordinator", "ShareKeys"), ("coordinator", u, "ShareDelivery")]
+    for u in c["senders"]:
+        flow.append((u, "coordinator", "MaskedInput"))
     for u in c["U3"]:
-        flow += [(u, "coordinator", "MaskedInput"), ("coordinator", u, "ConsistencyCheck")]
+        flow.append(("coordinator", u, "ConsistencyCheck"))
     for u in c["U4"]:
         flow += [
             (u, "coordinator", "ConsistencySig"),

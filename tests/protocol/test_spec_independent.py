@@ -373,7 +373,7 @@ def test_plan_edges():
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("index", range(2))
+@pytest.mark.parametrize("index", range(3))
 def test_round_values(index):
     r = load("secagg_round.json")[index]
     c = compute_round(index)
@@ -390,6 +390,7 @@ def test_round_values(index):
     assert c["D"].hex() == r["digest_hex"]
     assert c["ctx"].hex() == r["ctx_hex"]
     assert c["dropped"] == r["dropped"]
+    assert (c["U1"], c["U2"], c["U3"], c["U4"]) == (r["advertised"], r["shared"], r["survivors"], r["signed"])
     assert c["graph_seed"].hex() == r["graph_seed_hex"]
     assert {str(u): k.hex() for u, k in c["ring_keys"].items()} == r["ring_keys_hex"]
     assert c["ring"] == r["ring"]
@@ -412,7 +413,7 @@ def test_round_values(index):
             assert st["share_key"].hex() == rec["share_key_hex"]
             assert st["plaintext"].hex() == rec["plaintext_hex"]
             assert st["ciphertext"].hex() == rec["ciphertext_hex"]
-        if u not in c["U3"]:
+        if u not in c["senders"]:
             assert "y_hex" not in sv
             continue
         assert s["masked_with"] == sv["masked_with"]
@@ -425,6 +426,9 @@ def test_round_values(index):
         first = {str(k): [str(w) for w in ws] for k, ws in s["prg_first_words"].items()}
         assert first == sv["prg_first_words"]
         assert words_hex(s["y"], bits) == sv["y_hex"]
+        if u not in c["U3"]:
+            assert "survivors_text_hex" not in sv  # its batch was cut (§6.7)
+            continue
         assert s["survivors_text"].hex() == sv["survivors_text_hex"]
         assert s["survivors_signature"].hex() == sv["survivors_signature_hex"]
     res = r["result"]
@@ -441,7 +445,7 @@ def test_round_values(index):
     assert c["weighted_sum"] == res["weighted_sum"]
 
 
-@pytest.mark.parametrize("index", range(2))
+@pytest.mark.parametrize("index", range(3))
 def test_round_transcript(index):
     r = load("secagg_round.json")[index]
     c = compute_round(index)
@@ -457,7 +461,7 @@ def test_round_transcript(index):
         assert sum(sizes) == len(enc) - 4 - hlen
 
 
-@pytest.mark.parametrize("index", range(2))
+@pytest.mark.parametrize("index", range(3))
 def test_round_transcript_flow(index):
     r = load("secagg_round.json")[index]
     c = compute_round(index)

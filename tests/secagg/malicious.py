@@ -76,6 +76,10 @@ FED = FederationConfig.model_validate({
 # Site policy for a harness whose cases each open a new session and take sums without sending
 # their records: a site excuses that (max_unrecorded) only so often in a run.
 UNRECORDED_OK = {"max_unrecorded": 1 << 20}
+# The harness's spec cuts no participation batches, so that each case meets the one defence it
+# is about (a batch rule would refuse most of them first): the sites allow that.  The batch rule
+# is tested on its own, with the default policy, in test_batches_attack.py.
+NO_BATCHES = {"require_batches": False}
 
 _rounds = itertools.count(1)
 
@@ -153,7 +157,7 @@ class ColludingSite:
 class Attacker:
     def __init__(self, root: Path, sites: int = SITES, policy: dict[str, Any] | None = None) -> None:
         self.root = root
-        self.policy = dict(policy or {})  # every site's, under what a case's own policy adds
+        self.policy = {**NO_BATCHES, **(policy or {})}  # every site's, under what a case's own policy adds
         self.port = free_port()
         self.identity = Identity.generate()
         self.site_keys = {i: Identity.generate() for i in range(1, sites + 1)}
@@ -493,5 +497,5 @@ def declined(msg: Message) -> str | None:
     return msg.rule if isinstance(msg, Decline) else None
 
 
-__all__ = ["UNRECORDED_OK", "Attacker", "ColludingSite", "FED", "RUN", "Round", "Session", "canonical_hash", "declined", "matches", "next_round", "rule_of",
+__all__ = ["NO_BATCHES", "UNRECORDED_OK", "Attacker", "ColludingSite", "FED", "RUN", "Round", "Session", "canonical_hash", "declined", "matches", "next_round", "rule_of",
            "unmask_attempt"]

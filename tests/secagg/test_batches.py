@@ -9,6 +9,7 @@ alive through the masked-input stage, whatever drops out where.
 from __future__ import annotations
 
 import secrets
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -17,7 +18,7 @@ from hypothesis import strategies as st
 from asagiri.config import FederationConfig, PolicyConfig, RunSpec, SecAggConfig
 from asagiri.errors import Refusal
 from asagiri.policy import SitePolicy
-from asagiri.secagg.graph import graph_seed, neighbours
+from asagiri.secagg.graph import batch_mates, graph_seed, mask_peers, neighbours
 from asagiri.secagg.rules import batch_map, complete_batches, is_union_of_batches
 from asagiri.secagg.server import ServerStage
 from asagiri.wire.crypto import Identity
@@ -65,16 +66,15 @@ def test_whole_batches():
         batch_map([[1, 2], [2]])
 
 
-def test_a_sparse_graph_joins_every_site_to_its_whole_batch():
+def test_a_site_gets_the_keys_of_its_whole_batch_besides_its_graph_neighbours():
     ids = list(range(1, 21))
     b = batch_map([ids[i:i + 4] for i in range(0, 20, 4)])
-    seed = graph_seed(b"ctx", ids)
-    plain, batched = neighbours(ids, 2, seed), neighbours(ids, 2, seed, b)
+    graph = neighbours(ids, 2, graph_seed(b"ctx", ids))
     for u in ids:
-        assert set(plain[u]) <= set(batched[u])
-        assert b[u] - {u} <= set(batched[u])
-        assert all(u in batched[v] for v in batched[u])  # still symmetric
-    assert neighbours(ids, None, seed, b) == neighbours(ids, None, seed)  # the complete graph has them all
+        peers = mask_peers(u, graph[u], ids, b)
+        assert set(graph[u]) <= set(peers) and b[u] - {u} <= set(peers) and u not in peers
+        assert batch_mates(u, [u, *graph[u]], b) == sorted((b[u] - {u}) & set(graph[u]))  # only those present
+    assert mask_peers(1, graph[1], ids, None) == graph[1]
 
 
 # -- the site's policy -------------------------------------------------------------------------------
@@ -197,17 +197,21 @@ def test_sites_refuse_part_of_a_batch_at_every_stage():
         fed.clients[1].receive(ConsistencyCheck(1, 1, [1, 2, 3, 4, 5]))
 
 
-def test_a_site_whose_batch_mate_shared_nothing_sends_no_input():
-    from asagiri.wire.messages import ShareDelivery
+def test_every_site_masks_with_its_whole_batch_whatever_the_graph():
+    """In a sparse graph batch-mates need not be neighbours: each site still masks with them (they
+    are in the masked_with list it signs) and holds no shares of them."""
+    from asagiri.wire.messages import ConsistencySig
 
-    fed = Federation(4, dim=3, min_clients=2, policy=POLICY2, batches=[[1, 2], [3, 4]])
-    ring = inputs(fed, np.random.default_rng(3))
-    pending = fed.advance(ring, ServerStage.MASKED_INPUT)
-    delivery = next(o.msg for o in pending if o.site == 1)
-    assert isinstance(delivery, ShareDelivery)
-    without_2 = ShareDelivery(1, 1, [item for item in delivery.shares if item[0] != 2])
-    with pytest.raises(Refusal, match="batches: no shares from sites .2. of this site's participation batch"):
-        fed.clients[1].receive(without_2)
+    batches = [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12]]
+    fed = Federation(12, dim=3, degree=2, min_clients=2, policy=POLICY2, batches=batches)
+    server = fed.run(inputs(fed, np.random.default_rng(3)))
+    assert server.stage is ServerStage.DONE, server.abort_reason
+    b = batch_map(batches)
+    for site, msg in fed.sent:
+        if isinstance(msg, ConsistencySig):
+            assert b[site] - {site} <= set(msg.masked_with), (site, msg.masked_with)
+            assert set(fed.clients[site]._round.held) <= {site, *server.nbrs[site]}
+    assert any(not b[u] - {u} <= set(server.nbrs[u]) for u in fed.ids)  # the graph alone would not do it
 
 
 def test_batches_cost_nothing_without_drops():
