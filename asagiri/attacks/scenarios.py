@@ -15,7 +15,14 @@ Each scenario makes one *observation* from the bundled chest X-rays and a freshl
 - ``plain_sum``: the control: the plain float sum of the same updates, so the report separates
   what averaging does from what the cryptography does;
 - ``scatter_single``: ``scatter_linear``'s gradient at batch 1: its input features in closed
-  form, then the image through the fixed ScatterNet transform by optimisation.
+  form, then the image through the fixed ScatterNet transform by optimisation;
+- ``differencing`` / ``differencing_batched``: six sites, one image each, two secure sums on the
+  same ``scatter_linear`` model computed by the real state machines, one over every site and one
+  without site 6; their difference is inverted as ``scatter_single`` inverts one gradient.
+  Without participation batches (a policy that allows it) the difference is site 6's gradient;
+  under the default policy, with batches [[1, 2, 3], [4, 5, 6]], the sites refuse the second
+  sum, and the smallest difference the coordinator can get is a whole batch's (docs/secagg.md,
+  "Participation batches").
 
 The single-image scenarios attack ``images`` images one at a time and score each against its
 own original, so the report gives the spread (mean, best and worst) over images.
@@ -285,6 +292,72 @@ def _scatter_single(data: Split, s: Settings) -> InversionResult:
                        "one site's gradient at batch 1", data, s, one)
 
 
+DIFFERENCING_BATCHES = [[1, 2, 3], [4, 5, 6]]
+
+
+def _sum_over(flat: dict[int, np.ndarray], participants: list[int], batches: list[list[int]] | None,
+              ) -> tuple[np.ndarray | None, dict[int, str]]:
+    """One secure sum over ``participants`` by the real machines, as the sites' default policy
+    sees it (``min_participants`` 3); None and the refusals where the sites refused it."""
+    bound = float(max(np.abs(f).max() for f in flat.values())) * 1.01 + 1e-12
+    secagg = SecAggConfig(mode="complete", bits=64, clip=bound, max_samples_per_site=1, batches=batches)
+    round_ = LocalRound(participants, dim=next(iter(flat.values())).size, secagg=secagg, min_clients=3,
+                        policy=partial(SitePolicy, PolicyConfig(min_group=2)))
+    server = round_.deliver({i: (flat[i], 1) for i in participants})
+    if server.result is None:
+        return None, round_.refusals
+    return dequantize(server.result.total, round_.plan)[0], {}
+
+
+def _differencing(data: Split, s: Settings, *, batched: bool) -> InversionResult:
+    from ..models.scatter import ScatterLinear
+
+    t0 = time.perf_counter()
+    torch.manual_seed(s.seed)
+    model = ScatterLinear(data.images.shape[1], 2, groups=s.groups).train()
+    transform = scattering(*data.images.shape[-2:])
+    sites = list(range(1, 7))
+    grads = {u: gradient_of(model, transform(data.images[u - 1 : u]).flatten(1, 2).detach(), data.labels[u - 1 : u])
+             for u in sites}
+    flat = {u: torch.cat([g.reshape(-1) for g in gs]).numpy().astype(np.float32) for u, gs in grads.items()}
+    batches = DIFFERENCING_BATCHES if batched else None
+    everyone, _ = _sum_over(flat, sites, batches)
+    assert everyone is not None
+    without, refusals = _sum_over(flat, sites[:-1], batches)
+    extra: dict[str, Any] = {"second_sum": "sites 1-5"}
+    if without is None:  # refused: the smallest difference the batches allow
+        extra = {"second_sum": "sites 1-5 refused (" + ", ".join(sorted({r.split(":")[0] for r in refusals.values()}))
+                 + "); sites 1-3 instead"}
+        without, _ = _sum_over(flat, [1, 2, 3], batches)
+        assert without is not None
+    diff = torch.from_numpy((everyone - without).astype(np.float32))
+    shapes = [g.shape for g in grads[6]]
+    parts, pos = [], 0
+    for shape in shapes:
+        size = int(np.prod(shape))
+        parts.append(diff[pos : pos + size].reshape(shape))
+        pos += size
+    recovered = linear_input(parts[-2], parts[-1]).reshape(1, -1)
+    x = data.images[5:6]
+
+    def features(img: torch.Tensor) -> torch.Tensor:
+        return model.norm(transform(img).flatten(1, 2)).flatten(1)
+
+    truth = features(x).detach()
+    extra["feature_relative_error"] = round(float((recovered - truth).norm() / truth.norm()), 6)
+
+    image = invert_features(features, recovered, x.shape, bounds=BOUNDS, iterations=s.feature_iterations, seed=s.seed)
+    scores = score_each(x.numpy(), image.detach().numpy(), data_range=DATA_RANGE)
+    mean = data.images[6:].mean(0, keepdim=True)
+    control = score_each(x.numpy(), mean.numpy(), data_range=DATA_RANGE)
+    name = "differencing_batched" if batched else "differencing"
+    policy = "the default policy, batches [[1, 2, 3], [4, 5, 6]]" if batched else "no batches (a policy that allows it)"
+    return InversionResult(name, "scatter_linear", "two secure sums subtracted; closed form, then ScatterNet inversion",
+                           f"all six sites' secure sum minus a second one on the same model, under {policy}; "
+                           "scored against site 6's image", x.numpy(), image.detach().numpy(), scores, None,
+                           time.perf_counter() - t0, {**extra, "control_mean_image_ssim": round(control.ssim_mean, 4)})
+
+
 SCENARIOS: dict[str, Callable[[Split, Settings], InversionResult]] = {
     "single": _single,
     "single_dlg": _single_dlg,
@@ -295,6 +368,8 @@ SCENARIOS: dict[str, Callable[[Split, Settings], InversionResult]] = {
     "secagg_sum": lambda d, s: _sums(d, s, secure=True),
     "plain_sum": lambda d, s: _sums(d, s, secure=False),
     "scatter_single": _scatter_single,
+    "differencing": lambda d, s: _differencing(d, s, batched=False),
+    "differencing_batched": lambda d, s: _differencing(d, s, batched=True),
 }
 
 

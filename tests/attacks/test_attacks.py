@@ -102,6 +102,21 @@ def test_the_secure_aggregation_output_is_exactly_the_plain_sum(xrays):
     assert any(float(u[0].abs().max()) > 0 for u in updates)
 
 
+def test_differencing_two_secure_sums_gives_one_sites_features_and_batches_stop_it(xrays):
+    """The differencing scenarios: without participation batches the difference of two real
+    secure sums is site 6's gradient, whose features come back exactly (compared with the features
+    computed here from its image); under the default policy with batches the sites refuse the
+    second sum, and what the batches allow gives three sites' features mixed."""
+    from asagiri.attacks.scenarios import Settings, run_scenario
+
+    s = Settings(feature_iterations=1, groups=2)
+    open_ = run_scenario("differencing", xrays, s)
+    batched = run_scenario("differencing_batched", xrays, s)
+    assert open_.extra["feature_relative_error"] < 1e-3
+    assert batched.extra["second_sum"].startswith("sites 1-5 refused (batches)")
+    assert batched.extra["feature_relative_error"] > 0.1
+
+
 def test_the_report_has_every_scenario_and_target(tmp_path):
     from asagiri.attacks.scenarios import SCENARIOS
     from asagiri.cli.main import main
