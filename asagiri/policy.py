@@ -194,6 +194,9 @@ class SitePolicy:
                      f"augmentation off; this site requires it ({b.require_augment})")
         if s.secagg.enabled:
             q = s.secagg
+            self.require(q.colluders >= self.cfg.colluders, Rule.SECAGG_BOUNDS,
+                         f"the run assumes {q.colluders} colluding sites, this site {self.cfg.colluders}: the sites "
+                         "holding this site's shares would certify survivor lists on too few signatures")
             self.require(q.bits in b.secagg_bits, Rule.SECAGG_BOUNDS,
                          f"a {q.bits}-bit ring; this site allows {b.secagg_bits}")
             self.require(q.clip >= b.min_clip, Rule.SECAGG_BOUNDS, f"clip {q.clip:g}, below this site's {b.min_clip:g}")
@@ -229,10 +232,11 @@ class SitePolicy:
         assert batches is not None
         self.require(site in batches, Rule.BATCHES, f"site {site} is in none of the run's participation batches")
         smallest = min(len(b) for b in batches.values())
-        needed = self.cfg.min_participants + self.cfg.colluders
+        colluders = max(self.cfg.colluders, sa.colluders)
+        needed = self.cfg.min_participants + colluders
         self.require(smallest >= needed, Rule.BATCHES,
                      f"a participation batch of {smallest} sites; this site needs {needed} (min_participants "
-                     f"{self.cfg.min_participants} + colluders {self.cfg.colluders})")
+                     f"{self.cfg.min_participants} + colluders {colluders})")
         self.check_pinned(sorted(batches))
 
     def check_whole_batches(self, what: str, ids: list[int] | tuple[int, ...],

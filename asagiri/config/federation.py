@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, StrictInt, field_validator, model_validator
 
 from .base import _Strict
 
@@ -212,7 +212,8 @@ class SecAggConfig(_Strict):
     max_samples_per_site: int = Field(100_000, ge=1)
     prg: PrgName = "aes128-ctr"
     batch_size: int | None = Field(3, ge=1)
-    batches: list[list[Annotated[int, Field(ge=0, lt=1 << 31)]]] | None = Field(None, max_length=1 << 16)
+    batches: list[list[Annotated[StrictInt, Field(ge=0, lt=1 << 31)]]] | None = Field(None, max_length=1 << 16)
+    colluders: int = Field(0, ge=0, le=1 << 16)
 
     @model_validator(mode="after")
     def _threshold(self) -> SecAggConfig:

@@ -91,6 +91,7 @@ class RoundParams:
     params_digest: bytes  # of the FitIns global parameters
     fit_config: Mapping[str, Any]  # FitIns.config
     spec_digest: bytes  # of Welcome.spec
+    colluders: int = 0  # the spec's secagg.colluders (bound through spec_digest, not hashed again)
     digest: bytes = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -116,7 +117,7 @@ class RoundParams:
         return cls(
             run_id=run_id, round=round, attempt=attempt, participants=tuple(participants), vector_len=vector_len,
             plan=plan, prg=secagg.prg, degree=degree or 0, threshold=threshold, params_digest=params_digest,
-            fit_config=fit_config, spec_digest=spec_digest,
+            fit_config=fit_config, spec_digest=spec_digest, colluders=getattr(secagg, "colluders", 0),
         )
 
     @property
@@ -126,8 +127,8 @@ class RoundParams:
 
     @property
     def quorum(self) -> int:
-        """Survivor-list signatures a site assuming the fewest colluders needs (``rules.quorum``)."""
-        return quorum(len(self.participants))
+        """Survivor-list signatures every site needs under the spec's ``colluders`` (``rules.quorum``)."""
+        return quorum(len(self.participants), self.colluders)
 
 
 def _ids(ids: Sequence[int]) -> bytes:

@@ -430,7 +430,8 @@ class ClientStateMachine:
             except AuthenticationFailed:
                 self.policy.refuse("signature", f"site {signer}'s signature on the survivor list does not verify")
             claims[signer] = list(masked)
-        quorum = self.policy.quorum(len(r.params.participants))
+        # the run's colluders as well as this site's: every holder of this site's shares enforces the run's
+        quorum = max(self.policy.quorum(len(r.params.participants)), r.params.quorum)
         self._check(len(claims) >= quorum, "quorum",
                     f"{len(claims)} signatures on this survivor list; {quorum} of the "
                     f"{len(r.params.participants)} participants are needed")

@@ -60,7 +60,7 @@ def spec_of(settings: SecAggSettings) -> dict[str, Any]:
 
 
 _FIELDS = ("enabled", "mode", "shares", "threshold", "bits", "clip", "max_samples_per_site", "prg", "batch_size",
-           "batches")
+           "batches", "colluders")
 
 
 def ring_plan(settings: SecAggSettings, sites: int) -> QuantPlan:

@@ -47,11 +47,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# A federation without participation batches, whose sites allow that: for the tests of the
+# protocol's dropout handling, where a batch rule would take each dropped site's batch with it
+# (tests/secagg/test_batches*.py and test_a_killed_site_takes_its_whole_batch_out test the rule).
+NO_BATCHES = {"overrides": ["secagg.batch_size=null"], "site_policy": {"require_batches": False}}
+
+
 class Federation:
     def __init__(self, root: Path, *, sites: int, rounds: int, overrides: list[str] = (),
-                 site_policy: dict | None = None, site_settings: dict[int, dict] | None = None):
+                 site_policy: dict | None = None, site_settings: dict[int, dict] | None = None,
+                 batches: bool = True):
+        """``batches=False``: the run cuts no participation batches, and its sites allow that
+        (``NO_BATCHES``)."""
         self.root = root
         self.port = free_port()
+        if not batches:
+            overrides = [*NO_BATCHES["overrides"], *overrides]
+            site_policy = {**NO_BATCHES["site_policy"], **(site_policy or {})}
         self.fed_path, self.cfg = write_federation(
             root, sites=sites, rounds=rounds, overrides=[*FAST, f"listen.port={self.port}", *overrides]
         )

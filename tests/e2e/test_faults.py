@@ -50,7 +50,7 @@ def plain_reference(root, sites: tuple[int, ...]) -> dict[str, np.ndarray]:
 
 @pytest.mark.parametrize("point", ["keys", "share", "masked", "unmask"])
 def test_a_site_killed_at_each_stage_leaves_exactly_the_survivors_sum(fed_factory, tmp_path_factory, point):
-    fed = fed_factory(point, sites=4, rounds=1, overrides=FOUR)
+    fed = fed_factory(point, sites=4, rounds=1, overrides=FOUR, batches=False)
     fed.start_coordinator()
     for s in (1, 2, 3):
         fed.start_site(s)
@@ -85,7 +85,8 @@ def test_a_killed_site_rejoins_when_restarted(fed_factory, point):
     """With min_clients = 4 the run needs the site back. Killed after sharing, round 1 aborts (three
     updates) and is retried once it returns; killed at unmasking, its input is in round 1's sum
     and round 2 waits for it."""
-    fed = fed_factory(f"rejoin-{point}", sites=4, rounds=2, overrides=["min_clients=4", "max_round_attempts=3"])
+    fed = fed_factory(f"rejoin-{point}", sites=4, rounds=2, overrides=["min_clients=4", "max_round_attempts=3"],
+                      batches=False)
     fed.start_coordinator()
     for s in (1, 2, 3):
         fed.start_site(s)

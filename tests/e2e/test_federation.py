@@ -35,7 +35,7 @@ def test_three_sites_two_rounds(fed_factory):
 
 def test_site_killed_mid_round_round_completes_with_k_survivors(fed_factory):
     # Round 2 sums two sites: their policy has to allow it (the default floor is three).
-    fed = fed_factory(sites=3, rounds=2, overrides=["min_clients=2"], site_policy=TWO_SITES)
+    fed = fed_factory(sites=3, rounds=2, overrides=["min_clients=2"], site_policy=TWO_SITES, batches=False)
     fed.start_coordinator()
     fed.start_site(1)
     fed.start_site(2)

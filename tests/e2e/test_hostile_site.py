@@ -176,7 +176,7 @@ def test_a_hostile_site_under_secure_aggregation_is_dropped_and_the_sum_stands(f
     # key stages and heartbeats wait that long (their deadlines are minutes).  Within the stage
     # is then only the first masking (it loads the numba kernels: a second or two of CPU a site,
     # 4.4 s in all at a load average of 8, when this deadline was 5 s).
-    fed = fed_factory("hostile-secure", sites=4, rounds=rounds, overrides=[
+    fed = fed_factory("hostile-secure", sites=4, rounds=rounds, batches=False, overrides=[
         *FOUR, "timeouts.fit=30", "timeouts.secagg_stage=300", "timeouts.heartbeat_timeout=300"],
         site_settings={4: {"reconnect": {"give_up_s": 60, "initial_s": 0.001, "max_s": 0.01}}})
     plan, sent = list(MASKED), []

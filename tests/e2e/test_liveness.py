@@ -21,7 +21,7 @@ pytestmark = pytest.mark.e2e
 
 def test_a_stopped_site_is_dropped_for_its_silence_and_the_others_go_on(fed_factory):
     # the round deadlines are far away: only the heartbeat timeout can drop the stopped site
-    fed: Federation = fed_factory("stopped", sites=4, rounds=3, overrides=[
+    fed: Federation = fed_factory("stopped", sites=4, rounds=3, batches=False, overrides=[
         "min_clients=3", "timeouts.heartbeat_timeout=4", "timeouts.fit=600", "timeouts.secagg_stage=600",
     ])
     fed.start_coordinator()

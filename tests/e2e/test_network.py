@@ -95,7 +95,7 @@ def test_a_site_slower_than_the_stage_deadline_is_left_out_of_that_round_only(fe
     # (numba) kernels, a second or two of CPU each: 4.3 s for all three, four sites on two cores
     # at a load average of 8.  The test waits the deadline out once.
     fit = 30
-    fed = fed_factory("past-deadline", sites=4, rounds=2, overrides=[
+    fed = fed_factory("past-deadline", sites=4, rounds=2, batches=False, overrides=[
         *FOUR, f"timeouts.fit={fit}", "timeouts.secagg_stage=300", "timeouts.heartbeat_timeout=300"])
     plan = Plan(big=BIG, gate=threading.Event(), hold=threading.Event())
 
@@ -122,7 +122,7 @@ def test_a_connection_cut_mid_frame_and_the_site_back_within_the_same_round(fed_
     """Site 4's link is cut half-way through its masked input; it reconnects while round 1 is
     still open (site 1's input is held until the coordinator reports site 4 back), is not let back
     into that round, and takes part in round 2."""
-    fed = fed_factory("cut", sites=4, rounds=2, overrides=[*FOUR, "timeouts.heartbeat_timeout=60"])
+    fed = fed_factory("cut", sites=4, rounds=2, overrides=[*FOUR, "timeouts.heartbeat_timeout=60"], batches=False)
     cut, hold = Plan(big=BIG, cut=True), Plan(big=BIG, hold=threading.Event())
 
     def back(fed: Federation) -> list[dict]:

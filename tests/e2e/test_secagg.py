@@ -26,7 +26,7 @@ def run_round(fed, victim_flag):
 
 
 def test_sparse_2_of_3_with_a_site_killed_after_sharing_keys_equals_the_plain_sum(fed_factory):
-    secure = fed_factory("secure", sites=5, rounds=1, overrides=SPARSE_2_OF_3)
+    secure = fed_factory("secure", sites=5, rounds=1, overrides=SPARSE_2_OF_3, batches=False)
     params_secure, rec = run_round(secure, ["--kill-at", "share:1"])
     assert rec["secure_aggregation"] is True
     stages = rec["secagg_stages"]
@@ -35,7 +35,7 @@ def test_sparse_2_of_3_with_a_site_killed_after_sharing_keys_equals_the_plain_su
     secure.audit()  # the chain and every signature verify
 
     # The same round in the clear, with site 3 gone before training: the reference sum.
-    plain = fed_factory("plain", sites=5, rounds=1, overrides=[*SPARSE_2_OF_3, "secagg.enabled=false"])
+    plain = fed_factory("plain", sites=5, rounds=1, overrides=[*SPARSE_2_OF_3, "secagg.enabled=false"], batches=False)
     params_plain, rec_plain = run_round(plain, ["--kill-at", "fit:1"])
     assert rec_plain["secure_aggregation"] is False and rec_plain["participants"] == [1, 2, 4, 5]
 

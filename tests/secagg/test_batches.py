@@ -223,3 +223,104 @@ def test_batches_cost_nothing_without_drops():
     a, b = plain.run(ring), batched.run(ring)
     assert a.result.survivors == b.result.survivors == list(range(1, 7))
     assert np.array_equal(a.result.total, b.result.total)
+
+
+# -- the run's colluders: every holder of a site's shares counts them (red-team finding) --------------
+
+
+def test_a_site_assuming_more_colluders_than_the_run_refuses_it():
+    with pytest.raises(Refusal, match="secagg_bounds: the run assumes 0 colluding sites, this site 2"):
+        policy(colluders=2).check_run("r", spec_with([[1, 2, 3], [4, 5, 6]]).wire())
+    policy(colluders=2).check_run("r", spec_with([[1, 2, 3], [4, 5, 6]], colluders=2).wire())
+
+
+@pytest.mark.parametrize("run_colluders", [0, 2])
+def test_two_colluders_cannot_certify_two_lists_when_the_run_counts_them(run_colluders):
+    """Site 1 assumes 2 colluders; the sites holding its shares use the default policy.  With the
+    quorum counted by each holder's own policy (``run_colluders`` 0, the control: what happened
+    before the spec carried the number), colluders 6 and 7 sign two lists, one with site 1's batch
+    (its neighbours reveal b shares) and one listing it dropped (others reveal key shares), and
+    site 1's input comes out alone.  With the run's ``secagg.colluders: 2`` every holder needs
+    the larger quorum, and the shares never reach the threshold."""
+    from asagiri.secagg import shamir
+    from asagiri.secagg.binding import spec_digest, survivors_message
+    from asagiri.secagg.client import ClientStateMachine
+    from asagiri.secagg.inmemory import LocalRound
+    from asagiri.secagg.masking import add_masks, pair_seed, sign
+    from asagiri.secagg.rules import spec_of
+    from asagiri.wire.crypto import EphemeralKey
+    from asagiri.wire.messages import ConsistencyCheck, ConsistencySig, MaskedInput, UnmaskRequest
+
+    n, victim, colluding = 16, 1, {6, 7}
+    batches = [[1, 2, 3, 4, 5], [6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16]]
+    sa = SecAggConfig(mode="sparse", shares=7, batches=batches, colluders=run_colluders)
+    ids = list(range(1, n + 1))
+    keys = {i: Identity.generate() for i in ids}
+    pubs = {i: k.public for i, k in keys.items()}
+
+    def policy_of(i: int) -> PolicyConfig:
+        return PolicyConfig(colluders=2) if i == victim else PolicyConfig()
+
+    own = set(batches[0])
+    spare = [v for v in ids if v not in own and v not in colluding]
+
+    def camps(g, t):
+        """Two camps of honest signers, each with enough of site 1's share holders (with the colluders)."""
+        honest = [v for v in g[victim] if v not in colluding]
+        for a in spare:
+            for b in spare:
+                one, two = own | {a, b}, set(spare) - {a, b}
+                if (a < b and len([v for v in honest if v in one]) + 2 >= t and len([v for v in honest if v in two]) + 2 >= t
+                        and all(len(({w} | set(g[w])) - own) >= t for w in two)):
+                    return one, two
+        return None
+
+    # the coordinator grinds the round number (any FitIns config would do) for a graph it can use
+    for rnd in range(1, 500):
+        digest = spec_digest({"secagg": spec_of(sa)})
+        clients = {i: ClientStateMachine(site_id=i, identity=keys[i], run_id="run", secagg=sa, spec_digest=digest,
+                                         policy=SitePolicy(policy_of(i), pubs)) for i in ids}
+        fed = LocalRound(ids=ids, dim=8, secagg=sa, identities=keys, run_id="run", rnd=rnd, min_clients=3,
+                         clients=clients)
+        ctx, t = fed.params.context, fed.params.threshold
+        g = neighbours(ids, fed.params.degree, graph_seed(ctx, ids))
+        if colluding <= set(g[victim]) and (found := camps(g, t)) is not None:
+            camp1, camp2 = found
+            break
+    lists = {1: ids, 2: sorted(set(ids) - own)}
+    ring = {i: np.random.default_rng(i).integers(0, 2**32, 9, dtype=np.uint64).astype(np.uint32) for i in ids}
+    fed.advance(ring, ServerStage.CONSISTENCY)
+    y = {s: m.vector["y"] for s, m in fed.sent if isinstance(m, MaskedInput)}
+    sigs: dict[int, dict[int, ConsistencySig]] = {1: {}, 2: {}}
+    for w in sorted(camp1 | camp2):
+        k = 1 if w in camp1 else 2
+        (sigs[k][w],) = fed.clients[w].receive(ConsistencyCheck(rnd, 1, lists[k]))
+    for c in colluding:  # each colluder signs both lists
+        mw = fed.clients[c]._round.masked_with
+        for k in (1, 2):
+            sigs[k][c] = ConsistencySig(rnd, 1, list(mw), keys[c].sign(survivors_message(ctx, lists[k], mw)))
+    b_shares, s_shares = [], []
+    for k, dropped in ((1, []), (2, sorted(own))):
+        proof = [[s, m.masked_with, m.signature] for s, m in sigs[k].items()]
+        for w in sorted(set(sigs[k]) - colluding):
+            try:
+                (resp,) = fed.clients[w].receive(UnmaskRequest(rnd, 1, lists[k], dropped, proof))
+            except Refusal:
+                continue
+            b_shares += [s for o, s in resp.b_shares if o == victim]
+            s_shares += [s for o, s in resp.s_shares if o == victim]
+    for c in colluding:
+        b, s = fed.clients[c]._round.held[victim]
+        b_shares.append(b)
+        s_shares.append(s)
+    if run_colluders == 2:
+        assert min(len(b_shares), len(s_shares)) < t  # refused: nothing of site 1 can be rebuilt
+        return
+    assert min(len(b_shares), len(s_shares)) >= t
+    b = shamir.reconstruct([shamir.decode_share(x) for x in b_shares[:t]], t)
+    s_key = EphemeralKey(shamir.reconstruct([shamir.decode_share(x) for x in s_shares[:t]], t))
+    r = fed.clients[victim]._round
+    x = y[victim].copy()
+    add_masks(x, None, [(-1, b)] + [(-sign(victim, v), pair_seed(s_key, r.peer_keys[v][1], victim, v, ctx))
+                                    for v in r.masked_with], prg=fed.params.prg)
+    assert np.array_equal(x, ring[victim])  # the control: site 1's input alone
