@@ -130,19 +130,19 @@ class Soak:
         while (event := status.next(timeout=600)) is not None:
             kind = event["event"]
             if kind == "RoundStarted":
-                # a site killed in the last round is not restarted: there is nothing left to join
-                restart = event["round"] < self.cfg.rounds
                 doomed = {}
                 for s in event["selected"]:
                     if self.rng.random() < self.dropout:
                         doomed.setdefault(self.rng.choice(STAGES), []).append(s)
             elif kind == "StageStarted":
                 for s in doomed.pop(event["stage"], []):
-                    self.kill(s, port, restart=restart)
+                    self.kill(s, port, restart=True)
             elif kind in ("RoundCompleted", "RoundAborted"):
+                # a killed site is restarted in the last round too: with participation batches (the
+                # default) a round needs its batch back, whole, for its next attempt
                 for sites in doomed.values():  # their stage never came (the round ended first)
                     for s in sites:
-                        self.kill(s, port, restart=restart)
+                        self.kill(s, port, restart=True)
                 doomed = {}
                 completed += kind == "RoundCompleted"
                 aborted += kind == "RoundAborted"

@@ -30,15 +30,16 @@ def round_one(fed: Federation) -> dict[str, np.ndarray]:
 
 
 @functools.cache
-def plain_reference(root, sites: tuple[int, ...]) -> dict[str, np.ndarray]:
-    """Round 1's model of a plain run (secure aggregation off) in which exactly ``sites`` take part."""
+def plain_reference(root, sites: tuple[int, ...], enrolled: int = 4) -> dict[str, np.ndarray]:
+    """Round 1's model of a plain run (secure aggregation off) of ``enrolled`` sites in which
+    exactly ``sites`` take part."""
     from pathlib import Path
 
-    fed = Federation(Path(root) / f"plain-{'-'.join(map(str, sites))}", sites=4, rounds=1,
+    fed = Federation(Path(root) / f"plain-{enrolled}-{'-'.join(map(str, sites))}", sites=enrolled, rounds=1,
                      overrides=[*FOUR, "secagg.enabled=false"])
     try:
         fed.start_coordinator()
-        for s in (1, 2, 3, 4):
+        for s in range(1, enrolled + 1):
             fed.start_site(s, *([] if s in sites else ["--kill-at", "fit:1"]))
         fed.events()
         assert fed.coordinator.wait(timeout=180) == 0, fed.logs()
@@ -70,14 +71,34 @@ def test_a_site_killed_at_each_stage_leaves_exactly_the_survivors_sum(fed_factor
 def assert_exactly_the_sum_of(fed: Federation, sites: tuple[int, ...], tmp_path_factory) -> None:
     """Round 1's model is the plain run's of exactly ``sites``, to within the quantisation bound
     (one more or one fewer site moves it by far more)."""
-    reference = plain_reference(str(tmp_path_factory.getbasetemp()), sites)
+    enrolled = len(fed.cfg.sites)
+    reference = plain_reference(str(tmp_path_factory.getbasetemp()), sites, enrolled)
     secure = round_one(fed)
     plan = QuantPlan.plan(bits=fed.cfg.secagg.bits, clip=fed.cfg.secagg.clip,
-                          max_samples=fed.cfg.secagg.max_samples_per_site, max_sites=4)
+                          max_samples=fed.cfg.secagg.max_samples_per_site, max_sites=enrolled)
     # each site's rounding error is below 1/scale per value, and each counts as one sample (the
     # default policy's count): the mean is off by less than 1/scale
     worst = max(float(np.max(np.abs(secure[k] - reference[k]))) for k in reference)
     assert worst <= 4 / (plan.scale * len(sites)) + 1e-6, worst
+
+
+def test_a_killed_site_takes_its_whole_batch_out(fed_factory, tmp_path_factory):
+    """The default, with participation batches: six sites in batches of two; site 6 killed after
+    its key advertisement takes batch [5, 6] out of the round, and the sum is exactly that of
+    sites 1-4, compared with a plain run of the same sites computed here."""
+    fed = fed_factory("batched", sites=6, rounds=1, site_policy={"min_participants": 2},
+                      overrides=[*FOUR, "secagg.mode=complete", "secagg.batch_size=2"])
+    assert fed.cfg.participation_batches() == [[1, 2], [3, 4], [5, 6]]
+    fed.start_coordinator()
+    for s in range(1, 6):
+        fed.start_site(s)
+    victim = fed.start_site(6, "--kill-at", "share:1")
+    fed.events()
+    assert fed.coordinator.wait(timeout=120) == 0, fed.logs()
+    assert victim.wait(timeout=30) == -signal.SIGKILL
+    [r1] = fed.metrics()
+    assert r1["participants"] == [1, 2, 3, 4] and r1["dropped"] == [5, 6], fed.logs()
+    assert_exactly_the_sum_of(fed, (1, 2, 3, 4), tmp_path_factory)
 
 
 @pytest.mark.parametrize("point", ["share", "unmask"])
