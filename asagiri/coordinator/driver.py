@@ -85,6 +85,12 @@ class FederationDriver:
         self.spec = RunSpec.of(cfg).wire()
         self.spec_digest = binding.spec_digest(self.spec)
         self.batches = cfg.participation_batches()  # the spec's secagg.batches
+        if self.batches is not None:
+            log.info("participation batches: %s", self.batches)
+            if len(self.batches) == 1 and len(self.roster) > cfg.min_clients:
+                log.warning("one participation batch of all %d sites (secagg.batch_size=%s): every round needs every "
+                            "site, and a missing one holds the rounds until it is back", len(self.roster),
+                            cfg.secagg.batch_size)
         self.history: list[dict[str, Any]] = []
         self.exhausted: set[int] = set()  # sites that declined for good
         self._withdrawn: dict[int, Rule] = {}  # ... and the rule each named
