@@ -79,16 +79,20 @@ def pinned_site_settings(cfg: FederationConfig, site: int | None = None) -> dict
     exchanges them out of band), its simulated share of the federation's one file (``site``'s
     place in the roster, of as many shares as sites), a training seed (``train_seed``: the demo
     lays out every site, so it makes the run reproducible from ``selection.seed``, as recorded
-    results need; a deployed site draws its own), and, for a run with secure aggregation off, a
-    policy that lets the site send its update in the clear (the default refuses to)."""
+    results need; a deployed site draws its own), a policy that shares its test predictions (the
+    pooled test AUC of earlier results; a deployed site sends its own AUC by default), and, for a
+    run with secure aggregation off, one that lets the site send its update in the clear (the
+    default refuses to)."""
     out: dict[str, Any] = {"peers": {entry.id: entry.public_key for entry in cfg.sites},
-                           "train_seed": cfg.selection.seed % (1 << 62)}
+                           "train_seed": cfg.selection.seed % (1 << 62),
+                           # every simulated site is the user's own: the test AUC is pooled over their scores
+                           "policy": {"share_predictions": True}}
     if site is not None:
         out["simulation"] = {"share": cfg.site_index(site), "shares": len(cfg.sites)}
     if cfg.data.path is not None:  # the file the federation's data config names, for every site
         out["data_path"] = str(cfg.data.path)
     if not cfg.secagg.enabled:
-        out["policy"] = {"require_secagg": False}
+        out["policy"]["require_secagg"] = False
     return out
 
 

@@ -186,6 +186,12 @@ def test_evaluation_results_carry_epsilon_and_sigma_only_if_the_policy_says_so(t
     assert exact.num_examples == len(worker.data.val) > 1 and quiet.num_examples == 1
     assert quiet.metrics == {k: round(v, 2) for k, v in exact.metrics.items()}
     assert any(round(v, 2) != v for v in exact.metrics.values())  # the rounding did something
+    # a test result keeps its per-example scores unless the policy shares them (their number is the
+    # size of the site's test set): the site's own AUC and accuracy instead, as rounded and counted
+    kept = worker.evaluate(EvaluateIns(1, params, "test"), SitePolicy(PolicyConfig()))
+    shared = worker.evaluate(EvaluateIns(1, params, "test"), SitePolicy(PolicyConfig(share_predictions=True)))
+    assert kept.predictions == {} and kept.num_examples == 1 and {"auc", "accuracy"} <= set(kept.metrics)
+    assert len(shared.predictions["scores"]) == shared.num_examples == len(worker.data.test) > 1
 
 
 # ---- the site's bounds on training (policy.bounds) ---------------------------------------------

@@ -116,6 +116,10 @@ class PolicyConfig(_Strict):
     min_threshold: int = Field(2, ge=2)
     colluders: int = Field(0, ge=0, le=1 << 16)
     require_batches: bool = True
+    # Send one score per official test example (the coordinator pools them into one AUC). Off: the
+    # test result carries the site's own AUC, accuracy and loss, as rounded as validation's, and
+    # the count as `count` says: a list of scores is as long as the site's test set.
+    share_predictions: bool = False
     # Send epsilon and sigma with evaluation results. Off by default: under noise_multiplier auto
     # they are functions of this site's sample rate, so together they give away its data size.
     report_privacy: bool = False

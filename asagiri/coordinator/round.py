@@ -17,6 +17,7 @@ aggregated) or ABORTED.  A plaintext ``FitRes`` is then a protocol violation.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -312,7 +313,9 @@ class RoundMachine:
 
 class TestEvaluation:
     """The final model scored on the official test split: each site on its share, with its own
-    local layers; the predictions are pooled into one AUC and accuracy (sans-IO, like the round)."""
+    local layers (sans-IO, like the round).  A site whose policy shares predictions sends one score
+    per example; the others send their own AUC and accuracy.  When every site shared, the scores are
+    pooled into one AUC and accuracy; the sites' mean AUC is reported either way."""
 
     def __init__(self, *, rnd: int, sites: list[int], params: Params) -> None:
         self.round = rnd
@@ -329,8 +332,6 @@ class TestEvaluation:
 
     def receive(self, site: int, msg: Message) -> list[Outbound]:
         if isinstance(msg, EvaluateRes) and msg.split == "test" and msg.round == self.round and site in self._waiting:
-            if not msg.predictions:
-                raise ProtocolViolation(site, "test evaluation without predictions")
             self._waiting.discard(site)
             self.results[site] = msg
             return []
@@ -349,23 +350,27 @@ class TestEvaluation:
     def pooled(self) -> dict[str, Any]:
         if not self.results:
             return {}
-        scores = np.concatenate([r.predictions["scores"] for r in self.results.values()])
-        labels = np.concatenate([r.predictions["labels"] for r in self.results.values()])
-        auc = auc_score(labels, scores)
-        per_site = {
-            site: auc_score(r.predictions["labels"], r.predictions["scores"]) for site, r in self.results.items()
-        }
-        defined = [a for a in per_site.values() if a is not None]
+        shared = {site: r for site, r in self.results.items() if r.predictions}
+        per_site = {site: auc_score(r.predictions["labels"], r.predictions["scores"]) for site, r in shared.items()}
+        per_site.update({site: float(r.metrics["auc"]) for site, r in self.results.items()
+                         if site not in shared and _metric(r.metrics.get("auc"))})
+        defined = {site: a for site, a in per_site.items() if a is not None}
         out: dict[str, Any] = {
-            "test_accuracy": accuracy_score(labels, scores),
-            "test_examples": int(len(labels)),
             "test_sites": sorted(self.results),
             # each site's own AUC on its share (FedBN models score on site-specific scales)
-            "test_site_auc": {str(k): v for k, v in sorted(per_site.items()) if v is not None},
+            "test_site_auc": {str(k): v for k, v in sorted(defined.items())},
         }
         if defined:
-            out["test_auc_site_mean"] = float(np.mean(defined))
-        if auc is not None:
-            out["test_auc"] = auc
+            out["test_auc_site_mean"] = float(np.mean(list(defined.values())))
+        if len(shared) == len(self.results):  # every site sent its scores: pool them
+            scores = np.concatenate([r.predictions["scores"] for r in shared.values()])
+            labels = np.concatenate([r.predictions["labels"] for r in shared.values()])
+            out.update(test_accuracy=accuracy_score(labels, scores), test_examples=int(len(labels)))
+            if (auc := auc_score(labels, scores)) is not None:
+                out["test_auc"] = auc
         return out
 
+
+def _metric(value: Any) -> bool:
+    """A site's reported AUC, if it is one (a hostile site's 7.0 is left out; the wire refuses NaN)."""
+    return isinstance(value, int | float) and math.isfinite(value) and 0.0 <= value <= 1.0

@@ -65,6 +65,9 @@ def console_line(record: dict[str, Any], rounds: int) -> str | None:
         s = record["scores"]
         return (f"test  auc={s['test_auc']:.4f}  acc={s['test_accuracy']:.4f}  "
                 f"on {s['test_examples']} images from sites {s['test_sites']}")
+    if kind == "TestScored" and "test_auc_site_mean" in record["scores"]:
+        s = record["scores"]  # the sites kept their test predictions: each sent its own AUC
+        return f"test  mean site auc={s['test_auc_site_mean']:.4f}  from sites {s['test_sites']}"
     if kind == "FederationEnded":
         return record["message"] or None
     return None

@@ -237,7 +237,8 @@ def write_report(run_dir: Path, out: Path | None = None) -> Path:
         figures.append(f'<figure id="{name}"><h2>{html.escape(title)}</h2><img alt="{html.escape(title)}" '
                        f'src="data:image/png;base64,{data}"><figcaption>{note}</figcaption></figure>')
     facts = {k: summary.get(k) for k in ("run_id", "status", "rounds_completed", "rounds_planned", "test_auc",
-                                         "test_accuracy", "mean_round_s", "model_sha256") if k in summary}
+                                         "test_accuracy", "test_auc_site_mean", "mean_round_s", "model_sha256")
+             if k in summary}
     rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in facts.items())
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>Asagiri run {html.escape(str(facts.get('run_id', run_dir.name)))}</title>

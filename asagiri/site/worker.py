@@ -216,14 +216,14 @@ class SiteWorker:
         return FitRes(ins.round, ins.attempt, update, n, {"train_loss": result.loss})
 
     def evaluate(self, ins: EvaluateIns, policy: SitePolicy) -> EvaluateRes:
-        """Score the global model on the validation or test split.  A validation result carries the
-        count and the metrics as the site's policy shows them (``count_sent``, ``metrics_sent``);
-        a test result's predictions are one per example."""
+        """Score the global model on the validation or test split.  The result carries the count
+        and the metrics as the site's policy shows them (``count_sent``, ``metrics_sent``); a test
+        result carries one score per example instead only where the policy shares predictions."""
         self._load_global(ins.params)
         split = self.data.val if ins.split == "val" else self.data.test
         res = evaluate(self.model, split, device=self.device, task=self.data.task, accel=self.accel)
         predictions = {}
-        if ins.split == "test":
+        if ins.split == "test" and policy.cfg.share_predictions:
             predictions = {"scores": res.scores.astype(np.float32), "labels": np.ascontiguousarray(res.labels)}
         privacy = self.privacy_metrics() if policy.cfg.report_privacy else {}
         metrics = {**policy.metrics_sent(res.metrics()), **privacy}

@@ -183,3 +183,25 @@ def test_the_final_test_evaluation_ignores_stragglers_and_refuses_anything_else(
     with pytest.raises(ProtocolViolation, match="Heartbeat during the final test evaluation"):
         m.receive(1, Heartbeat(1))
     assert not m.finished
+
+
+def test_the_test_auc_is_pooled_only_where_every_site_shared_its_scores():
+    """A site's default policy keeps its per-example scores (their number is its test-set size):
+    it sends its own AUC. The coordinator pools scores only when every site sent them, and reports
+    the sites' mean AUC either way; a hostile site's AUC of 7 is left out."""
+    from asagiri.coordinator.round import TestEvaluation
+
+    scores = {"scores": np.array([[0.9, 0.1], [0.1, 0.9], [0.2, 0.8], [0.7, 0.3]], np.float32),
+              "labels": np.array([0, 1, 1, 0], np.int64)}
+    shared = TestEvaluation(rnd=3, sites=[1, 2], params=dict(PARAMS))
+    shared.receive(1, EvaluateRes(3, "test", 4, {}, dict(scores)))
+    shared.receive(2, EvaluateRes(3, "test", 4, {}, dict(scores)))
+    assert shared.pooled()["test_auc"] == 1.0 and shared.pooled()["test_examples"] == 8
+
+    mixed = TestEvaluation(rnd=3, sites=[1, 2, 3], params=dict(PARAMS))
+    mixed.receive(1, EvaluateRes(3, "test", 4, {}, dict(scores)))
+    mixed.receive(2, EvaluateRes(3, "test", 1, {"auc": 0.5, "accuracy": 0.5}))
+    mixed.receive(3, EvaluateRes(3, "test", 1, {"auc": 7.0}))
+    out = mixed.pooled()
+    assert mixed.finished and "test_auc" not in out and "test_examples" not in out
+    assert out["test_site_auc"] == {"1": 1.0, "2": 0.5} and out["test_auc_site_mean"] == 0.75
