@@ -34,6 +34,7 @@ Rules (:class:`~asagiri.causes.Rule`; ``docs/secagg.md``, "Site policy"), named 
 from __future__ import annotations
 
 import logging
+import math
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -49,7 +50,7 @@ from .secagg.binding import spec_digest
 from .secagg.rules import batch_map, is_union_of_batches, quorum
 from .wire.crypto import PublicIdentity
 
-__all__ = ["JoinedRun", "JoinedRuns", "Refusal", "SitePolicy"]
+__all__ = ["JoinedRun", "JoinedRuns", "Refusal", "SitePolicy", "coarse"]
 
 log = logging.getLogger(__name__)
 
@@ -271,11 +272,14 @@ class SitePolicy:
         return 1 if self.cfg.count == "one" else 1 << (n.bit_length() - 1)
 
     def metrics_sent(self, metrics: Mapping[str, float]) -> dict[str, float]:
-        """Evaluation metrics as this site sends them: to ``metric_decimals`` unless ``count:
-        exact``.  An exact accuracy is k/n, and a few rounds of them give the split's size away."""
+        """Evaluation metrics as this site sends them unless ``count: exact``: each to the coarser of
+        ``metric_decimals`` decimals and two significant digits.  An exact accuracy is k/n, and a
+        few rounds of them give the split's size away; decimals alone do not bound a loss, which a
+        crafted model makes ``M·k/n`` for any ``M`` (2^40 gave the exact size: a red-team finding),
+        while two significant digits leave ``k/n`` to about 1% whatever the scale."""
         if self.cfg.count == "exact":
             return dict(metrics)
-        return {k: round(float(v), self.cfg.metric_decimals) for k, v in metrics.items()}
+        return {k: coarse(float(v), self.cfg.metric_decimals) for k, v in metrics.items()}
 
     def check_pinned(self, ids: list[int] | tuple[int, ...]) -> None:
         unknown = sorted(set(ids) - set(self.peers))
@@ -297,3 +301,11 @@ class SitePolicy:
         floor = max(self.cfg.min_threshold, majority, self.cfg.colluders + 1)
         self.require(floor <= threshold <= size, "min_threshold",
                      f"threshold {threshold} for a group of {size}; this site needs {floor}..{size}")
+
+
+def coarse(value: float, decimals: int) -> float:
+    """``value`` rounded to the coarser of ``decimals`` decimals and two significant digits."""
+    if value == 0 or not math.isfinite(value):
+        return value
+    significant = 1 - math.floor(math.log10(abs(value)))
+    return round(value, min(decimals, significant))

@@ -10,7 +10,7 @@ import pytest
 
 from asagiri.client.state import PersistentJoinedRuns, PersistentReplayGuard, StateError
 from asagiri.config import FederationConfig, PolicyConfig, RunSpec, SecAggConfig, SiteConfig
-from asagiri.policy import Refusal, SitePolicy
+from asagiri.policy import Refusal, SitePolicy, coarse
 from asagiri.recipes import load_recipe
 from asagiri.secagg.binding import RoundParams, canonical, params_digest, spec_digest
 from asagiri.secagg.inmemory import LocalRound
@@ -184,8 +184,17 @@ def test_evaluation_results_carry_epsilon_and_sigma_only_if_the_policy_says_so(t
     # accuracy k/n over a few rounds gives the validation split's size n away)
     exact = worker.evaluate(EvaluateIns(1, params, "val"), SitePolicy(PolicyConfig(count="exact")))
     assert exact.num_examples == len(worker.data.val) > 1 and quiet.num_examples == 1
-    assert quiet.metrics == {k: round(v, 2) for k, v in exact.metrics.items()}
+    assert quiet.metrics == {k: coarse(v, 2) for k, v in exact.metrics.items()}
     assert any(round(v, 2) != v for v in exact.metrics.values())  # the rounding did something
+    # a crafted head (bias 2^40 on class 0) makes the loss 2^40 * k/n: to two decimals that was the
+    # size exactly (red-team finding); two significant digits leave many sizes that fit
+    crafted = {k: v.copy() for k, v in params.items()}
+    crafted["head.weight"][:] = 0.0
+    crafted["head.bias"][:] = [2.0**40, 0.0]
+    sent = worker.evaluate(EvaluateIns(1, crafted, "val"), SitePolicy(PolicyConfig())).metrics["loss"]
+    n = len(worker.data.val)
+    fits = {m for m in range(max(2, n // 2), 2 * n) if any(coarse(2.0**40 * k / m, 2) == sent for k in range(m + 1))}
+    assert n in fits and len(fits) > 3, (sent, fits)
     # a test result keeps its per-example scores unless the policy shares them (their number is the
     # size of the site's test set): the site's own AUC and accuracy instead, as rounded and counted
     kept = worker.evaluate(EvaluateIns(1, params, "test"), SitePolicy(PolicyConfig()))

@@ -310,6 +310,11 @@ class FederationConfig(_Strict):
         if self.model.name in UNAUGMENTABLE and (self.train.augment or self.dp.augmentation_multiplicity > 1):
             raise ValueError("model.name=scatter_linear trains on fixed ScatterNet features, which cannot be shifted "
                              "like images: set train.augment=false and dp.augmentation_multiplicity=1")
+        c = self.secagg.colluders
+        if self.secagg.enabled and c > max(0, self.min_clients - 2):
+            raise ValueError(f"secagg.colluders={c} with min_clients={self.min_clients}: a survivor list needs "
+                             f"⌊(n + colluders)/2⌋ + 1 signatures, more than a round of {self.min_clients} sites "
+                             f"can give with one of them lost (colluders at most min_clients - 2)")
         batches = self.secagg.batches
         if batches is not None and self.sites and {v for b in batches for v in b} != set(ids):
             raise ValueError("secagg.batches must hold every enrolled site (sites:) exactly once")

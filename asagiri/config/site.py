@@ -126,8 +126,9 @@ class PolicyConfig(_Strict):
     # The count is summed exactly inside the secure sum, so two rounds whose participants differ by
     # this site give away whatever it sends here: by default that is 1 (docs/secagg.md, "Sample counts").
     count: Literal["one", "pow2", "exact"] = "one"
-    # Unless count is exact, evaluation metrics are sent to this many decimals: an exact accuracy
-    # is k/n, and the denominators of a few rounds' values give the split's size away.
+    # Unless count is exact, evaluation metrics are sent to this many decimals or two significant
+    # digits, the coarser: an exact accuracy is k/n, and the denominators of a few rounds' values
+    # give the split's size away; a crafted model's loss is M*k/n for any M.
     metric_decimals: int = Field(2, ge=0, le=15)
     require_dp: bool = False
     # The fewest training examples one update may come from: a share the size of a few images

@@ -332,6 +332,8 @@ class TestEvaluation:
 
     def receive(self, site: int, msg: Message) -> list[Outbound]:
         if isinstance(msg, EvaluateRes) and msg.split == "test" and msg.round == self.round and site in self._waiting:
+            if msg.predictions:
+                self._check_predictions(site, msg.predictions)
             self._waiting.discard(site)
             self.results[site] = msg
             return []
@@ -347,11 +349,28 @@ class TestEvaluation:
         self._waiting.clear()
         return []
 
+    def _check_predictions(self, site: int, predictions: Params) -> None:
+        """Scores a pooled AUC can use: float32 probabilities, labels that name a column, and the
+        same layout as every other site's (a hostile site's NaN or label 7 broke the pooling)."""
+        scores, labels = predictions["scores"], predictions["labels"]
+        ok = (scores.dtype == np.float32 and bool(np.isfinite(scores).all()) and float(scores.min(initial=0)) >= 0
+              and float(scores.max(initial=0)) <= 1 and labels.dtype.kind in "iubf")
+        if ok and labels.ndim == 1:
+            ok = bool(np.isin(labels, np.arange(scores.shape[1])).all())
+        elif ok:
+            ok = labels.shape == scores.shape and bool(np.isin(labels, (0, 1)).all())
+        other = next((r.predictions for r in self.results.values() if r.predictions), None)
+        if ok and other is not None:
+            ok = other["scores"].shape[1] == scores.shape[1] and other["labels"].ndim == labels.ndim
+        if not ok:
+            raise ProtocolViolation(site, "test predictions that are not probabilities with labels in range, "
+                                          "laid out as the other sites'")
+
     def pooled(self) -> dict[str, Any]:
         if not self.results:
             return {}
         shared = {site: r for site, r in self.results.items() if r.predictions}
-        per_site = {site: auc_score(r.predictions["labels"], r.predictions["scores"]) for site, r in shared.items()}
+        per_site = {site: _auc(r.predictions["labels"], r.predictions["scores"]) for site, r in shared.items()}
         per_site.update({site: float(r.metrics["auc"]) for site, r in self.results.items()
                          if site not in shared and _metric(r.metrics.get("auc"))})
         defined = {site: a for site, a in per_site.items() if a is not None}
@@ -366,9 +385,17 @@ class TestEvaluation:
             scores = np.concatenate([r.predictions["scores"] for r in shared.values()])
             labels = np.concatenate([r.predictions["labels"] for r in shared.values()])
             out.update(test_accuracy=accuracy_score(labels, scores), test_examples=int(len(labels)))
-            if (auc := auc_score(labels, scores)) is not None:
+            if (auc := _auc(labels, scores)) is not None:
                 out["test_auc"] = auc
         return out
+
+
+def _auc(labels: np.ndarray, scores: np.ndarray) -> float | None:
+    """The AUC, or None where it is undefined (one class only) or the inputs cannot give one."""
+    try:
+        return auc_score(labels, scores)
+    except ValueError:
+        return None
 
 
 def _metric(value: Any) -> bool:

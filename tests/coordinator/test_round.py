@@ -205,3 +205,24 @@ def test_the_test_auc_is_pooled_only_where_every_site_shared_its_scores():
     out = mixed.pooled()
     assert mixed.finished and "test_auc" not in out and "test_examples" not in out
     assert out["test_site_auc"] == {"1": 1.0, "2": 0.5} and out["test_auc_site_mean"] == 0.75
+
+
+@pytest.mark.parametrize("bad", [
+    {"scores": np.array([[np.nan, 1.0]], np.float32), "labels": np.array([0])},
+    {"scores": np.array([[0.5, 0.5]], np.float32), "labels": np.array([7])},
+    {"scores": np.array([[0.2, 0.3, 0.5]], np.float32), "labels": np.array([1])},  # 3 columns, the others 2
+    {"scores": np.array([[2.0, -1.0]], np.float32), "labels": np.array([1])},
+    {"scores": np.array([[0.5, 0.5]], np.float64), "labels": np.array([1])},
+])
+def test_a_hostile_sites_test_predictions_close_its_channel_and_the_pooling_stands(bad):
+    """Red-team finding: NaN scores, a label naming no column or scores laid out otherwise once made
+    the pooling raise, and the run ended with no summary."""
+    from asagiri.coordinator.round import TestEvaluation
+
+    good = {"scores": np.array([[0.9, 0.1], [0.2, 0.8]], np.float32), "labels": np.array([0, 1])}
+    m = TestEvaluation(rnd=3, sites=[1, 2], params=dict(PARAMS))
+    m.receive(1, EvaluateRes(3, "test", 2, {}, good))
+    with pytest.raises(ProtocolViolation, match="test predictions"):
+        m.receive(2, EvaluateRes(3, "test", 1, {}, bad))
+    m.site_lost(2)
+    assert m.pooled()["test_auc"] == 1.0 and m.pooled()["test_sites"] == [1]

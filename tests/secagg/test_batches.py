@@ -81,7 +81,7 @@ def test_a_site_gets_the_keys_of_its_whole_batch_besides_its_graph_neighbours():
 
 
 def spec_with(batches, **secagg) -> RunSpec:
-    cfg = FederationConfig.model_validate({"sites": sites(6), "min_clients": 2, "secagg": {"batches": batches,
+    cfg = FederationConfig.model_validate({"sites": sites(6), "min_clients": 4, "secagg": {"batches": batches,
                                                                                            **secagg}})
     return RunSpec.model_validate(RunSpec.of(cfg).wire())
 
@@ -324,3 +324,11 @@ def test_two_colluders_cannot_certify_two_lists_when_the_run_counts_them(run_col
     add_masks(x, None, [(-1, b)] + [(-sign(victim, v), pair_seed(s_key, r.peer_keys[v][1], victim, v, ctx))
                                     for v in r.masked_with], prg=fed.params.prg)
     assert np.array_equal(x, ring[victim])  # the control: site 1's input alone
+
+
+def test_a_run_cannot_assume_more_colluders_than_its_rounds_can_outvote():
+    """Red-team finding: with colluders >= n the quorum exceeds the participants, and every attempt
+    aborted after every site had trained; the config refuses it."""
+    with pytest.raises(ValueError, match="colluders at most min_clients - 2"):
+        FederationConfig.model_validate({"min_clients": 3, "secagg": {"colluders": 2}})
+    FederationConfig.model_validate({"min_clients": 4, "secagg": {"colluders": 2}})
