@@ -15,8 +15,9 @@ sites enforce that anyway (``client.py``).
 With participation batches, each stage keeps whole batches only: a batch with a member that did
 not advertise, share or send its masked input is left out of the round whole (its members are
 then dropped sites, as any other).  A site also gets its batch-mates' keys and masks with them;
-those masks are never removed, since no batch-mate of a survivor is ever dropped.  Masked inputs are held per batch until the batch is complete,
-then added into the running sum, so an incomplete batch's inputs never touch it.
+those masks are never removed, since no batch-mate of a survivor is ever dropped.  Masked inputs
+are held per batch until the batch is complete, then added into the running sum, so an
+incomplete batch's inputs never touch it (memory: one vector per batch still incomplete).
 """
 
 from __future__ import annotations

@@ -332,3 +332,22 @@ def test_a_run_cannot_assume_more_colluders_than_its_rounds_can_outvote():
     with pytest.raises(ValueError, match="colluders at most min_clients - 2"):
         FederationConfig.model_validate({"min_clients": 3, "secagg": {"colluders": 2}})
     FederationConfig.model_validate({"min_clients": 4, "secagg": {"colluders": 2}})
+
+
+def test_the_coordinator_selects_whole_available_batches_only():
+    from asagiri.strategy.selection import NotEnoughSites, select_clients, usable_sites
+
+    batches = [[1, 2, 3], [4, 5, 6], [7, 8, 9]]
+    everyone = select_clients(list(range(1, 10)), rnd=1, attempt=1, policy="all", min_clients=3, batches=batches)
+    assert everyone == list(range(1, 10))
+    # site 5 is away: its batch cannot take part, the others can
+    assert usable_sites([1, 2, 3, 4, 6, 7, 8, 9], batches) == [1, 2, 3, 7, 8, 9]
+    some = select_clients([1, 2, 3, 4, 6, 7, 8, 9], rnd=2, attempt=1, policy="fraction", fraction=0.3, min_clients=3,
+                          batches=batches)
+    assert some in ([1, 2, 3], [7, 8, 9])
+    for rnd in range(1, 20):
+        chosen = select_clients(list(range(1, 10)), rnd=rnd, attempt=1, policy="range", min_clients=3,
+                                max_per_round=6, batches=batches)
+        assert is_union_of_batches(chosen, batch_map(batches)) and 3 <= len(chosen) <= 6
+    with pytest.raises(NotEnoughSites, match="whole participation batches"):
+        select_clients([1, 2, 4, 5, 7, 8], rnd=1, attempt=1, policy="all", min_clients=3, batches=batches)
