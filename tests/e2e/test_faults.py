@@ -29,10 +29,15 @@ def round_one(fed: Federation) -> dict[str, np.ndarray]:
         return {k: f[k] for k in f.files}
 
 
-@functools.cache
 def plain_reference(root, sites: tuple[int, ...], enrolled: int = 4) -> dict[str, np.ndarray]:
     """Round 1's model of a plain run (secure aggregation off) of ``enrolled`` sites in which
-    exactly ``sites`` take part."""
+    exactly ``sites`` take part, run once per test session whichever way it is called (two runs
+    in one directory would meet each other's signed log)."""
+    return _plain_reference(str(root), tuple(sites), enrolled)
+
+
+@functools.cache
+def _plain_reference(root: str, sites: tuple[int, ...], enrolled: int) -> dict[str, np.ndarray]:
     from pathlib import Path
 
     fed = Federation(Path(root) / f"plain-{enrolled}-{'-'.join(map(str, sites))}", sites=enrolled, rounds=1,
