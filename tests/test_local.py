@@ -212,3 +212,14 @@ def test_max_update_norm_bounds_how_far_one_round_moves_the_model(tmp_path, secu
     rounding = math.sqrt(sum(v.size for v in before.values())) / plan.scale if secure else 0.0
     assert moves[0.05] <= 0.05 * (1 + 1e-3) + rounding, moves
     assert moves[None] > 2 * 0.05, moves
+
+
+def test_a_site_that_refuses_the_run_for_good_ends_a_run_whose_one_batch_it_was_in(tmp_path):
+    """Four sites in one participation batch (the default cut); site 4 requires DP-SGD, which the
+    run lacks, and declines for good. No round can sum a whole batch again: the run ends at once,
+    naming the refusal, instead of waiting for a batch that cannot come back."""
+    cfg, sites = lay_out(tmp_path, sites=4, rounds=2, overrides=[*FAST, "min_clients=3", "timeouts.wait_for_sites=20"],
+                         site_extra={4: {"policy": {"require_dp": True, "share_predictions": True}}})
+    assert cfg.participation_batches() == [[1, 2, 3, 4]]
+    summary = anyio.run(run_local, cfg, sites)
+    assert summary["status"] == "refused_by_sites" and summary["exhausted"] == [4], summary

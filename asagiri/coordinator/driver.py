@@ -190,7 +190,8 @@ class FederationDriver:
             # before (the replay rule, protocol/SPEC.md §7.2).
             first = 1 + (self._attempts_begun(rnd) if rnd == self.start_round else 0)
             for attempt in range(first, first + cfg.max_round_attempts):
-                able = len(set(self.roster) - self.exhausted)
+                # with participation batches, a site gone for good takes its batch with it
+                able = len(usable_sites(sorted(set(self.roster) - self.exhausted), self.batches))
                 if able < cfg.min_clients:
                     # Sites leave for good when their privacy budget is spent, or when the run breaks
                     # their policy (a permanent Decline naming a policy rule, protocol/SPEC.md §7).
