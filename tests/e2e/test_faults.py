@@ -87,10 +87,11 @@ def assert_exactly_the_sum_of(fed: Federation, sites: tuple[int, ...], tmp_path_
     assert worst <= 4 / (plan.scale * len(sites)) + 1e-6, worst
 
 
-def test_a_killed_site_takes_its_whole_batch_out(fed_factory, tmp_path_factory):
+def test_a_killed_site_takes_its_whole_batch_out(fed_factory):
     """The default, with participation batches: six sites in batches of two; site 6 killed after
-    its key advertisement takes batch [5, 6] out of the round, and the sum is exactly that of
-    sites 1-4, compared with a plain run of the same sites computed here."""
+    its key advertisement takes batch [5, 6] out of the round, which completes over sites 1-4
+    (that the sum is exactly theirs, with any cut at any stage, is a property test in
+    tests/secagg/test_batches.py)."""
     fed = fed_factory("batched", sites=6, rounds=1, site_policy={"min_participants": 2},
                       overrides=[*FOUR, "secagg.mode=complete", "secagg.batch_size=2"])
     assert fed.cfg.participation_batches() == [[1, 2], [3, 4], [5, 6]]
@@ -103,7 +104,7 @@ def test_a_killed_site_takes_its_whole_batch_out(fed_factory, tmp_path_factory):
     assert victim.wait(timeout=30) == -signal.SIGKILL
     [r1] = fed.metrics()
     assert r1["participants"] == [1, 2, 3, 4] and r1["dropped"] == [5, 6], fed.logs()
-    assert_exactly_the_sum_of(fed, (1, 2, 3, 4), tmp_path_factory)
+    assert [a["round"] for a in fed.audit() if a["kind"] == "round_completed"] == [1]
 
 
 @pytest.mark.parametrize("point", ["share", "unmask"])
