@@ -47,7 +47,7 @@ from .config import PolicyConfig, RunSpec
 from .config.federation import UNAUGMENTABLE
 from .errors import Refusal
 from .secagg.binding import spec_digest
-from .secagg.rules import batch_map, is_union_of_batches, quorum
+from .secagg.rules import batch_map, complete_batches, is_union_of_batches, quorum
 from .wire.crypto import PublicIdentity
 
 __all__ = ["JoinedRun", "JoinedRuns", "Refusal", "SitePolicy", "coarse"]
@@ -244,9 +244,9 @@ class SitePolicy:
                             batches: dict[int, frozenset[int]] | None) -> None:
         """``ids`` (a round's participants, advertised sites or survivors) holds whole batches only."""
         if not is_union_of_batches(ids, batches):
-            assert batches is not None
-            split = sorted({min(batches.get(v, {v})) for v in ids if not batches.get(v, frozenset()) <= set(ids)})
-            self.refuse(Rule.BATCHES, f"the {what} hold part of a participation batch (the batches of sites {split})")
+            split = sorted(set(ids) - set(complete_batches(ids, batches)))
+            self.refuse(Rule.BATCHES, f"the {what} hold part of a participation batch (sites {split} without "
+                                      "their whole batch)")
 
     def check_participants(self, what: str, ids: list[int] | tuple[int, ...]) -> None:
         self.require(len(ids) >= self.cfg.min_participants, "min_participants",

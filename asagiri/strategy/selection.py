@@ -6,6 +6,8 @@ import math
 
 import numpy as np
 
+from ..secagg.rules import batch_map, complete_batches
+
 __all__ = ["NotEnoughSites", "select_clients", "usable_sites"]
 
 
@@ -49,10 +51,7 @@ def select_clients(
 
 def usable_sites(available: list[int], batches: list[list[int]] | None) -> list[int]:
     """The available sites that can train: with batches, the members of whole available batches."""
-    if batches is None:
-        return sorted(available)
-    have = set(available)
-    return sorted(v for b in batches if set(b) <= have for v in b)
+    return complete_batches(available, batch_map(batches))
 
 
 def _select_batches(available: list[int], batches: list[list[int]], *, rnd: int, attempt: int, policy: str,
