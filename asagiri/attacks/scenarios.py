@@ -138,10 +138,15 @@ def _secure_sum(updates: list[Gradient], s: Settings) -> Gradient:
     assert server.result is not None and set(server.result.survivors) == set(ids), server.abort_reason
     weighted, count = dequantize(server.result.total, round_.plan)
     assert count == len(ids)
+    return _unflatten(weighted, shapes)
+
+
+def _unflatten(flat: np.ndarray, shapes: Sequence[torch.Size]) -> Gradient:
+    """A flat vector back into float32 tensors of ``shapes``, in order."""
     out, pos = [], 0
     for shape in shapes:
         size = int(np.prod(shape))
-        out.append(torch.from_numpy(weighted[pos : pos + size].astype(np.float32)).reshape(shape))
+        out.append(torch.from_numpy(flat[pos : pos + size].astype(np.float32)).reshape(shape))
         pos += size
     return out
 
@@ -266,8 +271,9 @@ def _sums(data: Split, s: Settings, *, secure: bool) -> InversionResult:
     return _batch(name, f"{what} over {s.sites} sites, one image each", model, target, data, s, s.sites)
 
 
-def _scatter_single(data: Split, s: Settings) -> InversionResult:
-    """Closed-form features from the linear head's gradient, then the image from the features."""
+def _scatter_model(data: Split, s: Settings) -> tuple[nn.Module, Callable, Callable[[torch.Tensor], torch.Tensor]]:
+    """``scatter_linear`` as built for round 1, its fixed ScatterNet transform, and ``features``:
+    what the linear head sees of an image (the normalised scattering coefficients)."""
     from ..models.scatter import ScatterLinear
 
     torch.manual_seed(s.seed)
@@ -275,8 +281,14 @@ def _scatter_single(data: Split, s: Settings) -> InversionResult:
     transform = scattering(*data.images.shape[-2:])
 
     def features(img: torch.Tensor) -> torch.Tensor:
-        """What the linear head sees of an image: the normalised scattering coefficients."""
         return model.norm(transform(img).flatten(1, 2)).flatten(1)
+
+    return model, transform, features
+
+
+def _scatter_single(data: Split, s: Settings) -> InversionResult:
+    """Closed-form features from the linear head's gradient, then the image from the features."""
+    model, transform, features = _scatter_model(data, s)
 
     def one(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, int, dict[str, float]]:
         coeffs = transform(x).flatten(1, 2).detach()  # the site trains on its fixed features
@@ -310,12 +322,8 @@ def _sum_over(flat: dict[int, np.ndarray], participants: list[int], batches: lis
 
 
 def _differencing(data: Split, s: Settings, *, batched: bool) -> InversionResult:
-    from ..models.scatter import ScatterLinear
-
     t0 = time.perf_counter()
-    torch.manual_seed(s.seed)
-    model = ScatterLinear(data.images.shape[1], 2, groups=s.groups).train()
-    transform = scattering(*data.images.shape[-2:])
+    model, transform, features = _scatter_model(data, s)
     sites = list(range(1, 7))
     grads = {u: gradient_of(model, transform(data.images[u - 1 : u]).flatten(1, 2).detach(), data.labels[u - 1 : u])
              for u in sites}
@@ -330,19 +338,9 @@ def _differencing(data: Split, s: Settings, *, batched: bool) -> InversionResult
                  + "); sites 1-3 instead"}
         without, _ = _sum_over(flat, [1, 2, 3], batches)
         assert without is not None
-    diff = torch.from_numpy((everyone - without).astype(np.float32))
-    shapes = [g.shape for g in grads[6]]
-    parts, pos = [], 0
-    for shape in shapes:
-        size = int(np.prod(shape))
-        parts.append(diff[pos : pos + size].reshape(shape))
-        pos += size
+    parts = _unflatten(everyone - without, [g.shape for g in grads[6]])
     recovered = linear_input(parts[-2], parts[-1]).reshape(1, -1)
     x = data.images[5:6]
-
-    def features(img: torch.Tensor) -> torch.Tensor:
-        return model.norm(transform(img).flatten(1, 2)).flatten(1)
-
     truth = features(x).detach()
     extra["feature_relative_error"] = round(float((recovered - truth).norm() / truth.norm()), 6)
 
