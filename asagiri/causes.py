@@ -48,6 +48,7 @@ class Rule(enum.StrEnum):
     SHARES = "shares"
     SURVIVORS = "survivors"
     MALFORMED = "malformed"
+    SUM = "sum"  # the announced sum fails its survivors' vouches (SPEC §6.8)
     # the coordinator's signed round records
     RECORD = "record"
     # not a policy rule: the site's privacy budget is spent (always permanent)
@@ -66,3 +67,4 @@ class AbortCause(enum.StrEnum):
     NO_QUORUM = "no_quorum"  # fewer survivor signatures than the sites require
     THRESHOLD = "threshold"  # the sharing groups cannot meet the threshold
     UNMASK_FAILED = "unmask_failed"  # too few or inconsistent shares to remove the masks
+    UNVERIFIED = "unverified"  # a survivor did not vouch for the sum, or the vouches do not add up to it

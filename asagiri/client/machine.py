@@ -60,6 +60,8 @@ from ..wire.messages import (
     SecAggStart,
     ShareDelivery,
     Shutdown,
+    SumAnnounce,
+    SumProof,
     UnmaskRequest,
     UnmaskResponse,
     Welcome,
@@ -69,7 +71,7 @@ __all__ = ["Action", "End", "Evaluate", "Send", "SetUp", "SiteMachine", "Train"]
 
 log = logging.getLogger(__name__)
 
-SECAGG_TO_SITE = (SecAggStart, KeyRoster, ShareDelivery, ConsistencyCheck, UnmaskRequest)
+SECAGG_TO_SITE = (SecAggStart, KeyRoster, ShareDelivery, ConsistencyCheck, UnmaskRequest, SumAnnounce, SumProof)
 
 
 @dataclass(frozen=True, slots=True)
@@ -277,6 +279,9 @@ class SiteMachine:
         try:
             replies = secure.receive(msg)
         except Refusal as exc:
+            if isinstance(msg, SumProof):  # only a coordinator that lies about the sum gets here
+                self.witness.false_sum(self.run_id, msg.round, str(exc))
+                return []
             return self._decline(*key, exc.rule, permanent=False)
         out = self._sent(replies, msg)
         if isinstance(msg, SecAggStart):

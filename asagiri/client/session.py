@@ -186,8 +186,13 @@ class Session:
             self.faults.reached("masked", msg.round)
 
     def _cap_payload(self, worker: SiteWorker) -> None:
-        """Nothing the coordinator sends may be larger than the model's shared parameters and a margin."""
-        self.conn.limit_payload(min(self.cfg.max_message_bytes, worker.shared_bytes + PAYLOAD_MARGIN))
+        """Nothing the coordinator sends may be larger than the model's shared parameters (or, with
+        secure aggregation, the announced sum: one ring word per value and the count) and a margin."""
+        largest = worker.shared_bytes
+        spec = self.machine.spec
+        if spec is not None and spec.secagg.enabled:
+            largest = max(largest, (worker.shared_bytes // 4 + 1) * (spec.secagg.bits // 8))
+        self.conn.limit_payload(min(self.cfg.max_message_bytes, largest + PAYLOAD_MARGIN))
 
     async def _build(self, action: SetUp) -> None:
         """Build the site's worker in the training thread while the session goes on: heartbeats and

@@ -30,6 +30,7 @@ from ..wire.messages import (
     FitRes,
     MaskedInput,
     ShareKeys,
+    SumVouch,
     UnmaskResponse,
 )
 
@@ -57,7 +58,7 @@ class EvaluationClosed:
     """Every site asked to evaluate answered, was lost, or timed out."""
 
 
-SECAGG_MESSAGES = (AdvertiseKeys, ShareKeys, MaskedInput, ConsistencySig, UnmaskResponse)
+SECAGG_MESSAGES = (AdvertiseKeys, ShareKeys, MaskedInput, ConsistencySig, UnmaskResponse, SumVouch)
 
 _P = Phase
 

@@ -35,6 +35,9 @@ from ..wire.messages import (
     SecAggStart,
     ShareDelivery,
     ShareKeys,
+    SumAnnounce,
+    SumProof,
+    SumVouch,
     UnmaskRequest,
     UnmaskResponse,
 )
@@ -60,6 +63,7 @@ class ServerStage(enum.Enum):
     MASKED_INPUT = "masked_input"
     CONSISTENCY = "consistency"
     UNMASK = "unmask"
+    VERIFY = "verify"
     DONE = "done"
     ABORTED = "aborted"
 
@@ -71,7 +75,9 @@ class ClientStage(enum.Enum):
     READY = "ready"
     MASKED = "masked"
     SIGNED = "signed"
-    DONE = "done"
+    UNMASKED = "unmasked"
+    VOUCHED = "vouched"
+    VERIFIED = "verified"
     ABORTED = "aborted"
 
 
@@ -80,12 +86,14 @@ class ClientStage(enum.Enum):
 
 class StageClosed:
     """Every site the stage waited for answered, was lost, or timed out, and enough of them
-    answered: the next stage begins (after UNMASK: the sum is unmasked)."""
+    answered: the next stage begins (after UNMASK: the sum is unmasked and announced; after
+    VERIFY: every survivor vouched for it, and the vouches go to each of them)."""
 
 
 class StageFailed:
     """The stage closed with too few sites (below ``min_clients``, the group threshold or the
-    signature quorum), or the shares rebuilt no consistent secret: nothing is unmasked."""
+    signature quorum), the shares rebuilt no consistent secret, or a survivor did not vouch for
+    the sum (or the vouches do not add up to it): no sum comes out of the round."""
 
 
 class LocalUpdate:
@@ -114,8 +122,11 @@ SERVER_TRANSITIONS: dict[tuple[ServerStage, type], ServerStage] = {
     (_S.CONSISTENCY, StageClosed): _S.UNMASK,
     (_S.CONSISTENCY, StageFailed): _S.ABORTED,
     (_S.UNMASK, UnmaskResponse): _S.UNMASK,
-    (_S.UNMASK, StageClosed): _S.DONE,
+    (_S.UNMASK, StageClosed): _S.VERIFY,
     (_S.UNMASK, StageFailed): _S.ABORTED,
+    (_S.VERIFY, SumVouch): _S.VERIFY,
+    (_S.VERIFY, StageClosed): _S.DONE,
+    (_S.VERIFY, StageFailed): _S.ABORTED,
 }
 
 # -- the site (client.py) ----------------------------------------------------------------------------
@@ -131,7 +142,9 @@ CLIENT_TRANSITIONS: dict[tuple[ClientStage, type], ClientStage] = {
     (_C.SHARED, ShareDelivery): _C.READY,
     (_C.READY, LocalUpdate): _C.MASKED,
     (_C.MASKED, ConsistencyCheck): _C.SIGNED,
-    (_C.SIGNED, UnmaskRequest): _C.DONE,  # one unmask per round attempt
+    (_C.SIGNED, UnmaskRequest): _C.UNMASKED,  # one unmask per round attempt
+    (_C.UNMASKED, SumAnnounce): _C.VOUCHED,  # one vouch per round attempt
+    (_C.VOUCHED, SumProof): _C.VERIFIED,
     **{(stage, Refused): _C.ABORTED for stage in ClientStage},
 }
 

@@ -1,7 +1,7 @@
 """The site's side of secure aggregation: a sans-IO state machine (messages in, messages out).
 
 Stages, one round attempt at a time: IDLE -> ADVERTISED -> SHARED -> READY -> MASKED -> SIGNED ->
-DONE, or ABORTED on any refusal.  The transitions are ``CLIENT_TRANSITIONS`` in ``_states.py``
+UNMASKED -> VOUCHED -> VERIFIED, or ABORTED on any refusal.  The transitions are ``CLIENT_TRANSITIONS`` in ``_states.py``
 (drawn in protocol/SPEC.md §7); a message the table does not take in the current stage is refused.
 
 The site decides; the coordinator only proposes.  Every check goes through the site's
@@ -30,6 +30,9 @@ cannot get past (docs/secagg.md has the argument):
   "Participation batches").
 - One unmask per round, and each peer's b share *or* its masking-key share, never both
   (``sharing.HeldShares.reveal`` keeps that one itself).
+- **A verified sum.**  After unmasking, the site vouches for the announced sum once, and adopts
+  it (``verified``) only when every certified survivor's signed vouch adds up to it (``verify.py``,
+  SPEC §6.8): a coordinator that announces anything but the survivors' true sum is caught.
 
 Over 400 lines on purpose: one state machine, whose stages read top to bottom in the order of
 protocol/SPEC.md §6.4 and §7.2; its pieces (stage table, binding, graph, component, replay,
@@ -59,10 +62,13 @@ from ..wire.messages import (
     SecAggStart,
     ShareDelivery,
     ShareKeys,
+    SumAnnounce,
+    SumProof,
+    SumVouch,
     UnmaskRequest,
     UnmaskResponse,
 )
-from . import shamir
+from . import shamir, verify
 from ._states import CLIENT_MESSAGES, CLIENT_TRANSITIONS, ClientStage, LocalUpdate, Refused
 from .binding import RoundParams, keys_message, params_digest, survivors_message
 from .checks import SiteChecks
@@ -75,7 +81,7 @@ from .replay import ReplayGuard
 from .rules import SecAggSettings, batch_map
 from .sharing import BothShares, HeldShares
 
-__all__ = ["ClientStage", "ClientStateMachine", "ReplayGuard", "SecAggRefused"]
+__all__ = ["ClientStage", "ClientStateMachine", "ReplayGuard", "SecAggRefused", "VerifiedSum"]
 
 SecAggRefused = Refusal  # the name the runtime and the tests know this refusal by
 
@@ -97,6 +103,28 @@ class _Fit:
     vector_len: int
 
 
+@dataclass(frozen=True)
+class _Announced:
+    """The sum this site vouched for, and what it needs to check the proof."""
+
+    total: np.ndarray
+    digest: bytes
+    seed: bytes
+    scalars: bytes
+    expected: list[int]  # <r_k, S>: what the vouches must add up to
+
+
+@dataclass(frozen=True)
+class VerifiedSum:
+    """A sum this site checked against every survivor's vouch (SPEC §6.8)."""
+
+    round: int
+    attempt: int
+    total: np.ndarray
+    digest: bytes
+    survivors: tuple[int, ...]
+
+
 @dataclass
 class _Round:
     params: RoundParams
@@ -110,6 +138,8 @@ class _Round:
     masked_with: list[int] = field(default_factory=list)  # neighbours whose shares arrived
     survivors: list[int] | None = None
     input: tuple[np.ndarray, int] | None = None
+    plain: np.ndarray | None = None  # the quantised input as masked, until this site vouched for a sum
+    announced: _Announced | None = None
 
     @property
     def rnd(self) -> int:
@@ -151,9 +181,12 @@ class ClientStateMachine:
         self._newest_fit: tuple[int, int] = (0, 0)  # the newest FitIns seen, accepted or not
         self._round: _Round | None = None
         self.clipped = 0
+        self.verified: VerifiedSum | None = None  # the last sum this site verified
+        self._plain_buffer: np.ndarray | None = None  # reused round to round: no page faults per round
         self._handlers: dict[type, Callable] = {
             FitIns: self._fit_ins, SecAggStart: self._start, KeyRoster: self._roster, ShareDelivery: self._deliver,
-            ConsistencyCheck: self._consistency, UnmaskRequest: self._unmask,
+            ConsistencyCheck: self._consistency, UnmaskRequest: self._unmask, SumAnnounce: self._announce,
+            SumProof: self._proof,
         }
 
     @property
@@ -382,14 +415,20 @@ class ClientStateMachine:
         masks = [(1, r.b_seed)] + [
             (sign(self.site_id, v), pair_seed(r.s, r.peer_keys[v][1], self.site_id, v, r.ctx)) for v in r.masked_with
         ]
+        plain = self._plain_buffer
+        if plain is None or plain.shape != (r.params.vector_len,) or plain.dtype != plan.dtype:
+            plain = self._plain_buffer = np.empty(r.params.vector_len, dtype=plan.dtype)
         if n == -1:  # set_quantized: already a ring vector
+            plain[:] = delta
             q = add_masks(delta, None, masks, prg=prg)  # type: ignore[arg-type]
         else:
             n = min(n, plan.max_samples)
             try:
-                q, self.clipped = quantize(delta, n, plan, noise_seed=self._random(32), masks=masks, prg=prg)  # type: ignore[arg-type]
+                q, self.clipped = quantize(delta, n, plan, noise_seed=self._random(32), masks=masks, prg=prg,  # type: ignore[arg-type]
+                                           plain=plain)
             except QuantisationError as exc:
                 self.policy.refuse("malformed", str(exc))
+        r.plain = plain
         r.input = None
         self._enter(LocalUpdate)
         return [MaskedInput(r.rnd, r.attempt, {"y": q})]
@@ -446,6 +485,53 @@ class ClientStateMachine:
             self.policy.refuse("stage", str(exc))
         self._enter(UnmaskRequest)
         return [UnmaskResponse(r.rnd, r.attempt, b_out, s_out)]
+
+    def _announce(self, msg: SumAnnounce) -> list[Message]:
+        """Vouch for the announced sum: this site's own input, projected on the challenge the sum
+        fixes, under pair masks that cancel only among survivors shown this very sum."""
+        r = self._check_round(msg)
+        p = r.params
+        total = msg.total["s"]
+        self._check(total.shape == (p.vector_len,) and total.dtype == p.plan.dtype, "round_params",
+                    f"a sum of {total.shape} {total.dtype}; the round sums {p.vector_len} x {np.dtype(p.plan.dtype)}")
+        assert r.plain is not None and r.survivors is not None  # masked and signed before UNMASKED
+        digest = verify.sum_digest(total)
+        seed = verify.challenge_seed(r.ctx, digest, r.survivors)
+        u, v = verify.challenge(seed, p.vector_len)
+        peers = {j: verify.vouch_key(r.s, r.peer_keys[j][1], self.site_id, j, r.ctx)
+                 for j in r.masked_with if j in r.survivors}
+        projected, expected = verify.project(r.plain, total, u=u, v=v)  # one pass over both
+        own = verify.masked_scalars(projected, self.site_id, peers, seed, p.plan.bits)
+        scalars = verify.encode_scalars(own, p.plan.bits)
+        r.plain, r.announced = None, _Announced(total, digest, seed, scalars, expected)
+        self._enter(SumAnnounce)
+        sig = self.identity.sign(verify.vouch_message(r.ctx, seed, self.site_id, scalars))
+        return [SumVouch(r.rnd, r.attempt, scalars, sig)]
+
+    def _proof(self, msg: SumProof) -> list[Message]:
+        """Adopt the sum only if every survivor vouched for it and the vouches add up to it."""
+        r = self._check_round(msg)
+        a, survivors = r.announced, r.survivors
+        assert a is not None and survivors is not None  # vouched before VOUCHED
+        vouches = {int(site): (scalars, sig) for site, scalars, sig in msg.vouches}
+        self._check(sorted(vouches) == survivors, "sum",
+                    f"vouches from sites {sorted(vouches)}; the certified survivors are {survivors}")
+        self._check(vouches[self.site_id][0] == a.scalars, "sum", "the proof carries another vouch in this site's name")
+        for site, (scalars, sig) in vouches.items():
+            if site == self.site_id:
+                continue
+            peer = self.peers.get(site)
+            self._check(peer is not None, "pinned_peers", f"site {site} has no pinned identity key")
+            try:
+                peer.verify(verify.vouch_message(r.ctx, a.seed, site, scalars), sig)
+            except AuthenticationFailed:
+                self.policy.refuse("sum", f"site {site}'s vouch does not verify for the sum this site was shown")
+        self._check(verify.vouched_total((s for s, _ in vouches.values()), r.params.plan.bits) == a.expected,
+                    "sum", "the survivors' vouches do not add up to the announced sum")
+        self.verified = VerifiedSum(r.rnd, r.attempt, a.total, a.digest, tuple(survivors))
+        r.announced = None
+        self._enter(SumProof)
+        return []
 
 
 def _same(got: object, want: Mapping[str, object]) -> bool:

@@ -24,7 +24,7 @@ from .server import Outbound, ServerStage, ServerStateMachine
 
 __all__ = ["LocalRound", "STAGES"]
 
-STAGES = ("advertise", "share", "masked_input", "consistency", "unmask")
+STAGES = ("advertise", "share", "masked_input", "consistency", "unmask", "verify")
 
 
 @dataclass
@@ -103,7 +103,7 @@ class LocalRound:
         drops = drops or {}
         queue = list(self.server.start())
         pending = dict(inputs)
-        while not self.server.finished:
+        while queue or not self.server.finished:  # after DONE, the sites check the SumProof
             if not queue:
                 queue = self.server.stage_timed_out()
                 continue

@@ -32,6 +32,7 @@ def quantize(
     noise_seed: bytes,
     masks: Sequence[tuple[int, bytes]] = (),
     prg: Prg = DEFAULT_PRG,
+    plain: np.ndarray | None = None,
 ) -> tuple[np.ndarray, int]:
     """``floor(n * clip(delta) * scale + u)`` (stochastic rounding), then ``n``; plus the masks.
 
@@ -40,13 +41,17 @@ def quantize(
     value's error stays below ``1 / scale``.  ``masks`` are ``(sign, seed)`` PRG streams added
     (sign +1) or subtracted (-1) over the whole ring vector, count included, block by block while
     the block is in cache.  Returns the ring vector and how many coordinates were clipped; the only
-    large allocation is the output.  A NaN anywhere raises :class:`QuantisationError`.
+    large allocation is the output.  A NaN anywhere raises :class:`QuantisationError`.  ``plain``,
+    if given (``d + 1`` of the ring type), receives the vector before masking, each block copied
+    while in cache: what the site later vouches for (``verify.py``).
     """
     if not 1 <= num_samples <= plan.max_samples:
         raise QuantisationError(f"num_samples={num_samples} outside 1..{plan.max_samples}")
     flat = np.ascontiguousarray(delta, dtype=np.float32).reshape(-1)
     d = flat.size
     out = np.empty(d + 1, dtype=plan.dtype)
+    if plain is not None and (plain.shape != out.shape or plain.dtype != out.dtype):
+        raise ValueError(f"plain must be {d + 1} x {out.dtype}")
     noise = stream(noise_seed, prg)
     adder = StreamAdder([(sign, stream(seed, prg)) for sign, seed in masks], out.dtype)
     factor = float(num_samples * plan.scale)
@@ -61,8 +66,12 @@ def quantize(
         if nan:
             raise QuantisationError(f"the update has NaN values (at least {nan}); refusing to send it")
         clipped += c
+        if plain is not None:
+            plain[start : start + n] = block
         adder.add(block)
     out[d] = num_samples
+    if plain is not None:
+        plain[d] = num_samples
     adder.add(out[d:])
     return out, clipped
 

@@ -1,8 +1,10 @@
 """The coordinator's side of secure aggregation: a sans-IO state machine.
 
-Stages ADVERTISE (U1) -> SHARE (U2) -> MASKED_INPUT (U3) -> CONSISTENCY (U4) -> UNMASK -> DONE, each
-closed when every expected site answered, was lost, or the stage timed out; too few, and the round
-is ABORTED with nothing unmasked.  The transitions are ``SERVER_TRANSITIONS`` in ``_states.py``
+Stages ADVERTISE (U1) -> SHARE (U2) -> MASKED_INPUT (U3) -> CONSISTENCY (U4) -> UNMASK -> VERIFY ->
+DONE, each closed when every expected site answered, was lost, or the stage timed out; too few, and
+the round is ABORTED with nothing unmasked.  VERIFY (SPEC §6.8, ``verify.py``): the unmasked sum
+goes to every survivor, each vouches for it, and the vouches go back to all of them; a survivor
+that does not vouch, or vouches that do not add up to the sum, leave the round without a sum.  The transitions are ``SERVER_TRANSITIONS`` in ``_states.py``
 (drawn in protocol/SPEC.md §6.6).
 
 Masked inputs are added into one running ring sum as they arrive (memory O(d), not O(n d)).
@@ -39,10 +41,13 @@ from ..wire.messages import (
     SecAggStart,
     ShareDelivery,
     ShareKeys,
+    SumAnnounce,
+    SumProof,
+    SumVouch,
     UnmaskRequest,
     UnmaskResponse,
 )
-from . import shamir
+from . import shamir, verify
 from ._states import SERVER_TRANSITIONS, ServerStage, StageClosed, StageFailed
 from .binding import RoundParams, keys_message, survivors_message
 from .graph import graph_seed, mask_peers, neighbours
@@ -72,6 +77,8 @@ class SecAggResult:
     survivors: list[int]
     dropped: list[int]
     stage_sites: dict[str, list[int]] = field(default_factory=dict)
+    sum_digest: bytes = b""  # verify.sum_digest(total), the challenge's and the records' name for it
+    vouches: list[list] = field(default_factory=list)  # [site, masked scalars, signature], ids ascending
 
 
 class ServerStateMachine:
@@ -108,16 +115,19 @@ class ServerStateMachine:
         self._b_shares: dict[int, dict[int, tuple[int, int]]] = {}
         self._s_shares: dict[int, dict[int, tuple[int, int]]] = {}
         self.result: SecAggResult | None = None
+        self._announced: SecAggResult | None = None  # the unmasked sum, until every survivor vouched
+        self._challenge: tuple[bytes, np.ndarray, np.ndarray] | None = None  # (seed, u, v)
+        self._vouches: dict[int, tuple[bytes, bytes]] = {}
         self.abort_cause: AbortCause | None = None
         self.abort_reason: str | None = None  # the detail, for people
         self.stage_sites: dict[str, list[int]] = {}
         # validate, then record: one handler per message type the table takes
         self._handlers = {AdvertiseKeys: self._on_keys, ShareKeys: self._on_shares, MaskedInput: self._on_masked,
-                          ConsistencySig: self._on_sig, UnmaskResponse: self._on_unmask}
+                          ConsistencySig: self._on_sig, UnmaskResponse: self._on_unmask, SumVouch: self._on_vouch}
         # what closes each stage: it fires StageClosed or StageFailed
         self._closers = {ServerStage.ADVERTISE: self._close_advertise, ServerStage.SHARE: self._close_share,
                          ServerStage.MASKED_INPUT: self._close_masked, ServerStage.CONSISTENCY: self._close_consistency,
-                         ServerStage.UNMASK: self._finish}
+                         ServerStage.UNMASK: self._finish, ServerStage.VERIFY: self._close_verify}
 
     @property
     def finished(self) -> bool:
@@ -217,6 +227,18 @@ class ServerStateMachine:
                 raise ProtocolViolation(site, f"key share of site {owner} it should not hold or reveal")
             self._s_shares.setdefault(owner, {})[site] = _decode(site, raw)
 
+    def _on_vouch(self, site: int, msg: SumVouch) -> None:
+        assert self._challenge is not None
+        seed = self._challenge[0]
+        try:
+            verify.decode_scalars(msg.scalars, self.plan.bits)
+            self.identities[site].verify(verify.vouch_message(self.ctx, seed, site, msg.scalars), msg.signature)
+        except ValueError:
+            raise ProtocolViolation(site, f"vouch of {len(msg.scalars)} bytes for a {self.plan.bits}-bit ring") from None
+        except AuthenticationFailed:
+            raise ProtocolViolation(site, "vouch signature does not verify") from None
+        self._vouches[site] = (msg.scalars, msg.signature)
+
     def _group(self, owner: int) -> list[int]:
         return [owner, *self.nbrs.get(owner, [])]
 
@@ -229,6 +251,7 @@ class ServerStateMachine:
         self._enter(StageFailed)
         self.abort_cause, self.abort_reason = cause, reason
         self.sum = np.zeros(0, dtype=self.plan.dtype)  # nothing of the masked sum outlives an abort
+        self._announced = None  # nor an unverified sum
         return []
 
     def _alive(self, sites: list[int] | set[int]) -> list[int]:
@@ -335,8 +358,35 @@ class ServerStateMachine:
         # Self masks are removed like pair masks with sign -1 (PRG(b_u) was added).
         add_masks(total, None, removals, prg=self.prg)
         self._enter(StageClosed)
-        self.result = SecAggResult(total, list(self.u3), sorted(set(self.participants) - survivors), self.stage_sites)
-        return []
+        digest = verify.sum_digest(total)
+        seed = verify.challenge_seed(self.ctx, digest, self.u3)
+        self._challenge = (seed, *verify.challenge(seed, self.vector_len))
+        self._announced = SecAggResult(total, list(self.u3), sorted(set(self.participants) - survivors),
+                                       self.stage_sites, sum_digest=digest)
+        # every survivor must vouch, gone or not: a missing vouch leaves the round unverified
+        self._waiting = set(self._alive(self.u3))
+        announce = SumAnnounce(self.round, self.attempt, {"s": total})
+        return [Outbound(u, announce) for u in sorted(self._waiting)]
+
+    def _close_verify(self, answered: list[int]) -> list[Outbound]:
+        """VERIFY closed: every survivor's vouch, adding up to the sum, goes to each of them."""
+        result, challenge = self._announced, self._challenge
+        assert result is not None and challenge is not None
+        missing = sorted(set(self.u3) - set(answered))
+        self.stage_sites["vouched"] = answered
+        if missing:
+            return self._abort(AbortCause.UNVERIFIED, f"survivors {missing} did not vouch for the sum: "
+                                                      "no site will adopt it")
+        _, u, v = challenge
+        vouched = verify.vouched_total((self._vouches[s][0] for s in self.u3), self.plan.bits)
+        if vouched != verify.project(result.total, u=u, v=v)[0]:
+            return self._abort(AbortCause.UNVERIFIED, "the survivors' vouches do not add up to the unmasked sum "
+                                                      "(a site vouched for another input than it masked)")
+        self._enter(StageClosed)
+        result.vouches = [[s, *self._vouches[s]] for s in self.u3]
+        self.result, self._announced = result, None
+        proof = SumProof(self.round, self.attempt, result.vouches)
+        return [Outbound(s, proof) for s in self._alive(self.u3)]
 
 
 def _decode(site: int, raw: bytes) -> tuple[int, int]:

@@ -212,7 +212,7 @@ class RoundWitness:
         it sent an update or signed survivors, until that attempt's record or its abort came."""
         run = self._run(run_id)
         if run.dispute is not None:
-            self.policy.refuse("record", f"the coordinator signed a false record earlier in this run: {run.dispute}")
+            self.policy.refuse("record", f"the coordinator was caught lying earlier in this run: {run.dispute}")
         cap = self.policy.cfg.max_unrecorded
         if run.unrecorded > cap:
             self.policy.refuse("record", f"{run.unrecorded} rounds of this run went unrecorded across new sessions "
@@ -335,6 +335,16 @@ class RoundWitness:
                     log_id=None if rec is None else rec["log_id"], seen_seq=None if rec is None else rec["seq"],
                     seen_record=rec, **why)
         self._run(run_id).unrecorded += 0 if passed else 1
+
+    def false_sum(self, run_id: str, rnd: int, problem: str) -> None:
+        """The coordinator relayed vouches that its announced sum fails (SPEC §6.8): kept as a
+        dispute, so this site declines every later round of the run."""
+        run = self._run(run_id)
+        if run.dispute is None:
+            run.dispute = f"round {rnd}: {problem}"
+            log.error("round %d: the coordinator announced a sum its survivors' vouches refute: %s; leaving the run",
+                      rnd, problem)
+            self._write("round_dispute", run_id, rnd, problem=problem, record=None)
 
     def _dispute(self, run_id: str, rnd: int, rec: dict[str, Any] | None, problem: str) -> NoReturn:
         self._run(run_id).dispute = f"round {rnd}: {problem}"

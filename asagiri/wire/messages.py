@@ -45,6 +45,9 @@ __all__ = [
     "SecAggStart",
     "ShareDelivery",
     "ShareKeys",
+    "SumAnnounce",
+    "SumProof",
+    "SumVouch",
     "UnmaskRequest",
     "UnmaskResponse",
 ]
@@ -590,6 +593,66 @@ class UnmaskResponse(Message):
         _require(not owners_b & {o for o, _ in self.s_shares}, "a peer appears in both share lists")
 
 
+@dataclass(frozen=True, slots=True)
+class SumAnnounce(Message):
+    """The unmasked sum, sent to each certified survivor for it to vouch for (SPEC §6.8)."""
+
+    TAG: ClassVar[int] = 60
+    TENSOR_FIELDS: ClassVar[tuple[str, ...]] = ("total",)
+    round: int
+    attempt: int
+    total: Params = field(repr=False)
+
+    def validate(self) -> None:
+        _int(self.round, "round", lo=1)
+        _int(self.attempt, "attempt", lo=1, hi=1 << 16)
+        _params(self.total, "total")
+        _require(set(self.total) == {"s"}, "total holds exactly one tensor, 's'")
+        s = self.total["s"]
+        _require(s.ndim == 1 and s.dtype.str in ("<u4", "<u8"), "total s is a 1-d uint32 or uint64 array")
+
+
+@dataclass(frozen=True, slots=True)
+class SumVouch(Message):
+    """A survivor's masked projections of its own input under the sum's challenge, signed."""
+
+    TAG: ClassVar[int] = 61
+    round: int
+    attempt: int
+    scalars: bytes
+    signature: bytes
+
+    def validate(self) -> None:
+        _int(self.round, "round", lo=1)
+        _int(self.attempt, "attempt", lo=1, hi=1 << 16)
+        _require(isinstance(self.scalars, bytes) and len(self.scalars) in (24, 48),
+                 "scalars must be 24 or 48 bytes (three words of 2 x the ring's width)")
+        _bytes(self.signature, "signature", size=64)
+
+
+@dataclass(frozen=True, slots=True)
+class SumProof(Message):
+    """Every survivor's signed vouch, relayed to each of them: the sum checks out or it does not."""
+
+    TAG: ClassVar[int] = 62
+    round: int
+    attempt: int
+    vouches: list[list[Any]]  # [site_id, scalars, signature]
+
+    def validate(self) -> None:
+        _int(self.round, "round", lo=1)
+        _int(self.attempt, "attempt", lo=1, hi=1 << 16)
+        _require(isinstance(self.vouches, list) and len(self.vouches) <= 1 << 16, "vouches must be a list")
+        seen = set()
+        for item in self.vouches:
+            _require(isinstance(item, list | tuple) and len(item) == 3, "vouches are [id, scalars, signature]")
+            _int(item[0], "vouches[].id", hi=MAX_SITE_ID)
+            _require(isinstance(item[1], bytes) and len(item[1]) in (24, 48), "vouches[].scalars are 24 or 48 bytes")
+            _bytes(item[2], "vouches[].signature", size=64)
+            _require(item[0] not in seen, f"vouches repeat id {item[0]}")
+            seen.add(item[0])
+
+
 MESSAGE_TYPES: dict[int, type[Message]] = {}
 
 
@@ -625,5 +688,8 @@ for _cls in (
     ConsistencySig,
     UnmaskRequest,
     UnmaskResponse,
+    SumAnnounce,
+    SumVouch,
+    SumProof,
 ):
     register(_cls)

@@ -11,7 +11,7 @@ import numpy as np
 
 from asagiri.config import FederationConfig, PolicyConfig, RunSpec, SecAggConfig
 from asagiri.policy import SitePolicy
-from asagiri.secagg import shamir
+from asagiri.secagg import shamir, verify
 from asagiri.secagg.binding import (
     RoundParams,
     canonical,
@@ -37,6 +37,7 @@ from asagiri.wire.messages import (
     Message,
     ShareDelivery,
     ShareKeys,
+    SumVouch,
     UnmaskResponse,
 )
 
@@ -226,7 +227,7 @@ def _round(*, run_id: str, rnd: int, attempt: int, sites: dict[int, tuple[list[f
         assert clients[u].receive(fit) == []
     queue = deque(server.start())
     gone: set[int] = set()
-    while not server.finished:
+    while queue or not server.finished:  # after DONE, the survivors check the SumProof
         if not queue:
             queue.extend(server.stage_timed_out())  # the dropped sites' deadline passes
             continue
@@ -254,6 +255,9 @@ def _round(*, run_id: str, rnd: int, attempt: int, sites: dict[int, tuple[list[f
     nbrs = neighbours(u1, params.degree or None, gseed)
     u3 = server.result.survivors
     dropped = sorted(set(server.u2) - set(u3))
+    sum_h = verify.sum_digest(server.result.total)
+    vseed = verify.challenge_seed(ctx, sum_h, u3)
+    cu, cv = verify.challenge(vseed, params.vector_len)
 
     per_site = {}
     for u in ids:
@@ -319,6 +323,22 @@ def _round(*, run_id: str, rnd: int, attempt: int, sites: dict[int, tuple[list[f
             assert isinstance(sig, ConsistencySig)
             entry["survivors_text_hex"] = survivors_message(ctx, u3, masked_with).hex()
             entry["survivors_signature_hex"] = sig.signature.hex()
+        vouch = sent.get((u, SumVouch))
+        if vouch is not None:  # the verified sum (SPEC §6.8)
+            assert isinstance(vouch, SumVouch)
+            own = verify.project(q, u=cu, v=cv)[0]
+            keys = {v: verify.vouch_key(s, server.keys[v].s_pk, u, v, ctx) for v in masked_with if v in u3}
+            masked = verify.masked_scalars(own, u, keys, vseed, plan.bits)
+            assert verify.encode_scalars(masked, plan.bits) == vouch.scalars
+            entry.update({
+                "z_u": [str(z) for z in own],
+                "vouch_keys_hex": {str(v): k.hex() for v, k in keys.items()},
+                "pair_scalars": {str(v): [str(m) for m in verify.pair_scalars(k, vseed, plan.bits)]
+                                 for v, k in keys.items()},
+                "scalars_hex": vouch.scalars.hex(),
+                "vouch_text_hex": verify.vouch_message(ctx, vseed, u, vouch.scalars).hex(),
+                "vouch_signature_hex": vouch.signature.hex(),
+            })
         per_site[str(u)] = entry
 
     ring_sum = np.zeros(params.vector_len, plan.dtype)
@@ -356,6 +376,13 @@ def _round(*, run_id: str, rnd: int, attempt: int, sites: dict[int, tuple[list[f
             "b_hex": {str(o): shamir.reconstruct(v, params.threshold).hex() for o, v in sorted(b_shares_in.items())},
             "s_sk_hex": {str(o): shamir.reconstruct(v, params.threshold).hex() for o, v in sorted(s_shares_in.items())},
             "z_hex": z.tobytes().hex(), "count": count, "weighted_sum": [float(x) for x in weighted],
+        },
+        "verify": {
+            "sum_digest_hex": sum_h.hex(), "challenge_seed_hex": vseed.hex(),
+            "A": int(cu.shape[1]), "B": int(cv.shape[1]),
+            "u_first": [[str(int(w)) for w in row[:4]] for row in cu],
+            "v_first": [[str(int(w)) for w in row[:4]] for row in cv],
+            "proj_z": [str(p) for p in verify.project(z, u=cu, v=cv)[0]],
         },
     }
 

@@ -48,6 +48,9 @@ from asagiri.wire.messages import (
     ShareDelivery,
     ShareKeys,
     Shutdown,
+    SumAnnounce,
+    SumProof,
+    SumVouch,
     UnmaskRequest,
     UnmaskResponse,
     Welcome,
@@ -152,6 +155,9 @@ def sample_messages() -> list[Message]:
         ConsistencySig(2, 1, [2, 3], sig),
         UnmaskRequest(2, 1, [1, 2, 3], [4], [[1, [2, 3], sig], [2, [1, 3], sig]]),
         UnmaskResponse(2, 1, [[1, share], [2, share]], [[4, share]]),
+        SumAnnounce(2, 1, {"s": np.array([7, 2**32 - 3, 0, 1], dtype="<u4")}),
+        SumVouch(2, 1, bytes(range(24)), sig),
+        SumProof(2, 1, [[1, bytes(range(24)), sig], [3, bytes(range(1, 25)), sig]]),
     ]
 
 

@@ -37,7 +37,7 @@ def test_every_target_has_a_corpus_and_the_honest_round_completes():
     assert all(any((CORPUS / t).glob("seed-*")) for t in TARGETS)
     to_site, from_sites = honest_round()
     assert [type(m).__name__ for _, m in to_site] == [
-        "SecAggStart", "KeyRoster", "ShareDelivery", "ConsistencyCheck", "UnmaskRequest"]
+        "SecAggStart", "KeyRoster", "ShareDelivery", "ConsistencyCheck", "UnmaskRequest", "SumAnnounce", "SumProof"]
     assert encode_sequence(to_site) == (CORPUS / "secagg_client" / "seed-0").read_bytes()
 
 

@@ -20,6 +20,9 @@ from asagiri.wire.messages import (
     SecAggStart,
     ShareDelivery,
     ShareKeys,
+    SumAnnounce,
+    SumProof,
+    SumVouch,
     UnmaskRequest,
     UnmaskResponse,
 )
@@ -31,6 +34,7 @@ rounds = st.integers(1, 3)
 attempts = st.integers(1, 2)
 key = st.binary(min_size=32, max_size=32)
 sig = st.binary(min_size=64, max_size=64)
+scalars = st.sampled_from([24, 48]).flatmap(lambda n: st.binary(min_size=n, max_size=n))
 share = st.binary(min_size=68, max_size=68)
 site = st.integers(0, 5)
 
@@ -51,6 +55,11 @@ TO_SITE = st.one_of(
     st.builds(ConsistencyCheck, rounds, attempts, ids),
     st.builds(UnmaskRequest, rounds, attempts, ids, ids,
               st.lists(st.tuples(site, ids, sig).map(list), max_size=4, unique_by=lambda e: e[0])),
+    st.builds(SumAnnounce, rounds, attempts,
+              st.tuples(st.integers(0, 12), st.sampled_from(["<u4", "<u8"])).map(
+                  lambda t: {"s": np.arange(t[0], dtype=t[1])})),
+    st.builds(SumProof, rounds, attempts,
+              st.lists(st.tuples(site, scalars, sig).map(list), max_size=4, unique_by=lambda e: e[0])),
 )
 
 TO_COORDINATOR = st.one_of(
@@ -63,13 +72,14 @@ TO_COORDINATOR = st.one_of(
     st.builds(UnmaskResponse, rounds, attempts,
               st.lists(st.tuples(site, share).map(list), max_size=3, unique_by=lambda e: e[0]),
               st.lists(st.tuples(site.map(lambda s: s + 10), share).map(list), max_size=3, unique_by=lambda e: e[0])),
+    st.builds(SumVouch, rounds, attempts, scalars, sig),
 )
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @FAST
-@given(stage=st.integers(0, 5), wrong=st.data())
+@given(stage=st.integers(0, 7), wrong=st.data())
 def test_a_site_only_refuses_a_wrong_message_at_any_stage(stage, wrong):
     to_site, _ = honest_round()
     client = _fresh_client()
@@ -89,7 +99,7 @@ def test_a_site_only_refuses_a_wrong_message_at_any_stage(stage, wrong):
 
 
 @FAST
-@given(upto=st.integers(0, 15), sender=st.integers(0, 6), wrong=st.data())
+@given(upto=st.integers(0, 20), sender=st.integers(0, 6), wrong=st.data())
 def test_the_coordinator_only_blames_the_sender_of_a_wrong_message(upto, sender, wrong):
     _, from_sites = honest_round()
     server = _fresh_server()

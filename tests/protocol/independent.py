@@ -1,7 +1,7 @@
 """A third party's implementation of the Asagiri wire protocol, version 1, written from
 protocol/SPEC.md alone: encodings, the handshake, frames, Shamir sharing, quantisation, masking,
-the round, and the coordinator's signed round records (§9).  It imports only the standard
-library, PyNaCl, pyca/cryptography, msgpack and NumPy, never the package;
+the round and its verified sum, and the coordinator's signed round records (§9).  It imports
+only the standard library, PyNaCl, pyca/cryptography, blake3, msgpack and NumPy, never the package;
 ``test_spec_independent.py`` holds it against every vector.
 
 One file on purpose, over 400 lines: it is read side by side with SPEC.md, section by section.
@@ -18,6 +18,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+import blake3
 import msgpack
 import nacl.bindings as sodium
 import nacl.signing
@@ -224,6 +225,9 @@ MESSAGES: dict[int, tuple[str, tuple[str, ...]]] = {
     57: ("ConsistencySig", ("round", "attempt", "masked_with", "signature")),
     58: ("UnmaskRequest", ("round", "attempt", "survivors", "dropped", "signatures")),
     59: ("UnmaskResponse", ("round", "attempt", "b_shares", "s_shares")),
+    60: ("SumAnnounce", ("round", "attempt", "total")),
+    61: ("SumVouch", ("round", "attempt", "scalars", "signature")),
+    62: ("SumProof", ("round", "attempt", "vouches")),
 }
 TAGS = {name: tag for tag, (name, _) in MESSAGES.items()}
 
@@ -236,8 +240,9 @@ SPLIT = ("enum", ("val", "test"))
 RULE = ("enum", ("run_id", "require_secagg", "pinned_peers", "require_dp", "max_epsilon", "max_delta", "spec",
                  "setup", "spec_changed", "model", "train_bounds", "secagg_bounds", "dp_bounds", "min_participants",
                  "min_group", "min_threshold", "min_examples", "batches", "round_params", "replay", "quorum",
-                 "component", "stage", "signature", "shares", "survivors", "malformed", "record", "privacy_budget"))
-CAUSE = ("enum", ("too_few_sites", "no_quorum", "threshold", "unmask_failed"))
+                 "component", "stage", "signature", "shares", "survivors", "malformed", "sum", "record",
+                 "privacy_budget"))
+CAUSE = ("enum", ("too_few_sites", "no_quorum", "threshold", "unmask_failed", "unverified"))
 
 # field -> type, per tag (§2.3); compound types are tuples interpreted by check_value()
 FIELD_TYPES: dict[int, dict[str, Any]] = {
@@ -314,6 +319,9 @@ FIELD_TYPES: dict[int, dict[str, Any]] = {
         "b_shares": ("rows", (ID, ("bin", 68))),
         "s_shares": ("rows", (ID, ("bin", 68))),
     },
+    60: {"round": ROUND, "attempt": ATTEMPT, "total": ("tensors",)},
+    61: {"round": ROUND, "attempt": ATTEMPT, "scalars": ("binof", (24, 48)), "signature": ("bin", 64)},
+    62: {"round": ROUND, "attempt": ATTEMPT, "vouches": ("rows", (ID, ("binof", (24, 48)), ("bin", 64)))},
 }
 TENSOR_FIELDS = {
     tag: [f for f, t in types.items() if t == ("tensors",)] for tag, types in FIELD_TYPES.items()
@@ -439,6 +447,8 @@ def check_value(t: tuple, v: Any) -> None:
         require(isinstance(v, bytes) and len(v) == t[1], "bin")
     elif kind == "binle":
         require(isinstance(v, bytes) and len(v) <= t[1], "bin")
+    elif kind == "binof":
+        require(isinstance(v, bytes) and len(v) in t[1], "bin")
     elif kind == "str":
         require(isinstance(v, str) and len(v) <= t[1], "str")
     elif kind == "enum":
@@ -493,10 +503,11 @@ def check_header(h: Any, max_message_bytes: int) -> list[int]:
         check_value(t, body[name])
     if tag == 10:
         require(body["site_index"] < body["num_sites"], "site_index")
-    if tag == 55:
-        vec = body["vector"]
-        require(len(vec) == 1 and vec[0][0] == "y" and len(vec[0][2]) == 1, "vector")
-        require(vec[0][1] in ("<u4", "<u8"), "vector dtype")
+    if tag in (55, 60):
+        field, name = ("vector", "y") if tag == 55 else ("total", "s")
+        vec = body[field]
+        require(len(vec) == 1 and vec[0][0] == name and len(vec[0][2]) == 1, field)
+        require(vec[0][1] in ("<u4", "<u8"), f"{field} dtype")
     if tag == 31:
         preds = body["predictions"]
         if body["split"] == "val":
@@ -1069,7 +1080,62 @@ def compute_round(index: int) -> dict[str, Any]:
     out["z"] = z
     out["count"] = signed_int(z[-1], bits)
     out["weighted_sum"] = [signed_int(x, bits) / quant["scale"] for x in z[:-1]]
+    out["verify"] = verified_sum(out, ctx, z, u3, bits)
     return out
+
+
+def challenge_words(seed: bytes, length: int) -> tuple[int, int, list[list[int]], list[list[int]]]:
+    """§6.8: (A, B, u, v) of the challenge, each u_k / v_k a list of u64 words."""
+    b = math.isqrt(length - 1) + 1
+    a = -(-length // b)
+    raw = prg(seed, "chacha20", 8 * 3 * (a + b))
+    words = [int.from_bytes(raw[8 * i : 8 * i + 8], "little") for i in range(3 * (a + b))]
+    v = [words[k * b : (k + 1) * b] for k in range(3)]
+    u = [words[3 * b + k * a : 3 * b + (k + 1) * a] for k in range(3)]
+    return a, b, u, v
+
+
+def projection(values: list[int], bits: int, u: list[list[int]], v: list[list[int]], b: int) -> list[int]:
+    """proj_k of a ring vector (§6.8): signed lifts, modulo 2^(2 bits)."""
+    mod = 1 << (2 * bits)
+    return [sum(u[k][i // b] * v[k][i % b] * signed_int(x, bits) for i, x in enumerate(values)) % mod
+            for k in range(3)]
+
+
+def verified_sum(c: dict[str, Any], ctx: bytes, z: list[int], u3: list[int], bits: int) -> dict[str, Any]:
+    """Steps 9-12 of §6.8: every survivor's vouch for z, and the check each site makes."""
+    width = 2 * bits // 8
+    mod = 1 << (2 * bits)
+    h = blake3.blake3(b"asagiri-sum\0" + le_words(z, bits)).digest()
+    seed = H("asagiri-verify", b"asagiri-verify\0" + ctx + h + ids(u3))
+    a, b, u, v = challenge_words(seed, len(z))
+    proj_z = projection(z, bits, u, v, b)
+    vouches = {}
+    for site in u3:
+        s = c["sites"][site]
+        own = projection(s["q"], bits, u, v, b)
+        keys, scalars_of = {}, {}
+        total = list(own)
+        for peer in s["masked_with"]:
+            if peer not in u3:
+                continue
+            lo, hi = min(site, peer), max(site, peer)
+            key = H("asagiri-vpair", dh(s["s_sk"], c["sites"][peer]["s_pk"]) + ctx + u32(lo) + u32(hi))
+            assert key == H("asagiri-vpair", dh(c["sites"][peer]["s_sk"], s["s_pk"]) + ctx + u32(lo) + u32(hi))
+            raw = hashlib.blake2b(seed, digest_size=3 * width, key=key, person=b"asagiri-vmask").digest()
+            m = [int.from_bytes(raw[k * width : (k + 1) * width], "big") for k in range(3)]
+            sigma = 1 if site < peer else -1
+            total = [t + sigma * x for t, x in zip(total, m, strict=True)]
+            keys[peer], scalars_of[peer] = key, m
+        scalars = b"".join((t % mod).to_bytes(width, "big") for t in total)
+        text = b"asagiri-secagg-vouch\0" + ctx + seed + u32(site) + scalars
+        vouches[site] = {"z_u": own, "keys": keys, "pair_scalars": scalars_of, "scalars": scalars, "text": text,
+                         "signature": sign(s["identity_seed"], text)}
+    # the check every survivor makes: the vouches' scalars add up to proj(z)
+    for k in range(3):
+        added = sum(int.from_bytes(vouches[site]["scalars"][k * width : (k + 1) * width], "big") for site in u3)
+        assert added % mod == proj_z[k]
+    return {"h": h, "seed": seed, "A": a, "B": b, "u": u, "v": v, "proj_z": proj_z, "vouches": vouches}
 
 
 def words_hex(values: list[int], bits: int) -> str:
@@ -1113,6 +1179,13 @@ def transcript_message(c: dict[str, Any], r: dict[str, Any], sender, recipient, 
         if name == "UnmaskRequest":
             sigs = [[v, sites[v]["masked_with"], sites[v]["survivors_signature"]] for v in c["U4"]]
             return {**head, "survivors": c["U3"], "dropped": c["dropped"], "signatures": sigs}
+        if name == "SumAnnounce":
+            bits = c["quant"]["bits"]
+            dtype = {32: "<u4", 64: "<u8"}[bits]
+            return {**head, "total": Tensors([("s", dtype, [c["vector_len"]], le_words(c["z"], bits))])}
+        if name == "SumProof":
+            vouches = c["verify"]["vouches"]
+            return {**head, "vouches": [[v, vouches[v]["scalars"], vouches[v]["signature"]] for v in c["U3"]]}
         raise AssertionError(name)
     assert recipient == "coordinator"
     s = sites[sender]
@@ -1130,6 +1203,9 @@ def transcript_message(c: dict[str, Any], r: dict[str, Any], sender, recipient, 
         return {**head, "masked_with": s["masked_with"], "signature": s["survivors_signature"]}
     if name == "UnmaskResponse":
         return {**head, "b_shares": s["unmask_b"], "s_shares": s["unmask_s"]}
+    if name == "SumVouch":
+        vouch = c["verify"]["vouches"][sender]
+        return {**head, "scalars": vouch["scalars"], "signature": vouch["signature"]}
     raise AssertionError(name)
 
 
@@ -1152,6 +1228,8 @@ def expected_transcript(c: dict[str, Any], r: dict[str, Any]) -> list[tuple[Any,
             ("coordinator", u, "UnmaskRequest"),
             (u, "coordinator", "UnmaskResponse"),
         ]
+    for u in c["U3"]:  # §6.8: every survivor vouches and gets the proof
+        flow += [("coordinator", u, "SumAnnounce"), (u, "coordinator", "SumVouch"), ("coordinator", u, "SumProof")]
     return sorted(flow, key=repr)
 
 

@@ -443,6 +443,22 @@ def test_round_values(index):
     assert c["z"] == q_sum
     assert c["count"] == res["count"] == sum(c["sites"][u]["n"] for u in c["U3"])
     assert c["weighted_sum"] == res["weighted_sum"]
+    # §6.8: the verified sum, every value recomputed here from the spec
+    ver, rv = c["verify"], r["verify"]
+    assert ver["h"].hex() == rv["sum_digest_hex"] and ver["seed"].hex() == rv["challenge_seed_hex"]
+    assert (ver["A"], ver["B"]) == (rv["A"], rv["B"])
+    assert [[str(w) for w in row[:4]] for row in ver["u"]] == rv["u_first"]
+    assert [[str(w) for w in row[:4]] for row in ver["v"]] == rv["v_first"]
+    assert [str(p) for p in ver["proj_z"]] == rv["proj_z"]
+    for u in c["U3"]:
+        vouch, sv = ver["vouches"][u], r["sites"][str(u)]
+        assert [str(z) for z in vouch["z_u"]] == sv["z_u"]
+        assert {str(v): k.hex() for v, k in vouch["keys"].items()} == sv["vouch_keys_hex"]
+        assert {str(v): [str(m) for m in ms] for v, ms in vouch["pair_scalars"].items()} == sv["pair_scalars"]
+        assert vouch["scalars"].hex() == sv["scalars_hex"]
+        assert vouch["text"].hex() == sv["vouch_text_hex"]
+        assert vouch["signature"].hex() == sv["vouch_signature_hex"]
+        verify(c["sites"][u]["identity_public"], vouch["text"], vouch["signature"])
 
 
 @pytest.mark.parametrize("index", range(3))
@@ -658,6 +674,6 @@ def test_no_package_imports(path):
             raise AssertionError("dynamic import")
     assert names
     allowed = {"__future__", "ast", "hashlib", "json", "math", "struct", "fractions", "functools", "pathlib",
-               "typing", "msgpack", "nacl", "numpy", "pytest", "cryptography"}
+               "typing", "msgpack", "nacl", "numpy", "pytest", "cryptography", "blake3"}
     for name in names:
         assert name == "tests.protocol.independent" or name.split(".")[0] in allowed, name

@@ -16,7 +16,7 @@ from asagiri.wire.messages import MaskedInput, ShareKeys
 
 RUN = "test-run"
 
-__all__ = ["RUN", "STAGES", "Federation", "masked_vectors", "random_inputs", "share_messages"]
+__all__ = ["RUN", "STAGES", "Federation", "masked_vectors", "random_inputs", "ring_inputs", "share_messages"]
 
 
 class Federation(LocalRound):
@@ -40,6 +40,14 @@ class Federation(LocalRound):
 
 def random_inputs(ids, dim, rng, *, scale=0.5, max_n=100):
     return {i: (rng.uniform(-scale, scale, dim).astype(np.float32), int(rng.integers(1, max_n + 1))) for i in ids}
+
+
+def ring_inputs(ids, dim, rng, *, bits=32):
+    """Ring vectors of ``dim + 1`` values that no sum over ``ids`` can wrap, as the quantiser's
+    plan guarantees (SPEC §6.2): the verified sum checks the sum over the integers (§6.8)."""
+    bound = (2 ** (bits - 1) - 1) // len(ids)
+    ring = np.uint32 if bits == 32 else np.uint64
+    return {i: rng.integers(-bound, bound + 1, dim + 1, dtype=np.int64).astype(ring) for i in ids}
 
 
 def masked_vectors(fed: Federation) -> dict[int, np.ndarray]:

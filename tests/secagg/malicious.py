@@ -55,6 +55,7 @@ from asagiri.wire.messages import (
     ShareDelivery,
     ShareKeys,
     Shutdown,
+    SumProof,
     UnmaskRequest,
     UnmaskResponse,
     Welcome,
@@ -466,7 +467,9 @@ class Round:
         while pending and not machine.finished:
             for o in pending:
                 await self.send(o.site, o.msg)
-            sites, pending = list(dict.fromkeys(o.site for o in pending)), []
+            # a SumProof has no answer: the site checks it and says nothing
+            sites = list(dict.fromkeys(o.site for o in pending if not isinstance(o.msg, SumProof)))
+            pending = []
             for site in sites:
                 msg = await self.sessions[site].expect()
                 assert not isinstance(msg, Decline), msg

@@ -33,6 +33,7 @@ from asagiri.wire.messages import (
 
 from .adversary import Deviation, attack, honest_deviation, unmaskable
 from .harness import Federation
+from .harness import ring_inputs as bounded_inputs
 
 DIM = 64
 STRICT = PolicyConfig(min_participants=3, min_group=2)
@@ -40,7 +41,7 @@ STRICT = PolicyConfig(min_participants=3, min_group=2)
 
 def ring_inputs(fed):
     rng = np.random.default_rng(7)
-    return {i: rng.integers(0, 2**32, fed.dim + 1, dtype=np.uint64).astype(np.uint32) for i in fed.ids}
+    return bounded_inputs(fed.ids, fed.dim, rng)
 
 
 def to_site(queue, site, kind):
@@ -495,7 +496,7 @@ def judge(n, m, degree, threshold, dev, target=None):
     if target:
         target_isolation(fed, dev, target)
     rng = np.random.default_rng(0)
-    inputs = {i: rng.integers(0, 2**32, 9, dtype=np.uint64).astype(np.uint32) for i in fed.ids}
+    inputs = bounded_inputs(fed.ids, 8, rng)
     outcome = attack(fed, dev, inputs)
     return unmaskable(fed, outcome, below=m)
 

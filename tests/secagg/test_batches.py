@@ -15,6 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from asagiri.causes import AbortCause
 from asagiri.config import FederationConfig, PolicyConfig, RunSpec, SecAggConfig
 from asagiri.errors import Refusal
 from asagiri.policy import SitePolicy
@@ -23,7 +24,7 @@ from asagiri.secagg.rules import batch_map, complete_batches, is_union_of_batche
 from asagiri.secagg.server import ServerStage
 from asagiri.wire.crypto import Identity
 
-from .harness import STAGES, Federation
+from .harness import STAGES, Federation, ring_inputs
 
 POLICY2 = PolicyConfig(min_participants=2, min_group=2)
 
@@ -107,7 +108,7 @@ def test_the_default_policy_refuses_a_run_without_batches_or_with_small_ones():
 
 
 def inputs(fed: Federation, rng) -> dict[int, np.ndarray]:
-    return {i: rng.integers(0, 2**32, size=fed.dim + 1, dtype=np.uint64).astype(np.uint32) for i in fed.ids}
+    return ring_inputs(fed.ids, fed.dim, rng)
 
 
 def expected_sum(ring, ids, dim):
@@ -128,14 +129,15 @@ def test_a_batch_with_a_site_gone_before_its_input_is_left_out_whole(stage):
     assert fed.refusals == {}
 
 
-@pytest.mark.parametrize("stage", ["consistency", "unmask"])
-def test_a_site_gone_after_its_input_keeps_its_batch_in(stage):
+@pytest.mark.parametrize("stage", ["consistency", "unmask", "verify"])
+def test_a_site_gone_after_its_input_leaves_the_round_unverified(stage):
+    """Its input is in the sum but it cannot vouch for it: no sum comes out, and the retry is over
+    whole batches again (SPEC §6.8)."""
     fed = Federation(6, dim=5, min_clients=2, policy=POLICY2, batches=[[1, 2], [3, 4], [5, 6]])
     ring = inputs(fed, np.random.default_rng(1))
     server = fed.run(ring, {stage: {4}})
-    assert server.stage is ServerStage.DONE, server.abort_reason
-    assert server.result.survivors == [1, 2, 3, 4, 5, 6]
-    assert np.array_equal(server.result.total, expected_sum(ring, fed.ids, 5))
+    assert server.stage is ServerStage.ABORTED and server.abort_cause is AbortCause.UNVERIFIED, server.abort_reason
+    assert server.result is None and "[4] did not vouch" in server.abort_reason
 
 
 @st.composite
@@ -169,6 +171,8 @@ def test_a_completed_round_sums_exactly_the_whole_batches_alive_through_the_mask
     expected = complete_batches(set(fed.ids) - before_input, batch_map(batches))
     if not at:
         assert server.stage is ServerStage.DONE, server.abort_reason
+    if set(at) - before_input & set(expected):  # a survivor gone before it vouched: no sum comes out
+        assert server.stage is ServerStage.ABORTED
     if server.stage is ServerStage.DONE:  # a drop may abort it (a group below its threshold), never bend it
         assert server.result.survivors == expected
         assert np.array_equal(server.result.total, expected_sum(ring, expected, dim))
@@ -288,7 +292,7 @@ def test_two_colluders_cannot_certify_two_lists_when_the_run_counts_them(run_col
             camp1, camp2 = found
             break
     lists = {1: ids, 2: sorted(set(ids) - own)}
-    ring = {i: np.random.default_rng(i).integers(0, 2**32, 9, dtype=np.uint64).astype(np.uint32) for i in ids}
+    ring = ring_inputs(ids, 8, np.random.default_rng(0))
     fed.advance(ring, ServerStage.CONSISTENCY)
     y = {s: m.vector["y"] for s, m in fed.sent if isinstance(m, MaskedInput)}
     sigs: dict[int, dict[int, ConsistencySig]] = {1: {}, 2: {}}

@@ -24,7 +24,8 @@ def test_benchmark_reports_the_required_fields_and_targets():
                 "plain_upload_bytes_per_client", "peak_rss_bytes", "server_peak_bytes"):
         assert key in small, key
     assert small["secagg_s"] > 0 and small["prg_floor_s"] > 0
-    assert {"client_mask", "server_unmask"} <= set(small["stages"])
+    assert {"client_mask", "server_unmask", "client_vouch", "client_verify", "server_verify"} <= set(small["stages"])
+    assert 0 < small["verify_s"] < small["secagg_s"]
     assert small["upload_ratio"] <= 1.1
     big = bench("--clients", "40", "--dim", "200000", "--repeat", "1")
     # The coordinator keeps a running sum: its memory does not grow with the number of sites.

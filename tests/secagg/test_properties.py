@@ -8,6 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scipy.stats import chisquare
 
+from asagiri.causes import AbortCause
 from asagiri.config import PolicyConfig, SecAggConfig
 from asagiri.policy import SitePolicy
 from asagiri.secagg.prg import PRGS
@@ -15,7 +16,7 @@ from asagiri.secagg.quantize import dequantize
 from asagiri.secagg.rules import quorum
 from asagiri.secagg.server import ServerStage
 
-from .harness import STAGES, Federation, masked_vectors
+from .harness import STAGES, Federation, masked_vectors, ring_inputs
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -38,6 +39,14 @@ def scenarios(draw):
     return n, degree, threshold, k, at, dim
 
 
+# A site gone after its masked input is in the sum but cannot vouch for it (SPEC §6.8).
+AFTER_INPUT = ("consistency", "unmask", "verify")
+
+
+def unverified(at) -> bool:
+    return any(stage in AFTER_INPUT for stage in at.values())
+
+
 def drops_by_stage(at):
     out: dict[str, set[int]] = {}
     for site, stage in at.items():
@@ -51,11 +60,16 @@ def test_masks_cancel_exactly(scenario, seed, prg):
     n, degree, threshold, k, at, dim = scenario
     fed = Federation(n, dim=dim, degree=degree, threshold=threshold, min_clients=k, prg=prg)
     rng = np.random.default_rng(seed)
-    ring = {i: rng.integers(0, 2**32, size=dim + 1, dtype=np.uint64).astype(np.uint32) for i in fed.ids}
+    ring = ring_inputs(fed.ids, dim, rng)
     server = fed.run(ring, drops_by_stage(at))
     assert fed.refusals == {}
-    # The drawn dropouts are within tolerance, so the round must complete.
+    if unverified(at):
+        assert server.stage is ServerStage.ABORTED and server.abort_cause is AbortCause.UNVERIFIED
+        assert server.result is None
+        return
+    # The drawn dropouts are within tolerance, so the round must complete, every site verifying.
     assert server.stage is ServerStage.DONE, server.abort_reason
+    assert all(fed.clients[s].verified.digest == server.result.sum_digest for s in server.result.survivors)
     survivors = server.result.survivors
     expected = np.zeros(dim + 1, dtype=np.uint32)
     for s in survivors:
@@ -72,7 +86,9 @@ def test_dequantised_sum_within_documented_error(scenario, seed, bits, prg):
     rng = np.random.default_rng(seed)
     inputs = {i: (rng.uniform(-1.5, 1.5, dim).astype(np.float32), int(rng.integers(1, 1001))) for i in fed.ids}
     server = fed.run(inputs, drops_by_stage(at))
-    assert server.stage is ServerStage.DONE, server.abort_reason
+    assert server.stage is (ServerStage.ABORTED if unverified(at) else ServerStage.DONE), server.abort_reason
+    if server.result is None:
+        return
     survivors = server.result.survivors
     weighted, count = dequantize(server.result.total, fed.plan)
     assert count == sum(inputs[s][1] for s in survivors)
@@ -106,7 +122,8 @@ def test_single_masked_vector_looks_uniform():
 def test_a_site_gone_after_answering_is_not_waited_for_in_the_next_stage(stage):
     """Site 1 answers ``stage`` first and its connection drops at once.  The next stage must close
     when the others answer, not at its deadline: the round ends with no ``stage_timed_out`` at all.
-    (It used to wait for site 1 until the stage timed out: a minute per round in a real run.)"""
+    (It used to wait for site 1 until the stage timed out: a minute per round in a real run.)  Its
+    input is in the sum, which it can no longer vouch for: the round ends unverified."""
     from asagiri.secagg.inmemory import LocalRound
 
     fed = LocalRound(ids=[1, 2, 3, 4], dim=6, secagg=SecAggConfig(), min_clients=3,
@@ -124,6 +141,6 @@ def test_a_site_gone_after_answering_is_not_waited_for_in_the_next_stage(stage):
         if out.site == 1 and answering == stage and not gone:
             gone = True
             queue += fed.server.site_lost(1)
-    assert fed.server.stage is ServerStage.DONE, fed.server.abort_reason
-    assert fed.server.result.survivors == [1, 2, 3, 4]  # its input was in: it is a survivor
-    assert fed.server.result.total.tolist() == [1 + 2 + 3 + 4] * 7
+    assert fed.server.stage is ServerStage.ABORTED and fed.server.abort_cause is AbortCause.UNVERIFIED
+    assert fed.server.u3 == [1, 2, 3, 4]  # its input was in: it is a survivor
+    assert "[1] did not vouch" in fed.server.abort_reason

@@ -15,7 +15,7 @@ from asagiri.secagg.server import ServerStage
 from asagiri.secagg.sharing import BothShares, HeldShares
 from asagiri.wire.messages import UnmaskRequest, UnmaskResponse
 
-from .harness import Federation
+from .harness import Federation, ring_inputs
 
 
 def held(*owners):
@@ -58,7 +58,7 @@ def test_a_site_whose_key_share_of_a_peer_left_never_reveals_its_seed_share():
     site 2's key share already left; an otherwise valid request for site 2's b share is refused."""
     fed = Federation(4, dim=16)
     rng = np.random.default_rng(7)
-    inputs = {i: rng.integers(0, 2**32, fed.dim + 1, dtype=np.uint64).astype(np.uint32) for i in fed.ids}
+    inputs = ring_inputs(fed.ids, fed.dim, rng)
     queue = fed.advance(inputs, ServerStage.UNMASK)
     request = next(o.msg for o in queue if o.site == 1 and isinstance(o.msg, UnmaskRequest))
     site = fed.clients[1]
