@@ -375,8 +375,21 @@ def test_a_disputed_run_stays_disputed_and_writes_nothing_more(setup, tmp_path):
         w.record(RUN, log.round(rnd))
     assert kinds(receipts) == ["round_dispute"]
     restarted = witness(receipts)  # and after the site restarts
-    with pytest.raises(Refusal, match="false record earlier"):
+    with pytest.raises(Refusal, match="caught lying earlier"):
         restarted.before_fit(RUN, 30, 1)
+
+
+def test_a_false_sum_is_a_dispute_that_outlives_a_restart(setup):
+    """SPEC §6.8: a proof the announced sum fails is kept as a dispute; every later FitIns of the
+    run is declined, after a restart too, and a second false sum writes nothing more."""
+    log, w, receipts = setup
+    w.joined(RUN)
+    w.false_sum(RUN, 3, "sum: the survivors' vouches do not add up to the announced sum")
+    w.false_sum(RUN, 4, "sum: again")
+    assert kinds(receipts) == ["round_dispute"]
+    for witness_now in (w, witness(receipts)):
+        with pytest.raises(Refusal, match="record: the coordinator was caught lying earlier in this run: round 3"):
+            witness_now.before_fit(RUN, 5, 1)
 
 
 def test_records_of_rounds_the_site_had_no_part_in_are_not_kept(setup):

@@ -35,7 +35,7 @@ from asagiri.secagg.client import ClientStateMachine
 from asagiri.secagg.graph import graph_seed, neighbours
 from asagiri.secagg.masking import pair_seed, sign
 from asagiri.secagg.prg import expand
-from asagiri.secagg.server import ServerStateMachine
+from asagiri.secagg.server import ServerStage, ServerStateMachine
 from asagiri.site import SiteWorker
 from asagiri.wire.channel import SiteRefused
 from asagiri.wire.connection import Connection, accept_handshake
@@ -55,7 +55,9 @@ from asagiri.wire.messages import (
     ShareDelivery,
     ShareKeys,
     Shutdown,
+    SumAnnounce,
     SumProof,
+    SumVouch,
     UnmaskRequest,
     UnmaskResponse,
     Welcome,
@@ -459,12 +461,42 @@ class Round:
 
     async def honest(self) -> np.ndarray:
         """Run the round as the real coordinator's machine would; returns the unmasked ring sum."""
+        machine, pending = self._machine()
+        await self._drive(machine, pending)
+        assert machine.result is not None, machine.abort_reason
+        return machine.result.total
+
+    async def announce(self, total_for) -> dict[int, Message]:
+        """Run the round honestly through the unmask, then announce ``total_for(site, z)`` instead
+        of the sum ``z`` to each survivor and relay the vouches they send as a ``SumProof``, as a
+        coordinator running modified code would.  Returns each survivor's vouch (or Decline)."""
+        machine, pending = self._machine()
+        pending = await self._drive(machine, pending, until=ServerStage.VERIFY)
+        survivors = sorted(o.site for o in pending)
+        vouches = {}
+        for o in pending:
+            total = total_for(o.site, o.msg.total["s"])
+            await self.send(o.site, SumAnnounce(self.fit.round, self.fit.attempt, {"s": total}))
+        for site in survivors:
+            vouches[site] = await self.sessions[site].expect()
+        proof = [[s, m.scalars, m.signature] for s, m in vouches.items() if isinstance(m, SumVouch)]
+        for site in survivors:
+            await self.send(site, SumProof(self.fit.round, self.fit.attempt, proof))
+        return vouches
+
+    def _machine(self) -> tuple[ServerStateMachine, list]:
         machine = ServerStateMachine(params=self.params, min_clients=2,
                                      identities={i: k.public for i, k in self.a.site_keys.items()})
+        return machine, machine.start()
+
+    async def _drive(self, machine: ServerStateMachine, pending: list, until: ServerStage | None = None) -> list:
+        """Send the machine's messages and feed it the answers until it finishes (or enters
+        ``until``: then its unsent messages are returned)."""
         for site in self.participants:
             await self.send(site, self.fit)
-        pending = machine.start()
         while pending and not machine.finished:
+            if machine.stage is until:
+                return pending
             for o in pending:
                 await self.send(o.site, o.msg)
             # a SumProof has no answer: the site checks it and says nothing
@@ -480,9 +512,10 @@ class Round:
                     self.masked[site] = msg.vector["y"]
                 if isinstance(msg, AdvertiseKeys):
                     self.keys[site] = msg
-        assert machine.result is not None, machine.abort_reason
-        self.delivered = {s: list(machine.delivered_from[s]) for s in self.participants}
-        return machine.result.total
+        for o in pending:  # the SumProof
+            await self.send(o.site, o.msg)
+        self.delivered = {s: list(machine.delivered_from.get(s, [])) for s in self.participants}
+        return []
 
     def estimate(self, site):
         s_pk = {v: k.s_pk for v, k in self.keys.items()}
