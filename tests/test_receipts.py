@@ -440,3 +440,23 @@ def test_hostile_receipts_never_crash_the_verifier(setup):
     receipts.write_bytes(b"[" * 5000 + b"]" * 5000 + b"\n")
     [problem] = check(log, receipts).problems
     assert ":1:" in problem
+
+
+@pytest.mark.parametrize("named", ["the verified one", "another", "none"])
+def test_a_record_must_name_the_sum_the_site_verified(setup, named):
+    """SPEC §9.3 check 7: the record of an attempt whose sum the site verified names that sum."""
+    log, w, receipts = setup
+    w.joined(RUN)
+    took_part(w, 1, 1, [1, 2, 3])
+    verified = bytes(range(32))
+    w.vouched(RUN, 1, 1)
+    w.verified(RUN, 1, 1, verified)
+    fields = {"the verified one": {"sum_blake3": verified.hex()}, "another": {"sum_blake3": "ab" * 32},
+              "none": {}}[named]
+    if named == "the verified one":
+        w.record(RUN, log.round(1, **fields))
+        assert kinds(receipts) == ["round_verified", "round_receipt"]
+        return
+    with pytest.raises(Refusal, match="but this site verified 0001020304050607"):
+        w.record(RUN, log.round(1, **fields))
+    assert kinds(receipts)[-1] == "round_dispute"

@@ -62,6 +62,7 @@ from ..wire.messages import (
     Shutdown,
     SumAnnounce,
     SumProof,
+    SumVouch,
     UnmaskRequest,
     UnmaskResponse,
     Welcome,
@@ -279,7 +280,7 @@ class SiteMachine:
         try:
             replies = secure.receive(msg)
         except Refusal as exc:
-            if isinstance(msg, SumProof):  # only a coordinator that lies about the sum gets here
+            if isinstance(msg, SumProof):  # a proof out of order, or one the sum fails: only the coordinator sends it
                 self.witness.false_sum(self.run_id, msg.round, str(exc))
                 return []
             return self._decline(*key, exc.rule, permanent=False)
@@ -300,6 +301,11 @@ class SiteMachine:
                 self.witness.signed_survivors(self.run_id, reply.round, reply.attempt, list(about.survivors))
             elif isinstance(reply, UnmaskResponse):
                 self.witness.unmasked(self.run_id, reply.round, reply.attempt)
+            elif isinstance(reply, SumVouch):
+                self.witness.vouched(self.run_id, reply.round, reply.attempt)
+        if isinstance(about, SumProof) and (proven := self.secagg.verified if self.secagg else None) is not None \
+                and (proven.round, proven.attempt) == (about.round, about.attempt):
+            self.witness.verified(self.run_id, about.round, about.attempt, proven.digest)
         return [Send(r) for r in replies]
 
     # -- what the training thread finishes -------------------------------------------------------

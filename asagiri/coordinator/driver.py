@@ -360,6 +360,8 @@ class FederationDriver:
         record["secure_aggregation"] = outcome.secagg_stages is not None
         if outcome.secagg_stages is not None:
             record["secagg_stages"] = outcome.secagg_stages
+        if outcome.sum_digest is not None:
+            record["sum_blake3"] = outcome.sum_digest.hex()
         for key in ("epsilon", "noise_multiplier"):
             values = {str(s): m[key] for s, m in sorted(outcome.site_eval.items()) if key in m}
             if values:

@@ -62,6 +62,7 @@ class RoundOutcome:
     abort_reason: str | None = None  # the detail, for people
     secagg_stages: dict[str, list[int]] | None = None  # who completed each secure-aggregation stage
     site_eval: dict[int, dict[str, float]] = field(default_factory=dict)  # each site's evaluation metrics
+    sum_digest: bytes | None = None  # the verified sum's (SPEC §6.8), under secure aggregation
 
 
 class RoundMachine:
@@ -149,6 +150,7 @@ class RoundMachine:
         weighted, total = dequantize(sa.result.total, sa.plan)
         survivors = sa.result.survivors
         self.outcome.secagg_stages = dict(sa.stage_sites)
+        self.outcome.sum_digest = sa.result.sum_digest
         self._sum = RunningSum.from_totals(unflatten(weighted, self._params), total, len(survivors))
         self.outcome.participants = list(survivors)
         self.outcome.dropped = sorted(set(self.outcome.selected) - set(survivors) - set(self.outcome.declined))

@@ -153,7 +153,8 @@ class Recorder:
             declined=record["declined"],  # site -> the rule it named (a closed set, never free text)
             survivors=record.get("secagg_stages"), model_sha256=digest, config_sha256=self.config_sha256,
             epsilon=record.get("epsilon", {}), noise_multiplier=record.get("noise_multiplier", {}),
-            metrics={k: record[k] for k in ("auc", "accuracy") if k in record})
+            metrics={k: record[k] for k in ("auc", "accuracy") if k in record},
+            **({"sum_blake3": record["sum_blake3"]} if "sum_blake3" in record else {}))
         self.latest_record = (record["round"], line_of(sealed))
         replace_durably(self.staged_path, self.checkpoint_path)
         self.metrics.stage_seconds.labels("checkpoint").observe(time.monotonic() - t0)
