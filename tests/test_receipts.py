@@ -198,6 +198,35 @@ def test_an_abort_after_the_site_revealed_its_shares_counts_as_unrecorded(tmp_pa
     fresh.before_fit(RUN, 1, 2)
 
 
+def abort_record(log, rnd, attempt, **fields):
+    body = {"run_id": log.run, "log_id": log.log.first_hash, "started": log.started, "round": rnd,
+            "attempt": attempt, "cause": "unverified", **fields}
+    return RoundRecord(rnd, line_of(log.log.append("round_aborted", **body)))
+
+
+def test_an_abort_after_unmasking_is_excused_once_its_signed_record_comes(tmp_path):
+    """An attempt ended unverified (a survivor gone before it vouched, SPEC §6.8) after the site
+    revealed its shares: once the coordinator's signed record of the abort comes, the abort is in
+    its log and does not count against ``max_unrecorded``, restarts included."""
+    log, path = Log(tmp_path / "audit.jsonl"), tmp_path / "receipts.jsonl"
+    w = witness_with(path, max_unrecorded=0)
+    w.joined(RUN)
+    w.settle(RUN)
+    for attempt in (1, 2, 3):
+        w.before_fit(RUN, 1, attempt)
+        took_part(w, 1, attempt)
+        w.unmasked(RUN, 1, attempt)
+        w.aborted(RUN, 1, attempt)
+        w.record(RUN, abort_record(log, 1, attempt))
+    w.before_fit(RUN, 1, 4)
+    witness_with(path, max_unrecorded=0).before_fit(RUN, 1, 4)
+    # a record of another run's abort is a dispute, as any false record is
+    other = witness_with(tmp_path / "other.jsonl", max_unrecorded=0)
+    other.joined(RUN)
+    with pytest.raises(Refusal, match="a round_aborted record of run 'elsewhere'"):
+        other.record(RUN, abort_record(log, 1, 1, run_id="elsewhere"))
+
+
 def test_a_made_up_join_record_that_passes_an_owed_round_is_caught_by_the_verifier(tmp_path):
     """Red-team finding: after taking round 2's sum, the coordinator reconnects with a freshly
     signed record of round 10**9, so the owed attempt looks passed and is not counted.  The site

@@ -72,13 +72,15 @@ class FederationDriver:
 
     def __init__(self, cfg: FederationConfig, sessions: Sessions, emit: Callable[[ev.Event], None], *,
                  initial: Params, checkpoint: Path, resume: bool = False, faults: FaultPlan = NO_FAULTS,
-                 round_record: Callable[[], tuple[int, bytes] | None] = lambda: None) -> None:
+                 round_record: Callable[[], tuple[int, bytes] | None] = lambda: None,
+                 abort_record: Callable[[], tuple[int, bytes] | None] = lambda: None) -> None:
         check_federation(cfg)
         self.cfg = cfg
         self.sessions = sessions
         self.emit = emit
         # The newest round's signed audit record (the recorder's), which every site is sent.
         self.round_record = round_record
+        self.abort_record = abort_record
         self.faults = faults
         self.roster = {s.id: PublicIdentity.from_hex(s.public_key) for s in cfg.sites}
         # Every site gets the same spec; its digest is bound into each secure-aggregation round.
@@ -221,6 +223,7 @@ class FederationDriver:
                 assert outcome.abort_cause is not None
                 self.emit(ev.RoundAborted(rnd, attempt, outcome.abort_cause, outcome.abort_reason, outcome.selected,
                                           outcome.participants, outcome.dropped))
+                await self._send_abort_record(outcome.selected)
             else:
                 self._fail(rnd, f"aborted {cfg.max_round_attempts} times", t_start)
             self.faults.reached("round_done", rnd)
@@ -394,6 +397,21 @@ class FederationDriver:
         checks it and keeps it as its receipt."""
         if (msg := self.round_record_message()) is not None:
             await self.sessions.send([Outbound(s, msg) for s in sorted(self.sessions.connected())])
+
+    async def _send_abort_record(self, selected: list[int]) -> None:
+        """The aborted attempt's signed record, to the sites asked to train in it: a site that
+        revealed its shares before the abort then holds the coordinator's signed word of it, and
+        does not count it as a sum taken without a record (protocol/SPEC.md §9.3)."""
+        latest = self.abort_record()
+        if latest is None:
+            return
+        try:
+            msg = RoundRecord(*latest)
+        except MessageError as exc:
+            log.error("round %d: its abort record cannot be sent (%s)", latest[0], exc)
+            return
+        connected = set(self.sessions.connected())
+        await self.sessions.send([Outbound(s, msg) for s in sorted(connected & set(selected))])
 
     def _fail(self, rnd: int, reason: str, t_start: float) -> None:
         log.error("federation stopped at round %d: %s", rnd, reason)

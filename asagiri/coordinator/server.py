@@ -60,7 +60,8 @@ class Coordinator:
         self.watchers = list(watchers)  # besides the recorder: a status pipe, a test, an attack harness
         self.driver = FederationDriver(cfg, self.sessions, self._emit, initial=initial,
                                        checkpoint=self.run_dir / CHECKPOINT_NAME,
-                                       resume=resume, faults=faults, round_record=lambda: self.recorder.latest_record)
+                                       resume=resume, faults=faults, round_record=lambda: self.recorder.latest_record,
+                                       abort_record=lambda: self.recorder.latest_abort)
         # One receive pool for every session: a few model-sized buffers, however many sites.
         self._pool = ArrayPool(max_bytes=4 * self.driver.model_bytes)
         self.port: int | None = None

@@ -94,6 +94,7 @@ class Recorder:
         # The newest round's signed record, as the sites are sent it (``RoundRecord``): after each
         # round, and to every site that joins (a resumed run's, read back from the log).
         self.latest_record: tuple[int, bytes] | None = None
+        self.latest_abort: tuple[int, bytes] | None = None  # the newest aborted attempt's, likewise
         self.started_seq = 0  # this process's run_started record, named in each round record
         done = [r for r in read_log(self.audit.path) if r.get("kind") == "round_completed"] \
             if self.audit.path.exists() else []
@@ -184,8 +185,11 @@ class Recorder:
     def _aborted(self, event: RoundAborted) -> None:
         self.metrics.rounds_aborted.labels(event.cause).inc()
         log.warning("round %d attempt %d aborted (%s): %s", event.round, event.attempt, event.cause, event.reason)
-        self._audit("round_aborted", round=event.round, attempt=event.attempt, selected=event.selected,
-                    participants=event.participants, dropped=event.dropped, cause=event.cause, reason=event.reason)
+        sealed = self._audit("round_aborted", run_id=self.run_id, log_id=self.audit.first_hash, started=self.started_seq,
+                             round=event.round, attempt=event.attempt, selected=event.selected,
+                             participants=event.participants, dropped=event.dropped, cause=event.cause,
+                             reason=event.reason)
+        self.latest_abort = (event.round, line_of(sealed))
 
     def _audit(self, kind: str, **fields: Any) -> dict[str, Any]:
         return self.audit.append(kind, **fields, time=round(time.time(), 3))

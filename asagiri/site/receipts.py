@@ -80,6 +80,7 @@ class _Run:
     attempts: dict[tuple[int, int], _Attempt] = field(default_factory=dict)
     unrecorded: int = 0  # contributed rounds (or evaluated models) whose record a new session excused
     aborted: set[tuple[int, int]] = field(default_factory=set)
+    owed_aborts: set[tuple[int, int]] = field(default_factory=set)  # aborted after unmasking, no signed record yet
     pending: _Evaluated | None = None
     kept: dict[tuple[str, int], str] = field(default_factory=dict)  # (log id, seq) -> hash of each record held
     dispute: str | None = None
@@ -119,7 +120,12 @@ class RoundWitness:
             run.attempts[key].vouched, run.attempts[key].verified = True, r.get("sum_blake3")
         elif kind == "round_aborted":
             run.attempts.pop(key, None)
-            run.unrecorded += 1 if r.get("after_unmask") is True else 0
+            if r.get("after_unmask") is True:
+                run.unrecorded += 1
+                run.owed_aborts.add(key)  # type: ignore[arg-type]
+        elif kind == "round_abort_receipt" and key in run.owed_aborts:
+            run.unrecorded -= 1
+            run.owed_aborts.discard(key)  # type: ignore[arg-type]
         elif kind == "round_unrecorded":
             run.unrecorded += 0 if r.get("log_passed") is True else 1
             if r.get("attempt") is not None:
@@ -195,9 +201,10 @@ class RoundWitness:
         if seen is not None and seen.took_part and (rnd, attempt) not in run.aborted:
             self._write("round_aborted", run_id, rnd, attempt=attempt, after_unmask=seen.unmasked)
             if seen.unmasked:
-                log.warning("round %d.%d: aborted after this site revealed its shares; counted as unrecorded",
-                            rnd, attempt)
+                log.warning("round %d.%d: aborted after this site revealed its shares; counted as unrecorded "
+                            "until the coordinator's signed record of the abort comes", rnd, attempt)
                 run.unrecorded += 1
+                run.owed_aborts.add((rnd, attempt))
         run.aborted.add((rnd, attempt))
 
     def signed_survivors(self, run_id: str, rnd: int, attempt: int, survivors: list[int]) -> None:
@@ -249,6 +256,9 @@ class RoundWitness:
         if rec is None:
             self._dispute(run_id, msg.round, None, f"the record does not verify under the pinned coordinator key: "
                                                    f"{problem}")
+        if rec["kind"] == "round_aborted":
+            self._abort_recorded(run_id, run, msg.round, rec)
+            return
         problem = _malformed(run_id, msg.round, rec)
         if problem is not None:
             self._dispute(run_id, msg.round, rec, problem)
@@ -348,6 +358,19 @@ class RoundWitness:
                     log_id=None if rec is None else rec["log_id"], seen_seq=None if rec is None else rec["seq"],
                     seen_record=rec, **why)
         self._run(run_id).unrecorded += 0 if passed else 1
+
+    def _abort_recorded(self, run_id: str, run: _Run, rnd: int, rec: dict[str, Any]) -> None:
+        """The coordinator's signed record of an aborted attempt: an abort after this site revealed
+        its shares is then in the coordinator's log, and no longer counts against ``max_unrecorded``."""
+        attempt = rec.get("attempt")
+        if rec.get("run_id") != run_id or rec.get("round") != rnd or type(attempt) is not int:
+            self._dispute(run_id, rnd, rec, f"a round_aborted record of run {rec.get('run_id')!r} round "
+                                            f"{rec.get('round')!r} sent as an abort of run {run_id!r} round {rnd}")
+        key = (rnd, attempt)
+        if key in run.owed_aborts:
+            run.owed_aborts.discard(key)
+            run.unrecorded -= 1
+            self._write("round_abort_receipt", run_id, rnd, attempt=attempt, record=rec)
 
     def false_sum(self, run_id: str, rnd: int, problem: str) -> None:
         """The coordinator relayed vouches that its announced sum fails (SPEC §6.8): kept as a
