@@ -20,12 +20,12 @@ log = logging.getLogger(__name__)
 
 # A site: fit, its FitIns arrived; keys, its SecAggStart arrived (before it advertises keys); share,
 # the shares sent to it arrived (it has shared its own); masked, it sent its masked input; unmask,
-# the UnmaskRequest arrived (before it answers).
-SITE_POINTS = ("fit", "keys", "share", "masked", "unmask")
+# the UnmaskRequest arrived (before it answers); vouch, the announced sum arrived (before it vouches).
+SITE_POINTS = ("fit", "keys", "share", "masked", "unmask", "vouch")
 # The coordinator: the stage a round attempt enters (the driver's stage names; "fit" alone when
 # secure aggregation is off), or round_done, the round recorded and checkpointed.
 COORDINATOR_POINTS = ("fit", "fit/advertise", "fit/share", "fit/masked_input", "fit/consistency", "fit/unmask",
-                      "evaluate", "round_done")
+                      "fit/verify", "evaluate", "round_done")
 
 
 @dataclass(frozen=True)

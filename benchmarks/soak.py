@@ -44,7 +44,8 @@ from asagiri.launcher import (
     write_site_config,
 )
 
-STAGES = ["fit", "fit/advertise", "fit/share", "fit/masked_input", "fit/consistency", "fit/unmask", "evaluate"]
+STAGES = ["fit", "fit/advertise", "fit/share", "fit/masked_input", "fit/consistency", "fit/unmask", "fit/verify",
+          "evaluate"]
 
 
 def rss_mib(pid: int) -> float:

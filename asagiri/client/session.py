@@ -46,6 +46,7 @@ from ..wire.messages import (
     Message,
     SecAggStart,
     ShareDelivery,
+    SumAnnounce,
     UnmaskRequest,
     Welcome,
 )
@@ -60,7 +61,7 @@ T = TypeVar("T")
 
 # Where a site's fault plan (tests, soak runs) may stop it, by the message that arrived.
 _FAULT_POINTS: dict[type, str] = {FitIns: "fit", SecAggStart: "keys", ShareDelivery: "share",
-                                  UnmaskRequest: "unmask"}
+                                  UnmaskRequest: "unmask", SumAnnounce: "vouch"}
 
 
 @dataclass

@@ -12,7 +12,7 @@ __all__ = ["CoordinatorMetrics"]
 
 # Round stages, as the histogram labels them: selection, the training wait ("fit") or the
 # secure-aggregation stages under it ("fit/advertise", "fit/share", "fit/masked_input",
-# "fit/consistency", "fit/unmask"), evaluation, and the checkpoint write.
+# "fit/consistency", "fit/unmask", "fit/verify"), evaluation, and the checkpoint write.
 STAGE_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800)
 
 

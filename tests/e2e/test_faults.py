@@ -54,7 +54,7 @@ def _plain_reference(root: str, sites: tuple[int, ...], enrolled: int) -> dict[s
         fed.kill_all()
 
 
-@pytest.mark.parametrize("point", ["keys", "share", "masked", "unmask"])
+@pytest.mark.parametrize("point", ["keys", "share", "masked", "unmask", "vouch"])
 def test_a_site_killed_at_each_stage_leaves_exactly_the_survivors_sum(fed_factory, tmp_path_factory, point):
     fed = fed_factory(point, sites=4, rounds=1, overrides=FOUR, batches=False)
     fed.start_coordinator()
@@ -72,9 +72,11 @@ def test_a_site_killed_at_each_stage_leaves_exactly_the_survivors_sum(fed_factor
     audit = fed.audit()
     assert [a["round"] for a in audit if a["kind"] == "round_completed"] == [1]
     causes = [a["cause"] for a in audit if a["kind"] == "round_aborted"]
-    assert causes == ([] if point in ("keys", "share") else ["unverified"]), causes
-
-    assert_exactly_the_sum_of(fed, (1, 2, 3), tmp_path_factory)
+    if point in ("keys", "share"):
+        assert causes == [] and r1["attempt"] == 1
+        assert_exactly_the_sum_of(fed, (1, 2, 3), tmp_path_factory)
+    else:  # the retry trained again, on randomness the sites drew anew: its sum is property-tested in process
+        assert causes == ["unverified"] and r1["attempt"] == 2, causes
 
 
 def assert_exactly_the_sum_of(fed: Federation, sites: tuple[int, ...], tmp_path_factory) -> None:

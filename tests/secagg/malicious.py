@@ -35,7 +35,7 @@ from asagiri.secagg.client import ClientStateMachine
 from asagiri.secagg.graph import graph_seed, neighbours
 from asagiri.secagg.masking import pair_seed, sign
 from asagiri.secagg.prg import expand
-from asagiri.secagg.server import ServerStage, ServerStateMachine
+from asagiri.secagg.server import SecAggResult, ServerStage, ServerStateMachine
 from asagiri.site import SiteWorker
 from asagiri.wire.channel import SiteRefused
 from asagiri.wire.connection import Connection, accept_handshake
@@ -402,6 +402,7 @@ class Round:
         self.sigs: dict[int, ConsistencySig] = {}
         self.responses: list[UnmaskResponse] = []
         self.delivered: dict[int, list[int]] = {}
+        self.result: SecAggResult | None = None  # the honest machine's, once its round is done
 
     async def send(self, site, msg):
         await self.sessions[site].conn.send(msg)
@@ -514,6 +515,7 @@ class Round:
                     self.keys[site] = msg
         for o in pending:  # the SumProof
             await self.send(o.site, o.msg)
+        self.result = machine.result
         self.delivered = {s: list(machine.delivered_from.get(s, [])) for s in self.participants}
         return []
 

@@ -50,7 +50,7 @@ class Coordinator:
         return {"run_id": self.run, "log_id": self.log.first_hash, "started": 1,
                 "round": rnd.fit.round, "attempt": rnd.fit.attempt, "selected": DEMO,
                 "participants": DEMO, "dropped": [], "declined": {}, "model_sha256": params_digest(model),
-                "epsilon": {}, "noise_multiplier": {}}
+                "epsilon": {}, "noise_multiplier": {}, "sum_blake3": rnd.result.sum_digest.hex()}
 
     def sign(self, fields: dict, *, kind: str = "round_completed") -> dict:
         return self.log.append(kind, **fields)
@@ -133,6 +133,8 @@ LIES = {
     "epsilon": lambda fields: {**fields, "epsilon": {"1": 0.5}},
     # another run's record
     "run": lambda fields: {**fields, "run_id": "another-run"},
+    # another sum than the one the sites verified (SPEC §6.8, §9.3 check 7)
+    "sum": lambda fields: {**fields, "sum_blake3": "cd" * 32},
 }
 
 
