@@ -32,7 +32,8 @@ cannot get past (docs/secagg.md has the argument):
   (``sharing.HeldShares.reveal`` keeps that one itself).
 - **A verified sum.**  After unmasking, the site vouches for the announced sum once, and adopts
   it (``verified``) only when every certified survivor's signed vouch adds up to it (``verify.py``,
-  SPEC §6.8): a coordinator that announces anything but the survivors' true sum is caught.
+  SPEC §6.8): a coordinator that relays the vouches for anything but the survivors' true sum is
+  caught, and one that sends no proof gets no sum adopted.
 
 Over 400 lines on purpose: one state machine, whose stages read top to bottom in the order of
 protocol/SPEC.md §6.4 and §7.2; its pieces (stage table, binding, graph, component, replay,
