@@ -26,6 +26,10 @@ class SpecStrategy(_Strict):
     name: StrategyName = "fedavg"
     mu: float = Field(0.0, ge=0)
     fedbn: bool = False
+    # the server optimiser: with them every site can compute the next model from a verified sum
+    # (``strategy.aggregate.server_step``; issue 27, part 1)
+    server_lr: float = Field(1.0, gt=0)
+    server_momentum: float = Field(0.0, ge=0, lt=1)
 
 
 class RunSpec(_Strict):
@@ -53,7 +57,8 @@ class RunSpec(_Strict):
         t = cfg.timeouts
         return cls(
             model=cfg.model, train=cfg.train,
-            strategy=SpecStrategy(name=cfg.strategy.name, mu=cfg.strategy.mu, fedbn=cfg.strategy.fedbn),
+            strategy=SpecStrategy(name=cfg.strategy.name, mu=cfg.strategy.mu, fedbn=cfg.strategy.fedbn,
+                                  server_lr=cfg.strategy.server_lr, server_momentum=cfg.strategy.server_momentum),
             data=cfg.data.model_copy(update={"path": None}), rounds=cfg.rounds,
             heartbeat_interval=t.heartbeat_interval, heartbeat_timeout=t.heartbeat_timeout,
             min_clients=cfg.min_clients, secagg_stage_timeout=t.secagg_stage,

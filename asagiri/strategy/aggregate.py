@@ -6,7 +6,7 @@ import numpy as np
 
 from ..params import Params
 
-__all__ = ["RunningSum", "apply_weighted_delta", "is_statistic"]
+__all__ = ["RunningSum", "apply_weighted_delta", "is_statistic", "server_step"]
 
 # Normalisation layers' running statistics (torch's names for BatchNorm and InstanceNorm buffers).
 STATISTIC_SUFFIXES = (".running_mean", ".running_var")
@@ -74,3 +74,14 @@ def apply_weighted_delta(
         else:
             out[k] = (v + (1.0 if is_statistic(k) else server_lr) * step[k]).astype(np.float32)
     return out, new_velocity
+
+
+def server_step(params: Params, velocity: Params | None, summed: RunningSum, *, name: str, server_lr: float,
+                server_momentum: float) -> tuple[Params, Params | None]:
+    """The next global model: a pure function of the model, the server optimiser's state, the sum
+    and the strategy's settings.  Element-wise NumPy only (no reductions, BLAS or fused
+    operations), so every party that computes it from the same inputs gets the same bits: the
+    coordinator's FedAvg / FedProx / FedAvgM, and (issue 27, part 1) each site from a verified sum."""
+    momentum = server_momentum if name == "fedavgm" else 0.0
+    lr = server_lr if name == "fedavgm" else 1.0
+    return apply_weighted_delta(params, summed.mean_delta(), server_lr=lr, momentum=momentum, velocity=velocity)

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 from ..config import FederationConfig
 from ..params import Params
-from .aggregate import RunningSum, apply_weighted_delta
+from .aggregate import RunningSum, server_step
 from .selection import select_clients
 
 __all__ = ["FedAvg", "FitPlan", "Strategy", "StrategyState", "build_strategy"]
@@ -80,11 +80,8 @@ class FedAvg:
         if summed.total_samples <= 0:
             return None
         s = self.cfg.strategy
-        momentum = s.server_momentum if s.name == "fedavgm" else 0.0
-        lr = s.server_lr if s.name == "fedavgm" else 1.0
-        self.params, self.velocity = apply_weighted_delta(
-            self.params, summed.mean_delta(), server_lr=lr, momentum=momentum, velocity=self.velocity
-        )
+        self.params, self.velocity = server_step(self.params, self.velocity, summed, name=s.name, server_lr=s.server_lr,
+                                                 server_momentum=s.server_momentum)
         return self.params
 
     def configure_evaluate(self, rnd: int, available: list[int]) -> list[int]:
