@@ -478,7 +478,6 @@ def test_a_record_must_name_the_sum_the_site_verified(setup, named):
     w.joined(RUN)
     took_part(w, 1, 1, [1, 2, 3])
     verified = bytes(range(32))
-    w.vouched(RUN, 1, 1)
     w.verified(RUN, 1, 1, verified)
     fields = {"the verified one": {"sum_blake3": verified.hex()}, "another": {"sum_blake3": "ab" * 32},
               "none": {}}[named]

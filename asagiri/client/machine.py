@@ -62,7 +62,6 @@ from ..wire.messages import (
     Shutdown,
     SumAnnounce,
     SumProof,
-    SumVouch,
     UnmaskRequest,
     UnmaskResponse,
     Welcome,
@@ -301,8 +300,6 @@ class SiteMachine:
                 self.witness.signed_survivors(self.run_id, reply.round, reply.attempt, list(about.survivors))
             elif isinstance(reply, UnmaskResponse):
                 self.witness.unmasked(self.run_id, reply.round, reply.attempt)
-            elif isinstance(reply, SumVouch):
-                self.witness.vouched(self.run_id, reply.round, reply.attempt)
         if isinstance(about, SumProof) and (proven := self.secagg.verified if self.secagg else None) is not None \
                 and (proven.round, proven.attempt) == (about.round, about.attempt):
             self.witness.verified(self.run_id, about.round, about.attempt, proven.digest)

@@ -258,6 +258,15 @@ class ClientStateMachine:
     def _check(self, ok: bool, rule: str, detail: str) -> None:
         self.policy.require(ok, rule, detail)
 
+    def _peer_signed(self, site: int, text: bytes, signature: bytes, rule: str, detail: str) -> None:
+        """``site`` has a pinned identity key and signed ``text`` with it; else a refusal."""
+        peer = self.peers.get(site)
+        self._check(peer is not None, "pinned_peers", f"site {site} has no pinned identity key")
+        try:
+            peer.verify(text, signature)
+        except AuthenticationFailed:
+            self.policy.refuse(rule, detail)
+
     def _current(self) -> _Round:
         if self._round is None:
             self.policy.refuse("stage", "no secure-aggregation round in progress")
@@ -362,12 +371,8 @@ class ClientStateMachine:
         own = (r.c.public, r.s.public)
         for v in peers:
             _, c_pk, s_pk, sig = entries[v]
-            peer = self.peers.get(v)
-            self._check(peer is not None, "pinned_peers", f"site {v} has no pinned identity key")
-            try:
-                peer.verify(keys_message(p.context, v, c_pk, s_pk), sig)
-            except AuthenticationFailed:
-                self.policy.refuse("signature", f"site {v}'s key advertisement does not verify for this round")
+            self._peer_signed(v, keys_message(p.context, v, c_pk, s_pk), sig, "signature",
+                              f"site {v}'s key advertisement does not verify for this round")
             self._check(c_pk not in own and s_pk not in own, "signature", "a neighbour advertises this site's own key")
             r.peer_keys[v] = (c_pk, s_pk)
         r.advertised, r.group = advertised, group
@@ -463,12 +468,8 @@ class ClientStateMachine:
             if signer == self.site_id:
                 continue  # this site knows what it signed
             self._check(signer in survivors, "quorum", f"a survivor-list signature from site {signer}, not a survivor")
-            peer = self.peers.get(signer)
-            self._check(peer is not None, "pinned_peers", f"site {signer} has no pinned identity key")
-            try:
-                peer.verify(survivors_message(r.ctx, survivors, masked), sig)
-            except AuthenticationFailed:
-                self.policy.refuse("signature", f"site {signer}'s signature on the survivor list does not verify")
+            self._peer_signed(signer, survivors_message(r.ctx, survivors, masked), sig, "signature",
+                              f"site {signer}'s signature on the survivor list does not verify")
             claims[signer] = list(masked)
         # the run's colluders as well as this site's: every holder of this site's shares enforces the run's
         quorum = max(self.policy.quorum(len(r.params.participants)), r.params.quorum)
@@ -496,9 +497,7 @@ class ClientStateMachine:
         self._check(total.shape == (p.vector_len,) and total.dtype == p.plan.dtype, "round_params",
                     f"a sum of {total.shape} {total.dtype}; the round sums {p.vector_len} x {np.dtype(p.plan.dtype)}")
         assert r.plain is not None and r.survivors is not None  # masked and signed before UNMASKED
-        digest = verify.sum_digest(total)
-        seed = verify.challenge_seed(r.ctx, digest, r.survivors)
-        u, v = verify.challenge(seed, p.vector_len)
+        digest, seed, (u, v) = verify.challenge_of(r.ctx, total, r.survivors)
         peers = {j: verify.vouch_key(r.s, r.peer_keys[j][1], self.site_id, j, r.ctx)
                  for j in r.masked_with if j in r.survivors}
         projected, expected = verify.project(r.plain, total, u=u, v=v)  # one pass over both
@@ -521,12 +520,8 @@ class ClientStateMachine:
         for site, (scalars, sig) in vouches.items():
             if site == self.site_id:
                 continue
-            peer = self.peers.get(site)
-            self._check(peer is not None, "pinned_peers", f"site {site} has no pinned identity key")
-            try:
-                peer.verify(verify.vouch_message(r.ctx, a.seed, site, scalars), sig)
-            except AuthenticationFailed:
-                self.policy.refuse("sum", f"site {site}'s vouch does not verify for the sum this site was shown")
+            self._peer_signed(site, verify.vouch_message(r.ctx, a.seed, site, scalars), sig, "sum",
+                              f"site {site}'s vouch does not verify for the sum this site was shown")
         self._check(verify.vouched_total((s for s, _ in vouches.values()), r.params.plan.bits) == a.expected,
                     "sum", "the survivors' vouches do not add up to the announced sum")
         self.verified = VerifiedSum(r.rnd, r.attempt, a.total, a.digest, tuple(survivors))

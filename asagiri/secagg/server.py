@@ -358,9 +358,8 @@ class ServerStateMachine:
         # Self masks are removed like pair masks with sign -1 (PRG(b_u) was added).
         add_masks(total, None, removals, prg=self.prg)
         self._enter(StageClosed)
-        digest = verify.sum_digest(total)
-        seed = verify.challenge_seed(self.ctx, digest, self.u3)
-        self._challenge = (seed, *verify.challenge(seed, self.vector_len))
+        digest, seed, (u, v) = verify.challenge_of(self.ctx, total, self.u3)
+        self._challenge = (seed, u, v)
         self._announced = SecAggResult(total, list(self.u3), sorted(set(self.participants) - survivors),
                                        self.stage_sites, sum_digest=digest)
         # every survivor must vouch, gone or not: a missing vouch leaves the round unverified

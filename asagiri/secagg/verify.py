@@ -41,6 +41,7 @@ from .prg import expand
 __all__ = [
     "CHALLENGES",
     "challenge",
+    "challenge_of",
     "challenge_seed",
     "decode_scalars",
     "encode_scalars",
@@ -121,6 +122,14 @@ def project(*vectors: np.ndarray, u: np.ndarray, v: np.ndarray) -> list[list[int
         project_wide(flat.view(np.int64), u, v, wide)
         result.append([int(lo) | (int(hi) << 64) for lo, hi in wide])
     return result
+
+
+def challenge_of(ctx: bytes, total: np.ndarray, survivors: Sequence[int]) -> tuple[bytes, bytes, tuple[np.ndarray, np.ndarray]]:
+    """What an announced sum fixes, for the site vouching and the coordinator checking alike:
+    its digest, the challenge seed and the challenge ``(u, v)``."""
+    digest = sum_digest(total)
+    seed = challenge_seed(ctx, digest, survivors)
+    return digest, seed, challenge(seed, np.asarray(total).size)
 
 
 def vouch_key(s_key: EphemeralKey, peer_s_pk: bytes, u: int, v: int, ctx: bytes) -> bytes:

@@ -57,7 +57,6 @@ class _Attempt:
     unmasked: bool = False  # it answered the attempt's UnmaskRequest: the sum may be the coordinator's
     declined: bool = False
     survivors: list[int] | None = None  # the survivor list it signed
-    vouched: bool = False  # it vouched for an announced sum (SPEC §6.8)
     verified: str | None = None  # the digest of the sum it verified, hex
 
     @property
@@ -117,7 +116,7 @@ class RoundWitness:
         elif kind == "round_unmasked" and key in run.attempts:
             run.attempts[key].unmasked = True
         elif kind == "round_verified" and key in run.attempts:
-            run.attempts[key].vouched, run.attempts[key].verified = True, r.get("sum_blake3")
+            run.attempts[key].verified = r.get("sum_blake3")
         elif kind == "round_aborted":
             run.attempts.pop(key, None)
             if r.get("after_unmask") is True:
@@ -183,13 +182,10 @@ class RoundWitness:
             seen.unmasked = True
             self._write("round_unmasked", run_id, rnd, attempt=attempt)
 
-    def vouched(self, run_id: str, rnd: int, attempt: int) -> None:
-        self._attempt(run_id, rnd, attempt).vouched = True
-
     def verified(self, run_id: str, rnd: int, attempt: int, sum_digest: bytes) -> None:
         """The attempt's sum checked out against every survivor's vouch: the record must name it."""
         seen = self._attempt(run_id, rnd, attempt)
-        seen.vouched, seen.verified = True, sum_digest.hex()
+        seen.verified = sum_digest.hex()
         self._write("round_verified", run_id, rnd, attempt=attempt, sum_blake3=seen.verified)
 
     def aborted(self, run_id: str, rnd: int, attempt: int) -> None:
@@ -427,8 +423,8 @@ def _participation(me: int, seen: _Attempt | None, rec: dict[str, Any]) -> str |
         return "this site declined that attempt; the record does not say so"
     if listed and not seen.sent:
         return "it lists this site as a participant, but the site sent no update in that attempt"
-    # vouched but no proof came is not held against the record: the site may have lost the proof
-    # with its connection; it adopts no sum it did not verify either way
+    # a vouch with no proof after it is not held against the record: the site may have lost the
+    # proof with its connection; it adopts no sum it did not verify either way
     if seen.verified is not None and rec.get("sum_blake3") != seen.verified:
         return (f"it records sum {str(rec.get('sum_blake3'))[:16]}..., but this site verified "
                 f"{seen.verified[:16]}...")

@@ -134,6 +134,19 @@ def _metrics(value: Any, name: str) -> None:
         _require(math.isfinite(v), f"{name}.{k} must be finite")
 
 
+def _ring_vector(value: Any, name: str, tensor: str) -> None:
+    """Exactly one tensor, ``tensor``: a 1-d vector of ring words (uint32 or uint64)."""
+    _params(value, name)
+    _require(set(value) == {tensor}, f"{name} holds exactly one tensor, {tensor!r}")
+    v = value[tensor]
+    _require(v.ndim == 1 and v.dtype.str in ("<u4", "<u8"), f"{name} {tensor} is a 1-d uint32 or uint64 array")
+
+
+def _scalars(value: Any, name: str) -> None:
+    """A vouch's masked scalars: three words of twice the ring's width (SPEC §6.8)."""
+    _require(isinstance(value, bytes) and len(value) in (24, 48), f"{name} must be 24 or 48 bytes")
+
+
 def _ids(value: Any, name: str) -> None:
     _require(isinstance(value, list) and len(value) <= 1 << 16, f"{name} must be a list of site ids")
     for v in value:
@@ -513,10 +526,7 @@ class MaskedInput(Message):
     def validate(self) -> None:
         _int(self.round, "round", lo=1)
         _int(self.attempt, "attempt", lo=1, hi=1 << 16)
-        _params(self.vector, "vector")
-        _require(set(self.vector) == {"y"}, "vector holds exactly one tensor, 'y'")
-        y = self.vector["y"]
-        _require(y.ndim == 1 and y.dtype.str in ("<u4", "<u8"), "vector y is a 1-d uint32 or uint64 array")
+        _ring_vector(self.vector, "vector", "y")
 
 
 @dataclass(frozen=True, slots=True)
@@ -606,10 +616,7 @@ class SumAnnounce(Message):
     def validate(self) -> None:
         _int(self.round, "round", lo=1)
         _int(self.attempt, "attempt", lo=1, hi=1 << 16)
-        _params(self.total, "total")
-        _require(set(self.total) == {"s"}, "total holds exactly one tensor, 's'")
-        s = self.total["s"]
-        _require(s.ndim == 1 and s.dtype.str in ("<u4", "<u8"), "total s is a 1-d uint32 or uint64 array")
+        _ring_vector(self.total, "total", "s")
 
 
 @dataclass(frozen=True, slots=True)
@@ -625,8 +632,7 @@ class SumVouch(Message):
     def validate(self) -> None:
         _int(self.round, "round", lo=1)
         _int(self.attempt, "attempt", lo=1, hi=1 << 16)
-        _require(isinstance(self.scalars, bytes) and len(self.scalars) in (24, 48),
-                 "scalars must be 24 or 48 bytes (three words of 2 x the ring's width)")
+        _scalars(self.scalars, "scalars")
         _bytes(self.signature, "signature", size=64)
 
 
@@ -647,7 +653,7 @@ class SumProof(Message):
         for item in self.vouches:
             _require(isinstance(item, list | tuple) and len(item) == 3, "vouches are [id, scalars, signature]")
             _int(item[0], "vouches[].id", hi=MAX_SITE_ID)
-            _require(isinstance(item[1], bytes) and len(item[1]) in (24, 48), "vouches[].scalars are 24 or 48 bytes")
+            _scalars(item[1], "vouches[].scalars")
             _bytes(item[2], "vouches[].signature", size=64)
             _require(item[0] not in seen, f"vouches repeat id {item[0]}")
             seen.add(item[0])
