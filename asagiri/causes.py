@@ -49,6 +49,7 @@ class Rule(enum.StrEnum):
     SURVIVORS = "survivors"
     MALFORMED = "malformed"
     SUM = "sum"  # the announced sum fails its survivors' vouches (SPEC §6.8)
+    DERIVE_MODELS = "derive_models"  # a model this site did not derive itself (SPEC §6.9)
     # the coordinator's signed round records
     RECORD = "record"
     # not a policy rule: the site's privacy budget is spent (always permanent)

@@ -28,6 +28,7 @@ from .faults import NO_FAULTS, FaultPlan
 from .initial import initial_params
 from .launcher import site_configs, write_federation
 from .observe.events import Event
+from .params import Params
 from .wire.errors import ConnectionLost, RemoteProtocolError
 from .wire.memory import memory_stream_pair
 
@@ -48,11 +49,13 @@ def lay_out(run_dir: Path, *, sites: int, rounds: int, overrides: Sequence[str] 
 
 async def run_local(cfg: FederationConfig, sites: Mapping[int, SiteConfig], *, resume: bool = False,
                     faults: FaultPlan = NO_FAULTS, console: bool = False,
-                    watchers: Sequence[Callable[[Event], None]] = ()) -> dict[str, Any]:
+                    watchers: Sequence[Callable[[Event], None]] = (), initial: Params | None = None) -> dict[str, Any]:
     """Run the federation to its end with ``sites`` in this process; returns the summary.
-    ``faults`` apply to the coordinator; a site of ``sites`` that is left out never connects."""
+    ``faults`` apply to the coordinator; a site of ``sites`` that is left out never connects.
+    ``initial``: the round-0 model, if not the run's own ``W_0`` (a run in the clear trains on
+    whatever the coordinator sends; under secure aggregation the sites accept their own only)."""
     torch.set_num_threads(max(1, min((s.threads for s in sites.values()), default=1)))
-    coordinator = Coordinator(cfg, initial=initial_params(cfg), resume=resume, faults=faults, console=console, watchers=watchers)
+    coordinator = Coordinator(cfg, initial=initial_params(cfg) if initial is None else initial, resume=resume, faults=faults, console=console, watchers=watchers)
     async with anyio.create_task_group() as tg:
         for site_cfg in sites.values():
             near, far = memory_stream_pair()

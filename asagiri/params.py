@@ -5,10 +5,14 @@ can share it without depending on each other."""
 from __future__ import annotations
 
 import hashlib
+import io
+import json
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-__all__ = ["Params", "flatten", "params_digest", "unflatten", "update_norm"]
+__all__ = ["Params", "flatten", "load_tensors", "pack_tensors", "params_digest", "unflatten", "update_norm"]
 
 # Tensor name -> array, in the model's order (the wire order of FitIns.params).
 Params = dict[str, np.ndarray]
@@ -46,3 +50,29 @@ def update_norm(params: Params) -> float:
     """The L2 norm of all tensors together, as one vector (in float64)."""
     return float(np.sqrt(sum(float(np.dot(v.ravel().astype(np.float64), v.ravel().astype(np.float64)))
                              for v in params.values())))
+
+
+_STATE_KEY = "__state__"
+_PARAM_PREFIX = "param/"
+_VELOCITY_PREFIX = "velocity/"
+
+
+def pack_tensors(params: Params, velocity: Params | None, state: dict[str, Any]) -> bytes:
+    """A model, the server optimiser's state and a JSON state as one ``.npz`` (checkpoints, a
+    site's trajectory): nothing in it is ever pickled."""
+    arrays: dict[str, np.ndarray] = {_PARAM_PREFIX + k: v for k, v in params.items()}
+    if velocity is not None:
+        arrays.update({_VELOCITY_PREFIX + k: v for k, v in velocity.items()})
+    arrays[_STATE_KEY] = np.frombuffer(json.dumps(state, sort_keys=True).encode(), dtype=np.uint8)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def load_tensors(path: Path) -> tuple[Params, Params | None, dict[str, Any]]:
+    """What :func:`pack_tensors` wrote, loaded with ``allow_pickle=False``."""
+    with np.load(path, allow_pickle=False) as npz:
+        state = json.loads(npz[_STATE_KEY].tobytes().decode())
+        params = {k[len(_PARAM_PREFIX) :]: npz[k] for k in npz.files if k.startswith(_PARAM_PREFIX)}
+        velocity = {k[len(_VELOCITY_PREFIX) :]: npz[k] for k in npz.files if k.startswith(_VELOCITY_PREFIX)}
+    return params, (velocity or None), state

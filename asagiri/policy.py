@@ -26,6 +26,8 @@ Rules (:class:`~asagiri.causes.Rule`; ``docs/secagg.md``, "Site policy"), named 
   with enough others';
 - ``spec``, ``stage``, ``signature``, ``shares``, ``survivors``, ``malformed``: protocol checks of
   the secure-aggregation state machine (``secagg/client.py``);
+- ``derive_models``: a ``FitIns`` or ``EvaluateIns`` whose weights are not the model this site
+  derived itself from the run and the sums it verified (``site/trajectory.py``);
 - ``record``: the coordinator's signed record of a round contradicts what this site saw, or never
   came (``site/receipts.py``);
 - ``setup``: the run's spec is well formed but cannot be set up at this site (its data, its model).
@@ -258,6 +260,19 @@ class SitePolicy:
         mu, cap = config.get("mu", 0.0), self.cfg.bounds.max_mu
         self.require(type(mu) in (int, float) and 0 <= mu <= cap, Rule.TRAIN_BOUNDS,
                      f"FedProx mu {mu!r}, outside this site's 0..{cap:g}")
+
+    def derives_models(self, secure: bool) -> bool:
+        """Whether this site trains and evaluates only models it derived (``derive_models``): in runs
+        with secure aggregation, whose sums it can verify.  A run in the clear, which
+        ``require_secagg`` must allow, sends each update whole anyway."""
+        return secure and self.cfg.derive_models
+
+    def check_derived(self, what: str, sent: bytes, own: bytes | None, after: int) -> None:
+        """The weights the coordinator sent are this site's own derived model, bit for bit."""
+        self.require(own is not None and sent == own, Rule.DERIVE_MODELS,
+                     f"{what} carries model {sent.hex()[:16]}, not the one this site derived "
+                     + ("(it is still setting up)" if own is None else
+                        f"after round {after} ({own.hex()[:16]}); policy.derive_models"))
 
     def check_examples(self, examples: int) -> None:
         """An update from fewer examples than the floor is too close to the examples themselves."""

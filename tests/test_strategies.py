@@ -83,7 +83,7 @@ def test_shared_keys_skip_integer_buffers():
 
 class DecayingFedAvg:  # the docs/strategies.md example, used through strategy.custom
     def __new__(cls, cfg, params):
-        from asagiri.strategy.aggregate import apply_weighted_delta
+        from asagiri.aggregate import apply_weighted_delta
         from asagiri.strategy.base import FedAvg, FitPlan
 
         class _Impl(FedAvg):
@@ -102,8 +102,8 @@ class DecayingFedAvg:  # the docs/strategies.md example, used through strategy.c
 def test_custom_strategy_from_config():
     import numpy as np
 
+    from asagiri.aggregate import RunningSum
     from asagiri.config import FederationConfig
-    from asagiri.strategy.aggregate import RunningSum
     from asagiri.strategy.base import build_strategy
 
     cfg = FederationConfig(min_clients=2, strategy={"custom": "tests.test_strategies:DecayingFedAvg"})
@@ -121,7 +121,7 @@ def test_fedavgm_leaves_running_statistics_at_the_plain_mean():
     """Momentum on a BatchNorm variance that shrinks each round would overshoot below zero."""
     import numpy as np
 
-    from asagiri.strategy.aggregate import apply_weighted_delta
+    from asagiri.aggregate import apply_weighted_delta
 
     params = {"conv.weight": np.zeros(3, np.float32), "bn.running_var": np.full(3, 1.0, np.float32),
               "bn.running_mean": np.zeros(3, np.float32)}
@@ -158,8 +158,8 @@ def test_a_strategy_hands_over_and_takes_back_its_state():
     """What the driver checkpoints and restores goes through the declared state()/load_state()."""
     import numpy as np
 
+    from asagiri.aggregate import RunningSum
     from asagiri.config import FederationConfig
-    from asagiri.strategy.aggregate import RunningSum
     from asagiri.strategy.base import StrategyState, build_strategy
 
     cfg = FederationConfig(min_clients=2, strategy={"name": "fedavgm", "server_momentum": 0.9})

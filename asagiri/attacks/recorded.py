@@ -56,7 +56,7 @@ class RecordedRun:
         """The run's model, with ``params`` (a global model) loaded; parameters the sites keep
         (FedBN) stay at their initial values."""
         cfg = self.cfg
-        norm, groups = global_norm(cfg)
+        norm, groups = global_norm(cfg.model, dp=cfg.dp.enabled)
         torch.manual_seed(cfg.selection.seed)
         model = build(cfg.model.name, in_channels=self.sites[0].channels, num_classes=self.sites[0].num_classes,
                       width=cfg.model.width, norm=norm, groups=groups)
@@ -119,7 +119,7 @@ def recorded_round(run_dir: Path, rnd: int, s: Settings) -> InversionResult:
     _, control, _ = closest_image(data, data.mean(0), data_range=DATA_RANGE)
     cfg = run.cfg
     return InversionResult(
-        "recorded", f"{cfg.model.name}/{global_norm(cfg)[0]}", IG,
+        "recorded", f"{cfg.model.name}/{global_norm(cfg.model, dp=cfg.dp.enabled)[0]}", IG,
         f"round {rnd} of run {cfg.run_id}: the aggregate over {len(pool)} training images of {len(run.sites)} sites",
         data[closest], recon, scores, None, time.perf_counter() - t0,
         {"gradient_match": round(inv.match, 5), "training_images": len(pool), "closest": closest,

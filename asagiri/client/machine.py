@@ -30,18 +30,23 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from ..causes import Rule
 from ..config import RunSpec
 from ..errors import Refusal
-from ..params import params_digest
+from ..params import Params, params_digest
 from ..policy import SitePolicy
+from ..secagg import binding
 from ..secagg.binding import spec_digest
 from ..secagg.client import ClientStateMachine
+from ..secagg.history import RecordRefused, check_record
 from ..secagg.replay import ReplayGuard
+from ..secagg.verify import VerifiedSum
 from ..site.receipts import RoundWitness
+from ..site.trajectory import Trajectory
 from ..wire.crypto import Identity
 from ..wire.errors import RemoteProtocolError
 from ..wire.messages import (
@@ -55,6 +60,7 @@ from ..wire.messages import (
     KeyRoster,
     MaskedInput,
     Message,
+    ModelAt,
     RoundAborted,
     RoundRecord,
     SecAggStart,
@@ -62,6 +68,7 @@ from ..wire.messages import (
     Shutdown,
     SumAnnounce,
     SumProof,
+    SumRecord,
     UnmaskRequest,
     UnmaskResponse,
     Welcome,
@@ -124,7 +131,7 @@ class SiteMachine:
     """One site's side of the rounds, across its sessions and runs."""
 
     def __init__(self, *, site_id: int, identity: Identity, policy: SitePolicy, replay: ReplayGuard,
-                 witness: RoundWitness) -> None:
+                 witness: RoundWitness, trajectory_path: Path | None = None) -> None:
         self.site_id = site_id
         self.identity = identity
         self.policy = policy
@@ -140,6 +147,10 @@ class SiteMachine:
         self._declined: set[tuple[str, int, int]] = set()
         self._started: set[tuple[int, int]] = set()  # SecAggStart received, this session
         self._held: _Held | None = None
+        # The run's model as this site derives it (policy.derive_models), kept across sessions.
+        self.trajectory: Trajectory | None = None
+        self._trajectory_path = trajectory_path
+        self._evaluated: set[tuple[str, bytes, str]] = set()  # (run, model, split): each evaluated once
 
     # -- a session begins ------------------------------------------------------------------------
 
@@ -159,19 +170,101 @@ class SiteMachine:
         self._joined(msg)
         return [SetUp(msg, self.spec)]
 
-    def set_up(self, welcome: Welcome, problem: str | None, *, examples: int = 0) -> list[Action]:
-        """The worker for ``welcome`` is built with ``examples`` training examples, or could not be
-        (``problem``: why, for the log).  A set-up that failed, or a training set below the
-        policy's floor, takes the site out of the run for good, declining the round it had
-        already agreed to train."""
+    def set_up(self, welcome: Welcome, problem: str | None, *, examples: int = 0,
+               initial: Params | None = None) -> list[Action]:
+        """The worker for ``welcome`` is built with ``examples`` training examples and the run's
+        ``W_0`` as this site derives it (``initial``), or could not be (``problem``: why, for the
+        log).  A set-up that failed, or a training set below the policy's floor, takes the site out
+        of the run for good, declining the round it had already agreed to train."""
         try:
             if problem is not None:
                 self.policy.refuse(Rule.SETUP, f"the run cannot be set up at this site: {problem}")
             self.policy.check_examples(examples)
-            return []
         except Refusal as exc:
             out = [] if self._untrained is None else self._decline(*self._untrained, exc.rule, permanent=True)
             return out + self._refuse_run(exc)
+        return self._derive(welcome, initial)
+
+    # -- the model this site derives (SPEC §6.9) -------------------------------------------------
+
+    def _derives(self) -> bool:
+        return self.spec is not None and self.policy.derives_models(self.spec.secagg.enabled)
+
+    def _derive(self, welcome: Welcome, initial: Params | None) -> list[Action]:
+        """Start (or go on with) this run's trajectory; check the FitIns accepted while setting up;
+        tell the coordinator where this site stands, so it sends the sums this site missed."""
+        spec = self.spec
+        if spec is None or initial is None or not self._derives():
+            return []
+        digest = spec_digest(welcome.spec)
+        t = self.trajectory
+        if t is None or not t.matches(welcome.run_id, digest):
+            t = self.trajectory = Trajectory(run_id=welcome.run_id, spec_digest=digest, initial=initial,
+                                             strategy=spec.strategy, path=self._trajectory_path)
+        out: list[Action] = []
+        if self._untrained is not None and self._untrained == self._latest_fit and self._latest_binding is not None:
+            out += self._check_model(*self._untrained, self._latest_binding[0])
+        return [*out, Send(ModelAt(t.current.round, t.current.digest))]
+
+    def _check_model(self, rnd: int, attempt: int, digest: bytes) -> list[Action]:
+        """A FitIns's model must be this site's own (committing a pending step it names)."""
+        t = self.trajectory
+        assert t is not None
+        try:
+            self.policy.check_derived(f"FitIns {rnd}.{attempt}", digest, digest if t.train_on(digest) else
+                                      t.current.digest, t.current.round)
+        except Refusal as exc:
+            return self._decline(rnd, attempt, exc.rule, permanent=False)
+        return []
+
+    def _adopt(self, proven: VerifiedSum) -> None:
+        t = self.trajectory
+        if t is None or not self._derives():
+            return
+        if not t.verified(proven.round, proven.trained_on, proven.total, proven.digest, proven.plan,
+                          len(proven.survivors)):
+            log.warning("round %d: a verified sum on a model this site does not hold; not stepped to", proven.round)
+
+    def _sum_record(self, msg: SumRecord) -> list[Action]:
+        """A round this site was not a survivor of: check its sum from the pinned keys, and step."""
+        t, secure = self.trajectory, self.secagg
+        if t is None or secure is None or not self._derives():
+            return []  # nothing to derive from yet: the site says where it stands once set up
+        newest = t.pending.model if t.pending is not None else t.current
+        if msg.round <= newest.round:
+            return []  # held already
+        bases = [newest] if newest is t.current else [newest, t.current]
+        problems = []
+        for base in bases:
+            try:
+                proven = check_record(msg, run_id=self.run_id, secagg=secure.secagg, spec_digest=secure.spec_digest,
+                                      trained_on=base.digest, peers=self.policy.peers,
+                                      vector_len=sum(int(a.size) for a in base.params.values()) + 1)
+            except RecordRefused as exc:
+                problems.append(str(exc))
+                continue
+            self._adopt(proven)
+            return []
+        log.warning("round %d.%d: the coordinator's sum record does not prove a step from this site's model, "
+                    "ignored: %s", msg.round, msg.attempt, "; ".join(problems))
+        return []
+
+    def _evaluate(self, msg: EvaluateIns) -> list[Action]:
+        """Evaluate only a model this site derived, each once per split."""
+        if self._derives():
+            t = self.trajectory
+            digest = binding.params_digest(msg.params)
+            key = (self.run_id, digest, msg.split)
+            try:
+                own = None if t is None else (digest if t.known(digest) is not None else t.current.digest)
+                self.policy.check_derived(f"EvaluateIns {msg.round} ({msg.split})", digest, own,
+                                          0 if t is None else t.current.round)
+                self.policy.require(key not in self._evaluated, Rule.DERIVE_MODELS,
+                                    f"EvaluateIns {msg.round}: this model was evaluated on {msg.split} already")
+            except Refusal as exc:
+                return [Send(Decline(msg.round, 0, exc.rule, False))]
+            self._evaluated.add(key)
+        return [Evaluate(msg)]
 
     def _joined(self, welcome: Welcome) -> None:
         spec = self.spec
@@ -213,12 +306,16 @@ class SiteMachine:
         if isinstance(msg, SECAGG_TO_SITE):
             return self._secagg(msg)
         if isinstance(msg, EvaluateIns):
-            return [Evaluate(msg)]
+            return self._evaluate(msg)
+        if isinstance(msg, SumRecord):
+            return self._sum_record(msg)
         if isinstance(msg, RoundRecord):
             try:
-                self.witness.record(self.run_id, msg)
+                rec = self.witness.record(self.run_id, msg)
             except Refusal:
-                pass  # logged and kept as evidence; every later FitIns of this run is declined for good
+                return []  # logged and kept as evidence; every later FitIns of this run is declined for good
+            if rec is not None and self.trajectory is not None and isinstance(rec.get("sum_blake3"), str):
+                self.trajectory.recorded(msg.round, bytes.fromhex(rec["sum_blake3"]))
             return []
         if isinstance(msg, RoundAborted):
             log.warning("round %d attempt %d aborted (%s): %s", msg.round, msg.attempt, msg.cause, msg.detail)
@@ -234,7 +331,7 @@ class SiteMachine:
             raise RemoteProtocolError(f"{type(msg).__name__} before a Welcome")
         if isinstance(msg, FitIns):
             return self._decline(msg.round, msg.attempt, self.refusal.rule, permanent=True)
-        if isinstance(msg, (*SECAGG_TO_SITE, RoundAborted, RoundRecord)):
+        if isinstance(msg, (*SECAGG_TO_SITE, RoundAborted, RoundRecord, SumRecord)):
             return []  # nothing to answer: this site is in no round
         raise RemoteProtocolError(f"{type(msg).__name__} for a site that refused the run ({self.refusal})")
 
@@ -264,7 +361,12 @@ class SiteMachine:
             replies = secure.receive(msg)
         except Refusal as exc:
             return self._decline(msg.round, msg.attempt, exc.rule, permanent=False)
-        self._latest_fit, self._latest_binding = (msg.round, msg.attempt), secure.fit_binding
+        binding_ = secure.fit_binding
+        assert binding_ is not None  # the FitIns was just accepted
+        if self._derives() and self.trajectory is not None and (
+                declined := self._check_model(msg.round, msg.attempt, binding_[0])):
+            return declined
+        self._latest_fit, self._latest_binding = (msg.round, msg.attempt), binding_
         self._held = None
         self._untrained = (msg.round, msg.attempt)
         return [*self._sent(replies, msg), Train(msg, secure=True)]
@@ -303,6 +405,7 @@ class SiteMachine:
         if isinstance(about, SumProof) and (proven := self.secagg.verified if self.secagg else None) is not None \
                 and (proven.round, proven.attempt) == (about.round, about.attempt):
             self.witness.verified(self.run_id, about.round, about.attempt, proven.digest)
+            self._adopt(proven)
         return [Send(r) for r in replies]
 
     # -- what the training thread finishes -------------------------------------------------------

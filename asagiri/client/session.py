@@ -214,10 +214,13 @@ class Session:
                 self._cap_payload(worker)
                 if action.spec.secagg.enabled:
                     await anyio.to_thread.run_sync(warm_kernels, action.spec.secagg.bits)
+            worker = self.kept.worker
+            examples, initial = (0, None) if worker is None else (len(worker.data.train), worker.initial)
+            # the machine learns the outcome before a waiting training wakes (no await between)
+            actions = self.machine.set_up(action.welcome, problem, examples=examples, initial=initial)
         finally:
             self._set_up.set()
-        examples = 0 if self.kept.worker is None else len(self.kept.worker.data.train)
-        await self._act(self.machine.set_up(action.welcome, problem, examples=examples))
+        await self._act(actions)
 
     def _drop_superseded(self) -> None:
         """A waiting FitIns that a newer one superseded gives its tensors back now, not when its

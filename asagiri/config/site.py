@@ -100,7 +100,10 @@ class PolicyConfig(_Strict):
     round sums whole batches only, so that no two sums the coordinator obtains, in one round or
     across rounds and attempts, differ by fewer than ``min_participants`` honest sites' inputs
     (docs/secagg.md, "Participation batches").  When a spec has batches, the site keeps to them
-    whatever this says.  ``report_privacy``: send epsilon and sigma with evaluation results.  ``count``: the sample
+    whatever this says.  ``derive_models``: in a run with secure aggregation, train and evaluate
+    only models this site derived itself: ``W_0`` from the run's id and spec, and each next model
+    from a sum it verified, by the run's server step (docs/secagg.md, "Derived models"); a
+    ``FitIns`` or ``EvaluateIns`` carrying any other weights is declined.  ``report_privacy``: send epsilon and sigma with evaluation results.  ``count``: the sample
     count this site puts in every sum and validation result: ``one`` (its update weighs as much
     as any other site's; its size never leaves it), ``pow2`` (its size rounded down to a power of
     two), ``exact`` (FedAvg's sample weighting, and the size readable by differencing two rounds
@@ -116,6 +119,7 @@ class PolicyConfig(_Strict):
     min_threshold: int = Field(2, ge=2)
     colluders: int = Field(0, ge=0, le=1 << 16)
     require_batches: bool = True
+    derive_models: bool = True
     # Send one score per official test example (the coordinator pools them into one AUC). Off: the
     # test result carries the site's own AUC, accuracy and loss, as rounded as validation's, and
     # the count as `count` says: a list of scores is as long as the site's test set.

@@ -27,7 +27,7 @@ class SpecStrategy(_Strict):
     mu: float = Field(0.0, ge=0)
     fedbn: bool = False
     # the server optimiser: with them every site can compute the next model from a verified sum
-    # (``strategy.aggregate.server_step``; issue 27, part 1)
+    # (``aggregate.server_step``; issue 27, part 1)
     server_lr: float = Field(1.0, gt=0)
     server_momentum: float = Field(0.0, ge=0, lt=1)
 

@@ -40,12 +40,14 @@ from ..wire.messages import (
     MaskedInput,
     Message,
     MessageError,
+    ModelAt,
     RoundRecord,
     Welcome,
 )
 from .checks import check_federation
 from .round import Outbound, ProtocolViolation, RoundMachine, RoundOutcome, SiteLost, TestEvaluation
 from .sessions import Sessions
+from .sums import SumHistory
 
 __all__ = ["FederationDriver", "FederationFailed", "ResumeError"]
 
@@ -103,6 +105,8 @@ class FederationDriver:
         self.model_bytes = sum(v.nbytes for v in params.values()) + 8
         self.strategy = build_strategy(cfg, params)
         self.checkpoint_path = checkpoint
+        # The verified sums of recorded rounds: the sites derive the model from them (SPEC §6.9).
+        self.sums = SumHistory(checkpoint.parent / "sums", max_bytes=2 * self.model_bytes + (1 << 20))
         self._attempts_path = checkpoint.parent / "attempt.json"  # the newest round attempt begun
         self.resumed = resume
         self._stage_s: dict[str, float] = {}  # the current round attempt's time per stage
@@ -127,6 +131,7 @@ class FederationDriver:
         if not resume:
             if path.exists():
                 raise ResumeError(f"{path} exists: continue it with --resume, or choose a new run_dir")
+            self.sums.forget_after(0)  # a run that crashed before its first checkpoint
             return
         if not path.exists():
             raise ResumeError(f"--resume: no checkpoint at {path}")
@@ -139,6 +144,7 @@ class FederationDriver:
         self.history = state["history"]
         self.exhausted = set(state.get("exhausted", []))
         self.start_round = int(state["round"]) + 1
+        self.sums.forget_after(int(state["round"]))
         # The metrics log goes back to the checkpoint; the audit log is never rewritten: its
         # "run_started" record says which round the run resumed after.
         trim_jsonl(path.parent / "metrics.jsonl", max_round=int(state["round"]))
@@ -208,7 +214,7 @@ class FederationDriver:
                 if not await self._wait_for_sites(cfg.min_clients, cfg.timeouts.wait_for_sites):
                     self._fail(rnd, f"only {len(self.trainable())} eligible sites connected in whole participation "
                                     f"batches, min_clients={cfg.min_clients}", t_start)
-                self._drain_idle_events()
+                await self._drain_idle_events()
                 t0 = time.monotonic()
                 try:
                     outcome = await self._run_round(rnd, attempt)
@@ -217,7 +223,10 @@ class FederationDriver:
                 self.exhausted.update(outcome.exhausted)
                 self._withdrawn.update({s: outcome.declined[s] for s in outcome.exhausted})
                 if outcome.abort_reason is None:
+                    if outcome.sum_record is not None:
+                        self.sums.keep(outcome.sum_record)  # before the checkpoint commits the round
                     self._complete_round(outcome, time.monotonic() - t0)
+                    await self._send_sum_record(outcome)
                     await self._send_round_record()
                     break
                 assert outcome.abort_cause is not None
@@ -246,9 +255,33 @@ class FederationDriver:
         log.warning("site %d: %s outside a round, closing its channel", site_id, type(event).__name__)
         self.sessions.drop(site_id)
 
-    def _drain_idle_events(self) -> None:
+    async def _drain_idle_events(self) -> None:
         while (item := self.sessions.receive_nowait()) is not None:
-            self._handle_idle(*item)
+            site_id, event = item
+            if isinstance(event, ModelAt):
+                await self._catch_up(site_id, event)
+            else:
+                self._handle_idle(site_id, event)
+
+    async def _catch_up(self, site_id: int, msg: ModelAt) -> None:
+        """A site says which round's model it holds (SPEC §6.9): send it the sums of every recorded
+        round after that one, in order, to check and step through itself."""
+        sent = 0
+        for record in self.sums.after(msg.round):
+            await self.sessions.send([Outbound(site_id, record)])
+            sent += 1
+        if sent:
+            log.info("site %d holds the model after round %d: sent it the sums of %d later rounds", site_id,
+                     msg.round, sent)
+
+    async def _send_sum_record(self, outcome: RoundOutcome) -> None:
+        """The round's verified sum, to the connected sites that neither vouched for it nor were
+        sent it to evaluate the new model: they derive the model from it."""
+        rec = outcome.sum_record
+        if rec is None:
+            return
+        others = sorted(self.sessions.connected() - set(outcome.participants) - set(outcome.sum_sent))
+        await self.sessions.send([Outbound(s, rec) for s in others])
 
     async def _run_round(self, rnd: int, attempt: int) -> RoundOutcome:
         t_stage = time.monotonic()
@@ -275,6 +308,9 @@ class FederationDriver:
             with anyio.move_on_after(timeouts[machine.deadline_kind]) as scope:
                 while machine.stage_key == stage and not machine.finished:
                     site_id, event = await self.sessions.receive()
+                    if isinstance(event, ModelAt):
+                        await self._catch_up(site_id, event)
+                        continue
                     await self.sessions.send(self._step(machine, site_id, event, rnd, attempt))
             self._stage_s[name] = self._stage_s.get(name, 0.0) + time.monotonic() - t_stage
             if scope.cancelled_caught and machine.stage_key == stage:
@@ -322,11 +358,14 @@ class FederationDriver:
         if not sites:
             return {}
         machine = TestEvaluation(rnd=rnd, sites=sites, params=self._model)
-        self._drain_idle_events()
+        await self._drain_idle_events()
         await self.sessions.send(machine.start())
         with anyio.move_on_after(self.cfg.timeouts.evaluate):
             while not machine.finished:
                 site_id, event = await self.sessions.receive()
+                if isinstance(event, ModelAt):
+                    await self._catch_up(site_id, event)
+                    continue
                 if isinstance(event, SiteLost):
                     machine.site_lost(site_id)
                     continue

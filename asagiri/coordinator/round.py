@@ -23,15 +23,24 @@ from typing import Any
 
 import numpy as np
 
+from ..aggregate import RunningSum
 from ..causes import AbortCause, Rule
 from ..errors import ProtocolViolation
 from ..params import Params, unflatten, update_norm
 from ..scores import accuracy_score, auc_score
 from ..secagg.quantize import dequantize
 from ..secagg.server import Outbound, ServerStage, ServerStateMachine
-from ..strategy.aggregate import RunningSum
 from ..strategy.base import Strategy
-from ..wire.messages import Decline, EvaluateIns, EvaluateRes, FitIns, FitRes, Message, RoundAborted
+from ..wire.messages import (
+    Decline,
+    EvaluateIns,
+    EvaluateRes,
+    FitIns,
+    FitRes,
+    Message,
+    RoundAborted,
+    SumRecord,
+)
 from ._states import PLAIN_ROUND, SECAGG_MESSAGES, SECURE_ROUND, EvaluationClosed, FitClosed, FitFailed, Phase
 
 __all__ = ["Outbound", "Phase", "ProtocolViolation", "RoundMachine", "RoundOutcome", "SiteLost"]
@@ -63,6 +72,8 @@ class RoundOutcome:
     secagg_stages: dict[str, list[int]] | None = None  # who completed each secure-aggregation stage
     site_eval: dict[int, dict[str, float]] = field(default_factory=dict)  # each site's evaluation metrics
     sum_digest: bytes | None = None  # the verified sum's (SPEC §6.8), under secure aggregation
+    sum_record: SumRecord | None = None  # ... and its proof, for the sites that were not survivors (§6.9)
+    sum_sent: list[int] = field(default_factory=list)  # the evaluators sent it before the new model
 
 
 class RoundMachine:
@@ -151,6 +162,9 @@ class RoundMachine:
         survivors = sa.result.survivors
         self.outcome.secagg_stages = dict(sa.stage_sites)
         self.outcome.sum_digest = sa.result.sum_digest
+        p = sa.params
+        self.outcome.sum_record = SumRecord(self.round, self.attempt, list(p.participants), dict(p.fit_config),
+                                            list(survivors), {"s": sa.result.total}, sa.result.vouches)
         self._sum = RunningSum.from_totals(unflatten(weighted, self._params), total, len(survivors))
         self.outcome.participants = list(survivors)
         self.outcome.dropped = sorted(set(self.outcome.selected) - set(survivors) - set(self.outcome.declined))
@@ -161,6 +175,8 @@ class RoundMachine:
 
     def receive(self, site: int, msg: Message) -> list[Outbound]:
         kind = type(msg)
+        if kind is Decline and msg.attempt == 0:  # type: ignore[attr-defined]
+            return self._evaluation_declined(site, msg)  # type: ignore[arg-type]
         accepted = (self.phase, kind) in self._table
         if self.secagg is not None and kind in SECAGG_MESSAGES:
             if accepted:
@@ -212,6 +228,15 @@ class RoundMachine:
         self._evaluators.discard(site)
         self._eval_results[site] = (msg.num_examples, dict(msg.metrics))
         self.outcome.site_eval[site] = dict(msg.metrics)
+        return self._maybe_finish_evaluate()
+
+    def _evaluation_declined(self, site: int, msg: Decline) -> list[Outbound]:
+        """A site will not evaluate the model it was sent (SPEC §6.9: not the one it derived)."""
+        if msg.round < self.round:
+            return []
+        if msg.round != self.round or self.phase is not Phase.EVALUATE or site not in self._evaluators:
+            raise ProtocolViolation(site, "an evaluation declined that was not asked")
+        self._evaluators.discard(site)
         return self._maybe_finish_evaluate()
 
     def site_lost(self, site: int) -> list[Outbound]:
@@ -303,7 +328,12 @@ class RoundMachine:
         self._evaluators -= self._lost
         if not self._evaluators:
             return self._maybe_finish_evaluate()
-        return [Outbound(s, EvaluateIns(self.round, self._params, "val")) for s in sorted(self._evaluators)]
+        # An evaluator that was not a survivor steps to the new model from the sum's record first.
+        rec = self.outcome.sum_record
+        if rec is not None:
+            self.outcome.sum_sent = sorted(self._evaluators - set(self.outcome.participants))
+        records = [Outbound(s, rec) for s in self.outcome.sum_sent] if rec is not None else []
+        return records + [Outbound(s, EvaluateIns(self.round, self._params, "val")) for s in sorted(self._evaluators)]
 
     def _maybe_finish_evaluate(self) -> list[Outbound]:
         if self._evaluators:
@@ -338,6 +368,9 @@ class TestEvaluation:
                 self._check_predictions(site, msg.predictions)
             self._waiting.discard(site)
             self.results[site] = msg
+            return []
+        if isinstance(msg, Decline) and msg.attempt == 0 and msg.round == self.round and site in self._waiting:
+            self._waiting.discard(site)  # it will not score a model it did not derive (SPEC §6.9)
             return []
         if isinstance(msg, (FitRes, EvaluateRes, Decline, *SECAGG_MESSAGES)):
             return []  # stragglers from the last round

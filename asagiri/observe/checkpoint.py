@@ -11,17 +11,13 @@ round's audit record is written (``recorder.py``): the audit record is the commi
 
 from __future__ import annotations
 
-import io
-import json
 import logging
 import zipfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from ..fsutil import atomic_write_bytes, replace_durably
-from ..params import Params
+from ..params import Params, load_tensors, pack_tensors
 
 __all__ = ["STAGED_NAME", "load_checkpoint", "save_checkpoint", "settle_staged"]
 
@@ -29,27 +25,12 @@ log = logging.getLogger(__name__)
 
 STAGED_NAME = "checkpoint.next.npz"
 
-_STATE_KEY = "__state__"
-_PARAM_PREFIX = "param/"
-_VELOCITY_PREFIX = "velocity/"
-
-
 def save_checkpoint(path: Path, *, params: Params, velocity: Params | None, state: dict[str, Any]) -> None:
-    arrays: dict[str, np.ndarray] = {_PARAM_PREFIX + k: v for k, v in params.items()}
-    if velocity is not None:
-        arrays.update({_VELOCITY_PREFIX + k: v for k, v in velocity.items()})
-    arrays[_STATE_KEY] = np.frombuffer(json.dumps(state, sort_keys=True).encode(), dtype=np.uint8)
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, pack_tensors(params, velocity, state))
 
 
 def load_checkpoint(path: Path) -> tuple[Params, Params | None, dict[str, Any]]:
-    with np.load(path, allow_pickle=False) as npz:
-        state = json.loads(npz[_STATE_KEY].tobytes().decode())
-        params = {k[len(_PARAM_PREFIX) :]: npz[k] for k in npz.files if k.startswith(_PARAM_PREFIX)}
-        velocity = {k[len(_VELOCITY_PREFIX) :]: npz[k] for k in npz.files if k.startswith(_VELOCITY_PREFIX)}
-    return params, (velocity or None), state
+    return load_tensors(path)
 
 
 def settle_staged(staged: Path, checkpoint: Path, committed: dict[str, Any] | None) -> bool | None:

@@ -81,6 +81,7 @@ from .quantize import QuantisationError, quantize
 from .replay import ReplayGuard
 from .rules import SecAggSettings, batch_map
 from .sharing import BothShares, HeldShares
+from .verify import VerifiedSum
 
 __all__ = ["ClientStage", "ClientStateMachine", "ReplayGuard", "SecAggRefused", "VerifiedSum"]
 
@@ -113,17 +114,6 @@ class _Announced:
     seed: bytes
     scalars: bytes
     expected: list[int]  # <r_k, S>: what the vouches must add up to
-
-
-@dataclass(frozen=True)
-class VerifiedSum:
-    """A sum this site checked against every survivor's vouch (SPEC §6.8)."""
-
-    round: int
-    attempt: int
-    total: np.ndarray
-    digest: bytes
-    survivors: tuple[int, ...]
 
 
 @dataclass
@@ -524,7 +514,8 @@ class ClientStateMachine:
                               f"site {site}'s vouch does not verify for the sum this site was shown")
         self._check(verify.vouched_total((s for s, _ in vouches.values()), r.params.plan.bits) == a.expected,
                     "sum", "the survivors' vouches do not add up to the announced sum")
-        self.verified = VerifiedSum(r.rnd, r.attempt, a.total, a.digest, tuple(survivors))
+        self.verified = VerifiedSum(r.rnd, r.attempt, a.total, a.digest, tuple(survivors), r.params.plan,
+                                    r.params.params_digest)
         r.announced = None
         self._enter(SumProof)
         return []

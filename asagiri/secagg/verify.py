@@ -30,16 +30,19 @@ from __future__ import annotations
 import math
 import struct
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
 from ..wire.crypto import EphemeralKey, blake2b, blake3_chunks
 from .kernels import project_narrow, project_wide
 from .masking import sign
+from .plan import QuantPlan
 from .prg import expand
 
 __all__ = [
     "CHALLENGES",
+    "VerifiedSum",
     "challenge",
     "challenge_of",
     "challenge_seed",
@@ -58,6 +61,20 @@ __all__ = [
 
 CHALLENGES = 3  # K: independent linear forms per round
 _PRG = "chacha20"  # the challenge words' PRG, whatever the round's mask PRG
+
+
+@dataclass(frozen=True)
+class VerifiedSum:
+    """A sum checked against every certified survivor's vouch (SPEC §6.8), with what the next
+    model needs: the plan to dequantise it, and the model the inputs were trained on."""
+
+    round: int
+    attempt: int
+    total: np.ndarray
+    digest: bytes
+    survivors: tuple[int, ...]
+    plan: QuantPlan
+    trained_on: bytes  # the round's params digest, bound into its ctx
 
 
 def modulus_bits(bits: int) -> int:

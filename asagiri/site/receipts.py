@@ -242,19 +242,20 @@ class RoundWitness:
                 self.policy.refuse("record", f"round {rnd}.{attempt} was asked for before the coordinator's signed "
                                              f"record (or abort) of round {r}.{a}, to which this site contributed")
 
-    def record(self, run_id: str, msg: RoundRecord) -> None:
+    def record(self, run_id: str, msg: RoundRecord) -> dict[str, Any] | None:
         """Check the coordinator's record of round ``msg.round`` and keep it; a record that fails is
-        kept as evidence and raises :class:`~asagiri.policy.Refusal` (the site leaves the run)."""
+        kept as evidence and raises :class:`~asagiri.policy.Refusal` (the site leaves the run).
+        Returns the record as signed (None: this site left the run, nothing was read)."""
         run = self._run(run_id)
         if run.dispute is not None:
-            return  # this site has left the run; nothing more of it is written
+            return None  # this site has left the run; nothing more of it is written
         rec, problem = verify_record(msg.record, self.coordinator)
         if rec is None:
             self._dispute(run_id, msg.round, None, f"the record does not verify under the pinned coordinator key: "
                                                    f"{problem}")
         if rec["kind"] == "round_aborted":
             self._abort_recorded(run_id, run, msg.round, rec)
-            return
+            return rec
         problem = _malformed(run_id, msg.round, rec)
         if problem is not None:
             self._dispute(run_id, msg.round, rec, problem)
@@ -267,7 +268,7 @@ class RoundWitness:
             self._rejoined(run_id, run, rec)
         run.started = rec["started"]
         if where in run.kept:
-            return  # held already (sent again on joining)
+            return rec  # held already (sent again on joining)
         pending = run.pending
         if pending is not None and msg.round > pending.round:
             self._dispute(run_id, msg.round, rec, f"a record of round {msg.round}, but none of round {pending.round}, "
@@ -275,7 +276,7 @@ class RoundWitness:
         if pending is not None and pending.round != msg.round:
             pending = None
         if pending is None and not any(r == msg.round for r, _ in run.attempts):
-            return  # a round this site had no part in: nothing to check, nothing kept
+            return rec  # a round this site had no part in: nothing to check, nothing kept
         problem = self._contradiction(run, rec, pending)
         if problem is not None:
             self._dispute(run_id, msg.round, rec, problem)
@@ -287,6 +288,7 @@ class RoundWitness:
             del run.attempts[key]
         self._write("round_receipt", run_id, msg.round, evaluated=evaluated, record=rec)
         log.info("round %d: kept the coordinator's signed record (log record %d)", msg.round, rec["seq"])
+        return rec
 
     # -- checks ------------------------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ import torch
 from ..config import RunSpec, SiteConfig
 from ..data.cache import DecodeSettings
 from ..data.loaders import SiteData, load_configured_site
+from ..initial import derived_initial, initial_key
 from ..models import build, prepare_data, shared_keys
 from ..params import update_norm
 from ..policy import SitePolicy
@@ -89,6 +90,10 @@ class SiteWorker:
         if self.dp.enabled:
             self._setup_dp(cfg, spec.rounds)
         self.shared = shared_keys(self.model, fedbn=self.strategy_cfg.fedbn)
+        # W_0 as this site derives it from the run alone (SPEC §6.9): the start of its trajectory.
+        self.initial = derived_initial(spec.model, dp=self.dp.enabled, fedbn=self.strategy_cfg.fedbn,
+                                       channels=self.data.channels, classes=self.data.num_classes,
+                                       key=initial_key(self.run_id, welcome.spec))
         state = self.model.state_dict()
         # The largest thing the coordinator may send this site: the shared parameters (FitIns, EvaluateIns).
         self.shared_bytes = sum(state[k].numel() * 4 for k in self.shared)

@@ -1,6 +1,6 @@
 """Aggregation strategies (Flower-style hooks over pure arithmetic) and client selection."""
 
-from .aggregate import RunningSum, apply_weighted_delta
+from ..aggregate import RunningSum, apply_weighted_delta
 from .base import FedAvg, FitPlan, Strategy, build_strategy
 from .selection import select_clients
 

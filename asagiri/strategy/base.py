@@ -12,9 +12,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from ..aggregate import RunningSum, server_step
 from ..config import FederationConfig
 from ..params import Params
-from .aggregate import RunningSum, server_step
 from .selection import select_clients
 
 __all__ = ["FedAvg", "FitPlan", "Strategy", "StrategyState", "build_strategy"]

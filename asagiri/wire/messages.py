@@ -30,6 +30,7 @@ __all__ = [
     "FitRes",
     "Heartbeat",
     "Message",
+    "ModelAt",
     "Reject",
     "RoundAborted",
     "RoundRecord",
@@ -47,6 +48,7 @@ __all__ = [
     "ShareKeys",
     "SumAnnounce",
     "SumProof",
+    "SumRecord",
     "SumVouch",
     "UnmaskRequest",
     "UnmaskResponse",
@@ -145,6 +147,19 @@ def _ring_vector(value: Any, name: str, tensor: str) -> None:
 def _scalars(value: Any, name: str) -> None:
     """A vouch's masked scalars: three words of twice the ring's width (SPEC §6.8)."""
     _require(isinstance(value, bytes) and len(value) in (24, 48), f"{name} must be 24 or 48 bytes")
+
+
+def _vouches(value: Any, name: str) -> None:
+    """Signed vouches, ``[site_id, scalars, signature]`` with distinct ids (SPEC §6.8)."""
+    _require(isinstance(value, list) and len(value) <= 1 << 16, f"{name} must be a list")
+    seen = set()
+    for item in value:
+        _require(isinstance(item, list | tuple) and len(item) == 3, f"{name} are [id, scalars, signature]")
+        _int(item[0], f"{name}[].id", hi=MAX_SITE_ID)
+        _scalars(item[1], f"{name}[].scalars")
+        _bytes(item[2], f"{name}[].signature", size=64)
+        _require(item[0] not in seen, f"{name} repeat id {item[0]}")
+        seen.add(item[0])
 
 
 def _ids(value: Any, name: str) -> None:
@@ -311,7 +326,7 @@ class Decline(Message):
 
     def validate(self) -> None:
         _int(self.round, "round", lo=1)
-        _int(self.attempt, "attempt", lo=1, hi=1 << 16)
+        _int(self.attempt, "attempt", hi=1 << 16)  # 0: it declines an EvaluateIns (SPEC §6.9)
         _cause(self, "rule", Rule)
         _require(isinstance(self.permanent, bool), "permanent must be a bool")
 
@@ -648,15 +663,48 @@ class SumProof(Message):
     def validate(self) -> None:
         _int(self.round, "round", lo=1)
         _int(self.attempt, "attempt", lo=1, hi=1 << 16)
-        _require(isinstance(self.vouches, list) and len(self.vouches) <= 1 << 16, "vouches must be a list")
-        seen = set()
-        for item in self.vouches:
-            _require(isinstance(item, list | tuple) and len(item) == 3, "vouches are [id, scalars, signature]")
-            _int(item[0], "vouches[].id", hi=MAX_SITE_ID)
-            _scalars(item[1], "vouches[].scalars")
-            _bytes(item[2], "vouches[].signature", size=64)
-            _require(item[0] not in seen, f"vouches repeat id {item[0]}")
-            seen.add(item[0])
+        _vouches(self.vouches, "vouches")
+
+
+@dataclass(frozen=True, slots=True)
+class SumRecord(Message):
+    """A verified round's sum with everything a site that was not among its survivors needs to
+    check it from the pinned keys alone and take the step to the next model (SPEC §6.9): the
+    round's participants and fit config (so ``ctx``), its survivors, the sum, and every vouch."""
+
+    TAG: ClassVar[int] = 63
+    TENSOR_FIELDS: ClassVar[tuple[str, ...]] = ("total",)
+    round: int
+    attempt: int
+    participants: list[int]
+    config: dict[str, Any]
+    survivors: list[int]
+    total: Params = field(repr=False)
+    vouches: list[list[Any]]  # [site_id, scalars, signature]
+
+    def validate(self) -> None:
+        _int(self.round, "round", lo=1)
+        _int(self.attempt, "attempt", lo=1, hi=1 << 16)
+        _ids(self.participants, "participants")
+        _scalar_map(self.config, "config")
+        _ids(self.survivors, "survivors")
+        _ring_vector(self.total, "total", "s")
+        _vouches(self.vouches, "vouches")
+
+
+@dataclass(frozen=True, slots=True)
+class ModelAt(Message):
+    """The site's own place on the run's model trajectory (SPEC §6.9): the last round whose sum it
+    applied (0: none, the model is ``W_0``) and its model's digest.  The coordinator answers with
+    the ``SumRecord`` of every later round."""
+
+    TAG: ClassVar[int] = 64
+    round: int
+    digest: bytes
+
+    def validate(self) -> None:
+        _int(self.round, "round")
+        _bytes(self.digest, "digest", size=32)
 
 
 MESSAGE_TYPES: dict[int, type[Message]] = {}
@@ -697,5 +745,7 @@ for _cls in (
     SumAnnounce,
     SumVouch,
     SumProof,
+    SumRecord,
+    ModelAt,
 ):
     register(_cls)

@@ -40,6 +40,7 @@ from asagiri.wire.messages import (
     KeyRoster,
     MaskedInput,
     Message,
+    ModelAt,
     Reject,
     RoundAborted,
     RoundRecord,
@@ -50,6 +51,7 @@ from asagiri.wire.messages import (
     Shutdown,
     SumAnnounce,
     SumProof,
+    SumRecord,
     SumVouch,
     UnmaskRequest,
     UnmaskResponse,
@@ -158,6 +160,9 @@ def sample_messages() -> list[Message]:
         SumAnnounce(2, 1, {"s": np.array([7, 2**32 - 3, 0, 1], dtype="<u4")}),
         SumVouch(2, 1, bytes(range(24)), sig),
         SumProof(2, 1, [[1, bytes(range(24)), sig], [3, bytes(range(1, 25)), sig]]),
+        SumRecord(2, 1, [1, 2, 3], {"mu": 0.0, "seed": 2}, [1, 3], {"s": np.array([7, 2**32 - 3, 0, 1], dtype="<u4")},
+                  [[1, bytes(range(24)), sig], [3, bytes(range(1, 25)), sig]]),
+        ModelAt(1, _bytes(0x13, 32)),
     ]
 
 

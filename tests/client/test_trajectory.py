@@ -9,6 +9,7 @@ from functools import partial
 import numpy as np
 import pytest
 
+from asagiri.aggregate import RunningSum
 from asagiri.config import FederationConfig, PolicyConfig, RunSpec, SecAggConfig
 from asagiri.params import flatten, unflatten
 from asagiri.policy import SitePolicy
@@ -16,7 +17,6 @@ from asagiri.secagg.binding import params_digest
 from asagiri.secagg.inmemory import LocalRound
 from asagiri.secagg.quantize import dequantize
 from asagiri.site.trajectory import next_model
-from asagiri.strategy.aggregate import RunningSum
 from asagiri.strategy.base import FedAvg
 
 

@@ -228,6 +228,8 @@ MESSAGES: dict[int, tuple[str, tuple[str, ...]]] = {
     60: ("SumAnnounce", ("round", "attempt", "total")),
     61: ("SumVouch", ("round", "attempt", "scalars", "signature")),
     62: ("SumProof", ("round", "attempt", "vouches")),
+    63: ("SumRecord", ("round", "attempt", "participants", "config", "survivors", "total", "vouches")),
+    64: ("ModelAt", ("round", "digest")),
 }
 TAGS = {name: tag for tag, (name, _) in MESSAGES.items()}
 
@@ -240,7 +242,7 @@ SPLIT = ("enum", ("val", "test"))
 RULE = ("enum", ("run_id", "require_secagg", "pinned_peers", "require_dp", "max_epsilon", "max_delta", "spec",
                  "setup", "spec_changed", "model", "train_bounds", "secagg_bounds", "dp_bounds", "min_participants",
                  "min_group", "min_threshold", "min_examples", "batches", "round_params", "replay", "quorum",
-                 "component", "stage", "signature", "shares", "survivors", "malformed", "sum", "record",
+                 "component", "stage", "signature", "shares", "survivors", "malformed", "sum", "derive_models", "record",
                  "privacy_budget"))
 CAUSE = ("enum", ("too_few_sites", "no_quorum", "threshold", "unmask_failed", "unverified"))
 
@@ -265,7 +267,7 @@ FIELD_TYPES: dict[int, dict[str, Any]] = {
         "num_samples": ("int", 1, 2**40),
         "metrics": ("metrics",),
     },
-    22: {"round": ROUND, "attempt": ATTEMPT, "rule": RULE, "permanent": ("bool",)},
+    22: {"round": ROUND, "attempt": ("int", 0, 65536), "rule": RULE, "permanent": ("bool",)},
     30: {"round": ("int", 0, 2**63 - 1), "params": ("tensors",), "split": SPLIT},
     31: {
         "round": ("int", 0, 2**63 - 1),
@@ -322,6 +324,9 @@ FIELD_TYPES: dict[int, dict[str, Any]] = {
     60: {"round": ROUND, "attempt": ATTEMPT, "total": ("tensors",)},
     61: {"round": ROUND, "attempt": ATTEMPT, "scalars": ("binof", (24, 48)), "signature": ("bin", 64)},
     62: {"round": ROUND, "attempt": ATTEMPT, "vouches": ("rows", (ID, ("binof", (24, 48)), ("bin", 64)))},
+    63: {"round": ROUND, "attempt": ATTEMPT, "participants": ("ids",), "config": ("map",), "survivors": ("ids",),
+         "total": ("tensors",), "vouches": ("rows", (ID, ("binof", (24, 48)), ("bin", 64)))},
+    64: {"round": ("int", 0, 2**63 - 1), "digest": ("bin", 32)},
 }
 TENSOR_FIELDS = {
     tag: [f for f, t in types.items() if t == ("tensors",)] for tag, types in FIELD_TYPES.items()

@@ -83,6 +83,10 @@ UNRECORDED_OK = {"max_unrecorded": 1 << 20}
 # is about (a batch rule would refuse most of them first): the sites allow that.  The batch rule
 # is tested on its own, with the default policy, in test_batches_attack.py.
 NO_BATCHES = {"require_batches": False}
+# ... and it sends whatever model a case needs: the sites take it.  The rule that they train and
+# evaluate only models they derived is tested on its own, with the default policy, in
+# test_derived_attack.py.
+FOREIGN_MODELS = {"derive_models": False}
 
 _rounds = itertools.count(1)
 
@@ -160,7 +164,7 @@ class ColludingSite:
 class Attacker:
     def __init__(self, root: Path, sites: int = SITES, policy: dict[str, Any] | None = None) -> None:
         self.root = root
-        self.policy = {**NO_BATCHES, **(policy or {})}  # every site's, under what a case's own policy adds
+        self.policy = {**NO_BATCHES, **FOREIGN_MODELS, **(policy or {})}  # under what a case's own policy adds
         self.port = free_port()
         self.identity = Identity.generate()
         self.site_keys = {i: Identity.generate() for i in range(1, sites + 1)}
@@ -535,5 +539,5 @@ def declined(msg: Message) -> str | None:
     return msg.rule if isinstance(msg, Decline) else None
 
 
-__all__ = ["NO_BATCHES", "UNRECORDED_OK", "Attacker", "ColludingSite", "FED", "RUN", "Round", "Session", "canonical_hash", "declined", "matches", "next_round", "rule_of",
+__all__ = ["FOREIGN_MODELS", "NO_BATCHES", "UNRECORDED_OK", "Attacker", "ColludingSite", "FED", "RUN", "Round", "Session", "canonical_hash", "declined", "matches", "next_round", "rule_of",
            "unmask_attempt"]

@@ -1,10 +1,14 @@
-"""Pure aggregation arithmetic, O(d) memory however many sites report."""
+"""Pure aggregation arithmetic, O(d) memory however many sites report, and the server step.
+
+Below both runtimes: the coordinator's strategies (``strategy/base.py``) and every site's
+trajectory (``site/trajectory.py``) compute the next global model with :func:`server_step`, so
+a site derives the coordinator's model bit for bit (protocol/SPEC.md §6.9)."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from ..params import Params
+from .params import Params
 
 __all__ = ["RunningSum", "apply_weighted_delta", "is_statistic", "server_step"]
 
@@ -81,7 +85,7 @@ def server_step(params: Params, velocity: Params | None, summed: RunningSum, *, 
     """The next global model: a pure function of the model, the server optimiser's state, the sum
     and the strategy's settings.  Element-wise NumPy only (no reductions, BLAS or fused
     operations), so every party that computes it from the same inputs gets the same bits: the
-    coordinator's FedAvg / FedProx / FedAvgM, and (issue 27, part 1) each site from a verified sum."""
+    coordinator's FedAvg / FedProx / FedAvgM, and each site from a verified sum (SPEC §6.9)."""
     momentum = server_momentum if name == "fedavgm" else 0.0
     lr = server_lr if name == "fedavgm" else 1.0
     return apply_weighted_delta(params, summed.mean_delta(), server_lr=lr, momentum=momentum, velocity=velocity)

@@ -1,0 +1,140 @@
+"""Models the site derives itself (SPEC §6.9, ``policy.derive_models``): ``W_0`` from the run alone,
+the trajectory's pending and committed steps, and the machine's refusals of any other model.
+
+Against real site processes and a scripted coordinator: ``tests/secagg/test_derived_attack.py``."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import numpy as np
+import pytest
+import torch
+
+from asagiri.causes import Rule
+from asagiri.client.machine import Evaluate, Send, SetUp, Train
+from asagiri.config import FederationConfig, PolicyConfig, RunSpec, SecAggConfig
+from asagiri.initial import initial_key, initial_params
+from asagiri.local import lay_out
+from asagiri.policy import SitePolicy
+from asagiri.secagg.binding import params_digest
+from asagiri.secagg.inmemory import LocalRound
+from asagiri.site import SiteWorker
+from asagiri.site.trajectory import Trajectory
+from asagiri.wire.messages import Decline, EvaluateIns, FitIns, ModelAt, Welcome
+
+from .test_machine import PARAMS, machine, sent, welcome
+
+
+def test_w0_is_the_same_bits_at_the_coordinator_and_at_a_site_and_a_function_of_the_run(tmp_path):
+    fed, sites = lay_out(tmp_path, sites=3, rounds=1, overrides=["model.width=8"])
+    spec = RunSpec.of(fed).wire()
+    worker = SiteWorker(sites[1], Welcome(fed.run_id, 0, 3, spec), RunSpec.model_validate(spec))
+    torch.manual_seed(0)  # the global generator plays no part
+    coordinator = initial_params(fed)
+    assert params_digest(worker.initial) == params_digest(coordinator)
+    torch.rand(5)
+    assert params_digest(initial_params(fed)) == params_digest(coordinator)
+    other = initial_params(fed.model_copy(update={"run_id": "another-run"}))
+    assert params_digest(other) != params_digest(coordinator)
+    assert initial_key(fed.run_id, spec) != initial_key(fed.run_id, {**spec, "rounds": spec["rounds"] + 1})
+    # torch's default initialisation's law: uniform on +-1/sqrt(fan_in), so variance 1/(3 fan_in)
+    head = coordinator["head.weight"]
+    fan_in = head.shape[1]
+    assert abs(head).max() <= 1 / np.sqrt(fan_in)
+    assert head.var() == pytest.approx(1 / (3 * fan_in), rel=0.25)
+
+
+def _verified_sum(dim: int):
+    """A sum that site 1 of an in-memory round verified, on the model ``{"w": zeros(dim)}``."""
+    fed = LocalRound(ids=[1, 2, 3], dim=dim, secagg=SecAggConfig(), min_clients=3,
+                     policy=partial(SitePolicy, PolicyConfig(require_batches=False)))
+    rng = np.random.default_rng(1)
+    server = fed.deliver({i: (rng.normal(0, 0.05, dim).astype(np.float32), 8) for i in fed.ids})
+    assert server.result is not None, server.abort_reason
+    return fed, fed.clients[1].verified
+
+
+def test_a_verified_step_is_pending_until_the_round_is_committed_and_only_committed_steps_persist(tmp_path):
+    fed, proven = _verified_sum(50)
+    w0 = fed.fit.params
+    strategy = RunSpec.of(FederationConfig()).strategy
+    path = tmp_path / "trajectory.npz"
+    t = Trajectory(run_id="r", spec_digest=b"s" * 32, initial=w0, strategy=strategy, path=path)
+    assert t.current.round == 0 and t.current.digest == params_digest(w0)
+    # a sum of a round on another model is no step of this trajectory
+    assert not t.verified(1, bytes(32), proven.total, proven.digest, proven.plan, 3)
+    assert t.verified(1, proven.trained_on, proven.total, proven.digest, proven.plan, 3)
+    step = t.pending.model
+    assert t.current.round == 0 and t.known(step.digest) is step and not path.exists()
+    t.recorded(1, b"another sum")  # a record naming another sum commits nothing
+    assert t.pending is not None
+    # a coordinator that crashed before recording runs the round again from W_0: the step is dropped
+    t2 = Trajectory(run_id="r", spec_digest=b"s" * 32, initial=w0, strategy=strategy, path=path)
+    assert t2.verified(1, proven.trained_on, proven.total, proven.digest, proven.plan, 3)
+    assert t2.train_on(t2.current.digest) and t2.current.round == 0
+    # the record naming the verified sum commits it, on disk too
+    t.recorded(1, proven.digest)
+    assert t.pending is None and t.current is step and path.exists()
+    resumed = Trajectory(run_id="r", spec_digest=b"s" * 32, initial=w0, strategy=strategy, path=path)
+    assert resumed.current.round == 1 and resumed.current.digest == step.digest
+    # another run, or another W_0, starts again
+    assert Trajectory(run_id="r2", spec_digest=b"s" * 32, initial=w0, strategy=strategy, path=path).current.round == 0
+    other_w0 = {"w": np.ones(50, np.float32)}
+    assert Trajectory(run_id="r", spec_digest=b"s" * 32, initial=other_w0, strategy=strategy,
+                      path=path).current.round == 0
+    # a FitIns on the pending model commits it: the coordinator kept the round
+    t3 = Trajectory(run_id="r", spec_digest=b"s" * 32, initial=w0, strategy=strategy, path=None)
+    t3.verified(1, proven.trained_on, proven.total, proven.digest, proven.plan, 3)
+    assert t3.train_on(step.digest) and t3.current.digest == step.digest and t3.pending is None
+
+
+def derived(tmp_path, **policy):
+    m = machine(tmp_path, **policy)
+    w = welcome(secagg=True)
+    [setup] = m.welcome(w)
+    assert isinstance(setup, SetUp)
+    return m, w
+
+
+def test_the_site_trains_and_evaluates_only_the_model_it_derived(tmp_path):
+    m, w = derived(tmp_path)
+    assert sent(m.set_up(w, None, examples=100, initial=PARAMS)) == [ModelAt(0, params_digest(PARAMS))]
+    crafted = {"w": np.array([0.0, 1e-6, 0.0], np.float32)}  # W perturbed: a "same model" check misses it
+    assert sent(m.receive(FitIns(1, 1, crafted, {}))) == [Decline(1, 1, Rule.DERIVE_MODELS, False)]
+    ins = FitIns(1, 2, PARAMS, {})
+    assert Train(ins, secure=True) in m.receive(ins)
+    # evaluation: the derived model once per split, nothing else
+    assert sent(m.receive(EvaluateIns(1, crafted, "val"))) == [Decline(1, 0, Rule.DERIVE_MODELS, False)]
+    ev = EvaluateIns(1, PARAMS, "val")
+    assert m.receive(ev) == [Evaluate(ev)]
+    assert sent(m.receive(EvaluateIns(1, PARAMS, "val"))) == [Decline(1, 0, Rule.DERIVE_MODELS, False)]
+    test = EvaluateIns(1, PARAMS, "test")
+    assert m.receive(test) == [Evaluate(test)]
+
+
+def test_a_fitins_that_came_while_the_site_set_up_is_checked_when_set_up_ends(tmp_path):
+    m, w = derived(tmp_path)
+    crafted = {"w": np.ones(3, np.float32)}
+    ins = FitIns(1, 1, crafted, {})
+    assert Train(ins, secure=True) in m.receive(ins)  # the model is not known yet: training waits for set-up
+    assert sent(m.set_up(w, None, examples=100, initial=PARAMS)) == [
+        Decline(1, 1, Rule.DERIVE_MODELS, False), ModelAt(0, params_digest(PARAMS))]
+    assert not m.wants(ins)  # the waiting training sees it declined
+
+
+def test_control_a_site_whose_policy_allows_foreign_models_trains_on_them(tmp_path):
+    m, w = derived(tmp_path, derive_models=False)
+    assert m.set_up(w, None, examples=100, initial=PARAMS) == []  # nothing derived, nothing to say
+    crafted = {"w": np.ones(3, np.float32)}
+    ins = FitIns(1, 1, crafted, {})
+    assert Train(ins, secure=True) in m.receive(ins)
+    ev = EvaluateIns(1, crafted, "val")
+    assert m.receive(ev) == [Evaluate(ev)] and m.receive(ev) == [Evaluate(ev)]
+
+
+def test_a_sent_model_is_compared_bit_for_bit(tmp_path):
+    m, w = derived(tmp_path)
+    m.set_up(w, None, examples=100, initial=PARAMS)
+    negative_zero = {"w": np.array([-0.0, 0.0, 0.0], np.float32)}  # equal as numbers, not as bits
+    assert any(isinstance(a, Send) and isinstance(a.msg, Decline) for a in m.receive(FitIns(1, 1, negative_zero, {})))
