@@ -107,6 +107,7 @@ class FederationDriver:
         self.checkpoint_path = checkpoint
         # The verified sums of recorded rounds: the sites derive the model from them (SPEC §6.9).
         self.sums = SumHistory(checkpoint.parent / "sums", max_bytes=2 * self.model_bytes + (1 << 20))
+        self._caught_up: dict[int, int] = {}  # site -> the session whose ModelAt was answered
         self._attempts_path = checkpoint.parent / "attempt.json"  # the newest round attempt begun
         self.resumed = resume
         self._stage_s: dict[str, float] = {}  # the current round attempt's time per stage
@@ -265,7 +266,13 @@ class FederationDriver:
 
     async def _catch_up(self, site_id: int, msg: ModelAt) -> None:
         """A site says which round's model it holds (SPEC §6.9): send it the sums of every recorded
-        round after that one, in order, to check and step through itself."""
+        round after that one, in order, to check and step through itself.  One answer per session:
+        a site cannot have the history sent over and over by asking again."""
+        session = self.sessions.session_number(site_id)
+        if self._caught_up.get(site_id) == session:
+            log.warning("site %d asked for the sums it missed twice in one session; ignored", site_id)
+            return
+        self._caught_up[site_id] = session
         sent = 0
         for record in self.sums.after(msg.round):
             await self.sessions.send([Outbound(site_id, record)])

@@ -57,6 +57,7 @@ class Sessions:
         self.timeouts = timeouts
         self.metrics = metrics
         self._sessions: dict[int, _Session] = {}
+        self._opened: dict[int, int] = {}  # sessions each site has opened in this process
         self._changed = anyio.Event()
         send, recv = anyio.create_memory_object_stream[SiteEvent](max(64, capacity))
         self._events_in: MemoryObjectSendStream[SiteEvent] = send
@@ -66,6 +67,10 @@ class Sessions:
 
     def connected(self) -> set[int]:
         return set(self._sessions)
+
+    def session_number(self, site_id: int) -> int:
+        """How many sessions ``site_id`` has opened (its current one's number)."""
+        return self._opened.get(site_id, 0)
 
     async def changed(self) -> None:
         """Return once a site has joined or left."""
@@ -88,6 +93,7 @@ class Sessions:
         with anyio.CancelScope() as scope:
             session = _Session(site_id, conn, scope)
             self._sessions[site_id] = session
+            self._opened[site_id] = self._opened.get(site_id, 0) + 1
             self._notify()
             log.info("site %d joined", site_id)
             reason = "closed"
