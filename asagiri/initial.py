@@ -4,9 +4,9 @@
 Both sides build it with :func:`derived_initial`: the coordinator's composition roots
 (``asagiri-coordinator``, ``asagiri.local``, the tests) through :func:`initial_params`, and each
 site in its worker (``site/worker.py``), which trains on nothing else (``policy.derive_models``).
-The key is ``H(run_id ‖ spec digest)``, not ``selection.seed`` or any other number the
-coordinator chooses apart from the spec the site signs: a coordinator that wanted a crafted
-``W_0`` would have to find a spec whose hash gives one.
+The key is a hash of the run id and of what in the spec decides the model's tensors, not
+``selection.seed`` or any other number the coordinator chooses apart from what the site joins:
+a coordinator that wanted a crafted ``W_0`` would have to find a run id whose hash gives one.
 
 torch builds the layout only.  Every convolution's and linear layer's weight and bias is then
 drawn as torch's default initialisation draws it, uniform on ``±1/sqrt(fan_in)``, but from
@@ -29,16 +29,25 @@ from .config import FederationConfig, ModelConfig, RunSpec
 from .data.loaders import dataset_info
 from .models import build, dp_norm, shared_keys
 from .params import Params
-from .secagg.binding import spec_digest
+from .secagg.binding import canonical
 from .secagg.prg import expand
 from .wire.crypto import blake2b
 
-__all__ = ["derived_initial", "global_norm", "initial_key", "initial_params"]
+__all__ = ["architecture", "derived_initial", "global_norm", "initial_key", "initial_params"]
+
+
+def architecture(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """What of a run's spec decides the model's tensors: the model, the data set (its channels and
+    classes), DP-SGD (its normalisation) and FedBN (which tensors are shared)."""
+    return {"model": dict(spec["model"]), "dataset": spec["data"]["dataset"], "dp": bool(spec["dp"]["enabled"]),
+            "fedbn": bool(spec["strategy"]["fedbn"])}
 
 
 def initial_key(run_id: str, spec: Mapping[str, Any]) -> bytes:
-    """``W_0``'s key: ``H("asagiri-init", run_id ‖ 0x00 ‖ spec digest)``."""
-    return blake2b(run_id.encode() + b"\0" + spec_digest(spec), person=b"asagiri-init")
+    """``W_0``'s key: ``H("asagiri-init", run_id ‖ 0x00 ‖ canonical(architecture(spec)))``.  Runs
+    under one ``run_id`` whose specs differ in anything else (the learning rate, secure
+    aggregation) start from the same model, so they can be compared."""
+    return blake2b(run_id.encode() + b"\0" + canonical(architecture(spec)), person=b"asagiri-init")
 
 
 def global_norm(model: ModelConfig, *, dp: bool) -> tuple[str, int]:

@@ -28,6 +28,9 @@ def add_parser(sub: Any) -> None:
     v.add_argument("--site-key", type=Path, action="append", default=[], help="that site's public key file")
     v.add_argument("--run-id", default=None,
                    help="the run the receipts must cover (default: the one the log's first run_started names)")
+    v.add_argument("--models", action="store_true",
+                   help="replay the model history: W_0 from the run, then every round's verified sum, checked "
+                        "against its survivors' signed vouches, and each model against the log (SPEC §6.9)")
 
 
 def run_audit(args: argparse.Namespace) -> int:
@@ -53,6 +56,8 @@ def run_audit(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     print(f"{path}: {good} records, chain intact, every record signed by {key.fingerprint()}")
     failed = False
+    if args.models:
+        failed |= not _replay(path)
     for receipts, site_key in zip(args.receipts, site_keys, strict=True):
         if not receipts.is_file():
             print(f"error: {receipts}: no such file", file=sys.stderr)
@@ -67,6 +72,22 @@ def run_audit(args: argparse.Namespace) -> int:
             print(f"{receipts}: {check.checked} receipt(s) of this run, each the coordinator's signed record as the "
                   f"log holds it; the log is pinned up to record {check.pinned}")
     return EXIT_FAILED if failed else EXIT_OK
+
+
+def _replay(audit: Path) -> bool:
+    from ..signedlog import read_log
+    from ..site.replay import replay_models
+
+    result = replay_models(audit.parent, read_log(audit))
+    for problem in result.problems:
+        print(f"models: {problem}")
+    if result.rounds:
+        keys = ", ".join(f"{i}: {fp}" for i, fp in result.keys.items())
+        print(f"models: rounds {result.rounds[0]}-{result.rounds[-1]} ({len(result.rounds)}) replayed from W_0, each "
+              f"the server step of a sum every survivor vouched for, and each the model the log records; last "
+              f"model {result.final_sha256}; the vouches verified under the site keys {keys} (compare them with "
+              f"the sites' keys as you know them)")
+    return not result.problems
 
 
 def _public_key(path: Path) -> PublicIdentity:

@@ -26,6 +26,7 @@ from ..fsutil import atomic_write_bytes
 from ..observe import events as ev
 from ..observe.checkpoint import load_checkpoint
 from ..observe.runlog import trim_jsonl
+from ..observe.sums import SumHistory
 from ..params import Params, params_digest
 from ..secagg import binding
 from ..secagg.rules import batch_map
@@ -47,7 +48,6 @@ from ..wire.messages import (
 from .checks import check_federation
 from .round import Outbound, ProtocolViolation, RoundMachine, RoundOutcome, SiteLost, TestEvaluation
 from .sessions import Sessions
-from .sums import SumHistory
 
 __all__ = ["FederationDriver", "FederationFailed", "ResumeError"]
 
@@ -182,14 +182,15 @@ class FederationDriver:
 
             tg.start_soon(changed)
             while True:
-                self._handle_idle(*await self.sessions.receive())
+                await self._handle_idle(*await self.sessions.receive())
 
     async def run(self) -> dict[str, Any]:
         cfg = self.cfg
         t_start = time.monotonic()
         if self.start_round > cfg.rounds:
             return self._end("completed", t_start)
-        self.emit(ev.RunStarted(self.start_round, self.resumed, params_digest(self._model)))
+        self.emit(ev.RunStarted(self.start_round, self.resumed, params_digest(self._model), spec=self.spec,
+                                sites={str(s.id): s.public_key for s in cfg.sites}))
         # At start-up give every enrolled site a chance to join; later rounds go with whoever is there.
         await self._wait_for_sites(len(self.roster), cfg.timeouts.wait_for_sites)
         rnd = self.start_round
@@ -243,10 +244,14 @@ class FederationDriver:
 
     # -- one round attempt -----------------------------------------------------------------------
 
-    def _handle_idle(self, site_id: int, event: Message | SiteLost) -> None:
-        """Between rounds only late answers (to a round attempt already begun) are acceptable;
-        anything else, an answer to a round never asked included, is a violation."""
+    async def _handle_idle(self, site_id: int, event: Message | SiteLost) -> None:
+        """Between rounds only late answers (to a round attempt already begun) and a site's
+        ``ModelAt`` are acceptable; anything else, an answer to a round never asked included, is a
+        violation."""
         if isinstance(event, SiteLost):
+            return
+        if isinstance(event, ModelAt):
+            await self._catch_up(site_id, event)
             return
         if isinstance(event, FitRes | Decline) and (event.round, event.attempt) <= self._asked:
             return
@@ -258,11 +263,7 @@ class FederationDriver:
 
     async def _drain_idle_events(self) -> None:
         while (item := self.sessions.receive_nowait()) is not None:
-            site_id, event = item
-            if isinstance(event, ModelAt):
-                await self._catch_up(site_id, event)
-            else:
-                self._handle_idle(site_id, event)
+            await self._handle_idle(*item)
 
     async def _catch_up(self, site_id: int, msg: ModelAt) -> None:
         """A site says which round's model it holds (SPEC §6.9): send it the sums of every recorded

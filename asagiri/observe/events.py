@@ -37,6 +37,10 @@ class RunStarted:
     first_round: int
     resumed: bool
     model_sha256: str
+    # What the sites sign and derive from: Welcome's spec, and each enrolled site's identity key
+    # (hex), kept beside the log as spec.json so the model history can be replayed (SPEC §6.9).
+    spec: dict = field(default_factory=dict)
+    sites: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

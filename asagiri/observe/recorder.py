@@ -20,6 +20,7 @@ import numpy as np
 
 from ..fsutil import atomic_write_bytes, replace_durably
 from ..params import params_digest
+from ..secagg.binding import spec_digest
 from ..signedlog import SignedLog, line_of, read_log
 from ..wire.crypto import Identity
 from .checkpoint import STAGED_NAME, save_checkpoint, settle_staged
@@ -38,11 +39,12 @@ from .events import (
 from .metrics import CoordinatorMetrics
 from .runlog import append_jsonl
 
-__all__ = ["CHECKPOINT_NAME", "Recorder", "console_line", "model_path"]
+__all__ = ["CHECKPOINT_NAME", "SPEC_NAME", "Recorder", "console_line", "model_path"]
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "checkpoint.npz"
+SPEC_NAME = "spec.json"
 
 
 def model_path(run_dir: Path, rnd: int) -> Path:
@@ -112,9 +114,15 @@ class Recorder:
             self._audit("federation_ended", status=event.status, rounds_completed=event.summary["rounds_completed"],
                         model_sha256=event.summary["model_sha256"], reason=event.summary.get("reason"))
         elif isinstance(event, RunStarted):
+            digest = spec_digest(event.spec).hex()
+            # what an auditor replays the model history from (asagiri audit verify --models); the
+            # signed record pins it by its digest
+            atomic_write_bytes(self.run_dir / SPEC_NAME, (json.dumps(
+                {"run_id": self.run_id, "spec": event.spec, "sites": event.sites}, indent=1, sort_keys=True)
+                + "\n").encode())
             started = self._audit("run_started", run_id=self.run_id, first_round=event.first_round,
                                   resumed=event.resumed, model_sha256=event.model_sha256,
-                                  config_sha256=self.config_sha256)
+                                  config_sha256=self.config_sha256, spec_digest=digest)
             self.started_seq = started["seq"]
         elif isinstance(event, SiteJoined):
             self._audit("site_joined", site=event.site, fingerprint=event.fingerprint)

@@ -37,7 +37,10 @@ def test_w0_is_the_same_bits_at_the_coordinator_and_at_a_site_and_a_function_of_
     assert params_digest(initial_params(fed)) == params_digest(coordinator)
     other = initial_params(fed.model_copy(update={"run_id": "another-run"}))
     assert params_digest(other) != params_digest(coordinator)
-    assert initial_key(fed.run_id, spec) != initial_key(fed.run_id, {**spec, "rounds": spec["rounds"] + 1})
+    # the model's tensors decide it, not the rest of the spec: runs under one id can be compared
+    assert initial_key(fed.run_id, spec) == initial_key(fed.run_id, {**spec, "rounds": spec["rounds"] + 1})
+    wider = {**spec, "model": {**spec["model"], "width": 16}}
+    assert initial_key(fed.run_id, spec) != initial_key(fed.run_id, wider)
     # torch's default initialisation's law: uniform on +-1/sqrt(fan_in), so variance 1/(3 fan_in)
     head = coordinator["head.weight"]
     fan_in = head.shape[1]

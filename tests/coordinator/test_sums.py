@@ -17,8 +17,8 @@ from asagiri.config import FederationConfig, PolicyConfig, SecAggConfig
 from asagiri.coordinator.driver import FederationDriver
 from asagiri.coordinator.round import Phase, ProtocolViolation, RoundMachine
 from asagiri.coordinator.sessions import Sessions
-from asagiri.coordinator.sums import SumHistory
 from asagiri.observe.metrics import CoordinatorMetrics
+from asagiri.observe.sums import SumHistory
 from asagiri.policy import SitePolicy
 from asagiri.secagg.inmemory import LocalRound
 from asagiri.strategy.base import FedAvg
@@ -67,9 +67,11 @@ def test_a_site_gets_the_sums_it_missed_once_a_session(tmp_path):
     anyio.run(driver._catch_up, 3, ModelAt(0, bytes(32)))
     anyio.run(driver._catch_up, 3, ModelAt(0, bytes(32)))  # again in the same session: nothing more
     assert sent == [(3, 1), (3, 2)]
-    sessions._opened[3] = 2  # it reconnected
-    anyio.run(driver._catch_up, 3, ModelAt(1, bytes(32)))
-    assert sent == [(3, 1), (3, 2), (3, 2)]
+    sessions._opened[3] = 2  # it reconnected, between rounds: answered, not taken for a violation
+    dropped: list[int] = []
+    sessions.drop = dropped.append  # type: ignore[method-assign]
+    anyio.run(driver._handle_idle, 3, ModelAt(1, bytes(32)))
+    assert sent == [(3, 1), (3, 2), (3, 2)] and dropped == []
 
 
 def secure_round(evaluators):

@@ -22,6 +22,9 @@ from .harness import Federation
 pytestmark = pytest.mark.e2e
 
 FOUR = ["min_clients=3", "keep_models=true"]
+# One run id for the secure runs and their plain reference: W_0 is a function of the run id and
+# the model (SPEC §6.9), so both start from the same model.
+SAME_START = "run_id=faults-reference"
 
 
 def round_one(fed: Federation) -> dict[str, np.ndarray]:
@@ -41,7 +44,7 @@ def _plain_reference(root: str, sites: tuple[int, ...], enrolled: int) -> dict[s
     from pathlib import Path
 
     fed = Federation(Path(root) / f"plain-{enrolled}-{'-'.join(map(str, sites))}", sites=enrolled, rounds=1,
-                     overrides=[*FOUR, "secagg.enabled=false"])
+                     overrides=[*FOUR, SAME_START, "secagg.enabled=false"])
     try:
         fed.start_coordinator()
         for s in range(1, enrolled + 1):
@@ -56,7 +59,7 @@ def _plain_reference(root: str, sites: tuple[int, ...], enrolled: int) -> dict[s
 
 @pytest.mark.parametrize("point", ["keys", "share", "masked", "unmask", "vouch"])
 def test_a_site_killed_at_each_stage_leaves_exactly_the_survivors_sum(fed_factory, tmp_path_factory, point):
-    fed = fed_factory(point, sites=4, rounds=1, overrides=FOUR, batches=False)
+    fed = fed_factory(point, sites=4, rounds=1, overrides=[*FOUR, SAME_START], batches=False)
     fed.start_coordinator()
     for s in (1, 2, 3):
         fed.start_site(s)

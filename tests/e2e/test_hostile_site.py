@@ -30,7 +30,7 @@ pytestmark = pytest.mark.e2e
 # for a round to begin (the honest sites' start-up and first training: 10 s and more on a busy
 # machine, when it was 10 s and the coordinator dropped the waiting site for its silence).
 PLAIN = ["min_clients=3", "keep_models=true", "secagg.enabled=false", "train.max_update_norm=100",
-         "timeouts.heartbeat_timeout=300"]
+         "timeouts.heartbeat_timeout=300", "run_id=faults-reference"]  # test_faults.SAME_START: its W_0
 # One per wrong answer, and spare ones in case a reconnect misses a round's start (its handshake
 # racing the rest of the round: rarely lost, but a lost race costs a round).
 ROUNDS = 20
@@ -162,7 +162,7 @@ def test_a_hostile_site_under_secure_aggregation_is_dropped_and_the_sum_stands(f
     from asagiri.config import load_site
     from asagiri.secagg.client import ClientStateMachine
 
-    from .test_faults import FOUR, assert_exactly_the_sum_of
+    from .test_faults import FOUR, SAME_START, assert_exactly_the_sum_of
 
     # After each drop the site misses rounds while it reconnects (rounds without it take 0.06 s on
     # CI's machine, so it can miss several): enough rounds that every wrong input, then an honest
@@ -177,7 +177,7 @@ def test_a_hostile_site_under_secure_aggregation_is_dropped_and_the_sum_stands(f
     # is then only the first masking (it loads the numba kernels: a second or two of CPU a site,
     # 4.4 s in all at a load average of 8, when this deadline was 5 s).
     fed = fed_factory("hostile-secure", sites=4, rounds=rounds, batches=False, overrides=[
-        *FOUR, "timeouts.fit=30", "timeouts.secagg_stage=300", "timeouts.heartbeat_timeout=300"],
+        *FOUR, SAME_START, "timeouts.fit=30", "timeouts.secagg_stage=300", "timeouts.heartbeat_timeout=300"],
         site_settings={4: {"reconnect": {"give_up_s": 60, "initial_s": 0.001, "max_s": 0.01}}})
     plan, sent = list(MASKED), []
     honest_mask = ClientStateMachine._maybe_mask
