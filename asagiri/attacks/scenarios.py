@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from ..config import PolicyConfig, SecAggConfig
+from ..errors import Refusal
 from ..models import build
 from ..models.scatter import scattering
 from ..policy import SitePolicy
@@ -356,6 +357,115 @@ def _differencing(data: Split, s: Settings, *, batched: bool) -> InversionResult
                            time.perf_counter() - t0, {**extra, "control_mean_image_ssim": round(control.ssim_mean, 4)})
 
 
+def _trap(model: nn.Module, direction: torch.Tensor, threshold: float, scale: float) -> nn.Module:
+    """``model`` with a crafted head: class 1's logit is ``scale * (a.f - t)``, class 0's zero.  An
+    image whose projection ``a.f`` lies above ``t`` is classed 1 with certainty, below it 0, so its
+    gradient on the head is ``-f`` or zero, by which side of ``t`` it lies (either label)."""
+    trap = copy.deepcopy(model)
+    with torch.no_grad():
+        trap.head.weight.zero_()
+        trap.head.bias.zero_()
+        trap.head.weight[1] = scale * direction
+        trap.head.bias[1] = -scale * threshold
+    return trap
+
+
+CRAFTED_ROUNDS = 12  # the issue's walk: one secure round per threshold
+
+
+def _crafted(data: Split, s: Settings, *, allowed: bool) -> InversionResult:
+    """Trap weights walked over rounds (issue 27; Fowl et al. 2022, "Robbing the Fed"; Boenisch et
+    al. 2023): each round the coordinator sends six sites a ``scatter_linear`` whose head holds a
+    threshold on one projection of the features, and takes the round's secure sum (the real
+    machines).  The difference of two rounds' sums holds exactly the images whose projection lies
+    between the two thresholds; bisection finds two thresholds with one image between, whose
+    features the difference gives in closed form.  Under a policy that allows foreign models the
+    sites train on each trap; under the default (``derive_models``) every site declines a model
+    it did not derive, and the coordinator holds no sum of any trap."""
+    from ..secagg.binding import params_digest
+
+    t0 = time.perf_counter()
+    model, transform, features = _scatter_model(data, s)
+    sites = list(range(1, 7))
+    coeffs = {u: transform(data.images[u - 1 : u]).flatten(1, 2).detach() for u in sites}
+    gen = torch.Generator().manual_seed(s.seed)
+    width = model.head.weight.shape[1]
+    direction = torch.randn(width, generator=gen)
+    direction /= direction.norm()
+    scale = 1e4
+    derived = {k: v.detach().numpy() for k, v in model.state_dict().items()}  # the model the sites derived
+    sums: dict[float, list[torch.Tensor]] = {}
+    refusals: list[str] = []
+
+    def secure_round(threshold: float) -> list[torch.Tensor] | None:
+        trap = _trap(model, direction, threshold, scale)
+        sent = {k: v.detach().numpy() for k, v in trap.state_dict().items()}
+        if not allowed:  # each site's policy, as its machine checks every FitIns (SPEC §6.9)
+            policy = SitePolicy(PolicyConfig())
+            for _ in sites:
+                try:
+                    policy.check_derived("FitIns", params_digest(sent), params_digest(derived), 0)
+                except Refusal as exc:
+                    refusals.append(str(exc.rule))
+            return None
+        grads = {u: gradient_of(trap, coeffs[u], data.labels[u - 1 : u]) for u in sites}
+        flat = {u: torch.cat([g.reshape(-1) for g in gs]).numpy().astype(np.float32) for u, gs in grads.items()}
+        total, _ = _sum_over(flat, sites, None)
+        assert total is not None
+        return _unflatten(total, [g.shape for g in grads[1]])
+
+    def between(lo: float, hi: float) -> int:
+        return round(-float(sums[hi][-1][1] - sums[lo][-1][1]))
+
+    lo, hi = -4.0, 4.0  # GroupNorm gives each feature group unit variance: a unit projection rarely leaves +-4
+    interval = None
+    for t in (lo, hi):
+        got = secure_round(t)
+        if got is not None:
+            sums[t] = got
+    rounds = len(sums)
+    while sums and rounds < CRAFTED_ROUNDS:
+        n = between(lo, hi)
+        if n == 1:
+            interval = (lo, hi)
+            break
+        mid = (lo + hi) / 2
+        got = secure_round(mid)
+        assert got is not None
+        sums[mid] = got
+        rounds += 1
+        lo, hi = (lo, mid) if between(lo, mid) >= 1 else (mid, hi)
+    mean = data.images[6:].mean(0, keepdim=True)
+    projections = {u: float(direction @ features(data.images[u - 1 : u]).detach().reshape(-1)) for u in sites}
+    extra: dict[str, Any] = {"rounds": rounds}
+    if interval is None:  # refused (or no single image isolated): the attacker holds only its prior
+        target = 6
+        x = data.images[target - 1 : target]
+        image = mean
+        extra["refused"] = f"{len(refusals)} FitIns declined ({', '.join(sorted(set(refusals)))})" if refusals \
+            else "no threshold pair isolated one image"
+    else:
+        target = next(u for u, p in projections.items() if interval[0] < p <= interval[1])
+        x = data.images[target - 1 : target]
+        diff = [a - b for a, b in zip(sums[interval[1]], sums[interval[0]], strict=True)]
+        recovered = linear_input(diff[-2], diff[-1]).reshape(1, -1)
+        truth = features(x).detach()
+        extra["feature_relative_error"] = round(float((recovered - truth).norm() / truth.norm()), 6)
+        extra["interval"] = [round(v, 6) for v in interval]
+        image = invert_features(features, recovered, x.shape, bounds=BOUNDS, iterations=s.feature_iterations,
+                                seed=s.seed).detach()
+    scores = score_each(x.numpy(), image.numpy(), data_range=DATA_RANGE)
+    control = score_each(x.numpy(), mean.numpy(), data_range=DATA_RANGE)
+    name = "crafted_model" if allowed else "crafted_model_refused"
+    policy = "a policy that allows foreign models (derive_models: false)" if allowed else \
+        "the default policy (derive_models)"
+    return InversionResult(name, "scatter_linear", "trap weights walked by bisection; closed form, then ScatterNet "
+                           "inversion", f"secure sums of six sites over {rounds} rounds of crafted models, under "
+                           f"{policy}; scored against site {target}'s image", x.numpy(), image.numpy(), scores,
+                           None, time.perf_counter() - t0,
+                           {**extra, "target_site": target, "control_mean_image_ssim": round(control.ssim_mean, 4)})
+
+
 SCENARIOS: dict[str, Callable[[Split, Settings], InversionResult]] = {
     "single": _single,
     "single_dlg": _single_dlg,
@@ -368,6 +478,8 @@ SCENARIOS: dict[str, Callable[[Split, Settings], InversionResult]] = {
     "scatter_single": _scatter_single,
     "differencing": lambda d, s: _differencing(d, s, batched=False),
     "differencing_batched": lambda d, s: _differencing(d, s, batched=True),
+    "crafted_model": lambda d, s: _crafted(d, s, allowed=True),
+    "crafted_model_refused": lambda d, s: _crafted(d, s, allowed=False),
 }
 
 

@@ -117,6 +117,23 @@ def test_differencing_two_secure_sums_gives_one_sites_features_and_batches_stop_
     assert batched.extra["feature_relative_error"] > 0.1
 
 
+def test_trap_weights_walked_over_rounds_isolate_one_image_and_derived_models_refuse_them(xrays):
+    """The crafted-model scenarios (issue 27): under a policy that allows foreign models, a
+    threshold walked by bisection over at most 12 secure rounds leaves one site's image alone in
+    the difference of two sums, and its features come back exactly (compared with the features
+    computed here from that site's image); under the default policy every site declines each
+    trap, and the attacker holds nothing but its prior (the mean-image control's score)."""
+    from asagiri.attacks.scenarios import CRAFTED_ROUNDS, Settings, run_scenario
+
+    s = Settings(feature_iterations=1, groups=2)
+    allowed = run_scenario("crafted_model", xrays, s)
+    refused = run_scenario("crafted_model_refused", xrays, s)
+    assert allowed.extra["feature_relative_error"] < 1e-3 and allowed.extra["rounds"] <= CRAFTED_ROUNDS
+    assert "refused" not in allowed.extra
+    assert refused.extra["refused"] == "12 FitIns declined (derive_models)" and refused.extra["rounds"] == 0
+    assert refused.scores.ssim_mean == pytest.approx(refused.extra["control_mean_image_ssim"], abs=1e-4)
+
+
 def test_the_report_has_every_scenario_and_target(tmp_path):
     from asagiri.attacks.scenarios import SCENARIOS
     from asagiri.cli.main import main
