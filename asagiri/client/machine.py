@@ -150,7 +150,6 @@ class SiteMachine:
         # The run's model as this site derives it (policy.derive_models), kept across sessions.
         self.trajectory: Trajectory | None = None
         self._trajectory_path = trajectory_path
-        self._evaluated: set[tuple[str, bytes, str]] = set()  # (run, model, split): each evaluated once
 
     # -- a session begins ------------------------------------------------------------------------
 
@@ -230,15 +229,17 @@ class SiteMachine:
         t, secure = self.trajectory, self.secagg
         if t is None or secure is None or not self._derives():
             return []  # nothing to derive from yet: the site says where it stands once set up
-        newest = t.pending.model if t.pending is not None else t.current
-        if msg.round <= newest.round:
+        # a round after the pending one builds on it; any round after the kept one may build on
+        # the kept model (one the coordinator ran again, after a crash, in place of the pending)
+        bases = [m for m in ((t.pending.model if t.pending is not None else None), t.current)
+                 if m is not None and msg.round > m.round]
+        if not bases:
             return []  # held already
-        bases = [newest] if newest is t.current else [newest, t.current]
         problems = []
         for base in bases:
             try:
                 proven = check_record(msg, run_id=self.run_id, secagg=secure.secagg, spec_digest=secure.spec_digest,
-                                      trained_on=base.digest, peers=self.policy.peers,
+                                      trained_on=base.digest, peers=self.policy.peers, policy=self.policy,
                                       vector_len=sum(int(a.size) for a in base.params.values()) + 1)
             except RecordRefused as exc:
                 problems.append(str(exc))
@@ -254,16 +255,15 @@ class SiteMachine:
         if self._derives():
             t = self.trajectory
             digest = binding.params_digest(msg.params)
-            key = (self.run_id, digest, msg.split)
             try:
                 own = None if t is None else (digest if t.known(digest) is not None else t.current.digest)
                 self.policy.check_derived(f"EvaluateIns {msg.round} ({msg.split})", digest, own,
                                           0 if t is None else t.current.round)
-                self.policy.require(key not in self._evaluated, Rule.DERIVE_MODELS,
+                assert t is not None  # check_derived refuses while there is none
+                self.policy.require(t.evaluate(digest, msg.split), Rule.DERIVE_MODELS,
                                     f"EvaluateIns {msg.round}: this model was evaluated on {msg.split} already")
             except Refusal as exc:
                 return [Send(Decline(msg.round, 0, exc.rule, False))]
-            self._evaluated.add(key)
         return [Evaluate(msg)]
 
     def _joined(self, welcome: Welcome) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.abc
 
 from ..causes import Rule
 from ..config import FederationConfig, RunSpec
@@ -108,6 +109,7 @@ class FederationDriver:
         # The verified sums of recorded rounds: the sites derive the model from them (SPEC §6.9).
         self.sums = SumHistory(checkpoint.parent / "sums", max_bytes=2 * self.model_bytes + (1 << 20))
         self._caught_up: dict[int, int] = {}  # site -> the session whose ModelAt was answered
+        self._background: anyio.abc.TaskGroup | None = None  # where catch-ups are sent from, while run() runs
         self._attempts_path = checkpoint.parent / "attempt.json"  # the newest round attempt begun
         self.resumed = resume
         self._stage_s: dict[str, float] = {}  # the current round attempt's time per stage
@@ -185,6 +187,15 @@ class FederationDriver:
                 await self._handle_idle(*await self.sessions.receive())
 
     async def run(self) -> dict[str, Any]:
+        """Run the federation; sites catching up on missed sums are served beside the rounds."""
+        async with anyio.create_task_group() as background:
+            self._background = background
+            try:
+                return await self._rounds()
+            finally:
+                background.cancel_scope.cancel()
+
+    async def _rounds(self) -> dict[str, Any]:
         cfg = self.cfg
         t_start = time.monotonic()
         if self.start_round > cfg.rounds:
@@ -274,13 +285,21 @@ class FederationDriver:
             log.warning("site %d asked for the sums it missed twice in one session; ignored", site_id)
             return
         self._caught_up[site_id] = session
+        if self._background is not None:  # a slow or silent site holds up its own catch-up only
+            self._background.start_soon(self._send_history, site_id, msg.round)
+        else:
+            await self._send_history(site_id, msg.round)
+
+    async def _send_history(self, site_id: int, after: int) -> None:
         sent = 0
-        for record in self.sums.after(msg.round):
+        for record in self.sums.after(after):
+            if site_id not in self.sessions.connected():
+                return
             await self.sessions.send([Outbound(site_id, record)])
             sent += 1
         if sent:
-            log.info("site %d holds the model after round %d: sent it the sums of %d later rounds", site_id,
-                     msg.round, sent)
+            log.info("site %d holds the model after round %d: sent it the sums of %d later rounds", site_id, after,
+                     sent)
 
     async def _send_sum_record(self, outcome: RoundOutcome) -> None:
         """The round's verified sum, to the connected sites that neither vouched for it nor were

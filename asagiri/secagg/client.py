@@ -88,7 +88,7 @@ __all__ = ["ClientStage", "ClientStateMachine", "ReplayGuard", "SecAggRefused", 
 SecAggRefused = Refusal  # the name the runtime and the tests know this refusal by
 
 # What a malformed field surfaces as inside the checks; each becomes a ``malformed`` refusal.
-_MALFORMED = (TypeError, ValueError, KeyError, IndexError, OverflowError, msgpack.UnpackException)
+_MALFORMED = (TypeError, ValueError, KeyError, IndexError, OverflowError, struct.error, msgpack.UnpackException)
 
 
 def share_key(my_c: EphemeralKey, peer_c_pk: bytes, sender: int, recipient: int, ctx: bytes) -> bytes:

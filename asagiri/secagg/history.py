@@ -12,16 +12,19 @@ that the vouches are the survivors' own and add up to the sum.  A site that miss
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Mapping
 
 import numpy as np
 
+from ..errors import Refusal
 from ..wire.crypto import AuthenticationFailed, PublicIdentity
 from ..wire.messages import SumRecord
 from . import verify
 from .binding import RoundParams
+from .checks import SiteChecks
 from .quantize import QuantisationError
-from .rules import SecAggSettings
+from .rules import SecAggSettings, batch_map
 from .verify import VerifiedSum
 
 __all__ = ["RecordRefused", "check_record"]
@@ -37,29 +40,49 @@ def _require(ok: bool, why: str) -> None:
 
 
 def check_record(record: SumRecord, *, run_id: str, secagg: SecAggSettings, spec_digest: bytes,
-                 trained_on: bytes, vector_len: int, peers: Mapping[int, PublicIdentity]) -> VerifiedSum:
+                 trained_on: bytes, vector_len: int, peers: Mapping[int, PublicIdentity],
+                 policy: SiteChecks | None = None) -> VerifiedSum:
     """The record's sum, if every survivor's vouch verifies under its pinned key for the round
-    ``ctx`` derived with ``trained_on`` as the model, and the vouches add up to the sum."""
+    ``ctx`` derived with ``trained_on`` as the model, and the vouches add up to the sum.
+
+    ``policy``: the checking site's, whose rules a survivor list must meet as it would in a round
+    the site took part in (at least ``min_participants`` plus ``colluders`` survivors, whole
+    batches, every one pinned): a record's sum is only as honest as its vouchers, and a site that
+    assumes ``colluders`` of them work with the coordinator needs ``min_participants`` others.
+    An auditor replaying a run checks the signatures and the sums alone (``None``)."""
     participants, survivors = sorted(record.participants), sorted(record.survivors)
     _require(bool(survivors) and set(survivors) <= set(participants),
              f"survivors {survivors} are not a non-empty subset of the participants {participants}")
+    if policy is not None:
+        batches = batch_map(getattr(secagg, "batches", None))
+        floor = policy.cfg.min_participants + policy.cfg.colluders
+        try:
+            policy.require(len(survivors) >= floor, "min_participants",
+                           f"{len(survivors)} survivors, fewer than min_participants + colluders = {floor}")
+            policy.check_participants("participants", participants)
+            policy.check_whole_batches("participants", participants, batches)
+            policy.check_whole_batches("survivors", survivors, batches)
+            policy.check_pinned(participants)
+        except Refusal as exc:
+            raise RecordRefused(str(exc)) from None
     try:
         params = RoundParams.derive(
             run_id=run_id, round=record.round, attempt=record.attempt, participants=participants, secagg=secagg,
             params_digest=trained_on, fit_config=record.config, vector_len=vector_len, spec_digest=spec_digest)
-    except (QuantisationError, ValueError, TypeError) as exc:  # no plan or sharing group for this many
+        ctx = params.context
+    except (QuantisationError, ValueError, TypeError, OverflowError, struct.error) as exc:
         raise RecordRefused(f"no round of {len(participants)} participants under this spec: {exc}") from None
     total = record.total["s"]
     _require(total.shape == (vector_len,) and total.dtype == params.plan.dtype,
              f"a sum of {total.shape} {total.dtype}; the round sums {vector_len} x {np.dtype(params.plan.dtype)}")
     vouches = {int(site): (scalars, sig) for site, scalars, sig in record.vouches}
     _require(sorted(vouches) == survivors, f"vouches from sites {sorted(vouches)}; the survivors are {survivors}")
-    digest, seed, (u, v) = verify.challenge_of(params.context, total, survivors)
+    digest, seed, (u, v) = verify.challenge_of(ctx, total, survivors)
     for site, (scalars, sig) in vouches.items():
         peer = peers.get(site)
         _require(peer is not None, f"site {site} has no pinned identity key")
         try:
-            peer.verify(verify.vouch_message(params.context, seed, site, scalars), sig)
+            peer.verify(verify.vouch_message(ctx, seed, site, scalars), sig)
         except AuthenticationFailed:
             raise RecordRefused(f"site {site}'s vouch does not verify for this round on this model") from None
     (expected,) = verify.project(total, u=u, v=v)

@@ -18,6 +18,7 @@ goes on from the last one, and asks the coordinator for the sums it missed (``Mo
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,6 +79,35 @@ class Trajectory:
         self.initial_digest = params_digest(initial)
         self.current = self._resumed(initial) or Model.of(0, initial, None)
         self.pending: _Pending | None = None
+        self._evaluated = self._evaluations()  # "model digest hex:split", each evaluated once
+
+    # -- evaluations -----------------------------------------------------------------------------
+
+    @property
+    def _evaluated_path(self) -> Path | None:
+        return None if self.path is None else self.path.with_name(self.path.stem + ".evaluated.json")
+
+    def _evaluations(self) -> set[str]:
+        path = self._evaluated_path
+        try:
+            kept = json.loads(path.read_text()) if path is not None and path.exists() else {}
+        except (OSError, ValueError) as exc:
+            log.error("%s cannot be read (%s): evaluations of this run are counted from now", path, exc)
+            return set()
+        ours = isinstance(kept, dict) and kept.get("run_id") == self.run_id and \
+            kept.get("spec_digest") == self.spec_digest.hex() and isinstance(kept.get("evaluated"), list)
+        return {str(k) for k in kept["evaluated"]} if ours else set()
+
+    def evaluate(self, digest: bytes, split: str) -> bool:
+        """Whether model ``digest`` may be evaluated on ``split`` now: once each, across restarts."""
+        key = f"{digest.hex()}:{split}"
+        if key in self._evaluated:
+            return False
+        self._evaluated.add(key)
+        if (path := self._evaluated_path) is not None:
+            atomic_write_bytes(path, json.dumps({"run_id": self.run_id, "spec_digest": self.spec_digest.hex(),
+                                                 "evaluated": sorted(self._evaluated)}).encode())
+        return True
 
     def matches(self, run_id: str, spec_digest: bytes) -> bool:
         return (run_id, spec_digest) == (self.run_id, self.spec_digest)
@@ -94,11 +124,17 @@ class Trajectory:
 
     def train_on(self, digest: bytes) -> bool:
         """A FitIns names ``digest``: True if it is a model of this trajectory.  The pending model
-        named this way is committed (the coordinator trains on it, so it kept the round)."""
+        named this way is committed (the coordinator trains on it, so it kept the round); the
+        kept model named this way drops the pending step (the coordinator runs that round again:
+        it did not keep it)."""
         model = self.known(digest)
-        if model is not None and model is not self.current:
+        if model is None:
+            return False
+        if model is self.current:
+            self._drop("a FitIns names the model before it")
+        else:
             self._commit()
-        return model is not None
+        return True
 
     # -- steps -----------------------------------------------------------------------------------
 
@@ -117,10 +153,21 @@ class Trajectory:
         return True
 
     def recorded(self, rnd: int, sum_digest: bytes | None) -> None:
-        """The coordinator's signed record of round ``rnd``, naming the sum it aggregated."""
+        """The coordinator's signed record of round ``rnd``, naming the sum it aggregated: the
+        pending step of that round is kept if it is that sum's, and dropped if not (the round was
+        run again, and its kept sum comes as a ``SumRecord``)."""
         p = self.pending
-        if p is not None and p.model.round == rnd and sum_digest == p.sum_digest:
+        if p is None or p.model.round != rnd:
+            return
+        if sum_digest == p.sum_digest:
             self._commit()
+        else:
+            self._drop("the round's record names another sum")
+
+    def _drop(self, why: str) -> None:
+        if self.pending is not None:
+            log.info("the pending model after round %d is dropped: %s", self.pending.model.round, why)
+            self.pending = None
 
     def _commit(self) -> None:
         assert self.pending is not None

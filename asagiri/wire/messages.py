@@ -64,6 +64,7 @@ _MAX_NAME = 256
 _MAX_TEXT = 4096
 _MAX_RANK = 8
 MAX_SITE_ID = (1 << 31) - 1  # site ids are u31 (SPEC §2)
+MAX_ROUND = (1 << 32) - 1  # rounds are u32: the round context packs them so (SPEC §2.3, §6.1)
 
 
 class MessageError(ValueError):
@@ -287,7 +288,7 @@ class FitIns(Message):
     config: dict[str, Any]
 
     def validate(self) -> None:
-        _int(self.round, "round", lo=1)
+        _int(self.round, "round", lo=1, hi=MAX_ROUND)
         _int(self.attempt, "attempt", lo=1, hi=1 << 16)
         _params(self.params, "params")
         _scalar_map(self.config, "config")
@@ -306,7 +307,7 @@ class FitRes(Message):
     metrics: dict[str, float]
 
     def validate(self) -> None:
-        _int(self.round, "round", lo=1)
+        _int(self.round, "round", lo=1, hi=MAX_ROUND)
         _int(self.attempt, "attempt", lo=1, hi=1 << 16)
         _params(self.update, "update")
         _int(self.num_samples, "num_samples", lo=1, hi=1 << 40)
@@ -325,7 +326,7 @@ class Decline(Message):
     permanent: bool
 
     def validate(self) -> None:
-        _int(self.round, "round", lo=1)
+        _int(self.round, "round", lo=0 if self.attempt == 0 else 1, hi=MAX_ROUND)
         _int(self.attempt, "attempt", hi=1 << 16)  # 0: it declines an EvaluateIns (SPEC §6.9)
         _cause(self, "rule", Rule)
         _require(isinstance(self.permanent, bool), "permanent must be a bool")
@@ -340,7 +341,7 @@ class EvaluateIns(Message):
     split: str
 
     def validate(self) -> None:
-        _int(self.round, "round")
+        _int(self.round, "round", hi=MAX_ROUND)
         _params(self.params, "params")
         _require(self.split in ("val", "test"), "split must be 'val' or 'test'")
 
@@ -363,7 +364,7 @@ class EvaluateRes(Message):
     predictions: Params = field(default_factory=dict, repr=False)
 
     def validate(self) -> None:
-        _int(self.round, "round")
+        _int(self.round, "round", hi=MAX_ROUND)
         _require(self.split in ("val", "test"), "split must be 'val' or 'test'")
         _int(self.num_examples, "num_examples", hi=1 << 40)
         _metrics(self.metrics, "metrics")
@@ -387,7 +388,7 @@ class RoundRecord(Message):
     record: bytes = field(repr=False)
 
     def validate(self) -> None:
-        _int(self.round, "round", lo=1)
+        _int(self.round, "round", lo=1, hi=MAX_ROUND)
         _bytes(self.record, "record", max_size=MAX_RECORD_BYTES)
 
 
@@ -402,7 +403,7 @@ class RoundAborted(Message):
     detail: str
 
     def validate(self) -> None:
-        _int(self.round, "round", lo=1)
+        _int(self.round, "round", lo=1, hi=MAX_ROUND)
         _int(self.attempt, "attempt", lo=1, hi=1 << 16)
         _cause(self, "cause", AbortCause)
         _text(self.detail, "detail")
@@ -444,7 +445,7 @@ class SecAggStart(Message):
     threshold: int  # Shamir threshold t
 
     def validate(self) -> None:
-        _int(self.round, "round", lo=1)
+        _int(self.round, "round", lo=1, hi=MAX_ROUND)
         _int(self.attempt, "attempt", lo=1, hi=1 << 16)
         _ids(self.participants, "participants")
         _int(self.vector_len, "vector_len", lo=1, hi=1 << 34)
@@ -467,7 +468,7 @@ class AdvertiseKeys(Message):
     signature: bytes
 
     def validate(self) -> None:
-        _int(self.round, "round", lo=1)
+        _int(self.round, "round", lo=1, hi=MAX_ROUND)
         _int(self.attempt, "attempt", lo=1, hi=1 << 16)
         _bytes(self.c_pk, "c_pk", size=32)
         _bytes(self.s_pk, "s_pk", size=32)
@@ -485,7 +486,7 @@ class KeyRoster(Message):
     entries: list[list[Any]]  # [site_id, c_pk, s_pk, signature]
 
     def validate(self) -> None:
-        _int(self.round, "round", lo=1)
+        _int(self.round, "round", lo=1, hi=MAX_ROUND)
         _int(self.attempt, "attempt", lo=1, hi=1 << 16)
         _ids(self.advertised, "advertised")
         _require(isinstance(self.entries, list) and len(self.entries) <= 1 << 16, "entries must be a list")
@@ -510,7 +511,7 @@ class ShareKeys(Message):
     shares: list[list[Any]]  # [recipient_id, ciphertext]
 
     def validate(self) -> None:
-        _int(self.round, "round", lo=1)
+        _int(self.round, "round", lo=1, hi=MAX_ROUND)
         _int(self.attempt, "attempt", lo=1, hi=1 << 16)
         _id_bytes(self.shares, "shares")
 
@@ -523,7 +524,7 @@ class ShareDelivery(Message):
     shares: list[list[Any]]  # [sender_id, ciphertext]
 
     def validate(self) -> None:
-        _int(self.round, "round", lo=1)
+        _int(self.round, "round", lo=1, hi=MAX_ROUND)
         _int(self.attempt, "attempt", lo=1, hi=1 << 16)
         _id_bytes(self.shares, "shares")
 
@@ -539,7 +540,7 @@ class MaskedInput(Message):
     vector: Params = field(repr=False)
 
     def validate(self) -> None:
-        _int(self.round, "round", lo=1)
+        _int(self.round, "round", lo=1, hi=MAX_ROUND)
         _int(self.attempt, "attempt", lo=1, hi=1 << 16)
         _ring_vector(self.vector, "vector", "y")
 
@@ -552,7 +553,7 @@ class ConsistencyCheck(Message):
     survivors: list[int]
 
     def validate(self) -> None:
-        _int(self.round, "round", lo=1)
+        _int(self.round, "round", lo=1, hi=MAX_ROUND)
         _int(self.attempt, "attempt", lo=1, hi=1 << 16)
         _ids(self.survivors, "survivors")
 
@@ -568,7 +569,7 @@ class ConsistencySig(Message):
     signature: bytes
 
     def validate(self) -> None:
-        _int(self.round, "round", lo=1)
+        _int(self.round, "round", lo=1, hi=MAX_ROUND)
         _int(self.attempt, "attempt", lo=1, hi=1 << 16)
         _ids(self.masked_with, "masked_with")
         _bytes(self.signature, "signature", size=64)
@@ -584,7 +585,7 @@ class UnmaskRequest(Message):
     signatures: list[list[Any]]  # [site_id, masked_with [id], signature over the survivor list]
 
     def validate(self) -> None:
-        _int(self.round, "round", lo=1)
+        _int(self.round, "round", lo=1, hi=MAX_ROUND)
         _int(self.attempt, "attempt", lo=1, hi=1 << 16)
         _ids(self.survivors, "survivors")
         _ids(self.dropped, "dropped")
@@ -610,7 +611,7 @@ class UnmaskResponse(Message):
     s_shares: list[list[Any]]
 
     def validate(self) -> None:
-        _int(self.round, "round", lo=1)
+        _int(self.round, "round", lo=1, hi=MAX_ROUND)
         _int(self.attempt, "attempt", lo=1, hi=1 << 16)
         _id_bytes(self.b_shares, "b_shares", size=68)
         _id_bytes(self.s_shares, "s_shares", size=68)
@@ -629,7 +630,7 @@ class SumAnnounce(Message):
     total: Params = field(repr=False)
 
     def validate(self) -> None:
-        _int(self.round, "round", lo=1)
+        _int(self.round, "round", lo=1, hi=MAX_ROUND)
         _int(self.attempt, "attempt", lo=1, hi=1 << 16)
         _ring_vector(self.total, "total", "s")
 
@@ -645,7 +646,7 @@ class SumVouch(Message):
     signature: bytes
 
     def validate(self) -> None:
-        _int(self.round, "round", lo=1)
+        _int(self.round, "round", lo=1, hi=MAX_ROUND)
         _int(self.attempt, "attempt", lo=1, hi=1 << 16)
         _scalars(self.scalars, "scalars")
         _bytes(self.signature, "signature", size=64)
@@ -661,7 +662,7 @@ class SumProof(Message):
     vouches: list[list[Any]]  # [site_id, scalars, signature]
 
     def validate(self) -> None:
-        _int(self.round, "round", lo=1)
+        _int(self.round, "round", lo=1, hi=MAX_ROUND)
         _int(self.attempt, "attempt", lo=1, hi=1 << 16)
         _vouches(self.vouches, "vouches")
 
@@ -683,7 +684,7 @@ class SumRecord(Message):
     vouches: list[list[Any]]  # [site_id, scalars, signature]
 
     def validate(self) -> None:
-        _int(self.round, "round", lo=1)
+        _int(self.round, "round", lo=1, hi=MAX_ROUND)
         _int(self.attempt, "attempt", lo=1, hi=1 << 16)
         _ids(self.participants, "participants")
         _scalar_map(self.config, "config")
@@ -703,7 +704,7 @@ class ModelAt(Message):
     digest: bytes
 
     def validate(self) -> None:
-        _int(self.round, "round")
+        _int(self.round, "round", hi=MAX_ROUND)
         _bytes(self.digest, "digest", size=32)
 
 

@@ -70,12 +70,17 @@ def test_a_verified_step_is_pending_until_the_round_is_committed_and_only_commit
     assert t.verified(1, proven.trained_on, proven.total, proven.digest, proven.plan, 3)
     step = t.pending.model
     assert t.current.round == 0 and t.known(step.digest) is step and not path.exists()
-    t.recorded(1, b"another sum")  # a record naming another sum commits nothing
-    assert t.pending is not None
+    t.recorded(1, b"another sum")  # a record naming another sum: the round was run again without it
+    assert t.pending is None and t.current.round == 0 and not path.exists()
     # a coordinator that crashed before recording runs the round again from W_0: the step is dropped
-    t2 = Trajectory(run_id="r", spec_digest=b"s" * 32, initial=w0, strategy=strategy, path=path)
-    assert t2.verified(1, proven.trained_on, proven.total, proven.digest, proven.plan, 3)
-    assert t2.train_on(t2.current.digest) and t2.current.round == 0
+    assert t.verified(1, proven.trained_on, proven.total, proven.digest, proven.plan, 3)
+    assert t.train_on(t.current.digest) and t.current.round == 0 and t.pending is None
+    # ... and the rerun's own sum (here the same) replaces a pending step of the same round
+    assert t.verified(1, proven.trained_on, proven.total, proven.digest, proven.plan, 3)
+    assert t.verified(1, proven.trained_on, proven.total, b"the rerun's sum", proven.plan, 3)
+    assert t.pending.sum_digest == b"the rerun's sum"
+    assert t.verified(1, proven.trained_on, proven.total, proven.digest, proven.plan, 3)
+    step = t.pending.model
     # the record naming the verified sum commits it, on disk too
     t.recorded(1, proven.digest)
     assert t.pending is None and t.current is step and path.exists()
@@ -141,3 +146,23 @@ def test_a_sent_model_is_compared_bit_for_bit(tmp_path):
     m.set_up(w, None, examples=100, initial=PARAMS)
     negative_zero = {"w": np.array([-0.0, 0.0, 0.0], np.float32)}  # equal as numbers, not as bits
     assert any(isinstance(a, Send) and isinstance(a.msg, Decline) for a in m.receive(FitIns(1, 1, negative_zero, {})))
+
+
+def test_an_evaluation_of_round_0_is_declined_with_a_valid_message_and_counts_survive_a_restart(tmp_path):
+    """Red-team findings: EvaluateIns(0, ...) of a foreign model had the site build Decline(0, 0),
+    which the wire refused, and the once-per-model count lived in memory only."""
+    path = tmp_path / "trajectory.npz"
+    m, w = derived(tmp_path)
+    m._trajectory_path = path
+    m.set_up(w, None, examples=100, initial=PARAMS)
+    assert sent(m.receive(EvaluateIns(0, {"w": np.ones(3, np.float32)}, "val"))) == [
+        Decline(0, 0, Rule.DERIVE_MODELS, False)]
+    ev = EvaluateIns(0, PARAMS, "val")
+    assert m.receive(ev) == [Evaluate(ev)]
+    # the site restarts: a new machine, the same state_dir
+    m2, w2 = derived(tmp_path / "again")
+    m2._trajectory_path = path
+    m2.set_up(w2, None, examples=100, initial=PARAMS)
+    assert sent(m2.receive(EvaluateIns(1, PARAMS, "val"))) == [Decline(1, 0, Rule.DERIVE_MODELS, False)]
+    test = EvaluateIns(1, PARAMS, "test")
+    assert m2.receive(test) == [Evaluate(test)]

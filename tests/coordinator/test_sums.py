@@ -63,6 +63,7 @@ def test_a_site_gets_the_sums_it_missed_once_a_session(tmp_path):
         sent.extend((o.site, o.msg.round) for o in outbound)
 
     sessions.send = send  # type: ignore[method-assign]
+    sessions.connected = lambda: {3}  # type: ignore[method-assign]
     sessions._opened[3] = 1
     anyio.run(driver._catch_up, 3, ModelAt(0, bytes(32)))
     anyio.run(driver._catch_up, 3, ModelAt(0, bytes(32)))  # again in the same session: nothing more

@@ -233,7 +233,7 @@ MESSAGES: dict[int, tuple[str, tuple[str, ...]]] = {
 }
 TAGS = {name: tag for tag, (name, _) in MESSAGES.items()}
 
-ROUND = ("int", 1, 2**63 - 1)
+ROUND = ("int", 1, 2**32 - 1)
 ATTEMPT = ("int", 1, 65536)
 ID = ("int", 0, 2**31 - 1)
 REASON = ("str", 4096)
@@ -268,9 +268,9 @@ FIELD_TYPES: dict[int, dict[str, Any]] = {
         "metrics": ("metrics",),
     },
     22: {"round": ROUND, "attempt": ("int", 0, 65536), "rule": RULE, "permanent": ("bool",)},
-    30: {"round": ("int", 0, 2**63 - 1), "params": ("tensors",), "split": SPLIT},
+    30: {"round": ("int", 0, 2**32 - 1), "params": ("tensors",), "split": SPLIT},
     31: {
-        "round": ("int", 0, 2**63 - 1),
+        "round": ("int", 0, 2**32 - 1),
         "split": SPLIT,
         "num_examples": ("int", 0, 2**40),
         "metrics": ("metrics",),
@@ -326,7 +326,7 @@ FIELD_TYPES: dict[int, dict[str, Any]] = {
     62: {"round": ROUND, "attempt": ATTEMPT, "vouches": ("rows", (ID, ("binof", (24, 48)), ("bin", 64)))},
     63: {"round": ROUND, "attempt": ATTEMPT, "participants": ("ids",), "config": ("map",), "survivors": ("ids",),
          "total": ("tensors",), "vouches": ("rows", (ID, ("binof", (24, 48)), ("bin", 64)))},
-    64: {"round": ("int", 0, 2**63 - 1), "digest": ("bin", 32)},
+    64: {"round": ("int", 0, 2**32 - 1), "digest": ("bin", 32)},
 }
 TENSOR_FIELDS = {
     tag: [f for f, t in types.items() if t == ("tensors",)] for tag, types in FIELD_TYPES.items()

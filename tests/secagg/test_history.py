@@ -114,3 +114,34 @@ def test_a_mangled_record_is_refused_or_does_not_decode_and_never_breaks_the_che
         # a flip that left the record meaning the same (a tensor's name, say, is not checked)
         assert np.array_equal(msg.total["s"], record.total["s"]) and msg.vouches == record.vouches
     assert outcomes["refused"] > 50 and outcomes["undecodable"] > 10, outcomes
+
+
+def test_a_record_is_held_to_the_checking_sites_survivor_rules(verified_round):
+    """A red-team finding: with only the signatures checked, one enrolled site working with the
+    coordinator could vouch alone for any sum, and a non-survivor adopted it.  A record's
+    survivors must meet the checking site's own rules: at least min_participants plus colluders,
+    whole batches, every participant pinned."""
+    fed, _, record, check = verified_round
+    own = params_digest(fed.fit.params)
+    peers = check.keywords["peers"]
+    assert check(record, trained_on=own, policy=SitePolicy(PolicyConfig(require_batches=False), peers)).survivors
+    for limits, why in (({"min_participants": 5}, "min_participants"), ({"colluders": 2}, "min_participants")):
+        with pytest.raises(RecordRefused, match=why):
+            check(record, trained_on=own, policy=SitePolicy(PolicyConfig(require_batches=False, **limits), peers))
+    alone = dataclasses.replace(record, survivors=[1], vouches=[list(record.vouches[0])])
+    with pytest.raises(RecordRefused, match="min_participants"):
+        check(alone, trained_on=own, policy=SitePolicy(PolicyConfig(require_batches=False), peers))
+    # a run with participation batches: a record whose survivors split a batch is refused
+    batched = fed.secagg.model_copy(update={"batches": [[1, 2], [3, 4, 5]]})
+    with pytest.raises(RecordRefused, match="batch"):
+        check_record(record, run_id=fed.run_id, secagg=batched, spec_digest=fed.spec_digest, vector_len=DIM + 1,
+                     peers=peers, trained_on=own, policy=SitePolicy(PolicyConfig(min_participants=2), peers))
+
+
+def test_a_round_past_what_the_context_can_name_is_refused_before_it_is_sent():
+    """Another red-team finding: a round of 2^32 or more crashed the site (the round context
+    packs rounds as u32).  The wire refuses such a message before anything reads it."""
+    from asagiri.wire.messages import MessageError
+
+    with pytest.raises(MessageError, match="round"):
+        SumRecord(1 << 32, 1, [1, 2, 3], {}, [1, 2, 3], {"s": np.zeros(3, "<u4")}, [])
