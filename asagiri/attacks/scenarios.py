@@ -373,6 +373,24 @@ def _trap(model: nn.Module, direction: torch.Tensor, threshold: float, scale: fl
 CRAFTED_ROUNDS = 12  # the issue's walk: one secure round per threshold
 
 
+class _Refused(Exception):
+    """The sites declined the trap: the coordinator holds no sum of it."""
+
+
+def _bisect(between: Callable[[float, float], int]) -> tuple[float, float] | None:
+    """Two thresholds with exactly one image's projection between them, by bisection from
+    ``(-4, 4]`` (GroupNorm gives each feature group unit variance: a unit projection rarely leaves
+    it), each new threshold one more round; None if the rounds run out first."""
+    lo, hi, thresholds = -4.0, 4.0, 2
+    while thresholds <= CRAFTED_ROUNDS:
+        if between(lo, hi) == 1:
+            return lo, hi
+        mid = (lo + hi) / 2
+        thresholds += 1
+        lo, hi = (lo, mid) if between(lo, mid) >= 1 else (mid, hi)
+    return None
+
+
 def _crafted(data: Split, s: Settings, *, allowed: bool) -> InversionResult:
     """Trap weights walked over rounds (issue 27; Fowl et al. 2022, "Robbing the Fed"; Boenisch et
     al. 2023): each round the coordinator sends six sites a ``scatter_linear`` whose head holds a
@@ -415,38 +433,34 @@ def _crafted(data: Split, s: Settings, *, allowed: bool) -> InversionResult:
         return _unflatten(total, [g.shape for g in grads[1]])
 
     def between(lo: float, hi: float) -> int:
+        """Images whose projection lies in (lo, hi]: each adds -1 to the head's class-1 bias
+        gradient at ``hi`` and nothing at ``lo``, whatever its label."""
+        for t in (lo, hi):
+            if t not in sums:
+                got = secure_round(t)
+                if got is None:
+                    raise _Refused
+                sums[t] = got
         return round(-float(sums[hi][-1][1] - sums[lo][-1][1]))
 
-    lo, hi = -4.0, 4.0  # GroupNorm gives each feature group unit variance: a unit projection rarely leaves +-4
-    interval = None
-    for t in (lo, hi):
-        got = secure_round(t)
-        if got is not None:
-            sums[t] = got
-    rounds = len(sums)
-    while sums and rounds < CRAFTED_ROUNDS:
-        n = between(lo, hi)
-        if n == 1:
-            interval = (lo, hi)
-            break
-        mid = (lo + hi) / 2
-        got = secure_round(mid)
-        assert got is not None
-        sums[mid] = got
-        rounds += 1
-        lo, hi = (lo, mid) if between(lo, mid) >= 1 else (mid, hi)
-    mean = data.images[6:].mean(0, keepdim=True)
     projections = {u: float(direction @ features(data.images[u - 1 : u]).detach().reshape(-1)) for u in sites}
-    extra: dict[str, Any] = {"rounds": rounds}
-    if interval is None:  # refused (or no single image isolated): the attacker holds only its prior
-        target = 6
-        x = data.images[target - 1 : target]
+    mean = data.images[6:].mean(0, keepdim=True)
+    extra: dict[str, Any] = {}
+    try:
+        interval = _bisect(between)
+    except _Refused:
+        # the attacker holds no sum of any trap, only its prior; scored against the image the same
+        # walk isolates when the sites allow it (found here from the true projections)
+        interval = _bisect(lambda lo, hi: sum(lo < p <= hi for p in projections.values()))
+        extra["refused"] = f"{len(refusals)} FitIns declined ({', '.join(sorted(set(refusals)))})"
+    extra["rounds"] = len(sums)
+    if interval is None:
+        raise RuntimeError(f"no threshold pair isolates one image within {CRAFTED_ROUNDS} rounds")
+    target = next(u for u, p in projections.items() if interval[0] < p <= interval[1])
+    x = data.images[target - 1 : target]
+    if "refused" in extra:
         image = mean
-        extra["refused"] = f"{len(refusals)} FitIns declined ({', '.join(sorted(set(refusals)))})" if refusals \
-            else "no threshold pair isolated one image"
     else:
-        target = next(u for u, p in projections.items() if interval[0] < p <= interval[1])
-        x = data.images[target - 1 : target]
         diff = [a - b for a, b in zip(sums[interval[1]], sums[interval[0]], strict=True)]
         recovered = linear_input(diff[-2], diff[-1]).reshape(1, -1)
         truth = features(x).detach()
@@ -460,8 +474,8 @@ def _crafted(data: Split, s: Settings, *, allowed: bool) -> InversionResult:
     policy = "a policy that allows foreign models (derive_models: false)" if allowed else \
         "the default policy (derive_models)"
     return InversionResult(name, "scatter_linear", "trap weights walked by bisection; closed form, then ScatterNet "
-                           "inversion", f"secure sums of six sites over {rounds} rounds of crafted models, under "
-                           f"{policy}; scored against site {target}'s image", x.numpy(), image.numpy(), scores,
+                           "inversion", f"secure sums of six sites over {extra['rounds']} rounds of crafted models, under "
+                           f"{policy}; scored against site {target}'s image, the one the walk isolates", x.numpy(), image.numpy(), scores,
                            None, time.perf_counter() - t0,
                            {**extra, "target_site": target, "control_mean_image_ssim": round(control.ssim_mean, 4)})
 

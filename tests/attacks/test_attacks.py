@@ -130,7 +130,8 @@ def test_trap_weights_walked_over_rounds_isolate_one_image_and_derived_models_re
     refused = run_scenario("crafted_model_refused", xrays, s)
     assert allowed.extra["feature_relative_error"] < 1e-3 and allowed.extra["rounds"] <= CRAFTED_ROUNDS
     assert "refused" not in allowed.extra
-    assert refused.extra["refused"] == "12 FitIns declined (derive_models)" and refused.extra["rounds"] == 0
+    assert refused.extra["refused"] == "6 FitIns declined (derive_models)" and refused.extra["rounds"] == 0
+    assert refused.extra["target_site"] == allowed.extra["target_site"]  # scored against the same image
     assert refused.scores.ssim_mean == pytest.approx(refused.extra["control_mean_image_ssim"], abs=1e-4)
 
 
