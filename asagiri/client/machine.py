@@ -39,14 +39,10 @@ from ..config import RunSpec
 from ..errors import Refusal
 from ..params import Params, params_digest
 from ..policy import SitePolicy
-from ..secagg import binding
 from ..secagg.binding import spec_digest
 from ..secagg.client import ClientStateMachine
-from ..secagg.history import RecordRefused, check_record
 from ..secagg.replay import ReplayGuard
-from ..secagg.verify import VerifiedSum
 from ..site.receipts import RoundWitness
-from ..site.trajectory import Trajectory
 from ..wire.crypto import Identity
 from ..wire.errors import RemoteProtocolError
 from ..wire.messages import (
@@ -60,7 +56,6 @@ from ..wire.messages import (
     KeyRoster,
     MaskedInput,
     Message,
-    ModelAt,
     RoundAborted,
     RoundRecord,
     SecAggStart,
@@ -73,6 +68,7 @@ from ..wire.messages import (
     UnmaskResponse,
     Welcome,
 )
+from .derived import DerivedModels
 
 __all__ = ["Action", "End", "Evaluate", "Send", "SetUp", "SiteMachine", "Train"]
 
@@ -147,9 +143,8 @@ class SiteMachine:
         self._declined: set[tuple[str, int, int]] = set()
         self._started: set[tuple[int, int]] = set()  # SecAggStart received, this session
         self._held: _Held | None = None
-        # The run's model as this site derives it (policy.derive_models), kept across sessions.
-        self.trajectory: Trajectory | None = None
-        self._trajectory_path = trajectory_path
+        # The run's models as this site derives them (policy.derive_models), kept across sessions.
+        self.models = DerivedModels(policy, trajectory_path)
 
     # -- a session begins ------------------------------------------------------------------------
 
@@ -184,86 +179,28 @@ class SiteMachine:
             return out + self._refuse_run(exc)
         return self._derive(welcome, initial)
 
-    # -- the model this site derives (SPEC §6.9) -------------------------------------------------
-
-    def _derives(self) -> bool:
-        return self.spec is not None and self.policy.derives_models(self.spec.secagg.enabled)
-
     def _derive(self, welcome: Welcome, initial: Params | None) -> list[Action]:
-        """Start (or go on with) this run's trajectory; check the FitIns accepted while setting up;
-        tell the coordinator where this site stands, so it sends the sums this site missed."""
-        spec = self.spec
-        if spec is None or initial is None or not self._derives():
+        """Start (or go on with) this run's trajectory (SPEC §6.9); check the FitIns accepted
+        while setting up; say where the site stands, so the coordinator sends the sums it missed."""
+        if self.spec is None or initial is None or (at := self.models.start(welcome, self.spec, initial)) is None:
             return []
-        digest = spec_digest(welcome.spec)
-        t = self.trajectory
-        if t is None or not t.matches(welcome.run_id, digest):
-            t = self.trajectory = Trajectory(run_id=welcome.run_id, spec_digest=digest, initial=initial,
-                                             strategy=spec.strategy, path=self._trajectory_path)
         out: list[Action] = []
         if self._untrained is not None and self._untrained == self._latest_fit and self._latest_binding is not None:
             out += self._check_model(*self._untrained, self._latest_binding[0])
-        return [*out, Send(ModelAt(t.current.round, t.current.digest))]
+        return [*out, Send(at)]
 
     def _check_model(self, rnd: int, attempt: int, digest: bytes) -> list[Action]:
-        """A FitIns's model must be this site's own (committing a pending step it names)."""
-        t = self.trajectory
-        assert t is not None
         try:
-            self.policy.check_derived(f"FitIns {rnd}.{attempt}", digest, digest if t.train_on(digest) else
-                                      t.current.digest, t.current.round)
+            self.models.check_fit(rnd, attempt, digest)
         except Refusal as exc:
             return self._decline(rnd, attempt, exc.rule, permanent=False)
         return []
 
-    def _adopt(self, proven: VerifiedSum) -> None:
-        t = self.trajectory
-        if t is None or not self._derives():
-            return
-        if not t.verified(proven.round, proven.trained_on, proven.total, proven.digest, proven.plan,
-                          len(proven.survivors)):
-            log.warning("round %d: a verified sum on a model this site does not hold; not stepped to", proven.round)
-
-    def _sum_record(self, msg: SumRecord) -> list[Action]:
-        """A round this site was not a survivor of: check its sum from the pinned keys, and step."""
-        t, secure = self.trajectory, self.secagg
-        if t is None or secure is None or not self._derives():
-            return []  # nothing to derive from yet: the site says where it stands once set up
-        # a round after the pending one builds on it; any round after the kept one may build on
-        # the kept model (one the coordinator ran again, after a crash, in place of the pending)
-        bases = [m for m in ((t.pending.model if t.pending is not None else None), t.current)
-                 if m is not None and msg.round > m.round]
-        if not bases:
-            return []  # held already
-        problems = []
-        for base in bases:
-            try:
-                proven = check_record(msg, run_id=self.run_id, secagg=secure.secagg, spec_digest=secure.spec_digest,
-                                      trained_on=base.digest, peers=self.policy.peers, policy=self.policy,
-                                      vector_len=sum(int(a.size) for a in base.params.values()) + 1)
-            except RecordRefused as exc:
-                problems.append(str(exc))
-                continue
-            self._adopt(proven)
-            return []
-        log.warning("round %d.%d: the coordinator's sum record does not prove a step from this site's model, "
-                    "ignored: %s", msg.round, msg.attempt, "; ".join(problems))
-        return []
-
     def _evaluate(self, msg: EvaluateIns) -> list[Action]:
-        """Evaluate only a model this site derived, each once per split."""
-        if self._derives():
-            t = self.trajectory
-            digest = binding.params_digest(msg.params)
-            try:
-                own = None if t is None else (digest if t.known(digest) is not None else t.current.digest)
-                self.policy.check_derived(f"EvaluateIns {msg.round} ({msg.split})", digest, own,
-                                          0 if t is None else t.current.round)
-                assert t is not None  # check_derived refuses while there is none
-                self.policy.require(t.evaluate(digest, msg.split), Rule.DERIVE_MODELS,
-                                    f"EvaluateIns {msg.round}: this model was evaluated on {msg.split} already")
-            except Refusal as exc:
-                return [Send(Decline(msg.round, 0, exc.rule, False))]
+        try:
+            self.models.check_evaluate(msg)
+        except Refusal as exc:
+            return [Send(Decline(msg.round, 0, exc.rule, False))]
         return [Evaluate(msg)]
 
     def _joined(self, welcome: Welcome) -> None:
@@ -281,9 +218,11 @@ class SiteMachine:
                     spec_digest=digest, policy=self.policy, replay=self.replay,
                 )
         self.witness.joined(welcome.run_id)
+        self.models.joined(spec)
 
     def _refuse_run(self, exc: Refusal) -> list[Action]:
         self.refusal, self.spec = exc, None
+        self.models.joined(None)
         log.error("this site will not take part in run %s: %s", self.run_id, exc)
         return []
 
@@ -308,14 +247,15 @@ class SiteMachine:
         if isinstance(msg, EvaluateIns):
             return self._evaluate(msg)
         if isinstance(msg, SumRecord):
-            return self._sum_record(msg)
+            self.models.sum_record(msg, self.secagg, self.run_id)
+            return []
         if isinstance(msg, RoundRecord):
             try:
                 rec = self.witness.record(self.run_id, msg)
             except Refusal:
                 return []  # logged and kept as evidence; every later FitIns of this run is declined for good
-            if rec is not None and self.trajectory is not None and isinstance(rec.get("sum_blake3"), str):
-                self.trajectory.recorded(msg.round, bytes.fromhex(rec["sum_blake3"]))
+            if rec is not None:
+                self.models.recorded(msg.round, rec.get("sum_blake3"))
             return []
         if isinstance(msg, RoundAborted):
             log.warning("round %d attempt %d aborted (%s): %s", msg.round, msg.attempt, msg.cause, msg.detail)
@@ -363,8 +303,7 @@ class SiteMachine:
             return self._decline(msg.round, msg.attempt, exc.rule, permanent=False)
         binding_ = secure.fit_binding
         assert binding_ is not None  # the FitIns was just accepted
-        if self._derives() and self.trajectory is not None and (
-                declined := self._check_model(msg.round, msg.attempt, binding_[0])):
+        if self.models.ready and (declined := self._check_model(msg.round, msg.attempt, binding_[0])):
             return declined
         self._latest_fit, self._latest_binding = (msg.round, msg.attempt), binding_
         self._held = None
@@ -405,7 +344,7 @@ class SiteMachine:
         if isinstance(about, SumProof) and (proven := self.secagg.verified if self.secagg else None) is not None \
                 and (proven.round, proven.attempt) == (about.round, about.attempt):
             self.witness.verified(self.run_id, about.round, about.attempt, proven.digest)
-            self._adopt(proven)
+            self.models.adopt(proven)
         return [Send(r) for r in replies]
 
     # -- what the training thread finishes -------------------------------------------------------

@@ -153,7 +153,7 @@ def test_an_evaluation_of_round_0_is_declined_with_a_valid_message_and_counts_su
     which the wire refused, and the once-per-model count lived in memory only."""
     path = tmp_path / "trajectory.npz"
     m, w = derived(tmp_path)
-    m._trajectory_path = path
+    m.models.path = path
     m.set_up(w, None, examples=100, initial=PARAMS)
     assert sent(m.receive(EvaluateIns(0, {"w": np.ones(3, np.float32)}, "val"))) == [
         Decline(0, 0, Rule.DERIVE_MODELS, False)]
@@ -161,7 +161,7 @@ def test_an_evaluation_of_round_0_is_declined_with_a_valid_message_and_counts_su
     assert m.receive(ev) == [Evaluate(ev)]
     # the site restarts: a new machine, the same state_dir
     m2, w2 = derived(tmp_path / "again")
-    m2._trajectory_path = path
+    m2.models.path = path
     m2.set_up(w2, None, examples=100, initial=PARAMS)
     assert sent(m2.receive(EvaluateIns(1, PARAMS, "val"))) == [Decline(1, 0, Rule.DERIVE_MODELS, False)]
     test = EvaluateIns(1, PARAMS, "test")

@@ -1,0 +1,120 @@
+"""The site's side of derived models (protocol/SPEC.md §6.9): its trajectory in the run, and every
+check of a model the coordinator sends against it.
+
+Sans-IO like the machine that holds it (``machine.py``): a check that fails raises
+:class:`~asagiri.errors.Refusal` through the site's policy (rule ``derive_models``), and the
+machine answers it with a ``Decline``.  The trajectory itself (``site/trajectory.py``) keeps the
+committed model on disk.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from ..causes import Rule
+from ..config import RunSpec
+from ..params import Params
+from ..policy import SitePolicy
+from ..secagg.binding import params_digest, spec_digest
+from ..secagg.client import ClientStateMachine
+from ..secagg.history import RecordRefused, check_record
+from ..secagg.verify import VerifiedSum
+from ..site.trajectory import Trajectory
+from ..wire.messages import EvaluateIns, ModelAt, SumRecord, Welcome
+
+__all__ = ["DerivedModels"]
+
+log = logging.getLogger(__name__)
+
+
+class DerivedModels:
+    def __init__(self, policy: SitePolicy, path: Path | None) -> None:
+        self.policy = policy
+        self.path = path
+        self.trajectory: Trajectory | None = None  # kept across sessions of one run
+        self.active = False  # this run has the site derive its models
+
+    def joined(self, spec: RunSpec | None) -> None:
+        """A Welcome was answered (``spec``: the run accepted, or None)."""
+        self.active = spec is not None and self.policy.derives_models(spec.secagg.enabled)
+
+    @property
+    def ready(self) -> bool:
+        """Deriving, and set up: a model can be checked now."""
+        return self.active and self.trajectory is not None
+
+    def start(self, welcome: Welcome, spec: RunSpec, initial: Params) -> ModelAt | None:
+        """Set-up ended with ``W_0`` as this site derives it: start (or go on with) the run's
+        trajectory, and say where it stands, so the coordinator sends the sums it missed."""
+        if not self.active:
+            return None
+        digest = spec_digest(welcome.spec)
+        t = self.trajectory
+        if t is None or not t.matches(welcome.run_id, digest):
+            t = self.trajectory = Trajectory(run_id=welcome.run_id, spec_digest=digest, initial=initial,
+                                             strategy=spec.strategy, path=self.path)
+        return ModelAt(t.current.round, t.current.digest)
+
+    def check_fit(self, rnd: int, attempt: int, digest: bytes) -> None:
+        """A FitIns's model must be this site's own (a pending step it names is kept)."""
+        t = self.trajectory
+        assert t is not None
+        ours = t.train_on(digest)
+        self.policy.check_derived(f"FitIns {rnd}.{attempt}", digest, digest if ours else t.current.digest,
+                                  t.current.round)
+
+    def check_evaluate(self, msg: EvaluateIns) -> None:
+        """Evaluate only a model this site derived, each once per split (across restarts)."""
+        if not self.active:
+            return
+        t = self.trajectory
+        digest = params_digest(msg.params)
+        own = None if t is None else (digest if t.known(digest) is not None else t.current.digest)
+        self.policy.check_derived(f"EvaluateIns {msg.round} ({msg.split})", digest, own,
+                                  0 if t is None else t.current.round)
+        assert t is not None  # check_derived refuses while there is none
+        self.policy.require(t.evaluate(digest, msg.split), Rule.DERIVE_MODELS,
+                            f"EvaluateIns {msg.round}: this model was evaluated on {msg.split} already")
+
+    def adopt(self, proven: VerifiedSum) -> None:
+        """A sum this site verified becomes the pending step, if it was trained on a model it holds."""
+        t = self.trajectory
+        if not self.ready or t is None:
+            return
+        if not t.verified(proven.round, proven.trained_on, proven.total, proven.digest, proven.plan,
+                          len(proven.survivors)):
+            log.warning("round %d: a verified sum on a model this site does not hold; not stepped to", proven.round)
+
+    def sum_record(self, msg: SumRecord, secure: ClientStateMachine | None, run_id: str) -> None:
+        """A round this site was not a survivor of: check its sum from the pinned keys, and step."""
+        t = self.trajectory
+        if not self.ready or t is None or secure is None:
+            return  # nothing to derive from yet: the site says where it stands once set up
+        # a round after the pending one builds on it; any round after the kept one may build on
+        # the kept model (one the coordinator ran again, after a crash, in place of the pending)
+        bases = [m for m in ((t.pending.model if t.pending is not None else None), t.current)
+                 if m is not None and msg.round > m.round]
+        problems = []
+        for base in bases:
+            try:
+                proven = check_record(msg, run_id=run_id, secagg=secure.secagg, spec_digest=secure.spec_digest,
+                                      trained_on=base.digest, peers=self.policy.peers, policy=self.policy,
+                                      vector_len=sum(int(a.size) for a in base.params.values()) + 1)
+            except RecordRefused as exc:
+                problems.append(str(exc))
+                continue
+            self.adopt(proven)
+            return
+        if problems:
+            log.warning("round %d.%d: the coordinator's sum record does not prove a step from this site's model, "
+                        "ignored: %s", msg.round, msg.attempt, "; ".join(problems))
+
+    def recorded(self, rnd: int, sum_blake3: object) -> None:
+        """The coordinator's signed record of round ``rnd`` names the sum it kept."""
+        if self.trajectory is not None and isinstance(sum_blake3, str):
+            try:
+                named = bytes.fromhex(sum_blake3)
+            except ValueError:
+                return
+            self.trajectory.recorded(rnd, named)
