@@ -37,6 +37,7 @@ from functools import partial
 import numpy as np
 
 from asagiri.config import PolicyConfig, SecAggConfig
+from asagiri.config.spec import SpecStrategy
 from asagiri.policy import Refusal, SitePolicy
 from asagiri.secagg import verify
 from asagiri.secagg.binding import params_digest
@@ -45,6 +46,7 @@ from asagiri.secagg.prg import DEFAULT_PRG, PRGS, expand_into
 from asagiri.secagg.quantize import QuantPlan
 from asagiri.secagg.rules import sharing_group
 from asagiri.secagg.server import ServerStage
+from asagiri.site.trajectory import next_model
 from asagiri.wire import codec
 from asagiri.wire.crypto import Identity
 from asagiri.wire.messages import FitRes
@@ -300,6 +302,9 @@ def run(clients: int, dim: int, dropout: float, graph: str, repeat: int, shares:
     bind_s = time.perf_counter() - t
     total = np.zeros(dim + 1, dtype=plan.dtype)
     t = time.perf_counter()
+    next_model(model, None, total, plan, SpecStrategy(), clients)
+    derive_s = time.perf_counter() - t  # a site's step to the next model from a verified sum (SPEC §6.9)
+    t = time.perf_counter()
     seed = verify.challenge_seed(b"ctx", verify.sum_digest(total), list(range(clients)))
     verify.challenge(seed, dim + 1)
     announce_s = time.perf_counter() - t  # the coordinator's, inside server_unmask
@@ -318,6 +323,7 @@ def run(clients: int, dim: int, dropout: float, graph: str, repeat: int, shares:
         "ratio_to_plain": round(statistics.median(secure) / statistics.median(plain), 2),
         "prg_floor_s": round(statistics.median(floors), 5),
         "bind_s_per_site": round(bind_s, 5),  # hashing the global model into the round digest
+        "derive_s_per_site": round(derive_s, 5),
         "verify_s": round(verify_s, 5),  # the verified sum's stage, all sites and the coordinator
         "verify_share": round(verify_s / statistics.median(secure), 4),
         "keystream_GBps": round(throughput / 1e9, 2),
