@@ -21,6 +21,7 @@ from ..secagg.client import ClientStateMachine
 from ..secagg.history import RecordRefused, check_record
 from ..secagg.verify import VerifiedSum
 from ..site.trajectory import Trajectory
+from ..wire.crypto import blake2b
 from ..wire.messages import EvaluateIns, ModelAt, SumRecord, Welcome
 
 __all__ = ["DerivedModels"]
@@ -29,9 +30,9 @@ log = logging.getLogger(__name__)
 
 
 class DerivedModels:
-    def __init__(self, policy: SitePolicy, path: Path | None) -> None:
+    def __init__(self, policy: SitePolicy, folder: Path | None) -> None:
         self.policy = policy
-        self.path = path
+        self.folder = folder  # where each run's trajectory is kept (None: in memory only)
         self.trajectory: Trajectory | None = None  # kept across sessions of one run
         self.active = False  # this run has the site derive its models
 
@@ -52,8 +53,11 @@ class DerivedModels:
         digest = spec_digest(welcome.spec)
         t = self.trajectory
         if t is None or not t.matches(welcome.run_id, digest):
+            # one file per run: a detour through another run neither resets nor forgets this one's
+            name = blake2b(welcome.run_id.encode() + b"\0" + digest, person=b"asagiri-trajfile", size=8).hex()
+            path = None if self.folder is None else self.folder / f"trajectory-{name}.npz"
             t = self.trajectory = Trajectory(run_id=welcome.run_id, spec_digest=digest, initial=initial,
-                                             strategy=spec.strategy, path=self.path)
+                                             strategy=spec.strategy, path=path)
         return ModelAt(t.current.round, t.current.digest)
 
     def check_fit(self, rnd: int, attempt: int, digest: bytes) -> None:

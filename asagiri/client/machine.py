@@ -127,7 +127,7 @@ class SiteMachine:
     """One site's side of the rounds, across its sessions and runs."""
 
     def __init__(self, *, site_id: int, identity: Identity, policy: SitePolicy, replay: ReplayGuard,
-                 witness: RoundWitness, trajectory_path: Path | None = None) -> None:
+                 witness: RoundWitness, trajectory_dir: Path | None = None) -> None:
         self.site_id = site_id
         self.identity = identity
         self.policy = policy
@@ -144,7 +144,7 @@ class SiteMachine:
         self._started: set[tuple[int, int]] = set()  # SecAggStart received, this session
         self._held: _Held | None = None
         # The run's models as this site derives them (policy.derive_models), kept across sessions.
-        self.models = DerivedModels(policy, trajectory_path)
+        self.models = DerivedModels(policy, trajectory_dir)
 
     # -- a session begins ------------------------------------------------------------------------
 

@@ -56,7 +56,7 @@ class Site:
         witness = RoundWitness(receipts, self.coordinator, cfg.site_id, policy)
         machine = SiteMachine(site_id=cfg.site_id, identity=self.identity, policy=policy,
                               replay=PersistentReplayGuard(cfg.state_dir / "secagg_rounds.json"), witness=witness,
-                              trajectory_path=cfg.state_dir / "trajectory.npz")
+                              trajectory_dir=cfg.state_dir)
         self.kept = Kept(policy, machine, witness, SiteMetrics(CollectorRegistry()),
                          TrainingProgress() if progress else None)
         if cfg.policy.min_participants < 3:

@@ -109,6 +109,7 @@ class FederationDriver:
         # The verified sums of recorded rounds: the sites derive the model from them (SPEC §6.9).
         self.sums = SumHistory(checkpoint.parent / "sums", max_bytes=2 * self.model_bytes + (1 << 20))
         self._caught_up: dict[int, int] = {}  # site -> the session whose ModelAt was answered
+        self._catching_up: dict[int, anyio.CancelScope] = {}  # site -> its catch-up in progress (one at a time)
         self._background: anyio.abc.TaskGroup | None = None  # where catch-ups are sent from, while run() runs
         self._attempts_path = checkpoint.parent / "attempt.json"  # the newest round attempt begun
         self.resumed = resume
@@ -285,18 +286,26 @@ class FederationDriver:
             log.warning("site %d asked for the sums it missed twice in one session; ignored", site_id)
             return
         self._caught_up[site_id] = session
+        if (earlier := self._catching_up.pop(site_id, None)) is not None:
+            earlier.cancel()  # the site's previous session's catch-up: that session is gone
         if self._background is not None:  # a slow or silent site holds up its own catch-up only
-            self._background.start_soon(self._send_history, site_id, msg.round)
+            self._background.start_soon(self._send_history, site_id, session, msg.round)
         else:
-            await self._send_history(site_id, msg.round)
+            await self._send_history(site_id, session, msg.round)
 
-    async def _send_history(self, site_id: int, after: int) -> None:
+    async def _send_history(self, site_id: int, session: int, after: int) -> None:
         sent = 0
-        for record in self.sums.after(after):
-            if site_id not in self.sessions.connected():
-                return
-            await self.sessions.send([Outbound(site_id, record)])
-            sent += 1
+        with anyio.CancelScope() as scope:
+            self._catching_up[site_id] = scope
+            try:
+                for record in self.sums.after(after):
+                    if self.sessions.session_number(site_id) != session or site_id not in self.sessions.connected():
+                        return
+                    await self.sessions.send([Outbound(site_id, record)])
+                    sent += 1
+            finally:
+                if self._catching_up.get(site_id) is scope:
+                    del self._catching_up[site_id]
         if sent:
             log.info("site %d holds the model after round %d: sent it the sums of %d later rounds", site_id, after,
                      sent)

@@ -55,7 +55,8 @@ def check_record(record: SumRecord, *, run_id: str, secagg: SecAggSettings, spec
              f"survivors {survivors} are not a non-empty subset of the participants {participants}")
     if policy is not None:
         batches = batch_map(getattr(secagg, "batches", None))
-        floor = policy.cfg.min_participants + policy.cfg.colluders
+        # the run's colluders as well as this site's, as the quorum of a round it takes part in
+        floor = policy.cfg.min_participants + max(policy.cfg.colluders, int(getattr(secagg, "colluders", 0)))
         try:
             policy.require(len(survivors) >= floor, "min_participants",
                            f"{len(survivors)} survivors, fewer than min_participants + colluders = {floor}")

@@ -151,9 +151,8 @@ def test_a_sent_model_is_compared_bit_for_bit(tmp_path):
 def test_an_evaluation_of_round_0_is_declined_with_a_valid_message_and_counts_survive_a_restart(tmp_path):
     """Red-team findings: EvaluateIns(0, ...) of a foreign model had the site build Decline(0, 0),
     which the wire refused, and the once-per-model count lived in memory only."""
-    path = tmp_path / "trajectory.npz"
     m, w = derived(tmp_path)
-    m.models.path = path
+    m.models.folder = tmp_path
     m.set_up(w, None, examples=100, initial=PARAMS)
     assert sent(m.receive(EvaluateIns(0, {"w": np.ones(3, np.float32)}, "val"))) == [
         Decline(0, 0, Rule.DERIVE_MODELS, False)]
@@ -161,8 +160,29 @@ def test_an_evaluation_of_round_0_is_declined_with_a_valid_message_and_counts_su
     assert m.receive(ev) == [Evaluate(ev)]
     # the site restarts: a new machine, the same state_dir
     m2, w2 = derived(tmp_path / "again")
-    m2.models.path = path
+    m2.models.folder = tmp_path
     m2.set_up(w2, None, examples=100, initial=PARAMS)
     assert sent(m2.receive(EvaluateIns(1, PARAMS, "val"))) == [Decline(1, 0, Rule.DERIVE_MODELS, False)]
     test = EvaluateIns(1, PARAMS, "test")
     assert m2.receive(test) == [Evaluate(test)]
+
+
+def test_each_run_keeps_its_own_trajectory_and_evaluations(tmp_path):
+    """A red-team finding: one trajectory file for every run let a detour through another run id
+    reset the first run's model to W_0 and forget its evaluations."""
+    from asagiri.client.derived import DerivedModels
+    from asagiri.config import RunSpec
+    from asagiri.errors import Refusal
+
+    spec = RunSpec.of(FederationConfig())
+    models = DerivedModels(SitePolicy(PolicyConfig()), tmp_path)
+    models.joined(spec)
+    ins = EvaluateIns(1, PARAMS, "val")
+    models.start(Welcome("run-a", 0, 3, spec.wire()), spec, PARAMS)
+    models.check_evaluate(ins)  # run a's first evaluation of W_0
+    models.start(Welcome("run-b", 0, 3, spec.wire()), spec, PARAMS)
+    models.check_evaluate(ins)  # run b counts its own
+    models.start(Welcome("run-a", 0, 3, spec.wire()), spec, PARAMS)
+    with pytest.raises(Refusal, match="evaluated on val already"):
+        models.check_evaluate(ins)  # run a's count survived the detour through run b
+    assert len(list(tmp_path.glob("trajectory-*.evaluated.json"))) == 2

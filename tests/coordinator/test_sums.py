@@ -75,6 +75,41 @@ def test_a_site_gets_the_sums_it_missed_once_a_session(tmp_path):
     assert sent == [(3, 1), (3, 2), (3, 2)] and dropped == []
 
 
+def test_a_reconnecting_site_has_one_catch_up_at_a_time(tmp_path):
+    """A red-team finding: a site that reads nothing and reconnects again and again piled up one
+    blocked catch-up per session, each holding a sum.  A new session's catch-up cancels the last."""
+    cfg = FederationConfig.model_validate({"rounds": 3})
+    sessions = Sessions(cfg.timeouts, CoordinatorMetrics(CollectorRegistry()), capacity=8)
+    driver = FederationDriver(cfg, sessions, lambda event: None, initial={"w": np.zeros(4, np.float32)},
+                              checkpoint=tmp_path / "checkpoint.npz")
+    for rnd in (1, 2):
+        driver.sums.keep(record(rnd))
+    blocked = []
+
+    async def stuck(outbound):  # the site reads nothing: every send waits
+        blocked.append(outbound[0].msg.round)
+        try:
+            await anyio.sleep_forever()
+        finally:
+            blocked.remove(outbound[0].msg.round)
+
+    sessions.send = stuck  # type: ignore[method-assign]
+    sessions.connected = lambda: {3}  # type: ignore[method-assign]
+
+    async def scenario():
+        async with anyio.create_task_group() as tg:
+            driver._background = tg
+            for session in range(1, 6):
+                sessions._opened[3] = session
+                await driver._catch_up(3, ModelAt(0, bytes(32)))
+                await anyio.wait_all_tasks_blocked()
+                assert blocked == [1] and len(driver._catching_up) == 1, (session, blocked)
+            tg.cancel_scope.cancel()
+
+    anyio.run(scenario)
+    assert blocked == [] and driver._catching_up == {}
+
+
 def secure_round(evaluators):
     """A round machine whose secure-aggregation machine ran an honest round of sites 1-3."""
     fed = LocalRound(ids=[1, 2, 3], dim=4, secagg=SecAggConfig(), min_clients=3,
