@@ -103,7 +103,10 @@ class PolicyConfig(_Strict):
     whatever this says.  ``derive_models``: in a run with secure aggregation, train and evaluate
     only models this site derived itself: ``W_0`` from the run's id and spec, and each next model
     from a sum it verified, by the run's server step (docs/secagg.md, "Derived models"); a
-    ``FitIns`` or ``EvaluateIns`` carrying any other weights is declined.  ``report_privacy``: send epsilon and sigma with evaluation results.  ``count``: the sample
+    ``FitIns`` or ``EvaluateIns`` carrying any other weights is declined.  It holds against a
+    coordinator with no colluding survivor (``colluders`` does not extend to it: a colluding
+    survivor can vouch for any sum).  ``report_privacy``: send epsilon and sigma with evaluation
+    results.  ``count``: the sample
     count this site puts in every sum and validation result: ``one`` (its update weighs as much
     as any other site's; its size never leaves it), ``pow2`` (its size rounded down to a power of
     two), ``exact`` (FedAvg's sample weighting, and the size readable by differencing two rounds
