@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .derived_vectors import derived_vectors
 from .record_vectors import record_vectors
 from .secagg_vectors import binding_vector, deterministic_rng, round_vectors, secagg_vectors, shamir_vectors
 from .wire_vectors import aead_vectors, frame_vectors, handshake_vector, keystream_vectors, message_vectors
@@ -37,6 +38,7 @@ VECTORS: dict[str, Callable[[], Any]] = {
     "binding.json": binding_vector,
     "secagg_round.json": round_vectors,
     "record.json": record_vectors,
+    "derived.json": derived_vectors,
 }
 
 

@@ -1430,3 +1430,28 @@ def check_round_record(record: dict[str, Any], run_id: str, rnd: int) -> None:
         require(isinstance(value, list) and all(is_int(x) for x in value), key)
     for key in ("declined", "epsilon", "noise_multiplier"):
         require(isinstance(record.get(key), dict), key)
+
+
+# --------------------------------------------------------------------------------------------
+# §6.9 W_0, derived from the run
+# --------------------------------------------------------------------------------------------
+
+
+def initial_key(run_id: str, architecture: dict[str, Any]) -> bytes:
+    """key = H("asagiri-init", run_id || 0x00 || canonical(architecture))."""
+    return H("asagiri-init", run_id.encode() + b"\0" + canonical(architecture))
+
+
+def initial_tensor(key: bytes, name: str, shape: list[int], fill: Any) -> np.ndarray:
+    """A tensor of W_0: uniform on +-1/sqrt(fan_in) from ChaCha20 words, or constant ones or zeros."""
+    count = math.prod(shape)
+    if fill == "ones":
+        return np.ones(shape, np.float32)
+    if fill == "zeros":
+        return np.zeros(shape, np.float32)
+    fan_in = fill["uniform"]["fan_in"]
+    raw = prg(H("asagiri-w0", key + name.encode()), "chacha20", 4 * count)
+    words = np.frombuffer(raw, dtype="<u4")
+    u = (words >> np.uint32(8)).astype(np.float32) * np.float32(2.0**-24)
+    bound = np.float32(1 / math.sqrt(fan_in))
+    return ((np.float32(2) * u - np.float32(1)) * bound).reshape(shape)

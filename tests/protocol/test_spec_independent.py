@@ -45,6 +45,8 @@ from tests.protocol.independent import (
     graph,
     handshake_keys,
     hashed_form,
+    initial_key,
+    initial_tensor,
     identity_public,
     json_text,
     key_text,
@@ -677,3 +679,19 @@ def test_no_package_imports(path):
                "typing", "msgpack", "nacl", "numpy", "pytest", "cryptography", "blake3"}
     for name in names:
         assert name == "tests.protocol.independent" or name.split(".")[0] in allowed, name
+
+
+@pytest.mark.parametrize("index", range(len(load("derived.json"))))
+def test_derived_w0(index):
+    """§6.9: the run's key from its id and architecture, each tensor of W_0 from it, and the
+    model's params digest (§6.1), as the package derives them."""
+    vec = load("derived.json")[index]
+    assert canonical(vec["architecture"]).hex() == vec["architecture_canonical_hex"]
+    key = initial_key(vec["run_id"], vec["architecture"])
+    assert key.hex() == vec["key_hex"]
+    model = []
+    for t in vec["tensors"]:
+        values = initial_tensor(key, t["name"], t["shape"], t["fill"])
+        assert values.tobytes().hex() == t["values_hex"], t["name"]
+        model.append((t["name"], "<f4", t["shape"], values.tobytes()))
+    assert params_digest(model).hex() == vec["params_digest_hex"]
