@@ -7,6 +7,7 @@
   it: the sum the coordinator unmasks is the sum of their true updates from the crafted model,
   computed here independently.
 - Evaluation of foreign parameters is declined; the derived model is evaluated once per split.
+  The control, a site whose policy allows foreign models, evaluates the trap every time asked.
 - A site that was not in a round catches up from the round's ``SumRecord`` (a tampered one is
   ignored, and the model it would give is declined), the survivors commit their pending step when
   the next ``FitIns`` names it, none goes back to ``W_0`` afterwards, and a restarted site says
@@ -133,6 +134,18 @@ def test_foreign_parameters_are_not_evaluated_and_the_derived_model_only_once(de
     assert answers["crafted"] == Decline(answers["crafted"].round, 0, Rule.DERIVE_MODELS, False)
     assert isinstance(answers["derived"], EvaluateRes) and answers["derived"].split == "test"
     assert isinstance(answers["again"], Decline) and answers["again"].rule is Rule.DERIVE_MODELS
+
+
+def test_control_a_site_that_allows_foreign_models_evaluates_them_every_time(permissive):
+    async def script(sessions):
+        rnd, answers = next_round(), []
+        for _ in range(2):
+            await sessions[1].conn.send(EvaluateIns(rnd, crafted_models()["trap"], "val"))
+            answers.append(await sessions[1].expect(timeout=60))
+        return answers
+
+    answers = permissive.case(script, sites=[1, 2, 3], run="foreign-evaluate")
+    assert all(isinstance(a, EvaluateRes) and a.split == "val" for a in answers), answers
 
 
 def test_a_site_outside_a_round_catches_up_from_its_record_and_no_site_goes_back(deriving):
