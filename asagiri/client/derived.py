@@ -36,9 +36,13 @@ class DerivedModels:
         self.trajectory: Trajectory | None = None  # kept across sessions of one run
         self.active = False  # this run has the site derive its models
 
-    def joined(self, spec: RunSpec | None) -> None:
-        """A Welcome was answered (``spec``: the run accepted, or None)."""
+    def joined(self, welcome: Welcome, spec: RunSpec | None) -> None:
+        """A Welcome was answered (``spec``: the run accepted, or None).  Another run's trajectory
+        is let go: until this run's set-up ends, nothing is checked against the last run's models."""
         self.active = spec is not None and self.policy.derives_models(spec.secagg.enabled)
+        t = self.trajectory
+        if t is not None and (spec is None or not t.matches(welcome.run_id, spec_digest(welcome.spec))):
+            self.trajectory = None
 
     @property
     def ready(self) -> bool:
@@ -54,7 +58,8 @@ class DerivedModels:
         t = self.trajectory
         if t is None or not t.matches(welcome.run_id, digest):
             # one file per run: a detour through another run neither resets nor forgets this one's
-            name = blake2b(welcome.run_id.encode() + b"\0" + digest, person=b"asagiri-trajfile", size=8).hex()
+            # (the whole hash: the coordinator picks run ids, and could search for two sharing a shorter name)
+            name = blake2b(welcome.run_id.encode() + b"\0" + digest, person=b"asagiri-trajfile").hex()
             path = None if self.folder is None else self.folder / f"trajectory-{name}.npz"
             t = self.trajectory = Trajectory(run_id=welcome.run_id, spec_digest=digest, initial=initial,
                                              strategy=spec.strategy, path=path)

@@ -218,11 +218,11 @@ class SiteMachine:
                     spec_digest=digest, policy=self.policy, replay=self.replay,
                 )
         self.witness.joined(welcome.run_id)
-        self.models.joined(spec)
+        self.models.joined(welcome, spec)
 
     def _refuse_run(self, exc: Refusal) -> list[Action]:
         self.refusal, self.spec = exc, None
-        self.models.joined(None)
+        self.models.active = False
         log.error("this site will not take part in run %s: %s", self.run_id, exc)
         return []
 

@@ -24,7 +24,7 @@ __all__ = ["SumHistory"]
 
 log = logging.getLogger(__name__)
 
-_NAME = re.compile(r"round-(\d{6})\.msg")
+_NAME = re.compile(r"round-(\d{6,})\.msg")  # six digits at least, more past round 999999
 
 
 class SumHistory:

@@ -176,13 +176,19 @@ def test_each_run_keeps_its_own_trajectory_and_evaluations(tmp_path):
 
     spec = RunSpec.of(FederationConfig())
     models = DerivedModels(SitePolicy(PolicyConfig()), tmp_path)
-    models.joined(spec)
     ins = EvaluateIns(1, PARAMS, "val")
-    models.start(Welcome("run-a", 0, 3, spec.wire()), spec, PARAMS)
+
+    def join(run):
+        welcome = Welcome(run, 0, 3, spec.wire())
+        models.joined(welcome, spec)
+        assert not models.ready  # until its set-up ends, nothing is checked against another run's models
+        models.start(welcome, spec, PARAMS)
+
+    join("run-a")
     models.check_evaluate(ins)  # run a's first evaluation of W_0
-    models.start(Welcome("run-b", 0, 3, spec.wire()), spec, PARAMS)
+    join("run-b")
     models.check_evaluate(ins)  # run b counts its own
-    models.start(Welcome("run-a", 0, 3, spec.wire()), spec, PARAMS)
+    join("run-a")
     with pytest.raises(Refusal, match="evaluated on val already"):
         models.check_evaluate(ins)  # run a's count survived the detour through run b
     assert len(list(tmp_path.glob("trajectory-*.evaluated.json"))) == 2

@@ -41,6 +41,9 @@ def test_the_history_keeps_recorded_sums_in_order_and_forgets_uncommitted_ones(t
     assert [r.round for r in history.after(2)] == [3]
     got = next(history.after(1))
     assert np.array_equal(got.total["s"], record(2).total["s"]) and got.vouches == record(2).vouches
+    history.keep(record(1_000_000))  # past six digits: still found, and in order
+    assert [r.round for r in history.after(2)] == [3, 1_000_000]
+    (tmp_path / "sums" / "round-1000000.msg").unlink()
     history.forget_after(1)  # a resumed run whose checkpoint is at round 1
     assert [r.round for r in history.after(0)] == [1]
     # a damaged file stops the history there (a site behind it cannot be brought past it)
