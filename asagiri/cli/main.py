@@ -1,4 +1,5 @@
-"""``asagiri``: sub-commands ``keygen``, ``partition``, ``demo``, ``report``, ``attack`` and ``audit``."""
+"""``asagiri``: sub-commands ``keygen``, ``provision``, ``fingerprint``, ``partition``, ``demo``, ``report``,
+``attack`` and ``audit``."""
 
 from __future__ import annotations
 
@@ -52,9 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .attack import add_parser as add_attack
     from .audit import add_parser as add_audit
+    from .provision import add_parsers as add_provision
 
     add_attack(sub)
     add_audit(sub)
+    add_provision(sub)
     return p
 
 
@@ -79,6 +82,10 @@ def main(argv: list[str] | None = None) -> int:
         from .audit import run_audit
 
         return run_main(lambda: run_audit(args))
+    if args.command in ("provision", "fingerprint"):
+        from .provision import run_fingerprint, run_provision
+
+        return run_main(lambda: (run_provision if args.command == "provision" else run_fingerprint)(args))
     return EXIT_CONFIG
 
 
@@ -136,7 +143,8 @@ def _keygen(args: argparse.Namespace) -> int:
     pub = identity.public.hex()
     (args.out / f"{name}.pub").write_text(pub + "\n")
     print(pub)
-    print(f"wrote {key_path} (private, mode 0600) and {args.out / (name + '.pub')}", file=sys.stderr)
+    print(f"wrote {key_path} (private, mode 0600) and {args.out / (name + '.pub')}; fingerprint "
+          f"{identity.public.fingerprint()}", file=sys.stderr)
     return EXIT_OK
 
 

@@ -30,7 +30,16 @@ from .federation import (
     TimeoutsConfig,
     TrainConfig,
 )
-from .loading import apply_overrides, config_digest, default_federation, load_federation, load_site
+from .loading import (
+    apply_overrides,
+    config_digest,
+    default_federation,
+    load_federation,
+    load_project,
+    load_site,
+    validated,
+)
+from .project import ProjectConfig, ProjectCoordinator, ProjectSite
 from .site import (
     AccelConfig,
     CoordinatorAddress,
@@ -55,6 +64,9 @@ __all__ = [
     "ModelName",
     "PartitionConfig",
     "PolicyConfig",
+    "ProjectConfig",
+    "ProjectCoordinator",
+    "ProjectSite",
     "PrgName",
     "ReconnectConfig",
     "RunSpec",
@@ -73,5 +85,7 @@ __all__ = [
     "config_digest",
     "default_federation",
     "load_federation",
+    "load_project",
     "load_site",
+    "validated",
 ]

@@ -13,9 +13,11 @@ from pydantic import BaseModel, ValidationError
 
 from .base import ConfigError
 from .federation import FederationConfig
+from .project import ProjectConfig
 from .site import SiteConfig
 
-__all__ = ["apply_overrides", "config_digest", "default_federation", "load_federation", "load_site"]
+__all__ = ["apply_overrides", "config_digest", "default_federation", "load_federation", "load_project", "load_site",
+           "validated"]
 
 _M = TypeVar("_M", bound=BaseModel)
 
@@ -47,6 +49,15 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], *, source: str) 
             node = child
         node[parts[-1]] = _parse_scalar(value)
     return data
+
+
+def validated(model: type[_M], data: Any, source: str) -> _M:
+    """``model`` from ``data`` (not read from a file: built by provisioning, say), or a
+    :class:`ConfigError` naming ``source``, the key and the reason."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(source, exc)) from None
 
 
 def _format_error(source: str, exc: ValidationError) -> str:
@@ -120,6 +131,11 @@ def default_federation(overrides: list[str] | None = None) -> FederationConfig:
         return FederationConfig.model_validate(apply_overrides({}, overrides or [], source="--set"))
     except ValidationError as exc:
         raise ConfigError(_format_error("--set", exc)) from None
+
+
+def load_project(path: Path) -> ProjectConfig:
+    """Load and validate ``project.yaml`` (``asagiri provision``)."""
+    return _load(ProjectConfig, path, None)
 
 
 def load_site(path: Path, overrides: list[str] | None = None) -> SiteConfig:

@@ -1,0 +1,75 @@
+"""``asagiri provision PROJECT --out KITS`` and ``asagiri fingerprint FILE``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from .common import EXIT_CONFIG, EXIT_OK
+
+__all__ = ["add_parsers", "run_fingerprint", "run_provision"]
+
+
+def add_parsers(sub: Any) -> None:
+    p = sub.add_parser("provision", help="write every party's startup kit (keys, fed.yaml, site.yaml) from project.yaml")
+    p.add_argument("project", type=Path, help="the project file (docs/deployment.md, 'Provisioning')")
+    p.add_argument("--out", type=Path, required=True, help="folder for coordinator/ and site-N/")
+    p.add_argument("--force", action="store_true", help="replace kits already in --out (new keys for everyone)")
+    f = sub.add_parser("fingerprint", help="print a key's fingerprint, the short form the logs show")
+    f.add_argument("key", type=Path, help="a .pub file, a .key file, or a site.yaml / fed.yaml (the keys it pins)")
+
+
+def run_provision(args: argparse.Namespace) -> int:
+    from ..config import ConfigError, load_project
+    from ..provision import KitsExist, provision
+
+    try:
+        kits = provision(load_project(args.project), args.out, force=args.force)
+    except (ConfigError, KitsExist, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    for kit in kits:
+        print(f"{kit.party:<12} {kit.fingerprint}  {kit.config}")
+    print(f"\nGive each party its folder only; compare the fingerprints above with each operator over a "
+          f"channel you trust. Start the coordinator with: asagiri-coordinator --config {kits[0].config}")
+    return EXIT_OK
+
+
+def run_fingerprint(args: argparse.Namespace) -> int:
+    from ..wire.crypto import Identity, PublicIdentity
+
+    path: Path = args.key
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            return _pinned(path)
+        if path.suffix == ".key":
+            public = Identity.load(path).public
+        else:
+            public = PublicIdentity.from_hex(path.read_text())
+    except (OSError, ValueError) as exc:
+        print(f"error: {path}: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    print(f"{public.fingerprint()}  {path}")
+    return EXIT_OK
+
+
+def _pinned(path: Path) -> int:
+    """Every key a site's or the coordinator's config pins, by whom."""
+    import yaml
+
+    from ..wire.crypto import PublicIdentity
+
+    data = yaml.safe_load(path.read_text()) or {}
+    keys: list[tuple[str, str]] = []
+    if isinstance(data.get("coordinator"), dict) and "public_key" in data["coordinator"]:
+        keys.append(("coordinator", data["coordinator"]["public_key"]))
+    keys += [(f"site {i}", k) for i, k in sorted((data.get("peers") or {}).items())]
+    keys += [(f"site {s['id']}", s["public_key"]) for s in data.get("sites") or [] if isinstance(s, dict)]
+    if not keys:
+        print(f"error: {path}: pins no keys (no coordinator.public_key, peers or sites)", file=sys.stderr)
+        return EXIT_CONFIG
+    for who, key in keys:
+        print(f"{who:<12} {PublicIdentity.from_hex(str(key)).fingerprint()}")
+    return EXIT_OK
