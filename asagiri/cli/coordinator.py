@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from typing import Any
 
 import anyio
 import anyio.abc
@@ -88,7 +89,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
 
-    outcome = {"code": EXIT_OK}
+    outcome: dict[str, Any] = {"code": EXIT_OK, "summary": {}}
 
     async def main_task() -> None:
         async with anyio.create_task_group() as tg:
@@ -97,21 +98,23 @@ def _run(args: argparse.Namespace) -> int:
                 log.warning("%s: stopping; the last completed round is checkpointed", name)
                 outcome["code"] = EXIT_INTERRUPTED
 
-            async def run_then_stop(*, task_status: anyio.abc.TaskStatus[int]) -> None:
+            async def run_then_stop() -> None:
+                announced = _Announced(cfg.listen.host, status)
                 try:
-                    await coordinator.run(task_status=_Announced(task_status, cfg.listen.host, status))
+                    outcome["summary"] = await coordinator.run(task_status=announced)
+                except OSError as exc:
+                    if announced.port is not None:
+                        raise  # a failure after it listened: not a port problem
+                    where = f"{cfg.listen.host}:{cfg.listen.port}" + (
+                        f" (or its metrics port {cfg.metrics_port})" if cfg.metrics_port is not None else "")
+                    print(f"error: cannot listen on {where}: {exc.strerror or exc}. Free the port or choose "
+                          f"another (listen.port, metrics_port in {Path(args.config).name})", file=sys.stderr)
+                    outcome["code"] = EXIT_CONFIG
                 finally:
                     tg.cancel_scope.cancel()
 
             tg.start_soon(cancel_on_signal, tg.cancel_scope, stopping)
-            try:
-                port = await tg.start(run_then_stop)
-            except OSError as exc:
-                print(f"error: cannot listen on {cfg.listen.host}:{cfg.listen.port}: {exc.strerror}", file=sys.stderr)
-                outcome["code"] = EXIT_CONFIG
-                tg.cancel_scope.cancel()
-                return
-            log.debug("serving on port %d", port)
+            tg.start_soon(run_then_stop)
 
     try:
         anyio.run(main_task)
@@ -135,9 +138,15 @@ def _run(args: argparse.Namespace) -> int:
     finally:
         if live is not None:
             live.close()
-    if outcome["code"] == EXIT_OK:
-        print(f"summary: {(cfg.run_dir / 'summary.json').resolve()}", flush=True)
-    return outcome["code"]
+    if outcome["code"] != EXIT_OK:
+        return outcome["code"]
+    print(f"summary: {(cfg.run_dir / 'summary.json').resolve()}", flush=True)
+    summary = outcome["summary"]
+    if summary.get("status") == "refused_by_sites":  # the run never did what it was for
+        print(f"error: {summary.get('message') or 'the sites refused the run'}; each site's log names its rule",
+              file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
 
 
 def _file_error(exc: BaseException) -> bool:
@@ -153,14 +162,15 @@ class _Announced:
     """Says where the coordinator listens the moment it does, before the federation's first event:
     the status pipe's first line is always ``listening`` (``launcher.StatusPipe``)."""
 
-    def __init__(self, inner: anyio.abc.TaskStatus[int], host: str, status: StatusLines | None) -> None:
-        self.inner, self.host, self.status = inner, host, status
+    def __init__(self, host: str, status: StatusLines | None) -> None:
+        self.host, self.status = host, status
+        self.port: int | None = None  # set once it listens
 
     def started(self, port: int) -> None:
+        self.port = port
         print(f"listening on {self.host}:{port}", flush=True)
         if self.status is not None:
             self.status.write({"event": "listening", "host": self.host, "port": port, "pid": os.getpid()})
-        self.inner.started(port)
 
 
 if __name__ == "__main__":

@@ -519,5 +519,7 @@ class FederationDriver:
         }
         if reason:
             summary["reason"] = reason
+        if message:
+            summary["message"] = message
         self.emit(ev.FederationEnded(status, summary, message))
         return summary

@@ -59,7 +59,10 @@ def test_a_run_with_secure_aggregation_off_is_refused_by_every_site(fed_factory)
     fed = fed_factory("downgrade", sites=3, rounds=2, overrides=["secagg.enabled=false"],
                       site_policy={"require_secagg": True})
     events, codes = fed.run([1, 2, 3])
-    assert codes == {"coordinator": 0, "site-1": 0, "site-2": 0, "site-3": 0}, fed.logs()
+    # the run did not do what it was for: the coordinator says so, in one line, and exits 3
+    assert codes == {"coordinator": 3, "site-1": 0, "site-2": 0, "site-3": 0}, fed.logs()
+    assert "error: federation ends before round 1: sites [1, 2, 3] refused the run by their policy" in \
+        (fed.root / "logs" / "coordinator.log").read_text()
     [ended] = [e for e in events if e["event"] == "FederationEnded"]
     assert ended["status"] == "refused_by_sites" and "refused the run by their policy" in ended["message"], events
     refusals = [e for e in events if e["event"] == "SiteRefused"]
