@@ -59,16 +59,14 @@ def _run(args: argparse.Namespace) -> int:
     if cfg.site_id != args.site:
         print(f"error: {path.name}: site_id={cfg.site_id} but --site {args.site}", file=sys.stderr)
         return EXIT_CONFIG
-    if not cfg.identity_key.exists():
-        print(f"error: {path.name}: identity_key: {cfg.identity_key} does not exist (run `asagiri keygen`)",
-              file=sys.stderr)
-        return EXIT_CONFIG
-    try:
-        from ..wire.crypto import Identity
+    from ..preflight import site_problems
 
-        Identity.load(cfg.identity_key)
-    except (PermissionError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    # the checks `asagiri check` makes, but the network's: a mistake here is found before connecting
+    _, problems = site_problems(cfg)
+    problems = [p for p in problems if not p.startswith("peers")]  # the run's spec decides whether it needs them
+    for problem in problems:
+        print(f"error: {path.name}: {problem}", file=sys.stderr)
+    if problems:
         return EXIT_CONFIG
     from ..client.state import StateError
 

@@ -65,6 +65,11 @@ def _run(args: argparse.Namespace) -> int:
     check_federation(cfg, Path(args.config).name)
     if not cfg.sites:
         raise ConfigError(f"{Path(args.config).name}: sites: no site is enrolled")
+    from ..preflight import key_problem
+
+    if (problem := key_problem(cfg.identity_key, "identity_key")) is not None:
+        print(f"error: {Path(args.config).name}: {problem}", file=sys.stderr)
+        return EXIT_CONFIG
     if (advice := dp_advice(cfg)) is not None:
         log.warning("%s", advice)
     status = StatusLines(os.fdopen(args.status_fd, "w")) if args.status_fd is not None else None

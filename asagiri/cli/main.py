@@ -82,10 +82,11 @@ def main(argv: list[str] | None = None) -> int:
         from .audit import run_audit
 
         return run_main(lambda: run_audit(args))
-    if args.command in ("provision", "fingerprint"):
-        from .provision import run_fingerprint, run_provision
+    if args.command in ("provision", "fingerprint", "check"):
+        from .provision import run_check, run_fingerprint, run_provision
 
-        return run_main(lambda: (run_provision if args.command == "provision" else run_fingerprint)(args))
+        run = {"provision": run_provision, "fingerprint": run_fingerprint, "check": run_check}[args.command]
+        return run_main(lambda: run(args))
     return EXIT_CONFIG
 
 

@@ -1,4 +1,4 @@
-"""``asagiri provision PROJECT --out KITS`` and ``asagiri fingerprint FILE``."""
+"""``asagiri provision PROJECT --out KITS``, ``asagiri fingerprint FILE`` and ``asagiri check --config FILE``."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 
 from .common import EXIT_CONFIG, EXIT_OK
 
-__all__ = ["add_parsers", "run_fingerprint", "run_provision"]
+__all__ = ["add_parsers", "run_check", "run_fingerprint", "run_provision"]
 
 
 def add_parsers(sub: Any) -> None:
@@ -19,6 +19,10 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--force", action="store_true", help="replace kits already in --out (new keys for everyone)")
     f = sub.add_parser("fingerprint", help="print a key's fingerprint, the short form the logs show")
     f.add_argument("key", type=Path, help="a .pub file, a .key file, or a site.yaml / fed.yaml (the keys it pins)")
+    c = sub.add_parser("check", help="preflight a site.yaml (key, data, the coordinator reachable with the pinned "
+                                     "key) or a fed.yaml (key, ports, data)")
+    c.add_argument("--config", type=Path, required=True, help="a site's site.yaml, or the coordinator's fed.yaml")
+    c.add_argument("--offline", action="store_true", help="a site: do not contact the coordinator")
 
 
 def run_provision(args: argparse.Namespace) -> int:
@@ -73,3 +77,33 @@ def _pinned(path: Path) -> int:
     for who, key in keys:
         print(f"{who:<12} {PublicIdentity.from_hex(str(key)).fingerprint()}")
     return EXIT_OK
+
+
+def run_check(args: argparse.Namespace) -> int:
+    """One line per finding; exit 0 when nothing is wrong, 2 otherwise."""
+    import yaml
+
+    from ..config import ConfigError, load_federation, load_site
+    from ..preflight import coordinator_problems, probe_coordinator, site_problems
+
+    path: Path = args.config
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+        is_site = isinstance(raw, dict) and "site_id" in raw
+        if is_site:
+            site = load_site(path)
+            notes, problems = site_problems(site)
+            if not args.offline and not any(p.startswith("identity_key") for p in problems):
+                problems += [p] if (p := probe_coordinator(site)) else []
+                notes += [] if p else [f"coordinator {site.coordinator.host}:{site.coordinator.port} answered with "
+                                       "the pinned key and enrols this site"]
+        else:
+            notes, problems = coordinator_problems(load_federation(path))
+    except (OSError, yaml.YAMLError, ConfigError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    for note in notes:
+        print(f"ok: {note}")
+    for problem in problems:
+        print(f"error: {path.name}: {problem}", file=sys.stderr)
+    return EXIT_CONFIG if problems else EXIT_OK

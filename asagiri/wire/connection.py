@@ -19,7 +19,7 @@ from .framing import FrameDecoder, encode_frame
 from .messages import Message, Reject
 from .pool import ArrayPool
 
-__all__ = ["Connection", "connect_handshake", "accept_handshake"]
+__all__ = ["Connection", "accept_handshake", "connect_handshake", "probe_handshake"]
 
 _RECV_BYTES = 1 << 20
 _HANDSHAKE_FRAME_MAX = 1024
@@ -121,6 +121,21 @@ async def _receive_plain(stream: anyio.abc.ByteStream, decoder: FrameDecoder) ->
             raise RemoteProtocolError("peer sent data before the handshake finished")
         if frames:
             return bytes(frames[0])
+
+
+async def probe_handshake(stream: anyio.abc.ByteStream, identity: Identity, site_id: int,
+                          coordinator: PublicIdentity) -> None:
+    """The site's side of the handshake up to the coordinator's signed reply, then nothing more
+    (no session opens): proves the coordinator at the other end holds the pinned key and enrols
+    this site (``asagiri check``).  Raises ``SiteRefused``, ``AuthenticationFailed``,
+    ``ConnectionLost`` or ``RemoteProtocolError``."""
+    hs = ClientHandshake(identity, site_id, coordinator)
+    decoder = FrameDecoder(max_frame_size=_HANDSHAKE_FRAME_MAX)
+    try:
+        await _send_plain(stream, hs.hello())
+    except _PEER_GONE as exc:
+        raise ConnectionLost(f"handshake: {type(exc).__name__}") from None
+    hs.receive(await _receive_plain(stream, decoder))
 
 
 async def connect_handshake(

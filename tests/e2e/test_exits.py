@@ -48,3 +48,60 @@ def test_a_federation_no_site_joins_fails_with_3(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 3, out.stdout + out.stderr
     assert "federation stopped at round 1" in out.stderr + out.stdout
+
+
+def check(config) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "asagiri.cli.main", "check", "--config", str(config)],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_preflight_names_each_problem_in_one_line_and_the_client_stops_before_connecting(tmp_path):
+    """``asagiri check``: a site's key, data and coordinator (reachable, holding the pinned key,
+    enrolling the site), the coordinator's key and ports; each problem one line, exit 2."""
+    import os
+
+    import yaml
+
+    from asagiri.launcher import start_coordinator
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    root = kits(tmp_path, port)
+    site = root / "site-1" / "site.yaml"
+    offline = check(site)
+    assert offline.returncode == 2 and f"cannot reach 127.0.0.1:{port}" in offline.stderr, offline.stderr
+    log = open(tmp_path / "coordinator.log", "wb")  # noqa: SIM115 - closed below
+    coordinator, _, _ = start_coordinator(root / "coordinator" / "fed.yaml", stdout=log, stderr=log)
+    try:
+        ok = check(site)
+        assert ok.returncode == 0 and "answered with the pinned key and enrols this site" in ok.stdout, ok.stderr
+        settings = yaml.safe_load(site.read_text())
+        cases = {
+            "wrong coordinator key": ({"coordinator": {**settings["coordinator"], "public_key": "ab" * 32}},
+                                      "does not hold the pinned key"),
+            "unenrolled site": ({"site_id": 9, "identity_key": "site-9.key"}, "refused this site"),
+            "public key as identity": ({"identity_key": "site-1.pub"}, "is a public key file"),
+            "missing data": ({"data_path": "/nonexistent/x.npz"}, "does not exist"),
+        }
+        from asagiri.wire.crypto import Identity
+
+        Identity.generate().save(root / "site-1" / "site-9.key")
+        for name, (change, why) in cases.items():
+            variant = root / "site-1" / f"{name.replace(' ', '-')}.yaml"
+            variant.write_text(yaml.safe_dump({**settings, **change}))
+            out = check(variant)
+            assert out.returncode == 2 and why in out.stderr, (name, out.stdout, out.stderr)
+            assert all(line.startswith("error: ") for line in out.stderr.strip().splitlines()), (name, out.stderr)
+        # the coordinator's own port is taken, by itself: its preflight says so
+        taken = check(root / "coordinator" / "fed.yaml")
+        assert taken.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in taken.stderr
+    finally:
+        coordinator.kill()
+        coordinator.wait()
+        log.close()
+    # the client runs the same local checks at start-up and stops before connecting
+    os.chmod(root / "site-1" / "site-1.key", 0o644)
+    started = subprocess.run([sys.executable, "-m", "asagiri.cli.client", "--site", "1", "--config", str(site)],
+                             capture_output=True, text=True, timeout=120)
+    assert started.returncode == 2 and "chmod 600" in started.stderr, started.stderr
