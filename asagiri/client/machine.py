@@ -238,7 +238,7 @@ class SiteMachine:
             return self._shutdown(msg)
         if not self.ready:
             return self._receive_refused(msg)
-        if not isinstance(msg, RoundRecord):
+        if not isinstance(msg, RoundRecord | SumRecord):  # a sum's record says nothing of the round records
             self.witness.settle(self.run_id)
         if isinstance(msg, FitIns):
             return self._fit(msg)

@@ -192,3 +192,18 @@ def test_each_run_keeps_its_own_trajectory_and_evaluations(tmp_path):
     with pytest.raises(Refusal, match="evaluated on val already"):
         models.check_evaluate(ins)  # run a's count survived the detour through run b
     assert len(list(tmp_path.glob("trajectory-*.evaluated.json"))) == 2
+
+
+def test_a_sum_record_is_not_taken_for_the_sessions_first_round_message(tmp_path):
+    """Found by the end-to-end hostile-site test: a SumRecord arriving first in a session (the
+    coordinator sends a round's sum before its record) made the site conclude that no record of the
+    rounds it contributed to would come, and count them against max_unrecorded."""
+    from asagiri.wire.messages import SumRecord
+
+    m, w = derived(tmp_path)
+    m.set_up(w, None, examples=100, initial=PARAMS)
+    record = SumRecord(1, 1, [1, 2, 3], {}, [1, 2, 3], {"s": np.zeros(4, "<u4")}, [])
+    assert m.receive(record) == []
+    assert m.witness._run(m.run_id).joined  # still waiting for the session's first record
+    m.receive(FitIns(1, 1, PARAMS, {}))
+    assert not m.witness._run(m.run_id).joined
