@@ -286,9 +286,12 @@ class Session:
 
     def _trained(self, rnd: int, worker: SiteWorker, steps: int, seconds: float) -> None:
         examples = steps * min(worker.train_cfg.batch_size, len(worker.data.train))  # DP-SGD's: expected
-        log.info("round %d: trained on about %d examples (%d steps) in %.1fs", rnd, examples, steps, seconds)
-        self.kept.metrics.trained(examples=examples, steps=steps, seconds=seconds,
-                                  epsilon=worker.ledger.epsilon() if worker.ledger is not None else None)
+        epsilon = worker.ledger.epsilon() if worker.ledger is not None else None
+        # the privacy spent, on the site's own console after every round it trains (it stays here
+        # unless policy.report_privacy sends it)
+        spent = "" if epsilon is None else f"; privacy spent: epsilon={epsilon:.3f} of {worker.dp.target_epsilon:g}"
+        log.info("round %d: trained on about %d examples (%d steps) in %.1fs%s", rnd, examples, steps, seconds, spent)
+        self.kept.metrics.trained(examples=examples, steps=steps, seconds=seconds, epsilon=epsilon)
 
     async def _work(self, fn: Callable[..., T], *args: Any) -> T:
         """Run the site's learning in the training thread.  What the coordinator sent can break it

@@ -178,6 +178,11 @@ def test_dp_federation_with_secure_aggregation_stops_when_budgets_run_out(tmp_pa
     last_round = [a for a in audit if a["kind"].startswith("round_")][-1]
     assert last_round["round"] == 3 and last_round["kind"] == "round_aborted"
     assert audit[-1]["kind"] == "federation_ended" and audit[-1]["status"] == "budget_exhausted"
+    # each site shows its operator the privacy it spent after every round it trained
+    for s in (1, 2, 3):
+        spent = [float(line.split("epsilon=")[1].split(" ")[0]) for line in
+                 (fed.root / "logs" / f"site-{s}.log").read_text().splitlines() if "privacy spent: epsilon=" in line]
+        assert len(spent) == 2 and spent[0] < spent[1] <= 4.0 * 1.01, spent
     assert (fed.root / "checkpoint.npz").exists()
 
 
