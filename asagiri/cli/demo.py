@@ -84,6 +84,23 @@ def run_demo(args: argparse.Namespace) -> int:
     return code
 
 
+def _wait_for_sites(sites: list[subprocess.Popen], grace: float = 30) -> None:
+    """The federation is over: give each site ``grace`` seconds to exit, then stop it.  A site
+    still reconnecting (it was dropped, and missed the end) does not make a completed run fail."""
+    for site, proc in enumerate(sites, start=1):
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            print(f"warning: site {site} was still running {grace:g}s after the federation ended (reconnecting?); "
+                  "stopped it", file=sys.stderr)
+
+
 def _orchestrate(out: Path, fed_path: Path, cfg: FederationConfig, args: argparse.Namespace) -> int:
     """Start the coordinator and the sites through the launcher, print the coordinator's progress
     from its status pipe, stop everything started."""
@@ -103,6 +120,8 @@ def _orchestrate(out: Path, fed_path: Path, cfg: FederationConfig, args: argpars
                 return EXIT_CONFIG
             procs.append(coordinator)
             print(f"listening on 127.0.0.1:{port}", flush=True)
+            if cfg.metrics_port:  # 0 would be a port the coordinator picks: its log names it
+                print(f"metrics: http://{cfg.listen.host}:{cfg.metrics_port}/metrics", flush=True)
             pub = (out / "keys" / "coordinator.pub").read_text().strip()
             for site in range(1, args.sites + 1):
                 site_cfg = write_site_config(out, site, port, pub, pinned_site_settings(cfg, site))
@@ -115,8 +134,7 @@ def _orchestrate(out: Path, fed_path: Path, cfg: FederationConfig, args: argpars
                 if line is not None:
                     print(line, flush=True)
             rc = coordinator.wait(timeout=max(1.0, deadline - time.monotonic()))
-            for p in procs[1:]:
-                p.wait(timeout=30)
+            _wait_for_sites(procs[1:])
             _report_failed_sites(procs[1:], logs)
             _report_refusing_sites(refused, logs)
             return {0: EXIT_OK, EXIT_FAILED: EXIT_FAILED}.get(rc, EXIT_RUNTIME)

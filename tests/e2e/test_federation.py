@@ -194,3 +194,19 @@ def test_a_site_that_refused_the_run_is_named_with_its_own_reason(tmp_path, caps
     err = capsys.readouterr().err
     assert "site 2 refused the run (setup): " in err and "refused (setup): the run cannot be set up" in err
     assert "heartbeat" not in err
+
+
+def test_a_site_still_running_after_the_end_is_stopped_and_does_not_fail_the_demo(capsys):
+    """Issue 28: a dropped site still in its reconnect loop when the run completed made the demo
+    report "did not finish within 3600s" and exit non-zero."""
+    import subprocess
+    import sys
+
+    from asagiri.cli.demo import _wait_for_sites
+
+    done = subprocess.Popen([sys.executable, "-c", "pass"])
+    stuck = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    _wait_for_sites([done, stuck], grace=2)
+    assert done.returncode == 0 and stuck.returncode is not None
+    err = capsys.readouterr().err
+    assert "site 2 was still running 2s after the federation ended" in err and "site 1" not in err
