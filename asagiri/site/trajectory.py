@@ -12,8 +12,9 @@ A verified sum is *pending* until the coordinator commits the round: its signed 
 sum, a ``FitIns`` asks for training on the model it gives, or a later round's sum builds on it.
 A coordinator that crashed after the site verified a sum but before it recorded the round runs
 the round again from ``W_t``, and the site goes along: the pending step is dropped, never half
-taken.  Only committed steps are kept on disk (``state_dir/trajectory.npz``), so a restarted site
-goes on from the last one, and asks the coordinator for the sums it missed (``ModelAt``).
+taken.  Only committed steps are kept on disk (``state_dir/trajectory-<hash>.npz``, one per run),
+so a restarted site goes on from the last one, and asks the coordinator for the sums it missed
+(``ModelAt``).
 """
 
 from __future__ import annotations
