@@ -70,7 +70,7 @@ from ..wire.messages import (
 )
 from .derived import DerivedModels
 
-__all__ = ["Action", "End", "Evaluate", "Send", "SetUp", "SiteMachine", "Train"]
+__all__ = ["Action", "End", "Evaluate", "Send", "SetUp", "SiteMachine", "Train", "Unreleased"]
 
 log = logging.getLogger(__name__)
 
@@ -105,13 +105,21 @@ class Evaluate:
 
 
 @dataclass(frozen=True, slots=True)
+class Unreleased:
+    """The update trained for ``round`` will never leave the site (its round moved on, was
+    aborted or declined before it was masked): the privacy it was charged is given back."""
+
+    round: int
+
+
+@dataclass(frozen=True, slots=True)
 class End:
     """The coordinator ended the session (``final``: the federation is over)."""
 
     final: bool
 
 
-Action = Send | SetUp | Train | Evaluate | End
+Action = Send | SetUp | Train | Evaluate | Unreleased | End
 
 
 @dataclass
@@ -154,15 +162,15 @@ class SiteMachine:
         the protocol's own steps (key set-up, records) need no data, only training waits for it."""
         self.run_id, self.refusal, self.spec = msg.run_id, None, None
         self._started.clear()
-        self._held = None
+        dropped = self._unhold()
         self._untrained = None
         try:
             self.spec = self.policy.check_run(msg.run_id, msg.spec)
             self.policy.check_batches(self.spec, self.site_id)
         except Refusal as exc:
-            return self._refuse_run(exc)
+            return dropped + self._refuse_run(exc)
         self._joined(msg)
-        return [SetUp(msg, self.spec)]
+        return [*dropped, SetUp(msg, self.spec)]
 
     def set_up(self, welcome: Welcome, problem: str | None, *, examples: int = 0,
                initial: Params | None = None) -> list[Action]:
@@ -260,9 +268,7 @@ class SiteMachine:
         if isinstance(msg, RoundAborted):
             log.warning("round %d attempt %d aborted (%s): %s", msg.round, msg.attempt, msg.cause, msg.detail)
             self.witness.aborted(self.run_id, msg.round, msg.attempt)
-            if self._held is not None and (self._held.ins.round, self._held.ins.attempt) == (msg.round, msg.attempt):
-                self._held = None
-            return []
+            return self._unhold((msg.round, msg.attempt))
         raise RemoteProtocolError(f"unexpected {type(msg).__name__} from the coordinator")
 
     def _receive_refused(self, msg: Message) -> list[Action]:
@@ -306,9 +312,9 @@ class SiteMachine:
         if self.models.ready and (declined := self._check_model(msg.round, msg.attempt, binding_[0])):
             return declined
         self._latest_fit, self._latest_binding = (msg.round, msg.attempt), binding_
-        self._held = None
+        dropped = self._unhold()  # superseded: given back before the next training is charged
         self._untrained = (msg.round, msg.attempt)
-        return [*self._sent(replies, msg), Train(msg, secure=True)]
+        return [*dropped, *self._sent(replies, msg), Train(msg, secure=True)]
 
     def _secagg(self, msg: Message) -> list[Action]:
         secure = self.secagg
@@ -365,7 +371,7 @@ class SiteMachine:
         delta, num_samples = result
         key = (ins.round, ins.attempt)
         if self._is_declined(*key) or key != self._latest_fit:
-            return []
+            return [Unreleased(ins.round)]
         held = _Held(ins, delta, self.policy.count_sent(num_samples))
         if key not in self._started:
             self._held = held  # the round's SecAggStart follows FitIns: mask when it comes
@@ -377,12 +383,12 @@ class SiteMachine:
         assert secure is not None
         if secure.round_key != (ins.round, ins.attempt):
             log.warning("round %d.%d moved on while training; update discarded", ins.round, ins.attempt)
-            return []
+            return [Unreleased(ins.round)]
         try:
             assert self._latest_binding is not None  # bound when its FitIns was accepted
             replies = secure.set_input(held.delta, held.num_samples, trained_on=self._latest_binding)
         except Refusal as exc:
-            return self._decline(ins.round, ins.attempt, exc.rule, permanent=False)
+            return [Unreleased(ins.round), *self._decline(ins.round, ins.attempt, exc.rule, permanent=False)]
         if secure.clipped:
             log.info("secure aggregation: %d update values were clipped", secure.clipped)
         return self._sent(replies, ins)
@@ -405,10 +411,18 @@ class SiteMachine:
         self._declined.add((self.run_id, rnd, attempt))
         if self.ready:
             self.witness.declined(self.run_id, rnd, attempt)
-        if self._held is not None and (self._held.ins.round, self._held.ins.attempt) == (rnd, attempt):
-            self._held = None
+        dropped = self._unhold((rnd, attempt))
         log.warning("round %d.%d: declining (%s)", rnd, attempt, rule)
-        return [Send(Decline(rnd, attempt, rule, permanent))]
+        return [*dropped, Send(Decline(rnd, attempt, rule, permanent))]
+
+    def _unhold(self, key: tuple[int, int] | None = None) -> list[Action]:
+        """Drop the update held for its round's SecAggStart (any, or only round attempt ``key``'s):
+        it never left the site, so its privacy charge is given back."""
+        held = self._held
+        if held is None or (key is not None and (held.ins.round, held.ins.attempt) != key):
+            return []
+        self._held = None
+        return [Unreleased(held.ins.round)]
 
     def _is_declined(self, rnd: int, attempt: int) -> bool:
         return (self.run_id, rnd, attempt) in self._declined

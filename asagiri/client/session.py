@@ -50,7 +50,7 @@ from ..wire.messages import (
     UnmaskRequest,
     Welcome,
 )
-from .machine import Action, End, Evaluate, Send, SetUp, SiteMachine, Train
+from .machine import Action, End, Evaluate, Send, SetUp, SiteMachine, Train, Unreleased
 from .progress import TrainingProgress
 
 __all__ = ["Kept", "Session"]
@@ -176,6 +176,8 @@ class Session:
                 tg.start_soon(self._train, action)
             elif isinstance(action, Evaluate):
                 await self._evaluate(action.ins)
+            elif isinstance(action, Unreleased):
+                self._refund(action.round)
             elif isinstance(action, End):
                 self.final, self._ended = action.final, True
 
@@ -185,6 +187,15 @@ class Session:
             self.kept.metrics.refusals.labels(msg.rule).inc()
         elif isinstance(msg, MaskedInput):
             self.faults.reached("masked", msg.round)
+
+    def _refund(self, rnd: int) -> None:
+        """A trained update that never left: its DP-SGD charge is given back (DP sites only)."""
+        worker = self.kept.worker
+        if worker is None or worker.ledger is None:
+            return
+        if worker.ledger.refund(rnd):
+            log.info("round %d: the update never left this site; its privacy charge is given back (epsilon spent "
+                     "now %.3f)", rnd, worker.ledger.epsilon())
 
     def _cap_payload(self, worker: SiteWorker) -> None:
         """Nothing the coordinator sends may be larger than the model's shared parameters (or, with

@@ -65,9 +65,21 @@ class PrivacyLedger:
         return self._epsilon([*self.entries, extra], self.delta) > target_epsilon * 1.01
 
     def record(self, rnd: int, *, noise_multiplier: float, sample_rate: float, steps: int) -> float:
+        """Charge one round's training, on disk before its update can leave the site."""
         self.entries.append(LedgerEntry(rnd, noise_multiplier, sample_rate, steps))
         self.save()
         return self.epsilon()
+
+    def refund(self, rnd: int) -> bool:
+        """Give back the charge of the last training, of round ``rnd``, whose update never left
+        the site: a mechanism whose output is never released costs nothing.  The site calls this
+        only for the training it just finished or held (one trains at a time), so the last entry
+        is that training's; anything else is refused (False)."""
+        if not self.entries or self.entries[-1].round != rnd:
+            return False
+        self.entries.pop()
+        self.save()
+        return True
 
     # -- persistence -----------------------------------------------------------------------------
 

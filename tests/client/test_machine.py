@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from asagiri.causes import AbortCause, Rule
-from asagiri.client.machine import End, Evaluate, Send, SetUp, SiteMachine, Train
+from asagiri.client.machine import End, Evaluate, Send, SetUp, SiteMachine, Train, Unreleased
 from asagiri.config import FederationConfig, PolicyConfig, RunSpec
 from asagiri.policy import SitePolicy
 from asagiri.secagg.replay import ReplayGuard
@@ -124,14 +124,20 @@ def test_a_secure_update_that_finishes_first_waits_for_its_round_and_a_supersede
     # trained before the round's SecAggStart came: nothing leaves the site yet, no clock waits
     assert m.trained(first, (delta, 10)) == []
     assert m._held is not None and m._held.ins is first
-    # the attempt is retried: the held update is dropped, and only the newest FitIns is trained on
-    assert m.receive(RoundAborted(1, 1, AbortCause.TOO_FEW_SITES, "")) == []
+    # the attempt is retried: the held update is dropped (it never left: its privacy charge is
+    # given back), and only the newest FitIns is trained on
+    assert m.receive(RoundAborted(1, 1, AbortCause.TOO_FEW_SITES, "")) == [Unreleased(1)]
     assert m._held is None
     second = FitIns(1, 2, PARAMS, {})
     assert m.receive(second) == [Train(second, secure=True)]
     assert not m.wants(first) and m.wants(second)
-    assert m.trained(first, (delta, 10)) == []  # finished late: discarded, never held or masked
+    # finished late: discarded, never held or masked, given back
+    assert m.trained(first, (delta, 10)) == [Unreleased(1)]
     assert m._held is None
+    # held, then superseded by a newer FitIns: given back before the newer one trains
+    assert m.trained(second, (delta, 10)) == [] and m._held is not None
+    third = FitIns(2, 1, PARAMS, {})
+    assert m.receive(third) == [Unreleased(1), Train(third, secure=True)]
 
 
 def test_after_declining_an_attempt_the_site_answers_nothing_more_in_it(tmp_path):
@@ -143,7 +149,7 @@ def test_after_declining_an_attempt_the_site_answers_nothing_more_in_it(tmp_path
     [decline] = sent(m.receive(bad))
     assert isinstance(decline, Decline) and decline.round == 1 and not decline.permanent
     assert m.receive(bad) == [] and not m.wants(ins)
-    assert m.trained(ins, (np.ones(3, np.float32), 10)) == []
+    assert m.trained(ins, (np.ones(3, np.float32), 10)) == [Unreleased(1)]  # never masked: given back
 
 
 def test_a_record_before_set_up_or_an_unknown_message_is_a_protocol_error(tmp_path):

@@ -231,3 +231,18 @@ def test_the_site_applies_weight_decay_under_dp(tmp_path):
     for k, w in start.items():
         np.testing.assert_allclose(deltas[0.25][k], deltas[0.0][k] - 0.5 * 0.25 * w, atol=1e-5, err_msg=k)
     assert any(np.abs(w).max() > 0.01 for w in start.values())  # the decay term is not trivially zero
+
+
+def test_a_charge_is_given_back_only_for_the_last_training_and_on_disk(tmp_path):
+    """Issue 28: a round attempt aborted before the site masked its update charged the site
+    anyway, so the DP recipe stopped a round short.  An update that never left is given back,
+    and only the last training's charge can be (the one the site just finished or held)."""
+    path = tmp_path / "ledger.json"
+    ledger = PrivacyLedger(path, delta=1e-5)
+    ledger.record(1, noise_multiplier=1.0, sample_rate=0.1, steps=10)
+    one_round = ledger.epsilon()
+    ledger.record(2, noise_multiplier=1.0, sample_rate=0.1, steps=10)
+    assert not ledger.refund(1)  # not the last training's: refused
+    assert ledger.refund(2) and ledger.epsilon() == one_round
+    assert PrivacyLedger(path, delta=1e-5).epsilon() == one_round  # on disk
+    assert ledger.refund(1) and ledger.epsilon() == 0.0 and not ledger.refund(1)
