@@ -67,11 +67,11 @@ def _run(args: argparse.Namespace) -> int:
         raise ConfigError(f"{Path(args.config).name}: sites: no site is enrolled")
     from ..preflight import key_problem
 
+    if (advice := dp_advice(cfg)) is not None:
+        log.warning("%s", advice)
     if (problem := key_problem(cfg.identity_key, "identity_key")) is not None:
         print(f"error: {Path(args.config).name}: {problem}", file=sys.stderr)
         return EXIT_CONFIG
-    if (advice := dp_advice(cfg)) is not None:
-        log.warning("%s", advice)
     status = StatusLines(os.fdopen(args.status_fd, "w")) if args.status_fd is not None else None
     watchers: list[Callable[[Event], None]] = [status] if status is not None else []
     live = None

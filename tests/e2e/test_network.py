@@ -16,7 +16,7 @@ import pytest
 
 from .harness import Federation
 from .netproxy import Plan, Proxy
-from .test_faults import FOUR, assert_exactly_the_sum_of
+from .test_faults import FOUR, SAME_START, assert_exactly_the_sum_of
 
 pytestmark = pytest.mark.e2e
 
@@ -96,7 +96,7 @@ def test_a_site_slower_than_the_stage_deadline_is_left_out_of_that_round_only(fe
     # at a load average of 8.  The test waits the deadline out once.
     fit = 30
     fed = fed_factory("past-deadline", sites=4, rounds=2, batches=False, overrides=[
-        *FOUR, f"timeouts.fit={fit}", "timeouts.secagg_stage=300", "timeouts.heartbeat_timeout=300"])
+        *FOUR, SAME_START, f"timeouts.fit={fit}", "timeouts.secagg_stage=300", "timeouts.heartbeat_timeout=300"])
     plan = Plan(big=BIG, gate=threading.Event(), hold=threading.Event())
 
     def script(fed: Federation) -> list[dict]:
@@ -122,7 +122,8 @@ def test_a_connection_cut_mid_frame_and_the_site_back_within_the_same_round(fed_
     """Site 4's link is cut half-way through its masked input; it reconnects while round 1 is
     still open (site 1's input is held until the coordinator reports site 4 back), is not let back
     into that round, and takes part in round 2."""
-    fed = fed_factory("cut", sites=4, rounds=2, overrides=[*FOUR, "timeouts.heartbeat_timeout=60"], batches=False)
+    fed = fed_factory("cut", sites=4, rounds=2, overrides=[*FOUR, SAME_START, "timeouts.heartbeat_timeout=60"],
+                      batches=False)
     cut, hold = Plan(big=BIG, cut=True), Plan(big=BIG, hold=threading.Event())
 
     def back(fed: Federation) -> list[dict]:

@@ -10,7 +10,10 @@ from asagiri.secagg.quantize import QuantPlan
 
 pytestmark = pytest.mark.e2e
 
-SPARSE_2_OF_3 = ["secagg.mode=sparse", "secagg.shares=3", "secagg.threshold=2", "min_clients=3"]
+# One run id for the secure run and its plain control: W_0 is a function of the run id and the
+# model (SPEC §6.9), so both start from the same model.
+SPARSE_2_OF_3 = ["secagg.mode=sparse", "secagg.shares=3", "secagg.threshold=2", "min_clients=3",
+                 "run_id=sparse-reference"]
 
 
 def run_round(fed, victim_flag):
