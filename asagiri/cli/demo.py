@@ -78,10 +78,25 @@ def run_demo(args: argparse.Namespace) -> int:
             f"auc={'n/a' if auc is None else f'{auc:.4f}'} accuracy={final.get('accuracy', float('nan')):.4f} "
             f"mean_round_s={summary.get('mean_round_s')}  ({summary_path})"
         )
+        if (privacy := privacy_line(cfg, summary)) is not None:
+            print(privacy)
         from ..observe.report import write_report
 
         print(f"report: {write_report(out)}")
     return code
+
+
+def privacy_line(cfg: FederationConfig, summary: dict) -> str | None:
+    """The privacy the sites spent, as far as they let the coordinator know, said plainly either way."""
+    if not cfg.dp.enabled:
+        return None
+    spent = summary.get("epsilon") or {}
+    if not spent:
+        return (f"privacy: the sites did not report epsilon (policy.report_privacy is off by default: with "
+                f"noise_multiplier auto it gives a site's data size away); each site's log and "
+                f"state_dir/privacy_ledger.json hold its own, against the target {cfg.dp.target_epsilon:g}")
+    per_site = ", ".join(f"site {s} {float(e):.3f}" for s, e in sorted(spent.items(), key=lambda kv: int(kv[0])))
+    return f"privacy: epsilon spent {per_site} (target {cfg.dp.target_epsilon:g}, delta {cfg.dp.target_delta:g})"
 
 
 def _wait_for_sites(sites: list[subprocess.Popen], grace: float = 30) -> None:

@@ -210,3 +210,16 @@ def test_a_site_still_running_after_the_end_is_stopped_and_does_not_fail_the_dem
     assert done.returncode == 0 and stuck.returncode is not None
     err = capsys.readouterr().err
     assert "site 2 was still running 2s after the federation ended" in err and "site 1" not in err
+
+
+def test_the_demo_says_what_privacy_the_sites_spent_or_that_they_did_not_say():
+    """Issue 28: epsilon never reached the operator's console; now the demo's summary says it
+    whenever the sites report it, and says plainly when they do not."""
+    from asagiri.cli.demo import privacy_line
+    from asagiri.config import FederationConfig
+
+    dp = FederationConfig.model_validate({"dp": {"enabled": True, "target_epsilon": 8.0}})
+    assert privacy_line(FederationConfig(), {"epsilon": {}}) is None
+    assert "did not report epsilon" in privacy_line(dp, {"epsilon": {}})
+    assert privacy_line(dp, {"epsilon": {"2": 7.5, "10": 7.25}}) == \
+        "privacy: epsilon spent site 2 7.500, site 10 7.250 (target 8, delta 1e-05)"
