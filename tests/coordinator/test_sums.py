@@ -53,13 +53,19 @@ def test_the_history_keeps_recorded_sums_in_order_and_forgets_uncommitted_ones(t
     assert [r.round for r in history.after(0)] == [1]
 
 
-def test_a_site_gets_the_sums_it_missed_once_a_session(tmp_path):
+def driver_with_sums(tmp_path) -> tuple[FederationDriver, Sessions]:
+    """A driver, with no site connected, whose history holds the sums of rounds 1 and 2."""
     cfg = FederationConfig.model_validate({"rounds": 3})
     sessions = Sessions(cfg.timeouts, CoordinatorMetrics(CollectorRegistry()), capacity=8)
     driver = FederationDriver(cfg, sessions, lambda event: None, initial={"w": np.zeros(4, np.float32)},
                               checkpoint=tmp_path / "checkpoint.npz")
     for rnd in (1, 2):
         driver.sums.keep(record(rnd))
+    return driver, sessions
+
+
+def test_a_site_gets_the_sums_it_missed_once_a_session(tmp_path):
+    driver, sessions = driver_with_sums(tmp_path)
     sent: list = []
 
     async def send(outbound):
@@ -81,12 +87,7 @@ def test_a_site_gets_the_sums_it_missed_once_a_session(tmp_path):
 def test_a_reconnecting_site_has_one_catch_up_at_a_time(tmp_path):
     """A red-team finding: a site that reads nothing and reconnects again and again piled up one
     blocked catch-up per session, each holding a sum.  A new session's catch-up cancels the last."""
-    cfg = FederationConfig.model_validate({"rounds": 3})
-    sessions = Sessions(cfg.timeouts, CoordinatorMetrics(CollectorRegistry()), capacity=8)
-    driver = FederationDriver(cfg, sessions, lambda event: None, initial={"w": np.zeros(4, np.float32)},
-                              checkpoint=tmp_path / "checkpoint.npz")
-    for rnd in (1, 2):
-        driver.sums.keep(record(rnd))
+    driver, sessions = driver_with_sums(tmp_path)
     blocked = []
 
     async def stuck(outbound):  # the site reads nothing: every send waits
