@@ -16,7 +16,7 @@ from ..causes import Rule
 from ..config import RunSpec
 from ..params import Params
 from ..policy import SitePolicy
-from ..secagg.binding import params_digest, spec_digest
+from ..secagg.binding import params_digest, spec_digest, vector_len
 from ..secagg.client import ClientStateMachine
 from ..secagg.history import RecordRefused, check_record
 from ..secagg.verify import VerifiedSum
@@ -109,7 +109,7 @@ class DerivedModels:
             try:
                 proven = check_record(msg, run_id=run_id, secagg=secure.secagg, spec_digest=secure.spec_digest,
                                       trained_on=base.digest, peers=self.policy.peers, policy=self.policy,
-                                      vector_len=sum(int(a.size) for a in base.params.values()) + 1)
+                                      vector_len=vector_len(base.params))
             except RecordRefused as exc:
                 problems.append(str(exc))
                 continue

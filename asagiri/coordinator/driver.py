@@ -383,7 +383,7 @@ class FederationDriver:
         params = binding.RoundParams.derive(
             run_id=self.cfg.run_id, round=rnd, attempt=attempt, participants=plan.sites, secagg=sa,
             params_digest=binding.params_digest(self._model), fit_config=plan.config,
-            vector_len=sum(v.size for v in self._model.values()) + 1, spec_digest=self.spec_digest,
+            vector_len=binding.vector_len(self._model), spec_digest=self.spec_digest,
         )
         return ServerStateMachine(params=params, min_clients=self.cfg.min_clients, identities=self.roster,
                                   batches=batch_map(self.batches))

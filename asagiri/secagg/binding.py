@@ -35,6 +35,7 @@ __all__ = [
     "params_digest",
     "spec_digest",
     "survivors_message",
+    "vector_len",
 ]
 
 
@@ -68,6 +69,11 @@ def params_digest(params: Mapping[str, np.ndarray]) -> bytes:
     arrays = [np.ascontiguousarray(params[k]) for k in names]
     head = canonical([[k, a.dtype.str, list(a.shape)] for k, a in zip(names, arrays, strict=True)])
     return blake2b_chunks([head, *(memoryview(a.reshape(-1).view(np.uint8)) for a in arrays)], person=b"asagiri-params")
+
+
+def vector_len(params: Mapping[str, np.ndarray]) -> int:
+    """What a round sums for a model (SPEC §6.3): every value of its tensors, and the count slot."""
+    return sum(int(a.size) for a in params.values()) + 1
 
 
 def spec_digest(spec: Mapping[str, Any]) -> bytes:

@@ -71,7 +71,7 @@ from ..wire.messages import (
 )
 from . import shamir, verify
 from ._states import CLIENT_MESSAGES, CLIENT_TRANSITIONS, ClientStage, LocalUpdate, Refused
-from .binding import RoundParams, keys_message, params_digest, survivors_message
+from .binding import RoundParams, keys_message, params_digest, survivors_message, vector_len
 from .checks import SiteChecks
 from .component import component_survives, mutual_masks
 from .graph import batch_mates, graph_seed, mask_peers, neighbours
@@ -297,7 +297,7 @@ class ClientStateMachine:
             self._fit = None  # nothing of this round attempt goes ahead now
             self.policy.refuse("replay", f"FitIns for round {msg.round}.{msg.attempt}, not newer than "
                                          f"{last[0]}.{last[1]}")
-        length = sum(int(a.size) for a in msg.params.values()) + 1
+        length = vector_len(msg.params)
         self._fit = _Fit(msg.round, msg.attempt, params_digest(msg.params), dict(msg.config), length)
         self._enter(FitIns)
         return []

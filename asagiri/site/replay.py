@@ -73,7 +73,7 @@ def replay_models(run_dir: Path, records: Sequence[Mapping[str, Any]],
         return out
     recorded = {r["round"]: r for r in records if r.get("kind") == "round_completed"}  # a redone round: the last
     velocity = None
-    length = sum(int(v.size) for v in model.values()) + 1
+    length = binding.vector_len(model)
     history = SumHistory(run_dir / "sums", max_bytes=length * 8 + (1 << 20))
     for rec in history.after(0):
         try:
