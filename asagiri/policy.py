@@ -38,7 +38,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -267,12 +267,13 @@ class SitePolicy:
         ``require_secagg`` must allow, sends each update whole anyway."""
         return secure and self.cfg.derive_models
 
-    def check_derived(self, what: str, sent: bytes, own: bytes | None, after: int) -> None:
-        """The weights the coordinator sent are this site's own derived model, bit for bit."""
-        self.require(own is not None and sent == own, Rule.DERIVE_MODELS,
+    def check_derived(self, what: str, sent: bytes, own: Sequence[bytes] | None, after: int) -> None:
+        """The weights the coordinator sent are, bit for bit, one of the models this site derived
+        (``own``: their digests, the kept model's first; None while it sets up)."""
+        self.require(own is not None and sent in own, Rule.DERIVE_MODELS,
                      f"{what} carries model {sent.hex()[:16]}, not the one this site derived "
                      + ("(it is still setting up)" if own is None else
-                        f"after round {after} ({own.hex()[:16]}); policy.derive_models"))
+                        f"after round {after} ({own[0].hex()[:16]}); policy.derive_models"))
 
     def check_examples(self, examples: int) -> None:
         """An update from fewer examples than the floor is too close to the examples themselves."""

@@ -422,7 +422,7 @@ def _crafted(data: Split, s: Settings, *, allowed: bool) -> InversionResult:
             policy = SitePolicy(PolicyConfig())
             for _ in sites:
                 try:
-                    policy.check_derived("FitIns", params_digest(sent), params_digest(derived), 0)
+                    policy.check_derived("FitIns", params_digest(sent), [params_digest(derived)], 0)
                 except Refusal as exc:
                     refusals.append(str(exc.rule))
             return None

@@ -69,9 +69,8 @@ class DerivedModels:
         """A FitIns's model must be this site's own (a pending step it names is kept)."""
         t = self.trajectory
         assert t is not None
-        ours = t.train_on(digest)
-        self.policy.check_derived(f"FitIns {rnd}.{attempt}", digest, digest if ours else t.current.digest,
-                                  t.current.round)
+        self.policy.check_derived(f"FitIns {rnd}.{attempt}", digest, t.digests, t.current.round)
+        t.train_on(digest)
 
     def check_evaluate(self, msg: EvaluateIns) -> None:
         """Evaluate only a model this site derived, each once per split (across restarts)."""
@@ -79,8 +78,7 @@ class DerivedModels:
             return
         t = self.trajectory
         digest = params_digest(msg.params)
-        own = None if t is None else (digest if t.known(digest) is not None else t.current.digest)
-        self.policy.check_derived(f"EvaluateIns {msg.round} ({msg.split})", digest, own,
+        self.policy.check_derived(f"EvaluateIns {msg.round} ({msg.split})", digest, None if t is None else t.digests,
                                   0 if t is None else t.current.round)
         assert t is not None  # check_derived refuses while there is none
         self.policy.require(t.evaluate(digest, msg.split), Rule.DERIVE_MODELS,

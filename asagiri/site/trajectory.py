@@ -115,6 +115,11 @@ class Trajectory:
 
     # -- which model a message names -------------------------------------------------------------
 
+    @property
+    def digests(self) -> tuple[bytes, ...]:
+        """The models of this trajectory a message may name: the kept one, then the pending one."""
+        return (self.current.digest,) if self.pending is None else (self.current.digest, self.pending.model.digest)
+
     def known(self, digest: bytes) -> Model | None:
         """The committed model or the pending one, if ``digest`` names it."""
         if digest == self.current.digest:
