@@ -56,8 +56,9 @@ def data_summary(path: Path) -> tuple[str | None, str | None]:
     return f"{path}: " + ", ".join(f"{n} {split}" for split, n in counts.items()), None
 
 
-def site_problems(cfg: SiteConfig) -> tuple[list[str], list[str]]:
-    """(notes, problems) of a site's own set-up, without the network."""
+def site_problems(cfg: SiteConfig, *, peers: bool = True) -> tuple[list[str], list[str]]:
+    """(notes, problems) of a site's own set-up, without the network.  ``peers``: check the pinned
+    site keys too (start-up leaves that to the run's spec, which says whether it needs them)."""
     notes, problems = [], []
     if (p := key_problem(cfg.identity_key, "identity_key")) is not None:
         problems.append(p)
@@ -67,9 +68,9 @@ def site_problems(cfg: SiteConfig) -> tuple[list[str], list[str]]:
         problems += [problem] if problem else []
     elif cfg.simulation is None:
         notes.append("data_path is not set: the site would train on the run's bundled data set, if it has one")
-    if not cfg.peers:
+    if peers and not cfg.peers:
         problems.append("peers: no site keys pinned (your kit's site.yaml pins them; secure aggregation needs them)")
-    elif cfg.site_id not in cfg.peers:
+    elif peers and cfg.site_id not in cfg.peers:
         problems.append(f"peers: this site ({cfg.site_id}) is not among the pinned keys")
     notes.append(f"coordinator key pinned: fingerprint {PublicIdentity.from_hex(cfg.coordinator.public_key).fingerprint()}")
     return notes, problems

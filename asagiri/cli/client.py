@@ -62,8 +62,7 @@ def _run(args: argparse.Namespace) -> int:
     from ..preflight import site_problems
 
     # the checks `asagiri check` makes, but the network's: a mistake here is found before connecting
-    _, problems = site_problems(cfg)
-    problems = [p for p in problems if not p.startswith("peers")]  # the run's spec decides whether it needs them
+    _, problems = site_problems(cfg, peers=False)  # the run's spec decides whether it needs pinned peers
     for problem in problems:
         print(f"error: {path.name}: {problem}", file=sys.stderr)
     if problems:

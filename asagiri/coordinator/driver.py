@@ -107,7 +107,7 @@ class FederationDriver:
         self.strategy = build_strategy(cfg, params)
         self.checkpoint_path = checkpoint
         # The verified sums of recorded rounds: the sites derive the model from them (SPEC §6.9).
-        self.sums = SumHistory(checkpoint.parent / "sums", max_bytes=2 * self.model_bytes + (1 << 20))
+        self.sums = SumHistory(checkpoint.parent / "sums", vector_len=binding.vector_len(params))
         self._caught_up: dict[int, int] = {}  # site -> the session whose ModelAt was answered
         self._catching_up: dict[int, anyio.CancelScope] = {}  # site -> its catch-up in progress (one at a time)
         self._background: anyio.abc.TaskGroup | None = None  # where catch-ups are sent from, while run() runs
@@ -277,6 +277,14 @@ class FederationDriver:
         while (item := self.sessions.receive_nowait()) is not None:
             await self._handle_idle(*item)
 
+    async def _round_event(self) -> tuple[int, Message | SiteLost]:
+        """The next event for a round: a site's ``ModelAt`` is answered here, whatever the stage."""
+        while True:
+            site_id, event = await self.sessions.receive()
+            if not isinstance(event, ModelAt):
+                return site_id, event
+            await self._catch_up(site_id, event)
+
     async def _catch_up(self, site_id: int, msg: ModelAt) -> None:
         """A site says which round's model it holds (SPEC §6.9): send it the sums of every recorded
         round after that one, in order, to check and step through itself.  One answer per session:
@@ -343,10 +351,7 @@ class FederationDriver:
             self.faults.reached(name, rnd)
             with anyio.move_on_after(timeouts[machine.deadline_kind]) as scope:
                 while machine.stage_key == stage and not machine.finished:
-                    site_id, event = await self.sessions.receive()
-                    if isinstance(event, ModelAt):
-                        await self._catch_up(site_id, event)
-                        continue
+                    site_id, event = await self._round_event()
                     await self.sessions.send(self._step(machine, site_id, event, rnd, attempt))
             self._stage_s[name] = self._stage_s.get(name, 0.0) + time.monotonic() - t_stage
             if scope.cancelled_caught and machine.stage_key == stage:
@@ -398,10 +403,7 @@ class FederationDriver:
         await self.sessions.send(machine.start())
         with anyio.move_on_after(self.cfg.timeouts.evaluate):
             while not machine.finished:
-                site_id, event = await self.sessions.receive()
-                if isinstance(event, ModelAt):
-                    await self._catch_up(site_id, event)
-                    continue
+                site_id, event = await self._round_event()
                 if isinstance(event, SiteLost):
                     machine.site_lost(site_id)
                     continue

@@ -28,9 +28,9 @@ _NAME = re.compile(r"round-(\d{6,})\.msg")  # six digits at least, more past rou
 
 
 class SumHistory:
-    def __init__(self, folder: Path, *, max_bytes: int) -> None:
+    def __init__(self, folder: Path, *, vector_len: int) -> None:
         self.folder = folder
-        self.max_bytes = max_bytes  # the largest record a model of this run makes, with its header
+        self.max_bytes = 8 * vector_len  # the largest sum a model of this run makes: 64-bit ring words
 
     def _rounds(self) -> list[int]:
         if not self.folder.is_dir():

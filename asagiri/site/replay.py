@@ -74,7 +74,7 @@ def replay_models(run_dir: Path, records: Sequence[Mapping[str, Any]],
     recorded = {r["round"]: r for r in records if r.get("kind") == "round_completed"}  # a redone round: the last
     velocity = None
     length = binding.vector_len(model)
-    history = SumHistory(run_dir / "sums", max_bytes=length * 8 + (1 << 20))
+    history = SumHistory(run_dir / "sums", vector_len=length)
     for rec in history.after(0):
         try:
             proven = check_record(rec, run_id=run_id, secagg=spec.secagg, spec_digest=digest, vector_len=length,

@@ -33,7 +33,7 @@ def record(rnd: int, size: int = 5) -> SumRecord:
 
 
 def test_the_history_keeps_recorded_sums_in_order_and_forgets_uncommitted_ones(tmp_path):
-    history = SumHistory(tmp_path / "sums", max_bytes=1 << 16)
+    history = SumHistory(tmp_path / "sums", vector_len=1 << 13)
     assert list(history.after(0)) == []  # no folder yet
     for rnd in (3, 1, 2):
         history.keep(record(rnd))
