@@ -504,16 +504,10 @@ class ClientStateMachine:
         a, survivors = r.announced, r.survivors
         assert a is not None and survivors is not None  # vouched before VOUCHED
         vouches = {int(site): (scalars, sig) for site, scalars, sig in msg.vouches}
-        self._check(sorted(vouches) == survivors, "sum",
-                    f"vouches from sites {sorted(vouches)}; the certified survivors are {survivors}")
-        self._check(vouches[self.site_id][0] == a.scalars, "sum", "the proof carries another vouch in this site's name")
-        for site, (scalars, sig) in vouches.items():
-            if site == self.site_id:
-                continue
-            self._peer_signed(site, verify.vouch_message(r.ctx, a.seed, site, scalars), sig, "sum",
-                              f"site {site}'s vouch does not verify for the sum this site was shown")
-        self._check(verify.vouched_total((s for s, _ in vouches.values()), r.params.plan.bits) == a.expected,
-                    "sum", "the survivors' vouches do not add up to the announced sum")
+        problem = verify.vouches_problem(vouches, survivors, ctx=r.ctx, seed=a.seed, expected=a.expected,
+                                         bits=r.params.plan.bits, peers=self.peers, own=(self.site_id, a.scalars))
+        if problem is not None:
+            self.policy.refuse(*problem)
         self.verified = VerifiedSum(r.rnd, r.attempt, a.total, a.digest, tuple(survivors), r.params.plan,
                                     r.params.params_digest)
         r.announced = None

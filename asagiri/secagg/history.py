@@ -18,7 +18,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from ..errors import Refusal
-from ..wire.crypto import AuthenticationFailed, PublicIdentity
+from ..wire.crypto import PublicIdentity
 from ..wire.messages import SumRecord
 from . import verify
 from .binding import RoundParams
@@ -77,19 +77,12 @@ def check_record(record: SumRecord, *, run_id: str, secagg: SecAggSettings, spec
     _require(total.shape == (vector_len,) and total.dtype == params.plan.dtype,
              f"a sum of {total.shape} {total.dtype}; the round sums {vector_len} x {np.dtype(params.plan.dtype)}")
     vouches = {int(site): (scalars, sig) for site, scalars, sig in record.vouches}
-    _require(sorted(vouches) == survivors, f"vouches from sites {sorted(vouches)}; the survivors are {survivors}")
     digest, seed, (u, v) = verify.challenge_of(ctx, total, survivors)
-    for site, (scalars, sig) in vouches.items():
-        peer = peers.get(site)
-        _require(peer is not None, f"site {site} has no pinned identity key")
-        try:
-            peer.verify(verify.vouch_message(ctx, seed, site, scalars), sig)
-        except AuthenticationFailed:
-            raise RecordRefused(f"site {site}'s vouch does not verify for this round on this model") from None
     (expected,) = verify.project(total, u=u, v=v)
     try:
-        vouched = verify.vouched_total((s for s, _ in vouches.values()), params.plan.bits)
-    except ValueError as exc:
+        problem = verify.vouches_problem(vouches, survivors, ctx=ctx, seed=seed, expected=expected,
+                                         bits=params.plan.bits, peers=peers)
+    except ValueError as exc:  # a vouch's scalars of the other ring's width
         raise RecordRefused(str(exc)) from None
-    _require(vouched == expected, "the survivors' vouches do not add up to the sum")
+    _require(problem is None, problem[1] if problem is not None else "")
     return VerifiedSum(record.round, record.attempt, total, digest, tuple(survivors), params.plan, trained_on)

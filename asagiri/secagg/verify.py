@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..wire.crypto import EphemeralKey, blake2b, blake3_chunks
+from ..wire.crypto import AuthenticationFailed, EphemeralKey, PublicIdentity, blake2b, blake3_chunks
 from .kernels import project_narrow, project_wide
 from .masking import sign
 from .plan import QuantPlan
@@ -57,6 +57,7 @@ __all__ = [
     "vouch_key",
     "vouch_message",
     "vouched_total",
+    "vouches_problem",
 ]
 
 CHALLENGES = 3  # K: independent linear forms per round
@@ -202,3 +203,29 @@ def vouched_total(scalars: Iterable[bytes], bits: int) -> list[int]:
         for k, z in enumerate(decode_scalars(raw, bits)):
             total[k] += z
     return [z % mod for z in total]
+
+
+def vouches_problem(vouches: Mapping[int, tuple[bytes, bytes]], survivors: Sequence[int], *, ctx: bytes, seed: bytes,
+                    expected: Sequence[int], bits: int, peers: Mapping[int, PublicIdentity],
+                    own: tuple[int, bytes] | None = None) -> tuple[str, str] | None:
+    """Why ``vouches`` (site -> (masked scalars, signature)) do not prove the sum whose challenge
+    seed is ``seed`` and projections ``expected``, as ``(rule, detail)``; None when they do: one
+    vouch per survivor, each signed by its pinned key, and together adding up to ``expected``.
+    ``own``: the checking survivor's id and the scalars it sent, which its vouch must carry."""
+    if sorted(vouches) != sorted(survivors):
+        return "sum", f"vouches from sites {sorted(vouches)}; the certified survivors are {sorted(survivors)}"
+    for site, (scalars, sig) in vouches.items():
+        if own is not None and site == own[0]:
+            if scalars != own[1]:
+                return "sum", "the proof carries another vouch in this site's name"
+            continue
+        peer = peers.get(site)
+        if peer is None:
+            return "pinned_peers", f"site {site} has no pinned identity key"
+        try:
+            peer.verify(vouch_message(ctx, seed, site, scalars), sig)
+        except AuthenticationFailed:
+            return "sum", f"site {site}'s vouch does not verify for this round and sum"
+    if vouched_total((s for s, _ in vouches.values()), bits) != list(expected):
+        return "sum", "the survivors' vouches do not add up to the announced sum"
+    return None
