@@ -9,13 +9,16 @@ benchmarks.  The coordinator reports its bound port and its progress as JSON lin
 from __future__ import annotations
 
 import copy
+import ctypes
 import json
 import os
 import select
+import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
@@ -25,8 +28,8 @@ from .config import FederationConfig, SiteConfig, apply_overrides, load_federati
 from .coordinator.checks import check_federation
 from .wire.crypto import Identity
 
-__all__ = ["StatusPipe", "pinned_site_settings", "site_configs", "start_coordinator", "start_site",
-           "write_federation", "write_site_config"]
+__all__ = ["StatusPipe", "pinned_site_settings", "signals_held", "site_configs", "start_coordinator", "start_site",
+           "stop_processes", "write_federation", "write_site_config"]
 
 
 def write_federation(out: Path, *, sites: int, rounds: int, overrides: list[str],
@@ -176,23 +179,85 @@ class StatusPipe:
 
 def start_coordinator(fed_path: Path, *extra: str, stdout: IO[Any] | int | None,
                       stderr: IO[Any] | int | None) -> tuple[subprocess.Popen, StatusPipe, int]:
-    """Start ``asagiri-coordinator`` on ``fed_path``; returns the process, its status pipe and its port."""
+    """Start ``asagiri-coordinator`` on ``fed_path``; returns the process, its status pipe and its
+    port.  Interrupted, or the coordinator failing to start, it leaves no process behind."""
     status = StatusPipe()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "asagiri.cli.coordinator", "--config", str(fed_path),
-         "--status-fd", str(status.write_fd), *extra],
-        stdout=stdout, stderr=stderr, pass_fds=(status.write_fd,),
-    )
-    status.child_started()
-    first = status.next(timeout=120)
-    if first is None or first["event"] != "listening":
-        proc.wait(timeout=30)
-        raise RuntimeError(f"the coordinator did not start (exit code {proc.returncode})")
+    proc = None
+    try:
+        with signals_held():
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "asagiri.cli.coordinator", "--config", str(fed_path),
+                 "--status-fd", str(status.write_fd), *extra],
+                stdout=stdout, stderr=stderr, pass_fds=(status.write_fd,), preexec_fn=_as_a_child(),
+            )
+        status.child_started()
+        first = status.next(timeout=120)
+        if first is None or first["event"] != "listening":
+            stop_processes([proc], grace_s=30)
+            raise RuntimeError(f"the coordinator did not start (exit code {proc.returncode})")
+    except BaseException:
+        if proc is not None:
+            stop_processes([proc])
+        status.close()
+        raise
     return proc, status, int(first["port"])
 
 
 def start_site(site_cfg: Path, site: int, *extra: str, log: IO[Any] | None) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "asagiri.cli.client", "--site", str(site), "--config", str(site_cfg), *extra],
-        stdout=log, stderr=log,
-    )
+    """Start ``asagiri-client``.  A caller that must stop what it started holds
+    :func:`signals_held` around this call and its own record of the process."""
+    with signals_held():
+        return subprocess.Popen(
+            [sys.executable, "-m", "asagiri.cli.client", "--site", str(site), "--config", str(site_cfg), *extra],
+            stdout=log, stderr=log, preexec_fn=_as_a_child(),
+        )
+
+
+def stop_processes(procs: list[subprocess.Popen], grace_s: float = 10) -> None:
+    """SIGTERM each process still running, then SIGKILL what has not exited ``grace_s`` later."""
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+_HELD = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextmanager
+def signals_held() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM while a child is forked and recorded.  One that arrives during the
+    fork runs Python's handler inside an at-fork hook, which swallows the KeyboardInterrupt:
+    ``asagiri demo`` interrupted while starting its sites went on to the end.  Held, it is
+    delivered when the block ends, once the caller knows what to stop.  Nests."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+
+def _as_a_child() -> Callable[[], None]:
+    """In the child, before exec: take Ctrl-C and SIGTERM again (the mask is inherited), and, on
+    Linux, get SIGTERM when the process that started it dies, however it died, so an ``asagiri
+    demo`` (or a test run) killed outright leaves no coordinator or site behind.  SIGTERM, not
+    SIGKILL: both CLIs stop cleanly on it (exit code 130)."""
+    parent = os.getpid()
+
+    def preexec() -> None:
+        if hasattr(signal, "pthread_sigmask"):
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _HELD)
+        if sys.platform.startswith("linux"):
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+            if os.getppid() != parent:  # the parent died before the line above took effect
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    return preexec

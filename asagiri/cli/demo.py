@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -21,8 +22,10 @@ from ..config import ConfigError, FederationConfig
 from ..launcher import (
     StatusPipe,
     pinned_site_settings,
+    signals_held,
     start_coordinator,
     start_site,
+    stop_processes,
     write_federation,
     write_site_config,
 )
@@ -34,6 +37,9 @@ __all__ = ["run_demo"]
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    # SIGTERM (a CI timeout, a service manager) stops the demo as Ctrl-C does: everything it
+    # started is stopped, and the exit code is 130
+    signal.signal(signal.SIGTERM, _interrupted)
     out: Path = args.out.resolve()
     if (out / "checkpoint.npz").exists() or (out / "metrics.jsonl").exists():
         print(f"error: {out} already holds a run; choose another --out", file=sys.stderr)
@@ -84,6 +90,10 @@ def run_demo(args: argparse.Namespace) -> int:
 
         print(f"report: {write_report(out)}")
     return code
+
+
+def _interrupted(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def privacy_line(cfg: FederationConfig, summary: dict) -> str | None:
@@ -140,7 +150,9 @@ def _orchestrate(out: Path, fed_path: Path, cfg: FederationConfig, args: argpars
             pub = (out / "keys" / "coordinator.pub").read_text().strip()
             for site in range(1, args.sites + 1):
                 site_cfg = write_site_config(out, site, port, pub, pinned_site_settings(cfg, site))
-                procs.append(start_site(site_cfg, site, *level, log=files.enter_context(open(logs / f"site-{site}.log", "ab"))))
+                site_log = files.enter_context(open(logs / f"site-{site}.log", "ab"))
+                with signals_held():  # a Ctrl-C here stops this site too
+                    procs.append(start_site(site_cfg, site, *level, log=site_log))
             refused: dict[int, str] = {}
             while (record := status.next(timeout=max(0.0, deadline - time.monotonic()))) is not None:
                 if record["event"] == "SiteRefused" and Rule(record["rule"]).is_policy:
@@ -157,7 +169,7 @@ def _orchestrate(out: Path, fed_path: Path, cfg: FederationConfig, args: argpars
             print(f"error: the demo did not finish within {args.timeout:.0f}s", file=sys.stderr)
             return EXIT_RUNTIME
         finally:
-            _stop(procs)
+            stop_processes(procs)
             if status is not None:
                 status.close()
 
@@ -187,15 +199,3 @@ def _report_failed_sites(sites: list[subprocess.Popen], logs: Path) -> None:
             log = logs / f"site-{site}.log"
             print(f"site {site} exited with code {proc.returncode}: {last_error_line(log)}  ({log})",
                   file=sys.stderr)
-
-
-def _stop(procs: list[subprocess.Popen]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.terminate()
-    for p in procs:
-        try:
-            p.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()

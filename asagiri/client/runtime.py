@@ -119,10 +119,13 @@ async def _serve_sessions(site: Site) -> int:
                     last_ok = time.monotonic()
                     delay = cfg.reconnect.initial_s
                 except SiteRefused as exc:
-                    log.error("refused before authentication (%s); retrying: anyone on the path can send that", exc)
+                    log.error("the coordinator refused this site (%s); if it is not enrolled, its operator adds "
+                              "site %d with key %s to fed.yaml's sites (or re-provisions); retrying, since anyone "
+                              "on the path can send a refusal", exc, cfg.site_id, site.identity.public.fingerprint())
                 except AuthenticationFailed:
-                    log.error("the coordinator failed to prove its identity key (a wrong pinned key, or someone "
-                              "in between); retrying")
+                    log.error("the coordinator failed to prove the pinned key %s (coordinator.public_key): compare "
+                              "`asagiri fingerprint` of its coordinator.pub with its operator, or someone is in "
+                              "between; retrying", site.coordinator.fingerprint())
                 except (ConnectionLost, RemoteProtocolError, TimeoutError) as exc:
                     log.warning("connection to the coordinator ended: %s", exc or type(exc).__name__)
                     last_ok = time.monotonic()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import socket
 import subprocess
 import sys
@@ -14,9 +15,9 @@ from asagiri.provision import provision
 pytestmark = pytest.mark.e2e
 
 
-def kits(tmp_path, port: int):
+def kits(tmp_path, port: int, wait_for_sites: float = 600):
     project = ProjectConfig.model_validate({"name": "exits", "coordinator": {"port": port},
-                                            "federation": {"rounds": 1, "timeouts": {"wait_for_sites": 5}},
+                                            "federation": {"rounds": 1, "timeouts": {"wait_for_sites": wait_for_sites}},
                                             "sites": [{"id": i} for i in (1, 2, 3)]})
     provision(project, tmp_path / "kits")
     return tmp_path / "kits"
@@ -44,7 +45,7 @@ def test_a_federation_no_site_joins_fails_with_3(tmp_path):
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     out = subprocess.run([sys.executable, "-m", "asagiri.cli.coordinator", "--config",
-                          str(kits(tmp_path, port) / "coordinator" / "fed.yaml")],
+                          str(kits(tmp_path, port, wait_for_sites=5) / "coordinator" / "fed.yaml")],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 3, out.stdout + out.stderr
     assert "federation stopped at round 1" in out.stderr + out.stdout
@@ -96,12 +97,86 @@ def test_preflight_names_each_problem_in_one_line_and_the_client_stops_before_co
         # the coordinator's own port is taken, by itself: its preflight says so
         taken = check(root / "coordinator" / "fed.yaml")
         assert taken.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in taken.stderr
+        # an unenrolled site is refused at every try, and its log names the fix, with its own key
+        unenrolled = client(9, root / "site-1" / "unenrolled-site.yaml", "reconnect.give_up_s=3")
+        fingerprint = Identity.load(root / "site-1" / "site-9.key").public.fingerprint()
+        assert unenrolled.returncode == 1, unenrolled.stderr
+        assert "site 9 is not enrolled" in unenrolled.stderr and f"adds site 9 with key {fingerprint} to fed.yaml" \
+            in unenrolled.stderr, unenrolled.stderr
     finally:
         coordinator.kill()
         coordinator.wait()
         log.close()
-    # the client runs the same local checks at start-up and stops before connecting
+    # the client runs the same local checks at start-up and stops before connecting: exit 2
+    missing = client(1, root / "site-1" / "missing-data.yaml")
+    assert missing.returncode == 2 and "/nonexistent/x.npz" in missing.stderr, missing.stderr
+    assert "Traceback" not in missing.stderr
+    # no coordinator for give_up_s: exit 1, saying so
+    gone = client(1, site, "reconnect.give_up_s=2")
+    assert gone.returncode == 1 and "no coordinator for 2s; giving up" in gone.stderr, gone.stderr
     os.chmod(root / "site-1" / "site-1.key", 0o644)
-    started = subprocess.run([sys.executable, "-m", "asagiri.cli.client", "--site", "1", "--config", str(site)],
-                             capture_output=True, text=True, timeout=120)
+    started = client(1, site)
     assert started.returncode == 2 and "chmod 600" in started.stderr, started.stderr
+
+
+def client(site: int, config, *overrides: str) -> subprocess.CompletedProcess:
+    sets = [arg for o in overrides for arg in ("--set", o)]
+    return subprocess.run([sys.executable, "-m", "asagiri.cli.client", "--site", str(site), "--config", str(config),
+                           *sets], capture_output=True, text=True, timeout=300)
+
+
+def started_and_interrupted(argv: list[str], ready: str, how=signal.SIGINT, **kwargs) -> tuple[int, str]:
+    """Start ``argv``, wait for ``ready`` in its output (stdout and stderr together), send ``how``
+    to that process alone; its exit code and output."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+    seen = []
+    try:
+        for line in proc.stdout:
+            seen.append(line)
+            if ready in line:
+                proc.send_signal(how)
+                break
+        seen.extend(proc.stdout)
+        return proc.wait(timeout=120), "".join(seen)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_a_site_interrupted_exits_130(tmp_path):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    site = kits(tmp_path, port) / "site-1" / "site.yaml"
+    code, out = started_and_interrupted([sys.executable, "-m", "asagiri.cli.client", "--site", "1", "--config",
+                                         str(site)], ready="not reachable")
+    assert code == 130 and "SIGINT: stopping" in out, out
+
+
+def demo(tmp_path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "asagiri.cli.main", "demo", "--out", str(tmp_path / "demo"), "--sites", "3",
+            "--rounds", "1", "--set", "model.width=8", *args]
+
+
+def test_demo_exit_codes_refused_unfinished_and_interrupted(tmp_path):
+    """``asagiri demo``: 3 when every site refuses the run (each site's own reason printed), 1 when
+    it does not finish in --timeout, 130 when interrupted; each leaves no process behind."""
+    from tests.e2e.test_interrupt import marked
+
+    refused = subprocess.run(demo(tmp_path / "refused", "--set", "dp.enabled=true", "--set",
+                                  "dp.target_epsilon=50"), capture_output=True, text=True, timeout=600)
+    assert refused.returncode == 3, refused.stdout + refused.stderr
+    assert "status=refused_by_sites" in refused.stdout
+    assert all(f"site {s} refused the run (max_epsilon)" in refused.stderr for s in (1, 2, 3)), refused.stderr
+    slow = subprocess.run(demo(tmp_path / "slow", "--timeout", "2"), capture_output=True, text=True, timeout=600)
+    assert slow.returncode == 1 and "error: the demo did not finish within 2s" in slow.stderr, slow.stderr
+    import os
+    import uuid
+
+    for how in (signal.SIGINT, signal.SIGTERM):  # sent while it starts its sites: it used to go on to the end
+        mark = uuid.uuid4().hex
+        code, out = started_and_interrupted(demo(tmp_path / how.name, "--rounds", "50"), ready="listening on",
+                                            how=how, env={**os.environ, "ASAGIRI_TEST_MARK": mark})
+        assert code == 130 and "summary:" not in out, (how.name, out)
+        assert marked(mark) == {}
