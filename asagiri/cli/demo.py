@@ -149,7 +149,11 @@ def _orchestrate(out: Path, fed_path: Path, cfg: FederationConfig, args: argpars
                 print(f"metrics: http://{cfg.listen.host}:{cfg.metrics_port}/metrics", flush=True)
             pub = (out / "keys" / "coordinator.pub").read_text().strip()
             for site in range(1, args.sites + 1):
-                site_cfg = write_site_config(out, site, port, pub, pinned_site_settings(cfg, site))
+                settings = pinned_site_settings(cfg, site)
+                # every demo site is the user's own: it reports the privacy it spent, so the console,
+                # the summary and the report show it (a deployed site keeps it unless it sets this)
+                settings["policy"]["report_privacy"] = True
+                site_cfg = write_site_config(out, site, port, pub, settings)
                 site_log = files.enter_context(open(logs / f"site-{site}.log", "ab"))
                 with signals_held():  # a Ctrl-C here stops this site too
                     procs.append(start_site(site_cfg, site, *level, log=site_log))

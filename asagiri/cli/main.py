@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a fed.yaml value by its dotted path (repeatable)")
     d.add_argument("--timeout", type=float, default=3600, help="give up after this many seconds")
-    d.add_argument("--log-level", default="warning", help="log level of the processes the demo starts")
+    d.add_argument("--log-level", default="info",
+                   help="log level of the processes the demo starts (their logs are files in OUT/logs/)")
 
     rp = sub.add_parser("report", help="write a run's HTML report (plots embedded) and its PNGs")
     rp.add_argument("run_dir", type=Path)

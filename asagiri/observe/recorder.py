@@ -58,9 +58,11 @@ def console_line(record: dict[str, Any], rounds: int) -> str | None:
     if kind == "RoundCompleted":
         r = record["record"]
         auc = r.get("auc")
+        # the privacy the sites reported spending (policy.report_privacy), the largest of them
+        spent = f"  epsilon<={max(r['epsilon'].values()):.3f}" if r.get("epsilon") else ""
         return (f"round {r['round']}/{rounds}  participants={r['participants']}  dropped={r['dropped']}  "
                 f"auc={'n/a' if auc is None else f'{auc:.4f}'}  acc={r.get('accuracy', math.nan):.4f}  "
-                f"{r['duration_s']:.1f}s")
+                f"{r['duration_s']:.1f}s{spent}")
     if kind == "RoundAborted":
         return f"round {record['round']} attempt {record['attempt']} aborted: {record['reason']}"
     if kind == "TestScored" and "test_auc" in record["scores"]:

@@ -223,3 +223,32 @@ def test_the_demo_says_what_privacy_the_sites_spent_or_that_they_did_not_say():
     assert "did not report epsilon" in privacy_line(dp, {"epsilon": {}})
     assert privacy_line(dp, {"epsilon": {"2": 7.5, "10": 7.25}}) == \
         "privacy: epsilon spent site 2 7.500, site 10 7.250 (target 8, delta 1e-05)"
+
+
+def test_the_dp_recipe_through_the_demo_reaches_all_its_rounds_within_its_budget(tmp_path):
+    """Issue 28: the DP recipe as a user runs it.  Before, an aborted attempt of round 1 was
+    charged to every ledger and the run stopped at 14 of 15 rounds; epsilon was only in the sites'
+    logs.  Now every round runs, each site logs epsilon after each round it trains, the console
+    shows the largest after each round, and the summary every site's, all within the target."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "dp"
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-m", "asagiri.cli.main", "demo", "--config",
+                           str(root / "examples" / "dp-chest-xray.yaml"), "--out", str(out)],
+                          capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "summary: status=completed rounds=15/15" in proc.stdout, proc.stdout
+    shown = [float(line.split("epsilon<=")[1]) for line in proc.stdout.splitlines() if line.startswith("round ")]
+    assert len(shown) == 15 and shown == sorted(shown) and 0 < shown[0] and shown[-1] <= 8.0, proc.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert sorted(summary["epsilon"], key=int) == ["1", "2", "3", "4"]
+    assert all(0 < e <= 8.0 for e in summary["epsilon"].values()), summary["epsilon"]
+    assert "privacy: epsilon spent site 1 " in proc.stdout and "(target 8," in proc.stdout
+    for site in (1, 2, 3, 4):
+        spent = [float(line.split("epsilon=")[1].split(" ")[0]) for line in
+                 (out / "logs" / f"site-{site}.log").read_text().splitlines() if "privacy spent: epsilon=" in line]
+        assert len(spent) >= 15 and spent[-1] <= 8.0, (site, spent)
+        assert spent[-1] >= summary["epsilon"][str(site)] - 1e-3, (site, spent, summary["epsilon"])
