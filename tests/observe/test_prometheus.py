@@ -11,6 +11,7 @@ import sys
 import time
 import urllib.parse
 import urllib.request
+import uuid
 from pathlib import Path
 
 import pytest
@@ -114,6 +115,78 @@ def test_prometheus_scrapes_a_running_federation_and_every_dashboard_query_has_d
         if paused is not None:
             os.kill(paused.pid, signal.SIGCONT)
         fed.kill_all()
+        prom.terminate()
+        prom.wait(timeout=30)
+        log.close()
+
+
+def documented_commands() -> list[str]:
+    """The bash block of docs/observability.md that starts Prometheus and the demo, line by line."""
+    text = (Path(__file__).resolve().parents[2] / "docs" / "observability.md").read_text()
+    block = next(b for b in text.split("```bash\n")[1:] if "prometheus --config.file" in b).split("```")[0]
+    return [line for line in block.splitlines() if line.strip() and not line.startswith("#")]
+
+
+@pytest.mark.skipif(PROMETHEUS is None, reason=NO_PROMETHEUS)
+def test_the_documented_commands_work_as_written(tmp_path):
+    """Issue 28: docs/observability.md's commands, run as written (the demo's line gets a run
+    directory and long timeouts, so that a paused site keeps its coordinator up): Prometheus binds
+    to localhost only and scrapes the live demo."""
+    import socket
+
+    from tests.e2e.test_interrupt import marked
+
+    for port in (9090, 9464):
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                pytest.skip(f"port {port}, which the documented commands use, is taken on this machine")
+    setup, check, start_prometheus, start_demo = documented_commands()
+    assert start_prometheus.startswith("prometheus ") and "--web.listen-address=127.0.0.1:" in start_prometheus
+    assert start_demo.startswith("asagiri demo ")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    log = open(tmp_path / "prometheus.log", "wb")  # noqa: SIM115 - closed below
+    # the documented lines, with Prometheus run in the foreground of its own process instead of `&`
+    prom = subprocess.Popen(["bash", "-euc", f"{setup}\n{check}\nexec {start_prometheus.split('&')[0]}"],
+                            cwd=tmp_path, env=env, stdout=log, stderr=log)
+    mark = uuid.uuid4().hex
+    demo = subprocess.Popen(["bash", "-c", f"exec {start_demo.split('#')[0]} --out demo --set "
+                             "timeouts.heartbeat_timeout=600 --set timeouts.fit=600"], cwd=tmp_path,
+                            env={**env, "ASAGIRI_TEST_MARK": mark}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    paused: list[int] = []
+    try:
+        seen = []
+        for line in demo.stdout:
+            seen.append(line)
+            if line.startswith("round 1/"):
+                break
+        paused = [pid for pid, cmd in marked(mark).items() if "asagiri.cli.client" in cmd and "--site 1 " in cmd]
+        assert len(paused) == 1, "".join(seen)
+        os.kill(paused[0], signal.SIGSTOP)  # round 2 waits for it: the coordinator stays up
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if query(9090, "asagiri_rounds_completed_total >= 1"):
+                    break
+            except OSError:  # Prometheus still starting
+                pass
+            assert time.monotonic() < deadline, (tmp_path / "prometheus.log").read_text()[-2000:]
+            time.sleep(1)
+        # Prometheus listens on the loopback address only
+        listening = [line.split() for line in Path("/proc/net/tcp").read_text().splitlines()[1:]]
+        local = {entry[1] for entry in listening if entry[3] == "0A"}  # state 0A: LISTEN
+        assert f"0100007F:{9090:04X}" in local and f"00000000:{9090:04X}" not in local
+        assert (tmp_path / "prometheus-data").is_dir()
+        os.kill(paused.pop(), signal.SIGCONT)
+        seen.extend(demo.stdout)
+        assert demo.wait(timeout=600) == 0, "".join(seen)
+        assert "summary: status=completed rounds=3/3" in "".join(seen)
+    finally:
+        for pid in paused:
+            os.kill(pid, signal.SIGCONT)
+        if demo.poll() is None:
+            demo.terminate()
+            demo.wait(timeout=60)
         prom.terminate()
         prom.wait(timeout=30)
         log.close()
