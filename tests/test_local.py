@@ -227,4 +227,21 @@ def test_a_site_that_refuses_the_run_for_good_ends_a_run_whose_one_batch_it_was_
                          site_extra={4: {"policy": {"require_dp": True, "share_predictions": True}}})
     assert cfg.participation_batches() == [[1, 2, 3, 4]]
     summary = anyio.run(run_local, cfg, sites)
-    assert summary["status"] == "refused_by_sites" and summary["exhausted"] == [4], summary
+    # a refusal by policy is not a spent budget: the summary names the site's rule, apart
+    assert summary["status"] == "refused_by_sites" and summary["refused"] == {"4": "require_dp"}, summary
+    assert summary["exhausted"] == [], summary
+
+
+def test_a_site_whose_data_cannot_be_loaded_is_named_as_refusing_setup_never_as_out_of_budget(tmp_path):
+    """Issue 28: a site whose data file would not load was listed under ``exhausted``, as if its
+    privacy budget were spent.  It declines by the ``setup`` rule, and the summary says so."""
+    broken = tmp_path / "broken.npz"
+    broken.write_bytes(b"not an npz file")
+    cfg, sites = lay_out(tmp_path / "run", sites=3, rounds=1,
+                         overrides=["data.dataset=pneumoniamnist", "model.width=8", "train.local_steps=5",
+                                    "timeouts.wait_for_sites=20"],
+                         site_extra={3: {"data_path": str(broken)}})
+    summary = anyio.run(run_local, cfg, sites)
+    assert summary["status"] == "refused_by_sites", summary
+    assert summary["refused"] == {"3": "setup"} and summary["exhausted"] == [], summary
+    assert "refused the run by their policy" in summary["message"]

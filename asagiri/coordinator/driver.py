@@ -97,8 +97,7 @@ class FederationDriver:
                             "site, and a missing one holds the rounds until it is back", len(self.roster),
                             cfg.secagg.batch_size)
         self.history: list[dict[str, Any]] = []
-        self.exhausted: set[int] = set()  # sites that declined for good
-        self._withdrawn: dict[int, Rule] = {}  # ... and the rule each named
+        self.withdrawn: dict[int, Rule] = {}  # sites that declined for good, and the rule each named
         self._test: dict[str, Any] = {}
         self.start_round = 1
         self._asked: tuple[int, int] = (0, 0)  # the newest round attempt begun: answers up to it may come late
@@ -146,7 +145,9 @@ class FederationDriver:
             raise ResumeError(f"{path}: belongs to run {state.get('run_id')!r}, not {self.cfg.run_id!r}")
         self.strategy.load_state(StrategyState(params, velocity))
         self.history = state["history"]
-        self.exhausted = set(state.get("exhausted", []))
+        # (checkpoints before the rule was kept name the sites only, as "exhausted")
+        self.withdrawn = {int(s): Rule(r) for s, r in state.get("withdrawn", {}).items()} or \
+            dict.fromkeys(state.get("exhausted", []), Rule.PRIVACY_BUDGET)
         self.start_round = int(state["round"]) + 1
         self.sums.forget_after(int(state["round"]))
         # The metrics log goes back to the checkpoint; the audit log is never rewritten: its
@@ -162,7 +163,7 @@ class FederationDriver:
         return self.strategy.state().params
 
     def eligible(self) -> list[int]:
-        return sorted(s for s in self.sessions.connected() if s not in self.exhausted)
+        return sorted(s for s in self.sessions.connected() if s not in self.withdrawn)
 
     def trainable(self) -> list[int]:
         """The eligible sites a round can sum: with participation batches, whole batches only."""
@@ -213,17 +214,17 @@ class FederationDriver:
             first = 1 + (self._attempts_begun(rnd) if rnd == self.start_round else 0)
             for attempt in range(first, first + cfg.max_round_attempts):
                 # with participation batches, a site gone for good takes its batch with it
-                able = len(usable_sites(sorted(set(self.roster) - self.exhausted), self.batches))
+                able = len(usable_sites(sorted(set(self.roster) - set(self.withdrawn)), self.batches))
                 if able < cfg.min_clients:
                     # Sites leave for good when their privacy budget is spent, or when the run breaks
                     # their policy (a permanent Decline naming a policy rule, protocol/SPEC.md §7).
-                    refused = {s: str(r) for s, r in self._withdrawn.items() if r.is_policy}
+                    refused = self._refused()
                     log.warning("only %d sites can still train, min_clients=%d; ending (policy refusals: %s)",
                                 able, cfg.min_clients, refused or "none")
                     why = "refused the run by their policy or spent their privacy budget" if refused else \
                         "spent their privacy budget"
                     return self._end("refused_by_sites" if refused else "budget_exhausted", t_start, message=(
-                        f"federation ends before round {rnd}: sites {sorted(self.exhausted)} {why}; fewer than "
+                        f"federation ends before round {rnd}: sites {sorted(self.withdrawn)} {why}; fewer than "
                         f"min_clients={cfg.min_clients} can train"))
                 if not await self._wait_for_sites(cfg.min_clients, cfg.timeouts.wait_for_sites):
                     self._fail(rnd, f"only {len(self.trainable())} eligible sites connected in whole participation "
@@ -234,8 +235,7 @@ class FederationDriver:
                     outcome = await self._run_round(rnd, attempt)
                 except NotEnoughSites as exc:
                     self._fail(rnd, str(exc), t_start)
-                self.exhausted.update(outcome.exhausted)
-                self._withdrawn.update({s: outcome.declined[s] for s in outcome.exhausted})
+                self.withdrawn.update({s: outcome.declined[s] for s in outcome.withdrawn})
                 if outcome.abort_reason is None:
                     if outcome.sum_record is not None:
                         self.sums.keep(outcome.sum_record)  # before the checkpoint commits the round
@@ -446,14 +446,17 @@ class FederationDriver:
             values = {str(s): m[key] for s, m in sorted(outcome.site_eval.items()) if key in m}
             if values:
                 record[key] = values
-        if outcome.exhausted:
-            record["exhausted"] = sorted(outcome.exhausted)
+        if budget := [s for s in sorted(outcome.withdrawn) if not outcome.declined[s].is_policy]:
+            record["exhausted"] = budget
+        if refused := {str(s): str(outcome.declined[s]) for s in sorted(outcome.withdrawn)
+                       if outcome.declined[s].is_policy}:
+            record["refused"] = refused
         train_loss = {str(s): m["train_loss"] for s, m in outcome.site_metrics.items() if "train_loss" in m}
         if train_loss:
             record["site_train_loss"] = train_loss
         self.history.append(record)
         state = {"run_id": self.cfg.run_id, "round": outcome.round, "history": self.history,
-                 "exhausted": sorted(self.exhausted)}
+                 "withdrawn": {str(s): str(r) for s, r in sorted(self.withdrawn.items())}}
         self.emit(ev.RoundCompleted(record, outcome.params, self.strategy.state().velocity, state))
 
     def round_record_message(self) -> RoundRecord | None:
@@ -502,6 +505,9 @@ class FederationDriver:
             out.update(record.get(key, {}))
         return dict(sorted(out.items()))
 
+    def _refused(self) -> dict[str, str]:
+        return {str(s): str(r) for s, r in sorted(self.withdrawn.items()) if r.is_policy}
+
     def _end(self, status: str, t_start: float, *, reason: str | None = None, message: str = "") -> dict[str, Any]:
         last = self.history[-1] if self.history else {}
         summary: dict[str, Any] = {
@@ -512,7 +518,10 @@ class FederationDriver:
             "final": {k: last[k] for k in ("auc", "accuracy", "loss", "site_auc", "site_accuracy") if k in last},
             "epsilon": self._latest("epsilon"),
             "noise_multiplier": self._latest("noise_multiplier"),
-            "exhausted": sorted(self.exhausted),
+            # a site whose privacy budget is spent, and apart from it, one that refused the run
+            # by its policy with its rule (a missing data file is `setup`, never a spent budget)
+            "exhausted": sorted(s for s, r in self.withdrawn.items() if not r.is_policy),
+            "refused": self._refused(),
             "wall_s": round(time.monotonic() - t_start, 3),
             "mean_round_s": round(sum(h["duration_s"] for h in self.history) / len(self.history), 3)
             if self.history else None,

@@ -63,7 +63,7 @@ class RoundOutcome:
     participants: list[int] = field(default_factory=list)
     dropped: list[int] = field(default_factory=list)
     declined: dict[int, Rule] = field(default_factory=dict)  # the rule each site named
-    exhausted: list[int] = field(default_factory=list)
+    withdrawn: list[int] = field(default_factory=list)  # declined for good (permanent), by budget or by policy
     params: Params | None = None
     evaluation: dict[str, Any] = field(default_factory=dict)
     site_metrics: dict[int, dict[str, float]] = field(default_factory=dict)
@@ -275,7 +275,7 @@ class RoundMachine:
     def _declined(self, site: int, msg: Decline) -> None:
         self.outcome.declined[site] = msg.rule
         if msg.permanent:  # out of the run for good (budget spent, or the run breaks its policy)
-            self.outcome.exhausted.append(site)
+            self.outcome.withdrawn.append(site)
             self._evaluators.discard(site)
 
     def _accept_update(self, site: int, msg: FitRes) -> None:

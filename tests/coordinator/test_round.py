@@ -89,7 +89,7 @@ def test_decline_counts_as_absent():
     m.receive(1, Decline(1, 1, Rule.PRIVACY_BUDGET, True))
     m.receive(2, res(10, 1.0))
     m.receive(3, res(10, 1.0))
-    assert m.phase is Phase.EVALUATE and m.outcome.exhausted == [1]
+    assert m.phase is Phase.EVALUATE and m.outcome.withdrawn == [1]
 
 
 @pytest.mark.parametrize(

@@ -163,7 +163,7 @@ def test_dp_federation_with_secure_aggregation_stops_when_budgets_run_out(tmp_pa
     assert set(records[-1]["epsilon"]) == {"1", "2", "3"}
     assert all(e <= 4.0 * 1.01 for e in records[-1]["epsilon"].values())
     summary = fed.summary()
-    assert summary["status"] == "budget_exhausted" and summary["exhausted"] == [1, 2, 3]
+    assert summary["status"] == "budget_exhausted" and summary["exhausted"] == [1, 2, 3] and summary["refused"] == {}
     assert set(summary["epsilon"]) == {"1", "2", "3"} and set(summary["noise_multiplier"]) == {"1", "2", "3"}
     [ended] = [e for e in events if e["event"] == "FederationEnded"]
     assert ended["status"] == "budget_exhausted" and "spent their privacy budget" in ended["message"]
