@@ -40,3 +40,29 @@ def test_a_stopped_site_is_dropped_for_its_silence_and_the_others_go_on(fed_fact
     assert fed.summary()["status"] == "completed", fed.logs()
     participants = [r["participants"] for r in fed.metrics()]
     assert participants[0] == [1, 2, 3, 4] and participants[-1] == [1, 2, 3], participants
+
+
+def test_a_dropped_site_rejoins_the_next_attempt_once_it_answers_again(fed_factory):
+    """Issue 28: a site dropped for its silence is not out of the run.  Three sites, all needed
+    (min_clients=3): site 3 is stopped in round 2, dropped, and the attempt aborts; the next
+    attempt waits for three sites, site 3 is let go on, reconnects, and takes part."""
+    fed: Federation = fed_factory("rejoin", sites=3, rounds=2, batches=False, overrides=[
+        "min_clients=3", "timeouts.heartbeat_timeout=4", "timeouts.fit=600", "timeouts.secagg_stage=600",
+        "timeouts.wait_for_sites=600", "max_round_attempts=3",
+    ])
+    fed.start_coordinator()
+    for site in (1, 2, 3):
+        fed.start_site(site)
+    fed.events(until="RoundCompleted")
+    stopped = fed.sites[3]
+    os.kill(stopped.pid, signal.SIGSTOP)
+    try:
+        dropped = fed.events_until(lambda e: e["event"] == "SiteDropped")
+    finally:
+        os.kill(stopped.pid, signal.SIGCONT)
+    assert dropped[-1]["event"] == "SiteDropped" and dropped[-1]["site"] == 3, fed.logs()
+    later = fed.events()
+    assert any(e["event"] == "RoundAborted" and e["round"] == 2 for e in dropped + later), fed.logs()
+    assert fed.summary()["status"] == "completed", fed.logs()
+    assert [r["participants"] for r in fed.metrics()] == [[1, 2, 3], [1, 2, 3]]
+    assert fed.wait_all()["site-3"] == 0, fed.logs()
