@@ -193,7 +193,10 @@ def start_coordinator(fed_path: Path, *extra: str, stdout: IO[Any] | int | None,
         status.child_started()
         first = status.next(timeout=120)
         if first is None or first["event"] != "listening":
-            stop_processes([proc], grace_s=30)
+            try:
+                proc.wait(timeout=30)  # it is exiting: let it write why
+            except subprocess.TimeoutExpired:
+                stop_processes([proc])
             raise RuntimeError(f"the coordinator did not start (exit code {proc.returncode})")
     except BaseException:
         if proc is not None:
@@ -251,12 +254,14 @@ def _as_a_child() -> Callable[[], None]:
     demo`` (or a test run) killed outright leaves no coordinator or site behind.  SIGTERM, not
     SIGKILL: both CLIs stop cleanly on it (exit code 130)."""
     parent = os.getpid()
+    # looked up here, in the parent: nothing that may take the loader's lock runs after the fork
+    prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
 
     def preexec() -> None:
         if hasattr(signal, "pthread_sigmask"):
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _HELD)
-        if sys.platform.startswith("linux"):
-            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        if prctl is not None:
+            prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
             if os.getppid() != parent:  # the parent died before the line above took effect
                 os.kill(os.getpid(), signal.SIGTERM)
 
