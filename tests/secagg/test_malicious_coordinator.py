@@ -422,7 +422,7 @@ def test_an_injected_reject_does_not_stop_a_site(attacker):
         return sorted(sessions)
 
     assert 1 in attacker.case(script, sites=RUNNING)  # it came back
-    assert "refused before authentication" in attacker.log(1)
+    assert "the coordinator refused this site" in attacker.log(1)
 
 
 def test_a_message_larger_than_the_model_closes_the_channel(attacker):
