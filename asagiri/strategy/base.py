@@ -79,9 +79,7 @@ class FedAvg:
     def aggregate_fit(self, rnd: int, summed: RunningSum, survivors: list[int], dropped: list[int]) -> Params | None:
         if summed.total_samples <= 0:
             return None
-        s = self.cfg.strategy
-        self.params, self.velocity = server_step(self.params, self.velocity, summed, name=s.name, server_lr=s.server_lr,
-                                                 server_momentum=s.server_momentum)
+        self.params, self.velocity = server_step(self.params, self.velocity, summed, self.cfg.strategy)
         return self.params
 
     def configure_evaluate(self, rnd: int, available: list[int]) -> list[int]:
