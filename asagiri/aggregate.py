@@ -106,15 +106,15 @@ def server_step(params: Params, state: Params | None, summed: RunningSum,
     operations), so every party that computes it from the same inputs gets the same bits: the
     coordinator, and each site from a verified sum (SPEC §6.9).
 
-    ``fedavg`` / ``fedprox``: ``w += Δ̄``.  ``fedavgm``: ``v = m v + Δ̄, w += lr v``.  ``fedadam``,
+    ``fedavg``, ``fedprox``, ``fedavgm``: ``w += lr Δ̄``, with server momentum ``v = m v + Δ̄,
+    w += lr v`` when ``server_momentum`` > 0 (FedAvgM; ``lr`` 1 and no momentum unless set).  ``fedadam``,
     ``fedyogi``, ``fedadagrad``: ``m = β1 m + (1-β1) Δ̄``; ``v`` by Adam (``β2 v + (1-β2) Δ̄²``),
     Yogi (``v - (1-β2) Δ̄² sign(v - Δ̄²)``) or Adagrad (``v + Δ̄²``), from ``v = τ²``; then
     ``w += lr m / (√v + τ)``.  Running statistics always take the plain mean."""
     if strategy.name in ADAPTIVE:
         return _adaptive_step(params, state, summed.mean_delta(), strategy)
-    momentum = strategy.server_momentum if strategy.name == "fedavgm" else 0.0
-    lr = strategy.server_lr if strategy.name == "fedavgm" else 1.0
-    return apply_weighted_delta(params, summed.mean_delta(), server_lr=lr, momentum=momentum, velocity=state)
+    return apply_weighted_delta(params, summed.mean_delta(), server_lr=strategy.server_lr,
+                                momentum=strategy.server_momentum, velocity=state)
 
 
 def _adaptive_step(params: Params, state: Params | None, delta: Params,

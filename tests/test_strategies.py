@@ -219,3 +219,19 @@ def test_the_adaptive_server_optimisers_take_the_papers_step(name):
     assert set(state) == {"m/w", "v/w"}  # the moments of the weights only, never of the statistics
     np.testing.assert_allclose(state["m/w"], m, rtol=1e-5)
     np.testing.assert_allclose(state["v/w"], v, rtol=1e-5)
+
+
+def test_proximal_term_momentum_and_fedbn_are_parts_any_server_optimiser_combines():
+    """Issue 29: FedProx's mu reaches the sites whatever the server optimiser (it was sent only
+    when the name was fedprox); the names fedprox and fedavgm require their part."""
+    from asagiri.config import ConfigError
+    from asagiri.strategy.base import build_strategy
+
+    cfg = FederationConfig(min_clients=2, strategy={"name": "fedyogi", "mu": 0.05, "fedbn": True})
+    plan = build_strategy(cfg, {"w": np.zeros(2, np.float32)}).configure_fit(1, 1, [1, 2, 3])
+    assert plan.config["mu"] == 0.05 and RunSpec.of(cfg).strategy.fedbn
+    for bad, why in [({"name": "fedprox"}, "needs strategy.mu > 0"),
+                     ({"name": "fedavgm"}, "needs strategy.server_momentum > 0"),
+                     ({"name": "fedadam", "server_momentum": 0.9}, "keeps its own first moment")]:
+        with pytest.raises((ValueError, ConfigError), match=why):
+            FederationConfig(strategy=bad)
