@@ -6,11 +6,13 @@ a site derives the coordinator's model bit for bit (protocol/SPEC.md §6.9)."""
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import numpy as np
 
 from .params import Params
 
-__all__ = ["RunningSum", "apply_weighted_delta", "is_statistic", "server_step"]
+__all__ = ["ADAPTIVE", "RunningSum", "ServerSettings", "apply_weighted_delta", "is_statistic", "server_step"]
 
 # Normalisation layers' running statistics (torch's names for BatchNorm and InstanceNorm buffers).
 STATISTIC_SUFFIXES = (".running_mean", ".running_var")
@@ -80,12 +82,65 @@ def apply_weighted_delta(
     return out, new_velocity
 
 
-def server_step(params: Params, velocity: Params | None, summed: RunningSum, *, name: str, server_lr: float,
-                server_momentum: float) -> tuple[Params, Params | None]:
-    """The next global model: a pure function of the model, the server optimiser's state, the sum
-    and the strategy's settings.  Element-wise NumPy only (no reductions, BLAS or fused
+class ServerSettings(Protocol):
+    """The strategy settings the server step reads (``StrategyConfig`` on the coordinator, the
+    spec's ``SpecStrategy`` at a site)."""
+
+    name: str
+    server_lr: float
+    server_momentum: float
+    beta1: float
+    beta2: float
+    tau: float
+
+
+# Reddi et al. 2021, "Adaptive Federated Optimization" (Algorithm 2): the adaptive server optimisers
+ADAPTIVE = ("fedadam", "fedyogi", "fedadagrad")
+_FIRST, _SECOND = "m/", "v/"  # their two moments, kept in the server optimiser's state under these prefixes
+
+
+def server_step(params: Params, state: Params | None, summed: RunningSum,
+                strategy: ServerSettings) -> tuple[Params, Params | None]:
+    """The next global model and server optimiser state: a pure function of the model, the state,
+    the sum and the strategy's settings.  Element-wise NumPy only (no reductions, BLAS or fused
     operations), so every party that computes it from the same inputs gets the same bits: the
-    coordinator's FedAvg / FedProx / FedAvgM, and each site from a verified sum (SPEC §6.9)."""
-    momentum = server_momentum if name == "fedavgm" else 0.0
-    lr = server_lr if name == "fedavgm" else 1.0
-    return apply_weighted_delta(params, summed.mean_delta(), server_lr=lr, momentum=momentum, velocity=velocity)
+    coordinator, and each site from a verified sum (SPEC §6.9).
+
+    ``fedavg``, ``fedprox``, ``fedavgm``: ``w += lr Δ̄``, with server momentum ``v = m v + Δ̄,
+    w += lr v`` when ``server_momentum`` > 0 (FedAvgM; ``lr`` 1 and no momentum unless set).  ``fedadam``,
+    ``fedyogi``, ``fedadagrad``: ``m = β1 m + (1-β1) Δ̄``; ``v`` by Adam (``β2 v + (1-β2) Δ̄²``),
+    Yogi (``v - (1-β2) Δ̄² sign(v - Δ̄²)``) or Adagrad (``v + Δ̄²``), from ``v = τ²``; then
+    ``w += lr m / (√v + τ)``.  Running statistics always take the plain mean."""
+    if strategy.name in ADAPTIVE:
+        return _adaptive_step(params, state, summed.mean_delta(), strategy)
+    return apply_weighted_delta(params, summed.mean_delta(), server_lr=strategy.server_lr,
+                                momentum=strategy.server_momentum, velocity=state)
+
+
+def _adaptive_step(params: Params, state: Params | None, delta: Params,
+                   s: ServerSettings) -> tuple[Params, Params]:
+    f32 = np.float32
+    beta1, beta2, tau, lr = f32(s.beta1), f32(s.beta2), f32(s.tau), f32(s.server_lr)
+    out: Params = {}
+    new_state: Params = {}
+    for k, w in params.items():
+        if k not in delta:
+            out[k] = w
+            continue
+        d = delta[k].astype(f32)
+        if is_statistic(k):
+            out[k] = (w + d).astype(f32)
+            continue
+        m = state[_FIRST + k] if state is not None else np.zeros_like(d)
+        v = state[_SECOND + k] if state is not None else np.full_like(d, tau * tau)
+        m = beta1 * m + (f32(1) - beta1) * d
+        d2 = d * d
+        if s.name == "fedadam":
+            v = beta2 * v + (f32(1) - beta2) * d2
+        elif s.name == "fedyogi":
+            v = v - (f32(1) - beta2) * d2 * np.sign(v - d2)
+        else:  # fedadagrad
+            v = v + d2
+        new_state[_FIRST + k], new_state[_SECOND + k] = m.astype(f32), v.astype(f32)
+        out[k] = (w + lr * m / (np.sqrt(v) + tau)).astype(f32)
+    return out, new_state

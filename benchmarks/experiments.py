@@ -42,7 +42,9 @@ from asagiri.models import MODEL_NAMES, build, prepare_data
 from asagiri.scores import accuracy_score, auc_score
 from asagiri.train import evaluate, train_local
 
-METHODS = ("central", "local", "fedavg", "fedprox", "fedbn", "fedprox+fedbn")
+METHODS = ("central", "local", "fedavg", "fedprox", "fedbn", "fedprox+fedbn", "fedavgm", "fedadam", "fedyogi",
+           "fedadagrad", "fedadam+fedbn", "fedyogi+fedbn")
+SERVER_OPTIMISERS = ("fedavgm", "fedadam", "fedyogi", "fedadagrad")  # else plain FedAvg
 
 
 def split_seed(args: argparse.Namespace, seed: int) -> int:
@@ -52,8 +54,10 @@ def split_seed(args: argparse.Namespace, seed: int) -> int:
 
 def federation_overrides(method: str, args: argparse.Namespace, seed: int) -> list[str]:
     """The fed.yaml keys of one run."""
-    strategy = "fedavgm" if args.server_momentum or args.server_lr != 1.0 else (
-        "fedprox" if "fedprox" in method else "fedavg")
+    # a method is its server optimiser and the parts it combines with it ("fedyogi+fedbn")
+    parts = method.split("+")
+    strategy = next((p for p in parts if p in SERVER_OPTIMISERS), "fedavg")
+    momentum = args.server_momentum if args.server_momentum is not None else (0.9 if strategy == "fedavgm" else 0.0)
     out = [
         f"data.dataset={args.dataset}", f"data.partition.scheme={args.scheme}", f"data.partition.alpha={args.alpha}",
         f"data.partition.seed={split_seed(args, seed)}", f"selection.seed={seed}",
@@ -61,9 +65,9 @@ def federation_overrides(method: str, args: argparse.Namespace, seed: int) -> li
         *schedule(args), f"train.batch_size={args.batch_size}", f"train.lr={args.lr}",
         f"train.optimizer={args.optimizer}", f"train.weight_decay={args.weight_decay}",
         f"train.augment={str(augments(args)).lower()}",
-        f"strategy.name={strategy}", f"strategy.mu={args.mu if 'fedprox' in method else 0.0}",
-        f"strategy.fedbn={str('fedbn' in method).lower()}",
-        f"strategy.server_lr={args.server_lr}", f"strategy.server_momentum={args.server_momentum}",
+        f"strategy.name={strategy}", f"strategy.mu={args.mu if 'fedprox' in parts else 0.0}",
+        f"strategy.fedbn={str('fedbn' in parts).lower()}", f"strategy.server_momentum={momentum}",
+        *([f"strategy.server_lr={args.server_lr}"] if args.server_lr is not None else []),
         f"secagg.enabled={str(args.secagg).lower()}", f"min_clients={min(3, args.sites)}",
         "timeouts.wait_for_sites=60",
     ]
@@ -183,8 +187,9 @@ def main() -> None:
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--mu", type=float, default=0.01, help="FedProx's mu")
-    p.add_argument("--server-lr", type=float, default=1.0, help="FedAvgM: server learning rate")
-    p.add_argument("--server-momentum", type=float, default=0.0, help="FedAvgM: server momentum")
+    p.add_argument("--server-lr", type=float, default=None,
+                   help="the server optimiser's learning rate (default: fed.yaml's, 1, or 0.01 for the adaptive ones)")
+    p.add_argument("--server-momentum", type=float, default=None, help="FedAvgM's server momentum (default 0.9)")
     p.add_argument("--no-secagg", dest="secagg", action="store_false", help="aggregate in the clear")
     p.add_argument("--dp-epsilon", type=float, default=None, help="federated methods train with DP-SGD at this epsilon")
     p.add_argument("--dp-delta", type=float, default=1e-5)

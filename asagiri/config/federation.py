@@ -93,17 +93,41 @@ class ModelConfig(_Strict):
     groups: int = Field(32, ge=1)
 
 
-StrategyName = Literal["fedavg", "fedprox", "fedavgm"]
+StrategyName = Literal["fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad"]
+ADAPTIVE_STRATEGIES = ("fedadam", "fedyogi", "fedadagrad")  # the server optimisers of Reddi et al. 2021
 
 
 class StrategyConfig(_Strict):
+    """The server's optimiser (``name``) and the parts a run combines with it: server momentum
+    (``server_momentum``, FedAvgM's, with the plain server optimiser), FedProx's proximal term
+    (``mu``) and FedBN (``fedbn``), each with any name: ``fedprox`` and ``fedavgm`` name the
+    plain optimiser too, and require their part.  ``server_lr`` is 1 unless set, and 0.01 for
+    the adaptive optimisers (Reddi et al. 2021, with ``tau`` 1e-3); ``beta1``, ``beta2`` and
+    ``tau`` are theirs (``aggregate.server_step``)."""
+
     name: StrategyName = "fedavg"
     mu: float = Field(0.0, ge=0)
     fedbn: bool = False
-    server_lr: float = Field(1.0, gt=0)
+    server_lr: float | None = Field(None, gt=0)
     server_momentum: float = Field(0.0, ge=0, lt=1)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.99, ge=0, lt=1)
+    tau: float = Field(1e-3, gt=0)
     # "package.module:Class", a Strategy built as Class(cfg, initial_params) (docs/strategies.md)
     custom: str | None = Field(None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+    @model_validator(mode="after")
+    def _server_lr(self) -> StrategyConfig:
+        if self.name == "fedprox" and self.mu <= 0:
+            raise ValueError("strategy fedprox needs strategy.mu > 0 (FedProx's proximal term, e.g. 0.01)")
+        if self.name == "fedavgm" and self.server_momentum <= 0:
+            raise ValueError("strategy fedavgm needs strategy.server_momentum > 0 (e.g. 0.9)")
+        if self.name in ADAPTIVE_STRATEGIES and self.server_momentum > 0:
+            raise ValueError(f"strategy {self.name} keeps its own first moment (beta1): server_momentum is for "
+                             "the plain optimiser")
+        if self.server_lr is None:
+            self.server_lr = 0.01 if self.name in ADAPTIVE_STRATEGIES else 1.0
+        return self
 
 
 # A round's local training when a spec names neither steps nor epochs: about one pass over the

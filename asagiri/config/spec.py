@@ -30,6 +30,9 @@ class SpecStrategy(_Strict):
     # (``aggregate.server_step``; issue 27, part 1)
     server_lr: float = Field(1.0, gt=0)
     server_momentum: float = Field(0.0, ge=0, lt=1)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.99, ge=0, lt=1)
+    tau: float = Field(1e-3, gt=0)
 
 
 class RunSpec(_Strict):
@@ -57,8 +60,7 @@ class RunSpec(_Strict):
         t = cfg.timeouts
         return cls(
             model=cfg.model, train=cfg.train,
-            strategy=SpecStrategy(name=cfg.strategy.name, mu=cfg.strategy.mu, fedbn=cfg.strategy.fedbn,
-                                  server_lr=cfg.strategy.server_lr, server_momentum=cfg.strategy.server_momentum),
+            strategy=SpecStrategy.model_validate(cfg.strategy.model_dump(exclude={"custom"})),
             data=cfg.data.model_copy(update={"path": None}), rounds=cfg.rounds,
             heartbeat_interval=t.heartbeat_interval, heartbeat_timeout=t.heartbeat_timeout,
             min_clients=cfg.min_clients, secagg_stage_timeout=t.secagg_stage,

@@ -46,8 +46,7 @@ def next_model(params: Params, velocity: Params | None, total: np.ndarray, plan:
     summed = RunningSum.from_totals(unflatten(weighted, params), count, survivors)
     if summed.total_samples <= 0:
         return params, velocity  # as the coordinator's strategy: nothing to step with
-    return server_step(params, velocity, summed, name=strategy.name, server_lr=strategy.server_lr,
-                       server_momentum=strategy.server_momentum)
+    return server_step(params, velocity, summed, strategy)
 
 
 @dataclass(frozen=True)

@@ -53,7 +53,9 @@ class Strategy(Protocol):
 
 
 class FedAvg:
-    """FedAvg (McMahan et al. 2017); with ``server_momentum`` it is FedAvgM, with ``mu`` FedProx."""
+    """FedAvg (McMahan et al. 2017) and the server optimisers of ``aggregate.server_step``, with
+    the parts a run combines: ``server_momentum`` (FedAvgM), ``mu`` (FedProx), ``fedbn`` (FedBN,
+    which keeps the normalisation layers out of what is sent)."""
 
     def __init__(self, cfg: FederationConfig, global_params: Params) -> None:
         self.cfg = cfg
@@ -73,15 +75,14 @@ class FedAvg:
             fraction=sel.fraction, max_per_round=sel.max_per_round, seed=sel.seed,
             batches=self.cfg.participation_batches(),
         )
-        mu = self.cfg.strategy.mu if self.cfg.strategy.name == "fedprox" else 0.0
-        return FitPlan(sites=sites, config={"mu": mu, "seed": sel.seed * 1_000_003 + rnd * 101 + attempt})
+        # FedProx's term is a part any server optimiser combines with (strategy.mu > 0)
+        return FitPlan(sites=sites, config={"mu": self.cfg.strategy.mu,
+                                            "seed": sel.seed * 1_000_003 + rnd * 101 + attempt})
 
     def aggregate_fit(self, rnd: int, summed: RunningSum, survivors: list[int], dropped: list[int]) -> Params | None:
         if summed.total_samples <= 0:
             return None
-        s = self.cfg.strategy
-        self.params, self.velocity = server_step(self.params, self.velocity, summed, name=s.name, server_lr=s.server_lr,
-                                                 server_momentum=s.server_momentum)
+        self.params, self.velocity = server_step(self.params, self.velocity, summed, self.cfg.strategy)
         return self.params
 
     def configure_evaluate(self, rnd: int, available: list[int]) -> list[int]:
