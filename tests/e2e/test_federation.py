@@ -252,3 +252,20 @@ def test_the_dp_recipe_through_the_demo_reaches_all_its_rounds_within_its_budget
                  (out / "logs" / f"site-{site}.log").read_text().splitlines() if "privacy spent: epsilon=" in line]
         assert len(spent) >= 15 and spent[-1] <= 8.0, (site, spent)
         assert spent[-1] >= summary["epsilon"][str(site)] - 1e-3, (site, spent, summary["epsilon"])
+
+
+def test_a_multi_class_run_on_dermamnist_through_the_cli_is_scored_by_macro_auc(tmp_path):
+    """Issue 29: seven classes end to end through `asagiri demo`, the pooled test set scored by
+    the macro one-vs-rest AUC (``scores.auc_score``, checked against its definition in
+    tests/test_scores.py)."""
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "asagiri.cli.main", "demo", "--sites", "3", "--rounds", "1",
+                           "--out", str(tmp_path / "derma"), "--set", "data.dataset=dermamnist",
+                           "--set", "model.width=8"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    summary = json.loads((tmp_path / "derma" / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["test_examples"] == 2005, summary
+    assert 0.5 < summary["test_auc"] <= 1.0 and set(summary["test_site_auc"]) == {"1", "2", "3"}, summary
