@@ -10,7 +10,6 @@ compare out of band.  The hand-written flow (``asagiri keygen``, docs/deployment
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,7 +39,8 @@ def provision(project: ProjectConfig, out: Path, *, force: bool = False) -> list
     """Write ``out/coordinator/`` and ``out/site-N/`` for every site; returns the kits.  Every
     config is validated before anything is written: a project that cannot run leaves no kit."""
     if out.exists() and any(out.iterdir()) and not force:
-        raise KitsExist(f"{out} is not empty: its kits hold keys already in use (--force replaces them)")
+        raise KitsExist(f"{out} is not empty: if it holds kits, their keys are in use (--force writes new keys and "
+                        "configs over the kits' own files and deletes nothing else), else choose another --out")
     coordinator = Identity.generate()
     sites = {s.id: Identity.generate() for s in project.sites}
     peers = {i: k.public.hex() for i, k in sorted(sites.items())}
@@ -49,8 +49,8 @@ def provision(project: ProjectConfig, out: Path, *, force: bool = False) -> list
     settings = {e.id: _site_settings(project, e.id, coordinator.public, peers, e.data_path) for e in project.sites}
     for site, one in settings.items():
         validated(SiteConfig, one, f"project.yaml: site {site}")
-    if out.exists():
-        shutil.rmtree(out)
+    # --force writes over the kits' own files only: a run directory, a site's state (its privacy
+    # ledger above all) or anything else in ``out`` is never deleted
     kits = [_coordinator_kit(project, out / "coordinator", coordinator, fed, peers)]
     for entry in project.sites:
         kits.append(_site_kit(project, entry.id, out / f"site-{entry.id}", sites[entry.id], coordinator.public,

@@ -49,6 +49,17 @@ def test_existing_kits_are_kept_and_a_bad_project_is_one_line(tmp_path, capsys):
     capsys.readouterr()
     assert main(["provision", write(tmp_path, PROJECT), "--out", str(kits)]) == 2
     assert "--force" in capsys.readouterr().err and (kits / "site-1" / "site-1.key").read_text() == before
+    # --force: new keys over the kits' own files, and nothing else deleted (a newcomer's finding:
+    # it removed the folder, a run directory and each site's state, privacy ledger included)
+    (kits / "coordinator" / "runs").mkdir()
+    (kits / "coordinator" / "runs" / "audit.jsonl").write_text("{}\n")
+    (kits / "site-1" / "state").mkdir()
+    (kits / "site-1" / "state" / "privacy_ledger.json").write_text("{}")
+    (kits / "notes.txt").write_text("mine")
+    assert main(["provision", write(tmp_path, PROJECT), "--out", str(kits), "--force"]) == 0
+    assert (kits / "site-1" / "site-1.key").read_text() != before
+    assert (kits / "coordinator" / "runs" / "audit.jsonl").exists() and (kits / "notes.txt").read_text() == "mine"
+    assert (kits / "site-1" / "state" / "privacy_ledger.json").exists()
     for bad, why in (({**PROJECT, "federation": {"sites": []}}, "written by provisioning"),
                      ({**PROJECT, "sites": [{"id": 1}, {"id": 1}]}, "distinct"),
                      ({**PROJECT, "name": "no spaces"}, "name"),

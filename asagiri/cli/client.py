@@ -11,6 +11,7 @@ import anyio
 
 from ..config import load_site
 from ..faults import NO_FAULTS, SITE_POINTS
+from ..promhttp import MetricsPortTaken
 from .common import (
     EXIT_CONFIG,
     EXIT_INTERRUPTED,
@@ -89,6 +90,9 @@ def _run(args: argparse.Namespace) -> int:
     except StateError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_RUNTIME
+    except MetricsPortTaken as exc:
+        print(f"error: {path.name}: {exc.strerror}. Free the port or choose another", file=sys.stderr)
+        return EXIT_CONFIG
     return result["code"]
 
 

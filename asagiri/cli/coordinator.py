@@ -15,6 +15,7 @@ import anyio.abc
 from ..config import ConfigError, load_federation
 from ..faults import COORDINATOR_POINTS, NO_FAULTS
 from ..observe.events import Event, StatusLines
+from ..promhttp import MetricsPortTaken
 from ..recipes import dp_advice
 from .common import (
     EXIT_CONFIG,
@@ -110,10 +111,12 @@ def _run(args: argparse.Namespace) -> int:
                 except OSError as exc:
                     if announced.port is not None:
                         raise  # a failure after it listened: not a port problem
-                    where = f"{cfg.listen.host}:{cfg.listen.port}" + (
-                        f" (or its metrics port {cfg.metrics_port})" if cfg.metrics_port is not None else "")
-                    print(f"error: cannot listen on {where}: {exc.strerror or exc}. Free the port or choose "
-                          f"another (listen.port, metrics_port in {Path(args.config).name})", file=sys.stderr)
+                    name = Path(args.config).name
+                    if isinstance(exc, MetricsPortTaken):
+                        print(f"error: {name}: {exc.strerror}. Free the port or choose another", file=sys.stderr)
+                    else:
+                        print(f"error: cannot listen on {cfg.listen.host}:{cfg.listen.port}: {exc.strerror or exc}. "
+                              f"Free the port or choose another (listen.port in {name})", file=sys.stderr)
                     outcome["code"] = EXIT_CONFIG
                 finally:
                     tg.cancel_scope.cancel()

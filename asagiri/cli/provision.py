@@ -16,7 +16,7 @@ def add_parsers(sub: Any) -> None:
     p = sub.add_parser("provision", help="write every party's startup kit (keys, fed.yaml, site.yaml) from project.yaml")
     p.add_argument("project", type=Path, help="the project file (docs/deployment.md, 'Provisioning')")
     p.add_argument("--out", type=Path, required=True, help="folder for coordinator/ and site-N/")
-    p.add_argument("--force", action="store_true", help="replace kits already in --out (new keys for everyone)")
+    p.add_argument("--force", action="store_true", help="write new kits over those in --out (new keys for everyone; deletes nothing else)")
     f = sub.add_parser("fingerprint", help="print a key's fingerprint, the short form the logs show")
     f.add_argument("key", type=Path, help="a .pub file, a .key file, or a site.yaml / fed.yaml (the keys it pins)")
     c = sub.add_parser("check", help="preflight a site.yaml (key, data, the coordinator reachable with the pinned "

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from functools import partial
 
 import anyio
 import anyio.abc
@@ -21,7 +22,7 @@ from prometheus_client import CollectorRegistry
 from ..config import SiteConfig
 from ..faults import NO_FAULTS, FaultPlan
 from ..policy import SitePolicy
-from ..promhttp import serve_metrics
+from ..promhttp import metrics_listener, serve_metrics
 from ..signedlog import RECEIPT_DOMAIN, SignedLog
 from ..site.metrics import SiteMetrics
 from ..site.receipts import RoundWitness
@@ -93,8 +94,10 @@ async def run_client(cfg: SiteConfig, *, faults: FaultPlan = NO_FAULTS, progress
     site = Site(cfg, faults=faults, progress=progress)
     if cfg.metrics_port is None:
         return await _serve_sessions(site)
+    metrics = await metrics_listener("127.0.0.1", cfg.metrics_port)  # a taken port: MetricsPortTaken, here
     async with anyio.create_task_group() as tg:
-        port = await tg.start(serve_metrics, site.kept.metrics.registry, "127.0.0.1", cfg.metrics_port)
+        port = await tg.start(partial(serve_metrics, listener=metrics), site.kept.metrics.registry, "127.0.0.1",
+                              cfg.metrics_port)
         log.info("site metrics on http://127.0.0.1:%d/metrics", port)
         code = await _serve_sessions(site)
         tg.cancel_scope.cancel()

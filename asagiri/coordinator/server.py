@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import anyio
@@ -26,7 +27,7 @@ from ..observe.events import Event, SiteJoined
 from ..observe.metrics import CoordinatorMetrics
 from ..observe.recorder import CHECKPOINT_NAME, Recorder
 from ..params import Params
-from ..promhttp import serve_metrics
+from ..promhttp import metrics_listener, serve_metrics
 from ..wire.channel import SiteRefused
 from ..wire.connection import accept_handshake
 from ..wire.crypto import Identity
@@ -75,9 +76,13 @@ class Coordinator:
         """Serve until the federation ends; returns the summary. The bound port goes to ``task_status``."""
         listener = await anyio.create_tcp_listener(local_host=self.cfg.listen.host, local_port=self.cfg.listen.port)
         self.port = listener.extra(anyio.abc.SocketAttribute.local_port)
+        # bound before any task starts: a taken port is then a plain OSError, a configuration error
+        metrics = None if self.cfg.metrics_port is None else \
+            await metrics_listener(self.cfg.listen.host, self.cfg.metrics_port)
         async with anyio.create_task_group() as tg:
-            if self.cfg.metrics_port is not None:
-                metrics_port = await tg.start(serve_metrics, self.registry, self.cfg.listen.host, self.cfg.metrics_port)
+            if metrics is not None:
+                metrics_port = await tg.start(partial(serve_metrics, listener=metrics), self.registry,
+                                              self.cfg.listen.host, self.cfg.metrics_port)
                 log.info("Prometheus metrics on http://%s:%d/metrics", self.cfg.listen.host, metrics_port)
             tg.start_soon(listener.serve, self.accept, tg)
             task_status.started(self.port)

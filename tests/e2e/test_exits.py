@@ -37,6 +37,26 @@ def test_a_taken_port_is_an_error_not_a_success(tmp_path):
     assert f"error: cannot listen on 127.0.0.1:{port}: Address already in use" in out.stderr
     assert "summary:" not in out.stdout
     assert not (tmp_path / "kits" / "coordinator" / "runs" / "summary.json").exists()
+    # the metrics port taken (a newcomer's finding: a traceback and exit code 1)
+    import yaml
+
+    fed = tmp_path / "kits" / "coordinator" / "fed.yaml"
+    with socket.socket() as probe, socket.socket() as taken:
+        probe.bind(("127.0.0.1", 0))
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        metrics_port = taken.getsockname()[1]
+        settings = yaml.safe_load(fed.read_text())
+        fed.write_text(yaml.safe_dump({**settings, "listen": {"host": "127.0.0.1", "port": probe.getsockname()[1]},
+                                       "metrics_port": metrics_port}))
+        probe.close()
+        out = subprocess.run([sys.executable, "-m", "asagiri.cli.coordinator", "--config", str(fed)],
+                             capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert out.stderr.strip().splitlines()[-1] == (f"error: fed.yaml: cannot listen on 127.0.0.1:{metrics_port}"
+                                                    " (metrics_port): Address already in use. Free the port or choose "
+                                                    "another"), out.stderr
+    assert "Traceback" not in out.stderr
 
 
 def test_a_federation_no_site_joins_fails_with_3(tmp_path):
