@@ -56,6 +56,11 @@ class Rule(enum.StrEnum):
     PRIVACY_BUDGET = "privacy_budget"
 
     @property
+    def fix(self) -> str:
+        """What an operator does about a refusal by this rule, where one thing is the usual fix."""
+        return _FIXES.get(self, "")
+
+    @property
     def is_policy(self) -> bool:
         """A refusal of what the coordinator asked, as opposed to the site having nothing left to give."""
         return self is not Rule.PRIVACY_BUDGET
@@ -69,3 +74,13 @@ class AbortCause(enum.StrEnum):
     THRESHOLD = "threshold"  # the sharing groups cannot meet the threshold
     UNMASK_FAILED = "unmask_failed"  # too few or inconsistent shares to remove the masks
     UNVERIFIED = "unverified"  # a survivor did not vouch for the sum, or the vouches do not add up to it
+
+
+_FIXES = {
+    Rule.REPLAY: "they entered this round of this run_id before: this run ran already, so give it a new run_id "
+                 "(the project's name), or continue it with --resume",
+    Rule.DERIVE_MODELS: "the model is not the one they derived: a site's data file is not of the run's data set "
+                        "(its classes), or this run_dir is not the run they joined",
+    Rule.SPEC_CHANGED: "they joined this run_id with other settings: give a changed run a new run_id",
+    Rule.SETUP: "the run cannot be set up at the site: its log names the file or the setting",
+}

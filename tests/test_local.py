@@ -245,3 +245,22 @@ def test_a_site_whose_data_cannot_be_loaded_is_named_as_refusing_setup_never_as_
     assert summary["status"] == "refused_by_sites", summary
     assert summary["refused"] == {"3": "setup"} and summary["exhausted"] == [], summary
     assert "refused the run by their policy" in summary["message"]
+
+
+def test_a_run_repeated_under_its_run_id_fails_naming_the_replay_and_its_fix(tmp_path):
+    """A newcomer's finding: the same project run again (a new run_dir, the sites' state kept)
+    failed with "aborted 3 times" and nothing on why.  Every site declines by its replay rule,
+    and the failure says so, with the fix."""
+    import json
+
+    cfg, sites = lay_out(tmp_path / "run", sites=3, rounds=1, overrides=[*FAST, "run_id=twice", "max_round_attempts=2",
+                                                                         "timeouts.wait_for_sites=20"])
+    assert anyio.run(run_local, cfg, sites)["status"] == "completed"
+    again = cfg.model_copy(update={"run_dir": tmp_path / "again"})
+    with pytest.raises(BaseException) as raised:
+        anyio.run(run_local, again, sites)
+    assert "federation failed at round 1" in str(raised.value) or raised.value.exceptions  # (a group, in process)
+    summary = json.loads((tmp_path / "again" / "summary.json").read_text())
+    assert summary["status"] == "failed", summary
+    assert "replay (sites [1, 2, 3]; they entered this round of this run_id before" in summary["message"]
+    assert "new run_id" in summary["message"]

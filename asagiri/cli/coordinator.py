@@ -140,8 +140,11 @@ def _run(args: argparse.Namespace) -> int:
                   f"checkpoint and the audit log agree); free space or fix the permissions, then continue with "
                   f"--resume", file=sys.stderr)
             return EXIT_RUNTIME
+        assert failed is not None
+        print(f"error: {_leaves(failed)[0]}", file=sys.stderr)
         return EXIT_FAILED
-    except FederationFailed:
+    except FederationFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
     finally:
         if live is not None:

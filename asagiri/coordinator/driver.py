@@ -63,6 +63,15 @@ class ResumeError(Exception):
     pass
 
 
+def _declines(declined: dict[Rule, set[int]]) -> str:
+    """What the sites declined a failed round by, and what fixes the commonest causes."""
+    if not declined:
+        return ""
+    parts = [f"{rule} (sites {sorted(sites)}{'; ' + rule.fix if rule.fix else ''})"
+             for rule, sites in sorted(declined.items())]
+    return "; declined by " + ", ".join(parts)
+
+
 def _stage(machine: RoundMachine) -> str:
     return "/".join(x for x in machine.stage_key if x)
 
@@ -212,6 +221,7 @@ class FederationDriver:
             # goes on with a new attempt number: the sites refuse a round attempt they entered
             # before (the replay rule, protocol/SPEC.md §7.2).
             first = 1 + (self._attempts_begun(rnd) if rnd == self.start_round else 0)
+            declined: dict[Rule, set[int]] = {}  # this round's declines over its attempts, by rule
             for attempt in range(first, first + cfg.max_round_attempts):
                 # with participation batches, a site gone for good takes its batch with it
                 able = len(usable_sites(sorted(set(self.roster) - set(self.withdrawn)), self.batches))
@@ -236,6 +246,8 @@ class FederationDriver:
                 except NotEnoughSites as exc:
                     self._fail(rnd, str(exc), t_start)
                 self.withdrawn.update({s: outcome.declined[s] for s in outcome.withdrawn})
+                for site, rule in outcome.declined.items():
+                    declined.setdefault(rule, set()).add(site)
                 if outcome.abort_reason is None:
                     if outcome.sum_record is not None:
                         self.sums.keep(outcome.sum_record)  # before the checkpoint commits the round
@@ -248,7 +260,7 @@ class FederationDriver:
                                           outcome.participants, outcome.dropped))
                 await self._send_abort_record(outcome.selected)
             else:
-                self._fail(rnd, f"aborted {cfg.max_round_attempts} times", t_start)
+                self._fail(rnd, f"aborted {cfg.max_round_attempts} times" + _declines(declined), t_start)
             self.faults.reached("round_done", rnd)
             rnd += 1
         self._test = await self._final_test(cfg.rounds)
@@ -495,8 +507,9 @@ class FederationDriver:
 
     def _fail(self, rnd: int, reason: str, t_start: float) -> None:
         log.error("federation stopped at round %d: %s", rnd, reason)
-        self._end("failed", t_start, reason=reason, message=f"federation failed at round {rnd}: {reason}")
-        raise FederationFailed(reason)
+        message = f"federation failed at round {rnd}: {reason}"
+        self._end("failed", t_start, reason=reason, message=message)
+        raise FederationFailed(message)
 
     def _latest(self, key: str) -> dict[str, float]:
         """Each site's most recent value of a per-site metric (a site may miss later rounds)."""
