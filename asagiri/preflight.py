@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import socket
 import stat
+import zipfile
 from pathlib import Path
 
 import anyio
@@ -46,13 +47,21 @@ def data_summary(path: Path) -> tuple[str | None, str | None]:
     if path.is_dir():
         files = sum(1 for p in path.rglob("*") if p.is_file())
         return f"{path}: a folder of {files} files", None if files else f"data_path: {path} is an empty folder"
+    if path.name.endswith((".tar.gz", ".tgz")):  # DermaMNIST's bundled form: read whole at set-up
+        return f"{path}: an archive of {path.stat().st_size / 2**20:.1f} MiB", None
     try:
         with np.load(path, allow_pickle=False) as npz:
+            files = set(npz.files)
             counts = {k[: -len("_labels")]: len(npz[k]) for k in npz.files if k.endswith("_labels")}
-    except (OSError, ValueError) as exc:
-        return None, f"data_path: {path} is not a readable .npz data file ({type(exc).__name__}: {exc})"
-    if not counts:
-        return None, f"data_path: {path} holds no <split>_labels arrays (train_labels, val_labels, test_labels)"
+            images = {k[: -len("_images")]: len(npz[k]) for k in npz.files if k.endswith("_images")}
+    except (OSError, ValueError, zipfile.BadZipFile):
+        return None, (f"data_path: {path} is not an .npz file (NumPy's savez format, as MedMNIST ships; ISIC and "
+                      "ChestX-ray14 are folders)")
+    missing = sorted({f"{s}_{k}" for s in ("train", "val", "test") for k in ("images", "labels")} - files)
+    if missing:
+        return None, f"data_path: {path} is not a MedMNIST file: it lacks {', '.join(missing)}"
+    if (odd := [s for s in counts if images.get(s) != counts[s]]):
+        return None, f"data_path: {path}: the {', '.join(odd)} images and labels differ in number"
     return f"{path}: " + ", ".join(f"{n} {split}" for split, n in counts.items()), None
 
 
@@ -67,7 +76,10 @@ def site_problems(cfg: SiteConfig, *, peers: bool = True) -> tuple[list[str], li
         notes += [summary] if summary else []
         problems += [problem] if problem else []
     elif cfg.simulation is None:
-        notes.append("data_path is not set: the site would train on the run's bundled data set, if it has one")
+        # a newcomer's finding: a kit whose data_path was never filled in trained on the bundled
+        # public sample, and said "its own data"
+        problems.append("data_path is not set: name this site's own data file or folder (a site without one would "
+                        "train on the public sample bundled with Asagiri)")
     if peers and not cfg.peers:
         problems.append("peers: no site keys pinned (your kit's site.yaml pins them; secure aggregation needs them)")
     elif peers and cfg.site_id not in cfg.peers:

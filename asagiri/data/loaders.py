@@ -79,12 +79,13 @@ def open_dataset(
             raise ValueError("data.dataset=medmnist needs data.path (a MedMNIST .npz file)")
         raw = medmnist_npz(path or bundled_path(BUNDLED["pneumoniamnist"]), image_size, cache_dir=cache_dir)
         if dataset == "pneumoniamnist":
+            _check_classes(raw, path, dataset, 2)
             raw.label_names = ["normal", "pneumonia"]
         return raw
     if dataset == "dermamnist":
         target = path or bundled_path(BUNDLED["dermamnist"])
         if target.suffix == ".npz":
-            return medmnist_npz(target, image_size, cache_dir=cache_dir)
+            return _check_classes(medmnist_npz(target, image_size, cache_dir=cache_dir), path, dataset, 7)
         return dermamnist_archive(target, image_size, cache_dir=cache_dir)
     if dataset == "isic":
         if path is None:
@@ -98,10 +99,22 @@ def open_dataset(
     raise ValueError(f"unknown dataset {dataset!r}")
 
 
+def _check_classes(raw: RawDataset, path: Path | None, dataset: str, classes: int) -> RawDataset:
+    """A file given for a named data set holds labels of that set's classes, and the model is
+    sized by the set, not by the labels one site happens to have (a site without the rarest
+    class would otherwise size its model, and its ``W_0``, differently from every other)."""
+    if raw.task == "multilabel" or raw.num_outputs > classes:
+        raise ValueError(f"{path}: its labels are of {raw.num_outputs} classes ({raw.task}), but {dataset} has "
+                         f"{classes}: is it another MedMNIST set? (data.dataset=medmnist takes any)")
+    raw.num_outputs, raw.task = classes, "binary" if classes == 2 else "multiclass"
+    raw.label_names = [str(i) for i in range(classes)]
+    return raw
+
+
 def dataset_info(dataset: str, path: Path | None) -> tuple[int, int]:
     """(channels, model outputs) without decoding images where the format allows it."""
     known = {"synthetic": (1, 2), "pneumoniamnist": (1, 2), "dermamnist": (3, 7), "isic": (3, 2), "nih": (1, 14)}
-    if dataset in known and not (dataset in ("pneumoniamnist", "dermamnist") and path is not None):
+    if dataset in known:  # a named set's file holds its classes (``_check_classes``)
         return known[dataset]
     if path is None:
         raise ValueError(f"data.dataset={dataset} needs data.path on the coordinator to size the model")

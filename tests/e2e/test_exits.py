@@ -10,15 +10,18 @@ import sys
 import pytest
 
 from asagiri.config import ProjectConfig
+from asagiri.data.loaders import bundled_path
 from asagiri.provision import provision
 
 pytestmark = pytest.mark.e2e
+
+BUNDLED = bundled_path("pneumoniamnist.npz")
 
 
 def kits(tmp_path, port: int, wait_for_sites: float = 600):
     project = ProjectConfig.model_validate({"name": "exits", "coordinator": {"port": port},
                                             "federation": {"rounds": 1, "timeouts": {"wait_for_sites": wait_for_sites}},
-                                            "sites": [{"id": i} for i in (1, 2, 3)]})
+                                            "sites": [{"id": i, "data_path": str(BUNDLED)} for i in (1, 2, 3)]})
     provision(project, tmp_path / "kits")
     return tmp_path / "kits"
 
@@ -104,6 +107,7 @@ def test_preflight_names_each_problem_in_one_line_and_the_client_stops_before_co
             "unenrolled site": ({"site_id": 9, "identity_key": "site-9.key"}, "refused this site"),
             "public key as identity": ({"identity_key": "site-1.pub"}, "is a public key file"),
             "missing data": ({"data_path": "/nonexistent/x.npz"}, "does not exist"),
+            "no data": ({"data_path": None}, "data_path is not set"),
         }
         from asagiri.wire.crypto import Identity
 
