@@ -68,31 +68,36 @@ def _run(args: argparse.Namespace) -> int:
         print(f"error: {path.name}: {problem}", file=sys.stderr)
     if problems:
         return EXIT_CONFIG
+    from ..client.runtime import Site
     from ..client.state import StateError
 
+    progress = sys.stderr.isatty() and args.log_format == "text"  # a bar of local training on a terminal
+    try:
+        site = Site(cfg, faults=args.kill_at, progress=progress)  # reads its state: a bad one is said here
+    except (StateError, ValueError) as exc:
+        print(f"error: {path.name}: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     result = {"code": EXIT_INTERRUPTED}
 
     async def main_task() -> None:
         async with anyio.create_task_group() as tg:
 
             async def run() -> None:
-                faults = args.kill_at
-                # A bar of local training on a terminal; plain log lines elsewhere.
-                progress = sys.stderr.isatty() and args.log_format == "text"
-                result["code"] = await run_client(cfg, faults=faults, progress=progress)
-                tg.cancel_scope.cancel()
+                try:
+                    result["code"] = await run_client(cfg, site=site)
+                except StateError as exc:
+                    print(f"error: {exc}", file=sys.stderr)
+                    result["code"] = EXIT_RUNTIME
+                except MetricsPortTaken as exc:
+                    print(f"error: {path.name}: {exc.strerror}. Free the port or choose another", file=sys.stderr)
+                    result["code"] = EXIT_CONFIG
+                finally:
+                    tg.cancel_scope.cancel()
 
             tg.start_soon(cancel_on_signal, tg.cancel_scope, lambda name: log.warning("%s: stopping", name))
             tg.start_soon(run)
 
-    try:
-        anyio.run(main_task)
-    except StateError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_RUNTIME
-    except MetricsPortTaken as exc:
-        print(f"error: {path.name}: {exc.strerror}. Free the port or choose another", file=sys.stderr)
-        return EXIT_CONFIG
+    anyio.run(main_task)
     return result["code"]
 
 

@@ -83,15 +83,17 @@ class Site:
         return session.final
 
 
-async def run_client(cfg: SiteConfig, *, faults: FaultPlan = NO_FAULTS, progress: bool = False) -> int:
+async def run_client(cfg: SiteConfig, *, faults: FaultPlan = NO_FAULTS, progress: bool = False,
+                     site: Site | None = None) -> int:
     """Run until the coordinator ends the federation (0), or stays away too long (1).
 
     A ``Reject`` or a failed server proof is logged and retried like a lost connection: both can
     be injected by anyone on the path before the channel is authenticated, so neither may stop
-    the site for good.  ``reconnect.give_up_s`` bounds how long the site keeps trying.
+    the site for good.  ``reconnect.give_up_s`` bounds how long the site keeps trying.  ``site``:
+    one built beforehand (its state read), so that a caller reports a bad state as it likes.
     """
     torch.set_num_threads(cfg.threads)
-    site = Site(cfg, faults=faults, progress=progress)
+    site = site if site is not None else Site(cfg, faults=faults, progress=progress)
     if cfg.metrics_port is None:
         return await _serve_sessions(site)
     metrics = await metrics_listener("127.0.0.1", cfg.metrics_port)  # a taken port: MetricsPortTaken, here

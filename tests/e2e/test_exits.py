@@ -138,6 +138,15 @@ def test_preflight_names_each_problem_in_one_line_and_the_client_stops_before_co
     # no coordinator for give_up_s: exit 1, saying so
     gone = client(1, site, "reconnect.give_up_s=2")
     assert gone.returncode == 1 and "no coordinator for 2s; giving up" in gone.stderr, gone.stderr
+    # re-provisioned: a new key over a state signed by the old one (a traceback, before)
+    os.makedirs(root / "site-1" / "state", exist_ok=True)
+    from asagiri.signedlog import RECEIPT_DOMAIN, SignedLog
+
+    SignedLog(root / "site-1" / "state" / "receipts.jsonl", Identity.generate(), domain=RECEIPT_DOMAIN).append(
+        "receipt")
+    rekeyed = client(1, site)
+    assert rekeyed.returncode == 2 and "signed by another key" in rekeyed.stderr and "move the file aside" in \
+        rekeyed.stderr and "Traceback" not in rekeyed.stderr, rekeyed.stderr
     os.chmod(root / "site-1" / "site-1.key", 0o644)
     started = client(1, site)
     assert started.returncode == 2 and "chmod 600" in started.stderr, started.stderr
