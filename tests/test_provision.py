@@ -63,7 +63,8 @@ def test_existing_kits_are_kept_and_a_bad_project_is_one_line(tmp_path, capsys):
     for bad, why in (({**PROJECT, "federation": {"sites": []}}, "written by provisioning"),
                      ({**PROJECT, "sites": [{"id": 1}, {"id": 1}]}, "distinct"),
                      ({**PROJECT, "name": "no spaces"}, "name"),
-                     ({**PROJECT, "federation": {"rounds": 0}}, "rounds")):
+                     ({**PROJECT, "federation": {"rounds": 0}}, "rounds"),
+                     ({**PROJECT, "sites": [{"id": 1, "data_path": "data/a.npz"}]}, "must be an absolute path")):
         assert main(["provision", write(tmp_path, bad), "--out", str(tmp_path / "other")]) == 2
         err = capsys.readouterr().err
         assert why in err and err.count("\n") <= 2, err

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import PurePath
 from typing import Any
 
 from pydantic import Field, field_validator, model_validator
@@ -28,6 +29,14 @@ class ProjectSite(_Strict):
     # Where the site's own data will be on its machine (written into its site.yaml; it may be
     # filled in there later). The site trains on the whole of it.
     data_path: str | None = None
+
+    @field_validator("data_path")
+    @classmethod
+    def _absolute(cls, value: str | None) -> str | None:
+        # a relative path would be read from the kit's folder, on another machine: say which
+        if value is not None and not PurePath(value).is_absolute():
+            raise ValueError(f"{value!r} must be an absolute path: it is where the data is on that site's machine")
+        return value
 
 
 class ProjectConfig(_Strict):
