@@ -112,7 +112,8 @@ site's operator over a channel you trust (a phone call), and check theirs agains
 | --- | --- | --- |
 {table}
 
-The run's files (audit log, checkpoints, report) go to `runs/`. docs/deployment.md has the rest.
+The run's files (audit log, metrics, summary, checkpoint) go to `runs/`; `asagiri report runs/`
+draws the report from them. docs/deployment.md has the rest.
 """)
     return Kit("coordinator", folder, path, identity.public.fingerprint())
 

@@ -70,3 +70,5 @@ def test_existing_kits_are_kept_and_a_bad_project_is_one_line(tmp_path, capsys):
         assert why in err and err.count("\n") <= 2, err
         assert not (tmp_path / "other").exists()  # nothing written for a project that cannot run
     assert main(["fingerprint", str(tmp_path / "missing.pub")]) == 2
+    assert main(["fingerprint", write(tmp_path, PROJECT)]) == 2  # a project pins no key (was a KeyError)
+    assert "pins no keys" in capsys.readouterr().err

@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="asagiri-client", description="Run one Asagiri site.")
     p.add_argument("--site", type=int, required=True, help="this site's id (as enrolled in the roster)")
     p.add_argument("--config", default=None,
-                   help="site config (default: $ASAGIRI_SITE_CONFIG, else ./site-<id>.yaml)")
+                   help="site config (default: $ASAGIRI_SITE_CONFIG, else ./site-<id>.yaml, else a kit's ./site.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--log-level", default="info")
     p.add_argument("--log-format", choices=["text", "json"], default="text",
@@ -43,7 +43,11 @@ def default_config_path(site: int) -> Path:
     import os
 
     env = os.environ.get("ASAGIRI_SITE_CONFIG")
-    return Path(env) if env else Path(f"site-{site}.yaml")
+    if env:
+        return Path(env)
+    named = Path(f"site-{site}.yaml")
+    # in a provisioned kit the file is site.yaml
+    return named if named.exists() or not Path("site.yaml").exists() else Path("site.yaml")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -101,7 +101,7 @@ def _run(args: argparse.Namespace) -> int:
         async with anyio.create_task_group() as tg:
 
             def stopping(name: str) -> None:
-                log.warning("%s: stopping; the last completed round is checkpointed", name)
+                log.warning("%s: stopping; every completed round is checkpointed (--resume continues)", name)
                 outcome["code"] = EXIT_INTERRUPTED
 
             async def run_then_stop() -> None:

@@ -70,12 +70,17 @@ def _pinned(path: Path) -> int:
     if isinstance(data.get("coordinator"), dict) and "public_key" in data["coordinator"]:
         keys.append(("coordinator", data["coordinator"]["public_key"]))
     keys += [(f"site {i}", k) for i, k in sorted((data.get("peers") or {}).items())]
-    keys += [(f"site {s['id']}", s["public_key"]) for s in data.get("sites") or [] if isinstance(s, dict)]
+    keys += [(f"site {s.get('id')}", s["public_key"]) for s in data.get("sites") or [] if isinstance(s, dict) and "public_key" in s]
     if not keys:
-        print(f"error: {path}: pins no keys (no coordinator.public_key, peers or sites)", file=sys.stderr)
+        print(f"error: {path}: pins no keys (no coordinator.public_key, peers or sites; a project file? 'asagiri "
+              "provision' prints every fingerprint, and each kit's README lists them)", file=sys.stderr)
         return EXIT_CONFIG
-    for who, key in keys:
-        print(f"{who:<12} {PublicIdentity.from_hex(str(key)).fingerprint()}")
+    try:
+        lines = [f"{who:<12} {PublicIdentity.from_hex(str(key)).fingerprint()}" for who, key in keys]
+    except ValueError as exc:
+        print(f"error: {path}: a pinned key is not a public key ({exc})", file=sys.stderr)
+        return EXIT_CONFIG
+    print("\n".join(lines))
     return EXIT_OK
 
 

@@ -77,7 +77,8 @@ class Site:
                 stream, self.identity, cfg.site_id, self.coordinator, max_frame_size=cfg.max_frame_bytes,
                 max_payload_bytes=cfg.max_message_bytes, chunk_bytes=cfg.chunk_bytes,
             )
-        log.info("connected to coordinator %s (key %s)", conn.peer, self.coordinator.fingerprint())
+        log.info("connected to the coordinator at %s:%d (key %s)", cfg.coordinator.host, cfg.coordinator.port,
+                 self.coordinator.fingerprint())
         session = Session(cfg, conn, self.kept, self.faults)
         await session.run()
         return session.final
@@ -110,12 +111,14 @@ async def _serve_sessions(site: Site) -> int:
     cfg = site.cfg
     delay = cfg.reconnect.initial_s
     last_ok = time.monotonic()
+    why = "not reachable"  # the last failure, for the line the site gives up with
     while True:
         try:
             with anyio.fail_after(cfg.reconnect.connect_s):
                 stream = await anyio.connect_tcp(cfg.coordinator.host, cfg.coordinator.port)
         except (OSError, TimeoutError) as exc:
-            log.info("coordinator %s:%d not reachable (%s)", cfg.coordinator.host, cfg.coordinator.port, exc)
+            why = f"{cfg.coordinator.host}:{cfg.coordinator.port} not reachable: {exc or type(exc).__name__}"
+            log.info("coordinator %s", why)
         else:
             async with stream:
                 try:
@@ -124,10 +127,13 @@ async def _serve_sessions(site: Site) -> int:
                     last_ok = time.monotonic()
                     delay = cfg.reconnect.initial_s
                 except SiteRefused as exc:
-                    log.error("the coordinator refused this site (%s); if it is not enrolled, its operator adds "
-                              "site %d with key %s to fed.yaml's sites (or re-provisions); retrying, since anyone "
-                              "on the path can send a refusal", exc, cfg.site_id, site.identity.public.fingerprint())
+                    why = f"it refused this site ({exc})"
+                    log.error("the coordinator refused this site (%s): if site %d is not enrolled, the coordinator's "
+                              "operator adds it with key %s to fed.yaml's sites (or re-provisions); if it is, this "
+                              "identity_key is not the enrolled one (use the kit's); retrying, since anyone on the "
+                              "path can send a refusal", exc, cfg.site_id, site.identity.public.fingerprint())
                 except AuthenticationFailed:
+                    why = f"it failed to prove the pinned key {site.coordinator.fingerprint()}"
                     log.error("the coordinator failed to prove the pinned key %s (coordinator.public_key): compare "
                               "`asagiri fingerprint` of its coordinator.pub with its operator, or someone is in "
                               "between; retrying", site.coordinator.fingerprint())
@@ -136,7 +142,8 @@ async def _serve_sessions(site: Site) -> int:
                     last_ok = time.monotonic()
                     delay = cfg.reconnect.initial_s
         if time.monotonic() - last_ok > cfg.reconnect.give_up_s:
-            log.error("no coordinator for %.0fs; giving up", cfg.reconnect.give_up_s)
+            log.error("no coordinator for %.0fs (last: %s); giving up (reconnect.give_up_s)", cfg.reconnect.give_up_s,
+                      why)
             return 1
         # Backoff with jitter, so sites that lost the coordinator together don't return together.
         await anyio.sleep(delay * (0.5 + random.random()))

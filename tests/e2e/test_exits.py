@@ -125,8 +125,9 @@ def test_preflight_names_each_problem_in_one_line_and_the_client_stops_before_co
         unenrolled = client(9, root / "site-1" / "unenrolled-site.yaml", "reconnect.give_up_s=3")
         fingerprint = Identity.load(root / "site-1" / "site-9.key").public.fingerprint()
         assert unenrolled.returncode == 1, unenrolled.stderr
-        assert "site 9 is not enrolled" in unenrolled.stderr and f"adds site 9 with key {fingerprint} to fed.yaml" \
+        assert "site 9 is not enrolled" in unenrolled.stderr and f"adds it with key {fingerprint} to fed.yaml" \
             in unenrolled.stderr, unenrolled.stderr
+        assert "no coordinator for 3s (last: it refused this site" in unenrolled.stderr, unenrolled.stderr
     finally:
         coordinator.kill()
         coordinator.wait()
@@ -137,7 +138,7 @@ def test_preflight_names_each_problem_in_one_line_and_the_client_stops_before_co
     assert "Traceback" not in missing.stderr
     # no coordinator for give_up_s: exit 1, saying so
     gone = client(1, site, "reconnect.give_up_s=2")
-    assert gone.returncode == 1 and "no coordinator for 2s; giving up" in gone.stderr, gone.stderr
+    assert gone.returncode == 1 and "no coordinator for 2s (last: 127.0.0.1:" in gone.stderr and "giving up" in gone.stderr, gone.stderr
     # re-provisioned: a new key over a state signed by the old one (a traceback, before)
     os.makedirs(root / "site-1" / "state", exist_ok=True)
     from asagiri.signedlog import RECEIPT_DOMAIN, SignedLog
