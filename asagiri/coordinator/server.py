@@ -123,5 +123,7 @@ class Coordinator:
                 self.metrics.protocol_violations.labels("handshake").inc()
                 log.warning("handshake failed: %s", exc or type(exc).__name__)
                 return
-            self._emit(SiteJoined(site_id, self.driver.roster[site_id].fingerprint()))
+            fingerprint = self.driver.roster[site_id].fingerprint()
+            log.info("site %d proved its enrolled key %s", site_id, fingerprint)  # as `asagiri fingerprint` prints it
+            self._emit(SiteJoined(site_id, fingerprint))
             await self.sessions.serve(site_id, conn)
