@@ -46,7 +46,7 @@ from pydantic import ValidationError
 
 from .causes import Rule
 from .config import PolicyConfig, RunSpec
-from .config.federation import UNAUGMENTABLE
+from .config.federation import ADAPTIVE_STRATEGIES, UNAUGMENTABLE
 from .errors import Refusal
 from .secagg.binding import spec_digest
 from .secagg.rules import batch_map, complete_batches, is_union_of_batches, quorum
@@ -191,6 +191,11 @@ class SitePolicy:
                          f"momentum {t.momentum:g}, above this site's {b.max_momentum:g}")
         self.require(t.weight_decay <= b.max_weight_decay, Rule.TRAIN_BOUNDS,
                      f"weight decay {t.weight_decay:g}, above this site's {b.max_weight_decay:g}")
+        adaptive = s.strategy.name in ADAPTIVE_STRATEGIES
+        top = b.max_adaptive_server_lr if adaptive else b.max_server_lr
+        self.require(s.strategy.server_lr <= top, Rule.TRAIN_BOUNDS,
+                     f"server_lr {s.strategy.server_lr:g} for {s.strategy.name}, above this site's {top:g} "
+                     f"(policy.bounds.{'max_adaptive_server_lr' if adaptive else 'max_server_lr'})")
         needs_augment = b.require_augment == "always" or (
             b.require_augment == "without_dp" and not s.dp.enabled and s.model.name not in UNAUGMENTABLE)
         self.require(t.augment or not needs_augment, Rule.TRAIN_BOUNDS,

@@ -246,6 +246,9 @@ def test_the_default_bounds_accept_the_default_run_and_every_shipped_recipe():
     ({}, {"dp": {"enabled": True, "max_grad_norm": 100.0}}, "dp_bounds"),
     ({}, {"dp": {"enabled": True, "max_grad_norm": 1e-4}}, "dp_bounds"),
     ({}, {"dp": {"enabled": True, "noise_multiplier": 0.1}}, "dp_bounds"),
+    # the server step each site derives: an adaptive one moves every weight by about server_lr
+    ({}, {"strategy": {"name": "fedadam", "server_lr": 0.5}}, "train_bounds"),
+    ({}, {"strategy": {"name": "fedavgm", "server_lr": 3.0, "server_momentum": 0.9}}, "train_bounds"),
 ])
 def test_a_training_setting_outside_the_bounds_is_refused_with_its_rule(bounds, sections, rule):
     policy = SitePolicy(PolicyConfig(bounds=bounds), {1: KEY})
@@ -261,6 +264,7 @@ def test_a_training_setting_outside_the_bounds_is_refused_with_its_rule(bounds, 
     {"secagg": {"enabled": False, "bits": 64, "clip": 0.01}},  # no ring, nothing to bound
     {"dp": {"enabled": True, "noise_multiplier": 0.8, "max_grad_norm": 0.1}},
     {"train": {"lr": 1.0, "local_steps": 500, "batch_size": 16, "weight_decay": 0.01}},  # the edges are inside
+    {"strategy": {"name": "fedyogi", "server_lr": 0.1}},
 ])
 def test_settings_within_the_bounds_are_accepted(sections):
     check(PolicyConfig(require_secagg=False), **sections)

@@ -28,7 +28,8 @@ class TrainingBounds(_Strict):
     with this site's data size, and with it the update and the round's time: refused by
     default), ``max_local_epochs``,
     ``min_batch_size``..``max_batch_size``, ``optimizers``, ``max_momentum``,
-    ``max_weight_decay``, ``max_mu`` (FedProx's weight in each FitIns), ``require_augment`` (``without_dp``: a run without DP-SGD must augment,
+    ``max_weight_decay``, ``max_mu`` (FedProx's weight in each FitIns), ``max_server_lr`` and
+    ``max_adaptive_server_lr`` (the server step's size), ``require_augment`` (``without_dp``: a run without DP-SGD must augment,
     unless its model trains on fixed features that cannot be shifted (``scatter_linear``);
     DP-SGD's Poisson sampling and noise randomise training on their own).
     ``max_update_norm``: not a refusal; the site scales every update it sends down to this L2
@@ -59,6 +60,12 @@ class TrainingBounds(_Strict):
     # FedProx's proximal weight, as each FitIns carries it: with lr * mu near 1 every local step
     # restarts from the global model, and the update is close to one minibatch's gradient.
     max_mu: float = Field(0.1, ge=0)
+    # The server step each site derives from a verified sum (SPEC §6.9): the plain optimiser's
+    # step is the mean update times server_lr; an adaptive one (FedAdam, FedYogi, FedAdagrad)
+    # moves every weight by up to about server_lr a round whatever the update's size, so a
+    # coordinator's large one would throw the model anywhere the sum's signs point.
+    max_server_lr: float = Field(1.0, gt=0)
+    max_adaptive_server_lr: float = Field(0.1, gt=0)
     require_augment: Literal["always", "without_dp", "never"] = "without_dp"
     # applied, never refused
     max_update_norm: float = Field(100.0, gt=0)
