@@ -46,6 +46,7 @@ from ..wire.messages import (
     RoundRecord,
     Welcome,
 )
+from .catchup import CatchUp
 from .checks import check_federation
 from .round import Outbound, ProtocolViolation, RoundMachine, RoundOutcome, SiteLost, TestEvaluation
 from .sessions import Sessions
@@ -116,9 +117,7 @@ class FederationDriver:
         self.checkpoint_path = checkpoint
         # The verified sums of recorded rounds: the sites derive the model from them (SPEC §6.9).
         self.sums = SumHistory(checkpoint.parent / "sums", vector_len=binding.vector_len(params))
-        self._caught_up: dict[int, int] = {}  # site -> the session whose ModelAt was answered
-        self._catching_up: dict[int, anyio.CancelScope] = {}  # site -> its catch-up in progress (one at a time)
-        self._background: anyio.abc.TaskGroup | None = None  # where catch-ups are sent from, while run() runs
+        self.catch_up = CatchUp(sessions, self.sums)
         self._attempts_path = checkpoint.parent / "attempt.json"  # the newest round attempt begun
         self.resumed = resume
         self._stage_s: dict[str, float] = {}  # the current round attempt's time per stage
@@ -200,7 +199,7 @@ class FederationDriver:
     async def run(self) -> dict[str, Any]:
         """Run the federation; sites catching up on missed sums are served beside the rounds."""
         async with anyio.create_task_group() as background:
-            self._background = background
+            self.catch_up.background = background
             try:
                 return await self._rounds()
             finally:
@@ -252,7 +251,7 @@ class FederationDriver:
                     if outcome.sum_record is not None:
                         self.sums.keep(outcome.sum_record)  # before the checkpoint commits the round
                     self._complete_round(outcome, time.monotonic() - t0)
-                    await self._send_sum_record(outcome)
+                    await self.catch_up.send_sum_record(outcome)
                     await self._send_round_record()
                     break
                 assert outcome.abort_cause is not None
@@ -275,7 +274,7 @@ class FederationDriver:
         if isinstance(event, SiteLost):
             return
         if isinstance(event, ModelAt):
-            await self._catch_up(site_id, event)
+            await self.catch_up.answer(site_id, event)
             return
         if isinstance(event, FitRes | Decline) and (event.round, event.attempt) <= self._asked:
             return
@@ -295,49 +294,7 @@ class FederationDriver:
             site_id, event = await self.sessions.receive()
             if not isinstance(event, ModelAt):
                 return site_id, event
-            await self._catch_up(site_id, event)
-
-    async def _catch_up(self, site_id: int, msg: ModelAt) -> None:
-        """A site says which round's model it holds (SPEC §6.9): send it the sums of every recorded
-        round after that one, in order, to check and step through itself.  One answer per session:
-        a site cannot have the history sent over and over by asking again."""
-        session = self.sessions.session_number(site_id)
-        if self._caught_up.get(site_id) == session:
-            log.warning("site %d asked for the sums it missed twice in one session; ignored", site_id)
-            return
-        self._caught_up[site_id] = session
-        if (earlier := self._catching_up.pop(site_id, None)) is not None:
-            earlier.cancel()  # the site's previous session's catch-up: that session is gone
-        if self._background is not None:  # a slow or silent site holds up its own catch-up only
-            self._background.start_soon(self._send_history, site_id, session, msg.round)
-        else:
-            await self._send_history(site_id, session, msg.round)
-
-    async def _send_history(self, site_id: int, session: int, after: int) -> None:
-        sent = 0
-        with anyio.CancelScope() as scope:
-            self._catching_up[site_id] = scope
-            try:
-                for record in self.sums.after(after):
-                    if self.sessions.session_number(site_id) != session or site_id not in self.sessions.connected():
-                        return
-                    await self.sessions.send([Outbound(site_id, record)])
-                    sent += 1
-            finally:
-                if self._catching_up.get(site_id) is scope:
-                    del self._catching_up[site_id]
-        if sent:
-            log.info("site %d holds the model after round %d: sent it the sums of %d later rounds", site_id, after,
-                     sent)
-
-    async def _send_sum_record(self, outcome: RoundOutcome) -> None:
-        """The round's verified sum, to the connected sites that neither vouched for it nor were
-        sent it to evaluate the new model: they derive the model from it."""
-        rec = outcome.sum_record
-        if rec is None:
-            return
-        others = sorted(self.sessions.connected() - set(outcome.participants) - set(outcome.sum_sent))
-        await self.sessions.send([Outbound(s, rec) for s in others])
+            await self.catch_up.answer(site_id, event)
 
     async def _run_round(self, rnd: int, attempt: int) -> RoundOutcome:
         t_stage = time.monotonic()

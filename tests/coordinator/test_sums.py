@@ -74,8 +74,8 @@ def test_a_site_gets_the_sums_it_missed_once_a_session(tmp_path):
     sessions.send = send  # type: ignore[method-assign]
     sessions.connected = lambda: {3}  # type: ignore[method-assign]
     sessions._opened[3] = 1
-    anyio.run(driver._catch_up, 3, ModelAt(0, bytes(32)))
-    anyio.run(driver._catch_up, 3, ModelAt(0, bytes(32)))  # again in the same session: nothing more
+    anyio.run(driver.catch_up.answer, 3, ModelAt(0, bytes(32)))
+    anyio.run(driver.catch_up.answer, 3, ModelAt(0, bytes(32)))  # again in the same session: nothing more
     assert sent == [(3, 1), (3, 2)]
     sessions._opened[3] = 2  # it reconnected, between rounds: answered, not taken for a violation
     dropped: list[int] = []
@@ -102,16 +102,16 @@ def test_a_reconnecting_site_has_one_catch_up_at_a_time(tmp_path):
 
     async def scenario():
         async with anyio.create_task_group() as tg:
-            driver._background = tg
+            driver.catch_up.background = tg
             for session in range(1, 6):
                 sessions._opened[3] = session
-                await driver._catch_up(3, ModelAt(0, bytes(32)))
+                await driver.catch_up.answer(3, ModelAt(0, bytes(32)))
                 await anyio.wait_all_tasks_blocked()
-                assert blocked == [1] and len(driver._catching_up) == 1, (session, blocked)
+                assert blocked == [1] and len(driver.catch_up.sending) == 1, (session, blocked)
             tg.cancel_scope.cancel()
 
     anyio.run(scenario)
-    assert blocked == [] and driver._catching_up == {}
+    assert blocked == [] and driver.catch_up.sending == {}
 
 
 def secure_round(evaluators):
