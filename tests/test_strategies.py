@@ -235,3 +235,19 @@ def test_proximal_term_momentum_and_fedbn_are_parts_any_server_optimiser_combine
                      ({"name": "fedadam", "server_momentum": 0.9}, "keeps its own first moment")]:
         with pytest.raises((ValueError, ConfigError), match=why):
             FederationConfig(strategy=bad)
+
+
+def test_a_site_without_an_auc_says_so_and_the_record_names_it():
+    """Issue 29: a site whose validation split holds one class has no AUC.  It left the mean and
+    the plot with nothing said; it now sends ``auc_undefined`` and the round names it."""
+    from asagiri.observe.report import _auc
+    from asagiri.strategy.base import build_strategy
+    from asagiri.train.loop import EvalResult
+
+    one_class = EvalResult(4, 0.3, 1.0, None, np.zeros((4, 2)), np.zeros(4, int)).metrics()
+    assert one_class["auc_undefined"] == 1.0 and "auc" not in one_class
+    strategy = build_strategy(FederationConfig(), {"w": np.zeros(2, np.float32)})
+    out = strategy.aggregate_evaluate(1, {1: (10, {"auc": 0.8, "loss": 0.5}), 3: (4, one_class)})
+    assert out["site_auc"] == {"1": 0.8} and out["site_auc_undefined"] == [3]
+    fig = _auc([{"round": 1, "auc": 0.8, "site_auc": {"1": 0.8}, "site_auc_undefined": [3]}])
+    assert any("no AUC from sites [3]" in t.get_text() for t in fig.axes[0].texts)

@@ -406,6 +406,8 @@ class FederationDriver:
             if key in evaluation:
                 record[key] = evaluation[key]
                 record[f"site_{key}"] = evaluation[f"site_{key}"]
+        if "site_auc_undefined" in evaluation:
+            record["site_auc_undefined"] = evaluation["site_auc_undefined"]
         record["secure_aggregation"] = outcome.secagg_stages is not None
         if outcome.secagg_stages is not None:
             record["secagg_stages"] = outcome.secagg_stages

@@ -60,6 +60,9 @@ def _auc(records: list[dict[str, Any]]) -> Figure:
         ax.plot(rounds, [r.get("auc", np.nan) for r in records], color="black", lw=2.2, marker="o", label="global")
     else:
         _note(ax, "no validation AUC was reported")
+    if undefined := sorted({s for r in records for s in r.get("site_auc_undefined", [])}):
+        ax.annotate(f"no AUC from sites {undefined}: their validation split holds one class (or lacks one); "
+                    "the global AUC leaves them out", (0.01, 0.02), xycoords="axes fraction", fontsize=7, color="#a33")
     ax.set_xlabel("round")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("validation AUC")

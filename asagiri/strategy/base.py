@@ -97,6 +97,9 @@ class FedAvg:
                 total = sum(n for n, _ in have.values())
                 out[key] = sum(n * v for n, v in have.values()) / total
                 out[f"site_{key}"] = {str(s): v for s, (_, v) in sorted(have.items())}
+        # sites whose split holds one class (or, with several, lacks one): they have no AUC, and say so
+        if undefined := sorted(s for s, (_, m) in results.items() if m.get("auc_undefined") == 1.0):
+            out["site_auc_undefined"] = undefined
         return out
 
 

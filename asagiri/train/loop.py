@@ -40,6 +40,8 @@ class EvalResult:
         out = {"loss": self.loss, "accuracy": self.accuracy}
         if self.auc is not None:
             out["auc"] = self.auc
+        else:  # said, not left out: the site would vanish from the AUC plot and the mean unexplained
+            out["auc_undefined"] = 1.0
         return out
 
 
