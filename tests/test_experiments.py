@@ -15,7 +15,7 @@ def run(*args: str) -> list[dict]:
 
 
 def test_a_dp_federation_runs_in_memory_with_secure_aggregation_and_per_site_sigmas():
-    [r] = run("--rounds", "2", "--methods", "fedavg", "--model", "scatter_linear", "--optimizer", "sgd",
+    [r] = run("--rounds", "1", "--methods", "fedavg", "--model", "scatter_linear", "--optimizer", "sgd",
               "--lr", "0.4", "--split-seed", "0", "--seeds", "1", "--dp-epsilon", "8", "--clip", "0.1",
               "--batch-size", "256")
     assert r["status"] == "completed" and (r["seed"], r["split_seed"]) == (1, 0)

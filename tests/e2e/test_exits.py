@@ -112,12 +112,16 @@ def test_preflight_names_each_problem_in_one_line_and_the_client_stops_before_co
         from asagiri.wire.crypto import Identity
 
         Identity.generate().save(root / "site-1" / "site-9.key")
-        for name, (change, why) in cases.items():
+        running = {}
+        for name, (change, _) in cases.items():  # side by side: each is a process start or two
             variant = root / "site-1" / f"{name.replace(' ', '-')}.yaml"
             variant.write_text(yaml.safe_dump({**settings, **change}))
-            out = check(variant)
-            assert out.returncode == 2 and why in out.stderr, (name, out.stdout, out.stderr)
-            assert all(line.startswith("error: ") for line in out.stderr.strip().splitlines()), (name, out.stderr)
+            running[name] = subprocess.Popen([sys.executable, "-m", "asagiri.cli.main", "check", "--config",
+                                              str(variant)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for name, (_, why) in cases.items():
+            stdout, stderr = running[name].communicate(timeout=120)
+            assert running[name].returncode == 2 and why in stderr, (name, stdout, stderr)
+            assert all(line.startswith("error: ") for line in stderr.strip().splitlines()), (name, stderr)
         # the coordinator's own port is taken, by itself: its preflight says so
         taken = check(root / "coordinator" / "fed.yaml")
         assert taken.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in taken.stderr

@@ -2,7 +2,7 @@
 regression test), then a bounded coverage-guided session per target with atheris.
 
 The session runs on a copy of the corpus, so CI never writes into the checkout; its length is
-``ASAGIRI_FUZZ_SECONDS`` per target (default 5: about 40 s of fuzzing for the seven targets,
+``ASAGIRI_FUZZ_SECONDS`` per target (default 4: about 30 s of fuzzing for the seven targets,
 run side by side on the machine's cores).
 """
 
@@ -20,7 +20,7 @@ from .seeds import CORPUS, seeds
 from .targets import TARGETS, encode_sequence, honest_round
 
 ROOT = Path(__file__).resolve().parents[2]
-SECONDS = int(os.environ.get("ASAGIRI_FUZZ_SECONDS", "5"))
+SECONDS = int(os.environ.get("ASAGIRI_FUZZ_SECONDS", "4"))
 
 
 def kept_inputs() -> list[tuple[str, Path]]:

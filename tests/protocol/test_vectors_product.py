@@ -50,7 +50,7 @@ def test_spec_table_lists_exactly_the_welcome_spec():
     """SPEC §2.4 names every key of Welcome.spec, in the order the coordinator sends them."""
     text = (Path(__file__).resolve().parents[2] / "protocol" / "SPEC.md").read_text()
     section = text[text.index("### 2.4"):text.index("### 2.5")]
-    rows = re.findall(r"^\| `([a-z_.]+)` \|[^|]*\| ([^|]*) \|$", section, flags=re.M)
+    rows = re.findall(r"^\| `([a-z0-9_.]+)` \|[^|]*\| ([^|]*) \|$", section, flags=re.M)
 
     def leaves(d, prefix=""):
         for k, v in d.items():
