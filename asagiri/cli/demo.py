@@ -116,12 +116,7 @@ def _wait_for_sites(sites: list[subprocess.Popen], grace: float = 30) -> None:
         try:
             proc.wait(timeout=grace)
         except subprocess.TimeoutExpired:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_processes([proc])
             print(f"warning: site {site} was still running {grace:g}s after the federation ended (reconnecting?); "
                   "stopped it", file=sys.stderr)
 
