@@ -59,7 +59,8 @@ def federation_overrides(method: str, args: argparse.Namespace, seed: int) -> li
     strategy = next((p for p in parts if p in SERVER_OPTIMISERS), "fedavg")
     momentum = args.server_momentum if args.server_momentum is not None else (0.9 if strategy == "fedavgm" else 0.0)
     out = [
-        f"data.dataset={args.dataset}", f"data.partition.scheme={args.scheme}", f"data.partition.alpha={args.alpha}",
+        f"data.dataset={args.dataset}", *([f"data.path={args.path.resolve()}"] if args.path else []),
+        f"data.partition.scheme={args.scheme}", f"data.partition.alpha={args.alpha}",
         f"data.partition.seed={split_seed(args, seed)}", f"selection.seed={seed}",
         f"model.name={args.model}", f"model.norm={args.norm}", f"model.width={args.width}", f"model.groups={args.groups}",
         *schedule(args), f"train.batch_size={args.batch_size}", f"train.lr={args.lr}",
@@ -95,12 +96,13 @@ def federated(method: str, args: argparse.Namespace, seed: int) -> dict:
                              site_extra={i: {"policy": policy, "threads": args.threads}
                                          for i in range(1, args.sites + 1)})
         summary = anyio.run(run_local, cfg, sites)
-        records = [json.loads(x) for x in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
+        metrics = Path(tmp) / "metrics.jsonl"  # none when no round completed
+        records = [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.exists() else []
     last = records[-1] if records else {}
     return {
         "status": summary["status"], "test_auc": summary.get("test_auc"), "test_accuracy": summary.get("test_accuracy"),
-        "test_auc_site_mean": summary.get("test_auc_site_mean"), "test_examples": summary.get("test_examples"),
-        "val_auc": last.get("auc"), "epsilon": summary.get("epsilon") or None,
+        "test_auc_site_mean": summary.get("test_auc_site_mean"), "test_site_auc": summary.get("test_site_auc"),
+        "test_examples": summary.get("test_examples"), "val_auc": last.get("auc"), "epsilon": summary.get("epsilon") or None,
         "noise_multiplier": summary.get("noise_multiplier") or None, "config": overrides,
     }
 
@@ -113,7 +115,7 @@ def augments(args: argparse.Namespace) -> bool:
 def baseline(method: str, args: argparse.Namespace, seed: int) -> dict:
     """Centralised or local-only training, with the product's training loop and test shares."""
     sites = [
-        prepare_data(args.model, load_site_data(dataset=args.dataset, path=None, site_index=i, num_sites=args.sites,
+        prepare_data(args.model, load_site_data(dataset=args.dataset, path=args.path, site_index=i, num_sites=args.sites,
                                                 scheme=args.scheme, alpha=args.alpha, seed=split_seed(args, seed)))
         for i in range(args.sites)
     ]
@@ -146,16 +148,18 @@ def baseline(method: str, args: argparse.Namespace, seed: int) -> dict:
         r = evaluate(m, s.test, task=task)
         scores.append(r.scores)
         labels.append(r.labels)
-    per_site = [a for a in (auc_score(y, p) for p, y in zip(scores, labels, strict=True)) if a is not None]
+    per_site = {str(i + 1): a for i, (p, y) in enumerate(zip(scores, labels, strict=True))
+                if (a := auc_score(y, p)) is not None}  # site ids count from 1, as a federation's
     y, p = np.concatenate(labels), np.concatenate(scores)
     return {"status": "completed", "test_auc": auc_score(y, p), "test_accuracy": accuracy_score(y, p),
-            "test_auc_site_mean": float(np.mean(per_site)) if per_site else None, "test_examples": int(len(y))}
+            "test_auc_site_mean": float(np.mean(list(per_site.values()))) if per_site else None,
+            "test_site_auc": per_site, "test_examples": int(len(y))}
 
 
 def run(method: str, args: argparse.Namespace, seed: int) -> dict:
     t0 = time.perf_counter()
     result = baseline(method, args, seed) if method in ("central", "local") else federated(method, args, seed)
-    return {"method": method, "dataset": args.dataset, "scheme": args.scheme, "alpha": args.alpha, "seed": seed,
+    return {"method": method, "dataset": args.dataset, "path": str(args.path) if args.path else None, "scheme": args.scheme, "alpha": args.alpha, "seed": seed,
             "split_seed": split_seed(args, seed), "rounds": args.rounds, "model": args.model, "count": args.count,
             "wall_s": round(time.perf_counter() - t0, 1), **result}
 
@@ -163,6 +167,8 @@ def run(method: str, args: argparse.Namespace, seed: int) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", default="pneumoniamnist")
+    p.add_argument("--path", type=Path, default=None,
+                   help="the data file (data.path; with --dataset medmnist, any MedMNIST-format .npz)")
     p.add_argument("--scheme", default="dirichlet", choices=["iid", "dirichlet", "quantity", "feature"])
     p.add_argument("--alpha", type=float, default=0.3)
     p.add_argument("--sites", type=int, default=4)

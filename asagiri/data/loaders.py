@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..config.site import PolicyConfig
 from ..splits import SiteData, Split, as_float
 from .cache import DEFAULT_DECODE, DecodeSettings, ImageFiles
 from .partition import dirichlet_draw, feature_partition, partition, proportional_partition
@@ -186,14 +187,18 @@ def site_indices(
         scheme = "iid"  # simulated acquisition shift instead (applied in load_site_data)
     if scheme == "dirichlet" and (split != "test" or test_follows_site):
         # The proportions are drawn once, on train, and reused for the held-out split.
+        # A simulated split never gives a site fewer training examples than the default policy
+        # trains on (policy.min_examples): the demo on a small file would end with "refused".
         train_parts, proportions = dirichlet_draw(skew_labels(raw.labels["train"]), num_sites, alpha,
-                                                  rng=np.random.default_rng([seed, 0]))
+                                                  rng=np.random.default_rng([seed, 0]),
+                                                  min_size=PolicyConfig().min_examples)
         if split == "train":
             return train_parts
         return proportional_partition(labels, proportions, rng=np.random.default_rng([seed, stream]))
     if split == "test":
         scheme = "iid"  # the official test set is shared out evenly; its label mix stays the population's
-    return partition(labels, num_sites, scheme=scheme, alpha=alpha, seed=seed, stream=stream)
+    floor = PolicyConfig().min_examples if split == "train" else None
+    return partition(labels, num_sites, scheme=scheme, alpha=alpha, seed=seed, stream=stream, min_size=floor)
 
 
 def load_site_data(

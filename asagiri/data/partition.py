@@ -20,12 +20,15 @@ def iid_partition(n: int, n_sites: int, *, rng: np.random.Generator) -> list[np.
     return [np.sort(part) for part in np.array_split(order, n_sites)]
 
 
-def quantity_partition(n: int, n_sites: int, alpha: float, *, rng: np.random.Generator) -> list[np.ndarray]:
-    """Same label mix, sizes drawn from Dirichlet(alpha); every site gets at least one sample."""
+def quantity_partition(n: int, n_sites: int, alpha: float, *, rng: np.random.Generator,
+                       min_size: int = 1) -> list[np.ndarray]:
+    """Same label mix, sizes drawn from Dirichlet(alpha); every site gets at least ``min_size``
+    samples (at most half an even share), and at least one."""
     if n < n_sites:
         raise ValueError(f"cannot give {n_sites} sites a sample each from {n} samples")
+    floor = max(1, min(min_size, n // (2 * n_sites)))
     props = rng.dirichlet(np.full(n_sites, alpha))
-    sizes = 1 + np.floor(props * (n - n_sites)).astype(int)
+    sizes = floor + np.floor(props * (n - n_sites * floor)).astype(int)
     sizes[np.argmax(sizes)] += n - sizes.sum()
     order = rng.permutation(n)
     cuts = np.cumsum(sizes)[:-1]
@@ -104,14 +107,17 @@ def feature_partition(values: np.ndarray, n_sites: int, *, seed: int) -> list[np
 
 
 def partition(
-    labels: np.ndarray, n_sites: int, *, scheme: str, alpha: float, seed: int, stream: int = 0
+    labels: np.ndarray, n_sites: int, *, scheme: str, alpha: float, seed: int, stream: int = 0,
+    min_size: int | None = None,
 ) -> list[np.ndarray]:
-    """Dispatch by scheme; ``stream`` separates the draws for train/val/test of the same seed."""
+    """Dispatch by scheme; ``stream`` separates the draws for train/val/test of the same seed.
+    ``min_size``: the fewest samples a skewed split gives a site (default: the partitioner's)."""
     rng = np.random.default_rng([seed, stream])
+    floor = {} if min_size is None else {"min_size": min_size}
     if scheme == "iid":
         return iid_partition(len(labels), n_sites, rng=rng)
     if scheme == "quantity":
-        return quantity_partition(len(labels), n_sites, alpha, rng=rng)
+        return quantity_partition(len(labels), n_sites, alpha, rng=rng, **floor)
     if scheme == "dirichlet":
-        return dirichlet_partition(labels, n_sites, alpha, rng=rng)
+        return dirichlet_partition(labels, n_sites, alpha, rng=rng, **floor)
     raise ValueError(f"unknown partition scheme {scheme!r}")

@@ -210,3 +210,36 @@ def test_partition_cli_writes_indices_and_report(tmp_path):
     assert [s["train"]["size"] for s in stats["per_site"]] == [len(t) for t in train]
     assert "| site | train | val | test |" in (out / "stats.md").read_text()
     assert (out / "stats.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("scheme", ["dirichlet", "quantity"])
+def test_a_small_file_is_never_split_into_a_site_the_default_policy_refuses(tmp_path, scheme):
+    """A 550-image cohort in 3 skewed shares: before, half the seeds gave a site 18 to 29 training
+    images, and its default policy (min_examples 32) refused every round; the demo ended refused."""
+    from asagiri.config.site import PolicyConfig
+
+    floor = PolicyConfig().min_examples
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for s, n in (("train", 550), ("val", 78), ("test", 100)):
+        arrays[f"{s}_images"] = rng.integers(0, 255, (n, 28, 28), dtype=np.uint8)
+        arrays[f"{s}_labels"] = (rng.random((n, 1)) < 0.74).astype(np.uint8)
+    np.savez(tmp_path / "small.npz", **arrays)
+    raw = open_dataset("medmnist", tmp_path / "small.npz")
+    unfloored = []
+    for seed in range(8):
+        sizes = [len(p) for p in site_indices(raw, "medmnist", "train", 3, scheme=scheme, alpha=0.3, seed=seed)]
+        assert sum(sizes) == 550 and min(sizes) >= floor, (seed, sizes)
+        unfloored.append(min(len(p) for p in partition(raw.labels["train"], 3, scheme=scheme, alpha=0.3, seed=seed,
+                                                       min_size=1 if scheme == "quantity" else 10)))
+    assert min(unfloored) < floor  # the draws this guards against happen at these seeds
+
+
+def test_quantity_partition_without_a_floor_draws_as_before():
+    from asagiri.data.partition import quantity_partition
+
+    rng_a, rng_b = np.random.default_rng(5), np.random.default_rng(5)
+    props = rng_b.dirichlet(np.full(4, 0.5))
+    sizes = 1 + np.floor(props * (300 - 4)).astype(int)
+    sizes[np.argmax(sizes)] += 300 - sizes.sum()
+    assert [len(p) for p in quantity_partition(300, 4, 0.5, rng=rng_a)] == sizes.tolist()
