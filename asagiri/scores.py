@@ -31,7 +31,10 @@ def auc_score(labels: np.ndarray, probs: np.ndarray) -> float | None:
     if len(present) < 2:
         return None
     if probs.shape[1] == 2:
-        value = roc_auc_score(labels, probs[:, 1])
+        # Ranked by p1 - p0 in float64, not p1: float32 rounds p1 to exactly 1 once the logit gap
+        # passes about 17, and those scores tie, while p0 (near 0, where float32 is fine-grained)
+        # still orders them.  A site whose model is sure of one class scored 0.5 by p1's ties.
+        value = roc_auc_score(labels, probs[:, 1].astype(np.float64) - probs[:, 0].astype(np.float64))
     else:
         if len(present) < probs.shape[1]:
             return None
