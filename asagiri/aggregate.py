@@ -10,17 +10,9 @@ from typing import Protocol
 
 import numpy as np
 
-from .params import Params
+from .params import CONTROL, Params, is_statistic
 
 __all__ = ["ADAPTIVE", "RunningSum", "ServerSettings", "apply_weighted_delta", "is_statistic", "server_step"]
-
-# Normalisation layers' running statistics (torch's names for BatchNorm and InstanceNorm buffers).
-STATISTIC_SUFFIXES = (".running_mean", ".running_var")
-
-
-def is_statistic(key: str) -> bool:
-    """A running statistic, not a trained weight: averaged, never given a server step or momentum."""
-    return key.endswith(STATISTIC_SUFFIXES) or key in ("running_mean", "running_var")
 
 
 class RunningSum:
@@ -92,6 +84,7 @@ class ServerSettings(Protocol):
     beta1: float
     beta2: float
     tau: float
+    scaffold: bool
 
 
 # Reddi et al. 2021, "Adaptive Federated Optimization" (Algorithm 2): the adaptive server optimisers
@@ -110,11 +103,26 @@ def server_step(params: Params, state: Params | None, summed: RunningSum,
     w += lr v`` when ``server_momentum`` > 0 (FedAvgM; ``lr`` 1 and no momentum unless set).  ``fedadam``,
     ``fedyogi``, ``fedadagrad``: ``m = β1 m + (1-β1) Δ̄``; ``v`` by Adam (``β2 v + (1-β2) Δ̄²``),
     Yogi (``v - (1-β2) Δ̄² sign(v - Δ̄²)``) or Adagrad (``v + Δ̄²``), from ``v = τ²``; then
-    ``w += lr m / (√v + τ)``.  Running statistics always take the plain mean."""
+    ``w += lr m / (√v + τ)``.  Running statistics always take the plain mean.
+
+    ``scaffold`` (Karimireddy et al. 2020, SCAFFOLD): the sum also holds the sites' control-variate
+    deltas (``c/`` tensors, weighted as their updates are), and the server's control variate, kept
+    in the state under the same names from zero, moves by their mean: ``c += Δc̄``.  The model's
+    step is the server optimiser's, on the update alone."""
+    mean = summed.mean_delta()
+    delta = {k: v for k, v in mean.items() if not k.startswith(CONTROL)}
+    own = None if state is None else ({k: v for k, v in state.items() if not k.startswith(CONTROL)} or None)
     if strategy.name in ADAPTIVE:
-        return _adaptive_step(params, state, summed.mean_delta(), strategy)
-    return apply_weighted_delta(params, summed.mean_delta(), server_lr=strategy.server_lr,
-                                momentum=strategy.server_momentum, velocity=state)
+        out, new_state = _adaptive_step(params, own, delta, strategy)
+    else:
+        out, new_state = apply_weighted_delta(params, delta, server_lr=strategy.server_lr,
+                                              momentum=strategy.server_momentum, velocity=own)
+    if not strategy.scaffold:
+        return out, new_state
+    before = state or {}
+    controls = {k: (before[k] + d if k in before else d).astype(np.float32)
+                for k, d in mean.items() if k.startswith(CONTROL)}
+    return out, {**(new_state or {}), **controls}
 
 
 def _adaptive_step(params: Params, state: Params | None, delta: Params,

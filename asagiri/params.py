@@ -12,10 +12,31 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Params", "flatten", "load_tensors", "pack_tensors", "params_digest", "unflatten", "update_norm"]
+__all__ = ["CONTROL", "Params", "flatten", "is_statistic", "load_tensors", "pack_tensors", "params_digest",
+           "summed_layout", "unflatten", "update_norm"]
 
 # Tensor name -> array, in the model's order (the wire order of FitIns.params).
 Params = dict[str, np.ndarray]
+
+# Normalisation layers' running statistics (torch's names for BatchNorm and InstanceNorm buffers).
+STATISTIC_SUFFIXES = (".running_mean", ".running_var")
+# SCAFFOLD's control variates: the server's in its optimiser state, each site's delta in the
+# secure sum, one per trained tensor, named by the tensor with this prefix (SPEC §6.3).
+CONTROL = "c/"
+
+
+def is_statistic(key: str) -> bool:
+    """A running statistic, not a trained weight: averaged, never given a server step, momentum
+    or control variate."""
+    return key.endswith(STATISTIC_SUFFIXES) or key in ("running_mean", "running_var")
+
+
+def summed_layout(params: Params, *, controls: bool) -> Params:
+    """What a round sums for a model, in order (SPEC §6.3): its tensors, then (``controls``,
+    SCAFFOLD) one control-variate tensor per trained tensor, named ``c/<tensor>``."""
+    if not controls:
+        return params
+    return {**params, **{CONTROL + k: v for k, v in params.items() if not is_statistic(k)}}
 
 
 def flatten(params: Params) -> np.ndarray:

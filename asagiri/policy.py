@@ -133,6 +133,11 @@ class SitePolicy:
         else:
             self.require(not p.require_secagg, "require_secagg",
                          "the run has secure aggregation off; this site sends no update in the clear")
+        # SCAFFOLD's server control variate is taken from the models the site derives, never from
+        # the coordinator's word: a chosen c would steer what the site's update says about its data.
+        self.require(not parsed.strategy.scaffold or self.derives_models(parsed.secagg.enabled), Rule.DERIVE_MODELS,
+                     "the run uses SCAFFOLD, whose server control variate this site takes only from models it "
+                     "derives itself (policy.derive_models, under secure aggregation)")
         dp = parsed.dp
         if not dp.enabled:
             self.require(not p.require_dp, "require_dp", "the run has DP-SGD off; this site trains only under DP")

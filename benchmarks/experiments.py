@@ -43,7 +43,7 @@ from asagiri.scores import accuracy_score, auc_score
 from asagiri.train import evaluate, train_local
 
 METHODS = ("central", "local", "fedavg", "fedprox", "fedbn", "fedprox+fedbn", "fedavgm", "fedadam", "fedyogi",
-           "fedadagrad", "fedadam+fedbn", "fedyogi+fedbn")
+           "fedadagrad", "fedadam+fedbn", "fedyogi+fedbn", "scaffold", "fedadam+scaffold", "fedavgm+scaffold")
 SERVER_OPTIMISERS = ("fedavgm", "fedadam", "fedyogi", "fedadagrad")  # else plain FedAvg
 
 
@@ -68,6 +68,7 @@ def federation_overrides(method: str, args: argparse.Namespace, seed: int) -> li
         f"train.augment={str(augments(args)).lower()}",
         f"strategy.name={strategy}", f"strategy.mu={args.mu if 'fedprox' in parts else 0.0}",
         f"strategy.fedbn={str('fedbn' in parts).lower()}", f"strategy.server_momentum={momentum}",
+        f"strategy.scaffold={str('scaffold' in parts).lower()}",
         *([f"strategy.server_lr={args.server_lr}"] if args.server_lr is not None else []),
         f"secagg.enabled={str(args.secagg).lower()}", f"min_clients={min(3, args.sites)}",
         "timeouts.wait_for_sites=60",

@@ -1,6 +1,10 @@
 """A MedMNIST-format file sub-sampled to a small cohort, as many hospitals hold.
 
     python benchmarks/subsample.py asagiri/data/bundled/pneumoniamnist.npz --train 550 --out /tmp/pneumonia-550.npz
+    python benchmarks/subsample.py dermamnist --train 550 --out /tmp/derma-550.npz
+
+The source is a MedMNIST ``.npz`` or the name of a set Asagiri bundles (``pneumoniamnist``,
+``dermamnist``: read through its own loader, so the JPEG archive of DermaMNIST works too).
 
 Each split keeps at most its count of images, drawn with a seeded generator, every class kept in
 its file's proportion (at least one image each); validation keeps ``--val`` images (default: a
@@ -30,9 +34,20 @@ def stratified(labels: np.ndarray, count: int, rng: np.random.Generator) -> np.n
     return np.sort(np.concatenate(picked))
 
 
+def splits_of(source: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """(images, labels) of each split, uint8 images as MedMNIST stores them."""
+    if Path(source).suffix == ".npz":
+        with np.load(source) as f:
+            return {s: (f[f"{s}_images"], f[f"{s}_labels"]) for s in ("train", "val", "test")}
+    from asagiri.data.loaders import open_dataset
+
+    raw = open_dataset(source, None)
+    return {s: (np.asarray(raw.images[s]), np.asarray(raw.labels[s])) for s in ("train", "val", "test")}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("source", type=Path, help="a MedMNIST .npz (train_/val_/test_ images and labels)")
+    p.add_argument("source", help="a MedMNIST .npz (train_/val_/test_ images and labels), or a bundled set's name")
     p.add_argument("--train", type=int, required=True)
     p.add_argument("--val", type=int, default=None)
     p.add_argument("--test", type=int, default=None)
@@ -41,12 +56,12 @@ def main() -> None:
     args = p.parse_args()
     rng = np.random.default_rng(args.seed)
     counts = {"train": args.train, "val": args.val or max(1, args.train // 7), "test": args.test}
-    with np.load(args.source) as f:
-        out = {}
-        for split, count in counts.items():
-            images, labels = f[f"{split}_images"], f[f"{split}_labels"]
-            idx = np.arange(len(labels)) if count is None else stratified(labels, count, rng)
-            out[f"{split}_images"], out[f"{split}_labels"] = images[idx], labels[idx]
+    arrays = splits_of(args.source)
+    out = {}
+    for split, count in counts.items():
+        images, labels = arrays[split]
+        idx = np.arange(len(labels)) if count is None else stratified(labels, count, rng)
+        out[f"{split}_images"], out[f"{split}_labels"] = images[idx], labels[idx].reshape(len(idx), -1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(args.out, **out)
     print(args.out, {k: v.shape[0] for k, v in out.items() if k.endswith("labels")})

@@ -375,3 +375,12 @@ def test_the_coordinators_seed_does_not_choose_the_sites_training(tmp_path):
     assert len({fresh.round_seed(ins) for _ in range(4)}) == 4
     assert worker.round_seed(ins) == worker.round_seed(FitIns(1, 1, params, {"seed": 5})) != worker.round_seed(
         FitIns(2, 1, params, {}))
+
+
+def test_scaffold_is_joined_only_by_a_site_that_derives_its_models():
+    """SCAFFOLD's server control variate comes from the models a site derives; a site that takes the
+    coordinator's models on trust would have no c of its own, and a coordinator could choose it."""
+    assert check(strategy={"scaffold": True}).strategy.scaffold
+    with pytest.raises(Refusal, match="SCAFFOLD") as exc:
+        check(PolicyConfig(derive_models=False), strategy={"scaffold": True})
+    assert exc.value.rule == "derive_models"

@@ -20,6 +20,7 @@ from ..secagg.binding import params_digest, spec_digest, vector_len
 from ..secagg.client import ClientStateMachine
 from ..secagg.history import RecordRefused, check_record
 from ..secagg.verify import VerifiedSum
+from ..site.control import OwnControl
 from ..site.trajectory import Trajectory
 from ..wire.crypto import blake2b
 from ..wire.messages import EvaluateIns, ModelAt, SumRecord, Welcome
@@ -34,6 +35,7 @@ class DerivedModels:
         self.policy = policy
         self.folder = folder  # where each run's trajectory is kept (None: in memory only)
         self.trajectory: Trajectory | None = None  # kept across sessions of one run
+        self.control: OwnControl | None = None  # SCAFFOLD's c_i, kept with the trajectory it follows
         self.active = False  # this run has the site derive its models
 
     def joined(self, welcome: Welcome, spec: RunSpec | None) -> None:
@@ -63,6 +65,11 @@ class DerivedModels:
             path = None if self.folder is None else self.folder / f"trajectory-{name}.npz"
             t = self.trajectory = Trajectory(run_id=welcome.run_id, spec_digest=digest, initial=initial,
                                              strategy=spec.strategy, path=path)
+            self.control = None
+            if spec.strategy.scaffold:
+                own = None if path is None else path.with_name(f"control-{name}.npz")
+                self.control = OwnControl(run_id=welcome.run_id, spec_digest=digest, template=initial, path=own)
+                t.on_commit = self.control.committed
         return ModelAt(t.current.round, t.current.digest)
 
     def check_fit(self, rnd: int, attempt: int, digest: bytes) -> None:
@@ -84,13 +91,20 @@ class DerivedModels:
         self.policy.require(t.evaluate(digest, msg.split), Rule.DERIVE_MODELS,
                             f"EvaluateIns {msg.round}: this model was evaluated on {msg.split} already")
 
-    def adopt(self, proven: VerifiedSum) -> None:
-        """A sum this site verified becomes the pending step, if it was trained on a model it holds."""
+    def server_control(self, digest: bytes) -> Params | None:
+        """The optimiser state of the model ``digest`` names (SCAFFOLD's ``c`` among it), as this
+        site derived it; None where it holds no such model or the model has none yet."""
+        model = None if self.trajectory is None else self.trajectory.known(digest)
+        return None if model is None else model.velocity
+
+    def adopt(self, proven: VerifiedSum, site_id: int | None = None) -> None:
+        """A sum this site verified becomes the pending step, if it was trained on a model it
+        holds; ``site_id``: this site, when it may be among the sum's survivors."""
         t = self.trajectory
         if not self.ready or t is None:
             return
         if not t.verified(proven.round, proven.trained_on, proven.total, proven.digest, proven.plan,
-                          len(proven.survivors)):
+                          len(proven.survivors), included=site_id in proven.survivors):
             log.warning("round %d: a verified sum on a model this site does not hold; not stepped to", proven.round)
 
     def sum_record(self, msg: SumRecord, secure: ClientStateMachine | None, run_id: str) -> None:
@@ -107,7 +121,7 @@ class DerivedModels:
             try:
                 proven = check_record(msg, run_id=run_id, secagg=secure.secagg, spec_digest=secure.spec_digest,
                                       trained_on=base.digest, peers=self.policy.peers, policy=self.policy,
-                                      vector_len=vector_len(base.params))
+                                      vector_len=vector_len(base.params, controls=t.strategy.scaffold))
             except RecordRefused as exc:
                 problems.append(str(exc))
                 continue

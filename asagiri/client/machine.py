@@ -223,7 +223,7 @@ class SiteMachine:
             if old is None or old.run_id != welcome.run_id or old.spec_digest != digest:
                 self.secagg = ClientStateMachine(
                     site_id=self.site_id, identity=self.identity, run_id=welcome.run_id, secagg=spec.secagg,
-                    spec_digest=digest, policy=self.policy, replay=self.replay,
+                    spec_digest=digest, policy=self.policy, replay=self.replay, controls=spec.strategy.scaffold,
                 )
         self.witness.joined(welcome.run_id)
         self.models.joined(welcome, spec)
@@ -350,7 +350,7 @@ class SiteMachine:
         if isinstance(about, SumProof) and (proven := self.secagg.verified if self.secagg else None) is not None \
                 and (proven.round, proven.attempt) == (about.round, about.attempt):
             self.witness.verified(self.run_id, about.round, about.attempt, proven.digest)
-            self.models.adopt(proven)
+            self.models.adopt(proven, self.site_id)
         return [Send(r) for r in replies]
 
     # -- what the training thread finishes -------------------------------------------------------

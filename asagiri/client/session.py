@@ -28,9 +28,11 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from ..config import SiteConfig, TimeoutsConfig
 from ..faults import FaultPlan
-from ..params import flatten
+from ..params import Params, flatten
 from ..policy import SitePolicy
+from ..secagg.binding import params_digest
 from ..secagg.kernels import warm as warm_kernels
+from ..site.control import OwnControl
 from ..site.metrics import SiteMetrics
 from ..site.receipts import RoundWitness
 from ..site.worker import BudgetExhausted, SiteWorker
@@ -203,7 +205,7 @@ class Session:
         largest = worker.shared_bytes
         spec = self.machine.spec
         if spec is not None and spec.secagg.enabled:
-            largest = max(largest, (worker.shared_bytes // 4 + 1) * (spec.secagg.bits // 8))
+            largest = max(largest, (worker.summed_values + 1) * (spec.secagg.bits // 8))
         self.conn.limit_payload(min(self.cfg.max_message_bytes, largest + PAYLOAD_MARGIN))
 
     async def _build(self, action: SetUp) -> None:
@@ -258,7 +260,7 @@ class Session:
                 try:
                     on_step = self._progress(ins.round, worker)
                     if action.secure:
-                        delta, result = await self._work(worker.train, ins, on_step)
+                        delta, result = await self._work(worker.train, ins, on_step, self._scaffold(ins))
                         steps, outcome = result.steps, (flatten(delta), result.num_samples)
                     else:
                         res = await self._work(worker.fit, ins, self.kept.policy, on_step)
@@ -286,6 +288,14 @@ class Session:
         finally:
             self.conn.pool.release(ins.params.values())
         await self._act(self.machine.evaluated(ins, res))
+
+    def _scaffold(self, ins: FitIns) -> tuple[Params | None, OwnControl] | None:
+        """SCAFFOLD's inputs to training on ``ins``: ``c`` from the model this site derived (the
+        one ``ins`` names, which it checked on accepting it) and the site's own ``c_i``."""
+        models = self.machine.models
+        if models.control is None:
+            return None
+        return models.server_control(params_digest(ins.params)), models.control
 
     def _progress(self, rnd: int, worker: SiteWorker) -> OnStep | None:
         bar = self.kept.progress

@@ -100,7 +100,7 @@ ADAPTIVE_STRATEGIES = ("fedadam", "fedyogi", "fedadagrad")  # the server optimis
 class StrategyConfig(_Strict):
     """The server's optimiser (``name``) and the parts a run combines with it: server momentum
     (``server_momentum``, FedAvgM's, with the plain server optimiser), FedProx's proximal term
-    (``mu``) and FedBN (``fedbn``), each with any name: ``fedprox`` and ``fedavgm`` name the
+    (``mu``), FedBN (``fedbn``) and SCAFFOLD's control variates (``scaffold``), each with any name: ``fedprox`` and ``fedavgm`` name the
     plain optimiser too, and require their part.  ``server_lr`` is 1 unless set, and 0.01 for
     the adaptive optimisers (Reddi et al. 2021, with ``tau`` 1e-3); ``beta1``, ``beta2`` and
     ``tau`` are theirs (``aggregate.server_step``)."""
@@ -113,6 +113,9 @@ class StrategyConfig(_Strict):
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.99, ge=0, lt=1)
     tau: float = Field(1e-3, gt=0)
+    # SCAFFOLD's drift correction (Karimireddy et al. 2020): each site's control-variate delta
+    # travels inside the secure sum, and each site takes the server's from its derived models
+    scaffold: bool = False
     # "package.module:Class", a Strategy built as Class(cfg, initial_params) (docs/strategies.md)
     custom: str | None = Field(None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
@@ -342,6 +345,10 @@ class FederationConfig(_Strict):
         batches = self.secagg.batches
         if batches is not None and self.sites and {v for b in batches for v in b} != set(ids):
             raise ValueError("secagg.batches must hold every enrolled site (sites:) exactly once")
+        if self.strategy.scaffold and not self.secagg.enabled:
+            raise ValueError("strategy.scaffold needs secure aggregation (secagg.enabled: true): each site takes the "
+                             "server's control variate from the models it derives from verified sums, never from "
+                             "the coordinator, and its own control-variate delta leaves it only inside a sum")
         if self.chunk_bytes + 64 > self.max_frame_bytes:
             raise ValueError(f"chunk_bytes={self.chunk_bytes} does not fit in max_frame_bytes={self.max_frame_bytes}")
         return self

@@ -33,6 +33,7 @@ class SpecStrategy(_Strict):
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.99, ge=0, lt=1)
     tau: float = Field(1e-3, gt=0)
+    scaffold: bool = False
 
 
 class RunSpec(_Strict):

@@ -116,7 +116,8 @@ class FederationDriver:
         self.strategy = build_strategy(cfg, params)
         self.checkpoint_path = checkpoint
         # The verified sums of recorded rounds: the sites derive the model from them (SPEC §6.9).
-        self.sums = SumHistory(checkpoint.parent / "sums", vector_len=binding.vector_len(params))
+        self.sums = SumHistory(checkpoint.parent / "sums",
+                               vector_len=binding.vector_len(params, controls=cfg.strategy.scaffold))
         self.catch_up = CatchUp(sessions, self.sums)
         self._attempts_path = checkpoint.parent / "attempt.json"  # the newest round attempt begun
         self.resumed = resume
@@ -305,7 +306,7 @@ class FederationDriver:
             rnd=rnd, attempt=attempt, selected=plan.sites, evaluators=evaluators,
             min_clients=self.cfg.min_clients, global_params=self._model,
             fit_config=plan.config, strategy=self.strategy, secagg=secagg,
-            max_update_norm=self.cfg.train.max_update_norm,
+            max_update_norm=self.cfg.train.max_update_norm, controls=self.cfg.strategy.scaffold,
         )
         atomic_write_bytes(self._attempts_path, json.dumps({"round": rnd, "attempt": attempt}).encode())
         self._asked = max(self._asked, (rnd, attempt))
@@ -357,7 +358,8 @@ class FederationDriver:
         params = binding.RoundParams.derive(
             run_id=self.cfg.run_id, round=rnd, attempt=attempt, participants=plan.sites, secagg=sa,
             params_digest=binding.params_digest(self._model), fit_config=plan.config,
-            vector_len=binding.vector_len(self._model), spec_digest=self.spec_digest,
+            vector_len=binding.vector_len(self._model, controls=self.cfg.strategy.scaffold),
+            spec_digest=self.spec_digest,
         )
         return ServerStateMachine(params=params, min_clients=self.cfg.min_clients, identities=self.roster,
                                   batches=batch_map(self.batches))
@@ -384,6 +386,10 @@ class FederationDriver:
                     machine.site_lost(site_id)
         machine.timed_out()
         pooled = machine.pooled()
+        if self.cfg.strategy.fedbn and pooled:
+            # each site scored with its own normalisation layers: a personalised model per site, whose
+            # scores sit on the site's own scale; the per-site AUCs say how each does, the pooled one less
+            pooled["personalised"] = True
         self.emit(ev.TestScored(rnd, pooled))
         return pooled
 

@@ -26,7 +26,7 @@ import numpy as np
 from ..aggregate import RunningSum
 from ..causes import AbortCause, Rule
 from ..errors import ProtocolViolation
-from ..params import Params, unflatten, update_norm
+from ..params import Params, summed_layout, unflatten, update_norm
 from ..scores import accuracy_score, auc_score
 from ..secagg.quantize import dequantize
 from ..secagg.server import Outbound, ServerStage, ServerStateMachine
@@ -90,6 +90,7 @@ class RoundMachine:
         strategy: Strategy,
         secagg: ServerStateMachine | None = None,
         max_update_norm: float | None = None,
+        controls: bool = False,
     ) -> None:
         if len(selected) < min_clients:
             raise ValueError(f"selected {len(selected)} sites, fewer than min_clients={min_clients}")
@@ -98,6 +99,8 @@ class RoundMachine:
         self.min_clients = min_clients
         self.phase = Phase.FIT
         self._params = global_params
+        # what a secure round sums: the model's tensors, and SCAFFOLD's control variates (SPEC §6.3)
+        self._layout = summed_layout(global_params, controls=controls)
         self._fit_config = fit_config
         self._strategy = strategy
         self._waiting: set[int] = set(selected)
@@ -165,7 +168,7 @@ class RoundMachine:
         p = sa.params
         self.outcome.sum_record = SumRecord(self.round, self.attempt, list(p.participants), dict(p.fit_config),
                                             list(survivors), {"s": sa.result.total}, sa.result.vouches)
-        self._sum = RunningSum.from_totals(unflatten(weighted, self._params), total, len(survivors))
+        self._sum = RunningSum.from_totals(unflatten(weighted, self._layout), total, len(survivors))
         self.outcome.participants = list(survivors)
         self.outcome.dropped = sorted(set(self.outcome.selected) - set(survivors) - set(self.outcome.declined))
         self._waiting.clear()

@@ -67,8 +67,15 @@ def console_line(record: dict[str, Any], rounds: int) -> str | None:
         return f"round {record['round']} attempt {record['attempt']} aborted: {record['reason']}"
     if kind == "TestScored" and "test_auc" in record["scores"]:
         s = record["scores"]
-        return (f"test  auc={s['test_auc']:.4f}  acc={s['test_accuracy']:.4f}  "
+        line = (f"test  auc={s['test_auc']:.4f}  acc={s['test_accuracy']:.4f}  "
                 f"on {s['test_examples']} images from sites {s['test_sites']}")
+        if not s.get("personalised"):
+            return line
+        # FedBN: each site's own model on its own test share first; the pooled figure mixes their scales
+        own = "  ".join(f"site {k} {v:.4f}" for k, v in s.get("test_site_auc", {}).items())
+        return (f"test  each site's own FedBN model on its own share: auc {own}  (mean "
+                f"{s.get('test_auc_site_mean', math.nan):.4f})\n" + line.replace("test  auc=", "test  pooled over "
+                "the sites' models, on their own scales: auc=", 1))
     if kind == "TestScored" and "test_auc_site_mean" in record["scores"]:
         s = record["scores"]  # the sites kept their test predictions: each sent its own AUC
         return f"test  mean site auc={s['test_auc_site_mean']:.4f}  from sites {s['test_sites']}"

@@ -12,6 +12,7 @@ import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from opacus import PrivacyEngine
 from opacus.accountants.utils import get_noise_multiplier
@@ -20,7 +21,7 @@ from torch import nn
 
 from ..splits import Split
 from ..train.accel import PLAIN, Accel
-from ..train.loop import OnStep, Proximal, loss_fn, make_optimizer, resume_optimizer, run_steps
+from ..train.loop import DriftTerms, OnStep, loss_fn, make_optimizer, resume_optimizer, run_steps
 
 __all__ = ["DPResult", "dp_compatible", "noise_for_target", "train_dp"]
 
@@ -56,6 +57,7 @@ class DPResult:
     sample_rate: float
     noise_multiplier: float
     optimizer_state: dict | None = None  # moments built from noisy gradients: post-processing, no privacy cost
+    mean_gradient: dict[str, np.ndarray] | None = None  # SCAFFOLD's, of the noisy gradients: post-processing
 
 
 def steps_per_round(n: int, expected_batch: int, epochs: int | None = None,
@@ -83,6 +85,7 @@ def train_dp(
     weight_decay: float = 0.0,
     mu: float = 0.0,
     anchor: Mapping[str, torch.Tensor] | None = None,
+    correction: Mapping[str, torch.Tensor] | None = None,
     augment: bool = True,
     multiplicity: int = 1,
     seed: int = 0,
@@ -96,10 +99,11 @@ def train_dp(
     (``train.loop.run_steps``) with a private step: ``steps`` Poisson batches, or as many as
     ``epochs`` expected passes take (one of the two).
 
-    FedProx's gradient ``mu*(w - w_global)``, over the parameters named in ``anchor`` only
-    (``train.loop.Proximal``, the same term as ``train_local``'s), is added to the private
-    gradient after Opacus' clipping, noise and averaging, and weight decay inside the optimizer
-    after that: both are post-processing of a DP output, so they cost no privacy.
+    FedProx's gradient ``mu*(w - w_global)``, over the parameters named in ``anchor`` only, and
+    SCAFFOLD's ``correction`` (``train.loop.DriftTerms``, the same terms as ``train_local``'s)
+    are added to the private gradient after Opacus' clipping, noise and averaging, and weight
+    decay inside the optimizer after that: all post-processing of a DP output, so they cost no
+    privacy; so is SCAFFOLD's mean gradient, summed from the noisy gradients.
 
     ``multiplicity`` K > 1 is augmentation multiplicity (De et al. 2022): each sampled example is
     augmented K times and its K per-example gradients are averaged *before* clipping, so it still
@@ -121,7 +125,7 @@ def train_dp(
     n = len(data)
     q, steps = steps_per_round(n, expected_batch, epochs, steps)
     params = [p for p in model.parameters() if p.requires_grad]
-    proximal = Proximal(model, mu, anchor)  # by the plain model's names, before Opacus wraps it
+    terms = DriftTerms(model, mu, anchor, correction)  # by the plain model's names, before Opacus wraps it
     opt = make_optimizer(params, optimizer=optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay)
     resume_optimizer(opt, optimizer_state)
     dataset = torch.utils.data.TensorDataset(data.images, data.labels)
@@ -143,7 +147,7 @@ def train_dp(
     else:
         dp_model, dp_opt, dp_loader = wrapped
     dp_model.train()
-    private = _PrivateSteps(dp_model, dp_opt, dp_loader, criterion, steps=steps, proximal=proximal,
+    private = _PrivateSteps(dp_model, dp_opt, dp_loader, criterion, steps=steps, terms=terms,
                             multiplicity=multiplicity)
     with warnings.catch_warnings():
         # Opacus' hooks fire on our first layer, whose input needs no gradient: expected, harmless.
@@ -153,17 +157,18 @@ def train_dp(
     # make_private wraps in place; unwrap so the plain model (and its state_dict keys) carry on.
     dp_model._close()
     return DPResult(num_samples=n, loss=total / max(private.taken, 1), steps=private.taken, sample_rate=q,
-                    noise_multiplier=noise_multiplier, optimizer_state=opt.state_dict())
+                    noise_multiplier=noise_multiplier, optimizer_state=opt.state_dict(),
+                    mean_gradient=terms.mean_gradient())
 
 
 class _PrivateSteps:
     """Poisson batches for a fixed number of steps; per-sample clipping and noise (Opacus)."""
 
-    def __init__(self, dp_model, dp_opt, dp_loader, criterion, *, steps, proximal,  # type: ignore[no-untyped-def]
+    def __init__(self, dp_model, dp_opt, dp_loader, criterion, *, steps, terms,  # type: ignore[no-untyped-def]
                  multiplicity) -> None:
         self.dp_model, self.dp_opt, self.dp_loader = dp_model, dp_opt, dp_loader
         self.criterion = criterion  # ours, or Opacus' two-pass wrapper of it under ghost clipping
-        self.steps, self.proximal = steps, proximal
+        self.steps, self.terms = steps, terms
         self.multiplicity = multiplicity
         self.taken = 0  # sampled batches, empty ones included: what the accountant counts
 
@@ -187,9 +192,9 @@ class _PrivateSteps:
         if self.multiplicity > 1:
             _average_copies(self.dp_model, len(y) // self.multiplicity, self.multiplicity)
         # DPOptimizer.step() is pre_step() (clip, noise, divide by the expected batch) and then the
-        # wrapped optimizer's step; FedProx's data-free gradient goes in between.
+        # wrapped optimizer's step; the data-free terms go in between.
         if self.dp_opt.pre_step():
-            self.proximal.add_gradient()
+            self.terms.add_gradient()
             self.dp_opt.original_optimizer.step()
         return float(loss.item())
 

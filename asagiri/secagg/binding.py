@@ -23,6 +23,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
+from ..params import summed_layout
 from ..wire.crypto import blake2b, blake2b_chunks
 from .plan import QuantPlan
 from .rules import SecAggSettings, quorum, ring_plan, sharing_group
@@ -71,9 +72,10 @@ def params_digest(params: Mapping[str, np.ndarray]) -> bytes:
     return blake2b_chunks([head, *(memoryview(a.reshape(-1).view(np.uint8)) for a in arrays)], person=b"asagiri-params")
 
 
-def vector_len(params: Mapping[str, np.ndarray]) -> int:
-    """What a round sums for a model (SPEC §6.3): every value of its tensors, and the count slot."""
-    return sum(int(a.size) for a in params.values()) + 1
+def vector_len(params: Mapping[str, np.ndarray], *, controls: bool = False) -> int:
+    """What a round sums for a model (SPEC §6.3): every value of its tensors, under SCAFFOLD
+    (``controls``) a control variate for each value of its trained tensors, and the count slot."""
+    return sum(int(a.size) for a in summed_layout(dict(params), controls=controls).values()) + 1
 
 
 def spec_digest(spec: Mapping[str, Any]) -> bytes:

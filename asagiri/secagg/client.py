@@ -157,8 +157,10 @@ class ClientStateMachine:
         policy: SiteChecks,
         replay: ReplayGuard | None = None,
         random_bytes: Callable[[int], bytes] = _csprng,
+        controls: bool = False,
     ) -> None:
         self.site_id = site_id
+        self.controls = controls  # the run sums SCAFFOLD's control variates too (SPEC §6.3)
         self.identity = identity
         self.run_id = run_id
         self.secagg = secagg
@@ -297,7 +299,7 @@ class ClientStateMachine:
             self._fit = None  # nothing of this round attempt goes ahead now
             self.policy.refuse("replay", f"FitIns for round {msg.round}.{msg.attempt}, not newer than "
                                          f"{last[0]}.{last[1]}")
-        length = vector_len(msg.params)
+        length = vector_len(msg.params, controls=self.controls)
         self._fit = _Fit(msg.round, msg.attempt, params_digest(msg.params), dict(msg.config), length)
         self._enter(FitIns)
         return []

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +30,7 @@ import numpy as np
 from ..aggregate import RunningSum, server_step
 from ..config.spec import SpecStrategy
 from ..fsutil import atomic_write_bytes
-from ..params import Params, load_tensors, pack_tensors, unflatten
+from ..params import Params, load_tensors, pack_tensors, summed_layout, unflatten
 from ..secagg.binding import params_digest
 from ..secagg.plan import QuantPlan
 from ..secagg.quantize import dequantize
@@ -43,7 +44,8 @@ def next_model(params: Params, velocity: Params | None, total: np.ndarray, plan:
                survivors: int) -> tuple[Params, Params | None]:
     """``W_{t+1}`` (and the server optimiser's state) from ``W_t`` and a verified ring sum."""
     weighted, count = dequantize(total, plan)
-    summed = RunningSum.from_totals(unflatten(weighted, params), count, survivors)
+    summed = RunningSum.from_totals(unflatten(weighted, summed_layout(params, controls=strategy.scaffold)), count,
+                                    survivors)
     if summed.total_samples <= 0:
         return params, velocity  # as the coordinator's strategy: nothing to step with
     return server_step(params, velocity, summed, strategy)
@@ -68,6 +70,7 @@ class Model:
 class _Pending:
     model: Model
     sum_digest: bytes  # the verified sum's (SPEC §6.8): the round record must name it
+    included: bool = False  # this site's input is in the sum (it was a survivor)
 
 
 class Trajectory:
@@ -79,6 +82,8 @@ class Trajectory:
         self.initial_digest = params_digest(initial)
         self.current = self._resumed(initial) or Model.of(0, initial, None)
         self.pending: _Pending | None = None
+        # told (round, included) of each step committed: SCAFFOLD's own control variate follows it
+        self.on_commit: Callable[[int, bool], None] | None = None
         self._evaluated = self._evaluations()  # "model digest hex:split", each evaluated once
 
     # -- evaluations -----------------------------------------------------------------------------
@@ -144,17 +149,18 @@ class Trajectory:
     # -- steps -----------------------------------------------------------------------------------
 
     def verified(self, rnd: int, trained_on: bytes, total: np.ndarray, sum_digest: bytes, plan: QuantPlan,
-                 survivors: int) -> bool:
+                 survivors: int, *, included: bool = False) -> bool:
         """A sum verified for round ``rnd``, whose inputs were trained on model ``trained_on``
         (bound into the round's ``ctx``): it becomes the pending step.  False if it does not
-        follow this trajectory (an older round, or a model this site does not hold)."""
+        follow this trajectory (an older round, or a model this site does not hold).
+        ``included``: this site's own input is in the sum."""
         base = self.known(trained_on)
         if base is None or rnd <= base.round:
             return False
         if base is not self.current:
             self._commit()  # a later round built on the pending model: its round was kept
         params, velocity = next_model(base.params, base.velocity, total, plan, self.strategy, survivors)
-        self.pending = _Pending(Model.of(rnd, params, velocity), sum_digest)
+        self.pending = _Pending(Model.of(rnd, params, velocity), sum_digest, included)
         return True
 
     def recorded(self, rnd: int, sum_digest: bytes | None) -> None:
@@ -176,6 +182,7 @@ class Trajectory:
 
     def _commit(self) -> None:
         assert self.pending is not None
+        included = self.pending.included
         self.current, self.pending = self.pending.model, None
         log.info("model after round %d derived and kept (%s)", self.current.round, self.current.digest.hex()[:16])
         if self.path is not None:
@@ -183,6 +190,8 @@ class Trajectory:
             state = {"run_id": self.run_id, "spec_digest": self.spec_digest.hex(), "round": m.round,
                      "digest": m.digest.hex(), "initial_digest": self.initial_digest.hex()}
             atomic_write_bytes(self.path, pack_tensors(m.params, m.velocity, state))
+        if self.on_commit is not None:
+            self.on_commit(self.current.round, included)
 
     def _resumed(self, initial: Params) -> Model | None:
         """The committed model on disk, if it is of this run and started from this ``W_0``."""

@@ -18,7 +18,7 @@ from ..data.cache import DecodeSettings
 from ..data.loaders import SiteData, load_configured_site
 from ..initial import derived_initial, initial_key
 from ..models import build, prepare_data, shared_keys
-from ..params import update_norm
+from ..params import Params, is_statistic, update_norm
 from ..policy import SitePolicy
 from ..train import TrainResult, evaluate, train_local
 from ..train.accel import Accel
@@ -27,6 +27,7 @@ from ..wire.messages import EvaluateIns, EvaluateRes, FitIns, FitRes, Welcome
 
 if TYPE_CHECKING:
     from ..privacy.ledger import PrivacyLedger
+    from .control import OwnControl
 
 __all__ = ["BudgetExhausted", "SiteWorker"]
 
@@ -97,6 +98,9 @@ class SiteWorker:
         state = self.model.state_dict()
         # The largest thing the coordinator may send this site: the shared parameters (FitIns, EvaluateIns).
         self.shared_bytes = sum(state[k].numel() * 4 for k in self.shared)
+        # What a secure round sums: the shared values, and SCAFFOLD's control variate per trained value.
+        controls = sum(state[k].numel() for k in self.shared if not is_statistic(k)) if self.strategy_cfg.scaffold else 0
+        self.summed_values = self.shared_bytes // 4 + controls
         log.info(
             "site data: %d train / %d val / %s test images (%s), device %s",
             len(self.data.train), len(self.data.val), len(self.data.test), where, self.device,
@@ -153,13 +157,24 @@ class SiteWorker:
             return self.steps
         return self.train_cfg.steps_per_round(len(self.data.train))
 
-    def train(self, ins: FitIns, on_step: OnStep | None = None) -> tuple[dict[str, np.ndarray], TrainResult]:
-        """Train from the global parameters; returns ``local - global`` per shared tensor, in ``ins.params`` order."""
+    def train(self, ins: FitIns, on_step: OnStep | None = None,
+              scaffold: tuple[Params | None, OwnControl] | None = None) -> tuple[dict[str, np.ndarray], TrainResult]:
+        """Train from the global parameters; returns ``local - global`` per shared tensor, in
+        ``ins.params`` order.  ``scaffold``: the server's optimiser state as this site derived it
+        (its ``c``) and the site's own control variate: training takes the correction ``c - c_i``,
+        and the result goes on with ``c_i+ - c_i`` by the ``c/`` names (SPEC §6.3's order)."""
         self._load_global(ins.params)
-        result = self._train_private(ins, on_step) if self.ledger is not None else self._train_plain(ins, on_step)
+        correction = None
+        if scaffold is not None:
+            correction = {k: torch.from_numpy(v).to(self.device) for k, v in scaffold[1].correction(scaffold[0]).items()}
+        result = (self._train_private(ins, on_step, correction) if self.ledger is not None
+                  else self._train_plain(ins, on_step, correction))
         state = self.model.state_dict()
         delta = {k: state[k].detach().cpu().numpy().astype(np.float32) - ins.params[k] for k in ins.params}
-        return bound_norm(delta, self.update_bound), result
+        delta = bound_norm(delta, self.update_bound)
+        if scaffold is not None:
+            delta.update(scaffold[1].propose(ins.round, result.mean_gradient or {}))
+        return delta, result
 
     def round_seed(self, ins: FitIns) -> int:
         """The seed of this round's training (batch order, augmentation, DP-SGD's sampling), drawn
@@ -171,7 +186,7 @@ class SiteWorker:
             return secrets.randbits(63)
         return (self.train_seed * 1_000_003 + ins.round * 101 + ins.attempt) % (1 << 63)
 
-    def _train_plain(self, ins: FitIns, on_step: OnStep | None) -> TrainResult:
+    def _train_plain(self, ins: FitIns, on_step: OnStep | None, correction: dict[str, torch.Tensor] | None) -> TrainResult:
         mu, seed = _fit_config(ins), self.round_seed(ins)
         t = self.train_cfg
         # FedProx pulls the shared parameters only: FedBN's local layers are the site's own
@@ -179,11 +194,12 @@ class SiteWorker:
         return train_local(
             self.model, self.data.train, epochs=t.local_epochs, steps=t.local_steps, batch_size=t.batch_size, lr=t.lr,
             optimizer=t.optimizer, momentum=t.momentum, weight_decay=t.weight_decay,
-            mu=mu, anchor=anchor, augment=t.augment, seed=seed,
+            mu=mu, anchor=anchor, correction=correction, augment=t.augment, seed=seed,
             device=self.device, task=self.data.task, on_step=on_step, accel=self.accel,
         )
 
-    def _train_private(self, ins: FitIns, on_step: OnStep | None) -> TrainResult:
+    def _train_private(self, ins: FitIns, on_step: OnStep | None,
+                       correction: dict[str, torch.Tensor] | None) -> TrainResult:
         assert self.ledger is not None
         if not self.budget_left():
             raise BudgetExhausted(self.ledger.epsilon(), self.dp.target_epsilon)
@@ -196,7 +212,7 @@ class SiteWorker:
             self.model, self.data.train, epochs=t.local_epochs, steps=t.local_steps, expected_batch=t.batch_size,
             lr=t.lr,
             optimizer=t.optimizer, momentum=t.momentum, weight_decay=t.weight_decay, noise_multiplier=self.sigma,
-            max_grad_norm=self.dp.max_grad_norm, mu=mu, anchor=anchor, augment=t.augment,
+            max_grad_norm=self.dp.max_grad_norm, mu=mu, anchor=anchor, correction=correction, augment=t.augment,
             multiplicity=self.dp.augmentation_multiplicity,
             seed=seed, device=self.device, task=self.data.task, on_step=on_step, accel=self.accel,
         )
@@ -204,7 +220,7 @@ class SiteWorker:
                                  steps=r.steps)
         log.info("round %d: DP-SGD %d steps, epsilon spent %.3f of %g", ins.round, r.steps, eps,
                  self.dp.target_epsilon)
-        return TrainResult(num_samples=r.num_samples, loss=r.loss, steps=r.steps)
+        return TrainResult(num_samples=r.num_samples, loss=r.loss, steps=r.steps, mean_gradient=r.mean_gradient)
 
     def privacy_metrics(self) -> dict[str, float]:
         if self.ledger is None:

@@ -1,4 +1,4 @@
-"""Local training (with the optional FedProx proximal term) and evaluation with scikit-learn metrics."""
+"""Local training, with its data-free drift terms (FedProx, SCAFFOLD), and evaluation with scikit-learn metrics."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from ..splits import Split, as_float
 from .accel import PLAIN, Accel
 
 __all__ = ["EvalResult", "Steps", "TrainResult", "accuracy_score", "auc_score", "augment_shifts", "evaluate",
-           "loss_fn", "make_optimizer", "OnStep", "Proximal", "resume_optimizer", "run_steps", "train_local"]
+           "loss_fn", "make_optimizer", "OnStep", "DriftTerms", "resume_optimizer", "run_steps", "train_local"]
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,7 @@ class TrainResult:
     loss: float
     steps: int
     optimizer_state: dict | None = None  # the optimizer's state_dict at the end, for the next round
+    mean_gradient: dict[str, np.ndarray] | None = None  # SCAFFOLD: the round's mean gradient (DriftTerms)
 
 
 @dataclass(frozen=True)
@@ -98,32 +99,51 @@ def make_optimizer(params: list[nn.Parameter], *, optimizer: str, lr: float, mom
     return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
-class Proximal:
-    """FedProx's term ``mu/2 * ||w - w_global||^2`` (Li et al. 2020), one meaning for plain and
-    private training: over the parameters named in ``anchor`` (the global model's shared tensors)
-    and no others, so FedBN's local norm layers are never pulled towards anything.  Its gradient
-    ``mu * (w - w_global)`` is added to each such parameter's gradient just before the optimizer
-    updates it, where it meets momentum, Adam's moments and weight decay as any gradient does.
+class DriftTerms:
+    """The data-free terms a round adds to each gradient, one meaning for plain and private
+    training, just before the optimizer updates a parameter (where they meet momentum, Adam's
+    moments and weight decay as any gradient does):
 
-    Under DP-SGD it is added after Opacus' clipping, noise and averaging: it depends on no
-    example (only on the weights, themselves a DP output, and the public global model), so it
-    is post-processing and costs no privacy; clipping or noising it would only distort it.
+    - FedProx's ``mu/2 * ||w - w_global||^2`` (Li et al. 2020), whose gradient is
+      ``mu * (w - w_global)``, over the parameters named in ``anchor`` (the global model's shared
+      tensors) and no others, so FedBN's local norm layers are never pulled towards anything.
+      ``anchor=None`` anchors every trainable parameter at its value now (right for a caller
+      that has just loaded the global model and keeps no layer local).  Anchor entries that are
+      buffers, not parameters, are not pulled.
+    - SCAFFOLD's correction ``c - c_i`` (Karimireddy et al. 2020), a constant per parameter named
+      in ``correction``.  With ``correction`` given, the gradients the terms are added to are
+      also summed (:meth:`mean_gradient`): the site's next control variate is their mean over
+      the round, exactly Option II's ``c_i - c + (x - y_i) / (K lr)`` for plain SGD, and on the
+      gradients' own scale for Adam and momentum too.
 
-    ``anchor=None`` anchors every trainable parameter at its value now (right for a caller
-    that has just loaded the global model and keeps no layer local).  Anchor entries that are
-    buffers, not parameters, are not pulled.
+    Under DP-SGD they are added (and the gradient summed) after Opacus' clipping, noise and
+    averaging: the terms depend on no example (only on the weights and control variates, DP
+    outputs of earlier steps and rounds, and the public global model), and the summed gradient is
+    the noisy one the optimizer gets, so all of it is post-processing and costs no privacy;
+    clipping or noising the terms would only distort them.
     """
 
-    def __init__(self, model: nn.Module, mu: float, anchor: Mapping[str, torch.Tensor] | None) -> None:
+    def __init__(self, model: nn.Module, mu: float, anchor: Mapping[str, torch.Tensor] | None,
+                 correction: Mapping[str, torch.Tensor] | None = None) -> None:
         self.mu = float(mu)
         self.pairs: list[tuple[nn.Parameter, torch.Tensor]] = []
+        self.shifts: list[tuple[nn.Parameter, torch.Tensor]] = []
+        self.tracked: dict[str, tuple[nn.Parameter, torch.Tensor]] = {}  # name -> (parameter, gradient sum)
+        self.steps = 0
+        named = {k: p for k, p in model.named_parameters() if p.requires_grad}
+        buffers = {k for k, _ in model.named_buffers()}
+        for key, value in (correction or {}).items():
+            if key in named:
+                p = named[key]
+                self.shifts.append((p, value.detach().to(device=p.device, dtype=p.dtype)))
+                self.tracked[key] = (p, torch.zeros_like(p, memory_format=torch.contiguous_format))
+            elif key not in buffers:
+                raise KeyError(f"SCAFFOLD correction {key!r} is not a tensor of this model")
         if self.mu <= 0:
             return
-        named = {k: p for k, p in model.named_parameters() if p.requires_grad}
         if anchor is None:
             self.pairs = [(p, p.detach().clone()) for p in named.values()]
             return
-        buffers = {k for k, _ in model.named_buffers()}
         for key, value in anchor.items():
             if key in named:
                 p = named[key]
@@ -132,22 +152,41 @@ class Proximal:
                 raise KeyError(f"FedProx anchor {key!r} is not a tensor of this model")
 
     def add_gradient(self) -> None:
-        """``p.grad += mu * (p - anchor)`` for each anchored parameter."""
+        """``p.grad += mu * (p - anchor) + (c - c_i)`` for each parameter the terms name, after the
+        gradient as it came is summed."""
         with torch.no_grad():
+            if self.tracked:
+                self.steps += 1
+                for p, total in self.tracked.values():
+                    if p.grad is not None:
+                        total.add_(p.grad)
             for p, a in self.pairs:
                 pull = (p - a).mul_(self.mu)
                 if p.grad is None:
                     p.grad = pull
                 else:
                     p.grad.add_(pull)
+            for p, shift in self.shifts:
+                if p.grad is None:
+                    p.grad = shift.clone()
+                else:
+                    p.grad.add_(shift)
+
+    def mean_gradient(self) -> dict[str, np.ndarray] | None:
+        """The mean of the gradients the terms were added to, per tracked parameter (None: none
+        tracked); zero where no step was taken."""
+        if not self.tracked:
+            return None
+        scale = 1.0 / max(self.steps, 1)
+        return {k: (total * scale).cpu().numpy().astype(np.float32) for k, (_, total) in self.tracked.items()}
 
 
 class _PlainSteps:
     """Shuffled minibatches, ``epochs`` passes, or passes until ``steps`` minibatches (the last
-    pass cut short); FedProx's gradient added before each update."""
+    pass cut short); the round's :class:`DriftTerms` added before each update."""
 
     def __init__(self, model: nn.Module, data: Split, opt: torch.optim.Optimizer, *, epochs: int | None,
-                 steps: int | None, batch_size: int, proximal: Proximal, task: str, accel: Accel,
+                 steps: int | None, batch_size: int, terms: DriftTerms, task: str, accel: Accel,
                  device: torch.device) -> None:
         if (epochs is None) == (steps is None):
             raise ValueError("train for a number of epochs or a number of steps, one of the two")
@@ -155,7 +194,7 @@ class _PlainSteps:
         self.forward, self.accel, self.device = accel.forward_of(model), accel, device
         self.scaler = accel.scaler(device)
         self.epochs, self.steps, self.batch_size, self.task = epochs, steps, batch_size, task
-        self.proximal = proximal
+        self.terms = terms
 
     def batches(self, gen: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n, taken, passes = len(self.data), 0, 0
@@ -180,12 +219,12 @@ class _PlainSteps:
         self.opt.zero_grad(set_to_none=True)
         if self.scaler is None:
             loss.backward()
-            self.proximal.add_gradient()
+            self.terms.add_gradient()
             self.opt.step()
         else:
             self.scaler.scale(loss).backward()
-            self.scaler.unscale_(self.opt)  # the proximal gradient joins the true, unscaled one
-            self.proximal.add_gradient()
+            self.scaler.unscale_(self.opt)  # the data-free terms join the true, unscaled gradient
+            self.terms.add_gradient()
             self.scaler.step(self.opt)
             self.scaler.update()
         return float(loss.detach())
@@ -204,6 +243,7 @@ def train_local(
     weight_decay: float = 0.0,
     mu: float = 0.0,
     anchor: Mapping[str, torch.Tensor] | None = None,
+    correction: Mapping[str, torch.Tensor] | None = None,
     augment: bool = True,
     seed: int = 0,
     device: torch.device | str = "cpu",
@@ -215,7 +255,8 @@ def train_local(
     """Train in place, for ``epochs`` passes over ``data`` or for ``steps`` minibatches (one of
     the two; a fixed step count takes the same work whatever the data size). With ``mu > 0`` adds FedProx's ``mu/2 * ||w - w_global||^2`` over the
     parameters named in ``anchor`` (the global shared tensors; ``None``: all, at their start),
-    as :class:`Proximal` says, the same as ``privacy.engine.train_dp`` does.
+    and SCAFFOLD's ``correction`` (``c - c_i`` by parameter name), as :class:`DriftTerms` says,
+    the same as ``privacy.engine.train_dp`` does.
 
     ``optimizer_state`` (a previous result's) resumes the optimizer's moments instead of starting
     them from zero; the learning rate and weight decay given here still apply.  ``accel``: how
@@ -228,10 +269,11 @@ def train_local(
     opt = make_optimizer(params, optimizer=optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay)
     resume_optimizer(opt, optimizer_state)
     plain = _PlainSteps(model, data, opt, epochs=epochs, steps=steps, batch_size=batch_size,
-                        proximal=Proximal(model, mu, anchor), task=task, accel=accel, device=device)
+                        terms=DriftTerms(model, mu, anchor, correction), task=task, accel=accel, device=device)
     total, done = run_steps(plain, augment=augment, gen=torch.Generator().manual_seed(seed), device=device,
                             on_step=on_step, accel=accel)
-    return TrainResult(num_samples=len(data), loss=total / max(done, 1), steps=done, optimizer_state=opt.state_dict())
+    return TrainResult(num_samples=len(data), loss=total / max(done, 1), steps=done, optimizer_state=opt.state_dict(),
+                       mean_gradient=plain.terms.mean_gradient())
 
 
 def resume_optimizer(opt: torch.optim.Optimizer, state: dict | None) -> None:

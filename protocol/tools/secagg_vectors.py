@@ -414,7 +414,7 @@ def round_vectors() -> list[dict]:
                secagg=SecAggConfig(mode="complete", bits=64, clip=4.0, max_samples_per_site=65536, prg="chacha20")),
         # participation batches (§6.7): every site masks with its batch-mates too (keys in its
         # roster, no shares), and site 5's drop cuts its batch [5, 8] (8 sent its input)
-        _round(run_id="vector-round-batches", rnd=3, attempt=1, sites=_f32({**a, 1: b[1], 2: b[2]}),
+        _round(run_id="vector-round-batched", rnd=3, attempt=1, sites=_f32({**a, 1: b[1], 2: b[2]}),
                drop_after_share={5},
                secagg=SecAggConfig(mode="sparse", shares=3, bits=32, clip=0.5, max_samples_per_site=1000,
                                    prg="aes128-ctr", batches=[[1, 2, 3], [5, 8], [11, 14]])),
