@@ -18,7 +18,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from ..causes import Rule
-from ..config import ConfigError, FederationConfig
+from ..config import ConfigError, FederationConfig, StrategyConfig
 from ..launcher import (
     StatusPipe,
     pinned_site_settings,
@@ -71,7 +71,7 @@ def run_demo(args: argparse.Namespace) -> int:
         print("warning: secure aggregation is off: the coordinator sees every site's update", file=sys.stderr)
     print(f"run directory: {out}")
     print(f"federation: {args.sites} sites, {cfg.rounds} rounds, {cfg.model.name} on {cfg.data.dataset}, "
-          f"strategy {cfg.strategy.name}{' + FedBN' if cfg.strategy.fedbn else ''}, min_clients={cfg.min_clients}",
+          f"strategy {describe_strategy(cfg.strategy)}, min_clients={cfg.min_clients}",
           flush=True)
     code = _orchestrate(out, fed_path, cfg, args)
     summary_path = out / "summary.json"
@@ -198,3 +198,14 @@ def _report_failed_sites(sites: list[subprocess.Popen], logs: Path) -> None:
             log = logs / f"site-{site}.log"
             print(f"site {site} exited with code {proc.returncode}: {last_error_line(log)}  ({log})",
                   file=sys.stderr)
+
+
+def describe_strategy(s: StrategyConfig) -> str:
+    """The server optimiser and the parts combined with it, as a person names them."""
+    parts = [s.name]
+    if s.mu > 0 and s.name != "fedprox":
+        parts.append(f"FedProx mu={s.mu:g}")
+    if s.server_momentum > 0 and s.name != "fedavgm":
+        parts.append(f"server momentum {s.server_momentum:g}")
+    parts += [name for name, on in (("FedBN", s.fedbn), ("SCAFFOLD", s.scaffold)) if on]
+    return " + ".join(parts)
