@@ -2,6 +2,7 @@
 
     python benchmarks/subsample.py asagiri/data/bundled/pneumoniamnist.npz --train 550 --out /tmp/pneumonia-550.npz
     python benchmarks/subsample.py dermamnist --train 550 --out /tmp/derma-550.npz
+    python benchmarks/subsample.py dermamnist --train 550 --binary 4 --out /tmp/melanoma-550.npz
 
 The source is a MedMNIST ``.npz`` or the name of a set Asagiri bundles (``pneumoniamnist``,
 ``dermamnist``: read through its own loader, so the JPEG archive of DermaMNIST works too).
@@ -10,6 +11,8 @@ Each split keeps at most its count of images, drawn with a seeded generator, eve
 its file's proportion (at least one image each); validation keeps ``--val`` images (default: a
 seventh of ``--train``, MedMNIST's ratio) and the test split stays whole unless ``--test`` is given,
 so that scores on the small cohort are measured on as many test images as the full file's.
+``--binary K`` makes a new binary task, class ``K`` against the rest (DermaMNIST's 4: melanoma),
+before the draw.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ def main() -> None:
     p.add_argument("--train", type=int, required=True)
     p.add_argument("--val", type=int, default=None)
     p.add_argument("--test", type=int, default=None)
+    p.add_argument("--binary", type=int, default=None, help="label 1 for this class, 0 for every other")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
@@ -60,6 +64,8 @@ def main() -> None:
     out = {}
     for split, count in counts.items():
         images, labels = arrays[split]
+        if args.binary is not None:
+            labels = (labels == args.binary).astype(np.uint8)
         idx = np.arange(len(labels)) if count is None else stratified(labels, count, rng)
         out[f"{split}_images"], out[f"{split}_labels"] = images[idx], labels[idx].reshape(len(idx), -1)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -45,6 +45,30 @@ def test_the_server_control_variate_moves_by_the_mean_control_delta_and_the_mode
     np.testing.assert_allclose(state["c/w"], [2.5 / 3, -3.5 / 3], rtol=1e-6)
 
 
+def test_the_server_control_variate_is_carried_across_a_checkpoint_and_resume():
+    """Three rounds by hand (c += mean control delta, FedAvgM's momentum beside it), with the
+    strategy rebuilt from its state() before round 2, as the driver's checkpoint and --resume do."""
+    from asagiri.strategy.base import StrategyState, build_strategy
+
+    cfg = FederationConfig(min_clients=2, strategy={"name": "fedavgm", "server_momentum": 0.5, "scaffold": True})
+    start = {"w": np.array([0.5, -0.2], np.float32)}
+    strategy = build_strategy(cfg, dict(start))
+    w, velocity, c = start["w"].astype(np.float64), np.zeros(2), np.zeros(2)
+    rounds = [(np.array([0.2, -0.1]), np.array([1.0, 0.5])), (np.array([-0.3, 0.1]), np.array([-0.5, 0.25])),
+              (np.array([0.1, 0.1]), np.array([0.2, -0.2]))]
+    for rnd, (d, dc) in enumerate(rounds, start=1):
+        if rnd == 2:
+            saved = strategy.state()
+            strategy = build_strategy(cfg, dict(start))
+            strategy.load_state(StrategyState(saved.params, saved.velocity))
+        out = strategy.aggregate_fit(rnd, RunningSum.from_totals({"w": d * 2, "c/w": dc * 2}, 2, 2), [1, 2], [])
+        velocity = 0.5 * velocity + d
+        w, c = w + velocity, c + dc
+        np.testing.assert_allclose(out["w"], w, rtol=1e-6)
+        np.testing.assert_allclose(strategy.state().velocity["c/w"], c, rtol=1e-6)
+    assert set(strategy.state().velocity) == {"w", "c/w"}  # the momentum and the control variate
+
+
 def _without_controls(summed: RunningSum) -> RunningSum:
     out = RunningSum({})
     out._sum = {k: v for k, v in summed._sum.items() if not k.startswith("c/")}
