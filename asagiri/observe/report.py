@@ -242,6 +242,10 @@ def write_report(run_dir: Path, out: Path | None = None) -> Path:
     facts = {k: summary.get(k) for k in ("run_id", "status", "rounds_completed", "rounds_planned", "test_auc",
                                          "test_accuracy", "test_auc_site_mean", "mean_round_s", "model_sha256")
              if k in summary}
+    if summary.get("personalised"):  # FedBN: each site's own model first, the pool labelled as what it is
+        facts = {("test_auc (pooled over the sites' own models, each on its own scale)" if k == "test_auc" else k): v
+                 for k, v in facts.items()}
+        facts["test_site_auc (each site's own FedBN model on its own test share)"] = summary.get("test_site_auc")
     rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in facts.items())
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>Asagiri run {html.escape(str(facts.get('run_id', run_dir.name)))}</title>

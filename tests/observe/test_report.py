@@ -79,3 +79,15 @@ def test_the_report_opens_in_a_headless_browser_without_errors_and_draws_every_p
     subprocess.run([*browser, "--window-size=1000,3000", f"--screenshot={shot}", report.as_uri()],
                    capture_output=True, timeout=120)
     assert shot.stat().st_size > 20_000
+
+
+def test_a_fedbn_runs_report_labels_the_pooled_auc_and_shows_each_sites_own(run, tmp_path):
+    copy = tmp_path / "fedbn-run"
+    shutil.copytree(run, copy)
+    summary = json.loads((copy / "summary.json").read_text())
+    summary.update(personalised=True, test_auc=0.71, test_site_auc={"1": 0.906, "2": 0.854})
+    (copy / "summary.json").write_text(json.dumps(summary))
+    assert main(["report", str(copy)]) == 0
+    page = (copy / "report" / "report.html").read_text()
+    assert "test_auc (pooled over the sites&#x27; own models, each on its own scale)" in page
+    assert "each site&#x27;s own FedBN model on its own test share" in page and "0.906" in page
