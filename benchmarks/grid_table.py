@@ -5,6 +5,8 @@
 One table per data set (a file given by ``--path`` is named by its file), rows the methods, columns
 the partitions; each cell is the test AUC's mean ± sample sd over the seeds that completed, and
 ``n=`` where fewer than the most seeds completed.  ``--metric`` picks another field.
+``--per-site``: one row per seed and site instead, each method's AUC of that site's own model on
+its own test share (``test_site_auc``), for personalised models (FedBN) against local training.
 """
 
 from __future__ import annotations
@@ -48,13 +50,27 @@ def tables(rows: list[dict], metric: str) -> str:
     return "\n".join(out)
 
 
+def per_site(rows: list[dict]) -> str:
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    cells: dict[tuple[int, str], dict[str, float]] = defaultdict(dict)
+    for r in rows:
+        for site, auc in (r.get("test_site_auc") or {}).items():
+            cells[(r["seed"], site)][r["method"]] = auc
+    out = ["| seed | site | " + " | ".join(methods) + " |", "| ---: | ---: |" + " ---: |" * len(methods)]
+    for (seed, site), by_method in sorted(cells.items(), key=lambda kv: (kv[0][0], int(kv[0][1]))):
+        out.append(f"| {seed} | {site} | " + " | ".join(f"{by_method[m]:.3f}" if m in by_method else "–"
+                                                        for m in methods) + " |")
+    return "\n".join(out)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("files", type=Path, nargs="+")
     p.add_argument("--metric", default="test_auc")
+    p.add_argument("--per-site", action="store_true")
     args = p.parse_args()
     rows = [json.loads(line) for f in args.files for line in f.read_text().splitlines() if line.strip()]
-    print(tables(rows, args.metric))
+    print(per_site(rows) if args.per_site else tables(rows, args.metric))
 
 
 if __name__ == "__main__":
