@@ -165,8 +165,12 @@ def client(site: int, config, *overrides: str) -> subprocess.CompletedProcess:
 
 def started_and_interrupted(argv: list[str], ready: str, how=signal.SIGINT, **kwargs) -> tuple[int, str]:
     """Start ``argv``, wait for ``ready`` in its output (stdout and stderr together), send ``how``
-    to that process alone; its exit code and output."""
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+    to that process alone; its exit code and output.  It starts with SIGINT's default action, as a
+    command at a terminal does: a suite run as a background job of a non-interactive shell
+    (``... &``) hands its children SIGINT ignored, and a program rightly keeps an inherited
+    ignore, so the Ctrl-C would never arrive."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=_default_sigint, **kwargs)
     seen = []
     try:
         for line in proc.stdout:
@@ -180,6 +184,10 @@ def started_and_interrupted(argv: list[str], ready: str, how=signal.SIGINT, **kw
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def test_a_site_interrupted_exits_130(tmp_path):
