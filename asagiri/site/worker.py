@@ -18,7 +18,7 @@ from ..data.cache import DecodeSettings
 from ..data.loaders import SiteData, load_configured_site
 from ..initial import derived_initial, initial_key
 from ..models import build, prepare_data, shared_keys
-from ..params import Params, is_statistic, update_norm
+from ..params import Params, summed_layout, update_norm
 from ..policy import SitePolicy
 from ..train import TrainResult, evaluate, train_local
 from ..train.accel import Accel
@@ -99,8 +99,8 @@ class SiteWorker:
         # The largest thing the coordinator may send this site: the shared parameters (FitIns, EvaluateIns).
         self.shared_bytes = sum(state[k].numel() * 4 for k in self.shared)
         # What a secure round sums: the shared values, and SCAFFOLD's control variate per trained value.
-        controls = sum(state[k].numel() for k in self.shared if not is_statistic(k)) if self.strategy_cfg.scaffold else 0
-        self.summed_values = self.shared_bytes // 4 + controls
+        summed = summed_layout({k: state[k] for k in self.shared}, controls=self.strategy_cfg.scaffold)
+        self.summed_values = sum(v.numel() for v in summed.values())
         log.info(
             "site data: %d train / %d val / %s test images (%s), device %s",
             len(self.data.train), len(self.data.val), len(self.data.test), where, self.device,
