@@ -139,6 +139,27 @@ def test_under_dp_sgd_scaffold_is_post_processing_and_charges_what_the_round_cha
     assert plain.mean_gradient is None and set(corrected.mean_gradient) == {"1.weight", "1.bias"}
 
 
+def test_under_dp_sgd_the_control_variate_is_of_the_clipped_noisy_gradient():
+    """c_i+ must be the gradient Opacus released, never the raw one: with noise off, each step's
+    gradient is a sum of per-example gradients clipped to 0.01 over the expected batch, so their
+    mean is at most 0.01 x (largest batch / expected batch); the raw gradients are far larger.
+    With noise on, the same seed gives another mean gradient."""
+    from asagiri.privacy.engine import dp_compatible, train_dp
+
+    def mean_gradient(noise: float, clip: float) -> np.ndarray:
+        torch.manual_seed(0)
+        model, _ = dp_compatible(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 2)))
+        zero = {k: torch.zeros_like(p) for k, p in model.named_parameters()}
+        r = train_dp(model, _split(64), steps=4, expected_batch=16, lr=0.05, optimizer="sgd", momentum=0.0,
+                     noise_multiplier=noise, max_grad_norm=clip, augment=False, seed=3, correction=zero)
+        return np.concatenate([v.ravel() for v in r.mean_gradient.values()])
+
+    clipped, loose = mean_gradient(0.0, 0.01), mean_gradient(0.0, 100.0)
+    assert np.linalg.norm(clipped) <= 0.01 * 64 / 16
+    assert np.linalg.norm(loose) > 10 * np.linalg.norm(clipped)  # the bound above is the clipping's doing
+    assert not np.allclose(mean_gradient(1.1, 0.01), clipped, atol=1e-4)  # the noise reaches c_i+
+
+
 def _split(n: int):
     from asagiri.splits import Split
 
